@@ -1,0 +1,335 @@
+//! Metadata of a checkpoint (`checkpoint.json`): plain, versioned structs.
+//!
+//! Every field is documented in docs/IMAGE-FORMAT.md. Adding a field: give it
+//! `#[serde(default)]` so that older images still load; changing a meaning: bump
+//! [`crate::FORMAT_VERSION`].
+
+pub use stasis_sys::arch::Regs;
+use serde::{Deserialize, Serialize};
+
+/// Top-level metadata of one checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Sequence number (the NNNNNN of `checkpoint-NNNNNN`).
+    pub sequence: u64,
+    /// Architecture the image was taken on (`x86_64`).
+    pub arch: String,
+    /// `uname -r` of the kernel the image was taken on.
+    pub kernel: String,
+    /// Page size of the image's page files.
+    pub page_size: u64,
+    /// How the processes were started: under `stasis run` or attached with `--pid`.
+    pub origin: Origin,
+    /// PID of the root of the saved tree.
+    pub root_pid: i32,
+    /// Every saved process, parents before children.
+    pub processes: Vec<Process>,
+    /// Where the time went while checkpointing.
+    pub timings: Timings,
+}
+
+/// How the checkpointed processes came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// Launched by `stasis run` (or restored by `stasis restart`).
+    Run,
+    /// Attached with `stasis checkpoint --pid`.
+    Attached,
+}
+
+/// Durations of the phases of a checkpoint, in microseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Timings {
+    /// From the request to every thread stopped.
+    pub freeze_us: u64,
+    /// Reading state and memory while frozen (the application's pause, with `freeze_us`).
+    pub dump_us: u64,
+    /// Writing metadata and fsync of every file.
+    pub sync_us: u64,
+    /// Bytes of page data written.
+    pub pages_bytes: u64,
+}
+
+/// One process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Process {
+    /// PID (in the PID namespace the image was taken in).
+    pub pid: i32,
+    /// Parent PID at checkpoint time.
+    pub ppid: i32,
+    /// Command name (`/proc/PID/comm`).
+    pub comm: String,
+    /// The executable (`/proc/PID/exe`).
+    pub exe: FileId,
+    /// Current working directory.
+    pub cwd: String,
+    /// File mode creation mask.
+    pub umask: u32,
+    /// Execution domain (personality(2)).
+    pub personality: u32,
+    /// Resource limits (getrlimit(2)); `u64::MAX` is RLIM_INFINITY.
+    pub rlimits: Vec<Rlimit>,
+    /// The `mm` fields that PR_SET_MM_MAP restores.
+    pub mm: MmFields,
+    /// Memory mappings in address order.
+    pub mappings: Vec<Mapping>,
+    /// Name of the data file holding this process's pages.
+    pub pages_file: String,
+    /// Open file descriptors.
+    pub fds: Vec<Fd>,
+    /// Process-wide signal state.
+    pub signals: Signals,
+    /// Interval timers (ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF).
+    pub itimers: Vec<Itimer>,
+    /// Threads; the first is the thread-group leader.
+    pub threads: Vec<Thread>,
+}
+
+/// One resource limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    /// RLIMIT_* number.
+    pub resource: u32,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// The memory-descriptor fields of `struct prctl_mm_map`, plus the auxiliary vector.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MmFields {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+    /// The auxiliary vector as saved by the kernel (`/proc/PID/auxv`), as u64 words.
+    pub auxv: Vec<u64>,
+}
+
+/// Identity of a file at checkpoint time, to detect that it changed before restore.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileId {
+    pub path: String,
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i128,
+}
+
+/// What backs a mapping.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum MappingKind {
+    /// Anonymous memory (including `[heap]` and `[stack]`).
+    Anonymous,
+    /// A mapping of a regular file.
+    File {
+        file: FileId,
+        /// Offset in the file, bytes.
+        offset: u64,
+    },
+    /// `[vdso]`: placed by the kernel, moved into place at restore.
+    Vdso,
+    /// `[vvar]`.
+    Vvar,
+    /// `[vvar_vclock]`.
+    VvarVclock,
+    /// `[vsyscall]`: fixed by the kernel, nothing to do.
+    Vsyscall,
+}
+
+/// One memory mapping (one line of `/proc/PID/maps`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    /// PROT_READ | PROT_WRITE | PROT_EXEC bits.
+    pub prot: u32,
+    /// MAP_SHARED (true) or MAP_PRIVATE (false).
+    pub shared: bool,
+    pub kind: MappingKind,
+    /// The name column of `/proc/PID/maps` (`[heap]`, `[stack]`, a path, or empty).
+    pub name: String,
+    /// VM_GROWSDOWN (`gd` in smaps VmFlags): the stack grows into the gap below.
+    #[serde(default)]
+    pub growsdown: bool,
+    /// madvise(2) advice to re-apply: `dontfork`, `wipeonfork`, `dontdump`,
+    /// `hugepage`, `nohugepage`.
+    #[serde(default)]
+    pub advice: Vec<String>,
+    /// Saved pages: runs of consecutive pages and where they are in the page file.
+    pub pages: Vec<PageRun>,
+}
+
+impl Mapping {
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    /// True for an empty range (never produced by the kernel).
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+
+    /// Number of saved pages.
+    pub fn saved_pages(&self) -> u64 {
+        self.pages.iter().map(|r| r.npages).sum()
+    }
+}
+
+/// A run of consecutive saved pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRun {
+    /// Virtual address of the first page.
+    pub addr: u64,
+    /// Number of pages.
+    pub npages: u64,
+    /// Byte offset of the first page in the page file (page-aligned).
+    pub offset: u64,
+}
+
+/// One open file descriptor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Fd {
+    pub fd: i32,
+    /// FD_CLOEXEC.
+    pub cloexec: bool,
+    pub kind: FdKind,
+}
+
+/// What an fd refers to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FdKind {
+    /// One of the stdio streams that came from outside stasis (index 0, 1 or 2): bound
+    /// at restart to the restarting stasis's own stream of that index.
+    Stdio { index: u8 },
+    /// A regular file or directory, reopened by path.
+    File {
+        file: FileId,
+        /// open(2) flags (access mode, O_APPEND, O_NONBLOCK, ...), without O_CLOEXEC.
+        flags: i32,
+        /// File offset.
+        pos: u64,
+    },
+    /// A regular file deleted while open: its content is in `data_file`.
+    Deleted {
+        path: String,
+        flags: i32,
+        pos: u64,
+        mode: u32,
+        /// Name of the data file in the checkpoint holding the content.
+        data_file: String,
+        size: u64,
+    },
+    /// A character device reopened by path (/dev/null, /dev/zero, /dev/urandom...).
+    Device { path: String, flags: i32 },
+}
+
+/// Disposition of one signal (`struct sigaction` as the kernel keeps it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigAction {
+    pub signo: i32,
+    /// Handler address, or 0 (SIG_DFL) / 1 (SIG_IGN).
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+/// Process-wide signal state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Signals {
+    /// Dispositions that are not SIG_DFL.
+    pub actions: Vec<SigAction>,
+    /// Signals pending for the whole process, as raw siginfo (hex).
+    pub shared_pending: Vec<String>,
+}
+
+/// One interval timer (getitimer(2)), microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Itimer {
+    pub which: i32,
+    pub interval_us: u64,
+    pub value_us: u64,
+}
+
+/// rseq(2) registration of a thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rseq {
+    pub addr: u64,
+    pub len: u32,
+    pub signature: u32,
+}
+
+/// sigaltstack(2) of a thread.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AltStack {
+    pub sp: u64,
+    pub flags: i32,
+    pub size: u64,
+}
+
+/// One thread.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Thread {
+    pub tid: i32,
+    pub comm: String,
+    /// General registers as stopped (syscall restart is applied at restore).
+    pub regs: Regs,
+    /// XSAVE area (NT_X86_XSTATE), hex.
+    pub xstate: String,
+    /// Blocked signals.
+    pub sigmask: u64,
+    /// Signals pending for this thread only, raw siginfo (hex).
+    pub pending: Vec<String>,
+    pub rseq: Option<Rseq>,
+    /// set_tid_address(2) value (PR_GET_TID_ADDRESS).
+    pub clear_child_tid: u64,
+    /// set_robust_list(2) head and length.
+    pub robust_list: u64,
+    pub robust_list_len: u64,
+    pub altstack: AltStack,
+}
+
+/// Lower-case hex of bytes (used for xstate and siginfo in the JSON metadata).
+pub fn to_hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// Inverse of [`to_hex`]; `None` on malformed input.
+pub fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_roundtrip() {
+        let v = vec![0u8, 1, 0xab, 0xff];
+        assert_eq!(from_hex(&to_hex(&v)).unwrap(), v);
+        assert!(from_hex("abc").is_none());
+        assert!(from_hex("zz").is_none());
+    }
+}

@@ -1,0 +1,553 @@
+//! The checkpoint directory: layout, atomic publication, verification, locking, pruning.
+//!
+//! ```text
+//! DIR/
+//!   .lock                  flock(2)ed by whoever writes or prunes checkpoints
+//!   checkpoint-000001/     complete, verified on read
+//!     manifest.json        checksummed list of the files below with their chunk checksums
+//!     checkpoint.json      metadata (crate::model::Checkpoint)
+//!     pages-PID.img        page data, page-aligned
+//!     file-N.img           contents of files deleted while open
+//!   .checkpoint-000002.tmp being written; renamed into place once complete and synced
+//! ```
+
+use crate::model::Checkpoint;
+use crate::{CHUNK_SIZE, FORMAT_NAME, FORMAT_VERSION};
+use serde::{Deserialize, Serialize};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use xxhash_rust::xxh3::Xxh3;
+
+/// Errors of the image store. Each names the file concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("no complete checkpoint in {0}")]
+    NoCheckpoint(PathBuf),
+    #[error("{path}: checksum mismatch in bytes {start}..{end}: the image is corrupt or was modified; nothing was restored")]
+    Checksum { path: PathBuf, start: u64, end: u64 },
+    #[error("{path}: truncated: {found} bytes, the manifest says {expected}; nothing was restored")]
+    Truncated { path: PathBuf, expected: u64, found: u64 },
+    #[error("{path}: corrupt image: {msg}; nothing was restored")]
+    Corrupt { path: PathBuf, msg: String },
+    #[error("{path}: image format version {found} is not supported (this stasis reads version {FORMAT_VERSION})")]
+    Version { path: PathBuf, found: u32 },
+    #[error("another checkpoint of {0} is in progress (the lock {0}/.lock is held); try again when it has finished")]
+    Busy(PathBuf),
+}
+
+/// Result type of the store.
+pub type ImageResult<T> = Result<T, ImageError>;
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One file listed in the manifest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    pub size: u64,
+    /// xxh3-64 of each CHUNK_SIZE chunk, hex, in order.
+    pub chunks: Vec<String>,
+}
+
+/// `manifest.json` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub stasis_version: String,
+    pub sequence: u64,
+    pub created_unix_ms: u64,
+    pub chunk_size: u64,
+    pub files: Vec<FileEntry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope<'a> {
+    checksum: String,
+    #[serde(borrow)]
+    manifest: &'a serde_json::value::RawValue,
+}
+
+const MANIFEST: &str = "manifest.json";
+const METADATA: &str = "checkpoint.json";
+const LOCK: &str = ".lock";
+const PREFIX: &str = "checkpoint-";
+
+fn hash_hex(h: u64) -> String {
+    format!("{h:016x}")
+}
+
+/// Creates `dir` (mode 0700) if missing.
+pub fn ensure_dir(dir: &Path) -> ImageResult<()> {
+    match fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(io_err(dir)(e)),
+    }
+}
+
+fn fsync_dir(dir: &Path) -> ImageResult<()> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// Exclusive lock on a checkpoint directory, held while writing or pruning.
+pub struct DirLock {
+    _file: File,
+    root: PathBuf,
+}
+
+impl DirLock {
+    /// Takes the lock without waiting; [`ImageError::Busy`] if someone holds it.
+    pub fn acquire(root: &Path) -> ImageResult<DirLock> {
+        ensure_dir(root)?;
+        let path = root.join(LOCK);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        // SAFETY: flock on a valid, owned descriptor.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(ImageError::Busy(root.to_path_buf()));
+            }
+            return Err(io_err(&path)(e));
+        }
+        Ok(DirLock {
+            _file: file,
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// The locked checkpoint directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+/// Complete checkpoints of `root`, oldest first: (sequence, path).
+pub fn list_checkpoints(root: &Path) -> ImageResult<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    let rd = fs::read_dir(root).map_err(io_err(root))?;
+    for ent in rd {
+        let ent = ent.map_err(io_err(root))?;
+        let name = ent.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(num) = name.strip_prefix(PREFIX) {
+            if let Ok(seq) = num.parse::<u64>() {
+                out.push((seq, ent.path()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Removes all but the newest `keep` checkpoints, and leftovers of interrupted
+/// checkpoints. Needs the lock. Returns what was removed.
+pub fn prune(lock: &DirLock, keep: usize) -> ImageResult<Vec<PathBuf>> {
+    let root = lock.root();
+    let mut removed = Vec::new();
+    let all = list_checkpoints(root)?;
+    let drop_n = all.len().saturating_sub(keep.max(1));
+    for (_, path) in all.into_iter().take(drop_n) {
+        fs::remove_dir_all(&path).map_err(io_err(&path))?;
+        removed.push(path);
+    }
+    removed.extend(remove_stale_tmp(root)?);
+    Ok(removed)
+}
+
+fn remove_stale_tmp(root: &Path) -> ImageResult<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for ent in fs::read_dir(root).map_err(io_err(root))? {
+        let ent = ent.map_err(io_err(root))?;
+        let name = ent.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".checkpoint-") && name.ends_with(".tmp") {
+            let p = ent.path();
+            fs::remove_dir_all(&p).map_err(io_err(&p))?;
+            removed.push(p);
+        }
+    }
+    Ok(removed)
+}
+
+/// A data file being written into a checkpoint, checksummed chunk by chunk.
+pub struct DataWriter {
+    file: File,
+    name: String,
+    path: PathBuf,
+    written: u64,
+    hasher: Xxh3,
+    chunks: Vec<String>,
+}
+
+impl DataWriter {
+    /// Appends `buf`.
+    pub fn write_all(&mut self, mut buf: &[u8]) -> ImageResult<()> {
+        self.file.write_all(buf).map_err(io_err(&self.path))?;
+        while !buf.is_empty() {
+            let room = (CHUNK_SIZE - self.written % CHUNK_SIZE) as usize;
+            let n = room.min(buf.len());
+            self.hasher.update(&buf[..n]);
+            self.written += n as u64;
+            buf = &buf[n..];
+            if self.written % CHUNK_SIZE == 0 {
+                self.chunks.push(hash_hex(self.hasher.digest()));
+                self.hasher.reset();
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes written so far (the offset the next write lands at).
+    pub fn position(&self) -> u64 {
+        self.written
+    }
+
+    fn finish(mut self) -> ImageResult<FileEntry> {
+        if self.written % CHUNK_SIZE != 0 {
+            self.chunks.push(hash_hex(self.hasher.digest()));
+        }
+        self.file.sync_all().map_err(io_err(&self.path))?;
+        Ok(FileEntry {
+            name: self.name,
+            size: self.written,
+            chunks: self.chunks,
+        })
+    }
+}
+
+/// A checkpoint being written aside (`.checkpoint-N.tmp`). Dropped without
+/// [`CheckpointWriter::commit`], it removes what it wrote: the previous checkpoint
+/// stays the newest.
+pub struct CheckpointWriter {
+    root: PathBuf,
+    seq: u64,
+    tmp: PathBuf,
+    files: Vec<FileEntry>,
+    committed: bool,
+}
+
+impl CheckpointWriter {
+    /// Starts checkpoint number (newest + 1) in the locked directory.
+    pub fn begin(lock: &DirLock) -> ImageResult<CheckpointWriter> {
+        let root = lock.root().to_path_buf();
+        remove_stale_tmp(&root)?;
+        let seq = list_checkpoints(&root)?.last().map_or(1, |(s, _)| s + 1);
+        let tmp = root.join(format!(".{PREFIX}{seq:06}.tmp"));
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .map_err(io_err(&tmp))?;
+        Ok(CheckpointWriter {
+            root,
+            seq,
+            tmp,
+            files: Vec::new(),
+            committed: false,
+        })
+    }
+
+    /// Sequence number this checkpoint will be published under.
+    pub fn sequence(&self) -> u64 {
+        self.seq
+    }
+
+    /// Creates a data file (mode 0600) in the checkpoint.
+    pub fn data_file(&self, name: &str) -> ImageResult<DataWriter> {
+        let path = self.tmp.join(name);
+        let file = OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        Ok(DataWriter {
+            file,
+            name: name.to_string(),
+            path,
+            written: 0,
+            hasher: Xxh3::new(),
+            chunks: Vec::new(),
+        })
+    }
+
+    /// Completes a data file: synced and listed in the manifest.
+    pub fn finish_data(&mut self, w: DataWriter) -> ImageResult<()> {
+        let entry = w.finish()?;
+        self.files.push(entry);
+        Ok(())
+    }
+
+    /// Writes the metadata and manifest, syncs, and publishes the checkpoint by
+    /// renaming it into place. Returns its path.
+    pub fn commit(mut self, meta: &Checkpoint) -> ImageResult<PathBuf> {
+        let json = serde_json::to_vec_pretty(meta).map_err(|e| ImageError::Corrupt {
+            path: self.tmp.join(METADATA),
+            msg: e.to_string(),
+        })?;
+        let mut w = self.data_file(METADATA)?;
+        w.write_all(&json)?;
+        self.finish_data(w)?;
+
+        let manifest = Manifest {
+            format: FORMAT_NAME.to_string(),
+            version: FORMAT_VERSION,
+            stasis_version: env!("CARGO_PKG_VERSION").to_string(),
+            sequence: self.seq,
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            chunk_size: CHUNK_SIZE,
+            files: self.files.clone(),
+        };
+        let mpath = self.tmp.join(MANIFEST);
+        let body = serde_json::to_string_pretty(&manifest).map_err(|e| ImageError::Corrupt {
+            path: mpath.clone(),
+            msg: e.to_string(),
+        })?;
+        let raw = serde_json::value::RawValue::from_string(body).map_err(|e| ImageError::Corrupt {
+            path: mpath.clone(),
+            msg: e.to_string(),
+        })?;
+        let env = Envelope {
+            checksum: hash_hex(xxhash_rust::xxh3::xxh3_64(raw.get().as_bytes())),
+            manifest: &raw,
+        };
+        let text = serde_json::to_vec(&env).map_err(|e| ImageError::Corrupt {
+            path: mpath.clone(),
+            msg: e.to_string(),
+        })?;
+        let mut f = OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o600)
+            .open(&mpath)
+            .map_err(io_err(&mpath))?;
+        f.write_all(&text).map_err(io_err(&mpath))?;
+        f.sync_all().map_err(io_err(&mpath))?;
+        fsync_dir(&self.tmp)?;
+        let fin = self.root.join(format!("{PREFIX}{:06}", self.seq));
+        fs::rename(&self.tmp, &fin).map_err(io_err(&fin))?;
+        fsync_dir(&self.root)?;
+        self.committed = true;
+        Ok(fin)
+    }
+}
+
+impl Drop for CheckpointWriter {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// A verified checkpoint, ready to restore from.
+pub struct CheckpointReader {
+    path: PathBuf,
+    /// The manifest.
+    pub manifest: Manifest,
+    /// The metadata.
+    pub meta: Checkpoint,
+}
+
+impl CheckpointReader {
+    /// Opens and fully verifies the newest complete checkpoint of `root`.
+    pub fn open_latest(root: &Path) -> ImageResult<CheckpointReader> {
+        let all = list_checkpoints(root)?;
+        let (_, path) = all
+            .last()
+            .ok_or_else(|| ImageError::NoCheckpoint(root.to_path_buf()))?;
+        Self::open(path)
+    }
+
+    /// Opens and fully verifies one checkpoint directory: the manifest's own checksum,
+    /// then every file's size and every chunk's checksum.
+    pub fn open(path: &Path) -> ImageResult<CheckpointReader> {
+        let manifest = Self::read_manifest(path)?;
+        for entry in &manifest.files {
+            verify_file(&path.join(&entry.name), entry, manifest.chunk_size)?;
+        }
+        let mpath = path.join(METADATA);
+        let bytes = fs::read(&mpath).map_err(io_err(&mpath))?;
+        let meta: Checkpoint = serde_json::from_slice(&bytes).map_err(|e| ImageError::Corrupt {
+            path: mpath.clone(),
+            msg: e.to_string(),
+        })?;
+        Ok(CheckpointReader {
+            path: path.to_path_buf(),
+            manifest,
+            meta,
+        })
+    }
+
+    fn read_manifest(path: &Path) -> ImageResult<Manifest> {
+        let mpath = path.join(MANIFEST);
+        let text = fs::read(&mpath).map_err(io_err(&mpath))?;
+        let corrupt = |msg: String| ImageError::Corrupt {
+            path: mpath.clone(),
+            msg,
+        };
+        let env: Envelope = serde_json::from_slice(&text).map_err(|e| corrupt(e.to_string()))?;
+        let sum = hash_hex(xxhash_rust::xxh3::xxh3_64(env.manifest.get().as_bytes()));
+        if sum != env.checksum {
+            return Err(ImageError::Checksum {
+                path: mpath.clone(),
+                start: 0,
+                end: text.len() as u64,
+            });
+        }
+        let manifest: Manifest =
+            serde_json::from_str(env.manifest.get()).map_err(|e| corrupt(e.to_string()))?;
+        if manifest.format != FORMAT_NAME {
+            return Err(corrupt(format!("not a stasis image (format {:?})", manifest.format)));
+        }
+        if manifest.version != FORMAT_VERSION {
+            return Err(ImageError::Version {
+                path: mpath,
+                found: manifest.version,
+            });
+        }
+        if manifest.chunk_size == 0 || !manifest.files.iter().any(|f| f.name == METADATA) {
+            return Err(corrupt("manifest lists no metadata".into()));
+        }
+        for f in &manifest.files {
+            if f.name.contains('/') || f.name.starts_with('.') {
+                return Err(corrupt(format!("bad file name {:?}", f.name)));
+            }
+        }
+        Ok(manifest)
+    }
+
+    /// Directory of this checkpoint.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Path of a data file of this checkpoint (verified when opened).
+    pub fn data_path(&self, name: &str) -> ImageResult<PathBuf> {
+        if !self.manifest.files.iter().any(|f| f.name == name) {
+            return Err(ImageError::Corrupt {
+                path: self.path.clone(),
+                msg: format!("metadata refers to {name}, which the manifest does not list"),
+            });
+        }
+        Ok(self.path.join(name))
+    }
+}
+
+fn verify_file(path: &Path, entry: &FileEntry, chunk: u64) -> ImageResult<()> {
+    let mut f = File::open(path).map_err(io_err(path))?;
+    let found = f.metadata().map_err(io_err(path))?.len();
+    if found != entry.size {
+        return Err(ImageError::Truncated {
+            path: path.to_path_buf(),
+            expected: entry.size,
+            found,
+        });
+    }
+    let expected_chunks = entry.size.div_ceil(chunk);
+    if entry.chunks.len() as u64 != expected_chunks {
+        return Err(ImageError::Corrupt {
+            path: path.to_path_buf(),
+            msg: "chunk list does not match the file size".into(),
+        });
+    }
+    let mut buf = vec![0u8; chunk as usize];
+    for (i, want) in entry.chunks.iter().enumerate() {
+        let start = i as u64 * chunk;
+        let len = chunk.min(entry.size - start) as usize;
+        f.read_exact(&mut buf[..len]).map_err(io_err(path))?;
+        if &hash_hex(xxhash_rust::xxh3::xxh3_64(&buf[..len])) != want {
+            return Err(ImageError::Checksum {
+                path: path.to_path_buf(),
+                start,
+                end: start + len as u64,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::*;
+
+    fn meta(seq: u64) -> Checkpoint {
+        Checkpoint {
+            sequence: seq,
+            arch: "x86_64".into(),
+            kernel: "test".into(),
+            page_size: 4096,
+            origin: Origin::Run,
+            root_pid: 2,
+            processes: vec![],
+            timings: Timings::default(),
+        }
+    }
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("stasis-image-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        p
+    }
+
+    #[test]
+    fn write_verify_tamper_prune() {
+        let root = tmpdir("wv");
+        let lock = DirLock::acquire(&root).unwrap();
+        assert!(matches!(DirLock::acquire(&root), Err(ImageError::Busy(_))));
+        for round in 1..=3u64 {
+            let mut w = CheckpointWriter::begin(&lock).unwrap();
+            assert_eq!(w.sequence(), round);
+            let mut d = w.data_file("pages-2.img").unwrap();
+            let data: Vec<u8> = (0..(3 * CHUNK_SIZE as usize + 100)).map(|i| (i * 7 + round as usize) as u8).collect();
+            d.write_all(&data[..5000]).unwrap();
+            d.write_all(&data[5000..]).unwrap();
+            w.finish_data(d).unwrap();
+            w.commit(&meta(round)).unwrap();
+        }
+        let r = CheckpointReader::open_latest(&root).unwrap();
+        assert_eq!(r.meta.sequence, 3);
+        let pages = r.data_path("pages-2.img").unwrap();
+        let mut bytes = fs::read(&pages).unwrap();
+        bytes[2 * CHUNK_SIZE as usize + 3] ^= 1;
+        fs::write(&pages, &bytes).unwrap();
+        assert!(matches!(CheckpointReader::open_latest(&root), Err(ImageError::Checksum { .. })));
+        bytes.truncate(100);
+        fs::write(&pages, &bytes).unwrap();
+        assert!(matches!(CheckpointReader::open_latest(&root), Err(ImageError::Truncated { .. })));
+        // An unfinished writer leaves nothing behind.
+        drop(CheckpointWriter::begin(&lock).unwrap());
+        assert_eq!(list_checkpoints(&root).unwrap().len(), 3);
+        prune(&lock, 2).unwrap();
+        let left: Vec<u64> = list_checkpoints(&root).unwrap().iter().map(|c| c.0).collect();
+        assert_eq!(left, vec![2, 3]);
+        // Tampered manifest.
+        let m = root.join("checkpoint-000002").join(MANIFEST);
+        let t = fs::read_to_string(&m).unwrap().replace("\"sequence\": 2", "\"sequence\": 9");
+        fs::write(&m, t).unwrap();
+        assert!(matches!(CheckpointReader::open(&root.join("checkpoint-000002")), Err(ImageError::Checksum { .. })));
+        fs::remove_dir_all(&root).unwrap();
+    }
+}

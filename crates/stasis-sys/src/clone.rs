@@ -1,0 +1,88 @@
+//! clone3(2) with `set_tid`: create a child process with a chosen PID.
+//!
+//! The caller needs CAP_SYS_ADMIN (or CAP_CHECKPOINT_RESTORE) in the user namespace that
+//! owns its PID namespace; stasis runs restore as PID 1 of a PID namespace it created in
+//! its own user namespace, where it has both.
+
+use crate::{Result, SysError};
+
+/// `struct clone_args` (include/uapi/linux/sched.h), version 2 (with set_tid).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Outcome of [`fork_with_pid`] in each process.
+pub enum Forked {
+    /// In the parent: the child's PID.
+    Parent(i32),
+    /// In the child.
+    Child,
+}
+
+/// Forks (like fork(2), SIGCHLD on exit) so that the child gets PID `pid` in the
+/// caller's PID namespace. `pid == 0` lets the kernel choose.
+///
+/// # Safety
+/// Same rules as fork(2): the caller must be single-threaded, and the child should only
+/// use code that is safe after fork.
+pub unsafe fn fork_with_pid(pid: i32) -> Result<Forked> {
+    let tid = [pid as libc::pid_t];
+    let args = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: if pid > 0 { tid.as_ptr() as u64 } else { 0 },
+        set_tid_size: u64::from(pid > 0),
+        ..Default::default()
+    };
+    // SAFETY: `args` is a valid clone_args of the size passed; with no CLONE_VM and no
+    // stack the child continues on a copy of this stack, exactly like fork(2). The
+    // caller guarantees single-threadedness.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    match r {
+        -1 => Err(SysError::last("clone3(set_tid)", pid)),
+        0 => Ok(Forked::Child),
+        child => Ok(Forked::Parent(child as i32)),
+    }
+}
+
+/// Forks into new namespaces (`flags` are CLONE_NEW* bits), like fork(2).
+///
+/// # Safety
+/// As for [`fork_with_pid`].
+pub unsafe fn fork_into_namespaces(flags: u64) -> Result<Forked> {
+    let args = CloneArgs {
+        flags,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    // SAFETY: as in fork_with_pid.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    match r {
+        -1 => Err(SysError::last("clone3(namespaces)", 0)),
+        0 => Ok(Forked::Child),
+        child => Ok(Forked::Parent(child as i32)),
+    }
+}
