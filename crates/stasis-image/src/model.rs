@@ -121,7 +121,7 @@ pub struct FileId {
     pub ino: u64,
     pub size: u64,
     /// Modification time, nanoseconds since the epoch.
-    pub mtime_ns: i128,
+    pub mtime_ns: i64,
 }
 
 /// What backs a mapping.

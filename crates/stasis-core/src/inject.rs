@@ -1,0 +1,147 @@
+//! Running syscalls inside a stopped tracee.
+//!
+//! Only the process itself can report some of its state (its signal handlers, timers,
+//! `brk`) and only it can replace its own address space (`mremap` of the vdso,
+//! `PR_SET_MM_MAP`). We make it execute single syscalls: point its instruction pointer
+//! at a `syscall` instruction that exists in its address space, load the number and
+//! arguments, and run it with PTRACE_SYSCALL to the syscall-exit stop, where we read
+//! the result. No code of ours runs in the tracee and nothing but the one instruction
+//! is executed, so this also works after the memory around it has been unmapped.
+
+use crate::error::{Error, Result, SysContext};
+use stasis_sys::arch::{Regs, SYSCALL_INSN};
+use stasis_sys::ptrace::{self, Stop};
+
+/// Executes syscalls in a stopped, seized thread.
+pub struct Injector {
+    pid: i32,
+    insn: u64,
+    base: Regs,
+}
+
+impl Injector {
+    /// `insn` is the address of a `syscall` instruction in the tracee. The thread's
+    /// current registers are the template for each call; the caller restores the
+    /// registers it wants afterwards.
+    pub fn new(pid: i32, insn: u64) -> Result<Injector> {
+        let base = ptrace::get_regs(pid).ctx(pid, || "reading registers".into())?;
+        Ok(Injector { pid, insn, base })
+    }
+
+    /// Address of the syscall instruction in use.
+    pub fn insn(&self) -> u64 {
+        self.insn
+    }
+
+    /// Runs syscall `nr` with `args`; returns the raw result (negative errno on error).
+    pub fn raw(&self, nr: i64, args: &[u64]) -> Result<i64> {
+        let pid = self.pid;
+        let mut regs = self.base;
+        regs.set_syscall(self.insn, nr, args);
+        ptrace::set_regs(pid, &regs).ctx(pid, || "setting registers for an injected syscall".into())?;
+        for phase in ["entry", "exit"] {
+            ptrace::syscall(pid, 0).ctx(pid, || "resuming into an injected syscall".into())?;
+            loop {
+                match ptrace::wait(pid).ctx(pid, || "waiting for an injected syscall".into())? {
+                    Stop::Syscall => break,
+                    Stop::Exited(_) | Stop::Killed(_) => return Err(Error::Gone { pid }),
+                    // Signals are blocked while we inject; only SIGSTOP and friends can
+                    // arrive. Suppress them and carry on to the syscall stop.
+                    Stop::Signal(_) | Stop::Event(..) => {
+                        ptrace::syscall(pid, 0).ctx(pid, || "resuming into an injected syscall".into())?;
+                    }
+                }
+            }
+            if phase == "entry" {
+                continue;
+            }
+        }
+        let out = ptrace::get_regs(pid).ctx(pid, || "reading an injected syscall's result".into())?;
+        Ok(out.ret())
+    }
+
+    /// Runs a syscall that must succeed; `what` describes it for the error message.
+    pub fn call(&self, what: &str, nr: i64, args: &[u64]) -> Result<u64> {
+        let r = self.raw(nr, args)?;
+        if (-4095..0).contains(&r) {
+            return Err(Error::Sys {
+                pid: self.pid,
+                context: format!("injected {what}"),
+                source: stasis_sys::SysError {
+                    call: "injected syscall",
+                    pid: self.pid,
+                    errno: (-r) as i32,
+                },
+            });
+        }
+        Ok(r as u64)
+    }
+}
+
+/// Finds a `syscall` instruction in the executable memory of `pid`, looking in the
+/// vdso first. Any two bytes `0f 05` in an executable page will do: execution starts
+/// there and stops at the syscall exit, before any following byte runs.
+pub fn find_syscall_insn(pid: i32, exec_ranges: &[(u64, u64)]) -> Result<u64> {
+    for &(start, end) in exec_ranges {
+        let len = (end - start).min(1 << 20) as usize;
+        let mut buf = vec![0u8; len];
+        if stasis_sys::vm::read(pid, start, &mut buf).is_err() {
+            continue;
+        }
+        if let Some(i) = buf.windows(2).position(|w| w == SYSCALL_INSN) {
+            return Ok(start + i as u64);
+        }
+    }
+    Err(Error::Unsupported {
+        pid,
+        what: "a process without any readable syscall instruction (no vdso)".into(),
+    })
+}
+
+/// A page of scratch memory mapped into the tracee for syscall arguments and results.
+pub struct Scratch {
+    pub addr: u64,
+    pid: i32,
+}
+
+/// Size of a [`Scratch`] area.
+pub const SCRATCH_LEN: u64 = 4096;
+
+impl Scratch {
+    /// Maps a fresh private anonymous page in the tracee.
+    pub fn map(inj: &Injector, pid: i32) -> Result<Scratch> {
+        let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+        let addr = inj.call("mmap of a scratch page", libc::SYS_mmap, &[0, SCRATCH_LEN, prot, flags, u64::MAX, 0])?;
+        Ok(Scratch { addr, pid })
+    }
+
+    /// Uses an existing writable area of the tracee.
+    pub fn at(pid: i32, addr: u64) -> Scratch {
+        Scratch { addr, pid }
+    }
+
+    /// Reads `len` bytes at offset 0.
+    pub fn read(&self, len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        stasis_sys::vm::read(self.pid, self.addr, &mut buf).ctx(self.pid, || "reading the scratch page".into())?;
+        Ok(buf)
+    }
+
+    /// Writes `data` at offset 0.
+    pub fn write(&self, data: &[u8]) -> Result<()> {
+        stasis_sys::vm::write(self.pid, self.addr, data).ctx(self.pid, || "writing the scratch page".into())
+    }
+
+    /// Unmaps the page.
+    pub fn unmap(self, inj: &Injector) -> Result<()> {
+        inj.call("munmap of the scratch page", libc::SYS_munmap, &[self.addr, SCRATCH_LEN]).map(drop)
+    }
+}
+
+/// Little-endian u64 at `off` of `buf` (0 if out of range).
+pub fn u64_at(buf: &[u8], off: usize) -> u64 {
+    buf.get(off..off + 8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes)
+}

@@ -1,0 +1,458 @@
+//! Memory: mappings and their pages.
+//!
+//! Dump: the layout comes from `/proc/PID/smaps` (addresses, protections, backing, VM
+//! flags); `/proc/PID/pagemap` says which pages exist, so pages never touched are
+//! neither read nor stored; anonymous pages (including the copied-on-write pages of
+//! private file mappings) are copied with `process_vm_readv` and all-zero pages are
+//! skipped. The rest of a file mapping is mapped again from the file at restore.
+//!
+//! Restore (through [`Injector`]): each mapping is recreated at its address with
+//! `mmap(MAP_FIXED_NOREPLACE)`, its pages are `pread` by the process itself straight
+//! from the page file into place, then the final protection and madvise flags are
+//! applied. The vdso/vvar block the kernel gave the new process is moved to where the
+//! old one was.
+
+use crate::error::{Error, Result, SysContext};
+use crate::inject::Injector;
+use crate::proc::{file_id, ProcDir};
+use procfs::process::{MMPermissions, MMapPath, VmFlags};
+use stasis_image::{DataWriter, Mapping, MappingKind, PageRun, PAGE_SIZE};
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAP: u64 = 1 << 62;
+const PM_FILE: u64 = 1 << 61;
+/// Pages copied per process_vm_readv call.
+const BATCH_PAGES: u64 = 1024;
+
+/// One mapping as seen at dump time, with what is needed to save it.
+#[derive(Debug, Clone)]
+pub struct Vma {
+    pub map: Mapping,
+    flags: VmFlags,
+    inode: u64,
+}
+
+fn prot_of(p: MMPermissions) -> u32 {
+    let mut prot = 0;
+    if p.contains(MMPermissions::READ) {
+        prot |= libc::PROT_READ as u32;
+    }
+    if p.contains(MMPermissions::WRITE) {
+        prot |= libc::PROT_WRITE as u32;
+    }
+    if p.contains(MMPermissions::EXECUTE) {
+        prot |= libc::PROT_EXEC as u32;
+    }
+    prot
+}
+
+/// Reads the memory layout of a process and refuses what cannot be saved yet.
+pub fn read_layout(proc: &ProcDir) -> Result<Vec<Vma>> {
+    let pid = proc.pid;
+    let maps = proc
+        .process()?
+        .smaps()
+        .map_err(std::io::Error::other)
+        .ctx(pid, || "reading /proc/PID/smaps".into())?;
+    let mut out = Vec::new();
+    for m in maps {
+        let (start, end) = m.address;
+        let shared = m.perms.contains(MMPermissions::SHARED);
+        let flags = m.extension.vm_flags;
+        let range = format!("{start:x}-{end:x}");
+        let (kind, name) = match &m.pathname {
+            MMapPath::Vdso => (MappingKind::Vdso, "[vdso]".to_string()),
+            MMapPath::Vvar => (MappingKind::Vvar, "[vvar]".to_string()),
+            MMapPath::Vsyscall => (MappingKind::Vsyscall, "[vsyscall]".to_string()),
+            MMapPath::Other(s) if s.trim_matches(['[', ']']) == "vvar_vclock" => (MappingKind::VvarVclock, "[vvar_vclock]".to_string()),
+            MMapPath::Heap => (MappingKind::Anonymous, "[heap]".to_string()),
+            MMapPath::Stack => (MappingKind::Anonymous, "[stack]".to_string()),
+            MMapPath::Anonymous if !shared => (MappingKind::Anonymous, String::new()),
+            MMapPath::Anonymous => {
+                return Err(unsupported(pid, format!("shared anonymous memory mapping {range}")))
+            }
+            MMapPath::Path(p) => {
+                let path = p.to_string_lossy().into_owned();
+                if path.ends_with(" (deleted)") {
+                    let what = if path.starts_with("/memfd:") {
+                        "memfd"
+                    } else if path.starts_with("/dev/zero") || path.starts_with("/SYSV") {
+                        "shared anonymous memory"
+                    } else {
+                        "a deleted file"
+                    };
+                    return Err(unsupported(pid, format!("mapping {range} of {what} ({path})")));
+                }
+                if path.starts_with("/dev/shm/") && shared {
+                    return Err(unsupported(pid, format!("POSIX shared memory mapping {range} ({path})")));
+                }
+                let md = std::fs::metadata(&path).ctx(pid, || format!("stat of mapped file {path}"))?;
+                if !md.is_file() {
+                    return Err(unsupported(pid, format!("mapping {range} of device {path}")));
+                }
+                let id = file_id(&path, &md);
+                if id.ino != m.inode {
+                    return Err(unsupported(pid, format!("mapping {range} of {path}, which was replaced on disk after it was mapped")));
+                }
+                (MappingKind::File { file: id, offset: m.offset }, path)
+            }
+            MMapPath::Vsys(key) => {
+                return Err(unsupported(pid, format!("System V shared memory mapping {range} (key {key})")))
+            }
+            other => return Err(unsupported(pid, format!("mapping {range} ({other:?})"))),
+        };
+        if flags.intersects(VmFlags::IO | VmFlags::PF) && !matches!(kind, MappingKind::Vvar | MappingKind::VvarVclock | MappingKind::Vdso | MappingKind::Vsyscall) {
+            return Err(unsupported(pid, format!("device memory mapping {range} ({name})")));
+        }
+        let mut advice = Vec::new();
+        for (f, a) in [
+            (VmFlags::DC, "dontfork"),
+            (VmFlags::WF, "wipeonfork"),
+            (VmFlags::DD, "dontdump"),
+            (VmFlags::HG, "hugepage"),
+            (VmFlags::NH, "nohugepage"),
+        ] {
+            if flags.contains(f) {
+                advice.push(a.to_string());
+            }
+        }
+        out.push(Vma {
+            map: Mapping {
+                start,
+                end,
+                prot: prot_of(m.perms),
+                shared,
+                kind,
+                name,
+                growsdown: flags.contains(VmFlags::GD),
+                advice,
+                pages: Vec::new(),
+            },
+            flags,
+            inode: m.inode,
+        });
+    }
+    Ok(out)
+}
+
+fn unsupported(pid: i32, what: String) -> Error {
+    Error::Unsupported { pid, what }
+}
+
+/// Executable ranges (vdso first), to look for a syscall instruction in.
+pub fn exec_ranges(vmas: &[Vma]) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = vmas
+        .iter()
+        .filter(|v| v.map.prot & libc::PROT_EXEC as u32 != 0 && v.map.prot & libc::PROT_READ as u32 != 0)
+        .filter(|v| v.map.kind != MappingKind::Vsyscall)
+        .map(|v| (v.map.start, v.map.end))
+        .collect();
+    v.sort_by_key(|r| !vmas.iter().any(|m| m.map.kind == MappingKind::Vdso && m.map.start == r.0));
+    v
+}
+
+/// True when the pages of this mapping live in memory only (must be saved).
+fn saves_pages(v: &Vma) -> bool {
+    match v.map.kind {
+        MappingKind::Anonymous => true,
+        MappingKind::File { .. } => !v.map.shared,
+        _ => false,
+    }
+}
+
+/// Saves the pages of every mapping into `out`; fills `Mapping::pages`.
+/// Returns the mappings and the number of bytes of pages written.
+pub fn dump_pages(proc: &ProcDir, vmas: &[Vma], out: &mut DataWriter) -> Result<(Vec<Mapping>, u64)> {
+    let pid = proc.pid;
+    let pagemap = std::fs::File::open(proc.file("pagemap")).ctx(pid, || "opening /proc/PID/pagemap".into())?;
+    let mem = std::fs::File::open(proc.file("mem")).ctx(pid, || "opening /proc/PID/mem".into())?;
+    let mut buf = vec![0u8; (BATCH_PAGES * PAGE_SIZE) as usize];
+    let mut entries = vec![0u8; (BATCH_PAGES * 8) as usize];
+    let mut mappings = Vec::with_capacity(vmas.len());
+    let mut bytes = 0;
+    for v in vmas {
+        let mut map = v.map.clone();
+        if saves_pages(v) {
+            let file_backed = matches!(map.kind, MappingKind::File { .. });
+            let readable = map.prot & libc::PROT_READ as u32 != 0;
+            let npages = map.len() / PAGE_SIZE;
+            let mut idx = 0;
+            while idx < npages {
+                let n = (npages - idx).min(BATCH_PAGES);
+                let addr = map.start + idx * PAGE_SIZE;
+                let ents = &mut entries[..(n * 8) as usize];
+                pagemap
+                    .read_exact_at(ents, addr / PAGE_SIZE * 8)
+                    .ctx(pid, || format!("reading pagemap of mapping {:x}-{:x}", map.start, map.end))?;
+                let want: Vec<bool> = ents
+                    .chunks_exact(8)
+                    .map(|e| {
+                        let e = u64::from_le_bytes(e.try_into().unwrap_or_default());
+                        if file_backed {
+                            // Copied-on-write pages of a private file mapping are
+                            // anonymous: present but not file pages, or swapped.
+                            (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAP != 0
+                        } else {
+                            e & (PM_PRESENT | PM_SWAP) != 0
+                        }
+                    })
+                    .collect();
+                let mut i = 0usize;
+                while i < want.len() {
+                    if !want[i] {
+                        i += 1;
+                        continue;
+                    }
+                    let first = i;
+                    while i < want.len() && want[i] {
+                        i += 1;
+                    }
+                    let run_addr = addr + first as u64 * PAGE_SIZE;
+                    let data = &mut buf[..(i - first) * PAGE_SIZE as usize];
+                    let res = if readable {
+                        stasis_sys::vm::read(pid, run_addr, data)
+                    } else {
+                        stasis_sys::vm::read_forced(&mem, pid, run_addr, data)
+                    };
+                    res.ctx(pid, || format!("reading memory at {run_addr:x} (mapping {:x}-{:x} {})", map.start, map.end, map.name))?;
+                    bytes += write_nonzero(&mut map.pages, run_addr, data, out)?;
+                }
+                idx += n;
+            }
+        }
+        mappings.push(map);
+    }
+    Ok((mappings, bytes))
+}
+
+/// Writes the non-zero pages of `data` (which starts at `addr`), extending `runs`.
+fn write_nonzero(runs: &mut Vec<PageRun>, addr: u64, data: &[u8], out: &mut DataWriter) -> Result<u64> {
+    let mut written = 0;
+    let page = PAGE_SIZE as usize;
+    let mut p = 0;
+    let npages = data.len() / page;
+    while p < npages {
+        if is_zero(&data[p * page..(p + 1) * page]) {
+            p += 1;
+            continue;
+        }
+        let first = p;
+        while p < npages && !is_zero(&data[p * page..(p + 1) * page]) {
+            p += 1;
+        }
+        let chunk = &data[first * page..p * page];
+        let offset = out.position();
+        out.write_all(chunk)?;
+        written += chunk.len() as u64;
+        let run_addr = addr + (first * page) as u64;
+        let np = (p - first) as u64;
+        match runs.last_mut() {
+            Some(last) if last.addr + last.npages * PAGE_SIZE == run_addr && last.offset + last.npages * PAGE_SIZE == offset => {
+                last.npages += np
+            }
+            _ => runs.push(PageRun {
+                addr: run_addr,
+                npages: np,
+                offset,
+            }),
+        }
+    }
+    Ok(written)
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    let (pre, mid, post) = {
+        // SAFETY: reinterpreting initialized bytes as u64 words is valid for any bit
+        // pattern; align_to handles the unaligned head and tail.
+        unsafe { page.align_to::<u64>() }
+    };
+    pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+}
+
+/// Descriptors the restored process holds for the files its mappings come from, by
+/// path, plus the page file.
+pub struct MapFds {
+    pub pages_fd: i32,
+    pub files: HashMap<String, i32>,
+}
+
+/// Recreates `mappings` (all but the kernel's special ones) in the stopped process.
+pub fn restore_mappings(inj: &Injector, pid: i32, mappings: &[Mapping], fds: &MapFds) -> Result<()> {
+    for m in mappings {
+        let (fd, offset) = match &m.kind {
+            MappingKind::Anonymous => (-1i64, 0u64),
+            MappingKind::File { file, offset } => {
+                let fd = *fds.files.get(&file.path).ok_or_else(|| Error::Restore {
+                    pid,
+                    msg: format!("no descriptor for mapped file {}", file.path),
+                })?;
+                (i64::from(fd), *offset)
+            }
+            _ => continue,
+        };
+        let mut flags = if m.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE } | libc::MAP_FIXED_NOREPLACE;
+        if fd < 0 {
+            flags |= libc::MAP_ANONYMOUS;
+        }
+        if m.growsdown {
+            flags |= libc::MAP_GROWSDOWN;
+        }
+        let fill = !m.pages.is_empty();
+        let prot0 = if fill { m.prot | libc::PROT_WRITE as u32 } else { m.prot };
+        let what = format!("mmap of {:x}-{:x} {}", m.start, m.end, m.name);
+        let got = inj.call(&what, libc::SYS_mmap, &[m.start, m.len(), u64::from(prot0), flags as u64, fd as u64, offset])?;
+        if got != m.start {
+            return Err(Error::Restore {
+                pid,
+                msg: format!("{what} landed at {got:x}"),
+            });
+        }
+        for run in &m.pages {
+            let mut done = 0;
+            let len = run.npages * PAGE_SIZE;
+            while done < len {
+                let n = inj.call(
+                    &format!("pread of pages into {:x}", run.addr + done),
+                    libc::SYS_pread64,
+                    &[fds.pages_fd as u64, run.addr + done, len - done, run.offset + done],
+                )?;
+                if n == 0 {
+                    return Err(Error::Restore {
+                        pid,
+                        msg: format!("page file ended early while filling {:x}", run.addr + done),
+                    });
+                }
+                done += n;
+            }
+        }
+        if prot0 != m.prot {
+            inj.call(&format!("mprotect of {:x}-{:x}", m.start, m.end), libc::SYS_mprotect, &[m.start, m.len(), u64::from(m.prot)])?;
+        }
+        for a in &m.advice {
+            let adv = match a.as_str() {
+                "dontfork" => libc::MADV_DONTFORK,
+                "wipeonfork" => libc::MADV_WIPEONFORK,
+                "dontdump" => libc::MADV_DONTDUMP,
+                "hugepage" => libc::MADV_HUGEPAGE,
+                "nohugepage" => libc::MADV_NOHUGEPAGE,
+                _ => continue,
+            };
+            // Advice is best effort (e.g. hugepage without THP support).
+            let _ = inj.raw(libc::SYS_madvise, &[m.start, m.len(), adv as u64]);
+        }
+    }
+    Ok(())
+}
+
+/// The kernel's special mappings of a layout: (kind, start, end).
+pub fn special_areas(mappings: &[Mapping]) -> Vec<(MappingKind, u64, u64)> {
+    mappings
+        .iter()
+        .filter(|m| matches!(m.kind, MappingKind::Vdso | MappingKind::Vvar | MappingKind::VvarVclock))
+        .map(|m| (m.kind.clone(), m.start, m.end))
+        .collect()
+}
+
+/// Moves the vdso block (`[vvar]`, `[vvar_vclock]`, `[vdso]`) of the restored process
+/// from `current` to where `target` says, keeping the order and gaps the vdso code
+/// relies on. `free_at` is an address with room for the block that neither layout uses.
+pub fn move_vdso(inj: &Injector, pid: i32, current: &[(MappingKind, u64, u64)], target: &[(MappingKind, u64, u64)], free_at: u64) -> Result<()> {
+    let mismatch = || Error::Restore {
+        pid,
+        msg: format!(
+            "the vdso of this kernel ({}) differs from the image's ({}); restoring on a different kernel is not supported yet",
+            describe(current),
+            describe(target)
+        ),
+    };
+    if current.len() != target.len() {
+        return Err(mismatch());
+    }
+    let cbase = current.iter().map(|c| c.1).min().unwrap_or(0);
+    let tbase = target.iter().map(|c| c.1).min().unwrap_or(0);
+    let mut pairs = Vec::new();
+    for t in target {
+        let c = current.iter().find(|c| c.0 == t.0).ok_or_else(mismatch)?;
+        if c.2 - c.1 != t.2 - t.1 || c.1 - cbase != t.1 - tbase {
+            return Err(mismatch());
+        }
+        pairs.push((c.1, t.1, t.2 - t.1));
+    }
+    if cbase == tbase {
+        return Ok(());
+    }
+    let mremap = |from: u64, to: u64, len: u64| -> Result<()> {
+        let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
+        let got = inj.call(&format!("mremap of the vdso block {from:x} -> {to:x}"), libc::SYS_mremap, &[from, len, len, flags, to])?;
+        if got != to {
+            return Err(Error::Restore {
+                pid,
+                msg: format!("vdso moved to {got:x} instead of {to:x}"),
+            });
+        }
+        Ok(())
+    };
+    // Through a free spot first, so that no move overlaps a range still occupied.
+    for &(c, _, len) in &pairs {
+        mremap(c, free_at + (c - cbase), len)?;
+    }
+    for &(c, t, len) in &pairs {
+        mremap(free_at + (c - cbase), t, len)?;
+    }
+    Ok(())
+}
+
+fn describe(areas: &[(MappingKind, u64, u64)]) -> String {
+    areas
+        .iter()
+        .map(|(k, s, e)| format!("{k:?} {} bytes", e - s))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Finds `len` bytes of address space that overlap none of `used` (sorted or not),
+/// above `min`, page aligned, with a guard page on each side.
+pub fn find_free(used: &[(u64, u64)], len: u64, min: u64) -> Option<u64> {
+    let mut v: Vec<(u64, u64)> = used.to_vec();
+    v.sort();
+    let limit = 0x7fff_ffff_f000u64;
+    let mut candidate = min;
+    for (s, e) in v {
+        if candidate + len + PAGE_SIZE <= s {
+            return Some(candidate);
+        }
+        candidate = candidate.max(e + PAGE_SIZE);
+    }
+    (candidate + len <= limit).then_some(candidate)
+}
+
+/// Used by tests and by restore to keep the VmFlags/inode fields alive in debug output.
+impl Vma {
+    /// Inode of the mapped file (0 for anonymous memory).
+    pub fn inode(&self) -> u64 {
+        self.inode
+    }
+
+    /// Raw VM flags.
+    pub fn vm_flags(&self) -> u32 {
+        self.flags.bits()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_space() {
+        let used = [(0x10000, 0x20000), (0x22000, 0x30000)];
+        assert_eq!(find_free(&used, 0x1000, 0x10000), Some(0x31000));
+        assert_eq!(find_free(&used, 0x1000, 0x1000), Some(0x1000));
+        assert!(is_zero(&[0u8; 4096]));
+        let mut p = [0u8; 4096];
+        p[4095] = 1;
+        assert!(!is_zero(&p));
+    }
+}

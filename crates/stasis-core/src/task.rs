@@ -1,0 +1,193 @@
+//! Process attributes that are neither memory, files, signals nor threads: cwd, umask,
+//! personality, resource limits, interval timers, command name, and the `mm` fields
+//! (code/data/brk/stack/arg/env boundaries, auxv, exe link) that PR_SET_MM_MAP restores.
+
+use crate::error::{Error, Result, SysContext};
+use crate::inject::{u64_at, Injector, Scratch};
+use crate::proc::{file_id, ProcDir};
+use stasis_image::{Itimer, MmFields, Rlimit};
+use std::ffi::CString;
+
+const PR_SET_MM: u64 = 35;
+const PR_SET_MM_MAP: u64 = 14;
+/// sizeof(struct prctl_mm_map).
+const PRCTL_MM_MAP_SIZE: usize = 104;
+const RLIMIT_COUNT: u32 = 16;
+
+/// Everything this module saves, for the dump orchestration.
+pub struct TaskState {
+    pub comm: String,
+    pub exe: stasis_image::FileId,
+    pub cwd: String,
+    pub umask: u32,
+    pub personality: u32,
+    pub rlimits: Vec<Rlimit>,
+    pub itimers: Vec<Itimer>,
+    pub mm: MmFields,
+    pub ppid: i32,
+}
+
+/// Reads the attributes of a stopped process.
+pub fn dump(proc: &ProcDir, inj: &Injector, scratch: &Scratch) -> Result<TaskState> {
+    let pid = proc.pid;
+    let p = proc.process()?;
+    let stat = p.stat().map_err(std::io::Error::other).ctx(pid, || "reading /proc/PID/stat".into())?;
+    let status = p.status().map_err(std::io::Error::other).ctx(pid, || "reading /proc/PID/status".into())?;
+    let exe_path = proc.readlink("exe")?;
+    if exe_path.ends_with(" (deleted)") {
+        return Err(Error::Unsupported {
+            pid,
+            what: format!("an executable deleted while running ({exe_path})"),
+        });
+    }
+    let exe_md = std::fs::metadata(&exe_path).ctx(pid, || format!("stat of the executable {exe_path}"))?;
+    let personality = u32::from_str_radix(proc.read_string("personality")?.trim(), 16).unwrap_or(0);
+    let mut rlimits = Vec::new();
+    for resource in 0..RLIMIT_COUNT {
+        let mut old = libc::rlimit64 { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: prlimit64 with a null new limit only writes `old`.
+        let r = unsafe { libc::prlimit64(pid, resource as _, std::ptr::null(), &mut old) };
+        if r != 0 {
+            return Err(stasis_sys::SysError::last("prlimit64", pid)).ctx(pid, || format!("reading rlimit {resource}"));
+        }
+        rlimits.push(Rlimit {
+            resource,
+            soft: old.rlim_cur,
+            hard: old.rlim_max,
+        });
+    }
+    let mut itimers = Vec::new();
+    for which in [libc::ITIMER_REAL, libc::ITIMER_VIRTUAL, libc::ITIMER_PROF] {
+        inj.call("getitimer", libc::SYS_getitimer, &[which as u64, scratch.addr])?;
+        let b = scratch.read(32)?;
+        let us = |off| u64_at(&b, off) * 1_000_000 + u64_at(&b, off + 8);
+        itimers.push(Itimer {
+            which,
+            interval_us: us(0),
+            value_us: us(16),
+        });
+    }
+    let brk = inj.call("brk(0)", libc::SYS_brk, &[0])?;
+    let auxv_bytes = proc.read_bytes("auxv")?;
+    let auxv = auxv_bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+        .collect();
+    let mm = MmFields {
+        start_code: stat.startcode,
+        end_code: stat.endcode,
+        start_data: stat.start_data.unwrap_or(0),
+        end_data: stat.end_data.unwrap_or(0),
+        start_brk: stat.start_brk.unwrap_or(0),
+        brk,
+        start_stack: stat.startstack,
+        arg_start: stat.arg_start.unwrap_or(0),
+        arg_end: stat.arg_end.unwrap_or(0),
+        env_start: stat.env_start.unwrap_or(0),
+        env_end: stat.env_end.unwrap_or(0),
+        auxv,
+    };
+    Ok(TaskState {
+        comm: stat.comm.clone(),
+        exe: file_id(&exe_path, &exe_md),
+        cwd: proc.readlink("cwd")?,
+        umask: status.umask.unwrap_or(0o022),
+        personality,
+        rlimits,
+        itimers,
+        mm,
+        ppid: stat.ppid,
+    })
+}
+
+/// Restores cwd, umask, personality, rlimits, timers and name in the calling (new)
+/// process. Hard limits above the current ones cannot be raised without privilege;
+/// they are capped and reported in the returned warnings.
+pub fn restore_attrs(p: &stasis_image::Process) -> std::result::Result<Vec<String>, String> {
+    let mut warnings = Vec::new();
+    std::env::set_current_dir(&p.cwd).map_err(|e| format!("cannot enter the working directory {}: {e}", p.cwd))?;
+    // SAFETY: umask and personality have no memory-safety preconditions.
+    unsafe {
+        libc::umask(p.umask as libc::mode_t);
+        libc::personality(p.personality as libc::c_ulong);
+    }
+    for r in &p.rlimits {
+        let mut cur = libc::rlimit64 { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: prlimit64 on ourselves; pointers are valid.
+        unsafe { libc::prlimit64(0, r.resource as _, std::ptr::null(), &mut cur) };
+        let hard = if r.hard > cur.rlim_max {
+            warnings.push(format!("rlimit {} hard limit {} capped at {} (raising needs privilege)", r.resource, r.hard, cur.rlim_max));
+            cur.rlim_max
+        } else {
+            r.hard
+        };
+        let new = libc::rlimit64 {
+            rlim_cur: r.soft.min(hard),
+            rlim_max: hard,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::prlimit64(0, r.resource as _, &new, std::ptr::null_mut()) } != 0 {
+            warnings.push(format!("rlimit {}: {}", r.resource, std::io::Error::last_os_error()));
+        }
+    }
+    for t in &p.itimers {
+        if t.value_us == 0 {
+            continue;
+        }
+        let tv = |us: u64| libc::timeval {
+            tv_sec: (us / 1_000_000) as _,
+            tv_usec: (us % 1_000_000) as _,
+        };
+        let v = libc::itimerval {
+            it_interval: tv(t.interval_us),
+            it_value: tv(t.value_us),
+        };
+        // SAFETY: setitimer reads `v`; the old value is not requested.
+        if unsafe { libc::setitimer(t.which as _, &v, std::ptr::null_mut()) } != 0 {
+            return Err(format!("setitimer({}): {}", t.which, std::io::Error::last_os_error()));
+        }
+    }
+    if let Ok(name) = CString::new(p.comm.as_bytes()) {
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string of up to 16 bytes.
+        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+    }
+    Ok(warnings)
+}
+
+/// Restores the mm fields and the exe link with PR_SET_MM_MAP, injected into the new
+/// process once all its mappings exist. `exe_fd` is a descriptor of the executable in
+/// that process.
+pub fn restore_mm(inj: &Injector, pid: i32, mm: &MmFields, exe_fd: i32, scratch: &Scratch) -> Result<()> {
+    let auxv_off = PRCTL_MM_MAP_SIZE as u64;
+    let mut b = Vec::with_capacity(PRCTL_MM_MAP_SIZE + mm.auxv.len() * 8);
+    for v in [
+        mm.start_code,
+        mm.end_code,
+        mm.start_data,
+        mm.end_data,
+        mm.start_brk,
+        mm.brk,
+        mm.start_stack,
+        mm.arg_start,
+        mm.arg_end,
+        mm.env_start,
+        mm.env_end,
+        scratch.addr + auxv_off,
+    ] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    b.extend_from_slice(&((mm.auxv.len() * 8) as u32).to_le_bytes());
+    b.extend_from_slice(&(exe_fd as u32).to_le_bytes());
+    for w in &mm.auxv {
+        b.extend_from_slice(&w.to_le_bytes());
+    }
+    if b.len() > crate::inject::SCRATCH_LEN as usize {
+        return Err(Error::Restore {
+            pid,
+            msg: "auxiliary vector too large".into(),
+        });
+    }
+    scratch.write(&b)?;
+    inj.call("prctl(PR_SET_MM_MAP)", libc::SYS_prctl, &[PR_SET_MM, PR_SET_MM_MAP, scratch.addr, PRCTL_MM_MAP_SIZE as u64, 0])?;
+    Ok(())
+}

@@ -1,0 +1,177 @@
+//! Command-line interface.
+
+use crate::{control, demo, inspect, supervise};
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit status of `run`/`restart` when the application was stopped by
+/// `stasis checkpoint --kill` (EX_TEMPFAIL: "try again later" = restart it).
+pub const EXIT_CHECKPOINTED: u8 = 75;
+
+const AFTER_HELP: &str = "\
+WORKFLOW
+    stasis run --dir /scratch/ckpt -- ./simulation input.dat   # start under stasis
+    stasis checkpoint /scratch/ckpt                            # save, keep running
+    stasis checkpoint --kill /scratch/ckpt                     # save, then stop
+    stasis restart /scratch/ckpt                               # continue where it stopped
+    stasis inspect /scratch/ckpt                               # what was saved
+
+No root, kernel module or LD_PRELOAD is needed: stasis runs the application in an
+unprivileged user + PID namespace, so a restarted process keeps its PID, and reads
+and rebuilds it from outside with ptrace and /proc. Between checkpoints the
+application runs at native speed.
+
+Set STASIS_LOG=debug (or use -v) for a trace of what stasis does.";
+
+/// Transparent checkpoint/restart of Linux processes, for HPC jobs, without root.
+#[derive(Parser, Debug)]
+#[command(name = "stasis", version, about, after_help = AFTER_HELP, propagate_version = true)]
+pub struct Cli {
+    /// Print only errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Print more about what stasis does (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a command under stasis so that it can be checkpointed.
+    ///
+    /// CMD runs in a new user and PID namespace, with a small stasis init as PID 1, so
+    /// that its PIDs can be given back on restart. stasis stays in the foreground as its
+    /// supervisor: Ctrl-C, SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 are passed on to CMD, and
+    /// stasis exits with CMD's exit status (or dies of the same signal). If CMD is stopped
+    /// by `stasis checkpoint --kill`, stasis exits with status 75.
+    ///
+    /// CMD gets stasis's standard input, output and error and its environment; other
+    /// inherited file descriptors are not passed on.
+    ///
+    /// DIR is where checkpoints go (created with mode 0700 if missing) and names this
+    /// run for `stasis checkpoint DIR`. One run or restart at a time may use a DIR.
+    #[command(after_help = "EXAMPLE\n    stasis run --dir $SCRATCH/ckpt -- mpirun-free-solver --steps 1e6")]
+    Run {
+        /// Checkpoint directory.
+        #[arg(long, short = 'd', value_name = "DIR")]
+        dir: PathBuf,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
+        cmd: Vec<String>,
+    },
+    /// Save the state of a running application into its checkpoint directory.
+    ///
+    /// With DIR, asks the stasis supervising that directory (`stasis run` or `stasis
+    /// restart`) to checkpoint its application. With --pid, checkpoints a process that
+    /// was not started by stasis (it must be yours, single-threaded, and not being traced);
+    /// it is then restarted under stasis.
+    ///
+    /// The application is paused while its state is read, then resumes (or, with --kill,
+    /// is killed once the checkpoint is safely on disk). A checkpoint appears in DIR as
+    /// checkpoint-NNNNNN only once complete and synced; the previous one stays until then.
+    /// If anything cannot be saved (an unsupported resource, a full disk, the process
+    /// exiting), nothing is published, the application keeps running, and the error names
+    /// what failed.
+    #[command(after_help = "EXAMPLES\n    stasis checkpoint $SCRATCH/ckpt\n    stasis checkpoint --kill $SCRATCH/ckpt            # before the wall-time limit\n    stasis checkpoint --pid 12345 --dir $SCRATCH/ckpt")]
+    Checkpoint {
+        /// Checkpoint directory of a `stasis run`/`restart` (or with --pid, --dir).
+        #[arg(value_name = "DIR", required_unless_present = "pid")]
+        target: Option<PathBuf>,
+        /// Checkpoint this process instead (not started by stasis).
+        #[arg(long, value_name = "PID", requires = "dir")]
+        pid: Option<i32>,
+        /// Checkpoint directory for --pid.
+        #[arg(long, short = 'd', value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Kill the application once the checkpoint is on disk.
+        #[arg(long)]
+        kill: bool,
+        /// Keep this many newest checkpoints in DIR and remove older ones.
+        #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        keep: u32,
+    },
+    /// Restart an application from the newest complete checkpoint in DIR.
+    ///
+    /// The checkpoint is verified (checksums of every file) before anything is created.
+    /// The application gets its old PIDs back in a new user and PID namespace and is
+    /// supervised as with `stasis run`, so it can be checkpointed again. Its standard
+    /// input, output and error that came from outside stasis are bound to this command's
+    /// own, so a requeued job writes where its new job script says; files it opened
+    /// itself are reopened at the same offsets. Mapped files (the executable, libraries)
+    /// must be unchanged since the checkpoint.
+    Restart {
+        /// Checkpoint directory.
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// Restart from this checkpoint (a number or a checkpoint-NNNNNN directory name)
+        /// instead of the newest.
+        #[arg(long, value_name = "N")]
+        from: Option<String>,
+    },
+    /// Show what the newest checkpoint in DIR holds.
+    ///
+    /// Verifies the checkpoint and prints its processes, memory mappings with sizes, file
+    /// descriptors, signal state and timings; --json prints the full metadata for scripts.
+    Inspect {
+        /// Checkpoint directory (or one checkpoint-NNNNNN directory in it).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Demonstrate stasis: run a built-in counter, checkpoint it, kill it, restart it
+    /// and show that it continues where it was.
+    Demo {
+        /// Directory for the demonstration's checkpoints (default: a temporary one).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// The built-in workload of `stasis demo` (prints a counter).
+    #[command(hide = true)]
+    DemoWorkload {
+        /// Number of ticks to count to.
+        #[arg(default_value_t = 40)]
+        ticks: u64,
+    },
+}
+
+/// Runs the parsed command; returns the process exit code.
+pub fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Run { dir, cmd } => supervise::run(&dir, &cmd),
+        Command::Checkpoint {
+            target,
+            pid,
+            dir,
+            kill,
+            keep,
+        } => {
+            let report = match pid {
+                Some(pid) => {
+                    let dir = dir.context("--pid needs --dir")?;
+                    if target.is_some() {
+                        bail!("give either DIR or --pid with --dir, not both");
+                    }
+                    control::checkpoint_pid(&dir, pid, kill, keep as usize)?
+                }
+                None => {
+                    let dir = target.or(dir).context("missing DIR")?;
+                    control::request_checkpoint(&dir, kill, keep as usize)?
+                }
+            };
+            if !cli.quiet {
+                eprintln!("{report}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Restart { dir, from } => supervise::restart(&dir, from.as_deref()),
+        Command::Inspect { dir, json } => inspect::inspect(&dir, json).map(|()| ExitCode::SUCCESS),
+        Command::Demo { dir } => demo::demo(dir),
+        Command::DemoWorkload { ticks } => demo::workload(ticks),
+    }
+}

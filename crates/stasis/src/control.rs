@@ -1,0 +1,149 @@
+//! The control socket between `stasis checkpoint DIR` and the stasis init that supervises
+//! the application of DIR.
+//!
+//! It is an abstract UNIX socket named after the canonical path of DIR (so it works on
+//! any file system and any path length). The init accepts only peers of the same user.
+//! One request, one reply, each a line of JSON.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use stasis_core::dump::{self, DumpOptions, DumpReport};
+use stasis_image::Origin;
+use std::io::{BufRead, BufReader, Write};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+/// A checkpoint request.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Request {
+    pub kill: bool,
+    pub keep: usize,
+}
+
+/// The reply.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default)]
+    pub error: String,
+    #[serde(default)]
+    pub path: String,
+    #[serde(default)]
+    pub summary: String,
+}
+
+/// Canonical form of a checkpoint directory (it must exist).
+pub fn canonical(dir: &Path) -> Result<PathBuf> {
+    std::fs::canonicalize(dir).with_context(|| format!("checkpoint directory {}", dir.display()))
+}
+
+fn address(dir: &Path) -> Result<SocketAddr> {
+    let canon = canonical(dir)?;
+    let h = xxhash_rust::xxh3::xxh3_64(canon.as_os_str().as_encoded_bytes());
+    let name = format!("stasis-{h:016x}");
+    SocketAddr::from_abstract_name(name.as_bytes()).context("building the control socket address")
+}
+
+/// Binds the control socket of `dir`; fails if another stasis already supervises it.
+pub fn listen(dir: &Path) -> Result<UnixListener> {
+    let addr = address(dir)?;
+    UnixListener::bind_addr(&addr).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow!("another `stasis run` or `stasis restart` is already using {}", dir.display())
+        } else {
+            anyhow!("binding the control socket of {}: {e}", dir.display())
+        }
+    })
+}
+
+/// UID of the peer of a connected socket, as seen in our user namespace.
+pub fn peer_uid(s: &UnixStream) -> Option<u32> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
+    let r = unsafe {
+        libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, &mut cred as *mut _ as *mut libc::c_void, &mut len)
+    };
+    (r == 0).then_some(cred.uid)
+}
+
+/// Client side: asks the supervisor of `dir` for a checkpoint.
+pub fn request_checkpoint(dir: &Path, kill: bool, keep: usize) -> Result<String> {
+    let addr = address(dir)?;
+    let mut s = UnixStream::connect_addr(&addr).map_err(|e| {
+        anyhow!(
+            "no `stasis run` or `stasis restart` is supervising {} ({e}); to checkpoint a process not started by stasis use --pid PID --dir DIR",
+            dir.display()
+        )
+    })?;
+    let mut line = serde_json::to_string(&Request { kill, keep })?;
+    line.push('\n');
+    s.write_all(line.as_bytes()).context("sending the checkpoint request")?;
+    let mut reply = String::new();
+    BufReader::new(&s).read_line(&mut reply).context("reading the checkpoint reply")?;
+    if reply.is_empty() {
+        bail!("the supervisor closed the connection without answering (did the application exit?)");
+    }
+    let r: Reply = serde_json::from_str(&reply).context("parsing the checkpoint reply")?;
+    if !r.ok {
+        bail!("{}", r.error);
+    }
+    Ok(r.summary)
+}
+
+/// Server side: answers one connection with `handle`.
+pub fn serve_one(stream: UnixStream, handle: impl FnOnce(Request) -> Reply) {
+    let my_uid = 0; // the init is root of its user namespace, mapped to the invoking user
+    if peer_uid(&stream) != Some(my_uid) {
+        let _ = reply(&stream, &Reply { ok: false, error: "permission denied: not the owner of this job".into(), path: String::new(), summary: String::new() });
+        return;
+    }
+    let mut line = String::new();
+    if BufReader::new(&stream).read_line(&mut line).is_err() {
+        return;
+    }
+    let r = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => handle(req),
+        Err(e) => Reply {
+            ok: false,
+            error: format!("bad request: {e}"),
+            path: String::new(),
+            summary: String::new(),
+        },
+    };
+    let _ = reply(&stream, &r);
+}
+
+fn reply(mut s: &UnixStream, r: &Reply) -> std::io::Result<()> {
+    let mut line = serde_json::to_string(r).unwrap_or_else(|_| "{\"ok\":false,\"error\":\"internal\"}".into());
+    line.push('\n');
+    s.write_all(line.as_bytes())
+}
+
+/// Human summary of a successful checkpoint.
+pub fn summarize(r: &DumpReport) -> String {
+    let t = &r.timings;
+    format!(
+        "stasis: checkpoint {} written ({:.1} MiB of memory; paused {:.1} ms, sync {:.1} ms){}",
+        r.path.display(),
+        t.pages_bytes as f64 / (1 << 20) as f64,
+        (t.freeze_us + t.dump_us) as f64 / 1000.0,
+        t.sync_us as f64 / 1000.0,
+        if r.killed { "; application stopped" } else { "" }
+    )
+}
+
+/// `stasis checkpoint --pid PID --dir DIR`: checkpoint a process we did not start.
+pub fn checkpoint_pid(dir: &Path, pid: i32, kill: bool, keep: usize) -> Result<String> {
+    stasis_image::store::ensure_dir(dir)?;
+    let opts = DumpOptions {
+        kill,
+        origin: Origin::Attached,
+        stdio: None,
+        keep,
+    };
+    let report = dump::checkpoint(&canonical(dir)?, pid, &opts)?;
+    Ok(summarize(&report))
+}

@@ -1,0 +1,112 @@
+//! `stasis inspect`: what a checkpoint holds, for people and scripts.
+
+use anyhow::Result;
+use stasis_image::{store, CheckpointReader, FdKind, MappingKind};
+use std::path::Path;
+
+/// Prints the newest checkpoint of `dir` (or `dir` itself if it is one checkpoint).
+pub fn inspect(dir: &Path, json: bool) -> Result<()> {
+    let reader = if dir.join("manifest.json").exists() {
+        CheckpointReader::open(dir)?
+    } else {
+        CheckpointReader::open_latest(dir)?
+    };
+    let meta = &reader.meta;
+    if json {
+        println!("{}", serde_json::to_string_pretty(meta)?);
+        return Ok(());
+    }
+    let all = store::list_checkpoints(dir).unwrap_or_default();
+    println!("checkpoint   {} (verified; {} checkpoint(s) in this directory)", reader.path().display(), all.len().max(1));
+    println!("taken on     {} kernel {}, {:?}", meta.arch, meta.kernel, meta.origin);
+    let t = &meta.timings;
+    println!(
+        "timings      freeze {:.1} ms, dump {:.1} ms, sync {:.1} ms; {:.1} MiB of pages",
+        t.freeze_us as f64 / 1e3,
+        t.dump_us as f64 / 1e3,
+        t.sync_us as f64 / 1e3,
+        t.pages_bytes as f64 / (1 << 20) as f64
+    );
+    for p in &meta.processes {
+        println!();
+        println!("process {} ({}), parent {}", p.pid, p.comm, p.ppid);
+        println!("  exe        {}", p.exe.path);
+        println!("  cwd        {}", p.cwd);
+        println!("  umask      {:04o}   personality {:#x}", p.umask, p.personality);
+        println!("  threads    {}", p.threads.iter().map(|t| t.tid.to_string()).collect::<Vec<_>>().join(" "));
+        let total: u64 = p.mappings.iter().map(|m| m.len()).sum();
+        let saved: u64 = p.mappings.iter().map(|m| m.saved_pages()).sum::<u64>() * meta.page_size;
+        println!("  mappings   {} ({:.1} MiB mapped, {:.1} MiB saved)", p.mappings.len(), mib(total), mib(saved));
+        for m in &p.mappings {
+            let prot = format!(
+                "{}{}{}{}",
+                if m.prot & 1 != 0 { 'r' } else { '-' },
+                if m.prot & 2 != 0 { 'w' } else { '-' },
+                if m.prot & 4 != 0 { 'x' } else { '-' },
+                if m.shared { 's' } else { 'p' }
+            );
+            let what = match &m.kind {
+                MappingKind::Anonymous if m.name.is_empty() => "[anon]".to_string(),
+                MappingKind::File { offset, .. } => format!("{} @{offset:#x}", m.name),
+                _ => m.name.clone(),
+            };
+            println!(
+                "    {:012x}-{:012x} {prot} {:>10} saved {:>10}  {what}",
+                m.start,
+                m.end,
+                human(m.len()),
+                human(m.saved_pages() * meta.page_size)
+            );
+        }
+        println!("  fds        {}", p.fds.len());
+        for f in &p.fds {
+            let what = match &f.kind {
+                FdKind::Stdio { index } => format!("stdio {index} (rebound to the restarting stasis's)"),
+                FdKind::File { file, pos, flags } => format!("{} offset {pos} flags {flags:#o}", file.path),
+                FdKind::Deleted { path, pos, size, .. } => format!("{path} (deleted; {size} bytes saved) offset {pos}"),
+                FdKind::Device { path, .. } => path.clone(),
+            };
+            println!("    {:>4}{} {what}", f.fd, if f.cloexec { "e" } else { " " });
+        }
+        let handled: Vec<String> = p
+            .signals
+            .actions
+            .iter()
+            .map(|a| {
+                let how = match a.handler {
+                    0 => "dfl".to_string(),
+                    1 => "ign".to_string(),
+                    h => format!("{h:#x}"),
+                };
+                format!("{}={how}", a.signo)
+            })
+            .collect();
+        println!("  signals    {}", if handled.is_empty() { "all default".into() } else { handled.join(" ") });
+        for t in &p.threads {
+            println!(
+                "  thread {}   blocked {:#x}, {} pending (+{} process-wide), rip {:#x}{}",
+                t.tid,
+                t.sigmask,
+                t.pending.len(),
+                p.signals.shared_pending.len(),
+                t.regs.rip,
+                if t.regs.interrupted_restartable() { ", in a syscall (restarted on restore)" } else { "" }
+            );
+        }
+    }
+    Ok(())
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
+}
+
+fn human(b: u64) -> String {
+    if b >= 1 << 30 {
+        format!("{:.1}G", b as f64 / (1u64 << 30) as f64)
+    } else if b >= 1 << 20 {
+        format!("{:.1}M", mib(b))
+    } else {
+        format!("{}K", b / 1024)
+    }
+}

@@ -1,0 +1,882 @@
+//! Shared harness for the stasis end-to-end tests.
+//!
+//! Every test gets a fresh work dir (`Work`) under /tmp that is the cwd of the
+//! test program; the checkpoint dir is `<work>/ck`. Programs from
+//! `tests/progs/*.c` are compiled on demand (`prog`). All processes started by
+//! a test are killed when its `Proc`/`Work` guards are dropped (the `Work`
+//! guard kills every process whose cwd lies inside the work dir, which covers
+//! supervisors and the restored applications inside their namespaces).
+//!
+//! Protocol of the test programs: they print `ready ...` once in the state to
+//! be checkpointed, then wait for a file `go` in their cwd, verify their state
+//! and print `OK ...` (exit 0) or `FAIL ...` (exit 1). While waiting they
+//! answer a file `ping` with a line `pong` (liveness probe for restored
+//! processes that do not print anything by themselves).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub const STASIS: &str = env!("CARGO_BIN_EXE_stasis");
+/// Exit status of `stasis run`/`stasis restart` after `checkpoint --kill`.
+pub const EXIT_CHECKPOINTED: i32 = 75;
+/// How long to wait for a program to report `ready`.
+pub const T_READY: Duration = Duration::from_secs(20);
+/// How long any single stasis command / state change may take.
+pub const T_CMD: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------
+// Test programs
+// ---------------------------------------------------------------------------
+
+pub fn progs_src_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/progs")
+}
+
+/// Compile `tests/progs/<name>.c` (once per test binary; the result is cached
+/// on disk keyed by a hash of the sources and flags) and return the path of
+/// the executable. `avx` and `avx512` are both built from `avx.c`.
+pub fn prog(name: &str) -> PathBuf {
+    static CACHE: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = cache.get(name) {
+        return p.clone();
+    }
+    let (src, flags): (String, Vec<&str>) = match name {
+        "avx" => ("avx.c".into(), vec!["-mavx2"]),
+        "avx512" => ("avx.c".into(), vec!["-mavx2", "-mavx512f"]),
+        other => (format!("{other}.c"), vec![]),
+    };
+    let srcdir = progs_src_dir();
+    let src_path = srcdir.join(&src);
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    fs::read(&src_path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", src_path.display()))
+        .hash(&mut h);
+    fs::read(srcdir.join("util.h")).unwrap().hash(&mut h);
+    flags.hash(&mut h);
+    let outdir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("stasis-progs");
+    fs::create_dir_all(&outdir).unwrap();
+    let exe = outdir.join(format!("{name}-{:016x}", h.finish()));
+    if !exe.exists() {
+        let tmp = outdir.join(format!(".{name}-{}.tmp", std::process::id()));
+        let out = Command::new("cc")
+            .args(["-O1", "-g", "-Wall", "-Wextra", "-D_GNU_SOURCE"])
+            .args(&flags)
+            .arg("-I")
+            .arg(&srcdir)
+            .arg("-o")
+            .arg(&tmp)
+            .arg(&src_path)
+            .arg("-lm")
+            .output()
+            .expect("cannot run cc");
+        assert!(
+            out.status.success(),
+            "compiling {} failed:\n{}",
+            src_path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        fs::rename(&tmp, &exe).unwrap();
+    }
+    fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
+    cache.insert(name.to_string(), exe.clone());
+    exe
+}
+
+pub fn cpu_has(flag: &str) -> bool {
+    fs::read_to_string("/proc/cpuinfo")
+        .map(|s| {
+            s.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|w| w == flag))
+        })
+        .unwrap_or(false)
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------
+
+/// All pids (other than ours) whose cwd is `dir` or inside it.
+pub fn procs_in(dir: &Path) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let mut v = vec![];
+    if let Ok(rd) = fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            if pid == me {
+                continue;
+            }
+            if let Ok(cwd) = fs::read_link(e.path().join("cwd")) {
+                if cwd.starts_with(dir) {
+                    v.push(pid);
+                }
+            }
+        }
+    }
+    v
+}
+
+/// Kill (SIGKILL) every process whose cwd is inside `dir`; these are all
+/// processes started by the test owning `dir`.
+pub fn kill_procs_in(dir: &Path) {
+    for _ in 0..100 {
+        let pids = procs_in(dir);
+        if pids.is_empty() {
+            return;
+        }
+        for p in pids {
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Wait until no process has its cwd in `dir` (e.g. the application died).
+pub fn wait_no_procs_in(dir: &Path, timeout: Duration) -> Result<(), Vec<i32>> {
+    let t0 = Instant::now();
+    loop {
+        let p = procs_in(dir);
+        if p.is_empty() {
+            return Ok(());
+        }
+        if t0.elapsed() > timeout {
+            return Err(p);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn describe(pid: i32) -> String {
+    let cmd = fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default();
+    format!("{pid}: {}", cmd.trim())
+}
+
+pub fn describe_procs(pids: &[i32]) -> String {
+    pids.iter().map(|p| describe(*p)).collect::<Vec<_>>().join("\n")
+}
+
+pub fn read_lossy(p: &Path) -> String {
+    fs::read(p).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    let mut t = lines[start..].join("\n");
+    if start > 0 {
+        t = format!("[... {start} lines]\n{t}");
+    }
+    t
+}
+
+pub fn status_str(s: &ExitStatus) -> String {
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("exit {c}"),
+        (_, Some(sig)) => format!("signal {sig}"),
+        _ => format!("{s:?}"),
+    }
+}
+
+/// A spawned process whose stdout/stderr go to files in the work dir. Killed
+/// (with its process group) when dropped while still running.
+pub struct Proc {
+    pub child: Child,
+    pub label: String,
+    pub out: PathBuf,
+    pub err: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+    pub fn stdout(&self) -> String {
+        read_lossy(&self.out)
+    }
+    pub fn stderr(&self) -> String {
+        read_lossy(&self.err)
+    }
+    /// Complete (newline terminated) lines of stdout so far.
+    pub fn lines(&self) -> Vec<String> {
+        complete_lines(&self.stdout())
+    }
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("try_wait");
+        }
+        self.status
+    }
+    pub fn running(&mut self) -> bool {
+        self.try_status().is_none()
+    }
+    pub fn diag(&mut self) -> String {
+        let st = match self.try_status() {
+            Some(s) => status_str(&s),
+            None => "still running".into(),
+        };
+        format!(
+            "--- {} (pid {}, {st}) stdout [{}]:\n{}\n--- {} stderr [{}]:\n{}\n",
+            self.label,
+            self.pid(),
+            self.out.display(),
+            tail(&self.stdout(), 25),
+            self.label,
+            self.err.display(),
+            tail(&self.stderr(), 40)
+        )
+    }
+    /// Wait for exit; on timeout kill it and panic with diagnostics.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = self.try_status() {
+                return s;
+            }
+            if t0.elapsed() > timeout {
+                let d = self.diag();
+                self.kill();
+                panic!("{} did not exit within {timeout:?}\n{d}", self.label);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    /// Wait for exit and assert the exit code.
+    pub fn expect_exit(&mut self, code: i32, timeout: Duration) {
+        let s = self.wait(timeout);
+        if s.code() != Some(code) {
+            let d = self.diag();
+            panic!("{} ended with {}, expected exit {code}\n{d}", self.label, status_str(&s));
+        }
+    }
+    pub fn kill(&mut self) {
+        if self.try_status().is_none() {
+            unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
+            let _ = self.child.kill();
+            self.status = self.child.wait().ok();
+        }
+    }
+    /// Wait for a complete stdout line satisfying `pred`, return it. Panics
+    /// with diagnostics on timeout or if the process exits without printing
+    /// such a line.
+    pub fn wait_line(&mut self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let t0 = Instant::now();
+        loop {
+            let exited = self.try_status().is_some();
+            if let Some(l) = self.lines().into_iter().find(|l| pred(l)) {
+                return l;
+            }
+            if exited {
+                let d = self.diag();
+                panic!("{} exited before printing {what}\n{d}", self.label);
+            }
+            if t0.elapsed() > timeout {
+                let d = self.diag();
+                panic!("timeout ({timeout:?}) waiting for {what} from {}\n{d}", self.label);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    pub fn wait_ready(&mut self) -> String {
+        self.wait_line("`ready`", T_READY, |l| l.starts_with("ready"))
+    }
+    /// Last tick number printed so far.
+    pub fn last_tick(&self) -> Option<u64> {
+        ticks(&self.stdout()).last().copied()
+    }
+    /// Wait until a tick >= n has been printed; return the last tick.
+    pub fn wait_tick(&mut self, n: u64, timeout: Duration) -> u64 {
+        let l = self.wait_line(&format!("tick >= {n}"), timeout, |l| {
+            parse_tick(l).map(|(t, _)| t >= n).unwrap_or(false)
+        });
+        let _ = l;
+        self.last_tick().unwrap()
+    }
+    /// Wait until `n` more ticks than now have been printed.
+    pub fn wait_more_ticks(&mut self, n: u64, timeout: Duration) -> u64 {
+        let base = ticks(&self.stdout()).len();
+        let t0 = Instant::now();
+        loop {
+            let t = ticks(&self.stdout());
+            if t.len() >= base + n as usize {
+                return *t.last().unwrap();
+            }
+            if self.try_status().is_some() || t0.elapsed() > timeout {
+                let d = self.diag();
+                panic!("{} did not print {n} more ticks (had {base})\n{d}", self.label);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn complete_lines(s: &str) -> Vec<String> {
+    let end = s.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    s[..end].lines().map(|l| l.to_string()).collect()
+}
+
+/// `tick N rest...` -> (N, rest)
+pub fn parse_tick(line: &str) -> Option<(u64, String)> {
+    let mut it = line.splitn(3, ' ');
+    if it.next()? != "tick" {
+        return None;
+    }
+    let n = it.next()?.parse().ok()?;
+    Some((n, it.next().unwrap_or("").to_string()))
+}
+
+/// Tick numbers in complete lines of `text`.
+pub fn ticks(text: &str) -> Vec<u64> {
+    complete_lines(text).iter().filter_map(|l| parse_tick(l)).map(|(n, _)| n).collect()
+}
+
+/// Check that the ticks of consecutive runs (outputs in order) are exactly
+/// consecutive: `first` (if given) is the first tick, each next tick is the
+/// previous + 1, also across run boundaries. Returns all ticks.
+pub fn assert_ticks_consecutive(outputs: &[(String, String)], first: Option<u64>) -> Vec<u64> {
+    let mut all: Vec<u64> = vec![];
+    let mut report = String::new();
+    for (label, text) in outputs {
+        let t = ticks(text);
+        report.push_str(&format!(
+            "  {label}: {} ticks, first {:?}, last {:?}\n",
+            t.len(),
+            t.first(),
+            t.last()
+        ));
+        all.extend(t);
+    }
+    assert!(!all.is_empty(), "no ticks at all\n{report}");
+    if let Some(f) = first {
+        assert_eq!(all[0], f, "first tick is {}, expected {f}\n{report}", all[0]);
+    }
+    for w in all.windows(2) {
+        assert!(
+            w[1] == w[0] + 1,
+            "ticks not consecutive: {} followed by {} ({})\n{report}",
+            w[0],
+            w[1],
+            if w[1] <= w[0] { "repeat/backwards" } else { "gap" }
+        );
+    }
+    all
+}
+
+// ---------------------------------------------------------------------------
+// Work dirs and stasis invocations
+// ---------------------------------------------------------------------------
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// Per-test work dir (cwd of the test program) with the checkpoint dir `ck`
+/// inside. On drop all processes inside are killed; the dir is removed unless
+/// the test failed (then it is kept for inspection).
+pub struct Work {
+    pub dir: PathBuf,
+    pub ck: PathBuf,
+    /// Path of the stasis binary to run.
+    pub stasis: PathBuf,
+    /// Command prefix (e.g. setpriv ... --) for running as another user.
+    pub prefix: Vec<OsString>,
+    seq: AtomicUsize,
+}
+
+impl Work {
+    pub fn new(name: &str) -> Work {
+        let short: String = name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').take(24).collect();
+        let dir = std::env::temp_dir().join(format!(
+            "st-{short}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let ck = dir.join("ck");
+        fs::create_dir(&ck).unwrap();
+        Work { dir, ck, stasis: PathBuf::from(STASIS), prefix: vec![], seq: AtomicUsize::new(0) }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    pub fn go(&self) {
+        fs::write(self.path("go"), b"").unwrap();
+    }
+
+    pub fn read(&self, rel: &str) -> String {
+        read_lossy(&self.path(rel))
+    }
+
+    /// A Command running `stasis ARGS` (through the prefix), cwd = work dir.
+    pub fn stasis_cmd(&self, args: &[&OsStr]) -> Command {
+        let mut c = if self.prefix.is_empty() {
+            Command::new(&self.stasis)
+        } else {
+            let mut c = Command::new(&self.prefix[0]);
+            c.args(&self.prefix[1..]).arg(&self.stasis);
+            c
+        };
+        c.args(args).current_dir(&self.dir);
+        c
+    }
+
+    fn fresh_label(&self, label: &str) -> String {
+        let n = self.seq.fetch_add(1, Ordering::SeqCst);
+        format!("{n:02}-{label}")
+    }
+
+    /// Spawn `cmd` with stdout/stderr to `<label>.out/.err` in the work dir.
+    pub fn spawn(&self, label: &str, mut cmd: Command, stdin: Stdio) -> Proc {
+        let label = self.fresh_label(label);
+        let out = self.path(&format!("{label}.out"));
+        let err = self.path(&format!("{label}.err"));
+        cmd.stdin(stdin)
+            .stdout(fs::File::create(&out).unwrap())
+            .stderr(fs::File::create(&err).unwrap())
+            .process_group(0);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn {label} ({cmd:?}): {e}"));
+        Proc { child, label, out, err, status: None }
+    }
+
+    /// `stasis run --dir ck -- ARGV`
+    pub fn run<S: AsRef<OsStr>>(&self, label: &str, argv: &[S]) -> Proc {
+        self.run_with_stdin(label, argv, Stdio::null())
+    }
+
+    pub fn run_with_stdin<S: AsRef<OsStr>>(&self, label: &str, argv: &[S], stdin: Stdio) -> Proc {
+        let mut args: Vec<&OsStr> = vec!["run".as_ref(), "--dir".as_ref(), self.ck.as_os_str(), "--".as_ref()];
+        args.extend(argv.iter().map(|a| a.as_ref()));
+        let cmd = self.stasis_cmd(&args);
+        self.spawn(label, cmd, stdin)
+    }
+
+    /// `stasis restart ck`
+    pub fn restart(&self, label: &str) -> Proc {
+        self.restart_with_stdin(label, Stdio::null())
+    }
+
+    pub fn restart_with_stdin(&self, label: &str, stdin: Stdio) -> Proc {
+        let cmd = self.stasis_cmd(&["restart".as_ref(), self.ck.as_os_str()]);
+        self.spawn(label, cmd, stdin)
+    }
+
+    /// Run a stasis command to completion (bounded by T_CMD).
+    pub fn stasis(&self, label: &str, args: &[&OsStr]) -> CmdOut {
+        let cmd = self.stasis_cmd(args);
+        let mut p = self.spawn(label, cmd, Stdio::null());
+        let status = p.wait(T_CMD);
+        CmdOut {
+            what: format!("stasis {}", args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")),
+            status,
+            stdout: p.stdout(),
+            stderr: p.stderr(),
+        }
+    }
+
+    /// `stasis checkpoint [--kill] ck`
+    pub fn checkpoint(&self, kill: bool) -> CmdOut {
+        let mut args: Vec<&OsStr> = vec!["checkpoint".as_ref()];
+        if kill {
+            args.push("--kill".as_ref());
+        }
+        args.push(self.ck.as_os_str());
+        self.stasis(if kill { "ckpt-kill" } else { "ckpt" }, &args)
+    }
+
+    /// Names of the published checkpoints (`checkpoint-NNNNNN`), sorted.
+    pub fn checkpoints(&self) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(&self.ck)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| is_checkpoint_name(n))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    pub fn newest_checkpoint(&self) -> PathBuf {
+        let c = self.checkpoints();
+        self.ck.join(c.last().unwrap_or_else(|| panic!("no checkpoint in {}", self.ck.display())))
+    }
+
+    /// Checkpoint and assert success and that exactly one new checkpoint dir
+    /// was published (with a higher number than all previous ones; older ones
+    /// may have been pruned, oldest first).
+    pub fn checkpoint_ok(&self, kill: bool, app: &mut Proc) -> PathBuf {
+        let before = self.checkpoints();
+        let r = self.checkpoint(kill);
+        if !r.status.success() {
+            let d = app.diag();
+            panic!("{} failed: {r}\n{d}", r.what);
+        }
+        let after = self.checkpoints();
+        let new = assert_one_new_checkpoint(&before, &after, &r.what);
+        self.ck.join(new)
+    }
+
+    /// `stasis inspect --json ck`, parsed.
+    pub fn inspect_json(&self) -> serde_json::Value {
+        let r = self.stasis("inspect", &["inspect".as_ref(), "--json".as_ref(), self.ck.as_os_str()]);
+        assert!(r.status.success(), "{} failed: {r}", r.what);
+        serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{} printed invalid JSON ({e}): {r}", r.what))
+    }
+
+    /// Ask the program to answer with `pong` and wait for it.
+    pub fn ping(&self, p: &mut Proc) {
+        let n = p.lines().iter().filter(|l| *l == "pong").count();
+        fs::write(self.path("ping"), b"").unwrap();
+        let t0 = Instant::now();
+        loop {
+            if p.lines().iter().filter(|l| *l == "pong").count() > n {
+                return;
+            }
+            if p.try_status().is_some() || t0.elapsed() > T_READY {
+                let d = p.diag();
+                panic!("{} did not answer ping\n{d}", p.label);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Disk usage (like du) and apparent size of everything under `p`.
+    pub fn usage(p: &Path) -> (u64, u64) {
+        let mut du = 0;
+        let mut apparent = 0;
+        let mut stack = vec![p.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            let m = fs::symlink_metadata(&d).unwrap();
+            du += m.blocks() * 512;
+            if m.is_dir() {
+                for e in fs::read_dir(&d).unwrap().flatten() {
+                    stack.push(e.path());
+                }
+            } else {
+                apparent += m.len();
+            }
+        }
+        (du, apparent)
+    }
+
+    /// Make the work dir usable by `uid:gid` (chown dir + ck, chmod 755).
+    pub fn give_to(&self, uid: u32, gid: u32) {
+        for d in [&self.dir, &self.ck] {
+            std::os::unix::fs::chown(d, Some(uid), Some(gid)).unwrap();
+            fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        kill_procs_in(&self.dir);
+        if std::thread::panicking() {
+            eprintln!("keeping work dir {} for inspection", self.dir.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// `after` must hold exactly one checkpoint not in `before`, numbered after
+/// all of `before`; checkpoints of `before` missing from `after` must be older
+/// than every remaining one (pruning). Returns the new name.
+pub fn assert_one_new_checkpoint(before: &[String], after: &[String], what: &str) -> String {
+    new_checkpoints(before, after, 1, what).pop().unwrap()
+}
+
+/// Like `assert_one_new_checkpoint` for `n` new checkpoints.
+pub fn new_checkpoints(before: &[String], after: &[String], n: usize, what: &str) -> Vec<String> {
+    let new: Vec<String> = after.iter().filter(|a| !before.contains(a)).cloned().collect();
+    assert_eq!(new.len(), n, "{what}: checkpoint dirs went from {before:?} to {after:?}, expected {n} new");
+    if let (Some(prev), Some(first)) = (before.last(), new.first()) {
+        assert!(first > prev, "{what}: new checkpoint {first} is not numbered after {prev}");
+    }
+    let kept: Vec<&String> = before.iter().filter(|b| after.contains(b)).collect();
+    for gone in before.iter().filter(|b| !after.contains(b)) {
+        assert!(
+            kept.iter().all(|k| *k > gone),
+            "{what}: checkpoint {gone} was removed but older ones were kept: {before:?} -> {after:?}"
+        );
+    }
+    new
+}
+
+pub fn is_checkpoint_name(n: &str) -> bool {
+    n.strip_prefix("checkpoint-")
+        .map(|d| d.len() == 6 && d.bytes().all(|b| b.is_ascii_digit()))
+        .unwrap_or(false)
+}
+
+/// Result of a completed stasis command.
+pub struct CmdOut {
+    pub what: String,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl std::fmt::Display for CmdOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "`{}` -> {}\n  stdout: {}\n  stderr: {}",
+            self.what,
+            status_str(&self.status),
+            tail(&self.stdout, 20),
+            tail(&self.stderr, 20)
+        )
+    }
+}
+
+/// Does `text` contain `n` as a whole number (digit run)?
+pub fn mentions_number(text: &str, n: i64) -> bool {
+    text.split(|c: char| !c.is_ascii_digit()).any(|t| t == n.to_string())
+}
+
+// ---------------------------------------------------------------------------
+// Checkpoint/restart session
+// ---------------------------------------------------------------------------
+
+/// How to tell that a restored process is executing.
+#[derive(Clone, Copy, Debug)]
+pub enum Probe {
+    /// Wait for 3 new `tick` lines in the restart's stdout.
+    Ticks,
+    /// Create `ping` and wait for `pong`.
+    Ping,
+    /// Only check the restart is still running after this many ms.
+    Sleep(u64),
+}
+
+/// A program under stasis across run, checkpoint --kill and restarts. Keeps
+/// every phase's process (for diagnostics and outputs).
+pub struct Session<'a> {
+    pub w: &'a Work,
+    pub phases: Vec<Proc>,
+}
+
+impl<'a> Session<'a> {
+    /// `stasis run` the program and wait for `ready`.
+    pub fn start<S: AsRef<OsStr>>(w: &'a Work, argv: &[S]) -> Session<'a> {
+        let mut p = w.run("run", argv);
+        p.wait_ready();
+        Session { w, phases: vec![p] }
+    }
+
+    pub fn from_proc(w: &'a Work, p: Proc) -> Session<'a> {
+        Session { w, phases: vec![p] }
+    }
+
+    pub fn cur(&mut self) -> &mut Proc {
+        self.phases.last_mut().unwrap()
+    }
+
+    pub fn diag(&mut self) -> String {
+        self.phases.iter_mut().map(|p| p.diag()).collect()
+    }
+
+    /// `checkpoint --kill`, assert success, that the current phase exits with
+    /// 75 and that the application is gone. Returns the new checkpoint dir.
+    pub fn checkpoint_kill(&mut self) -> PathBuf {
+        let w = self.w;
+        let ck = w.checkpoint_ok(true, self.cur());
+        self.cur().expect_exit(EXIT_CHECKPOINTED, T_CMD);
+        ck
+    }
+
+    /// `stasis restart` with stdout to a new file, then probe liveness.
+    pub fn restart(&mut self, probe: Probe) -> &mut Proc {
+        self.restart_with_stdin(probe, Stdio::null())
+    }
+
+    pub fn restart_with_stdin(&mut self, probe: Probe, stdin: Stdio) -> &mut Proc {
+        let label = format!("restart{}", self.phases.len());
+        let p = self.w.restart_with_stdin(&label, stdin);
+        self.phases.push(p);
+        let w = self.w;
+        let p = self.cur();
+        match probe {
+            Probe::Ticks => {
+                p.wait_more_ticks(3, T_READY);
+            }
+            Probe::Ping => w.ping(p),
+            Probe::Sleep(ms) => {
+                std::thread::sleep(Duration::from_millis(ms));
+                if !p.running() {
+                    let d = p.diag();
+                    panic!("{} exited right after restart\n{d}", p.label);
+                }
+            }
+        }
+        p
+    }
+
+    /// checkpoint --kill + restart.
+    pub fn cycle(&mut self, probe: Probe) {
+        self.checkpoint_kill();
+        self.restart(probe);
+    }
+
+    /// Create `go`, wait for exit, assert exit 0 and a final `OK` line.
+    /// Returns the OK line.
+    pub fn finish(&mut self) -> String {
+        self.w.go();
+        let st = self.cur().wait(T_CMD);
+        let lines = self.cur().lines();
+        let last = lines.last().cloned().unwrap_or_default();
+        if st.code() != Some(0) || !last.starts_with("OK") {
+            let d = self.diag();
+            panic!("program did not finish with OK and exit 0 ({}); last line: {last:?}\n{d}", status_str(&st));
+        }
+        for p in &self.phases {
+            if let Some(l) = p.lines().iter().find(|l| l.starts_with("FAIL")) {
+                panic!("{} printed {l}", p.label);
+            }
+        }
+        last
+    }
+
+    /// (label, stdout) of every phase.
+    pub fn outputs(&self) -> Vec<(String, String)> {
+        self.phases.iter().map(|p| (p.label.clone(), p.stdout())).collect()
+    }
+
+    /// Assert that only the first phase printed `ready` (restored processes
+    /// continue, they do not start over).
+    pub fn assert_no_rerun(&self) {
+        for p in &self.phases[1..] {
+            assert!(
+                !p.lines().iter().any(|l| l.starts_with("ready")),
+                "{} printed `ready` again: the program started over instead of continuing:\n{}",
+                p.label,
+                tail(&p.stdout(), 10)
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// counter.c specifics
+// ---------------------------------------------------------------------------
+
+pub const FNV_OFFSET: u64 = 0xcbf29ce484222325;
+pub const FNV_PRIME: u64 = 0x100000001b3;
+
+/// Hash counter.c prints with tick n.
+pub fn counter_hash(n: u64) -> u64 {
+    let mut h = FNV_OFFSET;
+    for i in 0..=n {
+        h = (h ^ i).wrapping_mul(FNV_PRIME);
+    }
+    h
+}
+
+/// Verify the outputs of a counter.c session: ticks consecutive (from `first`),
+/// every tick's hash right, final `OK ticks=K hash=H` consistent with the last
+/// tick. Returns the ticks.
+pub fn verify_counter(outputs: &[(String, String)], first: Option<u64>) -> Vec<u64> {
+    let all = assert_ticks_consecutive(outputs, first);
+    let mut h = None::<(u64, u64)>;
+    for (label, text) in outputs {
+        for l in complete_lines(text) {
+            if let Some((n, rest)) = parse_tick(&l) {
+                let want = match h {
+                    Some((pn, ph)) if pn + 1 == n => (ph ^ n).wrapping_mul(FNV_PRIME),
+                    _ => counter_hash(n),
+                };
+                let got = u64::from_str_radix(rest.trim(), 16)
+                    .unwrap_or_else(|_| panic!("{label}: bad tick line {l:?}"));
+                assert_eq!(got, want, "{label}: tick {n} has hash {got:016x}, want {want:016x}");
+                h = Some((n, want));
+            }
+        }
+    }
+    let (_, last_text) = outputs.last().unwrap();
+    let ok = complete_lines(last_text).last().cloned().unwrap_or_default();
+    let (n, hh) = h.unwrap();
+    let want = format!("OK ticks={} hash={hh:016x}", n + 1);
+    assert_eq!(ok, want, "final line of the last run");
+    all
+}
+
+// ---------------------------------------------------------------------------
+// Unprivileged user
+// ---------------------------------------------------------------------------
+
+pub const TEST_USER: &str = "stasis-test";
+
+fn lookup_user(name: &str) -> Option<(u32, u32)> {
+    let f = fs::read_to_string("/etc/passwd").ok()?;
+    for l in f.lines() {
+        let v: Vec<&str> = l.split(':').collect();
+        if v.len() > 3 && v[0] == name {
+            return Some((v[2].parse().ok()?, v[3].parse().ok()?));
+        }
+    }
+    None
+}
+
+/// (uid, gid, prefix) to run as an unprivileged user: when root, the
+/// `stasis-test` system user (created if needed) via setpriv; otherwise the
+/// current user with no prefix.
+pub fn unprivileged_user() -> (u32, u32, Vec<OsString>) {
+    static U: OnceLock<(u32, u32)> = OnceLock::new();
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        return (euid, unsafe { libc::getegid() }, vec![]);
+    }
+    let (uid, gid) = *U.get_or_init(|| {
+        if lookup_user(TEST_USER).is_none() {
+            // Tolerate a concurrent creation (useradd exits 9 then).
+            let out = Command::new("useradd")
+                .args(["-M", "-r", "-s", "/usr/sbin/nologin", TEST_USER])
+                .output()
+                .expect("cannot run useradd");
+            if !out.status.success() && lookup_user(TEST_USER).is_none() {
+                panic!("useradd {TEST_USER} failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        lookup_user(TEST_USER).expect("test user missing after useradd")
+    });
+    let prefix = vec![
+        OsString::from("setpriv"),
+        format!("--reuid={uid}").into(),
+        format!("--regid={gid}").into(),
+        "--clear-groups".into(),
+        "--".into(),
+    ];
+    (uid, gid, prefix)
+}
+
+/// Copy `src` into `dir` (mode 755) and return the new path.
+pub fn install(src: &Path, dir: &Path, name: &str) -> PathBuf {
+    let dst = dir.join(name);
+    fs::copy(src, &dst).unwrap_or_else(|e| panic!("copy {} -> {}: {e}", src.display(), dst.display()));
+    fs::set_permissions(&dst, fs::Permissions::from_mode(0o755)).unwrap();
+    dst
+}

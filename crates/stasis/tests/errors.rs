@@ -1,0 +1,157 @@
+//! Refused checkpoints: unsupported resources (unsupported.c), a held
+//! DIR/.lock, concurrent checkpoint requests, and commands without a
+//! supervisor/checkpoint. In every case the application must keep running
+//! unharmed and nothing may be published.
+mod common;
+use common::*;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::time::Duration;
+
+/// The app holds `kind`; checkpoint and checkpoint --kill are refused with an
+/// error naming it, nothing is published, the app keeps ticking; once it
+/// releases the resource a checkpoint --kill/restart works with exact
+/// continuity.
+fn unsupported(kind: &str, word: Option<&str>) {
+    let w = Work::new(&format!("unsup_{kind}"));
+    let mut s = Session::start(&w, &[prog("unsupported").as_os_str(), OsStr::new(kind)]);
+    let ready = s.cur().lines()[0].clone();
+    let fds: Vec<i64> = ready
+        .split("fds=")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .map(|x| x.trim().parse().unwrap())
+        .filter(|x| *x >= 0)
+        .collect();
+    s.cur().wait_tick(3, T_READY);
+    for kill in [false, true] {
+        let before = s.cur().last_tick().unwrap();
+        let r = w.checkpoint(kill);
+        assert!(!r.status.success(), "checkpoint of an app holding a {kind} succeeded: {r}");
+        let err = r.stderr.to_lowercase();
+        assert!(!err.trim().is_empty(), "refused checkpoint without an error message: {r}");
+        if let Some(word) = word {
+            assert!(err.contains(word), "error does not mention {word:?}: {r}");
+            assert!(
+                fds.iter().any(|fd| mentions_number(&err, *fd)),
+                "error does not name the fd ({fds:?}): {r}"
+            );
+        }
+        assert!(w.checkpoints().is_empty(), "a checkpoint was published: {:?}", w.checkpoints());
+        // still alive and ticking
+        let after = s.cur().wait_more_ticks(5, T_READY);
+        assert!(after > before);
+        assert!(s.cur().running(), "stasis run exited after a refused checkpoint\n{}", s.diag());
+    }
+    // drop the resource; now it can be checkpointed
+    std::fs::write(w.path("release"), b"").unwrap();
+    s.cur().wait_line("`released`", T_READY, |l| l == "released");
+    s.cur().wait_more_ticks(3, T_READY);
+    s.cycle(Probe::Ticks);
+    let ok = s.finish();
+    let t = assert_ticks_consecutive(&s.outputs(), Some(0));
+    assert_eq!(ok, format!("OK ticks={} released=1", t.last().unwrap() + 1));
+}
+
+#[test]
+fn pipe_is_refused_and_app_survives() {
+    unsupported("pipe", Some("pipe"));
+}
+
+#[test]
+fn socket_is_refused_and_app_survives() {
+    unsupported("socket", Some("socket"));
+}
+
+#[test]
+fn shared_anonymous_mapping_is_refused_and_app_survives() {
+    unsupported("shmem", None);
+}
+
+fn flock(path: &std::path::Path) -> i32 {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CREAT | libc::O_CLOEXEC, 0o644) };
+    assert!(fd >= 0, "open {}: {}", path.display(), std::io::Error::last_os_error());
+    let r = unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(r, 0, "cannot flock {}: {}", path.display(), std::io::Error::last_os_error());
+    fd
+}
+
+/// Someone holds DIR/.lock: checkpoint fails promptly with "in progress", the
+/// app is unharmed; after release the checkpoint works.
+#[test]
+fn held_lock_refuses_checkpoint() {
+    let w = Work::new("lock");
+    let mut s = Session::start(&w, &[prog("counter")]);
+    s.cur().wait_tick(3, T_READY);
+    let fd = flock(&w.ck.join(".lock"));
+    for kill in [false, true] {
+        let t0 = std::time::Instant::now();
+        let r = w.checkpoint(kill);
+        assert!(!r.status.success(), "checkpoint succeeded while DIR/.lock was held: {r}");
+        assert!(r.stderr.contains("in progress"), "error does not say \"in progress\": {r}");
+        assert!(t0.elapsed() < Duration::from_secs(10), "checkpoint took {:?} to give up", t0.elapsed());
+        assert!(w.checkpoints().is_empty(), "published {:?}", w.checkpoints());
+        s.cur().wait_more_ticks(5, T_READY);
+        assert!(s.cur().running());
+    }
+    unsafe { libc::close(fd) };
+    s.cycle(Probe::Ticks);
+    s.finish();
+    verify_counter(&s.outputs(), Some(0));
+}
+
+/// Two checkpoint requests at the same time: each either succeeds or fails
+/// with "in progress"; one checkpoint dir per success; the app is unharmed.
+#[test]
+fn concurrent_checkpoints() {
+    let w = Work::new("concurrent");
+    let mut s = Session::start(&w, &[prog("counter")]);
+    s.cur().wait_tick(3, T_READY);
+    for _round in 0..3 {
+        let before = w.checkpoints();
+        let args: Vec<&OsStr> = vec!["checkpoint".as_ref(), w.ck.as_os_str()];
+        let mut a = w.spawn("ckpt-a", w.stasis_cmd(&args), std::process::Stdio::null());
+        let mut b = w.spawn("ckpt-b", w.stasis_cmd(&args), std::process::Stdio::null());
+        let (sa, sb) = (a.wait(T_CMD), b.wait(T_CMD));
+        let mut ok = 0;
+        for (st, p) in [(sa, &mut a), (sb, &mut b)] {
+            if st.success() {
+                ok += 1;
+            } else {
+                assert!(p.stderr().contains("in progress"), "concurrent checkpoint failed otherwise:\n{}", p.diag());
+            }
+        }
+        assert!(ok >= 1, "both concurrent checkpoints failed");
+        new_checkpoints(&before, &w.checkpoints(), ok, "two concurrent checkpoints");
+        s.cur().wait_more_ticks(3, T_READY);
+    }
+    s.cycle(Probe::Ticks);
+    s.finish();
+    verify_counter(&s.outputs(), Some(0));
+}
+
+/// Commands without anything to act on fail cleanly (non-zero, message, no
+/// hang).
+#[test]
+fn commands_without_target_fail_cleanly() {
+    let w = Work::new("notarget");
+    let r = w.checkpoint(false);
+    assert!(!r.status.success() && !r.stderr.trim().is_empty(), "checkpoint without supervisor: {r}");
+    let r = w.checkpoint(true);
+    assert!(!r.status.success() && !r.stderr.trim().is_empty(), "checkpoint --kill without supervisor: {r}");
+    assert!(w.checkpoints().is_empty());
+    let mut p = w.restart("restart-empty");
+    let st = p.wait(T_CMD);
+    assert!(!st.success() && !p.stderr().trim().is_empty(), "restart of an empty dir: {}", p.diag());
+    let r = w.stasis("inspect-empty", &["inspect".as_ref(), w.ck.as_os_str()]);
+    assert!(!r.status.success() && !r.stderr.trim().is_empty(), "inspect of an empty dir: {r}");
+    // --pid of a process that does not exist
+    let r = w.stasis(
+        "ckpt-nopid",
+        &["checkpoint".as_ref(), "--pid".as_ref(), "999999999".as_ref(), "--dir".as_ref(), w.ck.as_os_str()],
+    );
+    assert!(!r.status.success() && !r.stderr.trim().is_empty(), "checkpoint --pid of no process: {r}");
+    assert!(w.checkpoints().is_empty());
+}

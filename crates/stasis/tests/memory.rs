@@ -1,0 +1,125 @@
+//! Memory: anonymous memory of all kinds (memory.c), a sparse 8 GiB mapping
+//! that must not bloat the image, heap growth after restart, and private file
+//! mappings (filemap.c) including refusal to restore over a changed file.
+mod common;
+use common::*;
+use serde_json::Value;
+use std::io::Write;
+use std::time::Duration;
+
+const MIB: u64 = 1024 * 1024;
+const GIB: u64 = 1024 * MIB;
+
+fn num(v: &Value) -> Option<u64> {
+    match v {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => {
+            let s = s.trim();
+            match s.strip_prefix("0x") {
+                Some(h) => u64::from_str_radix(h, 16).ok(),
+                None => s.parse().ok().or_else(|| u64::from_str_radix(s, 16).ok()),
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Size of a mapping object from `inspect --json`, if it can be told.
+fn mapping_size(m: &Value) -> Option<u64> {
+    let get = |k: &str| m.get(k).and_then(num);
+    if let (Some(s), Some(e)) = (get("start"), get("end")) {
+        return Some(e.saturating_sub(s));
+    }
+    ["size", "len", "length"].iter().find_map(|k| get(k))
+}
+
+/// Structural checks of `inspect --json` for a checkpoint of memory.c.
+fn check_inspect(w: &Work) {
+    let j = w.inspect_json();
+    let procs = j["processes"].as_array().unwrap_or_else(|| panic!("no \"processes\" array in {j}"));
+    assert!(!procs.is_empty(), "inspect: empty processes array");
+    let mut saw_sparse = false;
+    let mut sizes_known = false;
+    for p in procs {
+        assert!(p["pid"].is_u64() || p["pid"].is_i64(), "process without numeric pid: {p}");
+        let maps = p["mappings"].as_array().unwrap_or_else(|| panic!("process without mappings: {p}"));
+        let fds = p["fds"].as_array().unwrap_or_else(|| panic!("process without fds: {p}"));
+        assert!(maps.len() >= 5, "implausibly few mappings ({}) for a C program", maps.len());
+        assert!(fds.len() >= 3, "stdio missing from fds: {fds:?}");
+        for m in maps {
+            if let Some(sz) = mapping_size(m) {
+                sizes_known = true;
+                saw_sparse |= sz >= 8 * GIB;
+            }
+        }
+    }
+    if sizes_known {
+        assert!(saw_sparse, "inspect --json shows no mapping of >= 8 GiB");
+    } else {
+        eprintln!("note: cannot tell mapping sizes from inspect --json; skipped the 8 GiB lookup");
+    }
+    // text form works too
+    let r = w.stasis("inspect-text", &["inspect".as_ref(), w.ck.as_os_str()]);
+    assert!(r.status.success() && !r.stdout.trim().is_empty(), "{r}");
+}
+
+/// 64 MiB random + 16 MiB zeros + small heap chunks + protected regions with a
+/// guard page + sparse 8 GiB mapping survive two cycles; the image stays
+/// small; the heap can grow after restart (checked by the program).
+#[test]
+fn anonymous_memory_survives() {
+    let w = Work::new("memory");
+    let mut s = Session::start(&w, &[prog("memory")]);
+    let ck = s.checkpoint_kill();
+    let (du, apparent) = Work::usage(&ck);
+    eprintln!("checkpoint {}: du {} KiB, apparent {} KiB", ck.display(), du / 1024, apparent / 1024);
+    assert!(du < 200 * MIB, "checkpoint uses {} MiB on disk (sparse 8 GiB mapping dumped?)", du / MIB);
+    assert!(du >= 64 * MIB || apparent >= 64 * MIB, "checkpoint ({du} bytes) cannot hold 64 MiB of random data");
+    check_inspect(&w);
+    s.restart(Probe::Ping);
+    let ck2 = s.checkpoint_kill();
+    let (du2, _) = Work::usage(&ck2);
+    assert!(du2 < 200 * MIB, "second checkpoint uses {} MiB on disk", du2 / MIB);
+    s.restart(Probe::Ping);
+    let ok = s.finish();
+    s.assert_no_rerun();
+    let ready = s.phases[0].lines()[0].clone();
+    let csum = ready.split_whitespace().find_map(|t| t.strip_prefix("rand=")).unwrap().to_string();
+    assert_eq!(ok, format!("OK rand={csum}"));
+}
+
+/// Private file mapping: modified pages keep the modification, untouched
+/// pages show the file, the mapping is still file backed.
+#[test]
+fn private_file_mapping_survives() {
+    let w = Work::new("filemap");
+    let mut s = Session::start(&w, &[prog("filemap")]);
+    s.cycle(Probe::Ping);
+    s.cycle(Probe::Ping);
+    s.finish();
+    s.assert_no_rerun();
+}
+
+/// The mapped file changes (one byte appended) between checkpoint and
+/// restart: restart must refuse, naming the file, and restore nothing.
+#[test]
+fn changed_mapped_file_is_refused() {
+    let w = Work::new("filemap_changed");
+    let mut s = Session::start(&w, &[prog("filemap")]);
+    s.checkpoint_kill();
+    if let Err(p) = wait_no_procs_in(&w.dir, Duration::from_secs(5)) {
+        panic!("app still alive after checkpoint --kill:\n{}", describe_procs(&p));
+    }
+    let mut f = std::fs::OpenOptions::new().append(true).open(w.path("mapped.dat")).unwrap();
+    f.write_all(b"X").unwrap();
+    drop(f);
+    let mut r = w.restart("restart-changed");
+    let st = r.wait(T_CMD);
+    let err = r.stderr();
+    assert!(!st.success() && st.code() != Some(EXIT_CHECKPOINTED), "restart over a changed mapped file: {}\n{}", status_str(&st), r.diag());
+    assert!(err.contains("mapped.dat"), "error does not name the changed file:\n{}", r.diag());
+    assert!(r.stdout().is_empty(), "the application ran:\n{}", r.diag());
+    if let Err(p) = wait_no_procs_in(&w.dir, Duration::from_secs(5)) {
+        panic!("processes left after the failed restart:\n{}", describe_procs(&p));
+    }
+}

@@ -1,0 +1,59 @@
+//! Everything as an unprivileged user: when the tests run as root, a system
+//! user `stasis-test` is created if needed and every stasis command runs
+//! through `setpriv --reuid --regid --clear-groups`; the stasis binary and the
+//! test program are copied into the (world-accessible, user-owned) work dir.
+//! When not root, the tests run as the current user.
+mod common;
+use common::*;
+
+fn unprivileged_work(name: &str, program: &str) -> (Work, std::path::PathBuf) {
+    let (uid, gid, prefix) = unprivileged_user();
+    let mut w = Work::new(name);
+    let bin = w.path("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    w.stasis = install(std::path::Path::new(STASIS), &bin, "stasis");
+    let exe = install(&prog(program), &bin, program);
+    w.give_to(uid, gid);
+    w.prefix = prefix;
+    (w, exe)
+}
+
+/// Check the supervised application really runs as the user.
+fn assert_runs_as_user(w: &Work) {
+    let (uid, _, _) = unprivileged_user();
+    for pid in procs_in(&w.dir) {
+        if let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            let line = st.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
+            let ids: Vec<u32> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+            assert!(
+                ids.iter().all(|i| *i == uid),
+                "process {pid} has {line:?}, expected everything {uid}"
+            );
+        }
+    }
+}
+
+#[test]
+fn counter_cycle_as_unprivileged_user() {
+    let (w, exe) = unprivileged_work("unpriv_counter", "counter");
+    let mut s = Session::start(&w, &[exe]);
+    s.cur().wait_tick(5, T_READY);
+    assert_runs_as_user(&w);
+    s.cycle(Probe::Ticks);
+    assert_runs_as_user(&w);
+    s.cycle(Probe::Ticks);
+    s.finish();
+    s.assert_no_rerun();
+    verify_counter(&s.outputs(), Some(0));
+}
+
+#[test]
+fn memory_cycle_as_unprivileged_user() {
+    let (w, exe) = unprivileged_work("unpriv_memory", "memory");
+    let mut s = Session::start(&w, &[exe]);
+    assert_runs_as_user(&w);
+    s.cycle(Probe::Ping);
+    s.finish();
+    s.assert_no_rerun();
+}
