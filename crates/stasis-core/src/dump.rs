@@ -77,8 +77,12 @@ impl Frozen {
             match ptrace::wait(pid).ctx(pid, || "waiting for the process to stop".into())? {
                 Stop::Event(ptrace::EVENT_STOP, _) => break,
                 // A signal arrived first: let it be delivered, the stop follows.
-                Stop::Signal(sig) => ptrace::cont(pid, sig).ctx(pid, || "resuming a signal".into())?,
-                Stop::Event(..) | Stop::Syscall => ptrace::cont(pid, 0).ctx(pid, || "resuming".into())?,
+                Stop::Signal(sig) => {
+                    ptrace::cont(pid, sig).ctx(pid, || "resuming a signal".into())?
+                }
+                Stop::Event(..) | Stop::Syscall => {
+                    ptrace::cont(pid, 0).ctx(pid, || "resuming".into())?
+                }
                 Stop::Exited(_) | Stop::Killed(_) => {
                     f.done = true;
                     return Err(Error::Gone { pid });
@@ -98,8 +102,10 @@ impl Frozen {
         self.done = true;
         let pid = self.pid;
         if self.touched {
-            ptrace::set_regs(pid, &self.regs.for_live_resume()).ctx(pid, || "restoring registers".into())?;
-            ptrace::set_sigmask(pid, self.sigmask).ctx(pid, || "restoring the signal mask".into())?;
+            ptrace::set_regs(pid, &self.regs.for_live_resume())
+                .ctx(pid, || "restoring registers".into())?;
+            ptrace::set_sigmask(pid, self.sigmask)
+                .ctx(pid, || "restoring the signal mask".into())?;
         }
         ptrace::detach(pid, 0).ctx(pid, || "detaching".into())
     }
@@ -149,7 +155,14 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
     let scratch = Scratch::map(&inj, pid)?;
     let sigs = signals::dump(&inj, pid, &scratch)?;
     let ts = task::dump(&proc, &inj, &scratch)?;
-    let th = thread::dump(&inj, pid, &frozen.regs, frozen.sigmask, &scratch, ts.comm.clone())?;
+    let th = thread::dump(
+        &inj,
+        pid,
+        &frozen.regs,
+        frozen.sigmask,
+        &scratch,
+        ts.comm.clone(),
+    )?;
     scratch.unmap(&inj)?;
 
     let mut writer = CheckpointWriter::begin(&lock)?;
@@ -158,7 +171,10 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
     let mut pages = writer.data_file(&pages_file)?;
     let (mappings, pages_bytes) = memory::dump_pages(&proc, &vmas, &mut pages)?;
     writer.finish_data(pages)?;
-    let stdio = opts.stdio.clone().unwrap_or_else(|| files::stdio_ids_of(&proc));
+    let stdio = opts
+        .stdio
+        .clone()
+        .unwrap_or_else(|| files::stdio_ids_of(&proc));
     let fds = files::dump_fds(&proc, &stdio, &mut writer)?;
     let dump_us = t0.elapsed().as_micros() as u64 - freeze_us;
     if !opts.kill {
@@ -211,7 +227,10 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
         frozen.kill(!parent_is_us);
     }
     if let Err(e) = store::prune(&lock, opts.keep) {
-        tracing::warn!("checkpoint {} written, but removing old checkpoints failed: {e}", path.display());
+        tracing::warn!(
+            "checkpoint {} written, but removing old checkpoints failed: {e}",
+            path.display()
+        );
     }
     Ok(DumpReport {
         path,

@@ -54,7 +54,11 @@ pub fn stdio_ids_of(proc: &ProcDir) -> StdioIds {
 }
 
 /// Saves the fds of a process. Contents of deleted files go into `writer`.
-pub fn dump_fds(proc: &ProcDir, stdio: &StdioIds, writer: &mut CheckpointWriter) -> Result<Vec<Fd>> {
+pub fn dump_fds(
+    proc: &ProcDir,
+    stdio: &StdioIds,
+    writer: &mut CheckpointWriter,
+) -> Result<Vec<Fd>> {
     let pid = proc.pid;
     let mut nums: Vec<i32> = std::fs::read_dir(proc.file("fd"))
         .ctx(pid, || "listing /proc/PID/fd".into())?
@@ -73,7 +77,9 @@ pub fn dump_fds(proc: &ProcDir, stdio: &StdioIds, writer: &mut CheckpointWriter)
         let info = fdinfo(proc, fd)?;
         let cloexec = info.flags & libc::O_CLOEXEC != 0;
         let flags = info.flags & !libc::O_CLOEXEC;
-        let kind = if let Some(&(index, ..)) = stdio.iter().find(|s| s.1 == md.dev() && s.2 == md.ino()) {
+        let kind = if let Some(&(index, ..)) =
+            stdio.iter().find(|s| s.1 == md.dev() && s.2 == md.ino())
+        {
             FdKind::Stdio { index }
         } else if let Some(kind) = classify_special(&target) {
             return Err(Error::Unsupported {
@@ -81,7 +87,10 @@ pub fn dump_fds(proc: &ProcDir, stdio: &StdioIds, writer: &mut CheckpointWriter)
                 what: format!("fd {fd}, a {kind} ({target})"),
             });
         } else if md.is_file() && md.nlink() == 0 {
-            let path = target.strip_suffix(" (deleted)").unwrap_or(&target).to_string();
+            let path = target
+                .strip_suffix(" (deleted)")
+                .unwrap_or(&target)
+                .to_string();
             let data_file = format!("file-{pid}-{fd}.img");
             save_content(pid, fd, &link, &data_file, writer)?;
             FdKind::Deleted {
@@ -143,12 +152,21 @@ fn classify_special(target: &str) -> Option<String> {
     }
 }
 
-fn save_content(pid: i32, fd: i32, link: &std::path::Path, name: &str, writer: &mut CheckpointWriter) -> Result<()> {
-    let mut src = std::fs::File::open(link).ctx(pid, || format!("opening deleted file of fd {fd}"))?;
+fn save_content(
+    pid: i32,
+    fd: i32,
+    link: &std::path::Path,
+    name: &str,
+    writer: &mut CheckpointWriter,
+) -> Result<()> {
+    let mut src =
+        std::fs::File::open(link).ctx(pid, || format!("opening deleted file of fd {fd}"))?;
     let mut w = writer.data_file(name)?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = src.read(&mut buf).ctx(pid, || format!("reading deleted file of fd {fd}"))?;
+        let n = src
+            .read(&mut buf)
+            .ctx(pid, || format!("reading deleted file of fd {fd}"))?;
         if n == 0 {
             break;
         }
@@ -162,7 +180,11 @@ fn save_content(pid: i32, fd: i32, link: &std::path::Path, name: &str, writer: &
 ///
 /// `stdio` are descriptors of the restarting stasis's own stdio streams (None where
 /// closed); they must be numbered above every fd in `fds`.
-pub fn restore_fds(fds: &[Fd], stdio: &[Option<i32>; 3], image: &CheckpointReader) -> std::result::Result<(), String> {
+pub fn restore_fds(
+    fds: &[Fd],
+    stdio: &[Option<i32>; 3],
+    image: &CheckpointReader,
+) -> std::result::Result<(), String> {
     for f in fds {
         let src = match &f.kind {
             FdKind::Stdio { index } => match stdio.get(*index as usize).copied().flatten() {
@@ -182,14 +204,20 @@ pub fn restore_fds(fds: &[Fd], stdio: &[Option<i32>; 3], image: &CheckpointReade
                 mode,
                 data_file,
                 ..
-            } => Source::Owned(recreate_deleted(f.fd, path, *flags, *pos, *mode, data_file, image)?),
+            } => Source::Owned(recreate_deleted(
+                f.fd, path, *flags, *pos, *mode, data_file, image,
+            )?),
         };
         let raw = src.fd();
         if raw != f.fd {
             let flags = if f.cloexec { libc::O_CLOEXEC } else { 0 };
             // SAFETY: dup3 on descriptors we own; the target number is meant to be replaced.
             if unsafe { libc::dup3(raw, f.fd, flags) } < 0 {
-                return Err(format!("fd {}: dup3: {}", f.fd, std::io::Error::last_os_error()));
+                return Err(format!(
+                    "fd {}: dup3: {}",
+                    f.fd,
+                    std::io::Error::last_os_error()
+                ));
             }
             if let Source::Owned(o) = src {
                 // SAFETY: closing a descriptor we opened and no longer need.
@@ -218,11 +246,15 @@ impl Source {
 
 fn open(num: i32, path: &str, flags: i32) -> std::result::Result<i32, String> {
     let c = CString::new(path).map_err(|_| format!("fd {num}: bad path {path:?}"))?;
-    let flags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_CLOEXEC)) | libc::O_NOCTTY;
+    let flags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_CLOEXEC))
+        | libc::O_NOCTTY;
     // SAFETY: `c` is a valid C string; open has no other preconditions.
     let fd = unsafe { libc::open(c.as_ptr(), flags) };
     if fd < 0 {
-        return Err(format!("fd {num}: cannot reopen {path}: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "fd {num}: cannot reopen {path}: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(fd)
 }
@@ -230,29 +262,51 @@ fn open(num: i32, path: &str, flags: i32) -> std::result::Result<i32, String> {
 fn seek(num: i32, fd: i32, pos: u64, path: &str) -> std::result::Result<(), String> {
     // SAFETY: lseek on a descriptor we own.
     if pos > 0 && unsafe { libc::lseek(fd, pos as i64, libc::SEEK_SET) } < 0 {
-        return Err(format!("fd {num}: cannot seek {path} to {pos}: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "fd {num}: cannot seek {path} to {pos}: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }
 
-fn recreate_deleted(num: i32, path: &str, flags: i32, pos: u64, mode: u32, data_file: &str, image: &CheckpointReader) -> std::result::Result<i32, String> {
-    let dir = std::path::Path::new(path).parent().unwrap_or(std::path::Path::new("/"));
+fn recreate_deleted(
+    num: i32,
+    path: &str,
+    flags: i32,
+    pos: u64,
+    mode: u32,
+    data_file: &str,
+    image: &CheckpointReader,
+) -> std::result::Result<i32, String> {
+    let dir = std::path::Path::new(path)
+        .parent()
+        .unwrap_or(std::path::Path::new("/"));
     let tmp = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_TMPFILE)
         .open(dir)
-        .map_err(|e| format!("fd {num}: cannot recreate deleted file {path} in {}: {e}", dir.display()))?;
+        .map_err(|e| {
+            format!(
+                "fd {num}: cannot recreate deleted file {path} in {}: {e}",
+                dir.display()
+            )
+        })?;
     let src_path = image.data_path(data_file).map_err(|e| e.to_string())?;
-    let mut src = std::fs::File::open(&src_path).map_err(|e| format!("{}: {e}", src_path.display()))?;
+    let mut src =
+        std::fs::File::open(&src_path).map_err(|e| format!("{}: {e}", src_path.display()))?;
     let mut dst = &tmp;
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = src.read(&mut buf).map_err(|e| format!("{}: {e}", src_path.display()))?;
+        let n = src
+            .read(&mut buf)
+            .map_err(|e| format!("{}: {e}", src_path.display()))?;
         if n == 0 {
             break;
         }
-        dst.write_all(&buf[..n]).map_err(|e| format!("fd {num}: writing deleted file {path}: {e}"))?;
+        dst.write_all(&buf[..n])
+            .map_err(|e| format!("fd {num}: writing deleted file {path}: {e}"))?;
     }
     // SAFETY: fchmod on a descriptor we own.
     unsafe { libc::fchmod(tmp.as_raw_fd(), mode) };
@@ -278,7 +332,10 @@ pub fn open_high(path: &str, flags: i32, min: i32) -> std::result::Result<i32, S
     // SAFETY: closing the original descriptor, which we own.
     unsafe { libc::close(raw) };
     if high < 0 {
-        return Err(format!("cannot move {path} to a high fd: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "cannot move {path} to a high fd: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(high)
 }

@@ -38,8 +38,10 @@ impl Injector {
         let pid = self.pid;
         let mut regs = self.base;
         regs.set_syscall(self.insn, nr, args);
-        ptrace::set_regs(pid, &regs).ctx(pid, || "setting registers for an injected syscall".into())?;
-        for phase in ["entry", "exit"] {
+        ptrace::set_regs(pid, &regs)
+            .ctx(pid, || "setting registers for an injected syscall".into())?;
+        // Two stops: syscall entry, then syscall exit.
+        for _ in 0..2 {
             ptrace::syscall(pid, 0).ctx(pid, || "resuming into an injected syscall".into())?;
             loop {
                 match ptrace::wait(pid).ctx(pid, || "waiting for an injected syscall".into())? {
@@ -48,15 +50,14 @@ impl Injector {
                     // Signals are blocked while we inject; only SIGSTOP and friends can
                     // arrive. Suppress them and carry on to the syscall stop.
                     Stop::Signal(_) | Stop::Event(..) => {
-                        ptrace::syscall(pid, 0).ctx(pid, || "resuming into an injected syscall".into())?;
+                        ptrace::syscall(pid, 0)
+                            .ctx(pid, || "resuming into an injected syscall".into())?;
                     }
                 }
             }
-            if phase == "entry" {
-                continue;
-            }
         }
-        let out = ptrace::get_regs(pid).ctx(pid, || "reading an injected syscall's result".into())?;
+        let out =
+            ptrace::get_regs(pid).ctx(pid, || "reading an injected syscall's result".into())?;
         Ok(out.ret())
     }
 
@@ -112,7 +113,11 @@ impl Scratch {
     pub fn map(inj: &Injector, pid: i32) -> Result<Scratch> {
         let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
         let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
-        let addr = inj.call("mmap of a scratch page", libc::SYS_mmap, &[0, SCRATCH_LEN, prot, flags, u64::MAX, 0])?;
+        let addr = inj.call(
+            "mmap of a scratch page",
+            libc::SYS_mmap,
+            &[0, SCRATCH_LEN, prot, flags, u64::MAX, 0],
+        )?;
         Ok(Scratch { addr, pid })
     }
 
@@ -124,18 +129,25 @@ impl Scratch {
     /// Reads `len` bytes at offset 0.
     pub fn read(&self, len: usize) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; len];
-        stasis_sys::vm::read(self.pid, self.addr, &mut buf).ctx(self.pid, || "reading the scratch page".into())?;
+        stasis_sys::vm::read(self.pid, self.addr, &mut buf)
+            .ctx(self.pid, || "reading the scratch page".into())?;
         Ok(buf)
     }
 
     /// Writes `data` at offset 0.
     pub fn write(&self, data: &[u8]) -> Result<()> {
-        stasis_sys::vm::write(self.pid, self.addr, data).ctx(self.pid, || "writing the scratch page".into())
+        stasis_sys::vm::write(self.pid, self.addr, data)
+            .ctx(self.pid, || "writing the scratch page".into())
     }
 
     /// Unmaps the page.
     pub fn unmap(self, inj: &Injector) -> Result<()> {
-        inj.call("munmap of the scratch page", libc::SYS_munmap, &[self.addr, SCRATCH_LEN]).map(drop)
+        inj.call(
+            "munmap of the scratch page",
+            libc::SYS_munmap,
+            &[self.addr, SCRATCH_LEN],
+        )
+        .map(drop)
     }
 }
 

@@ -66,12 +66,17 @@ pub fn read_layout(proc: &ProcDir) -> Result<Vec<Vma>> {
             MMapPath::Vdso => (MappingKind::Vdso, "[vdso]".to_string()),
             MMapPath::Vvar => (MappingKind::Vvar, "[vvar]".to_string()),
             MMapPath::Vsyscall => (MappingKind::Vsyscall, "[vsyscall]".to_string()),
-            MMapPath::Other(s) if s.trim_matches(['[', ']']) == "vvar_vclock" => (MappingKind::VvarVclock, "[vvar_vclock]".to_string()),
+            MMapPath::Other(s) if s.trim_matches(['[', ']']) == "vvar_vclock" => {
+                (MappingKind::VvarVclock, "[vvar_vclock]".to_string())
+            }
             MMapPath::Heap => (MappingKind::Anonymous, "[heap]".to_string()),
             MMapPath::Stack => (MappingKind::Anonymous, "[stack]".to_string()),
             MMapPath::Anonymous if !shared => (MappingKind::Anonymous, String::new()),
             MMapPath::Anonymous => {
-                return Err(unsupported(pid, format!("shared anonymous memory mapping {range}")))
+                return Err(unsupported(
+                    pid,
+                    format!("shared anonymous memory mapping {range}"),
+                ))
             }
             MMapPath::Path(p) => {
                 let path = p.to_string_lossy().into_owned();
@@ -83,28 +88,58 @@ pub fn read_layout(proc: &ProcDir) -> Result<Vec<Vma>> {
                     } else {
                         "a deleted file"
                     };
-                    return Err(unsupported(pid, format!("mapping {range} of {what} ({path})")));
+                    return Err(unsupported(
+                        pid,
+                        format!("mapping {range} of {what} ({path})"),
+                    ));
                 }
                 if path.starts_with("/dev/shm/") && shared {
-                    return Err(unsupported(pid, format!("POSIX shared memory mapping {range} ({path})")));
+                    return Err(unsupported(
+                        pid,
+                        format!("POSIX shared memory mapping {range} ({path})"),
+                    ));
                 }
-                let md = std::fs::metadata(&path).ctx(pid, || format!("stat of mapped file {path}"))?;
+                let md =
+                    std::fs::metadata(&path).ctx(pid, || format!("stat of mapped file {path}"))?;
                 if !md.is_file() {
-                    return Err(unsupported(pid, format!("mapping {range} of device {path}")));
+                    return Err(unsupported(
+                        pid,
+                        format!("mapping {range} of device {path}"),
+                    ));
                 }
                 let id = file_id(&path, &md);
                 if id.ino != m.inode {
                     return Err(unsupported(pid, format!("mapping {range} of {path}, which was replaced on disk after it was mapped")));
                 }
-                (MappingKind::File { file: id, offset: m.offset }, path)
+                (
+                    MappingKind::File {
+                        file: id,
+                        offset: m.offset,
+                    },
+                    path,
+                )
             }
             MMapPath::Vsys(key) => {
-                return Err(unsupported(pid, format!("System V shared memory mapping {range} (key {key})")))
+                return Err(unsupported(
+                    pid,
+                    format!("System V shared memory mapping {range} (key {key})"),
+                ))
             }
             other => return Err(unsupported(pid, format!("mapping {range} ({other:?})"))),
         };
-        if flags.intersects(VmFlags::IO | VmFlags::PF) && !matches!(kind, MappingKind::Vvar | MappingKind::VvarVclock | MappingKind::Vdso | MappingKind::Vsyscall) {
-            return Err(unsupported(pid, format!("device memory mapping {range} ({name})")));
+        if flags.intersects(VmFlags::IO | VmFlags::PF)
+            && !matches!(
+                kind,
+                MappingKind::Vvar
+                    | MappingKind::VvarVclock
+                    | MappingKind::Vdso
+                    | MappingKind::Vsyscall
+            )
+        {
+            return Err(unsupported(
+                pid,
+                format!("device memory mapping {range} ({name})"),
+            ));
         }
         let mut advice = Vec::new();
         for (f, a) in [
@@ -145,11 +180,17 @@ fn unsupported(pid: i32, what: String) -> Error {
 pub fn exec_ranges(vmas: &[Vma]) -> Vec<(u64, u64)> {
     let mut v: Vec<(u64, u64)> = vmas
         .iter()
-        .filter(|v| v.map.prot & libc::PROT_EXEC as u32 != 0 && v.map.prot & libc::PROT_READ as u32 != 0)
+        .filter(|v| {
+            v.map.prot & libc::PROT_EXEC as u32 != 0 && v.map.prot & libc::PROT_READ as u32 != 0
+        })
         .filter(|v| v.map.kind != MappingKind::Vsyscall)
         .map(|v| (v.map.start, v.map.end))
         .collect();
-    v.sort_by_key(|r| !vmas.iter().any(|m| m.map.kind == MappingKind::Vdso && m.map.start == r.0));
+    v.sort_by_key(|r| {
+        !vmas
+            .iter()
+            .any(|m| m.map.kind == MappingKind::Vdso && m.map.start == r.0)
+    });
     v
 }
 
@@ -164,9 +205,14 @@ fn saves_pages(v: &Vma) -> bool {
 
 /// Saves the pages of every mapping into `out`; fills `Mapping::pages`.
 /// Returns the mappings and the number of bytes of pages written.
-pub fn dump_pages(proc: &ProcDir, vmas: &[Vma], out: &mut DataWriter) -> Result<(Vec<Mapping>, u64)> {
+pub fn dump_pages(
+    proc: &ProcDir,
+    vmas: &[Vma],
+    out: &mut DataWriter,
+) -> Result<(Vec<Mapping>, u64)> {
     let pid = proc.pid;
-    let pagemap = std::fs::File::open(proc.file("pagemap")).ctx(pid, || "opening /proc/PID/pagemap".into())?;
+    let pagemap = std::fs::File::open(proc.file("pagemap"))
+        .ctx(pid, || "opening /proc/PID/pagemap".into())?;
     let mem = std::fs::File::open(proc.file("mem")).ctx(pid, || "opening /proc/PID/mem".into())?;
     let mut buf = vec![0u8; (BATCH_PAGES * PAGE_SIZE) as usize];
     let mut entries = vec![0u8; (BATCH_PAGES * 8) as usize];
@@ -185,7 +231,9 @@ pub fn dump_pages(proc: &ProcDir, vmas: &[Vma], out: &mut DataWriter) -> Result<
                 let ents = &mut entries[..(n * 8) as usize];
                 pagemap
                     .read_exact_at(ents, addr / PAGE_SIZE * 8)
-                    .ctx(pid, || format!("reading pagemap of mapping {:x}-{:x}", map.start, map.end))?;
+                    .ctx(pid, || {
+                        format!("reading pagemap of mapping {:x}-{:x}", map.start, map.end)
+                    })?;
                 let want: Vec<bool> = ents
                     .chunks_exact(8)
                     .map(|e| {
@@ -216,7 +264,12 @@ pub fn dump_pages(proc: &ProcDir, vmas: &[Vma], out: &mut DataWriter) -> Result<
                     } else {
                         stasis_sys::vm::read_forced(&mem, pid, run_addr, data)
                     };
-                    res.ctx(pid, || format!("reading memory at {run_addr:x} (mapping {:x}-{:x} {})", map.start, map.end, map.name))?;
+                    res.ctx(pid, || {
+                        format!(
+                            "reading memory at {run_addr:x} (mapping {:x}-{:x} {})",
+                            map.start, map.end, map.name
+                        )
+                    })?;
                     bytes += write_nonzero(&mut map.pages, run_addr, data, out)?;
                 }
                 idx += n;
@@ -228,7 +281,12 @@ pub fn dump_pages(proc: &ProcDir, vmas: &[Vma], out: &mut DataWriter) -> Result<
 }
 
 /// Writes the non-zero pages of `data` (which starts at `addr`), extending `runs`.
-fn write_nonzero(runs: &mut Vec<PageRun>, addr: u64, data: &[u8], out: &mut DataWriter) -> Result<u64> {
+fn write_nonzero(
+    runs: &mut Vec<PageRun>,
+    addr: u64,
+    data: &[u8],
+    out: &mut DataWriter,
+) -> Result<u64> {
     let mut written = 0;
     let page = PAGE_SIZE as usize;
     let mut p = 0;
@@ -249,7 +307,10 @@ fn write_nonzero(runs: &mut Vec<PageRun>, addr: u64, data: &[u8], out: &mut Data
         let run_addr = addr + (first * page) as u64;
         let np = (p - first) as u64;
         match runs.last_mut() {
-            Some(last) if last.addr + last.npages * PAGE_SIZE == run_addr && last.offset + last.npages * PAGE_SIZE == offset => {
+            Some(last)
+                if last.addr + last.npages * PAGE_SIZE == run_addr
+                    && last.offset + last.npages * PAGE_SIZE == offset =>
+            {
                 last.npages += np
             }
             _ => runs.push(PageRun {
@@ -279,7 +340,12 @@ pub struct MapFds {
 }
 
 /// Recreates `mappings` (all but the kernel's special ones) in the stopped process.
-pub fn restore_mappings(inj: &Injector, pid: i32, mappings: &[Mapping], fds: &MapFds) -> Result<()> {
+pub fn restore_mappings(
+    inj: &Injector,
+    pid: i32,
+    mappings: &[Mapping],
+    fds: &MapFds,
+) -> Result<()> {
     for m in mappings {
         let (fd, offset) = match &m.kind {
             MappingKind::Anonymous => (-1i64, 0u64),
@@ -292,7 +358,11 @@ pub fn restore_mappings(inj: &Injector, pid: i32, mappings: &[Mapping], fds: &Ma
             }
             _ => continue,
         };
-        let mut flags = if m.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE } | libc::MAP_FIXED_NOREPLACE;
+        let mut flags = if m.shared {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        } | libc::MAP_FIXED_NOREPLACE;
         if fd < 0 {
             flags |= libc::MAP_ANONYMOUS;
         }
@@ -300,9 +370,24 @@ pub fn restore_mappings(inj: &Injector, pid: i32, mappings: &[Mapping], fds: &Ma
             flags |= libc::MAP_GROWSDOWN;
         }
         let fill = !m.pages.is_empty();
-        let prot0 = if fill { m.prot | libc::PROT_WRITE as u32 } else { m.prot };
+        let prot0 = if fill {
+            m.prot | libc::PROT_WRITE as u32
+        } else {
+            m.prot
+        };
         let what = format!("mmap of {:x}-{:x} {}", m.start, m.end, m.name);
-        let got = inj.call(&what, libc::SYS_mmap, &[m.start, m.len(), u64::from(prot0), flags as u64, fd as u64, offset])?;
+        let got = inj.call(
+            &what,
+            libc::SYS_mmap,
+            &[
+                m.start,
+                m.len(),
+                u64::from(prot0),
+                flags as u64,
+                fd as u64,
+                offset,
+            ],
+        )?;
         if got != m.start {
             return Err(Error::Restore {
                 pid,
@@ -316,7 +401,12 @@ pub fn restore_mappings(inj: &Injector, pid: i32, mappings: &[Mapping], fds: &Ma
                 let n = inj.call(
                     &format!("pread of pages into {:x}", run.addr + done),
                     libc::SYS_pread64,
-                    &[fds.pages_fd as u64, run.addr + done, len - done, run.offset + done],
+                    &[
+                        fds.pages_fd as u64,
+                        run.addr + done,
+                        len - done,
+                        run.offset + done,
+                    ],
                 )?;
                 if n == 0 {
                     return Err(Error::Restore {
@@ -328,7 +418,11 @@ pub fn restore_mappings(inj: &Injector, pid: i32, mappings: &[Mapping], fds: &Ma
             }
         }
         if prot0 != m.prot {
-            inj.call(&format!("mprotect of {:x}-{:x}", m.start, m.end), libc::SYS_mprotect, &[m.start, m.len(), u64::from(m.prot)])?;
+            inj.call(
+                &format!("mprotect of {:x}-{:x}", m.start, m.end),
+                libc::SYS_mprotect,
+                &[m.start, m.len(), u64::from(m.prot)],
+            )?;
         }
         for a in &m.advice {
             let adv = match a.as_str() {
@@ -350,7 +444,12 @@ pub fn restore_mappings(inj: &Injector, pid: i32, mappings: &[Mapping], fds: &Ma
 pub fn special_areas(mappings: &[Mapping]) -> Vec<(MappingKind, u64, u64)> {
     mappings
         .iter()
-        .filter(|m| matches!(m.kind, MappingKind::Vdso | MappingKind::Vvar | MappingKind::VvarVclock))
+        .filter(|m| {
+            matches!(
+                m.kind,
+                MappingKind::Vdso | MappingKind::Vvar | MappingKind::VvarVclock
+            )
+        })
         .map(|m| (m.kind.clone(), m.start, m.end))
         .collect()
 }
@@ -358,14 +457,22 @@ pub fn special_areas(mappings: &[Mapping]) -> Vec<(MappingKind, u64, u64)> {
 /// Moves the vdso block (`[vvar]`, `[vvar_vclock]`, `[vdso]`) of the restored process
 /// from `current` to where `target` says, keeping the order and gaps the vdso code
 /// relies on. `free_at` is an address with room for the block that neither layout uses.
-pub fn move_vdso(inj: &Injector, pid: i32, current: &[(MappingKind, u64, u64)], target: &[(MappingKind, u64, u64)], free_at: u64) -> Result<()> {
-    let mismatch = || Error::Restore {
+pub fn move_vdso(
+    inj: &Injector,
+    pid: i32,
+    current: &[(MappingKind, u64, u64)],
+    target: &[(MappingKind, u64, u64)],
+    free_at: u64,
+) -> Result<()> {
+    let mismatch = || {
+        Error::Restore {
         pid,
         msg: format!(
             "the vdso of this kernel ({}) differs from the image's ({}); restoring on a different kernel is not supported yet",
             describe(current),
             describe(target)
         ),
+    }
     };
     if current.len() != target.len() {
         return Err(mismatch());
@@ -385,7 +492,11 @@ pub fn move_vdso(inj: &Injector, pid: i32, current: &[(MappingKind, u64, u64)], 
     }
     let mremap = |from: u64, to: u64, len: u64| -> Result<()> {
         let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
-        let got = inj.call(&format!("mremap of the vdso block {from:x} -> {to:x}"), libc::SYS_mremap, &[from, len, len, flags, to])?;
+        let got = inj.call(
+            &format!("mremap of the vdso block {from:x} -> {to:x}"),
+            libc::SYS_mremap,
+            &[from, len, len, flags, to],
+        )?;
         if got != to {
             return Err(Error::Restore {
                 pid,

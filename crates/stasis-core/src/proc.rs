@@ -36,12 +36,14 @@ impl ProcDir {
 
     /// Reads a file under `/proc/PID` as text.
     pub fn read_string(&self, name: &str) -> Result<String> {
-        std::fs::read_to_string(self.file(name)).ctx(self.pid, || format!("reading /proc/{}/{name}", self.pid))
+        std::fs::read_to_string(self.file(name))
+            .ctx(self.pid, || format!("reading /proc/{}/{name}", self.pid))
     }
 
     /// Reads a file under `/proc/PID` as bytes.
     pub fn read_bytes(&self, name: &str) -> Result<Vec<u8>> {
-        std::fs::read(self.file(name)).ctx(self.pid, || format!("reading /proc/{}/{name}", self.pid))
+        std::fs::read(self.file(name))
+            .ctx(self.pid, || format!("reading /proc/{}/{name}", self.pid))
     }
 
     /// Target of a symlink under `/proc/PID`.
@@ -69,7 +71,9 @@ impl ProcDir {
     pub fn children(&self) -> Result<Vec<i32>> {
         let mut out = Vec::new();
         for tid in self.tids()? {
-            let s = self.read_string(&format!("task/{tid}/children")).unwrap_or_default();
+            let s = self
+                .read_string(&format!("task/{tid}/children"))
+                .unwrap_or_default();
             out.extend(s.split_whitespace().filter_map(|x| x.parse::<i32>().ok()));
         }
         Ok(out)
@@ -104,7 +108,10 @@ pub fn file_id(path: &str, md: &std::fs::Metadata) -> FileId {
         dev: md.dev(),
         ino: md.ino(),
         size: md.size(),
-        mtime_ns: md.mtime().saturating_mul(1_000_000_000).saturating_add(md.mtime_nsec()),
+        mtime_ns: md
+            .mtime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(md.mtime_nsec()),
     }
 }
 

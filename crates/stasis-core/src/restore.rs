@@ -48,25 +48,37 @@ pub fn precheck(image: &CheckpointReader) -> Result<()> {
     if meta.arch != stasis_sys::arch::ARCH_NAME {
         return Err(Error::Restore {
             pid,
-            msg: format!("the image is for {}, this machine is {}", meta.arch, stasis_sys::arch::ARCH_NAME),
+            msg: format!(
+                "the image is for {}, this machine is {}",
+                meta.arch,
+                stasis_sys::arch::ARCH_NAME
+            ),
         });
     }
     if meta.page_size != stasis_sys::page_size() as u64 {
         return Err(Error::Restore {
             pid,
-            msg: format!("the image has {}-byte pages, this machine {}", meta.page_size, stasis_sys::page_size()),
+            msg: format!(
+                "the image has {}-byte pages, this machine {}",
+                meta.page_size,
+                stasis_sys::page_size()
+            ),
         });
     }
     if meta.processes.len() != 1 || meta.processes[0].threads.len() != 1 {
         return Err(Error::Restore {
             pid,
-            msg: "the image holds several processes or threads, which this version cannot restore".into(),
+            msg: "the image holds several processes or threads, which this version cannot restore"
+                .into(),
         });
     }
     let p = &meta.processes[0];
     for m in &p.mappings {
         if let MappingKind::File { file, .. } = &m.kind {
-            check_unchanged(file).map_err(|msg| Error::Restore { pid: p.pid, msg: format!("mapped file {msg}") })?;
+            check_unchanged(file).map_err(|msg| Error::Restore {
+                pid: p.pid,
+                msg: format!("mapped file {msg}"),
+            })?;
         }
     }
     image.data_path(&p.pages_file)?;
@@ -93,17 +105,26 @@ pub fn restore(image: &CheckpointReader, stdio: [Option<i32>; 3]) -> Result<i32>
     })?;
     used.push((gadget, gadget + GADGET_LEN));
 
-    let max_fd = p.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(max_open_fd());
+    let max_fd = p
+        .fds
+        .iter()
+        .map(|f| f.fd)
+        .max()
+        .unwrap_or(2)
+        .max(max_open_fd());
     let hi = max_fd + 1;
 
     let mut pipe = [0i32; 2];
     // SAFETY: pipe2 writes two descriptors into the array.
     if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(stasis_sys::SysError::last("pipe2", 0)).ctx(pid, || "creating the restore pipe".into());
+        return Err(stasis_sys::SysError::last("pipe2", 0))
+            .ctx(pid, || "creating the restore pipe".into());
     }
     // SAFETY: the caller is single-threaded (stasis init); the child only runs
     // `child_main`, which never returns.
-    let forked = unsafe { fork_with_pid(pid) }.ctx(pid, || format!("creating process {pid} (clone3 with set_tid)"))?;
+    let forked = unsafe { fork_with_pid(pid) }.ctx(pid, || {
+        format!("creating process {pid} (clone3 with set_tid)")
+    })?;
     let child = match forked {
         Forked::Child => {
             // SAFETY: closing the read end in the child, which owns its copy.
@@ -115,11 +136,13 @@ pub fn restore(image: &CheckpointReader, stdio: [Option<i32>; 3]) -> Result<i32>
     // SAFETY: we own the write end in the parent and close our copy of it.
     unsafe { libc::close(pipe[1]) };
     let guard = KillOnDrop(child);
-    ptrace::seize(child, ptrace::O_TRACESYSGOOD | ptrace::O_EXITKILL).ctx(pid, || "seizing the new process".into())?;
+    ptrace::seize(child, ptrace::O_TRACESYSGOOD | ptrace::O_EXITKILL)
+        .ctx(pid, || "seizing the new process".into())?;
     // SAFETY: pipe[0] is ours; the File takes ownership.
     let mut rd = unsafe { std::fs::File::from_raw_fd(pipe[0]) };
     let mut msg = String::new();
-    rd.read_to_string(&mut msg).ctx(pid, || "reading the restore pipe".into())?;
+    rd.read_to_string(&mut msg)
+        .ctx(pid, || "reading the restore pipe".into())?;
     let prepared: Prepared = match msg.strip_prefix("OK ") {
         Some(json) => serde_json::from_str(json).map_err(|e| Error::Restore {
             pid,
@@ -128,7 +151,10 @@ pub fn restore(image: &CheckpointReader, stdio: [Option<i32>; 3]) -> Result<i32>
         None => {
             return Err(Error::Restore {
                 pid,
-                msg: msg.strip_prefix("ERR ").unwrap_or("the new process died while preparing").to_string(),
+                msg: msg
+                    .strip_prefix("ERR ")
+                    .unwrap_or("the new process died while preparing")
+                    .to_string(),
             })
         }
     };
@@ -171,22 +197,30 @@ fn rebuild(child: i32, p: &Process, prep: &Prepared, used: &[(u64, u64)]) -> Res
         match &m.pathname {
             MMapPath::Vdso => specials.push((MappingKind::Vdso, s, e)),
             MMapPath::Vvar => specials.push((MappingKind::Vvar, s, e)),
-            MMapPath::Other(n) if n.trim_matches(['[', ']']) == "vvar_vclock" => specials.push((MappingKind::VvarVclock, s, e)),
+            MMapPath::Other(n) if n.trim_matches(['[', ']']) == "vvar_vclock" => {
+                specials.push((MappingKind::VvarVclock, s, e))
+            }
             MMapPath::Vsyscall => {}
             _ if keep(s) => {}
             _ => {
-                inj.call(&format!("munmap of the restorer's {s:x}-{e:x}"), libc::SYS_munmap, &[s, e - s])?;
+                inj.call(
+                    &format!("munmap of the restorer's {s:x}-{e:x}"),
+                    libc::SYS_munmap,
+                    &[s, e - s],
+                )?;
             }
         }
     }
     let target = memory::special_areas(&p.mappings);
-    let span = target.iter().map(|t| t.2).max().unwrap_or(0) - target.iter().map(|t| t.1).min().unwrap_or(0);
+    let span = target.iter().map(|t| t.2).max().unwrap_or(0)
+        - target.iter().map(|t| t.1).min().unwrap_or(0);
     let mut avoid = used.to_vec();
     avoid.extend(specials.iter().map(|s| (s.1, s.2)));
-    let free_at = memory::find_free(&avoid, span.max(PAGE_SIZE), 0x100000).ok_or_else(|| Error::Restore {
-        pid: child,
-        msg: "no room to move the vdso".into(),
-    })?;
+    let free_at =
+        memory::find_free(&avoid, span.max(PAGE_SIZE), 0x100000).ok_or_else(|| Error::Restore {
+            pid: child,
+            msg: "no room to move the vdso".into(),
+        })?;
     memory::move_vdso(&inj, child, &specials, &target, free_at)?;
 
     let fds = MapFds {
@@ -210,7 +244,11 @@ fn rebuild(child: i32, p: &Process, prep: &Prepared, used: &[(u64, u64)]) -> Res
     signals::requeue(&inj, child, None, &p.signals.shared_pending, &scratch)?;
     // The last injected syscall removes the gadget itself; the thread is at that
     // syscall's exit stop and gets its own registers before it runs again.
-    inj.call("munmap of the restorer gadget", libc::SYS_munmap, &[prep.gadget, GADGET_LEN])?;
+    inj.call(
+        "munmap of the restorer gadget",
+        libc::SYS_munmap,
+        &[prep.gadget, GADGET_LEN],
+    )?;
     thread::restore_cpu(child, t)?;
     ptrace::detach(child, 0).ctx(child, || "starting the restored process".into())
 }
@@ -249,7 +287,14 @@ fn max_open_fd() -> i32 {
 }
 
 /// Runs in the new process: prepares it, reports, and waits to be rebuilt.
-fn child_main(image: &CheckpointReader, p: &Process, stdio: [Option<i32>; 3], hi: i32, gadget: u64, mut report: i32) -> ! {
+fn child_main(
+    image: &CheckpointReader,
+    p: &Process,
+    stdio: [Option<i32>; 3],
+    hi: i32,
+    gadget: u64,
+    mut report: i32,
+) -> ! {
     let msg = match prepare(image, p, stdio, hi, gadget, &mut report) {
         Ok(prep) => format!("OK {}", serde_json::to_string(&prep).unwrap_or_default()),
         Err(e) => format!("ERR {e}"),
@@ -268,7 +313,14 @@ fn child_main(image: &CheckpointReader, p: &Process, stdio: [Option<i32>; 3], hi
     }
 }
 
-fn prepare(image: &CheckpointReader, p: &Process, stdio: [Option<i32>; 3], hi: i32, gadget: u64, report: &mut i32) -> std::result::Result<Prepared, String> {
+fn prepare(
+    image: &CheckpointReader,
+    p: &Process,
+    stdio: [Option<i32>; 3],
+    hi: i32,
+    gadget: u64,
+    report: &mut i32,
+) -> std::result::Result<Prepared, String> {
     // SAFETY: plain libc calls on our own process; sigset is initialized by sigfillset.
     unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
@@ -282,7 +334,11 @@ fn prepare(image: &CheckpointReader, p: &Process, stdio: [Option<i32>; 3], hi: i
         let r = unsafe { libc::fcntl(fd, libc::F_DUPFD, hi) };
         (r >= 0).then_some(r)
     };
-    let ours = [stdio[0].and_then(dup_high), stdio[1].and_then(dup_high), stdio[2].and_then(dup_high)];
+    let ours = [
+        stdio[0].and_then(dup_high),
+        stdio[1].and_then(dup_high),
+        stdio[2].and_then(dup_high),
+    ];
     // The report pipe moves up too; child_main writes to and closes the moved copy.
     *report = dup_high(*report).ok_or("cannot move the report pipe")?;
     // SAFETY: closes every descriptor below `hi`; ours are all at or above it.
@@ -319,11 +375,18 @@ fn prepare(image: &CheckpointReader, p: &Process, stdio: [Option<i32>; 3], hi: i
         )
     };
     if g as u64 != gadget {
-        return Err(format!("cannot map the restorer gadget at {gadget:x}: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "cannot map the restorer gadget at {gadget:x}: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     // SAFETY: `g` points to two writable pages we just mapped.
     unsafe {
-        std::ptr::copy_nonoverlapping(stasis_sys::arch::SYSCALL_INSN.as_ptr(), g as *mut u8, stasis_sys::arch::SYSCALL_INSN.len());
+        std::ptr::copy_nonoverlapping(
+            stasis_sys::arch::SYSCALL_INSN.as_ptr(),
+            g as *mut u8,
+            stasis_sys::arch::SYSCALL_INSN.len(),
+        );
         libc::mprotect(g, PAGE_SIZE as usize, libc::PROT_READ | libc::PROT_EXEC);
     }
     let warnings = task::restore_attrs(p)?;

@@ -33,7 +33,11 @@ pub fn dump(inj: &Injector, pid: i32, scratch: &Scratch) -> Result<Signals> {
         if signo == libc::SIGKILL || signo == libc::SIGSTOP {
             continue;
         }
-        inj.call(&format!("rt_sigaction({signo}) query"), libc::SYS_rt_sigaction, &[signo as u64, 0, scratch.addr, 8])?;
+        inj.call(
+            &format!("rt_sigaction({signo}) query"),
+            libc::SYS_rt_sigaction,
+            &[signo as u64, 0, scratch.addr, 8],
+        )?;
         let raw = scratch.read(32)?;
         let a = SigAction {
             signo,
@@ -69,16 +73,34 @@ pub fn restore_actions(sig: &Signals) -> std::result::Result<(), String> {
         };
         // SAFETY: rt_sigaction reads a kernel_sigaction of the size passed (8-byte mask);
         // the handler is not called while every signal is blocked.
-        let r = unsafe { libc::syscall(libc::SYS_rt_sigaction, a.signo, &act as *const KernelSigaction, 0usize, 8usize) };
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                a.signo,
+                &act as *const KernelSigaction,
+                0usize,
+                8usize,
+            )
+        };
         if r != 0 && a.signo != 32 && a.signo != 33 {
-            return Err(format!("rt_sigaction({}): {}", a.signo, std::io::Error::last_os_error()));
+            return Err(format!(
+                "rt_sigaction({}): {}",
+                a.signo,
+                std::io::Error::last_os_error()
+            ));
         }
     }
     Ok(())
 }
 
 /// Queues saved siginfos again (process-wide when `tid` is None).
-pub fn requeue(inj: &Injector, pid: i32, tid: Option<i32>, infos: &[String], scratch: &Scratch) -> Result<()> {
+pub fn requeue(
+    inj: &Injector,
+    pid: i32,
+    tid: Option<i32>,
+    infos: &[String],
+    scratch: &Scratch,
+) -> Result<()> {
     for hex in infos {
         let Some(raw) = from_hex(hex).filter(|r| r.len() == 128) else {
             return Err(crate::Error::Restore {
@@ -89,8 +111,16 @@ pub fn requeue(inj: &Injector, pid: i32, tid: Option<i32>, infos: &[String], scr
         let signo = i32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
         scratch.write(&raw)?;
         match tid {
-            Some(t) => inj.call("rt_tgsigqueueinfo", libc::SYS_rt_tgsigqueueinfo, &[pid as u64, t as u64, signo as u64, scratch.addr])?,
-            None => inj.call("rt_sigqueueinfo", libc::SYS_rt_sigqueueinfo, &[pid as u64, signo as u64, scratch.addr])?,
+            Some(t) => inj.call(
+                "rt_tgsigqueueinfo",
+                libc::SYS_rt_tgsigqueueinfo,
+                &[pid as u64, t as u64, signo as u64, scratch.addr],
+            )?,
+            None => inj.call(
+                "rt_sigqueueinfo",
+                libc::SYS_rt_sigqueueinfo,
+                &[pid as u64, signo as u64, scratch.addr],
+            )?,
         };
     }
     Ok(())

@@ -31,8 +31,14 @@ pub struct TaskState {
 pub fn dump(proc: &ProcDir, inj: &Injector, scratch: &Scratch) -> Result<TaskState> {
     let pid = proc.pid;
     let p = proc.process()?;
-    let stat = p.stat().map_err(std::io::Error::other).ctx(pid, || "reading /proc/PID/stat".into())?;
-    let status = p.status().map_err(std::io::Error::other).ctx(pid, || "reading /proc/PID/status".into())?;
+    let stat = p
+        .stat()
+        .map_err(std::io::Error::other)
+        .ctx(pid, || "reading /proc/PID/stat".into())?;
+    let status = p
+        .status()
+        .map_err(std::io::Error::other)
+        .ctx(pid, || "reading /proc/PID/status".into())?;
     let exe_path = proc.readlink("exe")?;
     if exe_path.ends_with(" (deleted)") {
         return Err(Error::Unsupported {
@@ -40,15 +46,20 @@ pub fn dump(proc: &ProcDir, inj: &Injector, scratch: &Scratch) -> Result<TaskSta
             what: format!("an executable deleted while running ({exe_path})"),
         });
     }
-    let exe_md = std::fs::metadata(&exe_path).ctx(pid, || format!("stat of the executable {exe_path}"))?;
+    let exe_md =
+        std::fs::metadata(&exe_path).ctx(pid, || format!("stat of the executable {exe_path}"))?;
     let personality = u32::from_str_radix(proc.read_string("personality")?.trim(), 16).unwrap_or(0);
     let mut rlimits = Vec::new();
     for resource in 0..RLIMIT_COUNT {
-        let mut old = libc::rlimit64 { rlim_cur: 0, rlim_max: 0 };
+        let mut old = libc::rlimit64 {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         // SAFETY: prlimit64 with a null new limit only writes `old`.
         let r = unsafe { libc::prlimit64(pid, resource as _, std::ptr::null(), &mut old) };
         if r != 0 {
-            return Err(stasis_sys::SysError::last("prlimit64", pid)).ctx(pid, || format!("reading rlimit {resource}"));
+            return Err(stasis_sys::SysError::last("prlimit64", pid))
+                .ctx(pid, || format!("reading rlimit {resource}"));
         }
         rlimits.push(Rlimit {
             resource,
@@ -58,7 +69,11 @@ pub fn dump(proc: &ProcDir, inj: &Injector, scratch: &Scratch) -> Result<TaskSta
     }
     let mut itimers = Vec::new();
     for which in [libc::ITIMER_REAL, libc::ITIMER_VIRTUAL, libc::ITIMER_PROF] {
-        inj.call("getitimer", libc::SYS_getitimer, &[which as u64, scratch.addr])?;
+        inj.call(
+            "getitimer",
+            libc::SYS_getitimer,
+            &[which as u64, scratch.addr],
+        )?;
         let b = scratch.read(32)?;
         let us = |off| u64_at(&b, off) * 1_000_000 + u64_at(&b, off + 8);
         itimers.push(Itimer {
@@ -105,18 +120,25 @@ pub fn dump(proc: &ProcDir, inj: &Injector, scratch: &Scratch) -> Result<TaskSta
 /// they are capped and reported in the returned warnings.
 pub fn restore_attrs(p: &stasis_image::Process) -> std::result::Result<Vec<String>, String> {
     let mut warnings = Vec::new();
-    std::env::set_current_dir(&p.cwd).map_err(|e| format!("cannot enter the working directory {}: {e}", p.cwd))?;
+    std::env::set_current_dir(&p.cwd)
+        .map_err(|e| format!("cannot enter the working directory {}: {e}", p.cwd))?;
     // SAFETY: umask and personality have no memory-safety preconditions.
     unsafe {
         libc::umask(p.umask as libc::mode_t);
         libc::personality(p.personality as libc::c_ulong);
     }
     for r in &p.rlimits {
-        let mut cur = libc::rlimit64 { rlim_cur: 0, rlim_max: 0 };
+        let mut cur = libc::rlimit64 {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         // SAFETY: prlimit64 on ourselves; pointers are valid.
         unsafe { libc::prlimit64(0, r.resource as _, std::ptr::null(), &mut cur) };
         let hard = if r.hard > cur.rlim_max {
-            warnings.push(format!("rlimit {} hard limit {} capped at {} (raising needs privilege)", r.resource, r.hard, cur.rlim_max));
+            warnings.push(format!(
+                "rlimit {} hard limit {} capped at {} (raising needs privilege)",
+                r.resource, r.hard, cur.rlim_max
+            ));
             cur.rlim_max
         } else {
             r.hard
@@ -127,7 +149,11 @@ pub fn restore_attrs(p: &stasis_image::Process) -> std::result::Result<Vec<Strin
         };
         // SAFETY: as above.
         if unsafe { libc::prlimit64(0, r.resource as _, &new, std::ptr::null_mut()) } != 0 {
-            warnings.push(format!("rlimit {}: {}", r.resource, std::io::Error::last_os_error()));
+            warnings.push(format!(
+                "rlimit {}: {}",
+                r.resource,
+                std::io::Error::last_os_error()
+            ));
         }
     }
     for t in &p.itimers {
@@ -144,7 +170,11 @@ pub fn restore_attrs(p: &stasis_image::Process) -> std::result::Result<Vec<Strin
         };
         // SAFETY: setitimer reads `v`; the old value is not requested.
         if unsafe { libc::setitimer(t.which as _, &v, std::ptr::null_mut()) } != 0 {
-            return Err(format!("setitimer({}): {}", t.which, std::io::Error::last_os_error()));
+            return Err(format!(
+                "setitimer({}): {}",
+                t.which,
+                std::io::Error::last_os_error()
+            ));
         }
     }
     if let Ok(name) = CString::new(p.comm.as_bytes()) {
@@ -157,7 +187,13 @@ pub fn restore_attrs(p: &stasis_image::Process) -> std::result::Result<Vec<Strin
 /// Restores the mm fields and the exe link with PR_SET_MM_MAP, injected into the new
 /// process once all its mappings exist. `exe_fd` is a descriptor of the executable in
 /// that process.
-pub fn restore_mm(inj: &Injector, pid: i32, mm: &MmFields, exe_fd: i32, scratch: &Scratch) -> Result<()> {
+pub fn restore_mm(
+    inj: &Injector,
+    pid: i32,
+    mm: &MmFields,
+    exe_fd: i32,
+    scratch: &Scratch,
+) -> Result<()> {
     let auxv_off = PRCTL_MM_MAP_SIZE as u64;
     let mut b = Vec::with_capacity(PRCTL_MM_MAP_SIZE + mm.auxv.len() * 8);
     for v in [
@@ -188,6 +224,16 @@ pub fn restore_mm(inj: &Injector, pid: i32, mm: &MmFields, exe_fd: i32, scratch:
         });
     }
     scratch.write(&b)?;
-    inj.call("prctl(PR_SET_MM_MAP)", libc::SYS_prctl, &[PR_SET_MM, PR_SET_MM_MAP, scratch.addr, PRCTL_MM_MAP_SIZE as u64, 0])?;
+    inj.call(
+        "prctl(PR_SET_MM_MAP)",
+        libc::SYS_prctl,
+        &[
+            PR_SET_MM,
+            PR_SET_MM_MAP,
+            scratch.addr,
+            PRCTL_MM_MAP_SIZE as u64,
+            0,
+        ],
+    )?;
     Ok(())
 }

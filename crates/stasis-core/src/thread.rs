@@ -13,8 +13,16 @@ const PR_GET_TID_ADDRESS: u64 = 40;
 const RSEQ_FLAG_UNREGISTER: u64 = 1;
 
 /// Saves a stopped thread. `regs` are its registers as stopped (before injection).
-pub fn dump(inj: &Injector, tid: i32, regs: &arch::Regs, sigmask: u64, scratch: &Scratch, comm: String) -> Result<Thread> {
-    let xstate = ptrace::get_xstate(tid, arch::xstate_size()).ctx(tid, || "reading extended registers".into())?;
+pub fn dump(
+    inj: &Injector,
+    tid: i32,
+    regs: &arch::Regs,
+    sigmask: u64,
+    scratch: &Scratch,
+    comm: String,
+) -> Result<Thread> {
+    let xstate = ptrace::get_xstate(tid, arch::xstate_size())
+        .ctx(tid, || "reading extended registers".into())?;
     let pending = ptrace::peek_siginfo(tid, false)
         .ctx(tid, || "reading pending signals".into())?
         .iter()
@@ -30,9 +38,17 @@ pub fn dump(inj: &Injector, tid: i32, regs: &arch::Regs, sigmask: u64, scratch: 
         Err(e) if e.errno == libc::EIO || e.errno == libc::EINVAL => None,
         Err(e) => return Err(e).ctx(tid, || "reading the rseq registration".into()),
     };
-    inj.call("prctl(PR_GET_TID_ADDRESS)", libc::SYS_prctl, &[PR_GET_TID_ADDRESS, scratch.addr])?;
+    inj.call(
+        "prctl(PR_GET_TID_ADDRESS)",
+        libc::SYS_prctl,
+        &[PR_GET_TID_ADDRESS, scratch.addr],
+    )?;
     let clear_child_tid = u64_at(&scratch.read(8)?, 0);
-    inj.call("sigaltstack query", libc::SYS_sigaltstack, &[0, scratch.addr])?;
+    inj.call(
+        "sigaltstack query",
+        libc::SYS_sigaltstack,
+        &[0, scratch.addr],
+    )?;
     let ss = scratch.read(24)?;
     let altstack = AltStack {
         sp: u64_at(&ss, 0),
@@ -59,9 +75,17 @@ fn robust_list_of(tid: i32) -> Result<(u64, u64)> {
     let mut head = 0u64;
     let mut len = 0usize;
     // SAFETY: get_robust_list writes one pointer and one size_t to the given addresses.
-    let r = unsafe { libc::syscall(libc::SYS_get_robust_list, tid, &mut head as *mut u64, &mut len as *mut usize) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            tid,
+            &mut head as *mut u64,
+            &mut len as *mut usize,
+        )
+    };
     if r != 0 {
-        return Err(stasis_sys::SysError::last("get_robust_list", tid)).ctx(tid, || "reading the robust futex list".into());
+        return Err(stasis_sys::SysError::last("get_robust_list", tid))
+            .ctx(tid, || "reading the robust futex list".into());
     }
     Ok((head, len as u64))
 }
@@ -74,7 +98,12 @@ pub fn drop_own_rseq(inj: &Injector, pid: i32) -> Result<()> {
             inj.call(
                 "rseq unregister",
                 libc::SYS_rseq,
-                &[c.rseq_abi_pointer, u64::from(c.rseq_abi_size), RSEQ_FLAG_UNREGISTER, u64::from(c.signature)],
+                &[
+                    c.rseq_abi_pointer,
+                    u64::from(c.rseq_abi_size),
+                    RSEQ_FLAG_UNREGISTER,
+                    u64::from(c.signature),
+                ],
             )?;
         }
     }
@@ -83,15 +112,31 @@ pub fn drop_own_rseq(inj: &Injector, pid: i32) -> Result<()> {
 
 /// Restores the per-thread kernel registrations, once memory is in place.
 pub fn restore_registrations(inj: &Injector, t: &Thread, scratch: &Scratch) -> Result<()> {
-    inj.call("set_tid_address", libc::SYS_set_tid_address, &[t.clear_child_tid])?;
+    inj.call(
+        "set_tid_address",
+        libc::SYS_set_tid_address,
+        &[t.clear_child_tid],
+    )?;
     if t.robust_list != 0 {
-        inj.call("set_robust_list", libc::SYS_set_robust_list, &[t.robust_list, t.robust_list_len])?;
+        inj.call(
+            "set_robust_list",
+            libc::SYS_set_robust_list,
+            &[t.robust_list, t.robust_list_len],
+        )?;
     }
     if let Some(r) = t.rseq {
-        inj.call("rseq register", libc::SYS_rseq, &[r.addr, u64::from(r.len), 0, u64::from(r.signature)])?;
+        inj.call(
+            "rseq register",
+            libc::SYS_rseq,
+            &[r.addr, u64::from(r.len), 0, u64::from(r.signature)],
+        )?;
     }
     let mut ss = Vec::with_capacity(24);
-    let flags = if t.altstack.flags & libc::SS_DISABLE != 0 { libc::SS_DISABLE } else { 0 };
+    let flags = if t.altstack.flags & libc::SS_DISABLE != 0 {
+        libc::SS_DISABLE
+    } else {
+        0
+    };
     ss.extend_from_slice(&t.altstack.sp.to_le_bytes());
     ss.extend_from_slice(&(flags as u64).to_le_bytes());
     ss.extend_from_slice(&t.altstack.size.to_le_bytes());
@@ -108,7 +153,9 @@ pub fn restore_cpu(tid: i32, t: &Thread) -> Result<()> {
         msg: "malformed xstate in the image".into(),
     })?;
     ptrace::set_regs(tid, &t.regs.for_restore()).ctx(tid, || "setting registers".into())?;
-    ptrace::set_xstate(tid, &xstate).ctx(tid, || "setting extended registers (is this CPU's feature set the image's?)".into())?;
+    ptrace::set_xstate(tid, &xstate).ctx(tid, || {
+        "setting extended registers (is this CPU's feature set the image's?)".into()
+    })?;
     ptrace::set_sigmask(tid, t.sigmask).ctx(tid, || "setting the signal mask".into())?;
     Ok(())
 }

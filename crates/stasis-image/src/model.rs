@@ -4,8 +4,8 @@
 //! `#[serde(default)]` so that older images still load; changing a meaning: bump
 //! [`crate::FORMAT_VERSION`].
 
-pub use stasis_sys::arch::Regs;
 use serde::{Deserialize, Serialize};
+pub use stasis_sys::arch::Regs;
 
 /// Top-level metadata of one checkpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -312,7 +312,7 @@ pub fn to_hex(bytes: &[u8]) -> String {
 
 /// Inverse of [`to_hex`]; `None` on malformed input.
 pub fn from_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())

@@ -30,8 +30,14 @@ pub enum ImageError {
     NoCheckpoint(PathBuf),
     #[error("{path}: checksum mismatch in bytes {start}..{end}: the image is corrupt or was modified; nothing was restored")]
     Checksum { path: PathBuf, start: u64, end: u64 },
-    #[error("{path}: truncated: {found} bytes, the manifest says {expected}; nothing was restored")]
-    Truncated { path: PathBuf, expected: u64, found: u64 },
+    #[error(
+        "{path}: truncated: {found} bytes, the manifest says {expected}; nothing was restored"
+    )]
+    Truncated {
+        path: PathBuf,
+        expected: u64,
+        found: u64,
+    },
     #[error("{path}: corrupt image: {msg}; nothing was restored")]
     Corrupt { path: PathBuf, msg: String },
     #[error("{path}: image format version {found} is not supported (this stasis reads version {FORMAT_VERSION})")]
@@ -89,7 +95,11 @@ fn hash_hex(h: u64) -> String {
 
 /// Creates `dir` (mode 0700) if missing.
 pub fn ensure_dir(dir: &Path) -> ImageResult<()> {
-    match fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
+    match fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+    {
         Ok(()) => Ok(()),
         Err(e) => Err(io_err(dir)(e)),
     }
@@ -209,7 +219,7 @@ impl DataWriter {
             self.hasher.update(&buf[..n]);
             self.written += n as u64;
             buf = &buf[n..];
-            if self.written % CHUNK_SIZE == 0 {
+            if self.written.is_multiple_of(CHUNK_SIZE) {
                 self.chunks.push(hash_hex(self.hasher.digest()));
                 self.hasher.reset();
             }
@@ -223,7 +233,7 @@ impl DataWriter {
     }
 
     fn finish(mut self) -> ImageResult<FileEntry> {
-        if self.written % CHUNK_SIZE != 0 {
+        if !self.written.is_multiple_of(CHUNK_SIZE) {
             self.chunks.push(hash_hex(self.hasher.digest()));
         }
         self.file.sync_all().map_err(io_err(&self.path))?;
@@ -324,10 +334,11 @@ impl CheckpointWriter {
             path: mpath.clone(),
             msg: e.to_string(),
         })?;
-        let raw = serde_json::value::RawValue::from_string(body).map_err(|e| ImageError::Corrupt {
-            path: mpath.clone(),
-            msg: e.to_string(),
-        })?;
+        let raw =
+            serde_json::value::RawValue::from_string(body).map_err(|e| ImageError::Corrupt {
+                path: mpath.clone(),
+                msg: e.to_string(),
+            })?;
         let env = Envelope {
             checksum: hash_hex(xxhash_rust::xxh3::xxh3_64(raw.get().as_bytes())),
             manifest: &raw,
@@ -419,7 +430,10 @@ impl CheckpointReader {
         let manifest: Manifest =
             serde_json::from_str(env.manifest.get()).map_err(|e| corrupt(e.to_string()))?;
         if manifest.format != FORMAT_NAME {
-            return Err(corrupt(format!("not a stasis image (format {:?})", manifest.format)));
+            return Err(corrupt(format!(
+                "not a stasis image (format {:?})",
+                manifest.format
+            )));
         }
         if manifest.version != FORMAT_VERSION {
             return Err(ImageError::Version {
@@ -521,7 +535,9 @@ mod tests {
             let mut w = CheckpointWriter::begin(&lock).unwrap();
             assert_eq!(w.sequence(), round);
             let mut d = w.data_file("pages-2.img").unwrap();
-            let data: Vec<u8> = (0..(3 * CHUNK_SIZE as usize + 100)).map(|i| (i * 7 + round as usize) as u8).collect();
+            let data: Vec<u8> = (0..(3 * CHUNK_SIZE as usize + 100))
+                .map(|i| (i * 7 + round as usize) as u8)
+                .collect();
             d.write_all(&data[..5000]).unwrap();
             d.write_all(&data[5000..]).unwrap();
             w.finish_data(d).unwrap();
@@ -533,21 +549,36 @@ mod tests {
         let mut bytes = fs::read(&pages).unwrap();
         bytes[2 * CHUNK_SIZE as usize + 3] ^= 1;
         fs::write(&pages, &bytes).unwrap();
-        assert!(matches!(CheckpointReader::open_latest(&root), Err(ImageError::Checksum { .. })));
+        assert!(matches!(
+            CheckpointReader::open_latest(&root),
+            Err(ImageError::Checksum { .. })
+        ));
         bytes.truncate(100);
         fs::write(&pages, &bytes).unwrap();
-        assert!(matches!(CheckpointReader::open_latest(&root), Err(ImageError::Truncated { .. })));
+        assert!(matches!(
+            CheckpointReader::open_latest(&root),
+            Err(ImageError::Truncated { .. })
+        ));
         // An unfinished writer leaves nothing behind.
         drop(CheckpointWriter::begin(&lock).unwrap());
         assert_eq!(list_checkpoints(&root).unwrap().len(), 3);
         prune(&lock, 2).unwrap();
-        let left: Vec<u64> = list_checkpoints(&root).unwrap().iter().map(|c| c.0).collect();
+        let left: Vec<u64> = list_checkpoints(&root)
+            .unwrap()
+            .iter()
+            .map(|c| c.0)
+            .collect();
         assert_eq!(left, vec![2, 3]);
         // Tampered manifest.
         let m = root.join("checkpoint-000002").join(MANIFEST);
-        let t = fs::read_to_string(&m).unwrap().replace("\"sequence\": 2", "\"sequence\": 9");
+        let t = fs::read_to_string(&m)
+            .unwrap()
+            .replace("\"sequence\": 2", "\"sequence\": 9");
         fs::write(&m, t).unwrap();
-        assert!(matches!(CheckpointReader::open(&root.join("checkpoint-000002")), Err(ImageError::Checksum { .. })));
+        assert!(matches!(
+            CheckpointReader::open(&root.join("checkpoint-000002")),
+            Err(ImageError::Checksum { .. })
+        ));
         fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -22,7 +22,13 @@ pub const O_EXITKILL: u64 = 0x10_0000;
 /// `PTRACE_EVENT_STOP`: the stop PTRACE_INTERRUPT and group-stops produce.
 pub const EVENT_STOP: i32 = 128;
 
-fn req(call: &'static str, request: libc::c_uint, pid: i32, addr: usize, data: usize) -> Result<i64> {
+fn req(
+    call: &'static str,
+    request: libc::c_uint,
+    pid: i32,
+    addr: usize,
+    data: usize,
+) -> Result<i64> {
     // SAFETY: every caller passes `addr`/`data` that are either plain integers or point
     // to live buffers of the size the request expects (documented at each call site).
     let r = unsafe {
@@ -72,14 +78,27 @@ pub fn detach(pid: i32, sig: i32) -> Result<()> {
 pub fn get_regs(pid: i32) -> Result<Regs> {
     let mut regs = Regs::default();
     // `regs` is a repr(C) user_regs_struct, the buffer GETREGS fills.
-    req("PTRACE_GETREGS", libc::PTRACE_GETREGS, pid, 0, &mut regs as *mut Regs as usize)?;
+    req(
+        "PTRACE_GETREGS",
+        libc::PTRACE_GETREGS,
+        pid,
+        0,
+        &mut regs as *mut Regs as usize,
+    )?;
     Ok(regs)
 }
 
 /// PTRACE_SETREGS.
 pub fn set_regs(pid: i32, regs: &Regs) -> Result<()> {
     // `regs` is a repr(C) user_regs_struct, the buffer SETREGS reads.
-    req("PTRACE_SETREGS", libc::PTRACE_SETREGS, pid, 0, regs as *const Regs as usize).map(drop)
+    req(
+        "PTRACE_SETREGS",
+        libc::PTRACE_SETREGS,
+        pid,
+        0,
+        regs as *const Regs as usize,
+    )
+    .map(drop)
 }
 
 /// PTRACE_GETREGSET NT_X86_XSTATE: the XSAVE area, `size` bytes at most.
@@ -93,7 +112,13 @@ pub fn get_xstate(pid: i32, size: usize) -> Result<Vec<u8>> {
         iov_len: buf.len(),
     };
     // The iovec describes `buf`, which outlives the call.
-    req("PTRACE_GETREGSET(NT_X86_XSTATE)", libc::PTRACE_GETREGSET, pid, NT_XSTATE as usize, &mut iov as *mut _ as usize)?;
+    req(
+        "PTRACE_GETREGSET(NT_X86_XSTATE)",
+        libc::PTRACE_GETREGSET,
+        pid,
+        NT_XSTATE as usize,
+        &mut iov as *mut _ as usize,
+    )?;
     buf.truncate(iov.iov_len);
     Ok(buf)
 }
@@ -108,19 +133,39 @@ pub fn set_xstate(pid: i32, xstate: &[u8]) -> Result<()> {
         iov_len: xstate.len(),
     };
     // The iovec describes `xstate`; the kernel only reads it.
-    req("PTRACE_SETREGSET(NT_X86_XSTATE)", libc::PTRACE_SETREGSET, pid, NT_XSTATE as usize, &mut iov as *mut _ as usize).map(drop)
+    req(
+        "PTRACE_SETREGSET(NT_X86_XSTATE)",
+        libc::PTRACE_SETREGSET,
+        pid,
+        NT_XSTATE as usize,
+        &mut iov as *mut _ as usize,
+    )
+    .map(drop)
 }
 
 /// PTRACE_GETSIGMASK: the thread's blocked-signal mask (bit N-1 = signal N).
 pub fn get_sigmask(pid: i32) -> Result<u64> {
     let mut mask = 0u64;
-    req("PTRACE_GETSIGMASK", PTRACE_GETSIGMASK, pid, 8, &mut mask as *mut u64 as usize)?;
+    req(
+        "PTRACE_GETSIGMASK",
+        PTRACE_GETSIGMASK,
+        pid,
+        8,
+        &mut mask as *mut u64 as usize,
+    )?;
     Ok(mask)
 }
 
 /// PTRACE_SETSIGMASK.
 pub fn set_sigmask(pid: i32, mask: u64) -> Result<()> {
-    req("PTRACE_SETSIGMASK", PTRACE_SETSIGMASK, pid, 8, &mask as *const u64 as usize).map(drop)
+    req(
+        "PTRACE_SETSIGMASK",
+        PTRACE_SETSIGMASK,
+        pid,
+        8,
+        &mask as *const u64 as usize,
+    )
+    .map(drop)
 }
 
 /// `struct ptrace_rseq_configuration` (include/uapi/linux/ptrace.h).
@@ -169,7 +214,13 @@ pub fn peek_siginfo(pid: i32, shared: bool) -> Result<Vec<RawSiginfo>> {
             nr: batch.len() as i32,
         };
         // `args` and `batch` are live for the call; batch holds `nr` siginfos.
-        let n = req("PTRACE_PEEKSIGINFO", PTRACE_PEEKSIGINFO, pid, &args as *const _ as usize, batch.as_mut_ptr() as usize)?;
+        let n = req(
+            "PTRACE_PEEKSIGINFO",
+            PTRACE_PEEKSIGINFO,
+            pid,
+            &args as *const _ as usize,
+            batch.as_mut_ptr() as usize,
+        )?;
         if n <= 0 {
             return Ok(out);
         }

@@ -54,7 +54,9 @@ pub enum Command {
     ///
     /// DIR is where checkpoints go (created with mode 0700 if missing) and names this
     /// run for `stasis checkpoint DIR`. One run or restart at a time may use a DIR.
-    #[command(after_help = "EXAMPLE\n    stasis run --dir $SCRATCH/ckpt -- mpirun-free-solver --steps 1e6")]
+    #[command(
+        after_help = "EXAMPLE\n    stasis run --dir $SCRATCH/ckpt -- mpirun-free-solver --steps 1e6"
+    )]
     Run {
         /// Checkpoint directory.
         #[arg(long, short = 'd', value_name = "DIR")]
@@ -76,7 +78,9 @@ pub enum Command {
     /// If anything cannot be saved (an unsupported resource, a full disk, the process
     /// exiting), nothing is published, the application keeps running, and the error names
     /// what failed.
-    #[command(after_help = "EXAMPLES\n    stasis checkpoint $SCRATCH/ckpt\n    stasis checkpoint --kill $SCRATCH/ckpt            # before the wall-time limit\n    stasis checkpoint --pid 12345 --dir $SCRATCH/ckpt")]
+    #[command(
+        after_help = "EXAMPLES\n    stasis checkpoint $SCRATCH/ckpt\n    stasis checkpoint --kill $SCRATCH/ckpt            # before the wall-time limit\n    stasis checkpoint --pid 12345 --dir $SCRATCH/ckpt"
+    )]
     Checkpoint {
         /// Checkpoint directory of a `stasis run`/`restart` (or with --pid, --dir).
         #[arg(value_name = "DIR", required_unless_present = "pid")]

@@ -51,7 +51,10 @@ pub fn listen(dir: &Path) -> Result<UnixListener> {
     let addr = address(dir)?;
     UnixListener::bind_addr(&addr).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
-            anyhow!("another `stasis run` or `stasis restart` is already using {}", dir.display())
+            anyhow!(
+                "another `stasis run` or `stasis restart` is already using {}",
+                dir.display()
+            )
         } else {
             anyhow!("binding the control socket of {}: {e}", dir.display())
         }
@@ -60,11 +63,21 @@ pub fn listen(dir: &Path) -> Result<UnixListener> {
 
 /// UID of the peer of a connected socket, as seen in our user namespace.
 pub fn peer_uid(s: &UnixStream) -> Option<u32> {
-    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `cred`.
     let r = unsafe {
-        libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, &mut cred as *mut _ as *mut libc::c_void, &mut len)
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
     };
     (r == 0).then_some(cred.uid)
 }
@@ -80,9 +93,12 @@ pub fn request_checkpoint(dir: &Path, kill: bool, keep: usize) -> Result<String>
     })?;
     let mut line = serde_json::to_string(&Request { kill, keep })?;
     line.push('\n');
-    s.write_all(line.as_bytes()).context("sending the checkpoint request")?;
+    s.write_all(line.as_bytes())
+        .context("sending the checkpoint request")?;
     let mut reply = String::new();
-    BufReader::new(&s).read_line(&mut reply).context("reading the checkpoint reply")?;
+    BufReader::new(&s)
+        .read_line(&mut reply)
+        .context("reading the checkpoint reply")?;
     if reply.is_empty() {
         bail!("the supervisor closed the connection without answering (did the application exit?)");
     }
@@ -97,7 +113,15 @@ pub fn request_checkpoint(dir: &Path, kill: bool, keep: usize) -> Result<String>
 pub fn serve_one(stream: UnixStream, handle: impl FnOnce(Request) -> Reply) {
     let my_uid = 0; // the init is root of its user namespace, mapped to the invoking user
     if peer_uid(&stream) != Some(my_uid) {
-        let _ = reply(&stream, &Reply { ok: false, error: "permission denied: not the owner of this job".into(), path: String::new(), summary: String::new() });
+        let _ = reply(
+            &stream,
+            &Reply {
+                ok: false,
+                error: "permission denied: not the owner of this job".into(),
+                path: String::new(),
+                summary: String::new(),
+            },
+        );
         return;
     }
     let mut line = String::new();
@@ -117,7 +141,8 @@ pub fn serve_one(stream: UnixStream, handle: impl FnOnce(Request) -> Reply) {
 }
 
 fn reply(mut s: &UnixStream, r: &Reply) -> std::io::Result<()> {
-    let mut line = serde_json::to_string(r).unwrap_or_else(|_| "{\"ok\":false,\"error\":\"internal\"}".into());
+    let mut line =
+        serde_json::to_string(r).unwrap_or_else(|_| "{\"ok\":false,\"error\":\"internal\"}".into());
     line.push('\n');
     s.write_all(line.as_bytes())
 }
@@ -131,7 +156,11 @@ pub fn summarize(r: &DumpReport) -> String {
         t.pages_bytes as f64 / (1 << 20) as f64,
         (t.freeze_us + t.dump_us) as f64 / 1000.0,
         t.sync_us as f64 / 1000.0,
-        if r.killed { "; application stopped" } else { "" }
+        if r.killed {
+            "; application stopped"
+        } else {
+            ""
+        }
     )
 }
 

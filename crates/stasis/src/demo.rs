@@ -35,7 +35,10 @@ struct Phase {
 }
 
 fn start(cmd: &mut Command) -> Result<Phase> {
-    let mut child = cmd.stdout(Stdio::piped()).spawn().context("starting stasis")?;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting stasis")?;
     let stdout = child.stdout.take().context("no stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -52,17 +55,31 @@ fn start(cmd: &mut Command) -> Result<Phase> {
 pub fn demo(dir: Option<PathBuf>) -> Result<ExitCode> {
     let exe = std::env::current_exe().context("finding the stasis binary")?;
     let temp = dir.is_none();
-    let dir = dir.unwrap_or_else(|| std::env::temp_dir().join(format!("stasis-demo-{}", std::process::id())));
+    let dir = dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("stasis-demo-{}", std::process::id()))
+    });
     let ticks = 30u64;
     let want = expected_checksums(ticks);
     println!("stasis demo: a counter runs under stasis; it is checkpointed and killed twice,");
     println!("and each restart must continue with the next tick and the right checksum.");
     println!("checkpoints go to {}\n", dir.display());
     let mut seen: Vec<u64> = Vec::new();
-    let mut phase = start(Command::new(&exe).arg("run").arg("--dir").arg(&dir).arg("--").arg(&exe).arg("demo-workload").arg(ticks.to_string()))?;
+    let mut phase = start(
+        Command::new(&exe)
+            .arg("run")
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--")
+            .arg(&exe)
+            .arg("demo-workload")
+            .arg(ticks.to_string()),
+    )?;
     for (round, stop_at) in [(1, 8u64), (2, 17u64)] {
         loop {
-            let line = phase.lines.recv_timeout(Duration::from_secs(30)).context("the workload stopped printing")?;
+            let line = phase
+                .lines
+                .recv_timeout(Duration::from_secs(30))
+                .context("the workload stopped printing")?;
             println!("  app | {line}");
             let n = check_line(&line, &want)?;
             if let Some(&last) = seen.last() {
@@ -75,7 +92,11 @@ pub fn demo(dir: Option<PathBuf>) -> Result<ExitCode> {
                 break;
             }
         }
-        let st = Command::new(&exe).arg("checkpoint").arg("--kill").arg(&dir).status()?;
+        let st = Command::new(&exe)
+            .arg("checkpoint")
+            .arg("--kill")
+            .arg(&dir)
+            .status()?;
         if !st.success() {
             bail!("checkpoint failed");
         }
@@ -100,7 +121,10 @@ pub fn demo(dir: Option<PathBuf>) -> Result<ExitCode> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     if !st.success() || seen.len() as u64 != ticks {
-        bail!("the workload did not finish cleanly ({st}, {} ticks seen)", seen.len());
+        bail!(
+            "the workload did not finish cleanly ({st}, {} ticks seen)",
+            seen.len()
+        );
     }
     println!("\nstasis demo: OK - all {ticks} ticks seen exactly once, checksums right, across 2 checkpoint/kill/restart cycles.");
     Ok(ExitCode::SUCCESS)
@@ -108,7 +132,9 @@ pub fn demo(dir: Option<PathBuf>) -> Result<ExitCode> {
 
 fn check_line(line: &str, want: &[u64]) -> Result<u64> {
     let mut w = line.split_whitespace();
-    let (Some("tick"), Some(n), Some("checksum"), Some(sum)) = (w.next(), w.next(), w.next(), w.next()) else {
+    let (Some("tick"), Some(n), Some("checksum"), Some(sum)) =
+        (w.next(), w.next(), w.next(), w.next())
+    else {
         bail!("unexpected output {line:?}");
     };
     let n: u64 = n.parse()?;

@@ -17,8 +17,15 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
         return Ok(());
     }
     let all = store::list_checkpoints(dir).unwrap_or_default();
-    println!("checkpoint   {} (verified; {} checkpoint(s) in this directory)", reader.path().display(), all.len().max(1));
-    println!("taken on     {} kernel {}, {:?}", meta.arch, meta.kernel, meta.origin);
+    println!(
+        "checkpoint   {} (verified; {} checkpoint(s) in this directory)",
+        reader.path().display(),
+        all.len().max(1)
+    );
+    println!(
+        "taken on     {} kernel {}, {:?}",
+        meta.arch, meta.kernel, meta.origin
+    );
     let t = &meta.timings;
     println!(
         "timings      freeze {:.1} ms, dump {:.1} ms, sync {:.1} ms; {:.1} MiB of pages",
@@ -32,11 +39,26 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
         println!("process {} ({}), parent {}", p.pid, p.comm, p.ppid);
         println!("  exe        {}", p.exe.path);
         println!("  cwd        {}", p.cwd);
-        println!("  umask      {:04o}   personality {:#x}", p.umask, p.personality);
-        println!("  threads    {}", p.threads.iter().map(|t| t.tid.to_string()).collect::<Vec<_>>().join(" "));
+        println!(
+            "  umask      {:04o}   personality {:#x}",
+            p.umask, p.personality
+        );
+        println!(
+            "  threads    {}",
+            p.threads
+                .iter()
+                .map(|t| t.tid.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
         let total: u64 = p.mappings.iter().map(|m| m.len()).sum();
         let saved: u64 = p.mappings.iter().map(|m| m.saved_pages()).sum::<u64>() * meta.page_size;
-        println!("  mappings   {} ({:.1} MiB mapped, {:.1} MiB saved)", p.mappings.len(), mib(total), mib(saved));
+        println!(
+            "  mappings   {} ({:.1} MiB mapped, {:.1} MiB saved)",
+            p.mappings.len(),
+            mib(total),
+            mib(saved)
+        );
         for m in &p.mappings {
             let prot = format!(
                 "{}{}{}{}",
@@ -61,12 +83,22 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
         println!("  fds        {}", p.fds.len());
         for f in &p.fds {
             let what = match &f.kind {
-                FdKind::Stdio { index } => format!("stdio {index} (rebound to the restarting stasis's)"),
-                FdKind::File { file, pos, flags } => format!("{} offset {pos} flags {flags:#o}", file.path),
-                FdKind::Deleted { path, pos, size, .. } => format!("{path} (deleted; {size} bytes saved) offset {pos}"),
+                FdKind::Stdio { index } => {
+                    format!("stdio {index} (rebound to the restarting stasis's)")
+                }
+                FdKind::File { file, pos, flags } => {
+                    format!("{} offset {pos} flags {flags:#o}", file.path)
+                }
+                FdKind::Deleted {
+                    path, pos, size, ..
+                } => format!("{path} (deleted; {size} bytes saved) offset {pos}"),
                 FdKind::Device { path, .. } => path.clone(),
             };
-            println!("    {:>4}{} {what}", f.fd, if f.cloexec { "e" } else { " " });
+            println!(
+                "    {:>4}{} {what}",
+                f.fd,
+                if f.cloexec { "e" } else { " " }
+            );
         }
         let handled: Vec<String> = p
             .signals
@@ -81,7 +113,14 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
                 format!("{}={how}", a.signo)
             })
             .collect();
-        println!("  signals    {}", if handled.is_empty() { "all default".into() } else { handled.join(" ") });
+        println!(
+            "  signals    {}",
+            if handled.is_empty() {
+                "all default".into()
+            } else {
+                handled.join(" ")
+            }
+        );
         for t in &p.threads {
             println!(
                 "  thread {}   blocked {:#x}, {} pending (+{} process-wide), rip {:#x}{}",
@@ -90,7 +129,11 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
                 t.pending.len(),
                 p.signals.shared_pending.len(),
                 t.regs.rip,
-                if t.regs.interrupted_restartable() { ", in a syscall (restarted on restore)" } else { "" }
+                if t.regs.interrupted_restartable() {
+                    ", in a syscall (restarted on restore)"
+                } else {
+                    ""
+                }
             );
         }
     }

@@ -90,7 +90,12 @@ fn pipe() -> Result<(std::fs::File, std::fs::File)> {
         bail!("pipe2: {}", std::io::Error::last_os_error());
     }
     // SAFETY: both descriptors were just created and are owned here.
-    Ok(unsafe { (std::fs::File::from_raw_fd(p[0]), std::fs::File::from_raw_fd(p[1])) })
+    Ok(unsafe {
+        (
+            std::fs::File::from_raw_fd(p[0]),
+            std::fs::File::from_raw_fd(p[1]),
+        )
+    })
 }
 
 fn signalfd(set: &libc::sigset_t) -> Result<std::fs::File> {
@@ -144,7 +149,9 @@ fn start(dir: &Path, mode: Mode) -> Result<ExitCode> {
         return Err(e);
     }
     let mut sync_w = sync_w;
-    sync_w.write_all(b"g").context("starting the namespace init")?;
+    sync_w
+        .write_all(b"g")
+        .context("starting the namespace init")?;
     drop(sync_w);
 
     let mut sfd = signalfd(&set)?;
@@ -171,7 +178,8 @@ fn start(dir: &Path, mode: Mode) -> Result<ExitCode> {
 
 fn write_id_maps(pid: i32, uid: u32, gid: u32) -> Result<()> {
     let write = |name: &str, text: &str| {
-        std::fs::write(format!("/proc/{pid}/{name}"), text).with_context(|| format!("writing /proc/{pid}/{name} ({text:?})"))
+        std::fs::write(format!("/proc/{pid}/{name}"), text)
+            .with_context(|| format!("writing /proc/{pid}/{name} ({text:?})"))
     };
     if uid == 0 {
         write("uid_map", "0 0 4294967295")?;
@@ -187,7 +195,10 @@ fn write_id_maps(pid: i32, uid: u32, gid: u32) -> Result<()> {
 /// Turns the init's report into our own exit.
 fn finish(msg: &str, init_status: i32) -> Result<ExitCode> {
     let mut words = msg.split_whitespace();
-    match (words.next(), words.next().and_then(|w| w.parse::<i32>().ok())) {
+    match (
+        words.next(),
+        words.next().and_then(|w| w.parse::<i32>().ok()),
+    ) {
         (Some("exit"), Some(code)) => Ok(ExitCode::from(code as u8)),
         (Some("signal"), Some(sig)) => {
             die_by_signal(sig);
@@ -208,7 +219,10 @@ fn die_by_signal(sig: i32) {
     // SAFETY: resetting our own disposition, disabling core dumps and raising the
     // signal the application died of, so our parent sees the same death.
     unsafe {
-        let nocore = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let nocore = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         libc::setrlimit(libc::RLIMIT_CORE, &nocore);
         libc::signal(sig, libc::SIG_DFL);
         let set = sigset(&[sig]);
@@ -218,7 +232,13 @@ fn die_by_signal(sig: i32) {
 }
 
 /// The init: PID 1 of the namespaces. Returns its exit code.
-fn init_main(dir: &Path, mode: Mode, listener: UnixListener, mut status: std::fs::File, mut sync: std::fs::File) -> i32 {
+fn init_main(
+    dir: &Path,
+    mode: Mode,
+    listener: UnixListener,
+    mut status: std::fs::File,
+    mut sync: std::fs::File,
+) -> i32 {
     let mut b = [0u8; 1];
     if sync.read_exact(&mut b).is_err() {
         return 1;
@@ -247,8 +267,18 @@ fn init_inner(dir: &Path, mode: Mode, listener: &UnixListener) -> Result<String>
         // which forwards them once.
         libc::setsid();
         let proc_ = c"proc";
-        if libc::mount(proc_.as_ptr(), c"/proc".as_ptr(), proc_.as_ptr(), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, std::ptr::null()) != 0 {
-            bail!("mounting /proc for the new PID namespace: {}", std::io::Error::last_os_error());
+        if libc::mount(
+            proc_.as_ptr(),
+            c"/proc".as_ptr(),
+            proc_.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        ) != 0
+        {
+            bail!(
+                "mounting /proc for the new PID namespace: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
     let mut all = FORWARDED.to_vec();

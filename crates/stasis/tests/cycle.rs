@@ -26,34 +26,42 @@ fn counter_checkpoint_kill_restart_three_times() {
     eprintln!("{ready}; {} ticks over 4 processes", t.len());
     // The app is gone after it exited; nothing left behind.
     if let Err(p) = wait_no_procs_in(&w.dir, Duration::from_secs(5)) {
-        panic!("processes left after the app exited:\n{}", describe_procs(&p));
+        panic!(
+            "processes left after the app exited:\n{}",
+            describe_procs(&p)
+        );
     }
 }
 
-/// Plain checkpoint (no --kill) keeps the app running; after SIGKILL of
-/// `stasis run` the app dies too; restart continues from the checkpoint.
+/// Plain checkpoint (no --kill) keeps the app running; the app is then
+/// killed (SIGKILL to the app itself, so `stasis run` reports its death); the
+/// restart continues from the checkpoint (repeating what came after it).
 #[test]
-fn counter_checkpoint_without_kill_then_sigkill_run() {
+fn counter_checkpoint_without_kill_then_app_killed() {
     let w = Work::new("counter_nokill");
-    let mut s = Session::start(&w, &[prog("counter")]);
+    let exe = prog("counter");
+    let mut s = Session::start(&w, &[&exe]);
     s.cur().wait_tick(5, T_READY);
     let before = s.cur().last_tick().unwrap();
     w.checkpoint_ok(false, s.cur());
     let after = s.cur().last_tick().unwrap();
     // still running and ticking
-    let later = s.cur().wait_more_ticks(10, T_READY);
+    s.cur().wait_more_ticks(10, T_READY);
     assert!(s.cur().running(), "stasis run exited after a checkpoint without --kill\n{}", s.diag());
 
-    // SIGKILL stasis run: the application must die with it.
-    s.cur().kill();
+    let app = pids_of_exe(&w.dir, &exe);
+    assert_eq!(app.len(), 1, "expected one app process: {app:?}");
+    unsafe { libc::kill(app[0], libc::SIGKILL) };
+    let st = s.cur().wait(T_CMD);
+    assert!(
+        st.signal() == Some(libc::SIGKILL) || st.code() == Some(128 + libc::SIGKILL),
+        "app was SIGKILLed, stasis run ended with {}\n{}",
+        status_str(&st),
+        s.diag()
+    );
     if let Err(p) = wait_no_procs_in(&w.dir, Duration::from_secs(10)) {
-        panic!(
-            "after SIGKILL of `stasis run` these processes survive (the app must die too):\n{}",
-            describe_procs(&p)
-        );
+        panic!("processes left after the run ended:\n{}", describe_procs(&p));
     }
-    let final_run_tick = s.cur().last_tick().unwrap();
-    assert!(final_run_tick >= later);
 
     s.restart(Probe::Ticks);
     s.cur().wait_more_ticks(3, T_READY);
@@ -68,8 +76,24 @@ fn counter_checkpoint_without_kill_then_sigkill_run() {
         first > before && first <= after + 1,
         "restart continued at tick {first}, but the checkpoint was taken between ticks {before} and {after}"
     );
-    assert!(first <= *run_ticks.last().unwrap(), "restart must repeat the ticks printed after the checkpoint");
+    assert!(first < *run_ticks.last().unwrap(), "restart must repeat the ticks printed after the checkpoint");
     verify_counter(&out[1..], Some(first));
+}
+
+/// SIGKILL of `stasis run` (e.g. by a batch system) must not leave the
+/// application (or stasis's init) running.
+#[test]
+fn sigkill_of_stasis_run_kills_app() {
+    let w = Work::new("sigkill_run");
+    let mut s = Session::start(&w, &[prog("counter")]);
+    s.cur().wait_tick(3, T_READY);
+    s.cur().kill();
+    if let Err(p) = wait_no_procs_in(&w.dir, Duration::from_secs(10)) {
+        panic!(
+            "after SIGKILL of `stasis run` these processes survive (the app must die too):\n{}",
+            describe_procs(&p)
+        );
+    }
 }
 
 /// Several checkpoints: restart uses the newest one; numbering increases.
@@ -111,12 +135,23 @@ fn checkpoint_by_pid() {
     let pid = app.pid().to_string();
     let r = w.stasis(
         "ckpt-pid",
-        &["checkpoint".as_ref(), "--pid".as_ref(), pid.as_ref(), "--dir".as_ref(), w.ck.as_os_str(), "--kill".as_ref()],
+        &[
+            "checkpoint".as_ref(),
+            "--pid".as_ref(),
+            pid.as_ref(),
+            "--dir".as_ref(),
+            w.ck.as_os_str(),
+            "--kill".as_ref(),
+        ],
     );
     assert!(r.status.success(), "{r}\n{}", app.diag());
     assert_eq!(w.checkpoints().len(), 1, "no checkpoint published by {r}");
     let st = app.wait(T_CMD);
-    assert!(st.signal().is_some(), "app should have been killed by checkpoint --kill, got {}", status_str(&st));
+    assert!(
+        st.signal().is_some(),
+        "app should have been killed by checkpoint --kill, got {}",
+        status_str(&st)
+    );
     let mut s = Session::from_proc(&w, app);
     s.restart(Probe::Ticks);
     // and once more through the supervisor of the restarted process
@@ -131,7 +166,10 @@ fn checkpoint_by_pid() {
 fn exit_status_propagation() {
     // plain run, exit code
     let w = Work::new("exitcode");
-    let mut s = Session::start(&w, &[prog("exiter").as_os_str(), "code".as_ref(), "3".as_ref()]);
+    let mut s = Session::start(
+        &w,
+        &[prog("exiter").as_os_str(), "code".as_ref(), "3".as_ref()],
+    );
     w.go();
     s.cur().expect_exit(3, T_CMD);
     drop(s);
@@ -139,7 +177,10 @@ fn exit_status_propagation() {
 
     // after restart, exit code
     let w = Work::new("exitcode_rs");
-    let mut s = Session::start(&w, &[prog("exiter").as_os_str(), "code".as_ref(), "7".as_ref()]);
+    let mut s = Session::start(
+        &w,
+        &[prog("exiter").as_os_str(), "code".as_ref(), "7".as_ref()],
+    );
     s.cycle(Probe::Ticks);
     w.go();
     s.cur().expect_exit(7, T_CMD);
@@ -150,7 +191,10 @@ fn exit_status_propagation() {
     for (restart, sig) in [(false, libc::SIGTERM), (true, libc::SIGUSR1)] {
         let w = Work::new("exitsig");
         let sigs = sig.to_string();
-        let mut s = Session::start(&w, &[prog("exiter").as_os_str(), "signal".as_ref(), sigs.as_ref()]);
+        let mut s = Session::start(
+            &w,
+            &[prog("exiter").as_os_str(), "signal".as_ref(), sigs.as_ref()],
+        );
         if restart {
             s.cycle(Probe::Ticks);
         }

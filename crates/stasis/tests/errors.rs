@@ -28,9 +28,15 @@ fn unsupported(kind: &str, word: Option<&str>) {
     for kill in [false, true] {
         let before = s.cur().last_tick().unwrap();
         let r = w.checkpoint(kill);
-        assert!(!r.status.success(), "checkpoint of an app holding a {kind} succeeded: {r}");
+        assert!(
+            !r.status.success(),
+            "checkpoint of an app holding a {kind} succeeded: {r}"
+        );
         let err = r.stderr.to_lowercase();
-        assert!(!err.trim().is_empty(), "refused checkpoint without an error message: {r}");
+        assert!(
+            !err.trim().is_empty(),
+            "refused checkpoint without an error message: {r}"
+        );
         if let Some(word) = word {
             assert!(err.contains(word), "error does not mention {word:?}: {r}");
             assert!(
@@ -38,15 +44,24 @@ fn unsupported(kind: &str, word: Option<&str>) {
                 "error does not name the fd ({fds:?}): {r}"
             );
         }
-        assert!(w.checkpoints().is_empty(), "a checkpoint was published: {:?}", w.checkpoints());
+        assert!(
+            w.checkpoints().is_empty(),
+            "a checkpoint was published: {:?}",
+            w.checkpoints()
+        );
         // still alive and ticking
         let after = s.cur().wait_more_ticks(5, T_READY);
         assert!(after > before);
-        assert!(s.cur().running(), "stasis run exited after a refused checkpoint\n{}", s.diag());
+        assert!(
+            s.cur().running(),
+            "stasis run exited after a refused checkpoint\n{}",
+            s.diag()
+        );
     }
     // drop the resource; now it can be checkpointed
     std::fs::write(w.path("release"), b"").unwrap();
-    s.cur().wait_line("`released`", T_READY, |l| l == "released");
+    s.cur()
+        .wait_line("`released`", T_READY, |l| l == "released");
     s.cur().wait_more_ticks(3, T_READY);
     s.cycle(Probe::Ticks);
     let ok = s.finish();
@@ -71,10 +86,27 @@ fn shared_anonymous_mapping_is_refused_and_app_survives() {
 
 fn flock(path: &std::path::Path) -> i32 {
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CREAT | libc::O_CLOEXEC, 0o644) };
-    assert!(fd >= 0, "open {}: {}", path.display(), std::io::Error::last_os_error());
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDWR | libc::O_CREAT | libc::O_CLOEXEC,
+            0o644,
+        )
+    };
+    assert!(
+        fd >= 0,
+        "open {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
     let r = unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) };
-    assert_eq!(r, 0, "cannot flock {}: {}", path.display(), std::io::Error::last_os_error());
+    assert_eq!(
+        r,
+        0,
+        "cannot flock {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
     fd
 }
 
@@ -89,10 +121,24 @@ fn held_lock_refuses_checkpoint() {
     for kill in [false, true] {
         let t0 = std::time::Instant::now();
         let r = w.checkpoint(kill);
-        assert!(!r.status.success(), "checkpoint succeeded while DIR/.lock was held: {r}");
-        assert!(r.stderr.contains("in progress"), "error does not say \"in progress\": {r}");
-        assert!(t0.elapsed() < Duration::from_secs(10), "checkpoint took {:?} to give up", t0.elapsed());
-        assert!(w.checkpoints().is_empty(), "published {:?}", w.checkpoints());
+        assert!(
+            !r.status.success(),
+            "checkpoint succeeded while DIR/.lock was held: {r}"
+        );
+        assert!(
+            r.stderr.contains("in progress"),
+            "error does not say \"in progress\": {r}"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "checkpoint took {:?} to give up",
+            t0.elapsed()
+        );
+        assert!(
+            w.checkpoints().is_empty(),
+            "published {:?}",
+            w.checkpoints()
+        );
         s.cur().wait_more_ticks(5, T_READY);
         assert!(s.cur().running());
     }
@@ -120,7 +166,11 @@ fn concurrent_checkpoints() {
             if st.success() {
                 ok += 1;
             } else {
-                assert!(p.stderr().contains("in progress"), "concurrent checkpoint failed otherwise:\n{}", p.diag());
+                assert!(
+                    p.stderr().contains("in progress"),
+                    "concurrent checkpoint failed otherwise:\n{}",
+                    p.diag()
+                );
             }
         }
         assert!(ok >= 1, "both concurrent checkpoints failed");
@@ -138,20 +188,42 @@ fn concurrent_checkpoints() {
 fn commands_without_target_fail_cleanly() {
     let w = Work::new("notarget");
     let r = w.checkpoint(false);
-    assert!(!r.status.success() && !r.stderr.trim().is_empty(), "checkpoint without supervisor: {r}");
+    assert!(
+        !r.status.success() && !r.stderr.trim().is_empty(),
+        "checkpoint without supervisor: {r}"
+    );
     let r = w.checkpoint(true);
-    assert!(!r.status.success() && !r.stderr.trim().is_empty(), "checkpoint --kill without supervisor: {r}");
+    assert!(
+        !r.status.success() && !r.stderr.trim().is_empty(),
+        "checkpoint --kill without supervisor: {r}"
+    );
     assert!(w.checkpoints().is_empty());
     let mut p = w.restart("restart-empty");
     let st = p.wait(T_CMD);
-    assert!(!st.success() && !p.stderr().trim().is_empty(), "restart of an empty dir: {}", p.diag());
+    assert!(
+        !st.success() && !p.stderr().trim().is_empty(),
+        "restart of an empty dir: {}",
+        p.diag()
+    );
     let r = w.stasis("inspect-empty", &["inspect".as_ref(), w.ck.as_os_str()]);
-    assert!(!r.status.success() && !r.stderr.trim().is_empty(), "inspect of an empty dir: {r}");
+    assert!(
+        !r.status.success() && !r.stderr.trim().is_empty(),
+        "inspect of an empty dir: {r}"
+    );
     // --pid of a process that does not exist
     let r = w.stasis(
         "ckpt-nopid",
-        &["checkpoint".as_ref(), "--pid".as_ref(), "999999999".as_ref(), "--dir".as_ref(), w.ck.as_os_str()],
+        &[
+            "checkpoint".as_ref(),
+            "--pid".as_ref(),
+            "999999999".as_ref(),
+            "--dir".as_ref(),
+            w.ck.as_os_str(),
+        ],
     );
-    assert!(!r.status.success() && !r.stderr.trim().is_empty(), "checkpoint --pid of no process: {r}");
+    assert!(
+        !r.status.success() && !r.stderr.trim().is_empty(),
+        "checkpoint --pid of no process: {r}"
+    );
     assert!(w.checkpoints().is_empty());
 }

@@ -13,7 +13,11 @@ fn expect_lines(text: &str, prefix: &str, n: u64, file: &str) {
     if text != want {
         let got: Vec<&str> = text.lines().collect();
         let exp: Vec<&str> = want.lines().collect();
-        let i = got.iter().zip(&exp).position(|(a, b)| a != b).unwrap_or(got.len().min(exp.len()));
+        let i = got
+            .iter()
+            .zip(&exp)
+            .position(|(a, b)| a != b)
+            .unwrap_or(got.len().min(exp.len()));
         panic!(
             "{file}: {} lines, want {}; first difference at line {i}: {:?} vs {:?}",
             got.len(),
@@ -39,5 +43,8 @@ fn open_files_continue_after_restart() {
     // check the files from the outside too
     expect_lines(&w.read("out.txt"), "line", n, "out.txt");
     expect_lines(&w.read("app.txt"), "app", n, "app.txt");
-    assert!(!w.path("gone.txt").exists(), "unlinked file reappeared in the work dir");
+    assert!(
+        !w.path("gone.txt").exists(),
+        "unlinked file reappeared in the work dir"
+    );
 }

@@ -34,10 +34,21 @@ fn expect_refused(w: &Work, what: &str, words: &[&str]) {
         status_str(&st),
         r.diag()
     );
-    assert!(words.iter().any(|x| err.contains(x)), "restart with {what}: error mentions none of {words:?}\n{}", r.diag());
-    assert!(ticks(&r.stdout()).is_empty(), "restart with {what}: the application ran\n{}", r.diag());
+    assert!(
+        words.iter().any(|x| err.contains(x)),
+        "restart with {what}: error mentions none of {words:?}\n{}",
+        r.diag()
+    );
+    assert!(
+        ticks(&r.stdout()).is_empty(),
+        "restart with {what}: the application ran\n{}",
+        r.diag()
+    );
     if let Err(p) = wait_no_procs_in(&w.dir, Duration::from_secs(5)) {
-        panic!("restart with {what}: processes left behind:\n{}", describe_procs(&p));
+        panic!(
+            "restart with {what}: processes left behind:\n{}",
+            describe_procs(&p)
+        );
     }
 }
 
@@ -53,7 +64,11 @@ fn corrupted_largest_image_file_is_refused() {
     let w = Work::new("integrity");
     let mut s = checkpointed_counter(&w);
     let files = files_under(&w.newest_checkpoint());
-    let (big, len) = files.iter().max_by_key(|(_, l)| *l).cloned().expect("empty checkpoint");
+    let (big, len) = files
+        .iter()
+        .max_by_key(|(_, l)| *l)
+        .cloned()
+        .expect("empty checkpoint");
     assert!(len > 0);
     let orig = std::fs::read(&big).unwrap();
 
@@ -61,15 +76,27 @@ fn corrupted_largest_image_file_is_refused() {
     let mut bad = orig.clone();
     bad[orig.len() / 2] ^= 0x01;
     std::fs::write(&big, &bad).unwrap();
-    expect_refused(&w, &format!("a flipped byte in {}", big.display()), &["checksum"]);
+    expect_refused(
+        &w,
+        &format!("a flipped byte in {}", big.display()),
+        &["checksum"],
+    );
 
     // truncated to half
     std::fs::write(&big, &orig[..orig.len() / 2]).unwrap();
-    expect_refused(&w, &format!("{} truncated", big.display()), &["truncat", "corrupt", "checksum"]);
+    expect_refused(
+        &w,
+        &format!("{} truncated", big.display()),
+        &["truncat", "corrupt", "checksum"],
+    );
 
     // truncated by one byte
     std::fs::write(&big, &orig[..orig.len() - 1]).unwrap();
-    expect_refused(&w, &format!("{} missing its last byte", big.display()), &["truncat", "corrupt", "checksum"]);
+    expect_refused(
+        &w,
+        &format!("{} missing its last byte", big.display()),
+        &["truncat", "corrupt", "checksum"],
+    );
 
     // original bytes back: restart works and continues exactly
     std::fs::write(&big, &orig).unwrap();
@@ -92,7 +119,11 @@ fn every_image_file_is_verified() {
             let mut bad = orig.clone();
             bad[pos] ^= 0x80;
             std::fs::write(f, &bad).unwrap();
-            expect_refused(&w, &format!("byte {pos} of {} flipped", f.display()), &["checksum", "corrupt", "truncat"]);
+            expect_refused(
+                &w,
+                &format!("byte {pos} of {} flipped", f.display()),
+                &["checksum", "corrupt", "truncat"],
+            );
         }
         std::fs::write(f, &orig).unwrap();
     }

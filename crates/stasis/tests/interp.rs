@@ -80,10 +80,20 @@ fn python_script_survives_two_restarts() {
     for (label, text) in s.outputs() {
         for l in complete_lines(&text) {
             if let Some((n, rest)) = parse_tick(&l) {
-                let got: u64 = rest.trim().parse().unwrap_or_else(|_| panic!("{label}: bad line {l:?}"));
-                assert_eq!(got, sums[n as usize], "{label}: tick {n}: sum {got}, want {}", sums[n as usize]);
+                let got: u64 = rest
+                    .trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{label}: bad line {l:?}"));
+                assert_eq!(
+                    got, sums[n as usize],
+                    "{label}: tick {n}: sum {got}, want {}",
+                    sums[n as usize]
+                );
             }
         }
     }
-    assert_eq!(ok, format!("OK ticks={} sum={}", last + 1, sums[last as usize]));
+    assert_eq!(
+        ok,
+        format!("OK ticks={} sum={}", last + 1, sums[last as usize])
+    );
 }

@@ -36,15 +36,28 @@ fn mapping_size(m: &Value) -> Option<u64> {
 /// Structural checks of `inspect --json` for a checkpoint of memory.c.
 fn check_inspect(w: &Work) {
     let j = w.inspect_json();
-    let procs = j["processes"].as_array().unwrap_or_else(|| panic!("no \"processes\" array in {j}"));
+    let procs = j["processes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no \"processes\" array in {j}"));
     assert!(!procs.is_empty(), "inspect: empty processes array");
     let mut saw_sparse = false;
     let mut sizes_known = false;
     for p in procs {
-        assert!(p["pid"].is_u64() || p["pid"].is_i64(), "process without numeric pid: {p}");
-        let maps = p["mappings"].as_array().unwrap_or_else(|| panic!("process without mappings: {p}"));
-        let fds = p["fds"].as_array().unwrap_or_else(|| panic!("process without fds: {p}"));
-        assert!(maps.len() >= 5, "implausibly few mappings ({}) for a C program", maps.len());
+        assert!(
+            p["pid"].is_u64() || p["pid"].is_i64(),
+            "process without numeric pid: {p}"
+        );
+        let maps = p["mappings"]
+            .as_array()
+            .unwrap_or_else(|| panic!("process without mappings: {p}"));
+        let fds = p["fds"]
+            .as_array()
+            .unwrap_or_else(|| panic!("process without fds: {p}"));
+        assert!(
+            maps.len() >= 5,
+            "implausibly few mappings ({}) for a C program",
+            maps.len()
+        );
         assert!(fds.len() >= 3, "stdio missing from fds: {fds:?}");
         for m in maps {
             if let Some(sz) = mapping_size(m) {
@@ -72,19 +85,39 @@ fn anonymous_memory_survives() {
     let mut s = Session::start(&w, &[prog("memory")]);
     let ck = s.checkpoint_kill();
     let (du, apparent) = Work::usage(&ck);
-    eprintln!("checkpoint {}: du {} KiB, apparent {} KiB", ck.display(), du / 1024, apparent / 1024);
-    assert!(du < 200 * MIB, "checkpoint uses {} MiB on disk (sparse 8 GiB mapping dumped?)", du / MIB);
-    assert!(du >= 64 * MIB || apparent >= 64 * MIB, "checkpoint ({du} bytes) cannot hold 64 MiB of random data");
+    eprintln!(
+        "checkpoint {}: du {} KiB, apparent {} KiB",
+        ck.display(),
+        du / 1024,
+        apparent / 1024
+    );
+    assert!(
+        du < 200 * MIB,
+        "checkpoint uses {} MiB on disk (sparse 8 GiB mapping dumped?)",
+        du / MIB
+    );
+    assert!(
+        du >= 64 * MIB || apparent >= 64 * MIB,
+        "checkpoint ({du} bytes) cannot hold 64 MiB of random data"
+    );
     check_inspect(&w);
     s.restart(Probe::Ping);
     let ck2 = s.checkpoint_kill();
     let (du2, _) = Work::usage(&ck2);
-    assert!(du2 < 200 * MIB, "second checkpoint uses {} MiB on disk", du2 / MIB);
+    assert!(
+        du2 < 200 * MIB,
+        "second checkpoint uses {} MiB on disk",
+        du2 / MIB
+    );
     s.restart(Probe::Ping);
     let ok = s.finish();
     s.assert_no_rerun();
     let ready = s.phases[0].lines()[0].clone();
-    let csum = ready.split_whitespace().find_map(|t| t.strip_prefix("rand=")).unwrap().to_string();
+    let csum = ready
+        .split_whitespace()
+        .find_map(|t| t.strip_prefix("rand="))
+        .unwrap()
+        .to_string();
     assert_eq!(ok, format!("OK rand={csum}"));
 }
 
@@ -108,18 +141,36 @@ fn changed_mapped_file_is_refused() {
     let mut s = Session::start(&w, &[prog("filemap")]);
     s.checkpoint_kill();
     if let Err(p) = wait_no_procs_in(&w.dir, Duration::from_secs(5)) {
-        panic!("app still alive after checkpoint --kill:\n{}", describe_procs(&p));
+        panic!(
+            "app still alive after checkpoint --kill:\n{}",
+            describe_procs(&p)
+        );
     }
-    let mut f = std::fs::OpenOptions::new().append(true).open(w.path("mapped.dat")).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(w.path("mapped.dat"))
+        .unwrap();
     f.write_all(b"X").unwrap();
     drop(f);
     let mut r = w.restart("restart-changed");
     let st = r.wait(T_CMD);
     let err = r.stderr();
-    assert!(!st.success() && st.code() != Some(EXIT_CHECKPOINTED), "restart over a changed mapped file: {}\n{}", status_str(&st), r.diag());
-    assert!(err.contains("mapped.dat"), "error does not name the changed file:\n{}", r.diag());
+    assert!(
+        !st.success() && st.code() != Some(EXIT_CHECKPOINTED),
+        "restart over a changed mapped file: {}\n{}",
+        status_str(&st),
+        r.diag()
+    );
+    assert!(
+        err.contains("mapped.dat"),
+        "error does not name the changed file:\n{}",
+        r.diag()
+    );
     assert!(r.stdout().is_empty(), "the application ran:\n{}", r.diag());
     if let Err(p) = wait_no_procs_in(&w.dir, Duration::from_secs(5)) {
-        panic!("processes left after the failed restart:\n{}", describe_procs(&p));
+        panic!(
+            "processes left after the failed restart:\n{}",
+            describe_procs(&p)
+        );
     }
 }

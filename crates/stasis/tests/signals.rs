@@ -27,9 +27,17 @@ fn signal_state_survives() {
 fn blocked_sleeps_complete_after_restart() {
     let w = Work::new("sleeper");
     let mut s = Session::start(&w, &[prog("sleeper")]);
-    for phase in ["nanosleep0", "nanosleep2", "clock_abs", "clock_rel", "poll", "select"] {
+    for phase in [
+        "nanosleep0",
+        "nanosleep2",
+        "clock_abs",
+        "clock_rel",
+        "poll",
+        "select",
+    ] {
         let enter = format!("enter {phase}");
-        s.cur().wait_line(&enter, Duration::from_secs(20), |l| l == enter);
+        s.cur()
+            .wait_line(&enter, Duration::from_secs(20), |l| l == enter);
         // let it block in the syscall
         std::thread::sleep(Duration::from_millis(300));
         let done = format!("done {phase} ");
@@ -40,16 +48,37 @@ fn blocked_sleeps_complete_after_restart() {
         s.checkpoint_kill();
         s.restart(Probe::Sleep(50));
     }
-    s.cur().wait_line("`sleeps done`", Duration::from_secs(20), |l| l == "sleeps done");
+    s.cur()
+        .wait_line("`sleeps done`", Duration::from_secs(20), |l| {
+            l == "sleeps done"
+        });
     s.finish();
     s.assert_no_rerun();
     // every phase finished exactly once, with rc=0
-    let all: Vec<String> = s.outputs().iter().flat_map(|(_, o)| complete_lines(o)).collect();
-    for phase in ["nanosleep0", "nanosleep1", "nanosleep2", "clock_abs", "clock_rel", "poll", "select"] {
-        let done: Vec<&String> = all.iter().filter(|l| l.starts_with(&format!("done {phase} "))).collect();
+    let all: Vec<String> = s
+        .outputs()
+        .iter()
+        .flat_map(|(_, o)| complete_lines(o))
+        .collect();
+    for phase in [
+        "nanosleep0",
+        "nanosleep1",
+        "nanosleep2",
+        "clock_abs",
+        "clock_rel",
+        "poll",
+        "select",
+    ] {
+        let done: Vec<&String> = all
+            .iter()
+            .filter(|l| l.starts_with(&format!("done {phase} ")))
+            .collect();
         assert_eq!(done.len(), 1, "phase {phase}: {done:?}");
         assert!(done[0].contains(" rc=0 "), "{}", done[0]);
-        let enters = all.iter().filter(|l| **l == format!("enter {phase}")).count();
+        let enters = all
+            .iter()
+            .filter(|l| **l == format!("enter {phase}"))
+            .count();
         assert_eq!(enters, 1, "phase {phase} entered {enters} times");
     }
 }
@@ -78,7 +107,9 @@ fn blocked_read_on_stdin_is_rebound() {
     );
     stdin2.write_all(b"hello\n").unwrap();
     drop(stdin2);
-    let l = s.cur().wait_line("`read ... bytes`", T_READY, |l| l.starts_with("read "));
+    let l = s
+        .cur()
+        .wait_line("`read ... bytes`", T_READY, |l| l.starts_with("read "));
     assert_eq!(l, "read 6 bytes");
     s.finish();
     s.assert_no_rerun();

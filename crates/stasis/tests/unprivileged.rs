@@ -25,7 +25,11 @@ fn assert_runs_as_user(w: &Work) {
     for pid in procs_in(&w.dir) {
         if let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
             let line = st.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
-            let ids: Vec<u32> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+            let ids: Vec<u32> = line
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
             assert!(
                 ids.iter().all(|i| *i == uid),
                 "process {pid} has {line:?}, expected everything {uid}"

@@ -129,7 +129,10 @@ impl Regs {
             &mut self.r8,
             &mut self.r9,
         ];
-        for (slot, v) in slots.into_iter().zip(args.iter().copied().chain(std::iter::repeat(0))) {
+        for (slot, v) in slots
+            .into_iter()
+            .zip(args.iter().copied().chain(std::iter::repeat(0)))
+        {
             *slot = v;
         }
     }

@@ -115,7 +115,9 @@ pub fn procs_in(dir: &Path) -> Vec<i32> {
     let mut v = vec![];
     if let Ok(rd) = fs::read_dir("/proc") {
         for e in rd.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
             if pid == me {
                 continue;
             }
@@ -166,12 +168,25 @@ fn describe(pid: i32) -> String {
     format!("{pid}: {}", cmd.trim())
 }
 
+/// Pids of processes (with cwd inside `dir`) executing `exe`.
+pub fn pids_of_exe(dir: &Path, exe: &Path) -> Vec<i32> {
+    procs_in(dir)
+        .into_iter()
+        .filter(|p| fs::read_link(format!("/proc/{p}/exe")).map(|e| e == exe).unwrap_or(false))
+        .collect()
+}
+
 pub fn describe_procs(pids: &[i32]) -> String {
-    pids.iter().map(|p| describe(*p)).collect::<Vec<_>>().join("\n")
+    pids.iter()
+        .map(|p| describe(*p))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 pub fn read_lossy(p: &Path) -> String {
-    fs::read(p).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    fs::read(p)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
 }
 
 fn tail(s: &str, n: usize) -> String {
@@ -261,7 +276,11 @@ impl Proc {
         let s = self.wait(timeout);
         if s.code() != Some(code) {
             let d = self.diag();
-            panic!("{} ended with {}, expected exit {code}\n{d}", self.label, status_str(&s));
+            panic!(
+                "{} ended with {}, expected exit {code}\n{d}",
+                self.label,
+                status_str(&s)
+            );
         }
     }
     pub fn kill(&mut self) {
@@ -274,7 +293,12 @@ impl Proc {
     /// Wait for a complete stdout line satisfying `pred`, return it. Panics
     /// with diagnostics on timeout or if the process exits without printing
     /// such a line.
-    pub fn wait_line(&mut self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+    pub fn wait_line(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
         let t0 = Instant::now();
         loop {
             let exited = self.try_status().is_some();
@@ -287,7 +311,10 @@ impl Proc {
             }
             if t0.elapsed() > timeout {
                 let d = self.diag();
-                panic!("timeout ({timeout:?}) waiting for {what} from {}\n{d}", self.label);
+                panic!(
+                    "timeout ({timeout:?}) waiting for {what} from {}\n{d}",
+                    self.label
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -318,7 +345,10 @@ impl Proc {
             }
             if self.try_status().is_some() || t0.elapsed() > timeout {
                 let d = self.diag();
-                panic!("{} did not print {n} more ticks (had {base})\n{d}", self.label);
+                panic!(
+                    "{} did not print {n} more ticks (had {base})\n{d}",
+                    self.label
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -348,7 +378,11 @@ pub fn parse_tick(line: &str) -> Option<(u64, String)> {
 
 /// Tick numbers in complete lines of `text`.
 pub fn ticks(text: &str) -> Vec<u64> {
-    complete_lines(text).iter().filter_map(|l| parse_tick(l)).map(|(n, _)| n).collect()
+    complete_lines(text)
+        .iter()
+        .filter_map(|l| parse_tick(l))
+        .map(|(n, _)| n)
+        .collect()
 }
 
 /// Check that the ticks of consecutive runs (outputs in order) are exactly
@@ -369,7 +403,11 @@ pub fn assert_ticks_consecutive(outputs: &[(String, String)], first: Option<u64>
     }
     assert!(!all.is_empty(), "no ticks at all\n{report}");
     if let Some(f) = first {
-        assert_eq!(all[0], f, "first tick is {}, expected {f}\n{report}", all[0]);
+        assert_eq!(
+            all[0], f,
+            "first tick is {}, expected {f}\n{report}",
+            all[0]
+        );
     }
     for w in all.windows(2) {
         assert!(
@@ -377,7 +415,11 @@ pub fn assert_ticks_consecutive(outputs: &[(String, String)], first: Option<u64>
             "ticks not consecutive: {} followed by {} ({})\n{report}",
             w[0],
             w[1],
-            if w[1] <= w[0] { "repeat/backwards" } else { "gap" }
+            if w[1] <= w[0] {
+                "repeat/backwards"
+            } else {
+                "gap"
+            }
         );
     }
     all
@@ -404,7 +446,11 @@ pub struct Work {
 
 impl Work {
     pub fn new(name: &str) -> Work {
-        let short: String = name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').take(24).collect();
+        let short: String = name
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .take(24)
+            .collect();
         let dir = std::env::temp_dir().join(format!(
             "st-{short}-{}-{}",
             std::process::id(),
@@ -414,7 +460,13 @@ impl Work {
         fs::create_dir_all(&dir).unwrap();
         let ck = dir.join("ck");
         fs::create_dir(&ck).unwrap();
-        Work { dir, ck, stasis: PathBuf::from(STASIS), prefix: vec![], seq: AtomicUsize::new(0) }
+        Work {
+            dir,
+            ck,
+            stasis: PathBuf::from(STASIS),
+            prefix: vec![],
+            seq: AtomicUsize::new(0),
+        }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -456,8 +508,25 @@ impl Work {
             .stdout(fs::File::create(&out).unwrap())
             .stderr(fs::File::create(&err).unwrap())
             .process_group(0);
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn {label} ({cmd:?}): {e}"));
-        Proc { child, label, out, err, status: None }
+        // Do not leak fds the test runner inherited (e.g. a pipe from the
+        // shell that started cargo) into the processes under test.
+        // SAFETY: close_range is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {label} ({cmd:?}): {e}"));
+        Proc {
+            child,
+            label,
+            out,
+            err,
+            status: None,
+        }
     }
 
     /// `stasis run --dir ck -- ARGV`
@@ -466,7 +535,12 @@ impl Work {
     }
 
     pub fn run_with_stdin<S: AsRef<OsStr>>(&self, label: &str, argv: &[S], stdin: Stdio) -> Proc {
-        let mut args: Vec<&OsStr> = vec!["run".as_ref(), "--dir".as_ref(), self.ck.as_os_str(), "--".as_ref()];
+        let mut args: Vec<&OsStr> = vec![
+            "run".as_ref(),
+            "--dir".as_ref(),
+            self.ck.as_os_str(),
+            "--".as_ref(),
+        ];
         args.extend(argv.iter().map(|a| a.as_ref()));
         let cmd = self.stasis_cmd(&args);
         self.spawn(label, cmd, stdin)
@@ -488,7 +562,13 @@ impl Work {
         let mut p = self.spawn(label, cmd, Stdio::null());
         let status = p.wait(T_CMD);
         CmdOut {
-            what: format!("stasis {}", args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")),
+            what: format!(
+                "stasis {}",
+                args.iter()
+                    .map(|a| a.to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
             status,
             stdout: p.stdout(),
             stderr: p.stderr(),
@@ -521,7 +601,10 @@ impl Work {
 
     pub fn newest_checkpoint(&self) -> PathBuf {
         let c = self.checkpoints();
-        self.ck.join(c.last().unwrap_or_else(|| panic!("no checkpoint in {}", self.ck.display())))
+        self.ck.join(
+            c.last()
+                .unwrap_or_else(|| panic!("no checkpoint in {}", self.ck.display())),
+        )
     }
 
     /// Checkpoint and assert success and that exactly one new checkpoint dir
@@ -541,9 +624,13 @@ impl Work {
 
     /// `stasis inspect --json ck`, parsed.
     pub fn inspect_json(&self) -> serde_json::Value {
-        let r = self.stasis("inspect", &["inspect".as_ref(), "--json".as_ref(), self.ck.as_os_str()]);
+        let r = self.stasis(
+            "inspect",
+            &["inspect".as_ref(), "--json".as_ref(), self.ck.as_os_str()],
+        );
         assert!(r.status.success(), "{} failed: {r}", r.what);
-        serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{} printed invalid JSON ({e}): {r}", r.what))
+        serde_json::from_str(&r.stdout)
+            .unwrap_or_else(|e| panic!("{} printed invalid JSON ({e}): {r}", r.what))
     }
 
     /// Ask the program to answer with `pong` and wait for it.
@@ -611,10 +698,21 @@ pub fn assert_one_new_checkpoint(before: &[String], after: &[String], what: &str
 
 /// Like `assert_one_new_checkpoint` for `n` new checkpoints.
 pub fn new_checkpoints(before: &[String], after: &[String], n: usize, what: &str) -> Vec<String> {
-    let new: Vec<String> = after.iter().filter(|a| !before.contains(a)).cloned().collect();
-    assert_eq!(new.len(), n, "{what}: checkpoint dirs went from {before:?} to {after:?}, expected {n} new");
+    let new: Vec<String> = after
+        .iter()
+        .filter(|a| !before.contains(a))
+        .cloned()
+        .collect();
+    assert_eq!(
+        new.len(),
+        n,
+        "{what}: checkpoint dirs went from {before:?} to {after:?}, expected {n} new"
+    );
     if let (Some(prev), Some(first)) = (before.last(), new.first()) {
-        assert!(first > prev, "{what}: new checkpoint {first} is not numbered after {prev}");
+        assert!(
+            first > prev,
+            "{what}: new checkpoint {first} is not numbered after {prev}"
+        );
     }
     let kept: Vec<&String> = before.iter().filter(|b| after.contains(b)).collect();
     for gone in before.iter().filter(|b| !after.contains(b)) {
@@ -655,7 +753,8 @@ impl std::fmt::Display for CmdOut {
 
 /// Does `text` contain `n` as a whole number (digit run)?
 pub fn mentions_number(text: &str, n: i64) -> bool {
-    text.split(|c: char| !c.is_ascii_digit()).any(|t| t == n.to_string())
+    text.split(|c: char| !c.is_ascii_digit())
+        .any(|t| t == n.to_string())
 }
 
 // ---------------------------------------------------------------------------
@@ -751,7 +850,10 @@ impl<'a> Session<'a> {
         let last = lines.last().cloned().unwrap_or_default();
         if st.code() != Some(0) || !last.starts_with("OK") {
             let d = self.diag();
-            panic!("program did not finish with OK and exit 0 ({}); last line: {last:?}\n{d}", status_str(&st));
+            panic!(
+                "program did not finish with OK and exit 0 ({}); last line: {last:?}\n{d}",
+                status_str(&st)
+            );
         }
         for p in &self.phases {
             if let Some(l) = p.lines().iter().find(|l| l.starts_with("FAIL")) {
@@ -763,7 +865,10 @@ impl<'a> Session<'a> {
 
     /// (label, stdout) of every phase.
     pub fn outputs(&self) -> Vec<(String, String)> {
-        self.phases.iter().map(|p| (p.label.clone(), p.stdout())).collect()
+        self.phases
+            .iter()
+            .map(|p| (p.label.clone(), p.stdout()))
+            .collect()
     }
 
     /// Assert that only the first phase printed `ready` (restored processes
@@ -811,13 +916,19 @@ pub fn verify_counter(outputs: &[(String, String)], first: Option<u64>) -> Vec<u
                 };
                 let got = u64::from_str_radix(rest.trim(), 16)
                     .unwrap_or_else(|_| panic!("{label}: bad tick line {l:?}"));
-                assert_eq!(got, want, "{label}: tick {n} has hash {got:016x}, want {want:016x}");
+                assert_eq!(
+                    got, want,
+                    "{label}: tick {n} has hash {got:016x}, want {want:016x}"
+                );
                 h = Some((n, want));
             }
         }
     }
     let (_, last_text) = outputs.last().unwrap();
-    let ok = complete_lines(last_text).last().cloned().unwrap_or_default();
+    let ok = complete_lines(last_text)
+        .last()
+        .cloned()
+        .unwrap_or_default();
     let (n, hh) = h.unwrap();
     let want = format!("OK ticks={} hash={hh:016x}", n + 1);
     assert_eq!(ok, want, "final line of the last run");
@@ -858,7 +969,10 @@ pub fn unprivileged_user() -> (u32, u32, Vec<OsString>) {
                 .output()
                 .expect("cannot run useradd");
             if !out.status.success() && lookup_user(TEST_USER).is_none() {
-                panic!("useradd {TEST_USER} failed: {}", String::from_utf8_lossy(&out.stderr));
+                panic!(
+                    "useradd {TEST_USER} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
         }
         lookup_user(TEST_USER).expect("test user missing after useradd")
@@ -876,7 +990,8 @@ pub fn unprivileged_user() -> (u32, u32, Vec<OsString>) {
 /// Copy `src` into `dir` (mode 755) and return the new path.
 pub fn install(src: &Path, dir: &Path, name: &str) -> PathBuf {
     let dst = dir.join(name);
-    fs::copy(src, &dst).unwrap_or_else(|e| panic!("copy {} -> {}: {e}", src.display(), dst.display()));
+    fs::copy(src, &dst)
+        .unwrap_or_else(|e| panic!("copy {} -> {}: {e}", src.display(), dst.display()));
     fs::set_permissions(&dst, fs::Permissions::from_mode(0o755)).unwrap();
     dst
 }
