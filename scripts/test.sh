@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs (when missing) and runs every test.
+# Usage: ./scripts/test.sh            (as root on a fresh Debian/Ubuntu machine, or as a
+#                                      user on a machine that already has the tools)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v cc >/dev/null || need+=(gcc libc6-dev)
+command -v python3 >/dev/null || need+=(python3)
+command -v setpriv >/dev/null || need+=(util-linux)
+command -v useradd >/dev/null || need+=(passwd)
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+        echo "installing test dependencies: ${need[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+    else
+        echo "missing test dependencies: ${need[*]} (run this script as root to install them)" >&2
+        exit 1
+    fi
+fi
+
+cargo build --workspace --all-targets
+cargo test --workspace -- --test-threads="${STASIS_TEST_THREADS:-2}"
