@@ -85,6 +85,9 @@ pub fn peer_uid(s: &UnixStream) -> Option<u32> {
 /// Client side: asks the supervisor of `dir` for a checkpoint.
 pub fn request_checkpoint(dir: &Path, kill: bool, keep: usize) -> Result<String> {
     let addr = address(dir)?;
+    // A checkpoint already being written holds the directory lock: say so at once
+    // instead of queueing behind it.
+    drop(stasis_image::DirLock::acquire(dir)?);
     let mut s = UnixStream::connect_addr(&addr).map_err(|e| {
         anyhow!(
             "no `stasis run` or `stasis restart` is supervising {} ({e}); to checkpoint a process not started by stasis use --pid PID --dir DIR",
