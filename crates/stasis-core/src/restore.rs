@@ -26,7 +26,7 @@ use stasis_image::{CheckpointReader, MappingKind, Process, PAGE_SIZE};
 use stasis_sys::clone::{fork_with_pid, Forked};
 use stasis_sys::ptrace::{self, Stop};
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::io::FromRawFd;
 
 const GADGET_LEN: u64 = 2 * PAGE_SIZE;
@@ -105,6 +105,13 @@ pub fn restore(image: &CheckpointReader, stdio: [Option<i32>; 3]) -> Result<i32>
     })?;
     used.push((gadget, gadget + GADGET_LEN));
 
+    let mut pipe = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into the array.
+    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(stasis_sys::SysError::last("pipe2", 0))
+            .ctx(pid, || "creating the restore pipe".into());
+    }
+    // Above every fd the process will have and every fd we hold now (pipe included).
     let max_fd = p
         .fds
         .iter()
@@ -114,12 +121,6 @@ pub fn restore(image: &CheckpointReader, stdio: [Option<i32>; 3]) -> Result<i32>
         .max(max_open_fd());
     let hi = max_fd + 1;
 
-    let mut pipe = [0i32; 2];
-    // SAFETY: pipe2 writes two descriptors into the array.
-    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(stasis_sys::SysError::last("pipe2", 0))
-            .ctx(pid, || "creating the restore pipe".into());
-    }
     // SAFETY: the caller is single-threaded (stasis init); the child only runs
     // `child_main`, which never returns.
     let forked = unsafe { fork_with_pid(pid) }.ctx(pid, || {
@@ -140,8 +141,9 @@ pub fn restore(image: &CheckpointReader, stdio: [Option<i32>; 3]) -> Result<i32>
         .ctx(pid, || "seizing the new process".into())?;
     // SAFETY: pipe[0] is ours; the File takes ownership.
     let mut rd = unsafe { std::fs::File::from_raw_fd(pipe[0]) };
+    // One line, not EOF: a stray copy of the write end must not make us wait forever.
     let mut msg = String::new();
-    rd.read_to_string(&mut msg)
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(&mut rd), &mut msg)
         .ctx(pid, || "reading the restore pipe".into())?;
     let prepared: Prepared = match msg.strip_prefix("OK ") {
         Some(json) => serde_json::from_str(json).map_err(|e| Error::Restore {
@@ -301,7 +303,7 @@ fn child_main(
     };
     // SAFETY: `report` is the pipe's write end, owned by this process.
     let mut w = unsafe { std::fs::File::from_raw_fd(report) };
-    let _ = w.write_all(msg.as_bytes());
+    let _ = w.write_all(format!("{}\n", msg.replace('\n', " ")).as_bytes());
     drop(w);
     if !msg.starts_with("OK") {
         // SAFETY: _exit is always safe to call.
@@ -340,7 +342,10 @@ fn prepare(
         stdio[2].and_then(dup_high),
     ];
     // The report pipe moves up too; child_main writes to and closes the moved copy.
-    *report = dup_high(*report).ok_or("cannot move the report pipe")?;
+    let moved = dup_high(*report).ok_or("cannot move the report pipe")?;
+    // SAFETY: closing the original, low-numbered copy of the pipe; `moved` replaces it.
+    unsafe { libc::close(*report) };
+    *report = moved;
     // SAFETY: closes every descriptor below `hi`; ours are all at or above it.
     unsafe { libc::syscall(libc::SYS_close_range, 0u32, (hi - 1) as u32, 0u32) };
     files::restore_fds(&p.fds, &ours, image)?;

@@ -47,7 +47,11 @@ fn counter_checkpoint_without_kill_then_app_killed() {
     let after = s.cur().last_tick().unwrap();
     // still running and ticking
     s.cur().wait_more_ticks(10, T_READY);
-    assert!(s.cur().running(), "stasis run exited after a checkpoint without --kill\n{}", s.diag());
+    assert!(
+        s.cur().running(),
+        "stasis run exited after a checkpoint without --kill\n{}",
+        s.diag()
+    );
 
     let app = pids_of_exe(&w.dir, &exe);
     assert_eq!(app.len(), 1, "expected one app process: {app:?}");
@@ -60,7 +64,10 @@ fn counter_checkpoint_without_kill_then_app_killed() {
         s.diag()
     );
     if let Err(p) = wait_no_procs_in(&w.dir, Duration::from_secs(10)) {
-        panic!("processes left after the run ended:\n{}", describe_procs(&p));
+        panic!(
+            "processes left after the run ended:\n{}",
+            describe_procs(&p)
+        );
     }
 
     s.restart(Probe::Ticks);
@@ -76,7 +83,10 @@ fn counter_checkpoint_without_kill_then_app_killed() {
         first > before && first <= after + 1,
         "restart continued at tick {first}, but the checkpoint was taken between ticks {before} and {after}"
     );
-    assert!(first < *run_ticks.last().unwrap(), "restart must repeat the ticks printed after the checkpoint");
+    assert!(
+        first < *run_ticks.last().unwrap(),
+        "restart must repeat the ticks printed after the checkpoint"
+    );
     verify_counter(&out[1..], Some(first));
 }
 

@@ -172,7 +172,11 @@ fn describe(pid: i32) -> String {
 pub fn pids_of_exe(dir: &Path, exe: &Path) -> Vec<i32> {
     procs_in(dir)
         .into_iter()
-        .filter(|p| fs::read_link(format!("/proc/{p}/exe")).map(|e| e == exe).unwrap_or(false))
+        .filter(|p| {
+            fs::read_link(format!("/proc/{p}/exe"))
+                .map(|e| e == exe)
+                .unwrap_or(false)
+        })
         .collect()
 }
 
