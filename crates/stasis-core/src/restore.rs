@@ -38,6 +38,8 @@ struct Prepared {
     pages_fd: i32,
     exe_fd: i32,
     files: HashMap<String, i32>,
+    /// The child's end of the report pipe; it may still be open when we stop it.
+    report_fd: i32,
     warnings: Vec<String>,
 }
 
@@ -242,6 +244,8 @@ fn rebuild(child: i32, p: &Process, prep: &Prepared, used: &[(u64, u64)]) -> Res
     for fd in helpers {
         inj.call("close of a restorer fd", libc::SYS_close, &[fd as u64])?;
     }
+    // The child closes its report pipe after writing, but we may have stopped it first.
+    inj.raw(libc::SYS_close, &[prep.report_fd as u64])?;
     signals::requeue(&inj, child, Some(t.tid), &t.pending, &scratch)?;
     signals::requeue(&inj, child, None, &p.signals.shared_pending, &scratch)?;
     // The last injected syscall removes the gadget itself; the thread is at that
@@ -400,6 +404,7 @@ fn prepare(
         pages_fd,
         exe_fd,
         files: map_files,
+        report_fd: *report,
         warnings,
     })
 }

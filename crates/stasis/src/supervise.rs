@@ -239,6 +239,11 @@ fn init_main(
     mut status: std::fs::File,
     mut sync: std::fs::File,
 ) -> i32 {
+    // If the supervisor dies (even by SIGKILL), the init dies, and with it, as PID 1,
+    // every process of the namespace. Set before the handshake, so that a supervisor
+    // dying earlier is seen as EOF below.
+    // SAFETY: prctl(PR_SET_PDEATHSIG) has no memory-safety preconditions.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     let mut b = [0u8; 1];
     if sync.read_exact(&mut b).is_err() {
         return 1;

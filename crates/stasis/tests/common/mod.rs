@@ -109,9 +109,12 @@ pub fn cpu_has(flag: &str) -> bool {
 // Processes
 // ---------------------------------------------------------------------------
 
-/// All pids (other than ours) whose cwd is `dir` or inside it.
+/// All pids (other than ours) whose cwd is `dir` or inside it, or whose
+/// command line mentions a path inside `dir` (e.g. stasis's init, which may
+/// have another cwd, `stasis run --dir <dir>/ck`).
 pub fn procs_in(dir: &Path) -> Vec<i32> {
     let me = std::process::id() as i32;
+    let needle = format!("{}/", dir.display());
     let mut v = vec![];
     if let Ok(rd) = fs::read_dir("/proc") {
         for e in rd.flatten() {
@@ -121,18 +124,26 @@ pub fn procs_in(dir: &Path) -> Vec<i32> {
             if pid == me {
                 continue;
             }
-            if let Ok(cwd) = fs::read_link(e.path().join("cwd")) {
-                if cwd.starts_with(dir) {
-                    v.push(pid);
-                }
+            let in_dir = fs::read_link(e.path().join("cwd"))
+                .map(|c| c.starts_with(dir))
+                .unwrap_or(false);
+            let mentions = fs::read(e.path().join("cmdline"))
+                .map(|c| {
+                    String::from_utf8_lossy(&c)
+                        .replace('\0', " ")
+                        .contains(&needle)
+                })
+                .unwrap_or(false);
+            if in_dir || mentions {
+                v.push(pid);
             }
         }
     }
     v
 }
 
-/// Kill (SIGKILL) every process whose cwd is inside `dir`; these are all
-/// processes started by the test owning `dir`.
+/// Kill (SIGKILL) every process of `procs_in(dir)`; these are all processes
+/// started by the test owning `dir`.
 pub fn kill_procs_in(dir: &Path) {
     for _ in 0..100 {
         let pids = procs_in(dir);
