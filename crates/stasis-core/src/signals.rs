@@ -64,6 +64,24 @@ pub fn dump(inj: &Injector, pid: i32, scratch: &Scratch) -> Result<Signals> {
 /// Installs the saved dispositions in the calling (new) process. Every signal must be
 /// blocked until the address space holding the handlers is in place.
 pub fn restore_actions(sig: &Signals) -> std::result::Result<(), String> {
+    // The new process starts with the restorer's dispositions (the Rust runtime ignores
+    // SIGPIPE and handles SIGSEGV/SIGBUS): reset every one, then apply the saved ones.
+    let dfl = KernelSigaction::default();
+    for signo in 1..=NSIG {
+        if signo == libc::SIGKILL || signo == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: rt_sigaction reads a kernel_sigaction of the size passed.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                signo,
+                &dfl as *const KernelSigaction,
+                0usize,
+                8usize,
+            )
+        };
+    }
     for a in &sig.actions {
         let act = KernelSigaction {
             handler: a.handler,

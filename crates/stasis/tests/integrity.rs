@@ -39,6 +39,7 @@ fn expect_refused(w: &Work, what: &str, words: &[&str]) {
         "restart with {what}: error mentions none of {words:?}\n{}",
         r.diag()
     );
+    eprintln!("{what}: {}", r.stderr().trim());
     assert!(
         ticks(&r.stdout()).is_empty(),
         "restart with {what}: the application ran\n{}",
