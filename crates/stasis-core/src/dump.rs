@@ -7,15 +7,15 @@
 //! read, and the image is synced and published while it runs. Any failure leaves the
 //! process running as before and the previous checkpoint as the newest.
 
-use crate::error::{Error, Result, SysContext};
+use crate::error::{Error, Result};
 use crate::files::{self, StdioIds};
+use crate::freeze::Frozen;
 use crate::inject::{find_syscall_insn, Injector, Scratch};
 use crate::memory;
 use crate::proc::ProcDir;
 use crate::{signals, task, thread};
 use stasis_image::{store, Checkpoint, CheckpointWriter, DirLock, Origin, Process, Timings};
-use stasis_sys::arch::{self, Regs};
-use stasis_sys::ptrace::{self, Stop};
+use stasis_sys::arch;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -43,91 +43,6 @@ pub struct DumpReport {
     pub killed: bool,
 }
 
-/// A seized and stopped process. Dropping it resumes the process as it was.
-struct Frozen {
-    pid: i32,
-    regs: Regs,
-    sigmask: u64,
-    touched: bool,
-    done: bool,
-}
-
-impl Frozen {
-    fn seize(pid: i32) -> Result<Frozen> {
-        ptrace::seize(pid, ptrace::O_TRACESYSGOOD).map_err(|e| match e.errno {
-            libc::ESRCH => Error::Attach {
-                pid,
-                msg: "no such process".into(),
-            },
-            libc::EPERM => Error::Attach {
-                pid,
-                msg: "permission denied (it must belong to you and not be traced already, e.g. by a debugger; check kernel.yama.ptrace_scope)".into(),
-            },
-            _ => Error::Attach { pid, msg: e.to_string() },
-        })?;
-        let mut f = Frozen {
-            pid,
-            regs: Regs::default(),
-            sigmask: 0,
-            touched: false,
-            done: false,
-        };
-        ptrace::interrupt(pid).ctx(pid, || "stopping the process".into())?;
-        loop {
-            match ptrace::wait(pid).ctx(pid, || "waiting for the process to stop".into())? {
-                Stop::Event(ptrace::EVENT_STOP, _) => break,
-                // A signal arrived first: let it be delivered, the stop follows.
-                Stop::Signal(sig) => {
-                    ptrace::cont(pid, sig).ctx(pid, || "resuming a signal".into())?
-                }
-                Stop::Event(..) | Stop::Syscall => {
-                    ptrace::cont(pid, 0).ctx(pid, || "resuming".into())?
-                }
-                Stop::Exited(_) | Stop::Killed(_) => {
-                    f.done = true;
-                    return Err(Error::Gone { pid });
-                }
-            }
-        }
-        f.regs = ptrace::get_regs(pid).ctx(pid, || "reading registers".into())?;
-        f.sigmask = ptrace::get_sigmask(pid).ctx(pid, || "reading the signal mask".into())?;
-        Ok(f)
-    }
-
-    /// Resumes the process exactly where it was stopped.
-    fn release(&mut self) -> Result<()> {
-        if self.done {
-            return Ok(());
-        }
-        self.done = true;
-        let pid = self.pid;
-        if self.touched {
-            ptrace::set_regs(pid, &self.regs.for_live_resume())
-                .ctx(pid, || "restoring registers".into())?;
-            ptrace::set_sigmask(pid, self.sigmask)
-                .ctx(pid, || "restoring the signal mask".into())?;
-        }
-        ptrace::detach(pid, 0).ctx(pid, || "detaching".into())
-    }
-
-    fn kill(&mut self, reap: bool) {
-        self.done = true;
-        // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(self.pid, libc::SIGKILL) };
-        if reap {
-            let _ = ptrace::wait(self.pid);
-        }
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        if let Err(e) = self.release() {
-            tracing::warn!("could not resume process {}: {e}", self.pid);
-        }
-    }
-}
-
 /// Checkpoints process `pid` into the checkpoint directory `dir`.
 ///
 /// `pid` is as seen in this process's PID namespace and /proc.
@@ -142,27 +57,23 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
         });
     }
     check_shape(&proc)?;
-    let mut frozen = Frozen::seize(pid)?;
-    // Re-check now that it cannot change under us.
+    let mut frozen = Frozen::freeze(&proc)?;
+    // Re-check now that nothing can change under us.
     check_shape(&proc)?;
     let freeze_us = t0.elapsed().as_micros() as u64;
 
     let layout = memory::read_layout(&proc)?;
     let insn = find_syscall_insn(pid, &memory::exec_ranges(&layout))?;
-    frozen.touched = true;
-    ptrace::set_sigmask(pid, !0).ctx(pid, || "blocking signals".into())?;
+    frozen.block_signals()?;
     let inj = Injector::new(pid, insn)?;
     let scratch = Scratch::map(&inj, pid)?;
     let sigs = signals::dump(&inj, pid, &scratch)?;
     let ts = task::dump(&proc, &inj, &scratch)?;
-    let th = thread::dump(
-        &inj,
-        pid,
-        &frozen.regs,
-        frozen.sigmask,
-        &scratch,
-        ts.comm.clone(),
-    )?;
+    let mut threads = Vec::with_capacity(frozen.threads.len());
+    for ft in &frozen.threads {
+        let tinj = Injector::new(ft.tid, insn)?;
+        threads.push(thread::dump(&tinj, &proc, ft, &scratch)?);
+    }
     scratch.unmap(&inj)?;
 
     let mut writer = CheckpointWriter::begin(&lock)?;
@@ -204,7 +115,7 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
             fds,
             signals: sigs,
             itimers: ts.itimers,
-            threads: vec![th],
+            threads,
         }],
         timings: Timings {
             freeze_us,
@@ -240,20 +151,12 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
     })
 }
 
-/// Refuses shapes of process this version cannot save: several threads, children.
+/// Refuses shapes of process this version cannot save: child processes.
 fn check_shape(proc: &ProcDir) -> Result<()> {
-    let pid = proc.pid;
-    let tids = proc.tids()?;
-    if tids.len() > 1 {
-        return Err(Error::Unsupported {
-            pid,
-            what: format!("a multi-threaded process ({} threads)", tids.len()),
-        });
-    }
     let children = proc.children()?;
     if !children.is_empty() {
         return Err(Error::Unsupported {
-            pid,
+            pid: proc.pid,
             what: format!("a process with child processes ({children:?}); process trees"),
         });
     }

@@ -15,6 +15,7 @@
 pub mod dump;
 pub mod error;
 pub mod files;
+pub mod freeze;
 pub mod inject;
 pub mod memory;
 pub mod proc;

@@ -67,11 +67,10 @@ pub fn precheck(image: &CheckpointReader) -> Result<()> {
             ),
         });
     }
-    if meta.processes.len() != 1 || meta.processes[0].threads.len() != 1 {
+    if meta.processes.len() != 1 || meta.processes[0].threads.is_empty() {
         return Err(Error::Restore {
             pid,
-            msg: "the image holds several processes or threads, which this version cannot restore"
-                .into(),
+            msg: "the image holds several processes, which this version cannot restore".into(),
         });
     }
     let p = &meta.processes[0];
@@ -139,8 +138,11 @@ pub fn restore(image: &CheckpointReader, stdio: [Option<i32>; 3]) -> Result<i32>
     // SAFETY: we own the write end in the parent and close our copy of it.
     unsafe { libc::close(pipe[1]) };
     let guard = KillOnDrop(child);
-    ptrace::seize(child, ptrace::O_TRACESYSGOOD | ptrace::O_EXITKILL)
-        .ctx(pid, || "seizing the new process".into())?;
+    ptrace::seize(
+        child,
+        ptrace::O_TRACESYSGOOD | ptrace::O_EXITKILL | ptrace::O_TRACECLONE,
+    )
+    .ctx(pid, || "seizing the new process".into())?;
     // SAFETY: pipe[0] is ours; the File takes ownership.
     let mut rd = unsafe { std::fs::File::from_raw_fd(pipe[0]) };
     // One line, not EOF: a stray copy of the write end must not make us wait forever.
@@ -234,8 +236,18 @@ fn rebuild(child: i32, p: &Process, prep: &Prepared, used: &[(u64, u64)]) -> Res
     memory::restore_mappings(&inj, child, &p.mappings, &fds)?;
     let scratch = Scratch::at(child, prep.gadget + PAGE_SIZE);
     task::restore_mm(&inj, child, &p.mm, prep.exe_fd, &scratch)?;
-    let t = &p.threads[0];
-    thread::restore_registrations(&inj, t, &scratch)?;
+    // The other threads, created by the leader, stopped before their first instruction.
+    for t in &p.threads[1..] {
+        thread::create(&inj, child, t.tid, &scratch)?;
+    }
+    for t in &p.threads {
+        let tinj = Injector::new(t.tid, prep.gadget)?;
+        thread::restore_registrations(&tinj, t, &scratch)?;
+        thread::restore_comm(&tinj, t, &scratch)?;
+        for w in thread::restore_sched(t) {
+            tracing::warn!("{w}");
+        }
+    }
     let mut helpers: Vec<i32> = prep.files.values().copied().collect();
     helpers.push(prep.pages_fd);
     helpers.push(prep.exe_fd);
@@ -246,7 +258,9 @@ fn rebuild(child: i32, p: &Process, prep: &Prepared, used: &[(u64, u64)]) -> Res
     }
     // The child closes its report pipe after writing, but we may have stopped it first.
     inj.raw(libc::SYS_close, &[prep.report_fd as u64])?;
-    signals::requeue(&inj, child, Some(t.tid), &t.pending, &scratch)?;
+    for t in &p.threads {
+        signals::requeue(&inj, child, Some(t.tid), &t.pending, &scratch)?;
+    }
     signals::requeue(&inj, child, None, &p.signals.shared_pending, &scratch)?;
     // The last injected syscall removes the gadget itself; the thread is at that
     // syscall's exit stop and gets its own registers before it runs again.
@@ -255,8 +269,14 @@ fn rebuild(child: i32, p: &Process, prep: &Prepared, used: &[(u64, u64)]) -> Res
         libc::SYS_munmap,
         &[prep.gadget, GADGET_LEN],
     )?;
-    thread::restore_cpu(child, t)?;
-    ptrace::detach(child, 0).ctx(child, || "starting the restored process".into())
+    for t in &p.threads {
+        thread::restore_cpu(t.tid, t)?;
+    }
+    // Start the other threads first, the leader last.
+    for t in p.threads.iter().rev() {
+        ptrace::detach(t.tid, 0).ctx(t.tid, || "starting the restored thread".into())?;
+    }
+    Ok(())
 }
 
 struct KillOnDrop(i32);

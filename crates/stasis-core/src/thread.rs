@@ -1,26 +1,35 @@
 //! Threads: registers, extended state, signal mask and per-thread pending signals,
 //! rseq, clear_child_tid, robust futex list, alternate signal stack.
 //!
-//! Only single-threaded processes are accepted for now; everything here is per thread
-//! so that multi-threaded support adds a loop, not a redesign.
+//! Restore creates the threads other than the leader with an injected `clone3`
+//! (CLONE_THREAD and friends, `set_tid` = the saved TID) once the address space is
+//! back; the tracer inherits them stopped (PTRACE_O_TRACECLONE) before they run an
+//! instruction. Name, affinity and scheduling are set from outside.
 
 use crate::error::{Error, Result, SysContext};
+use crate::freeze::FrozenThread;
 use crate::inject::{u64_at, Injector, Scratch};
+use crate::proc::ProcDir;
 use stasis_image::{from_hex, to_hex, AltStack, Rseq, Thread};
 use stasis_sys::{arch, ptrace};
 
 const PR_GET_TID_ADDRESS: u64 = 40;
 const RSEQ_FLAG_UNREGISTER: u64 = 1;
 
-/// Saves a stopped thread. `regs` are its registers as stopped (before injection).
+/// Saves a stopped thread. `regs`/`sigmask` are as it stopped (before injection);
+/// `inj` injects into this very thread.
 pub fn dump(
     inj: &Injector,
-    tid: i32,
-    regs: &arch::Regs,
-    sigmask: u64,
+    proc: &ProcDir,
+    ft: &FrozenThread,
     scratch: &Scratch,
-    comm: String,
 ) -> Result<Thread> {
+    let (tid, regs, sigmask) = (ft.tid, &ft.regs, ft.sigmask);
+    let comm = proc
+        .read_string(&format!("task/{tid}/comm"))
+        .map(|c| c.trim_end().to_string())
+        .unwrap_or_default();
+    let (affinity, policy, rt_priority, nice) = sched_of(tid)?;
     let xstate = ptrace::get_xstate(tid, arch::xstate_size())
         .ctx(tid, || "reading extended registers".into())?;
     let pending = ptrace::peek_siginfo(tid, false)
@@ -68,7 +77,133 @@ pub fn dump(
         robust_list,
         robust_list_len,
         altstack,
+        affinity,
+        policy,
+        rt_priority,
+        nice,
     })
+}
+
+fn sched_of(tid: i32) -> Result<(Vec<u64>, i32, i32, i32)> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the calls write into the values
+    // passed, of the sizes passed.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(stasis_sys::SysError::last("sched_getaffinity", tid))
+                .ctx(tid, || "reading the CPU affinity".into());
+        }
+        let words: &[u64] = std::slice::from_raw_parts(
+            (&set as *const libc::cpu_set_t).cast::<u64>(),
+            std::mem::size_of::<libc::cpu_set_t>() / 8,
+        );
+        let mut affinity = words.to_vec();
+        while affinity.last() == Some(&0) {
+            affinity.pop();
+        }
+        let policy = libc::sched_getscheduler(tid);
+        let mut param: libc::sched_param = std::mem::zeroed();
+        libc::sched_getparam(tid, &mut param);
+        *libc::__errno_location() = 0;
+        let nice = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
+        Ok((affinity, policy.max(0), param.sched_priority, nice))
+    }
+}
+
+/// Sets name-independent scheduling attributes of a restored thread from outside.
+/// Raising priority needs privilege we may not have: failures are warnings.
+pub fn restore_sched(t: &Thread) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let tid = t.tid;
+    // SAFETY: plain scheduling syscalls on a thread of ours with valid arguments.
+    unsafe {
+        if !t.affinity.is_empty() {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            let words = std::slice::from_raw_parts_mut(
+                (&mut set as *mut libc::cpu_set_t).cast::<u64>(),
+                std::mem::size_of::<libc::cpu_set_t>() / 8,
+            );
+            for (w, v) in words.iter_mut().zip(&t.affinity) {
+                *w = *v;
+            }
+            if libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                warnings.push(format!(
+                    "thread {tid}: CPU affinity not restored: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+        }
+        let param = libc::sched_param {
+            sched_priority: t.rt_priority,
+        };
+        if t.policy != 0 && libc::sched_setscheduler(tid, t.policy, &param) != 0 {
+            warnings.push(format!(
+                "thread {tid}: scheduling policy {} not restored: {}",
+                t.policy,
+                std::io::Error::last_os_error()
+            ));
+        }
+        if t.nice != 0 && libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, t.nice) != 0 {
+            warnings.push(format!(
+                "thread {tid}: nice {} not restored: {}",
+                t.nice,
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    warnings
+}
+
+/// Creates thread `tid` of the restored process by an injected clone3 in the leader
+/// (`inj`), and waits for its first stop; it has not run any instruction yet.
+pub fn create(inj: &Injector, pid: i32, tid: i32, scratch: &Scratch) -> Result<()> {
+    let flags = (libc::CLONE_VM
+        | libc::CLONE_FS
+        | libc::CLONE_FILES
+        | libc::CLONE_SIGHAND
+        | libc::CLONE_THREAD
+        | libc::CLONE_SYSVSEM) as u64;
+    // struct clone_args (11 u64) followed by the set_tid array.
+    let mut b = Vec::with_capacity(96);
+    let tid_addr = scratch.addr + 88;
+    for v in [flags, 0, 0, 0, 0, 0, 0, 0, tid_addr, 1, 0] {
+        b.extend_from_slice(&u64::to_le_bytes(v));
+    }
+    b.extend_from_slice(&(tid as u32).to_le_bytes());
+    scratch.write(&b)?;
+    let got = inj.call(
+        &format!("clone3 of thread {tid}"),
+        libc::SYS_clone3,
+        &[scratch.addr, 88],
+    )?;
+    if got != tid as u64 {
+        return Err(Error::Restore {
+            pid,
+            msg: format!("thread {tid} was created as {got}"),
+        });
+    }
+    loop {
+        match ptrace::wait(tid).ctx(tid, || "waiting for the new thread".into())? {
+            ptrace::Stop::Event(ptrace::EVENT_STOP, _) => return Ok(()),
+            ptrace::Stop::Exited(_) | ptrace::Stop::Killed(_) => {
+                return Err(Error::Gone { pid: tid })
+            }
+            _ => ptrace::cont(tid, 0).ctx(tid, || "resuming the new thread".into())?,
+        }
+    }
+}
+
+/// Sets the thread's name by an injected PR_SET_NAME.
+pub fn restore_comm(inj: &Injector, t: &Thread, scratch: &Scratch) -> Result<()> {
+    let mut name: Vec<u8> = t.comm.bytes().take(15).collect();
+    name.push(0);
+    scratch.write(&name)?;
+    inj.call(
+        "prctl(PR_SET_NAME)",
+        libc::SYS_prctl,
+        &[libc::PR_SET_NAME as u64, scratch.addr],
+    )
+    .map(drop)
 }
 
 fn robust_list_of(tid: i32) -> Result<(u64, u64)> {

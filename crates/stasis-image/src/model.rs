@@ -299,6 +299,18 @@ pub struct Thread {
     pub robust_list: u64,
     pub robust_list_len: u64,
     pub altstack: AltStack,
+    /// CPU affinity mask (sched_getaffinity(2)), 64 CPUs per word; empty: all.
+    #[serde(default)]
+    pub affinity: Vec<u64>,
+    /// Scheduling policy (SCHED_OTHER = 0, ...), sched_getscheduler(2).
+    #[serde(default)]
+    pub policy: i32,
+    /// Static priority of real-time policies, sched_getparam(2).
+    #[serde(default)]
+    pub rt_priority: i32,
+    /// Nice value, getpriority(2).
+    #[serde(default)]
+    pub nice: i32,
 }
 
 /// Lower-case hex of bytes (used for xstate and siginfo in the JSON metadata).

@@ -17,6 +17,8 @@ const PTRACE_PEEKSIGINFO_SHARED: u32 = 1;
 
 /// Report syscall stops as `SIGTRAP | 0x80`.
 pub const O_TRACESYSGOOD: u64 = 1;
+/// Trace threads and processes the tracee creates with clone (they start stopped).
+pub const O_TRACECLONE: u64 = 8;
 /// Kill the tracee if the tracer exits.
 pub const O_EXITKILL: u64 = 0x10_0000;
 /// `PTRACE_EVENT_STOP`: the stop PTRACE_INTERRUPT and group-stops produce.
