@@ -75,11 +75,33 @@ pub fn precheck(image: &CheckpointReader) -> Result<()> {
     }
     let p = &meta.processes[0];
     for m in &p.mappings {
-        if let MappingKind::File { file, .. } = &m.kind {
-            check_unchanged(file).map_err(|msg| Error::Restore {
-                pid: p.pid,
-                msg: format!("mapped file {msg}"),
-            })?;
+        match &m.kind {
+            // A shared mapping's data is the file itself, which the process (or its
+            // peers) keep writing: it must exist and still cover the mapping.
+            MappingKind::File { file, offset } if m.shared => {
+                let size = std::fs::metadata(&file.path)
+                    .map(|md| md.len())
+                    .map_err(|e| Error::Restore {
+                        pid: p.pid,
+                        msg: format!("shared mapped file {}: {e}", file.path),
+                    })?;
+                if size < offset + m.len() {
+                    return Err(Error::Restore {
+                        pid: p.pid,
+                        msg: format!(
+                            "shared mapped file {} shrank below the mapping ({size} bytes)",
+                            file.path
+                        ),
+                    });
+                }
+            }
+            MappingKind::File { file, .. } => {
+                check_unchanged(file).map_err(|msg| Error::Restore {
+                    pid: p.pid,
+                    msg: format!("mapped file {msg}"),
+                })?
+            }
+            _ => {}
         }
     }
     image.data_path(&p.pages_file)?;
