@@ -154,10 +154,11 @@ fn reply(mut s: &UnixStream, r: &Reply) -> std::io::Result<()> {
 pub fn summarize(r: &DumpReport) -> String {
     let t = &r.timings;
     format!(
-        "stasis: checkpoint {} written ({:.1} MiB of memory; paused {:.1} ms, sync {:.1} ms){}",
+        "stasis: checkpoint {} written ({:.1} MiB of memory; paused {:.1} ms of which freeze {:.1} ms, sync {:.1} ms){}",
         r.path.display(),
         t.pages_bytes as f64 / (1 << 20) as f64,
         (t.freeze_us + t.dump_us) as f64 / 1000.0,
+        t.freeze_us as f64 / 1000.0,
         t.sync_us as f64 / 1000.0,
         if r.killed {
             "; application stopped"

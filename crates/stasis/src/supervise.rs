@@ -293,10 +293,19 @@ fn init_inner(dir: &Path, mode: Mode, listener: &UnixListener) -> Result<String>
     let app = match mode {
         Mode::Run(cmd) => spawn(&cmd)?,
         Mode::Restart(path) => {
+            let t0 = std::time::Instant::now();
             let image = CheckpointReader::open(&path)?;
-            tracing::info!("restoring {}", path.display());
+            let verified = t0.elapsed();
             let pid = stasis_core::restore::restore(&image, [Some(0), Some(1), Some(2)])?;
-            tracing::info!("restored process {pid} from {}", path.display());
+            let p = &image.meta.processes[0];
+            tracing::info!(
+                "restored process {pid} ({} threads) from {} in {:.1} ms (verify {:.1} ms, rebuild {:.1} ms)",
+                p.threads.len(),
+                path.display(),
+                t0.elapsed().as_secs_f64() * 1e3,
+                verified.as_secs_f64() * 1e3,
+                (t0.elapsed() - verified).as_secs_f64() * 1e3
+            );
             pid
         }
     };
