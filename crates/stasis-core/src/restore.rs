@@ -77,20 +77,20 @@ pub fn precheck(image: &CheckpointReader) -> Result<()> {
     for m in &p.mappings {
         match &m.kind {
             // A shared mapping's data is the file itself, which the process (or its
-            // peers) keep writing: it must exist and still cover the mapping.
-            MappingKind::File { file, offset } if m.shared => {
+            // peers) keep writing: it must exist and not have shrunk.
+            MappingKind::File { file, .. } if m.shared => {
                 let size = std::fs::metadata(&file.path)
                     .map(|md| md.len())
                     .map_err(|e| Error::Restore {
                         pid: p.pid,
                         msg: format!("shared mapped file {}: {e}", file.path),
                     })?;
-                if size < offset + m.len() {
+                if size < file.size {
                     return Err(Error::Restore {
                         pid: p.pid,
                         msg: format!(
-                            "shared mapped file {} shrank below the mapping ({size} bytes)",
-                            file.path
+                            "shared mapped file {} shrank since the checkpoint ({} -> {size} bytes)",
+                            file.path, file.size
                         ),
                     });
                 }

@@ -33,14 +33,13 @@ fn counter_checkpoint_kill_restart_three_times() {
     }
 }
 
-/// Plain checkpoint (no --kill) keeps the app running; the app is then
-/// killed (SIGKILL to the app itself, so `stasis run` reports its death); the
-/// restart continues from the checkpoint (repeating what came after it).
+/// Plain checkpoint (no --kill) keeps the app running; then `stasis run` is
+/// SIGKILLed (as a batch system would): the application must die with it.
+/// The restart continues from the checkpoint (repeating what came after it).
 #[test]
-fn counter_checkpoint_without_kill_then_app_killed() {
+fn counter_checkpoint_without_kill_then_run_sigkilled() {
     let w = Work::new("counter_nokill");
-    let exe = prog("counter");
-    let mut s = Session::start(&w, &[&exe]);
+    let mut s = Session::start(&w, &[prog("counter")]);
     s.cur().wait_tick(5, T_READY);
     let before = s.cur().last_tick().unwrap();
     w.checkpoint_ok(false, s.cur());
@@ -53,19 +52,13 @@ fn counter_checkpoint_without_kill_then_app_killed() {
         s.diag()
     );
 
-    let app = pids_of_exe(&w.dir, &exe);
-    assert_eq!(app.len(), 1, "expected one app process: {app:?}");
-    unsafe { libc::kill(app[0], libc::SIGKILL) };
+    // SIGKILL only the stasis run process (not its process group)
+    unsafe { libc::kill(s.cur().pid(), libc::SIGKILL) };
     let st = s.cur().wait(T_CMD);
-    assert!(
-        st.signal() == Some(libc::SIGKILL) || st.code() == Some(128 + libc::SIGKILL),
-        "app was SIGKILLed, stasis run ended with {}\n{}",
-        status_str(&st),
-        s.diag()
-    );
+    assert_eq!(st.signal(), Some(libc::SIGKILL));
     if let Err(p) = wait_no_procs_in(&w.dir, Duration::from_secs(10)) {
         panic!(
-            "processes left after the run ended:\n{}",
+            "after SIGKILL of `stasis run` these processes survive (the app must die too):\n{}",
             describe_procs(&p)
         );
     }
@@ -90,20 +83,52 @@ fn counter_checkpoint_without_kill_then_app_killed() {
     verify_counter(&out[1..], Some(first));
 }
 
-/// SIGKILL of `stasis run` (e.g. by a batch system) must not leave the
-/// application (or stasis's init) running.
+/// The application is SIGKILLed (e.g. by the OOM killer): `stasis run` dies
+/// of the same signal (or exits 137) and leaves nothing behind; the
+/// checkpoint taken before is still usable.
 #[test]
-fn sigkill_of_stasis_run_kills_app() {
-    let w = Work::new("sigkill_run");
-    let mut s = Session::start(&w, &[prog("counter")]);
+fn app_sigkilled_is_reported_and_checkpoint_usable() {
+    let w = Work::new("app_killed");
+    let exe = prog("counter");
+    let mut s = Session::start(&w, &[&exe]);
     s.cur().wait_tick(3, T_READY);
-    s.cur().kill();
+    w.checkpoint_ok(false, s.cur());
+    let app = pids_of_exe(&w.dir, &exe);
+    assert_eq!(app.len(), 1, "expected one app process: {app:?}");
+    unsafe { libc::kill(app[0], libc::SIGKILL) };
+    let st = s.cur().wait(T_CMD);
+    assert!(
+        st.signal() == Some(libc::SIGKILL) || st.code() == Some(128 + libc::SIGKILL),
+        "app was SIGKILLed, stasis run ended with {}\n{}",
+        status_str(&st),
+        s.diag()
+    );
     if let Err(p) = wait_no_procs_in(&w.dir, Duration::from_secs(10)) {
         panic!(
-            "after SIGKILL of `stasis run` these processes survive (the app must die too):\n{}",
+            "processes left after the run ended:\n{}",
             describe_procs(&p)
         );
     }
+    s.restart(Probe::Ticks);
+    s.finish();
+    let out = s.outputs();
+    let first = ticks(&out[1].1)[0];
+    verify_counter(&out[1..], Some(first));
+}
+
+/// CPU-bound program caught in user mode mid-computation (state only in
+/// registers), three times.
+#[test]
+fn cpu_bound_loop_survives() {
+    let w = Work::new("spin");
+    let mut s = Session::start(&w, &[prog("spin")]);
+    std::thread::sleep(Duration::from_millis(200));
+    for _ in 0..3 {
+        s.cycle(Probe::Ping);
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    s.finish();
+    s.assert_no_rerun();
 }
 
 /// Several checkpoints: restart uses the newest one; numbering increases.
@@ -217,4 +242,134 @@ fn exit_status_propagation() {
             s.diag()
         );
     }
+}
+
+/// cwd (a subdirectory; restarts are started from another directory), umask,
+/// rlimits, nice value, thread name, environment (differs for the restart
+/// command), pid/ppid/pgrp/session and /proc/self/exe survive two cycles.
+#[test]
+fn process_attributes_survive() {
+    let w = Work::new("procstate");
+    let mut s = Session::start(&w, &[prog("procstate")]);
+    s.cur().wait_tick(3, T_READY);
+    s.cycle(Probe::Ticks);
+    s.cycle(Probe::Ticks);
+    s.finish();
+    s.assert_no_rerun();
+    assert_ticks_consecutive(&s.outputs(), Some(0));
+}
+
+/// `stasis run ... | consumer`: stdout is a pipe, both for run and restart.
+#[test]
+fn stdout_pipe_is_rebound() {
+    let mut w = Work::new("stdout_pipe");
+    w.pipe_stdout = true;
+    let mut s = Session::start(&w, &[prog("counter")]);
+    s.cur().wait_tick(3, T_READY);
+    s.cycle(Probe::Ticks);
+    s.cycle(Probe::Ticks);
+    s.finish();
+    s.assert_no_rerun();
+    verify_counter(&s.outputs(), Some(0));
+}
+
+/// Every path (checkpoint dir, cwd, open files, the mapped file) contains
+/// spaces and non-ASCII characters.
+#[test]
+fn paths_with_spaces_and_unicode() {
+    let w = Work::with_suffix("odd_paths", " a b-ü€");
+    let mut s = Session::start(&w, &[prog("files")]);
+    s.cur().wait_tick(3, T_READY);
+    s.cycle(Probe::Ticks);
+    s.finish();
+    assert_ticks_consecutive(&s.outputs(), Some(0));
+    drop(s);
+    drop(w);
+    let w = Work::with_suffix("odd_paths_map", " x y-ü€");
+    let mut s = Session::start(&w, &[prog("filemap")]);
+    s.cycle(Probe::Ping);
+    s.finish();
+}
+
+/// SIGTERM to `stasis run` / `stasis restart` (what a batch system sends
+/// first) reaches the application; stasis then dies of it (or exits 143).
+#[test]
+fn sigterm_to_stasis_reaches_app() {
+    for restart in [false, true] {
+        let w = Work::new("sigterm");
+        let exe = prog("exiter");
+        let mut s = Session::start(&w, &[exe.as_os_str(), "code".as_ref(), "0".as_ref()]);
+        if restart {
+            s.cycle(Probe::Ticks);
+        }
+        s.cur().wait_more_ticks(2, T_READY);
+        unsafe { libc::kill(s.cur().pid(), libc::SIGTERM) };
+        let st = s.cur().wait(T_CMD);
+        assert!(
+            st.signal() == Some(libc::SIGTERM) || st.code() == Some(128 + libc::SIGTERM),
+            "after SIGTERM to stasis (restart={restart}): {}\n{}",
+            status_str(&st),
+            s.diag()
+        );
+        if let Err(p) = wait_no_procs_in(&w.dir, Duration::from_secs(10)) {
+            panic!("left after SIGTERM:\n{}", describe_procs(&p));
+        }
+    }
+}
+
+/// `stasis restart DIR` while the application of DIR is still running under
+/// its `stasis run` is refused; the running application is not disturbed.
+#[test]
+fn restart_while_running_is_refused() {
+    let w = Work::new("restart_busy");
+    let mut s = Session::start(&w, &[prog("counter")]);
+    s.cur().wait_tick(3, T_READY);
+    w.checkpoint_ok(false, s.cur());
+    let mut r = w.restart("restart-busy");
+    let st = r.wait(T_CMD);
+    assert!(
+        !st.success() && !r.stderr().trim().is_empty(),
+        "second restart of a busy DIR: {}\n{}",
+        status_str(&st),
+        r.diag()
+    );
+    eprintln!("busy: {}", r.stderr().trim());
+    assert!(
+        ticks(&r.stdout()).is_empty(),
+        "a second copy ran:\n{}",
+        r.diag()
+    );
+    s.cur().wait_more_ticks(5, T_READY);
+    s.cycle(Probe::Ticks);
+    s.finish();
+    verify_counter(&s.outputs(), Some(0));
+}
+
+/// stderr is rebound like stdout: `etick N` lines continue exactly in the
+/// stderr of each restart.
+#[test]
+fn stderr_is_rebound() {
+    let w = Work::new("stderr");
+    let mut s = Session::start(&w, &[prog("counter").as_os_str(), "stderr".as_ref()]);
+    s.cur().wait_tick(3, T_READY);
+    s.cycle(Probe::Ticks);
+    s.cycle(Probe::Ticks);
+    s.finish();
+    verify_counter(&s.outputs(), Some(0));
+    let mut all = vec![];
+    for p in &s.phases {
+        let e: Vec<u64> = complete_lines(&p.stderr())
+            .iter()
+            .filter_map(|l| l.strip_prefix("etick ").and_then(|n| n.parse().ok()))
+            .collect();
+        assert!(!e.is_empty(), "{}: nothing on stderr", p.label);
+        all.extend(e);
+    }
+    let t = ticks(
+        &s.outputs()
+            .iter()
+            .map(|(_, o)| o.as_str())
+            .collect::<String>(),
+    );
+    assert_eq!(all, t, "stderr ticks differ from stdout ticks");
 }

@@ -33,6 +33,7 @@ fn unsupported(kind: &str, word: Option<&str>) {
             "checkpoint of an app holding a {kind} succeeded: {r}"
         );
         let err = r.stderr.to_lowercase();
+        eprintln!("{kind} (kill={kill}): {}", r.stderr.trim());
         assert!(
             !err.trim().is_empty(),
             "refused checkpoint without an error message: {r}"
@@ -129,6 +130,7 @@ fn held_lock_refuses_checkpoint() {
             r.stderr.contains("in progress"),
             "error does not say \"in progress\": {r}"
         );
+        eprintln!("lock held: {}", r.stderr.trim());
         assert!(
             t0.elapsed() < Duration::from_secs(10),
             "checkpoint took {:?} to give up",
@@ -226,4 +228,71 @@ fn commands_without_target_fail_cleanly() {
         "checkpoint --pid of no process: {r}"
     );
     assert!(w.checkpoints().is_empty());
+}
+
+/// Consecutive numbers of lines `<prefix> N` in `text`.
+fn prefixed_ticks(text: &str, prefix: &str) -> Vec<u64> {
+    complete_lines(text)
+        .iter()
+        .filter_map(|l| l.strip_prefix(prefix).and_then(|r| r.trim().parse().ok()))
+        .collect()
+}
+
+/// A process with a second thread or a child process: stasis either
+/// refuses the checkpoint cleanly (non-zero, message, nothing published, app
+/// unharmed) or checkpoints and restores all of it (both tick sequences
+/// continue exactly).
+fn thread_or_child(kind: &str, other: &str) {
+    let w = Work::new(&format!("multi_{kind}"));
+    let mut s = Session::start(&w, &[prog("multi").as_os_str(), OsStr::new(kind)]);
+    s.cur().wait_tick(3, T_READY);
+    let r = w.checkpoint(true);
+    if r.status.success() {
+        eprintln!("{kind}: checkpoint supported: {}", r.stderr.trim());
+        s.cur().expect_exit(EXIT_CHECKPOINTED, T_CMD);
+        s.restart(Probe::Ticks);
+        let o = format!("{other} ");
+        s.cur()
+            .wait_line(&format!("`{o}...` after restart"), T_READY, |l| {
+                l.starts_with(&o)
+            });
+        s.finish();
+        assert_ticks_consecutive(&s.outputs(), Some(0));
+        let mut all = vec![];
+        for (_, text) in s.outputs() {
+            all.extend(prefixed_ticks(&text, &o));
+        }
+        for win in all.windows(2) {
+            assert_eq!(win[1], win[0] + 1, "{other} sequence broken: {all:?}");
+        }
+    } else {
+        eprintln!("{kind}: refused: {}", r.stderr.trim());
+        assert!(
+            !r.stderr.trim().is_empty(),
+            "refused without a message: {r}"
+        );
+        assert!(
+            w.checkpoints().is_empty(),
+            "published {:?}",
+            w.checkpoints()
+        );
+        s.cur().wait_more_ticks(5, T_READY);
+        assert!(
+            s.cur().running(),
+            "app died after a refused checkpoint\n{}",
+            s.diag()
+        );
+        s.finish();
+        assert_ticks_consecutive(&s.outputs(), Some(0));
+    }
+}
+
+#[test]
+fn second_thread_is_refused_or_restored() {
+    thread_or_child("thread", "wtick");
+}
+
+#[test]
+fn child_process_is_refused_or_restored() {
+    thread_or_child("child", "ctick");
 }

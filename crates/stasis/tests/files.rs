@@ -48,3 +48,49 @@ fn open_files_continue_after_restart() {
         "unlinked file reappeared in the work dir"
     );
 }
+
+/// A file the application had open disappears between checkpoint and
+/// restart: restart must fail naming it and restore nothing (not silently
+/// create an empty file); once it is back, restart continues exactly.
+#[test]
+fn missing_open_file_is_refused() {
+    let w = Work::new("files_missing");
+    let mut s = Session::start(&w, &[prog("files")]);
+    s.cur().wait_tick(3, T_READY);
+    s.checkpoint_kill();
+    if let Err(p) = wait_no_procs_in(&w.dir, std::time::Duration::from_secs(5)) {
+        panic!("app alive after checkpoint --kill:\n{}", describe_procs(&p));
+    }
+    for name in ["out.txt", "in.txt"] {
+        std::fs::rename(w.path(name), w.path("moved-away")).unwrap();
+        let mut r = w.restart("restart-missing");
+        let st = r.wait(T_CMD);
+        assert!(
+            !st.success() && st.code() != Some(EXIT_CHECKPOINTED),
+            "restart without {name}: {}\n{}",
+            status_str(&st),
+            r.diag()
+        );
+        assert!(
+            r.stderr().contains(name),
+            "error does not name {name}:\n{}",
+            r.diag()
+        );
+        eprintln!("{name} missing: {}", r.stderr().trim());
+        assert!(r.stdout().is_empty(), "the application ran:\n{}", r.diag());
+        assert!(!w.path(name).exists(), "restart created {name}");
+        if let Err(p) = wait_no_procs_in(&w.dir, std::time::Duration::from_secs(5)) {
+            panic!(
+                "processes left after the failed restart:\n{}",
+                describe_procs(&p)
+            );
+        }
+        std::fs::rename(w.path("moved-away"), w.path(name)).unwrap();
+    }
+    s.restart(Probe::Ticks);
+    let ok = s.finish();
+    let t = assert_ticks_consecutive(&s.outputs(), Some(0));
+    let n = t.last().unwrap() + 1;
+    assert_eq!(ok, format!("OK ticks={n}"));
+    expect_lines(&w.read("out.txt"), "line", n, "out.txt");
+}

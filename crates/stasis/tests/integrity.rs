@@ -106,8 +106,9 @@ fn corrupted_largest_image_file_is_refused() {
     verify_counter(&s.outputs(), Some(0));
 }
 
-/// Every (non-empty) file of the checkpoint is protected: flip a byte in
-/// each one in turn.
+/// Every (non-empty) file of the checkpoint is protected: flip a byte at the
+/// start, middle and end of each one in turn, and change one digit (keeps
+/// JSON well-formed).
 #[test]
 fn every_image_file_is_verified() {
     let w = Work::new("integrity_all");
@@ -123,6 +124,18 @@ fn every_image_file_is_verified() {
             expect_refused(
                 &w,
                 &format!("byte {pos} of {} flipped", f.display()),
+                &["checksum", "corrupt", "truncat"],
+            );
+        }
+        // a change that keeps the file well-formed: one digit replaced by
+        // another, in the second half (for JSON: a number or hex checksum)
+        if let Some(pos) = (orig.len() / 2..orig.len()).find(|i| orig[*i].is_ascii_digit()) {
+            let mut bad = orig.clone();
+            bad[pos] = if orig[pos] == b'7' { b'3' } else { b'7' };
+            std::fs::write(f, &bad).unwrap();
+            expect_refused(
+                &w,
+                &format!("digit at {pos} of {} changed", f.display()),
                 &["checksum", "corrupt", "truncat"],
             );
         }

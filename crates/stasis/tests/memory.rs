@@ -166,6 +166,7 @@ fn changed_mapped_file_is_refused() {
         "error does not name the changed file:\n{}",
         r.diag()
     );
+    eprintln!("changed mapped file: {}", err.trim());
     assert!(r.stdout().is_empty(), "the application ran:\n{}", r.diag());
     if let Err(p) = wait_no_procs_in(&w.dir, Duration::from_secs(5)) {
         panic!(

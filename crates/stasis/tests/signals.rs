@@ -46,6 +46,12 @@ fn blocked_sleeps_complete_after_restart() {
             "{phase} already finished before the checkpoint (machine too slow?)"
         );
         s.checkpoint_kill();
+        // the checkpoint must have caught it inside the sleep
+        assert!(
+            !s.cur().lines().iter().any(|l| l.starts_with(&done)),
+            "{phase} completed before the checkpoint froze it (machine too slow?)\n{}",
+            s.diag()
+        );
         s.restart(Probe::Sleep(50));
     }
     s.cur()

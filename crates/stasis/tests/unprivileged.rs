@@ -19,10 +19,15 @@ fn unprivileged_work(name: &str, program: &str) -> (Work, std::path::PathBuf) {
     (w, exe)
 }
 
-/// Check the supervised application really runs as the user.
-fn assert_runs_as_user(w: &Work) {
+/// Check the application (and every other process of the test) really runs
+/// as the user.
+fn assert_runs_as_user(w: &Work, exe: &std::path::Path) {
     let (uid, _, _) = unprivileged_user();
-    for pid in procs_in(&w.dir) {
+    let app = pids_of_exe(&w.dir, exe);
+    assert_eq!(app.len(), 1, "application process not found: {app:?}");
+    let all = procs_in(&w.dir);
+    assert!(all.contains(&app[0]));
+    for pid in all {
         if let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
             let line = st.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
             let ids: Vec<u32> = line
@@ -31,8 +36,8 @@ fn assert_runs_as_user(w: &Work) {
                 .filter_map(|x| x.parse().ok())
                 .collect();
             assert!(
-                ids.iter().all(|i| *i == uid),
-                "process {pid} has {line:?}, expected everything {uid}"
+                ids.len() == 4 && ids.iter().all(|i| *i == uid),
+                "process {pid} has {line:?}, expected all uids {uid}"
             );
         }
     }
@@ -41,11 +46,11 @@ fn assert_runs_as_user(w: &Work) {
 #[test]
 fn counter_cycle_as_unprivileged_user() {
     let (w, exe) = unprivileged_work("unpriv_counter", "counter");
-    let mut s = Session::start(&w, &[exe]);
+    let mut s = Session::start(&w, &[&exe]);
     s.cur().wait_tick(5, T_READY);
-    assert_runs_as_user(&w);
+    assert_runs_as_user(&w, &exe);
     s.cycle(Probe::Ticks);
-    assert_runs_as_user(&w);
+    assert_runs_as_user(&w, &exe);
     s.cycle(Probe::Ticks);
     s.finish();
     s.assert_no_rerun();
@@ -55,8 +60,8 @@ fn counter_cycle_as_unprivileged_user() {
 #[test]
 fn memory_cycle_as_unprivileged_user() {
     let (w, exe) = unprivileged_work("unpriv_memory", "memory");
-    let mut s = Session::start(&w, &[exe]);
-    assert_runs_as_user(&w);
+    let mut s = Session::start(&w, &[&exe]);
+    assert_runs_as_user(&w, &exe);
     s.cycle(Probe::Ping);
     s.finish();
     s.assert_no_rerun();

@@ -343,10 +343,9 @@ impl Proc {
     }
     /// Wait until a tick >= n has been printed; return the last tick.
     pub fn wait_tick(&mut self, n: u64, timeout: Duration) -> u64 {
-        let l = self.wait_line(&format!("tick >= {n}"), timeout, |l| {
+        self.wait_line(&format!("tick >= {n}"), timeout, |l| {
             parse_tick(l).map(|(t, _)| t >= n).unwrap_or(false)
         });
-        let _ = l;
         self.last_tick().unwrap()
     }
     /// Wait until `n` more ticks than now have been printed.
@@ -456,18 +455,26 @@ pub struct Work {
     pub stasis: PathBuf,
     /// Command prefix (e.g. setpriv ... --) for running as another user.
     pub prefix: Vec<OsString>,
+    /// Give `stasis run`/`restart` a pipe as stdout (instead of a file).
+    pub pipe_stdout: bool,
     seq: AtomicUsize,
 }
 
 impl Work {
     pub fn new(name: &str) -> Work {
+        Work::with_suffix(name, "")
+    }
+
+    /// Like `new`, with `suffix` appended to the directory name (e.g. to get
+    /// spaces or non-ASCII characters into every path).
+    pub fn with_suffix(name: &str, suffix: &str) -> Work {
         let short: String = name
             .chars()
             .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
             .take(24)
             .collect();
         let dir = std::env::temp_dir().join(format!(
-            "st-{short}-{}-{}",
+            "st-{short}-{}-{}{suffix}",
             std::process::id(),
             SEQ.fetch_add(1, Ordering::SeqCst)
         ));
@@ -475,11 +482,13 @@ impl Work {
         fs::create_dir_all(&dir).unwrap();
         let ck = dir.join("ck");
         fs::create_dir(&ck).unwrap();
+        fs::create_dir(dir.join("elsewhere")).unwrap();
         Work {
             dir,
             ck,
             stasis: PathBuf::from(STASIS),
             prefix: vec![],
+            pipe_stdout: false,
             seq: AtomicUsize::new(0),
         }
     }
@@ -505,7 +514,12 @@ impl Work {
             c.args(&self.prefix[1..]).arg(&self.stasis);
             c
         };
-        c.args(args).current_dir(&self.dir);
+        // A marker that differs between run and each restart: restored
+        // processes must keep their own environment (checked by procstate.c).
+        let n = self.seq.load(Ordering::SeqCst);
+        c.args(args)
+            .current_dir(&self.dir)
+            .env("STASIS_TEST_PHASE", format!("cmd{n}"));
         c
     }
 
@@ -515,12 +529,23 @@ impl Work {
     }
 
     /// Spawn `cmd` with stdout/stderr to `<label>.out/.err` in the work dir.
-    pub fn spawn(&self, label: &str, mut cmd: Command, stdin: Stdio) -> Proc {
+    pub fn spawn(&self, label: &str, cmd: Command, stdin: Stdio) -> Proc {
+        self.spawn_io(label, cmd, stdin, false)
+    }
+
+    /// Like `spawn`; with `pipe_stdout` stdout is a pipe whose content a
+    /// thread copies into `<label>.out`.
+    pub fn spawn_io(&self, label: &str, mut cmd: Command, stdin: Stdio, pipe_stdout: bool) -> Proc {
         let label = self.fresh_label(label);
         let out = self.path(&format!("{label}.out"));
         let err = self.path(&format!("{label}.err"));
+        let out_file = fs::File::create(&out).unwrap();
+        if pipe_stdout {
+            cmd.stdout(Stdio::piped());
+        } else {
+            cmd.stdout(out_file.try_clone().unwrap());
+        }
         cmd.stdin(stdin)
-            .stdout(fs::File::create(&out).unwrap())
             .stderr(fs::File::create(&err).unwrap())
             .process_group(0);
         // Do not leak fds the test runner inherited (e.g. a pipe from the
@@ -532,9 +557,22 @@ impl Work {
                 Ok(())
             });
         }
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn {label} ({cmd:?}): {e}"));
+        if pipe_stdout {
+            let mut from = child.stdout.take().unwrap();
+            let mut to = out_file;
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = from.read(&mut buf) {
+                    if n == 0 || to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
         Proc {
             child,
             label,
@@ -558,7 +596,7 @@ impl Work {
         ];
         args.extend(argv.iter().map(|a| a.as_ref()));
         let cmd = self.stasis_cmd(&args);
-        self.spawn(label, cmd, stdin)
+        self.spawn_io(label, cmd, stdin, self.pipe_stdout)
     }
 
     /// `stasis restart ck`
@@ -567,8 +605,11 @@ impl Work {
     }
 
     pub fn restart_with_stdin(&self, label: &str, stdin: Stdio) -> Proc {
-        let cmd = self.stasis_cmd(&["restart".as_ref(), self.ck.as_os_str()]);
-        self.spawn(label, cmd, stdin)
+        // from another directory, so that a restored process whose cwd was
+        // not restored is caught
+        let mut cmd = self.stasis_cmd(&["restart".as_ref(), self.ck.as_os_str()]);
+        cmd.current_dir(self.path("elsewhere"));
+        self.spawn_io(label, cmd, stdin, self.pipe_stdout)
     }
 
     /// Run a stasis command to completion (bounded by T_CMD).
@@ -686,7 +727,7 @@ impl Work {
 
     /// Make the work dir usable by `uid:gid` (chown dir + ck, chmod 755).
     pub fn give_to(&self, uid: u32, gid: u32) {
-        for d in [&self.dir, &self.ck] {
+        for d in [&self.dir, &self.ck, &self.path("elsewhere")] {
             std::os::unix::fs::chown(d, Some(uid), Some(gid)).unwrap();
             fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
         }

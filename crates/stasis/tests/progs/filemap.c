@@ -2,7 +2,8 @@
  * Creates `mapped.dat` (16 pages + 100 bytes, content derived from the offset)
  * in its cwd, maps it MAP_PRIVATE PROT_READ|PROT_WRITE, closes the fd,
  * modifies pages 1, 5, 9 fully and one word of the last (partial) page, also
- * maps it a second time PROT_READ (untouched). After `go`: modified pages show
+ * maps it a second time PROT_READ (untouched) and a third time MAP_SHARED
+ * PROT_READ (like glibc's gconv cache; the size is not page aligned). After `go`: modified pages show
  * the modification, untouched pages show the file content, the mapping is
  * still backed by the file (per /proc/self/maps) and the file is unchanged.
  * Output: `ready file=<path> size=N`, then `OK ...` / `FAIL ...`. */
@@ -32,6 +33,9 @@ int main(void) {
     if (map == MAP_FAILED) die("mmap rw");
     uint8_t *ro = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
     if (ro == MAP_FAILED) die("mmap ro");
+    /* shared read-only, like glibc's gconv cache; size not page aligned */
+    uint8_t *sh = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
+    if (sh == MAP_FAILED) die("mmap shared ro");
     close(fd);
 
     for (size_t p = 0; p < 16; p++)
@@ -64,6 +68,9 @@ int main(void) {
     bad = 0;
     for (size_t i = 0; i < size; i++) bad += ro[i] != file_byte(i);
     CHECK(bad == 0, "read-only mapping: %zu bad bytes", bad);
+    bad = 0;
+    for (size_t i = 0; i < size; i++) bad += sh[i] != file_byte(i);
+    CHECK(bad == 0, "shared read-only mapping: %zu bad bytes", bad);
 
     char perms[5], path[PATH_MAX + 64], want[PATH_MAX + 64];
     snprintf(want, sizeof want, "%s/%s", cwd, name);
@@ -76,6 +83,11 @@ int main(void) {
     else {
         CHECK(strcmp(perms, "r--p") == 0, "ro mapping perms %s", perms);
         CHECK(strcmp(path, want) == 0, "ro mapping backed by '%s', want '%s'", path, want);
+    }
+    if (maps_lookup(sh, perms, path, sizeof path, NULL, NULL)) fail("shared mapping gone");
+    else {
+        CHECK(strcmp(perms, "r--s") == 0, "shared mapping perms %s", perms);
+        CHECK(strcmp(path, want) == 0, "shared mapping backed by '%s', want '%s'", path, want);
     }
     /* writing to a never-modified page still works (COW) and does not reach the file */
     uint8_t flipped = file_byte(7 * pg) ^ 0xFFu;

@@ -8,6 +8,8 @@
  *    /proc/self/maps) and the guard page still faulting are checked;
  *  - a sparse 8 GiB MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE mapping with 10
  *    touched pages at scattered offsets (known values), untouched pages zero.
+ * Also: generated code in an anonymous r-x page (x86-64), called after
+ * restart; the main stack must still grow on demand (4 MiB recursion).
  * After `go` it also grows the heap (sbrk 200 MiB + 200000 small mallocs) and
  * maps 64 MiB more, writes and verifies them.
  * Output: `ready rand=<csum> ...`, then `OK ...` / `FAIL ...`. */
@@ -57,6 +59,15 @@ static int read_faults(volatile uint8_t *p) {
     }
     sigaction(SIGSEGV, &old, NULL);
     return faulted;
+}
+
+/* Uses ~64 KiB of stack per level; returns a checksum of what it wrote. */
+static __attribute__((noinline)) uint64_t deep(int depth) {
+    volatile uint8_t buf[64 * 1024];
+    for (size_t i = 0; i < sizeof buf; i += 512) buf[i] = (uint8_t)(depth + i);
+    uint64_t r = depth > 0 ? deep(depth - 1) : 0;
+    for (size_t i = 0; i < sizeof buf; i += 512) r += buf[i];
+    return r;
 }
 
 static void check_perms(const char *what, const void *addr, const char *want) {
@@ -120,6 +131,24 @@ int main(void) {
     for (int i = 0; i < NSPARSE; i++) {
         uint64_t *w = (uint64_t *)(sparse + sparse_off(i));
         for (long j = 0; j < pg / 8; j += 61) w[j] = mix(sparse_off(i), (uint64_t)j) | 1;
+    }
+
+    /* generated code in an anonymous r-x mapping (x86-64: mov eax, 42; ret) */
+    int (*jit)(void) = NULL;
+#ifdef __x86_64__
+    uint8_t *code = mmap(NULL, pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (code == MAP_FAILED) die("mmap code");
+    static const uint8_t insn[] = {0xb8, 0x2a, 0x00, 0x00, 0x00, 0xc3};
+    memcpy(code, insn, sizeof insn);
+    if (mprotect(code, pg, PROT_READ | PROT_EXEC)) die("mprotect code");
+    jit = (int (*)(void))code;
+    if (jit() != 42) die("jit before");
+#endif
+    uintptr_t stack_lo = 0, stack_hi = 0;
+    {
+        char perms[5], path[64];
+        int here;
+        maps_lookup(&here, perms, path, sizeof path, &stack_lo, &stack_hi);
     }
 
     out("ready rand=%016llx sparse=%p prot=%p brk=%p\n", (unsigned long long)csum, (void *)sparse,
@@ -186,6 +215,27 @@ int main(void) {
                   "sparse mapping is %lx-%lx, want it to cover %p+8GiB", (unsigned long)st,
                   (unsigned long)en, (void *)sparse);
         }
+    }
+
+    if (jit) {
+        check_perms("generated code", (void *)jit, "r-xp");
+        CHECK(jit() == 42, "generated code returns %d", jit());
+    }
+
+    /* the main stack still grows on demand: ~4 MiB deeper than at checkpoint */
+    {
+        uint64_t want = 0;
+        for (int d = 0; d <= 63; d++)
+            for (size_t i = 0; i < 64 * 1024; i += 512) want += (uint8_t)(d + i);
+        uint64_t got = deep(63);
+        CHECK(got == want, "deep recursion checksum %llu, want %llu", (unsigned long long)got,
+              (unsigned long long)want);
+        char perms[5], path[64];
+        uintptr_t lo = 0, hi = 0;
+        int here;
+        maps_lookup(&here, perms, path, sizeof path, &lo, &hi);
+        CHECK(lo < stack_lo && hi == stack_hi, "stack did not grow down (was %lx-%lx, now %lx-%lx)",
+              (unsigned long)stack_lo, (unsigned long)stack_hi, (unsigned long)lo, (unsigned long)hi);
     }
 
     /* heap growth after restart */

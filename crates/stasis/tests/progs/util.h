@@ -170,4 +170,44 @@ static __attribute__((unused)) int maps_lookup(const void *addr, char perms[5], 
     return found;
 }
 
+/* /proc/self/maps reduced to "start-end perms offset path" lines (device and
+ * inode dropped). Returns a malloc'd string. */
+static __attribute__((unused)) char *maps_snapshot(void) {
+    FILE *f = fopen("/proc/self/maps", "re");
+    if (!f) return strdup("?");
+    size_t cap = 1 << 16, len = 0;
+    char *res = malloc(cap), line[4096];
+    res[0] = 0;
+    while (fgets(line, sizeof line, f)) {
+        char range[64], perms[8], off[32], dev[16], path[4096] = "";
+        unsigned long ino;
+        if (sscanf(line, "%63s %7s %31s %15s %lu %4095[^\n]", range, perms, off, dev, &ino, path) < 5) continue;
+        char *p = path;
+        while (*p == ' ') p++;
+        char buf[4300];
+        int n = snprintf(buf, sizeof buf, "%s %s %s %s\n", range, perms, off, p);
+        if (len + (size_t)n + 1 > cap) { cap *= 2; res = realloc(res, cap); }
+        memcpy(res + len, buf, (size_t)n + 1);
+        len += (size_t)n;
+    }
+    fclose(f);
+    return res;
+}
+
+/* Report (as a failure) the first differing line of two maps snapshots. */
+static __attribute__((unused)) void compare_maps(const char *a, const char *b) {
+    if (strcmp(a, b) == 0) return;
+    while (*a && *b) {
+        size_t la = strcspn(a, "\n"), lb = strcspn(b, "\n");
+        if (la != lb || strncmp(a, b, la) != 0) {
+            fail("memory map changed: '%.*s' became '%.*s'", (int)la, a, (int)lb, b);
+            return;
+        }
+        a += la + (a[la] ? 1 : 0);
+        b += lb + (b[lb] ? 1 : 0);
+    }
+    size_t la = strcspn(a, "\n"), lb = strcspn(b, "\n");
+    fail("memory map changed: extra '%.*s%.*s'", (int)la, a, (int)lb, b);
+}
+
 #endif
