@@ -7,7 +7,7 @@
 //! read, and the image is synced and published while it runs. Any failure leaves the
 //! process running as before and the previous checkpoint as the newest.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SysContext};
 use crate::files::{self, StdioIds};
 use crate::freeze::Frozen;
 use crate::inject::{find_syscall_insn, Injector, Scratch};
@@ -16,6 +16,7 @@ use crate::proc::ProcDir;
 use crate::{signals, task, thread};
 use stasis_image::{store, Checkpoint, CheckpointWriter, DirLock, Origin, Process, Timings};
 use stasis_sys::arch;
+use stasis_sys::ptrace::{self, Stop};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -56,6 +57,16 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
             msg: "no such process".into(),
         });
     }
+    // A snapshot child is given the process's parent (CLONE_PARENT): only when that
+    // parent is us (stasis init), who reaps it. Otherwise the process stays frozen
+    // while its memory is copied.
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    let parent_is_us = proc
+        .process()
+        .ok()
+        .and_then(|p| p.stat().ok())
+        .is_some_and(|s| s.ppid == me);
     check_shape(&proc)?;
     let mut frozen = Frozen::freeze(&proc)?;
     // Re-check now that nothing can change under us.
@@ -74,26 +85,58 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
         let tinj = Injector::new(ft.tid, insn)?;
         threads.push(thread::dump(&tinj, &proc, ft, &scratch)?);
     }
-    scratch.unmap(&inj)?;
 
+    let plan = memory::plan(&proc, &layout)?;
     let mut writer = CheckpointWriter::begin(&lock)?;
-    let vmas = memory::read_layout(&proc)?;
     let pages_file = format!("pages-{pid}.img");
-    let mut pages = writer.data_file(&pages_file)?;
-    let (mappings, pages_bytes) = memory::dump_pages(&proc, &vmas, &mut pages)?;
-    writer.finish_data(pages)?;
+    let mut pages = writer.mapped_file(&pages_file, plan.bytes)?;
+    let mut zeros = Vec::new();
+    let snapshot = if parent_is_us && !opts.kill {
+        // What a fork would not see is copied now, the rest from the snapshot later.
+        let hidden = |r: &memory::PlannedRun| memory::invisible_to_fork(&layout[r.vma]);
+        zeros.extend(memory::copy_pages(
+            pid,
+            &plan,
+            hidden,
+            pages.as_mut_slice(),
+        )?);
+        Some(Snapshot::take(&inj, pid, &scratch)?)
+    } else {
+        None
+    };
+    scratch.unmap(&inj)?;
     let stdio = opts
         .stdio
         .clone()
         .unwrap_or_else(|| files::stdio_ids_of(&proc));
     let fds = files::dump_fds(&proc, &stdio, &mut writer)?;
+    if snapshot.is_some() {
+        frozen.release()?;
+    }
     let dump_us = t0.elapsed().as_micros() as u64 - freeze_us;
+
+    let t1 = Instant::now();
+    let snapshotted = snapshot.is_some();
+    let src = snapshot.as_ref().map_or(pid, |s| s.pid);
+    let rest =
+        |r: &memory::PlannedRun| snapshot.is_none() || !memory::invisible_to_fork(&layout[r.vma]);
+    zeros.extend(memory::copy_pages(src, &plan, rest, pages.as_mut_slice())?);
+    drop(snapshot);
     if !opts.kill {
         frozen.release()?;
     }
+    let copy_us = t1.elapsed().as_micros() as u64;
 
-    let t1 = Instant::now();
-    let mut meta = Checkpoint {
+    let t2 = Instant::now();
+    let (mappings, pages_bytes) = memory::finish_pages(&layout, &plan, &zeros, &pages);
+    writer.finish_mapped(pages, plan.bytes)?;
+    let sync_us = t2.elapsed().as_micros() as u64;
+    let (pause_us, copy_us) = if snapshotted {
+        (dump_us, copy_us)
+    } else {
+        (dump_us + copy_us, 0)
+    };
+    let meta = Checkpoint {
         sequence: writer.sequence(),
         arch: arch::ARCH_NAME.to_string(),
         kernel: kernel_release(),
@@ -119,22 +162,17 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
         }],
         timings: Timings {
             freeze_us,
-            dump_us,
-            sync_us: 0,
+            dump_us: pause_us,
+            sync_us,
+            copy_us,
+            snapshot: snapshotted,
             pages_bytes,
         },
     };
-    meta.timings.sync_us = t1.elapsed().as_micros() as u64;
     let sequence = meta.sequence;
     let path = writer.commit(&meta)?;
     if opts.kill {
         // The tracer that is also the parent (stasis init) reaps in its own loop.
-        // SAFETY: getpid has no preconditions.
-        let parent_is_us = ProcDir::new(pid)
-            .process()
-            .ok()
-            .and_then(|p| p.stat().ok())
-            .is_some_and(|s| s.ppid == unsafe { libc::getpid() });
         frozen.kill(!parent_is_us);
     }
     if let Err(e) = store::prune(&lock, opts.keep) {
@@ -149,6 +187,53 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
         timings: meta.timings,
         killed: opts.kill,
     })
+}
+
+/// A copy-on-write copy of the process's memory: a child forked by an injected
+/// `clone3(CLONE_PARENT | CLONE_FILES)`, stopped before its first instruction, read
+/// while the process runs on, killed afterwards. With CLONE_PARENT it is our child
+/// (not the application's, whose wait() never sees it); CLONE_FILES adds no reference
+/// to any open file (a pipe's reader still sees EOF when the writer closes).
+struct Snapshot {
+    pid: i32,
+}
+
+impl Snapshot {
+    fn take(inj: &Injector, leader: i32, scratch: &Scratch) -> Result<Snapshot> {
+        let flags = (libc::CLONE_PARENT | libc::CLONE_FILES) as u64;
+        let mut args = Vec::with_capacity(88);
+        for v in [flags, 0u64, 0, 0, 0, 0, 0, 0, 0, 0, 0] {
+            args.extend_from_slice(&v.to_le_bytes());
+        }
+        scratch.write(&args)?;
+        ptrace::set_options(leader, ptrace::O_TRACESYSGOOD | ptrace::O_TRACECLONE)
+            .ctx(leader, || "tracing the snapshot fork".into())?;
+        let r = inj.call(
+            "clone3 (copy-on-write snapshot)",
+            libc::SYS_clone3,
+            &[scratch.addr, 88],
+        );
+        ptrace::set_options(leader, ptrace::O_TRACESYSGOOD)
+            .ctx(leader, || "resetting ptrace options".into())?;
+        let pid = r? as i32;
+        let snap = Snapshot { pid };
+        loop {
+            match ptrace::wait(pid).ctx(pid, || "waiting for the snapshot".into())? {
+                Stop::Event(ptrace::EVENT_STOP, _) => return Ok(snap),
+                Stop::Exited(_) | Stop::Killed(_) => return Err(Error::Gone { pid }),
+                _ => ptrace::cont(pid, 0).ctx(pid, || "resuming the snapshot".into())?,
+            }
+        }
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        // SAFETY: killing the snapshot child we created; then reaping it (we are its
+        // tracer and its parent).
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        let _ = ptrace::wait(self.pid);
+    }
 }
 
 /// Refuses shapes of process this version cannot save: child processes.

@@ -123,7 +123,7 @@ impl Frozen {
         Ok(())
     }
 
-    /// Resumes every thread exactly where it was stopped.
+    /// Resumes every thread exactly where it was stopped (once; later calls do nothing).
     pub fn release(&mut self) -> Result<()> {
         if self.done {
             return Ok(());

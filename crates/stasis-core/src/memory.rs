@@ -16,7 +16,7 @@ use crate::error::{Error, Result, SysContext};
 use crate::inject::Injector;
 use crate::proc::{file_id, ProcDir};
 use procfs::process::{MMPermissions, MMapPath, VmFlags};
-use stasis_image::{DataWriter, Mapping, MappingKind, PageRun, PAGE_SIZE};
+use stasis_image::{Mapping, MappingKind, PageRun, PAGE_SIZE};
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 
@@ -203,124 +203,233 @@ fn saves_pages(v: &Vma) -> bool {
     }
 }
 
-/// Saves the pages of every mapping into `out`; fills `Mapping::pages`.
-/// Returns the mappings and the number of bytes of pages written.
-pub fn dump_pages(
-    proc: &ProcDir,
-    vmas: &[Vma],
-    out: &mut DataWriter,
-) -> Result<(Vec<Mapping>, u64)> {
+/// True when a copy-on-write snapshot (fork) of the process would not see this
+/// mapping's content: MADV_DONTFORK (absent) and MADV_WIPEONFORK (zeroed). Such
+/// mappings are copied while the process is frozen.
+pub fn invisible_to_fork(v: &Vma) -> bool {
+    v.flags.intersects(VmFlags::DC | VmFlags::WF)
+}
+
+/// Pages to copy, planned from `/proc/PID/pagemap` while the process is frozen.
+#[derive(Debug, Clone, Copy)]
+pub struct PlannedRun {
+    /// Index of the mapping in the layout.
+    pub vma: usize,
+    pub addr: u64,
+    pub npages: u64,
+    /// Offset in the page file.
+    pub offset: u64,
+    /// The mapping is not readable by the process: read through /proc/PID/mem.
+    pub forced: bool,
+}
+
+/// Every page to save, with its place in the page file.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    pub runs: Vec<PlannedRun>,
+    /// Size of the page file.
+    pub bytes: u64,
+}
+
+/// Plans which pages to save: populated anonymous pages and the copied-on-write pages
+/// of private file mappings. Never-touched pages are not even read.
+pub fn plan(proc: &ProcDir, vmas: &[Vma]) -> Result<Plan> {
     let pid = proc.pid;
     let pagemap = std::fs::File::open(proc.file("pagemap"))
         .ctx(pid, || "opening /proc/PID/pagemap".into())?;
-    let mem = std::fs::File::open(proc.file("mem")).ctx(pid, || "opening /proc/PID/mem".into())?;
-    let mut buf = vec![0u8; (BATCH_PAGES * PAGE_SIZE) as usize];
     let mut entries = vec![0u8; (BATCH_PAGES * 8) as usize];
-    let mut mappings = Vec::with_capacity(vmas.len());
-    let mut bytes = 0;
-    for v in vmas {
-        let mut map = v.map.clone();
-        if saves_pages(v) {
-            let file_backed = matches!(map.kind, MappingKind::File { .. });
-            let readable = map.prot & libc::PROT_READ as u32 != 0;
-            let npages = map.len() / PAGE_SIZE;
-            let mut idx = 0;
-            while idx < npages {
-                let n = (npages - idx).min(BATCH_PAGES);
-                let addr = map.start + idx * PAGE_SIZE;
-                let ents = &mut entries[..(n * 8) as usize];
-                pagemap
-                    .read_exact_at(ents, addr / PAGE_SIZE * 8)
-                    .ctx(pid, || {
-                        format!("reading pagemap of mapping {:x}-{:x}", map.start, map.end)
-                    })?;
-                let want: Vec<bool> = ents
-                    .chunks_exact(8)
-                    .map(|e| {
-                        let e = u64::from_le_bytes(e.try_into().unwrap_or_default());
-                        if file_backed {
-                            // Copied-on-write pages of a private file mapping are
-                            // anonymous: present but not file pages, or swapped.
-                            (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAP != 0
-                        } else {
-                            e & (PM_PRESENT | PM_SWAP) != 0
-                        }
-                    })
-                    .collect();
-                let mut i = 0usize;
-                while i < want.len() {
-                    if !want[i] {
-                        i += 1;
-                        continue;
-                    }
-                    let first = i;
-                    while i < want.len() && want[i] {
-                        i += 1;
-                    }
-                    let run_addr = addr + first as u64 * PAGE_SIZE;
-                    let data = &mut buf[..(i - first) * PAGE_SIZE as usize];
-                    let res = if readable {
-                        stasis_sys::vm::read(pid, run_addr, data)
-                    } else {
-                        stasis_sys::vm::read_forced(&mem, pid, run_addr, data)
-                    };
-                    res.ctx(pid, || {
-                        format!(
-                            "reading memory at {run_addr:x} (mapping {:x}-{:x} {})",
-                            map.start, map.end, map.name
-                        )
-                    })?;
-                    bytes += write_nonzero(&mut map.pages, run_addr, data, out)?;
-                }
-                idx += n;
-            }
-        }
-        mappings.push(map);
-    }
-    Ok((mappings, bytes))
-}
-
-/// Writes the non-zero pages of `data` (which starts at `addr`), extending `runs`.
-fn write_nonzero(
-    runs: &mut Vec<PageRun>,
-    addr: u64,
-    data: &[u8],
-    out: &mut DataWriter,
-) -> Result<u64> {
-    let mut written = 0;
-    let page = PAGE_SIZE as usize;
-    let mut p = 0;
-    let npages = data.len() / page;
-    while p < npages {
-        if is_zero(&data[p * page..(p + 1) * page]) {
-            p += 1;
+    let mut plan = Plan::default();
+    for (vi, v) in vmas.iter().enumerate() {
+        if !saves_pages(v) {
             continue;
         }
-        let first = p;
-        while p < npages && !is_zero(&data[p * page..(p + 1) * page]) {
-            p += 1;
-        }
-        let chunk = &data[first * page..p * page];
-        let offset = out.position();
-        out.write_all(chunk)?;
-        written += chunk.len() as u64;
-        let run_addr = addr + (first * page) as u64;
-        let np = (p - first) as u64;
-        match runs.last_mut() {
-            Some(last)
-                if last.addr + last.npages * PAGE_SIZE == run_addr
-                    && last.offset + last.npages * PAGE_SIZE == offset =>
-            {
-                last.npages += np
+        let map = &v.map;
+        let file_backed = matches!(map.kind, MappingKind::File { .. });
+        let forced = map.prot & libc::PROT_READ as u32 == 0;
+        let npages = map.len() / PAGE_SIZE;
+        let mut idx = 0;
+        while idx < npages {
+            let n = (npages - idx).min(BATCH_PAGES);
+            let addr = map.start + idx * PAGE_SIZE;
+            let ents = &mut entries[..(n * 8) as usize];
+            pagemap
+                .read_exact_at(ents, addr / PAGE_SIZE * 8)
+                .ctx(pid, || {
+                    format!("reading pagemap of mapping {:x}-{:x}", map.start, map.end)
+                })?;
+            for (i, e) in ents.chunks_exact(8).enumerate() {
+                let e = u64::from_le_bytes(e.try_into().unwrap_or_default());
+                let want = if file_backed {
+                    // Copied-on-write pages of a private file mapping are anonymous:
+                    // present but not file pages, or swapped.
+                    (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAP != 0
+                } else {
+                    e & (PM_PRESENT | PM_SWAP) != 0
+                };
+                if !want {
+                    continue;
+                }
+                let page = addr + i as u64 * PAGE_SIZE;
+                match plan.runs.last_mut() {
+                    Some(r)
+                        if r.vma == vi
+                            && r.addr + r.npages * PAGE_SIZE == page
+                            && r.npages < BATCH_PAGES =>
+                    {
+                        r.npages += 1
+                    }
+                    _ => plan.runs.push(PlannedRun {
+                        vma: vi,
+                        addr: page,
+                        npages: 1,
+                        offset: plan.bytes,
+                        forced,
+                    }),
+                }
+                plan.bytes += PAGE_SIZE;
             }
-            _ => runs.push(PageRun {
-                addr: run_addr,
-                npages: np,
-                offset,
-            }),
+            idx += n;
         }
     }
-    Ok(written)
+    Ok(plan)
+}
+
+/// Per planned run (by index): which of its pages are all zero.
+pub type ZeroMap = Vec<(usize, Vec<bool>)>;
+
+type Piece<'a> = (usize, &'a PlannedRun, &'a mut [u8]);
+
+/// Copies the planned runs selected by `want` from process `src` (the process itself
+/// or its copy-on-write snapshot) straight into `out` (the mapped page file), with as
+/// many threads as there are cores. Returns which pages are all zero.
+pub fn copy_pages(
+    src: i32,
+    plan: &Plan,
+    want: impl Fn(&PlannedRun) -> bool,
+    out: &mut [u8],
+) -> Result<ZeroMap> {
+    let mem = std::fs::File::open(format!("/proc/{src}/mem"))
+        .ctx(src, || "opening /proc/PID/mem".into())?;
+    // Carve the output into one disjoint slice per run (runs are in file order).
+    let mut pieces: Vec<Piece> = Vec::new();
+    let mut rest: &mut [u8] = out;
+    let mut base = 0u64;
+    for (i, r) in plan.runs.iter().enumerate() {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut((r.offset - base) as usize);
+        let (mine, tail) = tail.split_at_mut((r.npages * PAGE_SIZE) as usize);
+        rest = tail;
+        base = r.offset + r.npages * PAGE_SIZE;
+        if want(r) {
+            pieces.push((i, r, mine));
+        }
+    }
+    let total: u64 = pieces.iter().map(|p| p.1.npages).sum();
+    let share = total.div_ceil(stasis_image::store::workers() as u64).max(1);
+    let mut groups: Vec<Vec<Piece>> = Vec::new();
+    let mut acc = u64::MAX;
+    for p in pieces {
+        if acc >= share {
+            groups.push(Vec::new());
+            acc = 0;
+        }
+        acc += p.1.npages;
+        if let Some(g) = groups.last_mut() {
+            g.push(p);
+        }
+    }
+    let results: Vec<Result<ZeroMap>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = groups
+            .into_iter()
+            .map(|g| {
+                let mem = &mem;
+                sc.spawn(move || -> Result<ZeroMap> {
+                    let mut zeros = Vec::with_capacity(g.len());
+                    for (i, r, buf) in g {
+                        let res = if r.forced {
+                            stasis_sys::vm::read_forced(mem, src, r.addr, buf)
+                        } else {
+                            stasis_sys::vm::read(src, r.addr, buf)
+                        };
+                        res.ctx(src, || {
+                            format!("reading {} pages at {:x}", r.npages, r.addr)
+                        })?;
+                        zeros.push((
+                            i,
+                            buf.chunks_exact(PAGE_SIZE as usize).map(is_zero).collect(),
+                        ));
+                    }
+                    Ok(zeros)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::Restore {
+                        pid: src,
+                        msg: "a memory copy thread panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    });
+    let mut all = Vec::new();
+    for r in results {
+        all.extend(r?);
+    }
+    Ok(all)
+}
+
+/// Turns the plan and the zero-page map into the mappings' saved page runs. Zero pages
+/// are left out (restore leaves them to the kernel's zero fill) and punched out of the
+/// page file. Returns the mappings and the bytes of pages stored.
+pub fn finish_pages(
+    vmas: &[Vma],
+    plan: &Plan,
+    zeros: &ZeroMap,
+    file: &stasis_image::MappedFile,
+) -> (Vec<Mapping>, u64) {
+    let mut mappings: Vec<Mapping> = vmas.iter().map(|v| v.map.clone()).collect();
+    let mut zero_of: Vec<Option<&Vec<bool>>> = vec![None; plan.runs.len()];
+    for (i, z) in zeros {
+        zero_of[*i] = Some(z);
+    }
+    let mut stored = 0;
+    for (i, r) in plan.runs.iter().enumerate() {
+        let is_z = |k: u64| zero_of[i].is_some_and(|z| z[k as usize]);
+        let m = &mut mappings[r.vma];
+        let mut p = 0u64;
+        while p < r.npages {
+            let first = p;
+            let zero = is_z(p);
+            while p < r.npages && is_z(p) == zero {
+                p += 1;
+            }
+            let addr = r.addr + first * PAGE_SIZE;
+            let offset = r.offset + first * PAGE_SIZE;
+            let np = p - first;
+            if zero {
+                file.punch_zeros(offset, np * PAGE_SIZE);
+                continue;
+            }
+            stored += np * PAGE_SIZE;
+            match m.pages.last_mut() {
+                Some(last)
+                    if last.addr + last.npages * PAGE_SIZE == addr
+                        && last.offset + last.npages * PAGE_SIZE == offset =>
+                {
+                    last.npages += np
+                }
+                _ => m.pages.push(PageRun {
+                    addr,
+                    npages: np,
+                    offset,
+                }),
+            }
+        }
+    }
+    (mappings, stored)
 }
 
 fn is_zero(page: &[u8]) -> bool {

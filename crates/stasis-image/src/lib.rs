@@ -12,7 +12,9 @@ pub mod model;
 pub mod store;
 
 pub use model::*;
-pub use store::{CheckpointReader, CheckpointWriter, DataWriter, DirLock, ImageError, ImageResult};
+pub use store::{
+    CheckpointReader, CheckpointWriter, DataWriter, DirLock, ImageError, ImageResult, MappedFile,
+};
 
 /// Image format version written by this build. Readers refuse other versions.
 pub const FORMAT_VERSION: u32 = 1;

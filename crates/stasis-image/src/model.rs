@@ -47,6 +47,13 @@ pub struct Timings {
     pub dump_us: u64,
     /// Writing metadata and fsync of every file.
     pub sync_us: u64,
+    /// Copying memory after the process resumed (from its copy-on-write snapshot).
+    #[serde(default)]
+    pub copy_us: u64,
+    /// Whether memory was copied from a copy-on-write snapshot while the process ran
+    /// (false: the process stayed frozen for the whole copy).
+    #[serde(default)]
+    pub snapshot: bool,
     /// Bytes of page data written.
     pub pages_bytes: u64,
 }

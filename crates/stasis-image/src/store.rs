@@ -15,7 +15,7 @@ use crate::model::Checkpoint;
 use crate::{CHUNK_SIZE, FORMAT_NAME, FORMAT_VERSION};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -245,6 +245,63 @@ impl DataWriter {
     }
 }
 
+/// A data file of known size written in place through a shared memory mapping, so
+/// that process memory can be copied straight into the page cache (one copy) by
+/// several threads at once. Zero ranges can be punched out to keep the file sparse.
+pub struct MappedFile {
+    file: File,
+    map: memmap2::MmapMut,
+    name: String,
+    path: PathBuf,
+}
+
+impl MappedFile {
+    /// The whole file, to fill.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.map[..]
+    }
+
+    /// Deallocates a range that holds only zeros (it reads back as zeros).
+    /// Best effort: file systems without hole punching keep the zeros.
+    pub fn punch_zeros(&self, offset: u64, len: u64) {
+        // SAFETY: fallocate on a descriptor we own; the mapping stays valid (holes
+        // read as zeros).
+        unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+    }
+}
+
+/// Number of threads to use for bulk work (checksums, copies).
+pub fn workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 64)
+}
+
+/// xxh3 checksums of every CHUNK_SIZE chunk of `data`, computed by several threads.
+pub fn chunk_hashes(data: &[u8]) -> Vec<String> {
+    let chunks: Vec<&[u8]> = data.chunks(CHUNK_SIZE as usize).collect();
+    let n = workers().min(chunks.len().max(1));
+    let per = chunks.len().div_ceil(n);
+    let mut out = vec![String::new(); chunks.len()];
+    std::thread::scope(|sc| {
+        for (slots, work) in out.chunks_mut(per.max(1)).zip(chunks.chunks(per.max(1))) {
+            sc.spawn(move || {
+                for (slot, c) in slots.iter_mut().zip(work) {
+                    *slot = hash_hex(xxhash_rust::xxh3::xxh3_64(c));
+                }
+            });
+        }
+    });
+    out
+}
+
 /// A checkpoint being written aside (`.checkpoint-N.tmp`). Dropped without
 /// [`CheckpointWriter::commit`], it removes what it wrote: the previous checkpoint
 /// stays the newest.
@@ -298,6 +355,57 @@ impl CheckpointWriter {
             hasher: Xxh3::new(),
             chunks: Vec::new(),
         })
+    }
+
+    /// Creates a data file of `size` bytes (mode 0600) to be filled through a mapping.
+    pub fn mapped_file(&self, name: &str, size: u64) -> ImageResult<MappedFile> {
+        let path = self.tmp.join(name);
+        let file = OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        if size > 0 {
+            // Reserve the space now: a full disk fails here, not with SIGBUS later.
+            // SAFETY: fallocate on a descriptor we own.
+            let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
+            if r != 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                    return Err(io_err(&path)(e));
+                }
+                file.set_len(size).map_err(io_err(&path))?;
+            }
+        }
+        // SAFETY: the file is private to this checkpoint (created just now, mode 0600,
+        // in a directory we hold the lock of), so nobody truncates it under the map.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .len(size.max(1) as usize)
+                .map_mut(&file)
+        }
+        .map_err(io_err(&path))?;
+        Ok(MappedFile {
+            file,
+            map,
+            name: name.to_string(),
+            path,
+        })
+    }
+
+    /// Completes a mapped data file: checksummed in parallel, synced, listed.
+    pub fn finish_mapped(&mut self, m: MappedFile, size: u64) -> ImageResult<()> {
+        let chunks = chunk_hashes(&m.map[..size as usize]);
+        m.map.flush().map_err(io_err(&m.path))?;
+        m.file.sync_all().map_err(io_err(&m.path))?;
+        self.files.push(FileEntry {
+            name: m.name,
+            size,
+            chunks,
+        });
+        Ok(())
     }
 
     /// Completes a data file: synced and listed in the manifest.
@@ -470,7 +578,7 @@ impl CheckpointReader {
 }
 
 fn verify_file(path: &Path, entry: &FileEntry, chunk: u64) -> ImageResult<()> {
-    let mut f = File::open(path).map_err(io_err(path))?;
+    let f = File::open(path).map_err(io_err(path))?;
     let found = f.metadata().map_err(io_err(path))?.len();
     if found != entry.size {
         return Err(ImageError::Truncated {
@@ -480,22 +588,26 @@ fn verify_file(path: &Path, entry: &FileEntry, chunk: u64) -> ImageResult<()> {
         });
     }
     let expected_chunks = entry.size.div_ceil(chunk);
-    if entry.chunks.len() as u64 != expected_chunks {
+    if entry.chunks.len() as u64 != expected_chunks || chunk != CHUNK_SIZE {
         return Err(ImageError::Corrupt {
             path: path.to_path_buf(),
             msg: "chunk list does not match the file size".into(),
         });
     }
-    let mut buf = vec![0u8; chunk as usize];
-    for (i, want) in entry.chunks.iter().enumerate() {
-        let start = i as u64 * chunk;
-        let len = chunk.min(entry.size - start) as usize;
-        f.read_exact(&mut buf[..len]).map_err(io_err(path))?;
-        if &hash_hex(xxhash_rust::xxh3::xxh3_64(&buf[..len])) != want {
+    if entry.size == 0 {
+        return Ok(());
+    }
+    // SAFETY: read-only mapping of an image file; a concurrent truncation would only
+    // make the checksum fail (or fault), it cannot corrupt our memory.
+    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(io_err(path))?;
+    let got = chunk_hashes(&map[..]);
+    for (i, (g, want)) in got.iter().zip(&entry.chunks).enumerate() {
+        if g != want {
+            let start = i as u64 * chunk;
             return Err(ImageError::Checksum {
                 path: path.to_path_buf(),
                 start,
-                end: start + len as u64,
+                end: (start + chunk).min(entry.size),
             });
         }
     }

@@ -55,6 +55,18 @@ pub fn seize(pid: i32, options: u64) -> Result<()> {
     req("PTRACE_SEIZE", PTRACE_SEIZE, pid, 0, options as usize).map(drop)
 }
 
+/// PTRACE_SETOPTIONS.
+pub fn set_options(pid: i32, options: u64) -> Result<()> {
+    req(
+        "PTRACE_SETOPTIONS",
+        libc::PTRACE_SETOPTIONS,
+        pid,
+        0,
+        options as usize,
+    )
+    .map(drop)
+}
+
 /// PTRACE_INTERRUPT: ask a seized thread to stop (reported as [`Stop::Event`] with
 /// [`EVENT_STOP`]).
 pub fn interrupt(pid: i32) -> Result<()> {
