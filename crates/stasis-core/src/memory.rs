@@ -441,23 +441,29 @@ fn is_zero(page: &[u8]) -> bool {
     pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
 }
 
-/// Descriptors the restored process holds for the files its mappings come from, by
-/// path, plus the page file.
+/// Descriptors the restored process holds for the files its mappings come from, by path.
 pub struct MapFds {
-    pub pages_fd: i32,
     pub files: HashMap<String, i32>,
 }
 
-/// Recreates `mappings` (all but the kernel's special ones) in the stopped process.
+/// Recreates `mappings` (all but the kernel's special ones) in the stopped process and
+/// fills their saved pages from `pages` (the mapped page file): every mapping is
+/// created first (writable where pages go), the pages are copied in parallel with
+/// process_vm_writev straight from the page cache, then the final protections and
+/// madvise flags are applied.
 pub fn restore_mappings(
     inj: &Injector,
     pid: i32,
     mappings: &[Mapping],
     fds: &MapFds,
+    pages: &[u8],
 ) -> Result<()> {
-    for m in mappings {
+    let restored: Vec<&Mapping> = mappings
+        .iter()
+        .filter(|m| matches!(m.kind, MappingKind::Anonymous | MappingKind::File { .. }))
+        .collect();
+    for m in &restored {
         let (fd, offset) = match &m.kind {
-            MappingKind::Anonymous => (-1i64, 0u64),
             MappingKind::File { file, offset } => {
                 let fd = *fds.files.get(&file.path).ok_or_else(|| Error::Restore {
                     pid,
@@ -465,7 +471,7 @@ pub fn restore_mappings(
                 })?;
                 (i64::from(fd), *offset)
             }
-            _ => continue,
+            _ => (-1i64, 0u64),
         };
         let mut flags = if m.shared {
             libc::MAP_SHARED
@@ -478,12 +484,6 @@ pub fn restore_mappings(
         if m.growsdown {
             flags |= libc::MAP_GROWSDOWN;
         }
-        let fill = !m.pages.is_empty();
-        let prot0 = if fill {
-            m.prot | libc::PROT_WRITE as u32
-        } else {
-            m.prot
-        };
         let what = format!("mmap of {:x}-{:x} {}", m.start, m.end, m.name);
         let got = inj.call(
             &what,
@@ -491,7 +491,7 @@ pub fn restore_mappings(
             &[
                 m.start,
                 m.len(),
-                u64::from(prot0),
+                u64::from(initial_prot(m)),
                 flags as u64,
                 fd as u64,
                 offset,
@@ -503,29 +503,10 @@ pub fn restore_mappings(
                 msg: format!("{what} landed at {got:x}"),
             });
         }
-        for run in &m.pages {
-            let mut done = 0;
-            let len = run.npages * PAGE_SIZE;
-            while done < len {
-                let n = inj.call(
-                    &format!("pread of pages into {:x}", run.addr + done),
-                    libc::SYS_pread64,
-                    &[
-                        fds.pages_fd as u64,
-                        run.addr + done,
-                        len - done,
-                        run.offset + done,
-                    ],
-                )?;
-                if n == 0 {
-                    return Err(Error::Restore {
-                        pid,
-                        msg: format!("page file ended early while filling {:x}", run.addr + done),
-                    });
-                }
-                done += n;
-            }
-        }
+    }
+    fill_pages(pid, &restored, pages)?;
+    for m in &restored {
+        let prot0 = initial_prot(m);
         if prot0 != m.prot {
             inj.call(
                 &format!("mprotect of {:x}-{:x}", m.start, m.end),
@@ -547,6 +528,62 @@ pub fn restore_mappings(
         }
     }
     Ok(())
+}
+
+fn initial_prot(m: &Mapping) -> u32 {
+    if m.pages.is_empty() {
+        m.prot
+    } else {
+        m.prot | libc::PROT_WRITE as u32
+    }
+}
+
+/// Copies every saved page into the stopped process, with as many threads as cores.
+fn fill_pages(pid: i32, mappings: &[&Mapping], pages: &[u8]) -> Result<()> {
+    let mut work: Vec<(u64, &[u8])> = Vec::new();
+    for m in mappings {
+        for r in &m.pages {
+            let len = r.npages * PAGE_SIZE;
+            let data = pages
+                .get(r.offset as usize..(r.offset + len) as usize)
+                .ok_or_else(|| Error::Restore {
+                    pid,
+                    msg: format!("pages of {:x} lie beyond the end of the page file", r.addr),
+                })?;
+            // Pieces of at most 4 MiB, so that the threads share the work evenly.
+            for (k, piece) in data.chunks((BATCH_PAGES * PAGE_SIZE) as usize).enumerate() {
+                work.push((r.addr + k as u64 * BATCH_PAGES * PAGE_SIZE, piece));
+            }
+        }
+    }
+    let workers = stasis_image::store::workers().min(work.len().max(1));
+    let results: Vec<Result<()>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let work = &work;
+                sc.spawn(move || -> Result<()> {
+                    for (addr, data) in work.iter().skip(w).step_by(workers) {
+                        stasis_sys::vm::write(pid, *addr, data).ctx(pid, || {
+                            format!("writing {} bytes of memory at {addr:x}", data.len())
+                        })?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::Restore {
+                        pid,
+                        msg: "a memory copy thread panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    });
+    results.into_iter().collect()
 }
 
 /// The kernel's special mappings of a layout: (kind, start, end).

@@ -35,7 +35,6 @@ const GADGET_LEN: u64 = 2 * PAGE_SIZE;
 #[derive(Debug, Serialize, Deserialize)]
 struct Prepared {
     gadget: u64,
-    pages_fd: i32,
     exe_fd: i32,
     files: HashMap<String, i32>,
     /// The child's end of the report pipe; it may still be open when we stop it.
@@ -203,13 +202,19 @@ pub fn restore(image: &CheckpointReader, stdio: [Option<i32>; 3]) -> Result<i32>
         }
     }
 
-    rebuild(child, p, &prepared, &used)?;
+    rebuild(child, image, p, &prepared, &used)?;
     std::mem::forget(guard);
     Ok(child)
 }
 
 /// Step 3 and 4 of the module docs, on the stopped child.
-fn rebuild(child: i32, p: &Process, prep: &Prepared, used: &[(u64, u64)]) -> Result<()> {
+fn rebuild(
+    child: i32,
+    image: &CheckpointReader,
+    p: &Process,
+    prep: &Prepared,
+    used: &[(u64, u64)],
+) -> Result<()> {
     let inj = Injector::new(child, prep.gadget)?;
     thread::drop_own_rseq(&inj, child)?;
 
@@ -252,10 +257,22 @@ fn rebuild(child: i32, p: &Process, prep: &Prepared, used: &[(u64, u64)]) -> Res
     memory::move_vdso(&inj, child, &specials, &target, free_at)?;
 
     let fds = MapFds {
-        pages_fd: prep.pages_fd,
         files: prep.files.clone(),
     };
-    memory::restore_mappings(&inj, child, &p.mappings, &fds)?;
+    let pages_path = image.data_path(&p.pages_file)?;
+    let pages_file = std::fs::File::open(&pages_path)
+        .ctx(child, || format!("opening {}", pages_path.display()))?;
+    let map;
+    let pages: &[u8] = if pages_file.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
+        &[]
+    } else {
+        // SAFETY: read-only mapping of a verified image file that nobody should modify
+        // while we restore; a concurrent truncation would fault, not corrupt memory.
+        map = unsafe { memmap2::Mmap::map(&pages_file) }
+            .ctx(child, || format!("mapping {}", pages_path.display()))?;
+        &map[..]
+    };
+    memory::restore_mappings(&inj, child, &p.mappings, &fds, pages)?;
     let scratch = Scratch::at(child, prep.gadget + PAGE_SIZE);
     task::restore_mm(&inj, child, &p.mm, prep.exe_fd, &scratch)?;
     // The other threads, created by the leader, stopped before their first instruction.
@@ -271,7 +288,6 @@ fn rebuild(child: i32, p: &Process, prep: &Prepared, used: &[(u64, u64)]) -> Res
         }
     }
     let mut helpers: Vec<i32> = prep.files.values().copied().collect();
-    helpers.push(prep.pages_fd);
     helpers.push(prep.exe_fd);
     helpers.sort();
     helpers.dedup();
@@ -399,8 +415,6 @@ fn prepare(
         // SAFETY: closing our own temporary copy.
         unsafe { libc::close(fd) };
     }
-    let pages_path = image.data_path(&p.pages_file).map_err(|e| e.to_string())?;
-    let pages_fd = files::open_high(&pages_path.to_string_lossy(), libc::O_RDONLY, hi)?;
     let exe_fd = files::open_high(&p.exe.path, libc::O_RDONLY, hi)?;
     let mut map_files = HashMap::new();
     for m in &p.mappings {
@@ -443,7 +457,6 @@ fn prepare(
     let warnings = task::restore_attrs(p)?;
     Ok(Prepared {
         gadget,
-        pages_fd,
         exe_fd,
         files: map_files,
         report_fd: *report,
