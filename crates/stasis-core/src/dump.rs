@@ -88,18 +88,21 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
 
     let plan = memory::plan(&proc, &layout)?;
     let mut writer = CheckpointWriter::begin(&lock)?;
-    let pages_file = format!("pages-{pid}.img");
-    let mut pages = writer.mapped_file(&pages_file, plan.bytes)?;
-    let mut zeros = Vec::new();
-    let snapshot = if parent_is_us && !opts.kill {
-        // What a fork would not see is copied now, the rest from the snapshot later.
-        let hidden = |r: &memory::PlannedRun| memory::invisible_to_fork(&layout[r.vma]);
-        zeros.extend(memory::copy_pages(
-            pid,
-            &plan,
-            hidden,
-            pages.as_mut_slice(),
-        )?);
+    // With a snapshot, what a fork would not see is copied now into a buffer, the rest
+    // later from the snapshot. (The page file is only created once the process runs
+    // again: reserving its space takes time.)
+    let snapshot_ok = parent_is_us && !opts.kill;
+    let hidden = |r: &memory::PlannedRun| memory::invisible_to_fork(&layout[r.vma]);
+    let (hidden_plan, hidden_index) = memory::subplan(&plan, |r| snapshot_ok && hidden(r));
+    let mut hidden_buf = vec![0u8; hidden_plan.bytes as usize];
+    memory::copy_pages(
+        pid,
+        memory::Source::Process,
+        &hidden_plan,
+        |_| true,
+        &mut hidden_buf,
+    )?;
+    let snapshot = if snapshot_ok {
         Some(Snapshot::take(&inj, pid, &scratch)?)
     } else {
         None
@@ -116,11 +119,22 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
     let dump_us = t0.elapsed().as_micros() as u64 - freeze_us;
 
     let t1 = Instant::now();
+    let pages_file = format!("pages-{pid}.img");
+    let pages = writer.positioned_file(&pages_file, plan.bytes)?;
+    let mut prefetched = std::collections::HashMap::new();
+    for (sub_i, r) in hidden_plan.runs.iter().enumerate() {
+        let len = (r.npages * stasis_image::PAGE_SIZE) as usize;
+        prefetched.insert(
+            hidden_index[sub_i],
+            &hidden_buf[r.offset as usize..r.offset as usize + len],
+        );
+    }
     let snapshotted = snapshot.is_some();
-    let src = snapshot.as_ref().map_or(pid, |s| s.pid);
-    let rest =
-        |r: &memory::PlannedRun| snapshot.is_none() || !memory::invisible_to_fork(&layout[r.vma]);
-    zeros.extend(memory::copy_pages(src, &plan, rest, pages.as_mut_slice())?);
+    let (src, how) = match &snapshot {
+        Some(s) => (s.pid, memory::Source::Snapshot),
+        None => (pid, memory::Source::Process),
+    };
+    let (zeros, chunks) = memory::write_pages(src, how, &plan, &prefetched, pages.file())?;
     drop(snapshot);
     if !opts.kill {
         frozen.release()?;
@@ -128,8 +142,8 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
     let copy_us = t1.elapsed().as_micros() as u64;
 
     let t2 = Instant::now();
-    let (mappings, pages_bytes) = memory::finish_pages(&layout, &plan, &zeros, &pages);
-    writer.finish_mapped(pages, plan.bytes)?;
+    let (mappings, pages_bytes) = memory::finish_pages(&layout, &plan, &zeros);
+    writer.finish_positioned(pages, chunks)?;
     let sync_us = t2.elapsed().as_micros() as u64;
     let (pause_us, copy_us) = if snapshotted {
         (dump_us, copy_us)

@@ -64,6 +64,11 @@ impl Injector {
     /// Runs a syscall that must succeed; `what` describes it for the error message.
     pub fn call(&self, what: &str, nr: i64, args: &[u64]) -> Result<u64> {
         let r = self.raw(nr, args)?;
+        self.check(what, r)
+    }
+
+    /// Turns a raw result into the value or an error naming `what`.
+    pub fn check(&self, what: &str, r: i64) -> Result<u64> {
         if (-4095..0).contains(&r) {
             return Err(Error::Sys {
                 pid: self.pid,

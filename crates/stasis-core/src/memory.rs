@@ -294,20 +294,50 @@ pub fn plan(proc: &ProcDir, vmas: &[Vma]) -> Result<Plan> {
     Ok(plan)
 }
 
+/// The runs selected by `want`, laid out compactly (for a temporary buffer), with
+/// the index of each in `plan`.
+pub fn subplan(plan: &Plan, want: impl Fn(&PlannedRun) -> bool) -> (Plan, Vec<usize>) {
+    let mut sub = Plan::default();
+    let mut index = Vec::new();
+    for (i, r) in plan.runs.iter().enumerate() {
+        if want(r) {
+            sub.runs.push(PlannedRun {
+                offset: sub.bytes,
+                ..*r
+            });
+            sub.bytes += r.npages * PAGE_SIZE;
+            index.push(i);
+        }
+    }
+    (sub, index)
+}
+
 /// Per planned run (by index): which of its pages are all zero.
-pub type ZeroMap = Vec<(usize, Vec<bool>)>;
+/// Per planned run (by index) and first page (within the run): which pages are zero.
+pub type ZeroMap = Vec<(usize, u64, Vec<bool>)>;
 
 type Piece<'a> = (usize, &'a PlannedRun, &'a mut [u8]);
 
-/// Copies the planned runs selected by `want` from process `src` (the process itself
-/// or its copy-on-write snapshot) straight into `out` (the mapped page file), with as
-/// many threads as there are cores. Returns which pages are all zero.
+/// Where [`copy_pages`] reads from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The (frozen) process itself: process_vm_readv, one copy.
+    Process,
+    /// Its copy-on-write snapshot: through /proc/PID/mem. process_vm_readv would pin
+    /// the pages, and pinning a page shared copy-on-write with the running process
+    /// makes the kernel copy it first (doubling memory and time).
+    Snapshot,
+}
+
+/// Copies the planned runs selected by `want` from process `src` straight into `out`
+/// (indexed by the plan's offsets), with as many threads as there are cores.
 pub fn copy_pages(
     src: i32,
+    how: Source,
     plan: &Plan,
     want: impl Fn(&PlannedRun) -> bool,
     out: &mut [u8],
-) -> Result<ZeroMap> {
+) -> Result<()> {
     let mem = std::fs::File::open(format!("/proc/{src}/mem"))
         .ctx(src, || "opening /proc/PID/mem".into())?;
     // Carve the output into one disjoint slice per run (runs are in file order).
@@ -337,15 +367,14 @@ pub fn copy_pages(
             g.push(p);
         }
     }
-    let results: Vec<Result<ZeroMap>> = std::thread::scope(|sc| {
+    let results: Vec<Result<()>> = std::thread::scope(|sc| {
         let handles: Vec<_> = groups
             .into_iter()
             .map(|g| {
                 let mem = &mem;
-                sc.spawn(move || -> Result<ZeroMap> {
-                    let mut zeros = Vec::with_capacity(g.len());
-                    for (i, r, buf) in g {
-                        let res = if r.forced {
+                sc.spawn(move || -> Result<()> {
+                    for (_, r, buf) in g {
+                        let res = if r.forced || how == Source::Snapshot {
                             stasis_sys::vm::read_forced(mem, src, r.addr, buf)
                         } else {
                             stasis_sys::vm::read(src, r.addr, buf)
@@ -353,12 +382,8 @@ pub fn copy_pages(
                         res.ctx(src, || {
                             format!("reading {} pages at {:x}", r.npages, r.addr)
                         })?;
-                        zeros.push((
-                            i,
-                            buf.chunks_exact(PAGE_SIZE as usize).map(is_zero).collect(),
-                        ));
                     }
-                    Ok(zeros)
+                    Ok(())
                 })
             })
             .collect();
@@ -374,30 +399,163 @@ pub fn copy_pages(
             })
             .collect()
     });
-    let mut all = Vec::new();
+    results.into_iter().collect()
+}
+
+/// Writes every planned page into `file` (at the plan's offsets) with as many threads
+/// as there are cores: each thread owns a contiguous, chunk-aligned part of the file,
+/// reads its pages (from `prefetched`, the runs copied while the process was frozen,
+/// or from process `src`), writes the non-zero ones with pwrite (zero pages stay
+/// holes) and checksums its chunks as it goes. Returns the zero-page map and the
+/// chunk checksums of the whole file.
+pub fn write_pages(
+    src: i32,
+    how: Source,
+    plan: &Plan,
+    prefetched: &HashMap<usize, &[u8]>,
+    file: &std::fs::File,
+) -> Result<(ZeroMap, Vec<String>)> {
+    let mem = std::fs::File::open(format!("/proc/{src}/mem"))
+        .ctx(src, || "opening /proc/PID/mem".into())?;
+    let chunk = stasis_image::CHUNK_SIZE;
+    let nchunks = plan.bytes.div_ceil(chunk);
+    let workers = (stasis_image::store::workers() as u64).min(nchunks.max(1));
+    let per = nchunks.div_ceil(workers).max(1) * chunk;
+    let results: Vec<Result<(ZeroMap, Vec<String>)>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let (mem, lo) = (&mem, w * per);
+                let hi = ((w + 1) * per).min(plan.bytes);
+                sc.spawn(move || write_range(src, how, plan, prefetched, file, mem, lo, hi))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::Restore {
+                        pid: src,
+                        msg: "a memory copy thread panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    });
+    let (mut zeros, mut sums) = (Vec::new(), Vec::new());
     for r in results {
-        all.extend(r?);
+        let (z, s) = r?;
+        zeros.extend(z);
+        sums.extend(s);
     }
-    Ok(all)
+    Ok((zeros, sums))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_range(
+    src: i32,
+    how: Source,
+    plan: &Plan,
+    prefetched: &HashMap<usize, &[u8]>,
+    file: &std::fs::File,
+    mem: &std::fs::File,
+    lo: u64,
+    hi: u64,
+) -> Result<(ZeroMap, Vec<String>)> {
+    use std::os::unix::fs::FileExt;
+    let chunk = stasis_image::CHUNK_SIZE;
+    let mut buf = vec![0u8; (BATCH_PAGES * PAGE_SIZE) as usize];
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut filled = 0u64;
+    let (mut zeros, mut sums) = (Vec::new(), Vec::new());
+    let first = plan
+        .runs
+        .partition_point(|r| r.offset + r.npages * PAGE_SIZE <= lo);
+    for (i, r) in plan.runs.iter().enumerate().skip(first) {
+        if r.offset >= hi {
+            break;
+        }
+        let run_end = r.offset + r.npages * PAGE_SIZE;
+        let mut off = r.offset.max(lo);
+        while off < run_end.min(hi) {
+            let len = (run_end.min(hi) - off).min(buf.len() as u64);
+            let data = &mut buf[..len as usize];
+            let addr = r.addr + (off - r.offset);
+            match prefetched.get(&i) {
+                Some(pre) => data.copy_from_slice(
+                    &pre[(off - r.offset) as usize..(off - r.offset + len) as usize],
+                ),
+                None if r.forced || how == Source::Snapshot => {
+                    stasis_sys::vm::read_forced(mem, src, addr, data)
+                        .ctx(src, || format!("reading {len} bytes at {addr:x}"))?
+                }
+                None => stasis_sys::vm::read(src, addr, data)
+                    .ctx(src, || format!("reading {len} bytes at {addr:x}"))?,
+            }
+            let z: Vec<bool> = data.chunks_exact(PAGE_SIZE as usize).map(is_zero).collect();
+            // Write the non-zero spans.
+            let mut p = 0;
+            while p < z.len() {
+                if z[p] {
+                    p += 1;
+                    continue;
+                }
+                let s = p;
+                while p < z.len() && !z[p] {
+                    p += 1;
+                }
+                let bytes = &data[s * PAGE_SIZE as usize..p * PAGE_SIZE as usize];
+                file.write_all_at(bytes, off + s as u64 * PAGE_SIZE)
+                    .map_err(|e| Error::Io {
+                        pid: src,
+                        context: "writing the page file".into(),
+                        source: e,
+                    })?;
+            }
+            zeros.push((i, (off - r.offset) / PAGE_SIZE, z));
+            // Checksum chunk by chunk.
+            let mut rest: &[u8] = data;
+            while !rest.is_empty() {
+                let n = ((chunk - filled % chunk) as usize).min(rest.len());
+                hasher.update(&rest[..n]);
+                filled += n as u64;
+                rest = &rest[n..];
+                if filled.is_multiple_of(chunk) {
+                    sums.push(format!("{:016x}", hasher.digest()));
+                    hasher.reset();
+                }
+            }
+            off += len;
+        }
+    }
+    if !filled.is_multiple_of(chunk) {
+        sums.push(format!("{:016x}", hasher.digest()));
+    }
+    Ok((zeros, sums))
 }
 
 /// Turns the plan and the zero-page map into the mappings' saved page runs. Zero pages
-/// are left out (restore leaves them to the kernel's zero fill) and punched out of the
-/// page file. Returns the mappings and the bytes of pages stored.
-pub fn finish_pages(
-    vmas: &[Vma],
-    plan: &Plan,
-    zeros: &ZeroMap,
-    file: &stasis_image::MappedFile,
-) -> (Vec<Mapping>, u64) {
+/// are left out (restore leaves them to the kernel's zero fill; they are holes in the
+/// page file). Returns the mappings and the bytes of pages stored.
+pub fn finish_pages(vmas: &[Vma], plan: &Plan, zeros: &ZeroMap) -> (Vec<Mapping>, u64) {
     let mut mappings: Vec<Mapping> = vmas.iter().map(|v| v.map.clone()).collect();
-    let mut zero_of: Vec<Option<&Vec<bool>>> = vec![None; plan.runs.len()];
-    for (i, z) in zeros {
-        zero_of[*i] = Some(z);
+    let mut zero_of: Vec<Vec<bool>> = plan
+        .runs
+        .iter()
+        .map(|r| vec![false; r.npages as usize])
+        .collect();
+    for (i, first, z) in zeros {
+        for (k, &b) in z.iter().enumerate() {
+            if let Some(slot) = zero_of
+                .get_mut(*i)
+                .and_then(|v| v.get_mut(*first as usize + k))
+            {
+                *slot = b;
+            }
+        }
     }
     let mut stored = 0;
     for (i, r) in plan.runs.iter().enumerate() {
-        let is_z = |k: u64| zero_of[i].is_some_and(|z| z[k as usize]);
+        let is_z = |k: u64| zero_of[i][k as usize];
         let m = &mut mappings[r.vma];
         let mut p = 0u64;
         while p < r.npages {
@@ -410,7 +568,6 @@ pub fn finish_pages(
             let offset = r.offset + first * PAGE_SIZE;
             let np = p - first;
             if zero {
-                file.punch_zeros(offset, np * PAGE_SIZE);
                 continue;
             }
             stored += np * PAGE_SIZE;

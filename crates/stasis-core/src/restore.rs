@@ -30,6 +30,8 @@ use std::io::Write;
 use std::os::unix::io::FromRawFd;
 
 const GADGET_LEN: u64 = 2 * PAGE_SIZE;
+/// How many times (10 ms apart) to retry taking a PID still being released.
+pub(crate) const PID_RETRIES: u32 = 200;
 
 /// What the prepared child reports to the restorer.
 #[derive(Debug, Serialize, Deserialize)]
@@ -143,10 +145,22 @@ pub fn restore(image: &CheckpointReader, stdio: [Option<i32>; 3]) -> Result<i32>
         .max(max_open_fd());
     let hi = max_fd + 1;
 
-    // SAFETY: the caller is single-threaded (stasis init); the child only runs
-    // `child_main`, which never returns.
-    let forked = unsafe { fork_with_pid(pid) }.ctx(pid, || {
-        format!("creating process {pid} (clone3 with set_tid)")
+    // The PID may still be held for a moment by a thread of ours that just exited
+    // (the checksum workers): retry while it is released.
+    let mut tries = 0;
+    let forked = loop {
+        // SAFETY: the caller is single-threaded at this point (worker threads have
+        // been joined); the child only runs `child_main`, which never returns.
+        match unsafe { fork_with_pid(pid) } {
+            Err(e) if e.errno == libc::EEXIST && tries < PID_RETRIES => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => break r,
+        }
+    }
+    .ctx(pid, || {
+        format!("creating process {pid} (clone3 with set_tid; is the PID in use?)")
     })?;
     let child = match forked {
         Forked::Child => {

@@ -171,11 +171,18 @@ pub fn create(inj: &Injector, pid: i32, tid: i32, scratch: &Scratch) -> Result<(
     }
     b.extend_from_slice(&(tid as u32).to_le_bytes());
     scratch.write(&b)?;
-    let got = inj.call(
-        &format!("clone3 of thread {tid}"),
-        libc::SYS_clone3,
-        &[scratch.addr, 88],
-    )?;
+    // A TID may still be held for a moment by an exiting worker thread of the
+    // restorer: retry while it is released.
+    let mut tries = 0;
+    let got = loop {
+        let r = inj.raw(libc::SYS_clone3, &[scratch.addr, 88])?;
+        if r == -i64::from(libc::EEXIST) && tries < crate::restore::PID_RETRIES {
+            tries += 1;
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            continue;
+        }
+        break inj.check(&format!("clone3 of thread {tid}"), r)?;
+    };
     if got != tid as u64 {
         return Err(Error::Restore {
             pid,

@@ -13,7 +13,8 @@ pub mod store;
 
 pub use model::*;
 pub use store::{
-    CheckpointReader, CheckpointWriter, DataWriter, DirLock, ImageError, ImageResult, MappedFile,
+    CheckpointReader, CheckpointWriter, DataWriter, DirLock, ImageError, ImageResult,
+    PositionedFile,
 };
 
 /// Image format version written by this build. Readers refuse other versions.

@@ -245,35 +245,25 @@ impl DataWriter {
     }
 }
 
-/// A data file of known size written in place through a shared memory mapping, so
-/// that process memory can be copied straight into the page cache (one copy) by
-/// several threads at once. Zero ranges can be punched out to keep the file sparse.
-pub struct MappedFile {
+/// A data file of known size written at given offsets (by several threads, with
+/// pwrite); what is never written reads as zeros (a hole). The writer supplies the
+/// chunk checksums.
+pub struct PositionedFile {
     file: File,
-    map: memmap2::MmapMut,
     name: String,
     path: PathBuf,
+    size: u64,
 }
 
-impl MappedFile {
-    /// The whole file, to fill.
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.map[..]
+impl PositionedFile {
+    /// The file, for `write_all_at`.
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
-    /// Deallocates a range that holds only zeros (it reads back as zeros).
-    /// Best effort: file systems without hole punching keep the zeros.
-    pub fn punch_zeros(&self, offset: u64, len: u64) {
-        // SAFETY: fallocate on a descriptor we own; the mapping stays valid (holes
-        // read as zeros).
-        unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
+    /// Its path, for error messages.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 }
 
@@ -357,8 +347,8 @@ impl CheckpointWriter {
         })
     }
 
-    /// Creates a data file of `size` bytes (mode 0600) to be filled through a mapping.
-    pub fn mapped_file(&self, name: &str, size: u64) -> ImageResult<MappedFile> {
+    /// Creates a data file of `size` bytes (mode 0600) to be written at offsets.
+    pub fn positioned_file(&self, name: &str, size: u64) -> ImageResult<PositionedFile> {
         let path = self.tmp.join(name);
         let file = OpenOptions::new()
             .create_new(true)
@@ -367,42 +357,28 @@ impl CheckpointWriter {
             .mode(0o600)
             .open(&path)
             .map_err(io_err(&path))?;
-        if size > 0 {
-            // Reserve the space now: a full disk fails here, not with SIGBUS later.
-            // SAFETY: fallocate on a descriptor we own.
-            let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
-            if r != 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                    return Err(io_err(&path)(e));
-                }
-                file.set_len(size).map_err(io_err(&path))?;
-            }
-        }
-        // SAFETY: the file is private to this checkpoint (created just now, mode 0600,
-        // in a directory we hold the lock of), so nobody truncates it under the map.
-        let map = unsafe {
-            memmap2::MmapOptions::new()
-                .len(size.max(1) as usize)
-                .map_mut(&file)
-        }
-        .map_err(io_err(&path))?;
-        Ok(MappedFile {
+        file.set_len(size).map_err(io_err(&path))?;
+        Ok(PositionedFile {
             file,
-            map,
             name: name.to_string(),
             path,
+            size,
         })
     }
 
-    /// Completes a mapped data file: checksummed in parallel, synced, listed.
-    pub fn finish_mapped(&mut self, m: MappedFile, size: u64) -> ImageResult<()> {
-        let chunks = chunk_hashes(&m.map[..size as usize]);
-        m.map.flush().map_err(io_err(&m.path))?;
-        m.file.sync_all().map_err(io_err(&m.path))?;
+    /// Completes a positioned file, given the checksum of each of its chunks: synced
+    /// and listed in the manifest.
+    pub fn finish_positioned(&mut self, f: PositionedFile, chunks: Vec<String>) -> ImageResult<()> {
+        if chunks.len() as u64 != f.size.div_ceil(CHUNK_SIZE) {
+            return Err(ImageError::Corrupt {
+                path: f.path,
+                msg: "chunk checksums do not cover the file".into(),
+            });
+        }
+        f.file.sync_all().map_err(io_err(&f.path))?;
         self.files.push(FileEntry {
-            name: m.name,
-            size,
+            name: f.name,
+            size: f.size,
             chunks,
         });
         Ok(())
