@@ -73,7 +73,7 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
     check_shape(&proc)?;
     let freeze_us = t0.elapsed().as_micros() as u64;
 
-    let layout = memory::read_layout(&proc)?;
+    let mut layout = memory::read_layout(&proc)?;
     let insn = find_syscall_insn(pid, &memory::exec_ranges(&layout))?;
     frozen.block_signals()?;
     let inj = Injector::new(pid, insn)?;
@@ -88,6 +88,7 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
 
     let plan = memory::plan(&proc, &layout)?;
     let mut writer = CheckpointWriter::begin(&lock)?;
+    memory::save_shared_files(pid, &mut layout, &mut writer)?;
     // With a snapshot, what a fork would not see is copied now into a buffer, the rest
     // later from the snapshot. (The page file is only created once the process runs
     // again: reserving its space takes time.)

@@ -164,6 +164,7 @@ pub fn read_layout(proc: &ProcDir) -> Result<Vec<Vma>> {
                 growsdown: flags.contains(VmFlags::GD),
                 advice,
                 pages: Vec::new(),
+                content_file: None,
             },
             flags,
             inode: m.inode,
@@ -174,6 +175,41 @@ pub fn read_layout(proc: &ProcDir) -> Result<Vec<Vma>> {
 
 fn unsupported(pid: i32, what: String) -> Error {
     Error::Unsupported { pid, what }
+}
+
+/// Shared file mappings of files up to this size have the file's content saved, to
+/// recreate the file if it is missing at restore.
+pub const SHARED_CONTENT_LIMIT: u64 = 64 << 20;
+
+/// Saves the content of the files behind small shared file mappings into the image
+/// (once per file) and records it in the mappings.
+pub fn save_shared_files(
+    pid: i32,
+    vmas: &mut [Vma],
+    writer: &mut stasis_image::CheckpointWriter,
+) -> Result<()> {
+    let mut saved: HashMap<String, String> = HashMap::new();
+    for v in vmas.iter_mut() {
+        let MappingKind::File { file, .. } = &v.map.kind else {
+            continue;
+        };
+        if !v.map.shared || file.size > SHARED_CONTENT_LIMIT {
+            continue;
+        }
+        if let Some(name) = saved.get(&file.path) {
+            v.map.content_file = Some(name.clone());
+            continue;
+        }
+        let name = format!("shared-{pid}-{}.img", saved.len());
+        let data = std::fs::read(&file.path)
+            .ctx(pid, || format!("reading shared mapped file {}", file.path))?;
+        let mut w = writer.data_file(&name)?;
+        w.write_all(&data)?;
+        writer.finish_data(w)?;
+        saved.insert(file.path.clone(), name.clone());
+        v.map.content_file = Some(name);
+    }
+    Ok(())
 }
 
 /// Executable ranges (vdso first), to look for a syscall instruction in.

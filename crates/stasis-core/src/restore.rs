@@ -80,6 +80,10 @@ pub fn precheck(image: &CheckpointReader) -> Result<()> {
             // A shared mapping's data is the file itself, which the process (or its
             // peers) keep writing: it must exist and not have shrunk.
             MappingKind::File { file, .. } if m.shared => {
+                if let (Err(_), Some(saved)) = (std::fs::metadata(&file.path), &m.content_file) {
+                    recreate_shared_file(image, &file.path, saved)
+                        .map_err(|msg| Error::Restore { pid: p.pid, msg })?;
+                }
                 let size = std::fs::metadata(&file.path)
                     .map(|md| md.len())
                     .map_err(|e| Error::Restore {
@@ -328,6 +332,22 @@ fn rebuild(
     for t in p.threads.iter().rev() {
         ptrace::detach(t.tid, 0).ctx(t.tid, || "starting the restored thread".into())?;
     }
+    Ok(())
+}
+
+/// Recreates a missing shared mapped file from the content saved at checkpoint time.
+fn recreate_shared_file(
+    image: &CheckpointReader,
+    path: &str,
+    saved: &str,
+) -> std::result::Result<(), String> {
+    let src = image.data_path(saved).map_err(|e| e.to_string())?;
+    let data = std::fs::read(&src).map_err(|e| format!("{}: {e}", src.display()))?;
+    if let Some(dir) = std::path::Path::new(path).parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("recreating {}: {e}", dir.display()))?;
+    }
+    std::fs::write(path, data).map_err(|e| format!("recreating shared mapped file {path}: {e}"))?;
+    tracing::info!("recreated the missing shared mapped file {path} from the checkpoint");
     Ok(())
 }
 

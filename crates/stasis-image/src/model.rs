@@ -174,6 +174,11 @@ pub struct Mapping {
     pub advice: Vec<String>,
     /// Saved pages: runs of consecutive pages and where they are in the page file.
     pub pages: Vec<PageRun>,
+    /// For a small shared file mapping: the data file holding the file's content at
+    /// checkpoint time, used to recreate the file if it is missing at restore (e.g. the
+    /// JVM's /tmp/hsperfdata_USER/PID on another node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_file: Option<String>,
 }
 
 impl Mapping {
