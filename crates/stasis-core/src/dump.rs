@@ -14,7 +14,9 @@ use crate::inject::{find_syscall_insn, Injector, Scratch};
 use crate::memory;
 use crate::proc::ProcDir;
 use crate::{signals, task, thread};
-use stasis_image::{store, Checkpoint, CheckpointWriter, DirLock, Origin, Process, Timings};
+use stasis_image::{
+    store, Checkpoint, CheckpointWriter, DirLock, Origin, Process, Timings, Zombie,
+};
 use stasis_sys::arch;
 use stasis_sys::ptrace::{self, Stop};
 use std::path::{Path, PathBuf};
@@ -44,57 +46,235 @@ pub struct DumpReport {
     pub killed: bool,
 }
 
-/// Checkpoints process `pid` into the checkpoint directory `dir`.
-///
-/// `pid` is as seen in this process's PID namespace and /proc.
+/// Checkpoints process `pid` and all its descendants into the checkpoint directory
+/// `dir`. `pid` is as seen in this process's PID namespace and /proc.
 pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
     let lock = DirLock::acquire(dir)?;
     let t0 = Instant::now();
-    let proc = ProcDir::new(pid);
-    if !proc.path.exists() {
+    let root = ProcDir::new(pid);
+    if !root.path.exists() {
         return Err(Error::Attach {
             pid,
             msg: "no such process".into(),
         });
     }
-    // A snapshot child is given the process's parent (CLONE_PARENT): only when that
-    // parent is us (stasis init), who reaps it. Otherwise the process stays frozen
-    // while its memory is copied.
     // SAFETY: getpid has no preconditions.
     let me = unsafe { libc::getpid() };
-    let parent_is_us = proc
+    let parent_is_us = root
         .process()
         .ok()
         .and_then(|p| p.stat().ok())
         .is_some_and(|s| s.ppid == me);
-    check_shape(&proc)?;
-    let mut frozen = Frozen::freeze(&proc)?;
-    // Re-check now that nothing can change under us.
-    check_shape(&proc)?;
+    // Under stasis init, orphans of the application were reparented to us: they are
+    // part of the job too.
+    let mut roots = vec![pid];
+    if parent_is_us {
+        roots.extend(
+            ProcDir::new(me)
+                .children()?
+                .into_iter()
+                .filter(|&c| c != pid),
+        );
+    }
+    let (mut tree, zombies) = freeze_tree(&roots)?;
     let freeze_us = t0.elapsed().as_micros() as u64;
 
-    let mut layout = memory::read_layout(&proc)?;
+    let mut writer = CheckpointWriter::begin(&lock)?;
+    let stdio = opts
+        .stdio
+        .clone()
+        .unwrap_or_else(|| files::stdio_ids_of(&root));
+    let mut registry = files::Registry::new();
+    // A snapshot child is given the process's parent (CLONE_PARENT): only when that
+    // parent is us (stasis init), who reaps it, and for a single process. Otherwise
+    // the processes stay frozen while their memory is copied.
+    let snapshot_ok = parent_is_us && !opts.kill && tree.len() == 1;
+    let mut parts = Vec::with_capacity(tree.len());
+    for (proc, frozen) in tree.iter_mut() {
+        parts.push(dump_frozen(
+            proc,
+            frozen,
+            &stdio,
+            &mut registry,
+            &mut writer,
+            snapshot_ok,
+        )?);
+    }
+    let snapshotted = parts.iter().any(|p| p.snapshot.is_some());
+    if snapshotted {
+        for (_, f) in tree.iter_mut() {
+            f.release()?;
+        }
+    }
+    let dump_us = t0.elapsed().as_micros() as u64 - freeze_us;
+
+    let t1 = Instant::now();
+    let mut processes = Vec::with_capacity(parts.len());
+    let mut pages_bytes = 0;
+    for part in parts {
+        let (p, bytes) = part.write_pages(&mut writer)?;
+        pages_bytes += bytes;
+        processes.push(p);
+    }
+    if !opts.kill {
+        for (_, f) in tree.iter_mut() {
+            f.release()?;
+        }
+    }
+    let copy_us = t1.elapsed().as_micros() as u64;
+    let (pause_us, copy_us) = if snapshotted {
+        (dump_us, copy_us)
+    } else {
+        (dump_us + copy_us, 0)
+    };
+
+    let t2 = Instant::now();
+    let mut meta = Checkpoint {
+        sequence: writer.sequence(),
+        arch: arch::ARCH_NAME.to_string(),
+        kernel: kernel_release(),
+        page_size: stasis_image::PAGE_SIZE,
+        origin: opts.origin,
+        root_pid: pid,
+        processes,
+        zombies,
+        pipes: registry.into_pipes(),
+        timings: Timings {
+            freeze_us,
+            dump_us: pause_us,
+            sync_us: 0,
+            copy_us,
+            snapshot: snapshotted,
+            pages_bytes,
+        },
+    };
+    meta.timings.sync_us = t2.elapsed().as_micros() as u64;
+    let sequence = meta.sequence;
+    let path = writer.commit(&meta)?;
+    if opts.kill {
+        // Children first. The tracer that is also the root's parent (stasis init)
+        // reaps the root in its own loop.
+        for (proc, f) in tree.iter_mut().rev() {
+            f.kill(proc.pid != pid || !parent_is_us);
+        }
+    }
+    if let Err(e) = store::prune(&lock, opts.keep) {
+        tracing::warn!(
+            "checkpoint {} written, but removing old checkpoints failed: {e}",
+            path.display()
+        );
+    }
+    Ok(DumpReport {
+        path,
+        sequence,
+        timings: meta.timings,
+        killed: opts.kill,
+    })
+}
+
+/// Freezes the `roots` (the first is the application) and all their descendants,
+/// parents before children, until no process
+/// of the tree is left running (a process forking while we freeze is caught by the
+/// next round). Children that already exited but were not reaped are zombies.
+/// The frozen processes of a tree, parents first.
+type FrozenTree = Vec<(ProcDir, Frozen)>;
+
+fn freeze_tree(roots: &[i32]) -> Result<(FrozenTree, Vec<Zombie>)> {
+    let root = roots[0];
+    let mut tree: FrozenTree = Vec::new();
+    let mut zombies = Vec::new();
+    let mut known = std::collections::HashSet::new();
+    let mut queue: std::collections::VecDeque<i32> = roots.iter().copied().collect();
+    loop {
+        while let Some(p) = queue.pop_front() {
+            if !known.insert(p) {
+                continue;
+            }
+            let proc = ProcDir::new(p);
+            let stat = match proc.process().and_then(|pr| {
+                pr.stat()
+                    .map_err(std::io::Error::other)
+                    .ctx(p, || "reading /proc/PID/stat".into())
+            }) {
+                Ok(s) => s,
+                Err(_) if p != root => continue, // exited meanwhile
+                Err(e) => return Err(e),
+            };
+            if stat.state == 'Z' {
+                if p == root {
+                    return Err(Error::Gone { pid: p });
+                }
+                zombies.push(Zombie {
+                    pid: p,
+                    ppid: stat.ppid,
+                    pgid: stat.pgrp,
+                    sid: stat.session,
+                    status: stat.exit_code.unwrap_or(0),
+                });
+                continue;
+            }
+            let frozen = match Frozen::freeze(&proc) {
+                Ok(f) => f,
+                Err(Error::Gone { .. } | Error::Attach { .. })
+                    if p != root && !proc.path.exists() =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e),
+            };
+            queue.extend(proc.children()?);
+            tree.push((proc, frozen));
+        }
+        // Everything known is stopped now; children forked meanwhile are caught here.
+        for (proc, _) in &tree {
+            queue.extend(proc.children()?.into_iter().filter(|c| !known.contains(c)));
+        }
+        if queue.is_empty() {
+            return Ok((tree, zombies));
+        }
+    }
+}
+
+/// One process's state, read while frozen; its pages are written by `write_pages`.
+struct Part {
+    process: Process,
+    layout: Vec<memory::Vma>,
+    plan: memory::Plan,
+    hidden_plan: memory::Plan,
+    hidden_index: Vec<usize>,
+    hidden_buf: Vec<u8>,
+    snapshot: Option<Snapshot>,
+}
+
+fn dump_frozen(
+    proc: &ProcDir,
+    frozen: &mut Frozen,
+    stdio: &files::StdioIds,
+    registry: &mut files::Registry,
+    writer: &mut CheckpointWriter,
+    snapshot_ok: bool,
+) -> Result<Part> {
+    let pid = proc.pid;
+    let mut layout = memory::read_layout(proc)?;
     let insn = find_syscall_insn(pid, &memory::exec_ranges(&layout))?;
     frozen.block_signals()?;
     let inj = Injector::new(pid, insn)?;
     let scratch = Scratch::map(&inj, pid)?;
     let sigs = signals::dump(&inj, pid, &scratch)?;
-    let ts = task::dump(&proc, &inj, &scratch)?;
+    let ts = task::dump(proc, &inj, &scratch)?;
     let mut threads = Vec::with_capacity(frozen.threads.len());
     for ft in &frozen.threads {
         let tinj = Injector::new(ft.tid, insn)?;
-        threads.push(thread::dump(&tinj, &proc, ft, &scratch)?);
+        threads.push(thread::dump(&tinj, proc, ft, &scratch)?);
     }
-
-    let plan = memory::plan(&proc, &layout)?;
-    let mut writer = CheckpointWriter::begin(&lock)?;
-    memory::save_shared_files(pid, &mut layout, &mut writer)?;
+    let plan = memory::plan(proc, &layout)?;
+    memory::save_shared_files(pid, &mut layout, writer)?;
     // With a snapshot, what a fork would not see is copied now into a buffer, the rest
     // later from the snapshot. (The page file is only created once the process runs
     // again: reserving its space takes time.)
-    let snapshot_ok = parent_is_us && !opts.kill;
-    let hidden = |r: &memory::PlannedRun| memory::invisible_to_fork(&layout[r.vma]);
-    let (hidden_plan, hidden_index) = memory::subplan(&plan, |r| snapshot_ok && hidden(r));
+    let (hidden_plan, hidden_index) = memory::subplan(&plan, |r| {
+        snapshot_ok && memory::invisible_to_fork(&layout[r.vma])
+    });
     let mut hidden_buf = vec![0u8; hidden_plan.bytes as usize];
     memory::copy_pages(
         pid,
@@ -109,58 +289,13 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
         None
     };
     scratch.unmap(&inj)?;
-    let stdio = opts
-        .stdio
-        .clone()
-        .unwrap_or_else(|| files::stdio_ids_of(&proc));
-    let fds = files::dump_fds(&proc, &stdio, &mut writer)?;
-    if snapshot.is_some() {
-        frozen.release()?;
-    }
-    let dump_us = t0.elapsed().as_micros() as u64 - freeze_us;
-
-    let t1 = Instant::now();
-    let pages_file = format!("pages-{pid}.img");
-    let pages = writer.positioned_file(&pages_file, plan.bytes)?;
-    let mut prefetched = std::collections::HashMap::new();
-    for (sub_i, r) in hidden_plan.runs.iter().enumerate() {
-        let len = (r.npages * stasis_image::PAGE_SIZE) as usize;
-        prefetched.insert(
-            hidden_index[sub_i],
-            &hidden_buf[r.offset as usize..r.offset as usize + len],
-        );
-    }
-    let snapshotted = snapshot.is_some();
-    let (src, how) = match &snapshot {
-        Some(s) => (s.pid, memory::Source::Snapshot),
-        None => (pid, memory::Source::Process),
-    };
-    let (zeros, chunks) = memory::write_pages(src, how, &plan, &prefetched, pages.file())?;
-    drop(snapshot);
-    if !opts.kill {
-        frozen.release()?;
-    }
-    let copy_us = t1.elapsed().as_micros() as u64;
-
-    let t2 = Instant::now();
-    let (mappings, pages_bytes) = memory::finish_pages(&layout, &plan, &zeros);
-    writer.finish_positioned(pages, chunks)?;
-    let sync_us = t2.elapsed().as_micros() as u64;
-    let (pause_us, copy_us) = if snapshotted {
-        (dump_us, copy_us)
-    } else {
-        (dump_us + copy_us, 0)
-    };
-    let meta = Checkpoint {
-        sequence: writer.sequence(),
-        arch: arch::ARCH_NAME.to_string(),
-        kernel: kernel_release(),
-        page_size: stasis_image::PAGE_SIZE,
-        origin: opts.origin,
-        root_pid: pid,
-        processes: vec![Process {
+    let fds = registry.dump_fds(proc, stdio, writer)?;
+    Ok(Part {
+        process: Process {
             pid,
             ppid: ts.ppid,
+            pgid: ts.pgid,
+            sid: ts.sid,
             comm: ts.comm,
             exe: ts.exe,
             cwd: ts.cwd,
@@ -168,40 +303,48 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
             personality: ts.personality,
             rlimits: ts.rlimits,
             mm: ts.mm,
-            mappings,
-            pages_file,
+            mappings: Vec::new(),
+            pages_file: format!("pages-{pid}.img"),
             fds,
             signals: sigs,
             itimers: ts.itimers,
             threads,
-        }],
-        timings: Timings {
-            freeze_us,
-            dump_us: pause_us,
-            sync_us,
-            copy_us,
-            snapshot: snapshotted,
-            pages_bytes,
         },
-    };
-    let sequence = meta.sequence;
-    let path = writer.commit(&meta)?;
-    if opts.kill {
-        // The tracer that is also the parent (stasis init) reaps in its own loop.
-        frozen.kill(!parent_is_us);
-    }
-    if let Err(e) = store::prune(&lock, opts.keep) {
-        tracing::warn!(
-            "checkpoint {} written, but removing old checkpoints failed: {e}",
-            path.display()
-        );
-    }
-    Ok(DumpReport {
-        path,
-        sequence,
-        timings: meta.timings,
-        killed: opts.kill,
+        layout,
+        plan,
+        hidden_plan,
+        hidden_index,
+        hidden_buf,
+        snapshot,
     })
+}
+
+impl Part {
+    /// Writes the pages (from the snapshot if there is one, else from the frozen
+    /// process) and completes the process's record. Returns it and the bytes stored.
+    fn write_pages(mut self, writer: &mut CheckpointWriter) -> Result<(Process, u64)> {
+        let pid = self.process.pid;
+        let pages = writer.positioned_file(&self.process.pages_file, self.plan.bytes)?;
+        let mut prefetched = std::collections::HashMap::new();
+        for (sub_i, r) in self.hidden_plan.runs.iter().enumerate() {
+            let len = (r.npages * stasis_image::PAGE_SIZE) as usize;
+            prefetched.insert(
+                self.hidden_index[sub_i],
+                &self.hidden_buf[r.offset as usize..r.offset as usize + len],
+            );
+        }
+        let (src, how) = match &self.snapshot {
+            Some(s) => (s.pid, memory::Source::Snapshot),
+            None => (pid, memory::Source::Process),
+        };
+        let (zeros, chunks) = memory::write_pages(src, how, &self.plan, &prefetched, pages.file())?;
+        drop(prefetched);
+        self.snapshot = None;
+        let (mappings, bytes) = memory::finish_pages(&self.layout, &self.plan, &zeros);
+        writer.finish_positioned(pages, chunks)?;
+        self.process.mappings = mappings;
+        Ok((self.process, bytes))
+    }
 }
 
 /// A copy-on-write copy of the process's memory: a child forked by an injected
@@ -249,18 +392,6 @@ impl Drop for Snapshot {
         unsafe { libc::kill(self.pid, libc::SIGKILL) };
         let _ = ptrace::wait(self.pid);
     }
-}
-
-/// Refuses shapes of process this version cannot save: child processes.
-fn check_shape(proc: &ProcDir) -> Result<()> {
-    let children = proc.children()?;
-    if !children.is_empty() {
-        return Err(Error::Unsupported {
-            pid: proc.pid,
-            what: format!("a process with child processes ({children:?}); process trees"),
-        });
-    }
-    Ok(())
 }
 
 /// `uname -r`.

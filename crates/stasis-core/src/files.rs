@@ -1,22 +1,29 @@
-//! File descriptors.
+//! File descriptors and open file descriptions (files, devices, deleted files, pipes).
 //!
 //! Dump: each entry of `/proc/PID/fd` is classified by its link target and `stat`:
 //! stdio that came from outside stasis (matched by device and inode against the
 //! streams stasis itself was given), regular files and directories (path, flags, offset
-//! from `/proc/PID/fdinfo`), files deleted while open (content saved in the image),
-//! harmless character devices (/dev/null...). Anything else refuses the checkpoint with
-//! an error naming the fd.
+//! from `/proc/PID/fdinfo`), files deleted while open (content saved), harmless
+//! character devices (/dev/null...), and pipes (the bytes in flight are read without
+//! consuming them: the pipe is reopened through /proc and `tee(2)`d into a pipe of
+//! ours). Fds that share one open file description, in one process (dup) or across
+//! processes (fork), are found with `kcmp(2)` and get the same description id.
+//! Anything else refuses the checkpoint with an error naming the fd.
 //!
-//! Restore runs inside the new process before its address space is replaced, as plain
-//! Rust: every fd is reopened and moved to its number.
+//! Restore: the restorer opens every description once ([`open_descriptions`]: files
+//! reopened and positioned, pipes created, refilled and resized) and passes each
+//! process its fds over a UNIX socket with SCM_RIGHTS ([`send_fds`]); the process puts
+//! them at their numbers ([`receive_fds`]). Sharing is preserved because the very same
+//! descriptions are passed.
 
 use crate::error::{Error, Result, SysContext};
 use crate::proc::{fdinfo, file_id, ProcDir};
-use stasis_image::{CheckpointReader, CheckpointWriter, Fd, FdKind};
+use stasis_image::{Checkpoint, CheckpointReader, CheckpointWriter, Fd, FdKind, Pipe};
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::os::unix::io::{AsRawFd, IntoRawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 
 /// Devices that are reopened by path: (major, minor, path).
 const SIMPLE_DEVICES: &[(u32, u32, &str)] = &[
@@ -26,6 +33,8 @@ const SIMPLE_DEVICES: &[(u32, u32, &str)] = &[
     (1, 8, "/dev/random"),
     (1, 9, "/dev/urandom"),
 ];
+
+const KCMP_FILE: i32 = 0;
 
 /// Identity (device, inode) of the stdio streams that came from outside stasis, by
 /// index 0, 1, 2.
@@ -53,91 +62,213 @@ pub fn stdio_ids_of(proc: &ProcDir) -> StdioIds {
         .collect()
 }
 
-/// Saves the fds of a process. Contents of deleted files go into `writer`.
-pub fn dump_fds(
-    proc: &ProcDir,
-    stdio: &StdioIds,
-    writer: &mut CheckpointWriter,
-) -> Result<Vec<Fd>> {
-    let pid = proc.pid;
-    let mut nums: Vec<i32> = std::fs::read_dir(proc.file("fd"))
-        .ctx(pid, || "listing /proc/PID/fd".into())?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    nums.sort();
-    let mut out = Vec::new();
-    for fd in nums {
-        let link = proc.file(&format!("fd/{fd}"));
-        let target = match std::fs::read_link(&link) {
-            Ok(t) => t.to_string_lossy().into_owned(),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue, // closed meanwhile
-            Err(e) => return Err(e).ctx(pid, || format!("readlink of fd {fd}")),
-        };
-        let md = std::fs::metadata(&link).ctx(pid, || format!("stat of fd {fd} ({target})"))?;
-        let info = fdinfo(proc, fd)?;
-        let cloexec = info.flags & libc::O_CLOEXEC != 0;
-        let flags = info.flags & !libc::O_CLOEXEC;
-        let kind = if let Some(&(index, ..)) =
-            stdio.iter().find(|s| s.1 == md.dev() && s.2 == md.ino())
-        {
-            FdKind::Stdio { index }
-        } else if let Some(kind) = classify_special(&target) {
-            return Err(Error::Unsupported {
-                pid,
-                what: format!("fd {fd}, a {kind} ({target})"),
-            });
-        } else if md.is_file() && md.nlink() == 0 {
-            let path = target
-                .strip_suffix(" (deleted)")
-                .unwrap_or(&target)
-                .to_string();
-            let data_file = format!("file-{pid}-{fd}.img");
-            save_content(pid, fd, &link, &data_file, writer)?;
-            FdKind::Deleted {
-                path,
-                flags,
-                pos: info.pos,
-                mode: md.mode() & 0o7777,
-                data_file,
-                size: md.size(),
-            }
-        } else if md.is_file() || md.is_dir() {
-            FdKind::File {
-                file: file_id(&target, &md),
-                flags,
-                pos: info.pos,
-            }
-        } else if md.file_type().is_char_device() {
-            let (maj, min) = (libc::major(md.rdev()), libc::minor(md.rdev()));
-            match SIMPLE_DEVICES.iter().find(|d| d.0 == maj && d.1 == min) {
-                Some(d) => FdKind::Device {
-                    path: d.2.to_string(),
-                    flags,
-                },
-                None => {
-                    return Err(Error::Unsupported {
-                        pid,
-                        what: format!("fd {fd}, the character device {target} (not one of stasis's stdio streams)"),
-                    })
-                }
-            }
-        } else if md.file_type().is_fifo() {
-            return Err(Error::Unsupported {
-                pid,
-                what: format!("fd {fd}, a named pipe (FIFO) {target}"),
-            });
-        } else {
-            return Err(Error::Unsupported {
-                pid,
-                what: format!("fd {fd} ({target})"),
-            });
-        };
-        out.push(Fd { fd, cloexec, kind });
-    }
-    Ok(out)
+/// True when fd `a` of `pa` and fd `b` of `pb` are the same open file description.
+fn same_description(pa: i32, a: i32, pb: i32, b: i32) -> bool {
+    // SAFETY: kcmp only compares kernel objects; no memory is passed.
+    unsafe { libc::syscall(libc::SYS_kcmp, pa, pb, KCMP_FILE, a, b) == 0 }
 }
 
-/// Names the kind of a pseudo-file link target that is not supported yet.
+/// Collects the fds of every process of a checkpoint, assigning description ids and
+/// saving pipe contents.
+#[derive(Default)]
+pub struct Registry {
+    next: u64,
+    /// (dev, ino, pid, fd, desc) of every fd seen so far.
+    seen: Vec<(u64, u64, i32, i32, u64)>,
+    pipes: Vec<Pipe>,
+}
+
+impl Registry {
+    /// A registry for one checkpoint.
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    /// The pipes found, with their saved contents.
+    pub fn into_pipes(self) -> Vec<Pipe> {
+        self.pipes
+    }
+
+    fn describe(&mut self, pid: i32, fd: i32, md: &std::fs::Metadata) -> u64 {
+        let key = (md.dev(), md.ino());
+        let found = self
+            .seen
+            .iter()
+            .find(|s| (s.0, s.1) == key && same_description(s.2, s.3, pid, fd))
+            .map(|s| s.4);
+        let desc = found.unwrap_or_else(|| {
+            self.next += 1;
+            self.next
+        });
+        self.seen.push((key.0, key.1, pid, fd, desc));
+        desc
+    }
+
+    /// Saves the fds of a stopped process. Contents of deleted files and pipes go
+    /// into `writer`.
+    pub fn dump_fds(
+        &mut self,
+        proc: &ProcDir,
+        stdio: &StdioIds,
+        writer: &mut CheckpointWriter,
+    ) -> Result<Vec<Fd>> {
+        let pid = proc.pid;
+        let mut nums: Vec<i32> = std::fs::read_dir(proc.file("fd"))
+            .ctx(pid, || "listing /proc/PID/fd".into())?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        nums.sort();
+        let mut out = Vec::new();
+        for fd in nums {
+            let link = proc.file(&format!("fd/{fd}"));
+            let target = match std::fs::read_link(&link) {
+                Ok(t) => t.to_string_lossy().into_owned(),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue, // closed meanwhile
+                Err(e) => return Err(e).ctx(pid, || format!("readlink of fd {fd}")),
+            };
+            let md = std::fs::metadata(&link).ctx(pid, || format!("stat of fd {fd} ({target})"))?;
+            let info = fdinfo(proc, fd)?;
+            let cloexec = info.flags & libc::O_CLOEXEC != 0;
+            let flags = info.flags & !libc::O_CLOEXEC;
+            let kind = if let Some(&(index, ..)) =
+                stdio.iter().find(|s| s.1 == md.dev() && s.2 == md.ino())
+            {
+                FdKind::Stdio { index }
+            } else if target.starts_with("pipe:") {
+                self.save_pipe(pid, fd, &link, md.ino(), writer)?;
+                FdKind::Pipe {
+                    pipe: md.ino(),
+                    write: flags & libc::O_ACCMODE == libc::O_WRONLY,
+                    flags,
+                }
+            } else if let Some(kind) = classify_special(&target) {
+                return Err(Error::Unsupported {
+                    pid,
+                    what: format!("fd {fd}, a {kind} ({target})"),
+                });
+            } else if md.is_file() && md.nlink() == 0 {
+                let path = target
+                    .strip_suffix(" (deleted)")
+                    .unwrap_or(&target)
+                    .to_string();
+                let data_file = format!("file-{pid}-{fd}.img");
+                save_content(pid, fd, &link, &data_file, writer)?;
+                FdKind::Deleted {
+                    path,
+                    flags,
+                    pos: info.pos,
+                    mode: md.mode() & 0o7777,
+                    data_file,
+                    size: md.size(),
+                }
+            } else if md.is_file() || md.is_dir() {
+                FdKind::File {
+                    file: file_id(&target, &md),
+                    flags,
+                    pos: info.pos,
+                }
+            } else if md.file_type().is_char_device() {
+                let (maj, min) = (libc::major(md.rdev()), libc::minor(md.rdev()));
+                match SIMPLE_DEVICES.iter().find(|d| d.0 == maj && d.1 == min) {
+                    Some(d) => FdKind::Device {
+                        path: d.2.to_string(),
+                        flags,
+                    },
+                    None => {
+                        return Err(Error::Unsupported {
+                            pid,
+                            what: format!("fd {fd}, the character device {target} (not one of stasis's stdio streams)"),
+                        })
+                    }
+                }
+            } else if md.file_type().is_fifo() {
+                return Err(Error::Unsupported {
+                    pid,
+                    what: format!("fd {fd}, a named pipe (FIFO) {target}"),
+                });
+            } else {
+                return Err(Error::Unsupported {
+                    pid,
+                    what: format!("fd {fd} ({target})"),
+                });
+            };
+            let desc = self.describe(pid, fd, &md);
+            out.push(Fd {
+                fd,
+                cloexec,
+                kind,
+                desc,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Saves the bytes in flight in a pipe, once per pipe, without consuming them.
+    fn save_pipe(
+        &mut self,
+        pid: i32,
+        fd: i32,
+        link: &std::path::Path,
+        ino: u64,
+        writer: &mut CheckpointWriter,
+    ) -> Result<()> {
+        if self.pipes.iter().any(|p| p.id == ino) {
+            return Ok(());
+        }
+        let ctx = || format!("reading the pipe of fd {fd}");
+        // A new read end of the same pipe.
+        let rd = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(link)
+            .ctx(pid, ctx)?;
+        // SAFETY: fcntl queries on a descriptor we own.
+        let capacity = unsafe { libc::fcntl(rd.as_raw_fd(), libc::F_GETPIPE_SZ) }.max(4096) as u64;
+        let mut p = [0i32; 2];
+        // SAFETY: pipe2 fills the array with two new descriptors.
+        if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            return Err(std::io::Error::last_os_error()).ctx(pid, ctx);
+        }
+        // SAFETY: both descriptors were just created and are owned here.
+        let (mut tr, tw) =
+            unsafe { (std::fs::File::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+        // SAFETY: resizing our own pipe.
+        unsafe { libc::fcntl(tw.as_raw_fd(), libc::F_SETPIPE_SZ, capacity as libc::c_int) };
+        // SAFETY: tee between two pipes we hold; it copies without consuming.
+        let n = unsafe {
+            libc::tee(
+                rd.as_raw_fd(),
+                tw.as_raw_fd(),
+                capacity as usize,
+                libc::SPLICE_F_NONBLOCK,
+            )
+        };
+        let mut data = Vec::new();
+        if n > 0 {
+            drop(tw);
+            tr.read_to_end(&mut data).ctx(pid, ctx)?;
+        } else if n < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN) {
+            return Err(std::io::Error::last_os_error()).ctx(pid, ctx);
+        }
+        let data_file = if data.is_empty() {
+            None
+        } else {
+            let name = format!("pipe-{ino}.img");
+            let mut w = writer.data_file(&name)?;
+            w.write_all(&data)?;
+            writer.finish_data(w)?;
+            Some(name)
+        };
+        self.pipes.push(Pipe {
+            id: ino,
+            capacity,
+            data_file,
+            len: data.len() as u64,
+        });
+        Ok(())
+    }
+}
+
 fn classify_special(target: &str) -> Option<String> {
     if target.starts_with("pipe:") {
         Some("pipe".into())
@@ -151,7 +282,6 @@ fn classify_special(target: &str) -> Option<String> {
         None
     }
 }
-
 fn save_content(
     pid: i32,
     fd: i32,
@@ -176,72 +306,268 @@ fn save_content(
     Ok(())
 }
 
-/// Recreates the fds of a process inside it (restore side, runs in the new process).
-///
-/// `stdio` are descriptors of the restarting stasis's own stdio streams (None where
-/// closed); they must be numbered above every fd in `fds`.
-pub fn restore_fds(
-    fds: &[Fd],
-    stdio: &[Option<i32>; 3],
+/// Opens every open file description of the image once, in the restorer. `stdio` are
+/// the restorer's own streams, bound to the saved outside stdio.
+pub fn open_descriptions(
+    meta: &Checkpoint,
     image: &CheckpointReader,
-) -> std::result::Result<(), String> {
-    for f in fds {
-        let src = match &f.kind {
-            FdKind::Stdio { index } => match stdio.get(*index as usize).copied().flatten() {
-                Some(s) => Source::Borrowed(s),
-                None => Source::Owned(open(f.fd, "/dev/null", libc::O_RDWR)?),
-            },
-            FdKind::File { file, flags, pos } => {
-                let fd = open(f.fd, &file.path, *flags)?;
-                seek(f.fd, fd, *pos, &file.path)?;
-                Source::Owned(fd)
-            }
-            FdKind::Device { path, flags } => Source::Owned(open(f.fd, path, *flags)?),
-            FdKind::Deleted {
-                path,
-                flags,
-                pos,
-                mode,
-                data_file,
-                ..
-            } => Source::Owned(recreate_deleted(
-                f.fd, path, *flags, *pos, *mode, data_file, image,
-            )?),
-        };
-        let raw = src.fd();
-        if raw != f.fd {
-            let flags = if f.cloexec { libc::O_CLOEXEC } else { 0 };
-            // SAFETY: dup3 on descriptors we own; the target number is meant to be replaced.
-            if unsafe { libc::dup3(raw, f.fd, flags) } < 0 {
+    stdio: &[Option<i32>; 3],
+) -> std::result::Result<HashMap<u64, OwnedFd>, String> {
+    let mut descs: HashMap<u64, OwnedFd> = HashMap::new();
+    let mut pipes: HashMap<u64, (Option<OwnedFd>, Option<OwnedFd>)> = HashMap::new();
+    for p in &meta.processes {
+        for f in &p.fds {
+            if f.desc == 0 {
                 return Err(format!(
-                    "fd {}: dup3: {}",
-                    f.fd,
-                    std::io::Error::last_os_error()
+                    "fd {}: no open file description id (image from an older stasis)",
+                    f.fd
                 ));
             }
-            if let Source::Owned(o) = src {
-                // SAFETY: closing a descriptor we opened and no longer need.
-                unsafe { libc::close(o) };
+            if descs.contains_key(&f.desc) {
+                continue;
             }
-        } else if f.cloexec {
-            // SAFETY: fcntl on a descriptor we own.
-            unsafe { libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC) };
+            let fd = match &f.kind {
+                FdKind::Stdio { index } => match stdio.get(*index as usize).copied().flatten() {
+                    // SAFETY: dup of a descriptor of ours.
+                    Some(s) => unsafe { libc::fcntl(s, libc::F_DUPFD_CLOEXEC, 3) },
+                    None => open(f.fd, "/dev/null", libc::O_RDWR)?,
+                },
+                FdKind::File { file, flags, pos } => {
+                    let fd = open(f.fd, &file.path, *flags)?;
+                    seek(f.fd, fd, *pos, &file.path)?;
+                    fd
+                }
+                FdKind::Device { path, flags } => open(f.fd, path, *flags)?,
+                FdKind::Deleted {
+                    path,
+                    flags,
+                    pos,
+                    mode,
+                    data_file,
+                    ..
+                } => recreate_deleted(f.fd, path, *flags, *pos, *mode, data_file, image)?,
+                FdKind::Pipe { pipe, write, flags } => {
+                    let info = meta.pipes.iter().find(|x| x.id == *pipe).ok_or_else(|| {
+                        format!("fd {}: pipe {pipe} missing from the image", f.fd)
+                    })?;
+                    let ends = match pipes.entry(*pipe) {
+                        std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(new_pipe(info, image)?)
+                        }
+                    };
+                    let end = if *write { &mut ends.1 } else { &mut ends.0 };
+                    let fd = end
+                        .take()
+                        .ok_or_else(|| format!("fd {}: a pipe end opened twice (through /proc) is not supported yet", f.fd))?
+                        .into_raw_fd();
+                    // SAFETY: fcntl on the descriptor we just created.
+                    unsafe {
+                        libc::fcntl(
+                            fd,
+                            libc::F_SETFL,
+                            *flags & (libc::O_NONBLOCK | libc::O_DIRECT),
+                        )
+                    };
+                    fd
+                }
+            };
+            if fd < 0 {
+                return Err(format!("fd {}: {}", f.fd, std::io::Error::last_os_error()));
+            }
+            // SAFETY: `fd` was just opened or duplicated and is owned here.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            descs.insert(f.desc, owned);
         }
+    }
+    Ok(descs)
+}
+
+/// A new pipe with the saved capacity and contents: (read end, write end).
+fn new_pipe(
+    info: &Pipe,
+    image: &CheckpointReader,
+) -> std::result::Result<(Option<OwnedFd>, Option<OwnedFd>), String> {
+    let mut p = [0i32; 2];
+    // SAFETY: pipe2 fills the array with two new descriptors.
+    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: both descriptors were just created and are owned here.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+    // SAFETY: resizing our own pipe.
+    unsafe {
+        libc::fcntl(
+            w.as_raw_fd(),
+            libc::F_SETPIPE_SZ,
+            info.capacity as libc::c_int,
+        )
+    };
+    if let Some(name) = &info.data_file {
+        let path = image.data_path(name).map_err(|e| e.to_string())?;
+        let data = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut wf = std::fs::File::from(w.try_clone().map_err(|e| e.to_string())?);
+        wf.write_all(&data)
+            .map_err(|e| format!("refilling pipe {}: {e}", info.id))?;
+    }
+    Ok((Some(r), Some(w)))
+}
+
+/// One entry of the fd-passing protocol: target fd number and FD_CLOEXEC.
+const ENTRY: usize = 8;
+/// Fds per message (SCM_MAX_FD is 253).
+const BATCH: usize = 200;
+
+/// Sends process `fds` over the SOCK_SEQPACKET socket `sock`: batches of (number,
+/// cloexec) entries with the descriptions as SCM_RIGHTS, then an empty message.
+pub fn send_fds(
+    sock: i32,
+    fds: &[Fd],
+    descs: &HashMap<u64, OwnedFd>,
+) -> std::result::Result<(), String> {
+    let mut items: Vec<(i32, bool, i32)> = Vec::new();
+    for f in fds {
+        let d = descs
+            .get(&f.desc)
+            .ok_or_else(|| format!("fd {}: no description", f.fd))?;
+        items.push((f.fd, f.cloexec, d.as_raw_fd()));
+    }
+    for batch in items.chunks(BATCH) {
+        let mut payload = Vec::with_capacity(batch.len() * ENTRY);
+        for (num, cloexec, _) in batch {
+            payload.extend_from_slice(&num.to_le_bytes());
+            payload.extend_from_slice(&[u8::from(*cloexec), 0, 0, 0]);
+        }
+        let raw: Vec<i32> = batch.iter().map(|b| b.2).collect();
+        send_with_fds(sock, &payload, &raw)?;
+    }
+    send_with_fds(sock, &[], &[])
+}
+
+fn send_with_fds(sock: i32, payload: &[u8], fds: &[i32]) -> std::result::Result<(), String> {
+    let byte = [0u8; 1];
+    let data: &[u8] = if payload.is_empty() {
+        &byte[..]
+    } else {
+        payload
+    };
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE((fds.len() * 4) as u32) } as usize;
+    let mut cbuf = vec![0u64; space.div_ceil(8).max(1)];
+    // SAFETY: msghdr is plain data; zeroed is a valid empty value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: the control buffer is CMSG_SPACE(len) bytes, aligned, and holds one
+        // header followed by the fds.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN((fds.len() * 4) as u32) as usize;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr(),
+                libc::CMSG_DATA(c).cast::<i32>(),
+                fds.len(),
+            );
+        }
+    }
+    // SAFETY: msg points to live buffers for the duration of the call.
+    if unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) } < 0 {
+        return Err(format!("passing fds: {}", std::io::Error::last_os_error()));
     }
     Ok(())
 }
 
-enum Source {
-    Owned(i32),
-    Borrowed(i32),
-}
-
-impl Source {
-    fn fd(&self) -> i32 {
-        match self {
-            Source::Owned(f) | Source::Borrowed(f) => *f,
+/// In the new process: receives its fds from `sock` and puts them at their numbers.
+/// Received descriptors are first moved to numbers >= `hi`, so that placing one never
+/// overwrites another not yet placed.
+pub fn receive_fds(sock: i32, hi: i32) -> std::result::Result<(), String> {
+    let mut pending: Vec<(i32, bool, i32)> = Vec::new();
+    loop {
+        let mut data = vec![0u8; BATCH * ENTRY];
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
+        // SAFETY: CMSG_SPACE is a pure computation.
+        let space = unsafe { libc::CMSG_SPACE((BATCH * 4) as u32) } as usize;
+        let mut cbuf = vec![0u64; space.div_ceil(8)];
+        // SAFETY: msghdr is plain data; zeroed is a valid empty value.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: msg points to live buffers of the sizes given.
+        let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            return Err(format!(
+                "receiving fds: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let mut fds: Vec<i32> = Vec::new();
+        // SAFETY: walking the control messages the kernel wrote into cbuf.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let count = ((*c).cmsg_len - libc::CMSG_LEN(0) as usize) / 4;
+                    let p = libc::CMSG_DATA(c).cast::<i32>();
+                    for i in 0..count {
+                        fds.push(*p.add(i));
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        let entries = if fds.is_empty() {
+            0
+        } else {
+            n as usize / ENTRY
+        };
+        if entries == 0 {
+            break;
+        }
+        if entries != fds.len() {
+            return Err("fd-passing message and descriptors do not match".into());
+        }
+        for (k, fd) in fds.into_iter().enumerate() {
+            let e = &data[k * ENTRY..(k + 1) * ENTRY];
+            let num = i32::from_le_bytes([e[0], e[1], e[2], e[3]]);
+            // SAFETY: moving a received descriptor (ours) above `hi`.
+            let high = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, hi) };
+            // SAFETY: closing the original received descriptor.
+            unsafe { libc::close(fd) };
+            if high < 0 {
+                return Err(format!("fd {num}: {}", std::io::Error::last_os_error()));
+            }
+            pending.push((num, e[4] != 0, high));
         }
     }
+    for (num, cloexec, high) in pending.iter().copied() {
+        let flags = if cloexec { libc::O_CLOEXEC } else { 0 };
+        // SAFETY: dup3 onto the saved number, which is free or ours to replace.
+        if unsafe { libc::dup3(high, num, flags) } < 0 {
+            return Err(format!(
+                "fd {num}: dup3: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    for (_, _, high) in pending {
+        // SAFETY: closing our temporary high copies.
+        unsafe { libc::close(high) };
+    }
+    Ok(())
 }
 
 fn open(num: i32, path: &str, flags: i32) -> std::result::Result<i32, String> {
@@ -316,8 +642,6 @@ fn recreate_deleted(
     seek(num, fd, pos, path)?;
     Ok(fd)
 }
-
-use std::os::unix::fs::OpenOptionsExt;
 
 /// Opens a file for the restorer and moves it to a number at least `min`.
 pub fn open_high(path: &str, flags: i32, min: i32) -> std::result::Result<i32, String> {

@@ -26,8 +26,8 @@ use stasis_image::{CheckpointReader, MappingKind, Process, PAGE_SIZE};
 use stasis_sys::clone::{fork_with_pid, Forked};
 use stasis_sys::ptrace::{self, Stop};
 use std::collections::HashMap;
-use std::io::Write;
-use std::os::unix::io::FromRawFd;
+
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
 
 const GADGET_LEN: u64 = 2 * PAGE_SIZE;
 /// How many times (10 ms apart) to retry taking a PID still being released.
@@ -68,13 +68,19 @@ pub fn precheck(image: &CheckpointReader) -> Result<()> {
             ),
         });
     }
-    if meta.processes.len() != 1 || meta.processes[0].threads.is_empty() {
+    if meta.processes.is_empty() || meta.processes.iter().any(|p| p.threads.is_empty()) {
         return Err(Error::Restore {
             pid,
-            msg: "the image holds several processes, which this version cannot restore".into(),
+            msg: "the image holds no process or a process without threads".into(),
         });
     }
-    let p = &meta.processes[0];
+    for p in &meta.processes {
+        precheck_process(image, p)?;
+    }
+    Ok(())
+}
+
+fn precheck_process(image: &CheckpointReader, p: &Process) -> Result<()> {
     for m in &p.mappings {
         match &m.kind {
             // A shared mapping's data is the file itself, which the process (or its
@@ -113,116 +119,180 @@ pub fn precheck(image: &CheckpointReader) -> Result<()> {
     Ok(())
 }
 
-/// Restores the single process of `image` as a child of the caller, which must be able
-/// to choose PIDs (PID 1 of a PID namespace owned by its user namespace).
-/// `stdio` are the caller's descriptors to bind the saved outside stdio to.
-/// Returns the PID of the restored process, running.
+/// Restores the processes of `image` (a tree, or several trees whose roots become
+/// children of the caller), which must be able to choose PIDs (PID 1 of a PID
+/// namespace owned by its user namespace). `stdio` are the caller's descriptors to bind
+/// the saved outside stdio to. Returns the PID of the root process, running.
 pub fn restore(image: &CheckpointReader, stdio: [Option<i32>; 3]) -> Result<i32> {
     precheck(image)?;
-    let p = &image.meta.processes[0];
-    let pid = p.pid;
+    let meta = &image.meta;
+    let procs = &meta.processes;
+    let root_pid = meta.root_pid;
+    let restore_err = |msg: String| Error::Restore { pid: root_pid, msg };
 
-    // Where the gadget and the vdso's stopover go: holes of both the saved layout and
-    // our own (the child starts as a copy of us).
-    let mut used: Vec<(u64, u64)> = p.mappings.iter().map(|m| (m.start, m.end)).collect();
-    let own = own_layout()?;
-    used.extend(own.iter().map(|o| (o.1, o.2)));
-    let gadget = memory::find_free(&used, GADGET_LEN, 0x100000).ok_or_else(|| Error::Restore {
-        pid,
-        msg: "no room for the restorer in the address space".into(),
-    })?;
-    used.push((gadget, gadget + GADGET_LEN));
-
-    let mut pipe = [0i32; 2];
-    // SAFETY: pipe2 writes two descriptors into the array.
-    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(stasis_sys::SysError::last("pipe2", 0))
-            .ctx(pid, || "creating the restore pipe".into());
+    // Every open file description, once; passed to the processes over their sockets.
+    let descs = files::open_descriptions(meta, image, &stdio).map_err(restore_err)?;
+    let mut socks = Vec::with_capacity(procs.len());
+    for p in procs {
+        let mut sv = [0i32; 2];
+        // SAFETY: socketpair fills the array with two new descriptors.
+        if unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+                0,
+                sv.as_mut_ptr(),
+            )
+        } != 0
+        {
+            return Err(stasis_sys::SysError::last("socketpair", 0))
+                .ctx(p.pid, || "creating the restore socket".into());
+        }
+        // SAFETY: both descriptors were just created and are owned here.
+        socks.push(unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) });
     }
-    // Above every fd the process will have and every fd we hold now (pipe included).
-    let max_fd = p
-        .fds
+
+    // Where each process's gadget and vdso stopover go: holes of both its saved layout
+    // and ours (each process starts as a copy of us).
+    let own = own_layout()?;
+    let mut gadgets = Vec::with_capacity(procs.len());
+    let mut used_by = Vec::with_capacity(procs.len());
+    for p in procs {
+        let mut used: Vec<(u64, u64)> = p.mappings.iter().map(|m| (m.start, m.end)).collect();
+        used.extend(own.iter().map(|o| (o.1, o.2)));
+        let g = memory::find_free(&used, GADGET_LEN, 0x100000).ok_or_else(|| Error::Restore {
+            pid: p.pid,
+            msg: "no room for the restorer in the address space".into(),
+        })?;
+        used.push((g, g + GADGET_LEN));
+        gadgets.push(g);
+        used_by.push(used);
+    }
+    // Above every fd any process will have and every fd we hold now.
+    let max_fd = procs
         .iter()
-        .map(|f| f.fd)
+        .flat_map(|p| p.fds.iter().map(|f| f.fd))
         .max()
         .unwrap_or(2)
         .max(max_open_fd());
-    let hi = max_fd + 1;
+    let tree = Tree {
+        image,
+        socks: socks.iter().map(|s| s.1.as_raw_fd()).collect(),
+        hi: max_fd + 1,
+        gadgets: gadgets.clone(),
+    };
 
-    // The PID may still be held for a moment by a thread of ours that just exited
-    // (the checksum workers): retry while it is released.
+    // Roots (processes whose parent is not in the image) are our children; each
+    // process forks its own children while preparing.
+    let pids: std::collections::HashSet<i32> = procs.iter().map(|p| p.pid).collect();
+    let mut guards = Vec::new();
+    for (i, p) in procs.iter().enumerate() {
+        if pids.contains(&p.ppid) {
+            continue;
+        }
+        match fork_retry(p.pid)? {
+            Forked::Child => tree.child_main(i),
+            Forked::Parent(c) => guards.push(KillOnDrop(c)),
+        }
+    }
+    // Our copies of the processes' ends close here.
+    let parent_ends: Vec<OwnedFd> = socks.into_iter().map(|(ours, _theirs)| ours).collect();
+    for (i, p) in procs.iter().enumerate() {
+        files::send_fds(parent_ends[i].as_raw_fd(), &p.fds, &descs)
+            .map_err(|msg| Error::Restore { pid: p.pid, msg })?;
+    }
+    drop(descs);
+    let mut prepared = Vec::with_capacity(procs.len());
+    for (i, p) in procs.iter().enumerate() {
+        let prep = read_report(parent_ends[i].as_raw_fd(), p.pid)?;
+        for w in &prep.warnings {
+            tracing::warn!("process {}: {w}", p.pid);
+        }
+        prepared.push(prep);
+    }
+    for p in procs {
+        seize_stopped(p.pid)?;
+    }
+    for (i, p) in procs.iter().enumerate() {
+        rebuild(p.pid, image, p, &prepared[i], &used_by[i])?;
+    }
+    // Start children before parents.
+    for p in procs.iter().rev() {
+        for t in p.threads.iter().rev() {
+            ptrace::detach(t.tid, 0).ctx(t.tid, || "starting the restored thread".into())?;
+        }
+    }
+    for g in guards {
+        std::mem::forget(g);
+    }
+    Ok(root_pid)
+}
+
+/// fork_with_pid, retrying while the PID is still held for a moment by an exiting
+/// thread of ours (the checksum workers).
+fn fork_retry(pid: i32) -> Result<Forked> {
     let mut tries = 0;
-    let forked = loop {
+    loop {
         // SAFETY: the caller is single-threaded at this point (worker threads have
-        // been joined); the child only runs `child_main`, which never returns.
+        // been joined); a child only runs `Tree::child_main`, which never returns.
         match unsafe { fork_with_pid(pid) } {
             Err(e) if e.errno == libc::EEXIST && tries < PID_RETRIES => {
                 tries += 1;
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            r => break r,
+            r => {
+                return r.ctx(pid, || {
+                    format!("creating process {pid} (clone3 with set_tid; is the PID in use?)")
+                })
+            }
         }
     }
-    .ctx(pid, || {
-        format!("creating process {pid} (clone3 with set_tid; is the PID in use?)")
-    })?;
-    let child = match forked {
-        Forked::Child => {
-            // SAFETY: closing the read end in the child, which owns its copy.
-            unsafe { libc::close(pipe[0]) };
-            child_main(image, p, stdio, hi, gadget, pipe[1])
-        }
-        Forked::Parent(c) => c,
-    };
-    // SAFETY: we own the write end in the parent and close our copy of it.
-    unsafe { libc::close(pipe[1]) };
-    let guard = KillOnDrop(child);
-    ptrace::seize(
-        child,
-        ptrace::O_TRACESYSGOOD | ptrace::O_EXITKILL | ptrace::O_TRACECLONE,
-    )
-    .ctx(pid, || "seizing the new process".into())?;
-    // SAFETY: pipe[0] is ours; the File takes ownership.
-    let mut rd = unsafe { std::fs::File::from_raw_fd(pipe[0]) };
-    // One line, not EOF: a stray copy of the write end must not make us wait forever.
-    let mut msg = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(&mut rd), &mut msg)
-        .ctx(pid, || "reading the restore pipe".into())?;
-    let prepared: Prepared = match msg.strip_prefix("OK ") {
+}
+
+/// Reads a process's "OK {json}" / "ERR message" report from its socket.
+fn read_report(sock: i32, pid: i32) -> Result<Prepared> {
+    let mut buf = vec![0u8; 1 << 20];
+    // SAFETY: recv into a buffer of the size given.
+    let n = unsafe { libc::recv(sock, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n <= 0 {
+        return Err(Error::Restore {
+            pid,
+            msg: "the new process died while preparing".into(),
+        });
+    }
+    let msg = String::from_utf8_lossy(&buf[..n as usize]).into_owned();
+    match msg.strip_prefix("OK ") {
         Some(json) => serde_json::from_str(json).map_err(|e| Error::Restore {
             pid,
             msg: format!("bad message from the new process: {e}"),
-        })?,
-        None => {
-            return Err(Error::Restore {
-                pid,
-                msg: msg
-                    .strip_prefix("ERR ")
-                    .unwrap_or("the new process died while preparing")
-                    .to_string(),
-            })
-        }
-    };
-    for w in &prepared.warnings {
-        tracing::warn!("process {pid}: {w}");
+        }),
+        None => Err(Error::Restore {
+            pid,
+            msg: msg.strip_prefix("ERR ").unwrap_or(&msg).to_string(),
+        }),
     }
-    ptrace::interrupt(child).ctx(pid, || "stopping the new process".into())?;
+}
+
+/// Seizes a prepared process and waits until it is stopped.
+fn seize_stopped(pid: i32) -> Result<()> {
+    ptrace::seize(
+        pid,
+        ptrace::O_TRACESYSGOOD | ptrace::O_EXITKILL | ptrace::O_TRACECLONE,
+    )
+    .ctx(pid, || "seizing the new process".into())?;
+    ptrace::interrupt(pid).ctx(pid, || "stopping the new process".into())?;
     loop {
-        match ptrace::wait(child).ctx(pid, || "waiting for the new process".into())? {
-            Stop::Event(ptrace::EVENT_STOP, _) => break,
+        match ptrace::wait(pid).ctx(pid, || "waiting for the new process".into())? {
+            Stop::Event(ptrace::EVENT_STOP, _) => return Ok(()),
             Stop::Exited(_) | Stop::Killed(_) => {
                 return Err(Error::Restore {
                     pid,
                     msg: "the new process died while preparing".into(),
                 })
             }
-            _ => ptrace::cont(child, 0).ctx(pid, || "resuming the new process".into())?,
+            _ => ptrace::cont(pid, 0).ctx(pid, || "resuming the new process".into())?,
         }
     }
-
-    rebuild(child, image, p, &prepared, &used)?;
-    std::mem::forget(guard);
-    Ok(child)
 }
 
 /// Step 3 and 4 of the module docs, on the stopped child.
@@ -312,8 +382,21 @@ fn rebuild(
     for fd in helpers {
         inj.call("close of a restorer fd", libc::SYS_close, &[fd as u64])?;
     }
-    // The child closes its report pipe after writing, but we may have stopped it first.
+    // The socket the process reported on.
     inj.raw(libc::SYS_close, &[prep.report_fd as u64])?;
+    // Process group: leaders made theirs while preparing; the others join now that
+    // every process exists.
+    if p.pgid > 0 && p.pgid != p.pid {
+        let r = inj.raw(libc::SYS_setpgid, &[0, p.pgid as u64])?;
+        if r < 0 {
+            tracing::warn!(
+                "process {}: could not rejoin process group {}: errno {}",
+                p.pid,
+                p.pgid,
+                -r
+            );
+        }
+    }
     for t in &p.threads {
         signals::requeue(&inj, child, Some(t.tid), &t.pending, &scratch)?;
     }
@@ -327,10 +410,6 @@ fn rebuild(
     )?;
     for t in &p.threads {
         thread::restore_cpu(t.tid, t)?;
-    }
-    // Start the other threads first, the leader last.
-    for t in p.threads.iter().rev() {
-        ptrace::detach(t.tid, 0).ctx(t.tid, || "starting the restored thread".into())?;
     }
     Ok(())
 }
@@ -384,71 +463,123 @@ fn max_open_fd() -> i32 {
         .unwrap_or(1024)
 }
 
-/// Runs in the new process: prepares it, reports, and waits to be rebuilt.
-fn child_main(
-    image: &CheckpointReader,
-    p: &Process,
-    stdio: [Option<i32>; 3],
+/// What every new process needs to prepare itself; each starts as a copy of the
+/// restorer (or of its parent), so this is shared by all.
+struct Tree<'a> {
+    image: &'a CheckpointReader,
+    /// The process-side end of each process's socket, by process index.
+    socks: Vec<i32>,
     hi: i32,
-    gadget: u64,
-    mut report: i32,
-) -> ! {
-    let msg = match prepare(image, p, stdio, hi, gadget, &mut report) {
-        Ok(prep) => format!("OK {}", serde_json::to_string(&prep).unwrap_or_default()),
-        Err(e) => format!("ERR {e}"),
-    };
-    // SAFETY: `report` is the pipe's write end, owned by this process.
-    let mut w = unsafe { std::fs::File::from_raw_fd(report) };
-    let _ = w.write_all(format!("{}\n", msg.replace('\n', " ")).as_bytes());
-    drop(w);
-    if !msg.starts_with("OK") {
-        // SAFETY: _exit is always safe to call.
-        unsafe { libc::_exit(1) };
+    gadgets: Vec<u64>,
+}
+
+impl Tree<'_> {
+    /// Runs in new process `idx`: forks its children and zombies, prepares, reports,
+    /// and waits to be rebuilt.
+    fn child_main(&self, idx: usize) -> ! {
+        let procs = &self.image.meta.processes;
+        let p = &procs[idx];
+        let mut sock = self.socks[idx];
+        // SAFETY: plain libc calls on our own process; the set is initialized by
+        // sigfillset.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+            if p.sid == p.pid || p.sid <= 0 {
+                libc::setsid();
+            } else if p.pgid == p.pid {
+                libc::setpgid(0, 0);
+            }
+        }
+        let mut result = Ok(());
+        for z in self.image.meta.zombies.iter().filter(|z| z.ppid == p.pid) {
+            match fork_retry(z.pid) {
+                Ok(Forked::Child) => become_zombie(z.status),
+                Ok(Forked::Parent(_)) => {}
+                Err(e) => result = Err(e.to_string()),
+            }
+        }
+        for (i, c) in procs.iter().enumerate() {
+            if c.ppid == p.pid && i != idx {
+                match fork_retry(c.pid) {
+                    Ok(Forked::Child) => self.child_main(i),
+                    Ok(Forked::Parent(_)) => {}
+                    Err(e) => result = Err(e.to_string()),
+                }
+            }
+        }
+        // Our children have their sockets now; the others' ends are not ours to keep.
+        for (i, &s) in self.socks.iter().enumerate() {
+            if i != idx {
+                // SAFETY: closing other processes' socket ends inherited from our parent.
+                unsafe { libc::close(s) };
+            }
+        }
+        let msg = match result
+            .and_then(|()| prepare(self.image, p, self.hi, self.gadgets[idx], &mut sock))
+        {
+            Ok(prep) => format!("OK {}", serde_json::to_string(&prep).unwrap_or_default()),
+            Err(e) => format!("ERR {e}"),
+        };
+        // SAFETY: sending on our own socket.
+        unsafe { libc::send(sock, msg.as_ptr().cast(), msg.len(), libc::MSG_NOSIGNAL) };
+        if !msg.starts_with("OK") {
+            // SAFETY: _exit is always safe to call.
+            unsafe { libc::_exit(1) };
+        }
+        loop {
+            // SAFETY: pause has no preconditions; the restorer stops us here.
+            unsafe { libc::pause() };
+        }
     }
-    loop {
-        // SAFETY: pause has no preconditions; the restorer stops us here.
-        unsafe { libc::pause() };
+}
+
+/// Exits at once with the saved wait status, leaving a zombie for the parent.
+fn become_zombie(status: i32) -> ! {
+    // SAFETY: plain libc calls in a child that exits right away.
+    unsafe {
+        if libc::WIFSIGNALED(status) {
+            let sig = libc::WTERMSIG(status);
+            let nocore = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::setrlimit(libc::RLIMIT_CORE, &nocore);
+            libc::signal(sig, libc::SIG_DFL);
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            libc::raise(sig);
+        }
+        libc::_exit(libc::WEXITSTATUS(status))
     }
 }
 
 fn prepare(
     image: &CheckpointReader,
     p: &Process,
-    stdio: [Option<i32>; 3],
     hi: i32,
     gadget: u64,
-    report: &mut i32,
+    sock: &mut i32,
 ) -> std::result::Result<Prepared, String> {
-    // SAFETY: plain libc calls on our own process; sigset is initialized by sigfillset.
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
-        libc::setsid();
+    let _ = image;
+    // Our socket moves above every fd the process will have; then everything else
+    // goes and the process's own fds arrive over the socket.
+    // SAFETY: F_DUPFD/close on our own descriptors.
+    let moved = unsafe { libc::fcntl(*sock, libc::F_DUPFD_CLOEXEC, hi) };
+    if moved < 0 {
+        return Err(format!(
+            "cannot move the restore socket: {}",
+            std::io::Error::last_os_error()
+        ));
     }
-    // Keep our stdio and the report pipe above every fd the process will have.
-    let dup_high = |fd: i32| -> Option<i32> {
-        // SAFETY: F_DUPFD on a descriptor we may or may not have; failure means closed.
-        let r = unsafe { libc::fcntl(fd, libc::F_DUPFD, hi) };
-        (r >= 0).then_some(r)
-    };
-    let ours = [
-        stdio[0].and_then(dup_high),
-        stdio[1].and_then(dup_high),
-        stdio[2].and_then(dup_high),
-    ];
-    // The report pipe moves up too; child_main writes to and closes the moved copy.
-    let moved = dup_high(*report).ok_or("cannot move the report pipe")?;
-    // SAFETY: closing the original, low-numbered copy of the pipe; `moved` replaces it.
-    unsafe { libc::close(*report) };
-    *report = moved;
+    // SAFETY: closing the original copy, replaced by `moved`.
+    unsafe { libc::close(*sock) };
+    *sock = moved;
     // SAFETY: closes every descriptor below `hi`; ours are all at or above it.
     unsafe { libc::syscall(libc::SYS_close_range, 0u32, (hi - 1) as u32, 0u32) };
-    files::restore_fds(&p.fds, &ours, image)?;
-    for fd in ours.into_iter().flatten() {
-        // SAFETY: closing our own temporary copy.
-        unsafe { libc::close(fd) };
-    }
+    files::receive_fds(*sock, hi)?;
     let exe_fd = files::open_high(&p.exe.path, libc::O_RDONLY, hi)?;
     let mut map_files = HashMap::new();
     for m in &p.mappings {
@@ -493,7 +624,7 @@ fn prepare(
         gadget,
         exe_fd,
         files: map_files,
-        report_fd: *report,
+        report_fd: *sock,
         warnings,
     })
 }

@@ -25,6 +25,8 @@ pub struct TaskState {
     pub itimers: Vec<Itimer>,
     pub mm: MmFields,
     pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
 }
 
 /// Reads the attributes of a stopped process.
@@ -112,6 +114,8 @@ pub fn dump(proc: &ProcDir, inj: &Injector, scratch: &Scratch) -> Result<TaskSta
         itimers,
         mm,
         ppid: stat.ppid,
+        pgid: stat.pgrp,
+        sid: stat.session,
     })
 }
 

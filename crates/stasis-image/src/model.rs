@@ -24,8 +24,38 @@ pub struct Checkpoint {
     pub root_pid: i32,
     /// Every saved process, parents before children.
     pub processes: Vec<Process>,
+    /// Children that had exited but were not reaped yet (zombies).
+    #[serde(default)]
+    pub zombies: Vec<Zombie>,
+    /// Pipes held by the processes, with the bytes in flight.
+    #[serde(default)]
+    pub pipes: Vec<Pipe>,
     /// Where the time went while checkpointing.
     pub timings: Timings,
+}
+
+/// An exited, not yet reaped child.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Zombie {
+    pub pid: i32,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    /// Wait status as waitpid(2) would report it (exit code << 8, or the signal).
+    pub status: i32,
+}
+
+/// A pipe (pipe(2)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pipe {
+    /// Identifier the fds refer to (the pipe's inode number at checkpoint time).
+    pub id: u64,
+    /// Capacity (F_GETPIPE_SZ).
+    pub capacity: u64,
+    /// Data file holding the bytes that were in the pipe, if any.
+    pub data_file: Option<String>,
+    /// Number of bytes in flight.
+    pub len: u64,
 }
 
 /// How the checkpointed processes came to be.
@@ -65,6 +95,12 @@ pub struct Process {
     pub pid: i32,
     /// Parent PID at checkpoint time.
     pub ppid: i32,
+    /// Process group.
+    #[serde(default)]
+    pub pgid: i32,
+    /// Session.
+    #[serde(default)]
+    pub sid: i32,
     /// Command name (`/proc/PID/comm`).
     pub comm: String,
     /// The executable (`/proc/PID/exe`).
@@ -216,6 +252,10 @@ pub struct Fd {
     /// FD_CLOEXEC.
     pub cloexec: bool,
     pub kind: FdKind,
+    /// Open file description: fds (of any processes) with the same number share one
+    /// description (offset, flags), as after dup(2) or fork(2).
+    #[serde(default)]
+    pub desc: u64,
 }
 
 /// What an fd refers to.
@@ -245,6 +285,13 @@ pub enum FdKind {
     },
     /// A character device reopened by path (/dev/null, /dev/zero, /dev/urandom...).
     Device { path: String, flags: i32 },
+    /// One end of a pipe of `Checkpoint::pipes`.
+    Pipe {
+        pipe: u64,
+        /// The write end (else the read end).
+        write: bool,
+        flags: i32,
+    },
 }
 
 /// Disposition of one signal (`struct sigaction` as the kernel keeps it).

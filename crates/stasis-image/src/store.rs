@@ -604,6 +604,8 @@ mod tests {
             origin: Origin::Run,
             root_pid: 2,
             processes: vec![],
+            zombies: vec![],
+            pipes: vec![],
             timings: Timings::default(),
         }
     }

@@ -12,6 +12,9 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
         CheckpointReader::open_latest(dir)?
     };
     let meta = &reader.meta;
+    // Printing into a closed pipe (`| head`) ends quietly, as other tools do.
+    // SAFETY: restoring the default SIGPIPE disposition of this short-lived command.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     if json {
         println!("{}", serde_json::to_string_pretty(meta)?);
         return Ok(());
@@ -34,9 +37,18 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
         t.sync_us as f64 / 1e3,
         t.pages_bytes as f64 / (1 << 20) as f64
     );
+    for z in &meta.zombies {
+        println!(
+            "zombie       {} (child of {}), wait status {:#x}",
+            z.pid, z.ppid, z.status
+        );
+    }
     for p in &meta.processes {
         println!();
-        println!("process {} ({}), parent {}", p.pid, p.comm, p.ppid);
+        println!(
+            "process {} ({}), parent {}, group {}, session {}",
+            p.pid, p.comm, p.ppid, p.pgid, p.sid
+        );
         println!("  exe        {}", p.exe.path);
         println!("  cwd        {}", p.cwd);
         println!(
@@ -93,6 +105,17 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
                     path, pos, size, ..
                 } => format!("{path} (deleted; {size} bytes saved) offset {pos}"),
                 FdKind::Device { path, .. } => path.clone(),
+                FdKind::Pipe { pipe, write, .. } => {
+                    let held = meta
+                        .pipes
+                        .iter()
+                        .find(|x| x.id == *pipe)
+                        .map_or(0, |x| x.len);
+                    format!(
+                        "pipe {pipe} ({} end; {held} bytes in flight)",
+                        if *write { "write" } else { "read" }
+                    )
+                }
             };
             println!(
                 "    {:>4}{} {what}",
