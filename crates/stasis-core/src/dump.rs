@@ -85,6 +85,7 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
         .clone()
         .unwrap_or_else(|| files::stdio_ids_of(&root));
     let mut registry = files::Registry::new();
+    let mut shm = crate::shm::Collector::new();
     // A snapshot child is given the process's parent (CLONE_PARENT): only when that
     // parent is us (stasis init), who reaps it, and for a single process. Otherwise
     // the processes stay frozen while their memory is copied.
@@ -96,6 +97,7 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
             frozen,
             &stdio,
             &mut registry,
+            &mut shm,
             &mut writer,
             snapshot_ok,
         )?);
@@ -129,6 +131,7 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
     };
 
     let t2 = Instant::now();
+    let shared_memory = shm.finish(&mut writer)?;
     let mut meta = Checkpoint {
         sequence: writer.sequence(),
         arch: arch::ARCH_NAME.to_string(),
@@ -139,6 +142,7 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
         processes,
         zombies,
         pipes: registry.into_pipes(),
+        shared_memory,
         timings: Timings {
             freeze_us,
             dump_us: pause_us,
@@ -251,6 +255,7 @@ fn dump_frozen(
     frozen: &mut Frozen,
     stdio: &files::StdioIds,
     registry: &mut files::Registry,
+    shm: &mut crate::shm::Collector,
     writer: &mut CheckpointWriter,
     snapshot_ok: bool,
 ) -> Result<Part> {
@@ -269,6 +274,7 @@ fn dump_frozen(
     }
     let plan = memory::plan(proc, &layout)?;
     memory::save_shared_files(pid, &mut layout, writer)?;
+    shm.save_mappings(proc, &layout, &inj, &scratch, writer)?;
     // With a snapshot, what a fork would not see is copied now into a buffer, the rest
     // later from the snapshot. (The page file is only created once the process runs
     // again: reserving its space takes time.)
@@ -289,7 +295,7 @@ fn dump_frozen(
         None
     };
     scratch.unmap(&inj)?;
-    let fds = registry.dump_fds(proc, stdio, writer)?;
+    let fds = registry.dump_fds(proc, stdio, shm, writer)?;
     Ok(Part {
         process: Process {
             pid,

@@ -110,6 +110,7 @@ impl Registry {
         &mut self,
         proc: &ProcDir,
         stdio: &StdioIds,
+        shm: &mut crate::shm::Collector,
         writer: &mut CheckpointWriter,
     ) -> Result<Vec<Fd>> {
         let pid = proc.pid;
@@ -140,6 +141,13 @@ impl Registry {
                     pipe: md.ino(),
                     write: flags & libc::O_ACCMODE == libc::O_WRONLY,
                     flags,
+                }
+            } else if target.starts_with("/memfd:") {
+                shm.save_fd(pid, fd, &link, &target, &md, writer)?;
+                FdKind::SharedMemory {
+                    id: md.ino(),
+                    flags,
+                    pos: info.pos,
                 }
             } else if let Some(kind) = classify_special(&target) {
                 return Err(Error::Unsupported {
@@ -312,6 +320,7 @@ pub fn open_descriptions(
     meta: &Checkpoint,
     image: &CheckpointReader,
     stdio: &[Option<i32>; 3],
+    shm: &HashMap<u64, OwnedFd>,
 ) -> std::result::Result<HashMap<u64, OwnedFd>, String> {
     let mut descs: HashMap<u64, OwnedFd> = HashMap::new();
     let mut pipes: HashMap<u64, (Option<OwnedFd>, Option<OwnedFd>)> = HashMap::new();
@@ -338,6 +347,15 @@ pub fn open_descriptions(
                     fd
                 }
                 FdKind::Device { path, flags } => open(f.fd, path, *flags)?,
+                FdKind::SharedMemory { id, flags, pos } => {
+                    let obj = shm.get(id).ok_or_else(|| {
+                        format!("fd {}: shared memory {id} missing from the image", f.fd)
+                    })?;
+                    // A description of its own (flags, offset) on the same object.
+                    let fd = open(f.fd, &format!("/proc/self/fd/{}", obj.as_raw_fd()), *flags)?;
+                    seek(f.fd, fd, *pos, "memfd")?;
+                    fd
+                }
                 FdKind::Deleted {
                     path,
                     flags,

@@ -72,52 +72,59 @@ pub fn read_layout(proc: &ProcDir) -> Result<Vec<Vma>> {
             MMapPath::Heap => (MappingKind::Anonymous, "[heap]".to_string()),
             MMapPath::Stack => (MappingKind::Anonymous, "[stack]".to_string()),
             MMapPath::Anonymous if !shared => (MappingKind::Anonymous, String::new()),
-            MMapPath::Anonymous => {
-                return Err(unsupported(
-                    pid,
-                    format!("shared anonymous memory mapping {range}"),
-                ))
-            }
+            MMapPath::Anonymous => (
+                MappingKind::SharedMemory {
+                    id: m.inode,
+                    offset: m.offset,
+                },
+                String::new(),
+            ),
             MMapPath::Path(p) => {
                 let path = p.to_string_lossy().into_owned();
                 if path.ends_with(" (deleted)") {
-                    let what = if path.starts_with("/memfd:") {
-                        "memfd"
-                    } else if path.starts_with("/dev/zero") || path.starts_with("/SYSV") {
-                        "shared anonymous memory"
-                    } else {
-                        "a deleted file"
-                    };
-                    return Err(unsupported(
-                        pid,
-                        format!("mapping {range} of {what} ({path})"),
-                    ));
+                    if path.starts_with("/SYSV") {
+                        return Err(unsupported(
+                            pid,
+                            format!("System V shared memory mapping {range} ({path})"),
+                        ));
+                    }
+                    let shmem = path.starts_with("/memfd:")
+                        || path.starts_with("/dev/zero")
+                        || path.starts_with("/dev/shm/");
+                    if !shared || !shmem {
+                        return Err(unsupported(
+                            pid,
+                            format!("mapping {range} of a deleted file ({path})"),
+                        ));
+                    }
+                    (
+                        MappingKind::SharedMemory {
+                            id: m.inode,
+                            offset: m.offset,
+                        },
+                        path,
+                    )
+                } else {
+                    let md = std::fs::metadata(&path)
+                        .ctx(pid, || format!("stat of mapped file {path}"))?;
+                    if !md.is_file() {
+                        return Err(unsupported(
+                            pid,
+                            format!("mapping {range} of device {path}"),
+                        ));
+                    }
+                    let id = file_id(&path, &md);
+                    if id.ino != m.inode {
+                        return Err(unsupported(pid, format!("mapping {range} of {path}, which was replaced on disk after it was mapped")));
+                    }
+                    (
+                        MappingKind::File {
+                            file: id,
+                            offset: m.offset,
+                        },
+                        path,
+                    )
                 }
-                if path.starts_with("/dev/shm/") && shared {
-                    return Err(unsupported(
-                        pid,
-                        format!("POSIX shared memory mapping {range} ({path})"),
-                    ));
-                }
-                let md =
-                    std::fs::metadata(&path).ctx(pid, || format!("stat of mapped file {path}"))?;
-                if !md.is_file() {
-                    return Err(unsupported(
-                        pid,
-                        format!("mapping {range} of device {path}"),
-                    ));
-                }
-                let id = file_id(&path, &md);
-                if id.ino != m.inode {
-                    return Err(unsupported(pid, format!("mapping {range} of {path}, which was replaced on disk after it was mapped")));
-                }
-                (
-                    MappingKind::File {
-                        file: id,
-                        offset: m.offset,
-                    },
-                    path,
-                )
             }
             MMapPath::Vsys(key) => {
                 return Err(unsupported(
@@ -634,7 +641,13 @@ fn is_zero(page: &[u8]) -> bool {
     pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
 }
 
-/// Descriptors the restored process holds for the files its mappings come from, by path.
+/// Key of a shared memory object in [`MapFds::files`].
+pub fn shm_key(id: u64) -> String {
+    format!("shm:{id}")
+}
+
+/// Descriptors the restored process holds for the files its mappings come from, by path
+/// (shared memory objects by [`shm_key`]).
 pub struct MapFds {
     pub files: HashMap<String, i32>,
 }
@@ -653,7 +666,14 @@ pub fn restore_mappings(
 ) -> Result<()> {
     let restored: Vec<&Mapping> = mappings
         .iter()
-        .filter(|m| matches!(m.kind, MappingKind::Anonymous | MappingKind::File { .. }))
+        .filter(|m| {
+            matches!(
+                m.kind,
+                MappingKind::Anonymous
+                    | MappingKind::File { .. }
+                    | MappingKind::SharedMemory { .. }
+            )
+        })
         .collect();
     for m in &restored {
         let (fd, offset) = match &m.kind {
@@ -661,6 +681,13 @@ pub fn restore_mappings(
                 let fd = *fds.files.get(&file.path).ok_or_else(|| Error::Restore {
                     pid,
                     msg: format!("no descriptor for mapped file {}", file.path),
+                })?;
+                (i64::from(fd), *offset)
+            }
+            MappingKind::SharedMemory { id, offset } => {
+                let fd = *fds.files.get(&shm_key(*id)).ok_or_else(|| Error::Restore {
+                    pid,
+                    msg: format!("no descriptor for shared memory {id}"),
                 })?;
                 (i64::from(fd), *offset)
             }

@@ -130,8 +130,10 @@ pub fn restore(image: &CheckpointReader, stdio: [Option<i32>; 3]) -> Result<i32>
     let root_pid = meta.root_pid;
     let restore_err = |msg: String| Error::Restore { pid: root_pid, msg };
 
-    // Every open file description, once; passed to the processes over their sockets.
-    let descs = files::open_descriptions(meta, image, &stdio).map_err(restore_err)?;
+    // Shared memory objects and every open file description, once; the descriptions
+    // are passed to the processes over their sockets, the objects inherited.
+    let shm_objs = crate::shm::create_objects(image).map_err(restore_err)?;
+    let descs = files::open_descriptions(meta, image, &stdio, &shm_objs).map_err(restore_err)?;
     let mut socks = Vec::with_capacity(procs.len());
     for p in procs {
         let mut sv = [0i32; 2];
@@ -180,6 +182,10 @@ pub fn restore(image: &CheckpointReader, stdio: [Option<i32>; 3]) -> Result<i32>
         socks: socks.iter().map(|s| s.1.as_raw_fd()).collect(),
         hi: max_fd + 1,
         gadgets: gadgets.clone(),
+        shm: shm_objs
+            .iter()
+            .map(|(id, fd)| (*id, fd.as_raw_fd()))
+            .collect(),
     };
 
     // Roots (processes whose parent is not in the image) are our children; each
@@ -471,6 +477,8 @@ struct Tree<'a> {
     socks: Vec<i32>,
     hi: i32,
     gadgets: Vec<u64>,
+    /// The restorer's descriptor of each shared memory object, inherited.
+    shm: HashMap<u64, i32>,
 }
 
 impl Tree<'_> {
@@ -516,9 +524,16 @@ impl Tree<'_> {
                 unsafe { libc::close(s) };
             }
         }
-        let msg = match result
-            .and_then(|()| prepare(self.image, p, self.hi, self.gadgets[idx], &mut sock))
-        {
+        let msg = match result.and_then(|()| {
+            prepare(
+                self.image,
+                p,
+                self.hi,
+                self.gadgets[idx],
+                &self.shm,
+                &mut sock,
+            )
+        }) {
             Ok(prep) => format!("OK {}", serde_json::to_string(&prep).unwrap_or_default()),
             Err(e) => format!("ERR {e}"),
         };
@@ -561,9 +576,33 @@ fn prepare(
     p: &Process,
     hi: i32,
     gadget: u64,
+    shm: &HashMap<u64, i32>,
     sock: &mut i32,
 ) -> std::result::Result<Prepared, String> {
     let _ = image;
+    // The shared memory objects this process maps, moved above `hi` before the
+    // low descriptors go.
+    let mut map_files = HashMap::new();
+    for m in &p.mappings {
+        if let MappingKind::SharedMemory { id, .. } = m.kind {
+            let key = memory::shm_key(id);
+            if map_files.contains_key(&key) {
+                continue;
+            }
+            let fd = *shm
+                .get(&id)
+                .ok_or_else(|| format!("shared memory {id} missing"))?;
+            // SAFETY: F_DUPFD on an inherited descriptor of ours.
+            let high = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, hi) };
+            if high < 0 {
+                return Err(format!(
+                    "shared memory {id}: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            map_files.insert(key, high);
+        }
+    }
     // Our socket moves above every fd the process will have; then everything else
     // goes and the process's own fds arrive over the socket.
     // SAFETY: F_DUPFD/close on our own descriptors.
@@ -581,7 +620,6 @@ fn prepare(
     unsafe { libc::syscall(libc::SYS_close_range, 0u32, (hi - 1) as u32, 0u32) };
     files::receive_fds(*sock, hi)?;
     let exe_fd = files::open_high(&p.exe.path, libc::O_RDONLY, hi)?;
-    let mut map_files = HashMap::new();
     for m in &p.mappings {
         if let MappingKind::File { file, .. } = &m.kind {
             let rw = m.shared && m.prot & libc::PROT_WRITE as u32 != 0;

@@ -30,6 +30,9 @@ pub struct Checkpoint {
     /// Pipes held by the processes, with the bytes in flight.
     #[serde(default)]
     pub pipes: Vec<Pipe>,
+    /// Shared memory objects mapped by the processes, saved once each.
+    #[serde(default)]
+    pub shared_memory: Vec<SharedObject>,
     /// Where the time went while checkpointing.
     pub timings: Timings,
 }
@@ -43,6 +46,19 @@ pub struct Zombie {
     pub sid: i32,
     /// Wait status as waitpid(2) would report it (exit code << 8, or the signal).
     pub status: i32,
+}
+
+/// A shared memory object (shmem inode), with its content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedObject {
+    /// Identifier the mappings refer to (the inode number at checkpoint time).
+    pub id: u64,
+    /// memfd name, or empty.
+    pub name: String,
+    /// Size in bytes (the largest extent mapped).
+    pub size: u64,
+    /// Data file with the content (pages no process had populated are holes).
+    pub data_file: String,
 }
 
 /// A pipe (pipe(2)).
@@ -179,6 +195,10 @@ pub enum MappingKind {
         /// Offset in the file, bytes.
         offset: u64,
     },
+    /// Shared memory with no file name left: MAP_SHARED|MAP_ANONYMOUS, memfd, or an
+    /// unlinked /dev/shm object. `id` is an object of `Checkpoint::shared_memory`,
+    /// mapped from `offset`.
+    SharedMemory { id: u64, offset: u64 },
     /// `[vdso]`: placed by the kernel, moved into place at restore.
     Vdso,
     /// `[vvar]`.
@@ -285,6 +305,8 @@ pub enum FdKind {
     },
     /// A character device reopened by path (/dev/null, /dev/zero, /dev/urandom...).
     Device { path: String, flags: i32 },
+    /// A memfd (an object of `Checkpoint::shared_memory`).
+    SharedMemory { id: u64, flags: i32, pos: u64 },
     /// One end of a pipe of `Checkpoint::pipes`.
     Pipe {
         pipe: u64,

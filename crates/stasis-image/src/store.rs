@@ -265,6 +265,18 @@ impl PositionedFile {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Its size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Extends it to `size` bytes (the new part reads as zeros).
+    pub fn grow(&mut self, size: u64) -> ImageResult<()> {
+        self.file.set_len(size).map_err(io_err(&self.path))?;
+        self.size = size;
+        Ok(())
+    }
 }
 
 /// Number of threads to use for bulk work (checksums, copies).
@@ -382,6 +394,19 @@ impl CheckpointWriter {
             chunks,
         });
         Ok(())
+    }
+
+    /// Completes a positioned file whose content was written piecemeal: checksummed
+    /// by reading it back, synced and listed.
+    pub fn finish_positioned_by_reading(&mut self, f: PositionedFile) -> ImageResult<()> {
+        let chunks = if f.size == 0 {
+            Vec::new()
+        } else {
+            // SAFETY: read-only mapping of a file private to this checkpoint.
+            let map = unsafe { memmap2::Mmap::map(&f.file) }.map_err(io_err(&f.path))?;
+            chunk_hashes(&map[..])
+        };
+        self.finish_positioned(f, chunks)
     }
 
     /// Completes a data file: synced and listed in the manifest.
@@ -606,6 +631,7 @@ mod tests {
             processes: vec![],
             zombies: vec![],
             pipes: vec![],
+            shared_memory: vec![],
             timings: Timings::default(),
         }
     }

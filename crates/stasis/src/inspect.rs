@@ -37,6 +37,14 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
         t.sync_us as f64 / 1e3,
         t.pages_bytes as f64 / (1 << 20) as f64
     );
+    for o in &meta.shared_memory {
+        println!(
+            "shared mem   {} {:?}: {} (saved once for all processes)",
+            o.id,
+            o.name,
+            human(o.size)
+        );
+    }
     for z in &meta.zombies {
         println!(
             "zombie       {} (child of {}), wait status {:#x}",
@@ -105,6 +113,9 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
                     path, pos, size, ..
                 } => format!("{path} (deleted; {size} bytes saved) offset {pos}"),
                 FdKind::Device { path, .. } => path.clone(),
+                FdKind::SharedMemory { id, pos, .. } => {
+                    format!("memfd (shared memory {id}) offset {pos}")
+                }
                 FdKind::Pipe { pipe, write, .. } => {
                     let held = meta
                         .pipes

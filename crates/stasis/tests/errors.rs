@@ -76,9 +76,22 @@ fn socket_is_refused_and_app_survives() {
     unsupported("socket", Some("socket"));
 }
 
+/// Shared anonymous memory is supported since process trees: the 1 MiB
+/// MAP_SHARED|MAP_ANONYMOUS mapping of unsupported.c survives two kill/restart
+/// cycles with its content intact (the program checks every byte on `release`).
 #[test]
-fn shared_anonymous_mapping_is_refused_and_app_survives() {
-    unsupported("shmem", None);
+fn shared_anonymous_mapping_survives() {
+    let w = Work::new("shmem_ok");
+    let mut s = Session::start(&w, &[prog("unsupported").as_os_str(), OsStr::new("shmem")]);
+    s.cur().wait_tick(3, T_READY);
+    s.cycle(Probe::Ticks);
+    s.cycle(Probe::Ticks);
+    std::fs::write(w.path("release"), b"").unwrap();
+    s.cur()
+        .wait_line("`released`", T_READY, |l| l == "released");
+    let ok = s.finish();
+    let t = assert_ticks_consecutive(&s.outputs(), Some(0));
+    assert_eq!(ok, format!("OK ticks={} released=1", t.last().unwrap() + 1));
 }
 
 fn flock(path: &std::path::Path) -> i32 {
