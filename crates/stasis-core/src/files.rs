@@ -149,6 +149,11 @@ impl Registry {
                     flags,
                     pos: info.pos,
                 }
+            } else if let Some(k) = target
+                .strip_prefix("anon_inode:")
+                .and_then(|a| crate::eventfds::dump(a.trim_matches(['[', ']']), flags, &info.text))
+            {
+                k
             } else if let Some(kind) = classify_special(&target) {
                 return Err(Error::Unsupported {
                     pid,
@@ -347,6 +352,12 @@ pub fn open_descriptions(
                     fd
                 }
                 FdKind::Device { path, flags } => open(f.fd, path, *flags)?,
+                k @ (FdKind::EventFd { .. }
+                | FdKind::TimerFd { .. }
+                | FdKind::SignalFd { .. }
+                | FdKind::Epoll { .. }) => {
+                    crate::eventfds::create(k).map_err(|e| format!("fd {}: {e}", f.fd))?
+                }
                 FdKind::SharedMemory { id, flags, pos } => {
                     let obj = shm.get(id).ok_or_else(|| {
                         format!("fd {}: shared memory {id} missing from the image", f.fd)

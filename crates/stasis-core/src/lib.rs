@@ -7,13 +7,14 @@
 //! rebuilds its address space and registers through injected syscalls.
 //!
 //! One module per kind of kernel object, each with its dump side and its restore side:
-//! [`memory`], [`shm`], [`files`], [`signals`], [`thread`], [`task`] (everything else that belongs
+//! [`memory`], [`shm`], [`files`], [`eventfds`], [`signals`], [`thread`], [`task`] (everything else that belongs
 //! to a process: cwd, umask, rlimits, personality, timers, the mm fields). The
 //! orchestration is in [`dump`] and [`restore`]; [`inject`] runs syscalls inside a
 //! stopped tracee; [`proc`] reads `/proc`.
 
 pub mod dump;
 pub mod error;
+pub mod eventfds;
 pub mod files;
 pub mod freeze;
 pub mod inject;

@@ -85,12 +85,17 @@ impl ProcDir {
 pub struct FdInfo {
     pub pos: u64,
     pub flags: i32,
+    /// The whole text, for kind-specific lines.
+    pub text: String,
 }
 
 /// Reads `/proc/PID/fdinfo/FD`.
 pub fn fdinfo(proc: &ProcDir, fd: i32) -> Result<FdInfo> {
     let text = proc.read_string(&format!("fdinfo/{fd}"))?;
-    let mut info = FdInfo::default();
+    let mut info = FdInfo {
+        text: text.clone(),
+        ..FdInfo::default()
+    };
     for line in text.lines() {
         if let Some(v) = line.strip_prefix("pos:") {
             info.pos = v.trim().parse().unwrap_or(0);

@@ -619,6 +619,7 @@ fn prepare(
     // SAFETY: closes every descriptor below `hi`; ours are all at or above it.
     unsafe { libc::syscall(libc::SYS_close_range, 0u32, (hi - 1) as u32, 0u32) };
     files::receive_fds(*sock, hi)?;
+    crate::eventfds::register_epoll(&p.fds)?;
     let exe_fd = files::open_high(&p.exe.path, libc::O_RDONLY, hi)?;
     for m in &p.mappings {
         if let MappingKind::File { file, .. } = &m.kind {

@@ -307,6 +307,25 @@ pub enum FdKind {
     Device { path: String, flags: i32 },
     /// A memfd (an object of `Checkpoint::shared_memory`).
     SharedMemory { id: u64, flags: i32, pos: u64 },
+    /// eventfd(2): counter value and EFD_SEMAPHORE.
+    EventFd {
+        count: u64,
+        semaphore: bool,
+        flags: i32,
+    },
+    /// timerfd_create(2): remaining time and interval (nanoseconds), expirations not
+    /// yet read.
+    TimerFd {
+        clockid: i32,
+        flags: i32,
+        value_ns: u64,
+        interval_ns: u64,
+        ticks: u64,
+    },
+    /// signalfd(2): the signal mask it reads.
+    SignalFd { mask: u64, flags: i32 },
+    /// epoll_create(2) with its registered fds (numbers in the owning process).
+    Epoll { flags: i32, items: Vec<EpollItem> },
     /// One end of a pipe of `Checkpoint::pipes`.
     Pipe {
         pipe: u64,
@@ -314,6 +333,14 @@ pub enum FdKind {
         write: bool,
         flags: i32,
     },
+}
+
+/// One fd registered in an epoll instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpollItem {
+    pub fd: i32,
+    pub events: u32,
+    pub data: u64,
 }
 
 /// Disposition of one signal (`struct sigaction` as the kernel keeps it).

@@ -113,6 +113,27 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
                     path, pos, size, ..
                 } => format!("{path} (deleted; {size} bytes saved) offset {pos}"),
                 FdKind::Device { path, .. } => path.clone(),
+                FdKind::EventFd { count, .. } => format!("eventfd (count {count})"),
+                FdKind::TimerFd {
+                    value_ns,
+                    interval_ns,
+                    ..
+                } => {
+                    format!(
+                        "timerfd ({:.3} s left, interval {:.3} s)",
+                        *value_ns as f64 / 1e9,
+                        *interval_ns as f64 / 1e9
+                    )
+                }
+                FdKind::SignalFd { mask, .. } => format!("signalfd (mask {mask:#x})"),
+                FdKind::Epoll { items, .. } => format!(
+                    "epoll watching fds {}",
+                    items
+                        .iter()
+                        .map(|i| i.fd.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
                 FdKind::SharedMemory { id, pos, .. } => {
                     format!("memfd (shared memory {id}) offset {pos}")
                 }

@@ -54,6 +54,18 @@ const ERESTARTNOINTR: i64 = 513;
 const ERESTARTNOHAND: i64 = 514;
 const ERESTART_RESTARTBLOCK: i64 = 516;
 
+/// Syscalls that fail with EINTR after a stop (signal(7)), rather than restarting.
+const STOP_EINTR_SYSCALLS: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_pwait2,
+    libc::SYS_semop,
+    libc::SYS_semtimedop,
+    libc::SYS_rt_sigtimedwait,
+    libc::SYS_io_getevents,
+    333, // io_pgetevents
+];
+
 impl Regs {
     /// The syscall the thread was inside of when it stopped, if any.
     pub fn syscall_nr(&self) -> Option<i64> {
@@ -69,11 +81,18 @@ impl Regs {
     /// True when the thread stopped in the middle of a syscall that the kernel would
     /// restart (rax holds one of the internal -ERESTART* codes).
     pub fn interrupted_restartable(&self) -> bool {
-        self.syscall_nr().is_some()
-            && matches!(
-                -self.ret(),
-                ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND | ERESTART_RESTARTBLOCK
-            )
+        let Some(nr) = self.syscall_nr() else {
+            return false;
+        };
+        match -self.ret() {
+            ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND | ERESTART_RESTARTBLOCK => true,
+            // These return EINTR when the thread is merely stopped (signal(7): "even
+            // in the absence of signal handlers ... after the process is stopped"),
+            // which our ptrace stop is: caught before user space sees it, they are
+            // executed again instead.
+            e if e == i64::from(libc::EINTR) => STOP_EINTR_SYSCALLS.contains(&nr),
+            _ => false,
+        }
     }
 
     /// Registers to resume a *live* thread with after syscalls were injected into it.

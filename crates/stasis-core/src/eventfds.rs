@@ -1,0 +1,168 @@
+//! Event descriptors: eventfd, timerfd, signalfd and epoll.
+//!
+//! Dump: their state is in `/proc/PID/fdinfo/FD` (eventfd counter, timer remaining
+//! time and interval and pending expirations, signalfd mask, epoll registrations).
+//! Restore: the restorer creates each description with that state (a timer restarts
+//! its remaining time when the process is restored; pending expirations are set back
+//! with TFD_IOC_SET_TICKS); epoll registrations are added by the process itself once
+//! its fds are in place, so that they are keyed by the right fd numbers.
+
+use stasis_image::{EpollItem, Fd, FdKind};
+
+const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
+
+fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(str::trim)
+}
+
+fn timespec_ns(v: &str) -> u64 {
+    // "(sec, nsec)"
+    let v = v.trim_matches(|c| c == '(' || c == ')');
+    let mut it = v.split(',').map(|x| x.trim().parse::<u64>().unwrap_or(0));
+    let (s, n) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    s * 1_000_000_000 + n
+}
+
+/// Classifies an `anon_inode:[...]` fd of one of our kinds from its fdinfo text.
+pub fn dump(kind: &str, flags: i32, info: &str) -> Option<FdKind> {
+    match kind {
+        "eventfd" => Some(FdKind::EventFd {
+            count: u64::from_str_radix(field(info, "eventfd-count:")?, 16).ok()?,
+            semaphore: field(info, "eventfd-semaphore:").is_some_and(|v| v == "1"),
+            flags,
+        }),
+        "timerfd" => Some(FdKind::TimerFd {
+            clockid: field(info, "clockid:")?.parse().ok()?,
+            flags,
+            value_ns: timespec_ns(field(info, "it_value:")?),
+            interval_ns: timespec_ns(field(info, "it_interval:")?),
+            ticks: field(info, "ticks:")?.parse().ok()?,
+        }),
+        "signalfd" => Some(FdKind::SignalFd {
+            mask: u64::from_str_radix(field(info, "sigmask:")?, 16).ok()?,
+            flags,
+        }),
+        "eventpoll" => {
+            let items = info
+                .lines()
+                .filter_map(|l| {
+                    let l = l.strip_prefix("tfd:")?;
+                    let mut w = l.split_whitespace();
+                    let fd = w.next()?.parse().ok()?;
+                    w.next(); // "events:"
+                    let events = u32::from_str_radix(w.next()?, 16).ok()?;
+                    w.next(); // "data:"
+                    let data = u64::from_str_radix(w.next()?, 16).ok()?;
+                    Some(EpollItem { fd, events, data })
+                })
+                .collect();
+            Some(FdKind::Epoll { flags, items })
+        }
+        _ => None,
+    }
+}
+
+/// Creates the description of an event fd in the restorer. Returns the new fd.
+pub fn create(kind: &FdKind) -> std::result::Result<i32, String> {
+    let nonblock = |flags: i32| flags & libc::O_NONBLOCK != 0;
+    // SAFETY: plain syscalls creating new descriptors from plain values.
+    unsafe {
+        let fd = match kind {
+            FdKind::EventFd {
+                count,
+                semaphore,
+                flags,
+            } => {
+                let mut f = libc::EFD_CLOEXEC;
+                if *semaphore {
+                    f |= libc::EFD_SEMAPHORE;
+                }
+                if nonblock(*flags) {
+                    f |= libc::EFD_NONBLOCK;
+                }
+                let fd = libc::eventfd(0, f);
+                if fd >= 0 && *count > 0 {
+                    let b = count.to_ne_bytes();
+                    libc::write(fd, b.as_ptr().cast(), 8);
+                }
+                fd
+            }
+            FdKind::TimerFd {
+                clockid,
+                flags,
+                value_ns,
+                interval_ns,
+                ticks,
+            } => {
+                let mut f = libc::TFD_CLOEXEC;
+                if nonblock(*flags) {
+                    f |= libc::TFD_NONBLOCK;
+                }
+                let fd = libc::timerfd_create(*clockid, f);
+                if fd >= 0 {
+                    let ts = |ns: u64| libc::timespec {
+                        tv_sec: (ns / 1_000_000_000) as _,
+                        tv_nsec: (ns % 1_000_000_000) as _,
+                    };
+                    let spec = libc::itimerspec {
+                        it_interval: ts(*interval_ns),
+                        it_value: ts(*value_ns),
+                    };
+                    libc::timerfd_settime(fd, 0, &spec, std::ptr::null_mut());
+                    if *ticks > 0 {
+                        libc::ioctl(fd, TFD_IOC_SET_TICKS, ticks as *const u64);
+                    }
+                }
+                fd
+            }
+            FdKind::SignalFd { mask, flags } => {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                for sig in 1..=64 {
+                    if mask & (1u64 << (sig - 1)) != 0 {
+                        libc::sigaddset(&mut set, sig);
+                    }
+                }
+                let mut f = libc::SFD_CLOEXEC;
+                if nonblock(*flags) {
+                    f |= libc::SFD_NONBLOCK;
+                }
+                libc::signalfd(-1, &set, f)
+            }
+            FdKind::Epoll { .. } => libc::epoll_create1(libc::EPOLL_CLOEXEC),
+            _ => return Err("not an event fd".into()),
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        Ok(fd)
+    }
+}
+
+/// In the new process, once its fds are in place: re-registers the fds of its epoll
+/// instances (an instance shared with another process is registered once; EEXIST
+/// is expected then).
+pub fn register_epoll(fds: &[Fd]) -> std::result::Result<(), String> {
+    for f in fds {
+        let FdKind::Epoll { items, .. } = &f.kind else {
+            continue;
+        };
+        for it in items {
+            let mut ev = libc::epoll_event {
+                events: it.events,
+                u64: it.data,
+            };
+            // SAFETY: epoll_ctl on our own descriptors with a valid event.
+            let r = unsafe { libc::epoll_ctl(f.fd, libc::EPOLL_CTL_ADD, it.fd, &mut ev) };
+            if r != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EEXIST) {
+                    return Err(format!("epoll fd {}: registering fd {}: {e}", f.fd, it.fd));
+                }
+            }
+        }
+    }
+    Ok(())
+}
