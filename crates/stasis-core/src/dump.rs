@@ -132,6 +132,7 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
 
     let t2 = Instant::now();
     let shared_memory = shm.finish(&mut writer)?;
+    let (pipes, sockets) = registry.finish()?;
     let mut meta = Checkpoint {
         sequence: writer.sequence(),
         arch: arch::ARCH_NAME.to_string(),
@@ -141,7 +142,8 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
         root_pid: pid,
         processes,
         zombies,
-        pipes: registry.into_pipes(),
+        pipes,
+        sockets,
         shared_memory,
         timings: Timings {
             freeze_us,

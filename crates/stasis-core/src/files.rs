@@ -72,6 +72,8 @@ fn same_description(pa: i32, a: i32, pb: i32, b: i32) -> bool {
 /// saving pipe contents.
 #[derive(Default)]
 pub struct Registry {
+    /// UNIX sockets found so far.
+    pub sockets: crate::sockets::Collector,
     next: u64,
     /// (dev, ino, pid, fd, desc) of every fd seen so far.
     seen: Vec<(u64, u64, i32, i32, u64)>,
@@ -84,9 +86,10 @@ impl Registry {
         Registry::default()
     }
 
-    /// The pipes found, with their saved contents.
-    pub fn into_pipes(self) -> Vec<Pipe> {
-        self.pipes
+    /// The pipes found (with their saved contents) and the sockets, checked to stay
+    /// inside the checkpoint.
+    pub fn finish(self) -> Result<(Vec<Pipe>, Vec<stasis_image::UnixSocket>)> {
+        Ok((self.pipes, self.sockets.finish()?))
     }
 
     fn describe(&mut self, pid: i32, fd: i32, md: &std::fs::Metadata) -> u64 {
@@ -135,6 +138,11 @@ impl Registry {
                 stdio.iter().find(|s| s.1 == md.dev() && s.2 == md.ino())
             {
                 FdKind::Stdio { index }
+            } else if target.starts_with("socket:") {
+                FdKind::UnixSocket {
+                    sock: self.sockets.dump_fd(pid, fd, md.ino(), writer)?,
+                    flags,
+                }
             } else if target.starts_with("pipe:") {
                 self.save_pipe(pid, fd, &link, md.ino(), writer)?;
                 FdKind::Pipe {
@@ -326,6 +334,7 @@ pub fn open_descriptions(
     image: &CheckpointReader,
     stdio: &[Option<i32>; 3],
     shm: &HashMap<u64, OwnedFd>,
+    sockets: &mut HashMap<u64, OwnedFd>,
 ) -> std::result::Result<HashMap<u64, OwnedFd>, String> {
     let mut descs: HashMap<u64, OwnedFd> = HashMap::new();
     let mut pipes: HashMap<u64, (Option<OwnedFd>, Option<OwnedFd>)> = HashMap::new();
@@ -352,6 +361,17 @@ pub fn open_descriptions(
                     fd
                 }
                 FdKind::Device { path, flags } => open(f.fd, path, *flags)?,
+                FdKind::UnixSocket { sock, flags } => {
+                    let fd = sockets
+                        .remove(sock)
+                        .ok_or_else(|| {
+                            format!("fd {}: socket {sock} missing from the image", f.fd)
+                        })?
+                        .into_raw_fd();
+                    // SAFETY: fcntl on the socket we just took.
+                    unsafe { libc::fcntl(fd, libc::F_SETFL, *flags & libc::O_NONBLOCK) };
+                    fd
+                }
                 k @ (FdKind::EventFd { .. }
                 | FdKind::TimerFd { .. }
                 | FdKind::SignalFd { .. }

@@ -30,6 +30,9 @@ pub struct Checkpoint {
     /// Pipes held by the processes, with the bytes in flight.
     #[serde(default)]
     pub pipes: Vec<Pipe>,
+    /// UNIX domain sockets held by the processes.
+    #[serde(default)]
+    pub sockets: Vec<UnixSocket>,
     /// Shared memory objects mapped by the processes, saved once each.
     #[serde(default)]
     pub shared_memory: Vec<SharedObject>,
@@ -59,6 +62,38 @@ pub struct SharedObject {
     pub size: u64,
     /// Data file with the content (pages no process had populated are holes).
     pub data_file: String,
+}
+
+/// A UNIX domain socket (unix(7)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnixSocket {
+    /// Identifier the fds refer to (the socket's inode number at checkpoint time).
+    pub id: u64,
+    /// SOCK_STREAM (1), SOCK_DGRAM (2) or SOCK_SEQPACKET (5).
+    pub sock_type: i32,
+    /// `listening`, `connected` or `unconnected`.
+    pub state: String,
+    /// Bound address: a path, "@name" (abstract), or empty.
+    pub name: String,
+    /// The socket it is connected to (id), 0 if none.
+    pub peer: u64,
+    /// For the client end of a connection not yet accepted: the listener's id.
+    #[serde(default)]
+    pub pending_on: u64,
+    /// For listeners: listen(2) backlog.
+    #[serde(default)]
+    pub backlog: u32,
+    /// shutdown(2) bits: 1 = SHUT_RD, 2 = SHUT_WR.
+    #[serde(default)]
+    pub shutdown: u8,
+    /// SO_PASSCRED.
+    #[serde(default)]
+    pub passcred: bool,
+    /// Data file with the bytes waiting to be read, if any.
+    pub data_file: Option<String>,
+    /// Length of each queued message (one entry for a byte stream).
+    #[serde(default)]
+    pub messages: Vec<u64>,
 }
 
 /// A pipe (pipe(2)).
@@ -326,6 +361,8 @@ pub enum FdKind {
     SignalFd { mask: u64, flags: i32 },
     /// epoll_create(2) with its registered fds (numbers in the owning process).
     Epoll { flags: i32, items: Vec<EpollItem> },
+    /// A UNIX domain socket of `Checkpoint::sockets`.
+    UnixSocket { sock: u64, flags: i32 },
     /// One end of a pipe of `Checkpoint::pipes`.
     Pipe {
         pipe: u64,

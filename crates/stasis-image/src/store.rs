@@ -632,6 +632,7 @@ mod tests {
             zombies: vec![],
             pipes: vec![],
             shared_memory: vec![],
+            sockets: vec![],
             timings: Timings::default(),
         }
     }

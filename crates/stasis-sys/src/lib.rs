@@ -10,6 +10,7 @@
 pub mod arch;
 pub mod clone;
 pub mod ptrace;
+pub mod unix_diag;
 pub mod vm;
 
 use std::fmt;

@@ -113,6 +113,26 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
                     path, pos, size, ..
                 } => format!("{path} (deleted; {size} bytes saved) offset {pos}"),
                 FdKind::Device { path, .. } => path.clone(),
+                FdKind::UnixSocket { sock, .. } => {
+                    match meta.sockets.iter().find(|x| x.id == *sock) {
+                        Some(x) => format!(
+                            "UNIX socket {sock} ({}, {}{}; {} bytes queued)",
+                            match x.sock_type {
+                                1 => "stream",
+                                2 => "datagram",
+                                _ => "seqpacket",
+                            },
+                            x.state,
+                            if x.name.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" at {}", x.name)
+                            },
+                            x.messages.iter().sum::<u64>()
+                        ),
+                        None => format!("UNIX socket {sock}"),
+                    }
+                }
                 FdKind::EventFd { count, .. } => format!("eventfd (count {count})"),
                 FdKind::TimerFd {
                     value_ns,

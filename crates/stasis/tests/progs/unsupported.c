@@ -1,6 +1,7 @@
 /* unsupported: holds a resource stasis cannot checkpoint and ticks.
  *   unsupported pipe    pipe() (not stdio)             -> prints fds R,W
- *   unsupported socket  socketpair(AF_UNIX, SOCK_STREAM) -> prints fds A,B
+ *   unsupported socket  socketpair(AF_UNIX, SOCK_STREAM) -> prints fds A,B (supported now)
+ *   unsupported inet    a UDP socket on 127.0.0.1 connected to itself -> prints fds S,S
  *   unsupported shmem   MAP_SHARED|MAP_ANONYMOUS 1 MiB mapping
  * Prints `ready kind=K fds=A,B`, then `tick N` every ~20 ms. When a file named
  * `release` appears it drops the resource (close / munmap) after checking it
@@ -8,6 +9,8 @@
 #include "util.h"
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
 
 int main(int argc, char **argv) {
     setup();
@@ -18,6 +21,17 @@ int main(int argc, char **argv) {
         if (pipe(fds)) die("pipe");
     } else if (strcmp(kind, "socket") == 0) {
         if (socketpair(AF_UNIX, SOCK_STREAM, 0, fds)) die("socketpair");
+    } else if (strcmp(kind, "inet") == 0) {
+        int s = socket(AF_INET, SOCK_DGRAM, 0);
+        if (s < 0) die("socket");
+        struct sockaddr_in a = {0};
+        a.sin_family = AF_INET;
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        socklen_t l = sizeof a;
+        if (bind(s, (struct sockaddr *)&a, sizeof a) || getsockname(s, (struct sockaddr *)&a, &l) ||
+            connect(s, (struct sockaddr *)&a, sizeof a))
+            die("udp loopback");
+        fds[0] = fds[1] = s;
     } else if (strcmp(kind, "shmem") == 0) {
         shm = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
         if (shm == MAP_FAILED) die("mmap shared");

@@ -1,0 +1,545 @@
+//! UNIX domain sockets: socketpairs, named and abstract sockets, listeners with their
+//! pending connections, accepted connections, and the data waiting in every queue.
+//!
+//! Dump: the kernel's view of every UNIX socket (state, name, peer, pending
+//! connections) comes from NETLINK_SOCK_DIAG; the process's socket is borrowed with
+//! `pidfd_getfd(2)` and its receive queue read without consuming it (MSG_PEEK walking
+//! with SO_PEEK_OFF). A socket connected to something outside the checkpointed tree,
+//! or carrying file descriptors in flight, refuses the checkpoint with a clear error.
+//!
+//! Restore (in the restorer, before the processes exist): listeners are bound and
+//! listen again, accepted connections are re-made through them (connect + accept) so
+//! that names stay right, pending connections are re-made and left pending, other
+//! connected pairs become socketpairs, and each queue is refilled by sending its bytes
+//! from the peer.
+
+use crate::error::{Error, Result, SysContext};
+use stasis_image::{CheckpointReader, CheckpointWriter, UnixSocket};
+use stasis_sys::unix_diag::{self, UnixSock};
+use std::collections::HashMap;
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
+
+const TCP_ESTABLISHED: u8 = 1;
+const TCP_LISTEN: u8 = 10;
+const MAX_MESSAGES: usize = 1 << 16;
+
+/// Collects the UNIX sockets of a checkpoint.
+#[derive(Default)]
+pub struct Collector {
+    diag: Option<HashMap<u64, UnixSock>>,
+    socks: Vec<UnixSocket>,
+    /// First holder (pid, fd) of each socket, for error messages.
+    holders: HashMap<u64, (i32, i32)>,
+}
+
+fn borrow_fd(pid: i32, fd: i32) -> Result<OwnedFd> {
+    // SAFETY: pidfd_open and pidfd_getfd return new descriptors or -1.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
+        if pidfd < 0 {
+            return Err(stasis_sys::SysError::last("pidfd_open", pid))
+                .ctx(pid, || format!("borrowing the socket of fd {fd}"));
+        }
+        let ours = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
+        libc::close(pidfd);
+        if ours < 0 {
+            return Err(stasis_sys::SysError::last("pidfd_getfd", pid))
+                .ctx(pid, || format!("borrowing the socket of fd {fd}"));
+        }
+        Ok(OwnedFd::from_raw_fd(ours))
+    }
+}
+
+fn sockopt(fd: i32, opt: i32) -> i32 {
+    let mut v: i32 = 0;
+    let mut len = 4 as libc::socklen_t;
+    // SAFETY: getsockopt writes an int into `v`.
+    unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&mut v as *mut i32).cast(),
+            &mut len,
+        )
+    };
+    v
+}
+
+impl Collector {
+    /// A collector for one checkpoint.
+    pub fn new() -> Collector {
+        Collector::default()
+    }
+
+    /// Saves the socket behind fd `fd` of process `pid` (once per socket).
+    pub fn dump_fd(
+        &mut self,
+        pid: i32,
+        fd: i32,
+        ino: u64,
+        writer: &mut CheckpointWriter,
+    ) -> Result<u64> {
+        if self.holders.contains_key(&ino) {
+            return Ok(ino);
+        }
+        let sock = borrow_fd(pid, fd)?;
+        let s = sock.as_raw_fd();
+        let domain = sockopt(s, libc::SO_DOMAIN);
+        if domain != libc::AF_UNIX {
+            let what = match domain {
+                libc::AF_INET | libc::AF_INET6 => "an IP (TCP/UDP) socket".to_string(),
+                libc::AF_NETLINK => "a netlink socket".to_string(),
+                d => format!("a socket of address family {d}"),
+            };
+            return Err(Error::Unsupported {
+                pid,
+                what: format!("fd {fd}, {what}"),
+            });
+        }
+        if self.diag.is_none() {
+            self.diag =
+                Some(unix_diag::dump().ctx(pid, || "listing UNIX sockets (sock_diag)".into())?);
+        }
+        let d = self
+            .diag
+            .as_ref()
+            .and_then(|m| m.get(&ino))
+            .cloned()
+            .ok_or_else(|| Error::Unsupported {
+                pid,
+                what: format!("fd {fd}, a UNIX socket the kernel's socket list does not show (another network namespace?)"),
+            })?;
+        let state = match d.state {
+            TCP_LISTEN => "listening",
+            TCP_ESTABLISHED => "connected",
+            _ if d.peer != 0 => "connected",
+            _ => "unconnected",
+        };
+        let (data, messages) = if d.state == TCP_LISTEN {
+            (Vec::new(), Vec::new())
+        } else {
+            peek_queue(pid, fd, s, d.sock_type)?
+        };
+        let data_file = if data.is_empty() {
+            None
+        } else {
+            let name = format!("sock-{ino}.img");
+            let mut w = writer.data_file(&name)?;
+            w.write_all(&data)?;
+            writer.finish_data(w)?;
+            Some(name)
+        };
+        self.socks.push(UnixSocket {
+            id: ino,
+            sock_type: d.sock_type,
+            state: state.to_string(),
+            name: d.name.clone(),
+            peer: d.peer,
+            pending_on: 0,
+            backlog: if d.state == TCP_LISTEN {
+                sockopt_backlog(&d)
+            } else {
+                0
+            },
+            shutdown: d.shutdown,
+            passcred: sockopt(s, libc::SO_PASSCRED) != 0,
+            data_file,
+            messages,
+        });
+        self.holders.insert(ino, (pid, fd));
+        Ok(ino)
+    }
+
+    /// Checks that every connection stays inside the checkpoint and returns the
+    /// sockets. Pending (not yet accepted) connections are tied to their listener.
+    pub fn finish(mut self) -> Result<Vec<UnixSocket>> {
+        let ids: std::collections::HashSet<u64> = self.socks.iter().map(|s| s.id).collect();
+        let diag = self.diag.take().unwrap_or_default();
+        let listeners: Vec<(u64, Vec<u64>)> = self
+            .socks
+            .iter()
+            .filter(|s| s.state == "listening")
+            .map(|s| {
+                (
+                    s.id,
+                    diag.get(&s.id).map(|d| d.icons.clone()).unwrap_or_default(),
+                )
+            })
+            .collect();
+        for s in &mut self.socks {
+            // The client end of a pending connection: the listener's queue lists it
+            // (sock_diag shows such a socket's peer, the embryo, as 0).
+            if let Some((l, _)) = listeners.iter().find(|(_, icons)| icons.contains(&s.id)) {
+                s.pending_on = *l;
+                s.peer = 0;
+                continue;
+            }
+            if s.peer == 0 || ids.contains(&s.peer) {
+                continue;
+            }
+            let (pid, fd) = self.holders.get(&s.id).copied().unwrap_or((0, -1));
+            let peer_name = diag
+                .get(&s.peer)
+                .map(|p| p.name.clone())
+                .unwrap_or_default();
+            return Err(Error::Unsupported {
+                pid,
+                what: format!(
+                    "fd {fd}, a UNIX socket connected to a process outside the checkpoint{}",
+                    if peer_name.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({peer_name})")
+                    }
+                ),
+            });
+        }
+        for (l, icons) in &listeners {
+            if icons.iter().any(|c| !ids.contains(c)) {
+                let (pid, fd) = self.holders.get(l).copied().unwrap_or((0, -1));
+                return Err(Error::Unsupported {
+                    pid,
+                    what: format!("fd {fd}, a listening UNIX socket with a pending connection from outside the checkpoint"),
+                });
+            }
+        }
+        Ok(self.socks)
+    }
+}
+
+fn sockopt_backlog(d: &UnixSock) -> u32 {
+    // sock_diag does not report the backlog of a listener; SOMAXCONN is what most
+    // programs ask for and what the kernel caps to.
+    let _ = d;
+    libc::SOMAXCONN as u32
+}
+
+/// Reads a socket's receive queue without consuming it: (bytes, message lengths).
+fn peek_queue(pid: i32, fd: i32, s: i32, sock_type: i32) -> Result<(Vec<u8>, Vec<u64>)> {
+    let set_peek = |v: i32| {
+        // SAFETY: setsockopt with an int value.
+        unsafe {
+            libc::setsockopt(
+                s,
+                libc::SOL_SOCKET,
+                libc::SO_PEEK_OFF,
+                (&v as *const i32).cast(),
+                4,
+            )
+        }
+    };
+    if set_peek(0) != 0 {
+        return Err(std::io::Error::last_os_error())
+            .ctx(pid, || format!("reading the queue of socket fd {fd}"));
+    }
+    let mut data = Vec::new();
+    let mut messages = Vec::new();
+    let mut buf = vec![0u8; 1 << 18];
+    let mut cbuf = [0u64; 64];
+    let result = (|| {
+        for _ in 0..MAX_MESSAGES {
+            let mut iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            // SAFETY: msghdr is plain data; zeroed is a valid empty value.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = cbuf.as_mut_ptr().cast();
+            msg.msg_controllen = std::mem::size_of_val(&cbuf);
+            // SAFETY: msg points to live buffers of the sizes given.
+            let n = unsafe { libc::recvmsg(s, &mut msg, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EAGAIN) {
+                    break;
+                }
+                return Err(e).ctx(pid, || format!("reading the queue of socket fd {fd}"));
+            }
+            // SAFETY: walking the control messages the kernel wrote into cbuf.
+            let passes_fds = unsafe {
+                let mut c = libc::CMSG_FIRSTHDR(&msg);
+                let mut found = false;
+                while !c.is_null() {
+                    found |=
+                        (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS;
+                    c = libc::CMSG_NXTHDR(&msg, c);
+                }
+                found
+            };
+            if passes_fds {
+                return Err(Error::Unsupported {
+                    pid,
+                    what: format!(
+                        "fd {fd}, a UNIX socket with file descriptors in flight (SCM_RIGHTS)"
+                    ),
+                });
+            }
+            if n == 0 && sock_type == libc::SOCK_STREAM {
+                break;
+            }
+            data.extend_from_slice(&buf[..n as usize]);
+            if sock_type == libc::SOCK_STREAM {
+                if let Some(last) = messages.last_mut() {
+                    *last += n as u64;
+                } else {
+                    messages.push(n as u64);
+                }
+            } else {
+                messages.push(n as u64);
+            }
+        }
+        Ok(())
+    })();
+    set_peek(-1);
+    result.map(|()| (data, messages))
+}
+
+fn new_socket(sock_type: i32) -> std::result::Result<OwnedFd, String> {
+    // SAFETY: socket() returns a new descriptor or -1.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, sock_type | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(format!("socket: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd was just created and is owned here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn sockaddr(name: &str) -> std::result::Result<(libc::sockaddr_un, libc::socklen_t), String> {
+    // SAFETY: sockaddr_un is plain data; zeroed is valid.
+    let mut a: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    a.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let (bytes, abstract_) = match name.strip_prefix('@') {
+        Some(rest) => (rest.as_bytes(), true),
+        None => (name.as_bytes(), false),
+    };
+    let start = usize::from(abstract_);
+    if bytes.len() + start >= a.sun_path.len() {
+        return Err(format!("socket name too long: {name}"));
+    }
+    for (i, b) in bytes.iter().enumerate() {
+        a.sun_path[start + i] = *b as libc::c_char;
+    }
+    let base = std::mem::size_of::<libc::sa_family_t>();
+    let len = base + start + bytes.len() + usize::from(!abstract_);
+    Ok((a, len as libc::socklen_t))
+}
+
+fn bind(fd: &OwnedFd, name: &str) -> std::result::Result<(), String> {
+    if !name.starts_with('@') {
+        // The socket file of the process we replace is still there: remove it, but
+        // only if it is a socket.
+        use std::os::unix::fs::FileTypeExt;
+        if std::fs::symlink_metadata(name).is_ok_and(|m| m.file_type().is_socket()) {
+            let _ = std::fs::remove_file(name);
+        }
+    }
+    let (a, len) = sockaddr(name)?;
+    // SAFETY: bind with a valid sockaddr_un of length `len`.
+    if unsafe { libc::bind(fd.as_raw_fd(), (&a as *const libc::sockaddr_un).cast(), len) } != 0 {
+        return Err(format!(
+            "binding {name}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+fn connect(fd: &OwnedFd, name: &str) -> std::result::Result<(), String> {
+    let (a, len) = sockaddr(name)?;
+    // SAFETY: connect with a valid sockaddr_un of length `len`.
+    if unsafe { libc::connect(fd.as_raw_fd(), (&a as *const libc::sockaddr_un).cast(), len) } != 0 {
+        return Err(format!(
+            "connecting to {name}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Creates every socket of the image, connected as it was and with its queues
+/// refilled. Returns the restorer's descriptor of each, by id.
+pub fn create_all(image: &CheckpointReader) -> std::result::Result<HashMap<u64, OwnedFd>, String> {
+    let socks = &image.meta.sockets;
+    let by_id: HashMap<u64, &UnixSocket> = socks.iter().map(|s| (s.id, s)).collect();
+    let mut out: HashMap<u64, OwnedFd> = HashMap::new();
+    // Listeners and bound unconnected sockets first: others connect to them.
+    for s in socks {
+        if s.state == "listening" || (s.peer == 0 && !s.name.is_empty()) {
+            let fd = new_socket(s.sock_type)?;
+            bind(&fd, &s.name)?;
+            if s.state == "listening" {
+                // SAFETY: listen on our socket.
+                if unsafe { libc::listen(fd.as_raw_fd(), s.backlog as i32) } != 0 {
+                    return Err(format!(
+                        "listen on {}: {}",
+                        s.name,
+                        std::io::Error::last_os_error()
+                    ));
+                }
+            }
+            out.insert(s.id, fd);
+        }
+    }
+    for s in socks {
+        if out.contains_key(&s.id) {
+            continue;
+        }
+        if s.pending_on != 0 {
+            // A connection the server has not accepted yet: connect and leave it.
+            let l = by_id.get(&s.pending_on).ok_or("listener missing")?;
+            let fd = new_socket(s.sock_type)?;
+            connect(&fd, &l.name)?;
+            out.insert(s.id, fd);
+            continue;
+        }
+        let peer = by_id.get(&s.peer).copied();
+        match peer {
+            Some(p) if p.peer == s.id && !out.contains_key(&p.id) => {
+                // A connected pair. If one end was accepted from a listener we
+                // recreated, make the connection through it so names stay right.
+                let listener = |x: &UnixSocket| {
+                    socks
+                        .iter()
+                        .find(|l| l.state == "listening" && !x.name.is_empty() && l.name == x.name)
+                        .and_then(|l| out.get(&l.id))
+                        .map(|fd| fd.as_raw_fd())
+                };
+                if let Some((server, client, lfd)) = listener(s)
+                    .map(|l| (s, p, l))
+                    .or_else(|| listener(p).map(|l| (p, s, l)))
+                {
+                    let cfd = new_socket(client.sock_type)?;
+                    let name = &server.name;
+                    connect(&cfd, name)?;
+                    // SAFETY: accept on our listener; returns a new descriptor.
+                    let sfd = unsafe {
+                        libc::accept4(
+                            lfd,
+                            std::ptr::null_mut(),
+                            std::ptr::null_mut(),
+                            libc::SOCK_CLOEXEC,
+                        )
+                    };
+                    if sfd < 0 {
+                        return Err(format!(
+                            "re-accepting on {name}: {}",
+                            std::io::Error::last_os_error()
+                        ));
+                    }
+                    out.insert(client.id, cfd);
+                    // SAFETY: sfd was just created and is owned here.
+                    out.insert(server.id, unsafe { OwnedFd::from_raw_fd(sfd) });
+                } else {
+                    let mut sv = [0i32; 2];
+                    // SAFETY: socketpair fills the array with two new descriptors.
+                    if unsafe {
+                        libc::socketpair(
+                            libc::AF_UNIX,
+                            s.sock_type | libc::SOCK_CLOEXEC,
+                            0,
+                            sv.as_mut_ptr(),
+                        )
+                    } != 0
+                    {
+                        return Err(format!("socketpair: {}", std::io::Error::last_os_error()));
+                    }
+                    // SAFETY: both were just created and are owned here.
+                    unsafe {
+                        out.insert(s.id, OwnedFd::from_raw_fd(sv[0]));
+                        out.insert(p.id, OwnedFd::from_raw_fd(sv[1]));
+                    }
+                }
+            }
+            Some(p) if p.peer != s.id => {
+                // Connected to a bound socket (datagrams to a named server).
+                let fd = new_socket(s.sock_type)?;
+                connect(&fd, &p.name)?;
+                out.insert(s.id, fd);
+            }
+            Some(_) => {}
+            None => {
+                out.insert(s.id, new_socket(s.sock_type)?);
+            }
+        }
+    }
+    // Refill the queues from the peers, then apply options and shutdowns.
+    for s in socks {
+        let Some(name) = &s.data_file else { continue };
+        let path = image.data_path(name).map_err(|e| e.to_string())?;
+        let data = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let sender = match by_id.get(&s.peer) {
+            Some(p) if p.peer == s.id => out.get(&p.id).map(|f| f.as_raw_fd()),
+            _ => None,
+        };
+        let temp;
+        let (fd, to) = match sender {
+            Some(fd) => (fd, None),
+            None if !s.name.is_empty() => {
+                temp = new_socket(s.sock_type)?;
+                (temp.as_raw_fd(), Some(sockaddr(&s.name)?))
+            }
+            None => {
+                return Err(format!(
+                    "socket {}: queued data with no way to resend it",
+                    s.id
+                ))
+            }
+        };
+        let mut off = 0usize;
+        for &len in &s.messages {
+            let chunk = &data[off..off + len as usize];
+            // SAFETY: sending a buffer we own, to an address we built.
+            let n = unsafe {
+                match &to {
+                    Some((a, alen)) => libc::sendto(
+                        fd,
+                        chunk.as_ptr().cast(),
+                        chunk.len(),
+                        libc::MSG_NOSIGNAL,
+                        (a as *const libc::sockaddr_un).cast(),
+                        *alen,
+                    ),
+                    None => libc::send(fd, chunk.as_ptr().cast(), chunk.len(), libc::MSG_NOSIGNAL),
+                }
+            };
+            if n != chunk.len() as isize {
+                return Err(format!(
+                    "refilling socket {}: {}",
+                    s.id,
+                    std::io::Error::last_os_error()
+                ));
+            }
+            off += len as usize;
+        }
+    }
+    for s in socks {
+        let Some(fd) = out.get(&s.id) else { continue };
+        if s.passcred {
+            let one: i32 = 1;
+            // SAFETY: setsockopt with an int value on our socket.
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_PASSCRED,
+                    (&one as *const i32).cast(),
+                    4,
+                )
+            };
+        }
+        let how = match s.shutdown & 3 {
+            1 => Some(libc::SHUT_RD),
+            2 => Some(libc::SHUT_WR),
+            3 => Some(libc::SHUT_RDWR),
+            _ => None,
+        };
+        if let Some(h) = how {
+            // SAFETY: shutdown on our socket.
+            unsafe { libc::shutdown(fd.as_raw_fd(), h) };
+        }
+    }
+    Ok(out)
+}
