@@ -10,6 +10,9 @@ command -v cc >/dev/null || need+=(gcc libc6-dev)
 command -v python3 >/dev/null || need+=(python3)
 command -v setpriv >/dev/null || need+=(util-linux)
 command -v useradd >/dev/null || need+=(passwd)
+command -v javac >/dev/null || need+=(default-jdk-headless)
+command -v make >/dev/null || need+=(make)
+command -v bash >/dev/null || need+=(bash)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
         echo "installing test dependencies: ${need[*]}"

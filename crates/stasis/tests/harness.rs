@@ -1,7 +1,8 @@
 //! Self-checks of the test harness: the continuity/hash verifiers must reject
-//! gaps, repeats, wrong hashes and missing OK lines (so the real tests cannot
-//! pass vacuously), and the test programs' own checks must report FAIL when
-//! their state is wrong.
+//! gaps, repeats, wrong hashes and missing OK lines, and the progress verifier
+//! of the threaded programs counters going back, threads not running after a
+//! restore and missing joins (so the real tests cannot pass vacuously), and
+//! the test programs' own checks must report FAIL when their state is wrong.
 mod common;
 use common::*;
 use std::process::{Command, Stdio};
@@ -87,6 +88,69 @@ fn verifier_requires_ok() {
     );
 }
 
+/// pthreads.c-style ticks n in `range` with counters growing by `step`.
+fn pthreads_text(range: std::ops::Range<u64>, step: u64) -> String {
+    range
+        .map(|n| {
+            format!(
+                "tick {n} shared={} pp={} rounds={}\n",
+                n * step,
+                n * step,
+                n * step
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn pthreads_verifier_accepts_continuation() {
+    let out = runs(&[pthreads_text(0..10, 5), pthreads_text(10..20, 5)]);
+    verify_pthreads(
+        &out,
+        39,
+        "OK ticks=20 threads=39 joined=38 shared=100 pp=100 rounds=100",
+    );
+}
+
+#[test]
+#[should_panic(expected = "went back")]
+fn pthreads_verifier_rejects_counters_going_back() {
+    // a restart that starts the counters over (ticks fine)
+    let restarted = pthreads_text(10..20, 5).replace("shared=50 ", "shared=3 ");
+    let out = runs(&[pthreads_text(0..10, 5), restarted]);
+    verify_pthreads(
+        &out,
+        39,
+        "OK ticks=20 threads=39 joined=38 shared=100 pp=100 rounds=100",
+    );
+}
+
+#[test]
+#[should_panic(expected = "did not advance")]
+fn pthreads_verifier_rejects_frozen_threads_after_restore() {
+    // restored threads that do not run: counters stuck at their values
+    let stuck: String = (10..20)
+        .map(|n| format!("tick {n} shared=50 pp=50 rounds=50\n"))
+        .collect();
+    let out = runs(&[pthreads_text(0..10, 5), stuck]);
+    verify_pthreads(
+        &out,
+        39,
+        "OK ticks=20 threads=39 joined=38 shared=50 pp=50 rounds=50",
+    );
+}
+
+#[test]
+#[should_panic(expected = "not every thread was joined")]
+fn pthreads_verifier_requires_all_joined() {
+    let out = runs(&[pthreads_text(0..10, 5), pthreads_text(10..20, 5)]);
+    verify_pthreads(
+        &out,
+        39,
+        "OK ticks=20 threads=39 joined=30 shared=100 pp=100 rounds=100",
+    );
+}
+
 #[test]
 fn partial_last_line_is_ignored() {
     assert_eq!(ticks("tick 0 a\ntick 1 b\ntick 2"), vec![0, 1]);
@@ -123,6 +187,9 @@ fn programs_pass_natively() {
         ("sighandler", vec![]),
         ("spin", vec![]),
         ("unsupported", vec!["pipe"]),
+        ("pthreads", vec!["32"]),
+        ("churn", vec![]),
+        ("openmp", vec!["20", "100000"]),
     ] {
         let (code, out) = native(name, &args, |_, _| {
             std::thread::sleep(Duration::from_millis(100))

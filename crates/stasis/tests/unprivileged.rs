@@ -66,3 +66,39 @@ fn memory_cycle_as_unprivileged_user() {
     s.finish();
     s.assert_no_rerun();
 }
+
+/// pthreads.c with 32 workers (39 threads) as the user: a checkpoint without
+/// --kill and two checkpoint --kill/restart cycles at random moments; the
+/// images list every thread, every restored process runs as the user, ticks
+/// and counters continue, invariants hold and all threads are joined.
+#[test]
+fn pthreads_cycle_as_unprivileged_user() {
+    const THREADS: usize = 32 + 2 + 4 + 1;
+    let (w, exe) = unprivileged_work("unpriv_pthreads", "pthreads");
+    let mut rng = Rng::new("unpriv_pthreads");
+    let mut s = Session::start(&w, &[exe.as_os_str(), "32".as_ref()]);
+    let ready = s.cur().lines()[0].clone();
+    let tids: std::collections::BTreeSet<i32> =
+        pthreads_ready_tids(&ready, THREADS).into_iter().collect();
+    s.cur().wait_tick(3, T_READY);
+    assert_runs_as_user(&w, &exe);
+    rng.sleep_ms(20, 300);
+    w.checkpoint_ok(false, s.cur());
+    for i in 0..2 {
+        rng.sleep_ms(20, 300);
+        s.checkpoint_kill();
+        let image: std::collections::BTreeSet<i32> =
+            inspect_tids(&w.inspect_json()).into_iter().collect();
+        assert_eq!(
+            image, tids,
+            "checkpoint --kill #{i}: the image's tids differ"
+        );
+        s.restart(Probe::Ticks);
+        assert_runs_as_user(&w, &exe);
+    }
+    rng.sleep_ms(20, 300);
+    let ok = s.finish();
+    s.assert_no_rerun();
+    verify_pthreads(&s.outputs(), THREADS, &ok);
+    eprintln!("{ok}");
+}

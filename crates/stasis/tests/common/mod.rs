@@ -45,7 +45,8 @@ pub fn progs_src_dir() -> PathBuf {
 
 /// Compile `tests/progs/<name>.c` (once per test binary; the result is cached
 /// on disk keyed by a hash of the sources and flags) and return the path of
-/// the executable. `avx` and `avx512` are both built from `avx.c`.
+/// the executable. `avx` and `avx512` are both built from `avx.c`; `pthreads`
+/// and `churn` are linked with -pthread, `openmp` is built with -fopenmp.
 pub fn prog(name: &str) -> PathBuf {
     static CACHE: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
@@ -56,6 +57,8 @@ pub fn prog(name: &str) -> PathBuf {
     let (src, flags): (String, Vec<&str>) = match name {
         "avx" => ("avx.c".into(), vec!["-mavx2"]),
         "avx512" => ("avx.c".into(), vec!["-mavx2", "-mavx512f"]),
+        "pthreads" | "churn" => (format!("{name}.c"), vec!["-pthread"]),
+        "openmp" => ("openmp.c".into(), vec!["-fopenmp", "-pthread"]),
         other => (format!("{other}.c"), vec![]),
     };
     let srcdir = progs_src_dir();
@@ -1050,4 +1053,204 @@ pub fn install(src: &Path, dir: &Path, name: &str) -> PathBuf {
         .unwrap_or_else(|e| panic!("copy {} -> {}: {e}", src.display(), dst.display()));
     fs::set_permissions(&dst, fs::Permissions::from_mode(0o755)).unwrap();
     dst
+}
+
+// ---------------------------------------------------------------------------
+// Random-ish moments
+// ---------------------------------------------------------------------------
+
+/// A small xorshift generator for checkpoint moments. The seed comes from
+/// `STASIS_TEST_SEED` or the clock, and is printed so that a failing run can
+/// be repeated.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(what: &str) -> Rng {
+        let seed = std::env::var("STASIS_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+                    ^ ((std::process::id() as u64) << 32)
+            });
+        eprintln!("{what}: random seed {seed} (set STASIS_TEST_SEED={seed} to repeat)");
+        Rng(seed | 1)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x.wrapping_mul(0x2545f4914f6cdd1d)
+    }
+
+    /// Uniform in lo..=hi.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+
+    /// Sleep a random time in lo..=hi ms; returns it.
+    pub fn sleep_ms(&mut self, lo: u64, hi: u64) -> u64 {
+        let ms = self.range(lo, hi);
+        std::thread::sleep(Duration::from_millis(ms));
+        ms
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tick lines with `key=value` progress fields (threaded programs)
+// ---------------------------------------------------------------------------
+
+/// `key=value` fields of a tick line's rest with a decimal value.
+pub fn tick_fields(rest: &str) -> HashMap<String, u64> {
+    rest.split_whitespace()
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// For every key: its values in the tick lines of all phases (in order) never
+/// decrease (the state continues, it does not start over or go back), and
+/// within every phase after the first (i.e. every restored process) the value
+/// of its last tick is higher than that of its first (the threads behind it
+/// do run after the restore). Returns the values of the very last tick.
+pub fn assert_fields_progress(outputs: &[(String, String)], keys: &[&str]) -> HashMap<String, u64> {
+    let mut prev: HashMap<String, (u64, String)> = HashMap::new();
+    let mut last = HashMap::new();
+    for (pi, (label, text)) in outputs.iter().enumerate() {
+        let mut first_of_phase: Option<HashMap<String, u64>> = None;
+        for l in complete_lines(text) {
+            let Some((n, rest)) = parse_tick(&l) else {
+                continue;
+            };
+            let f = tick_fields(&rest);
+            for k in keys {
+                let v = *f
+                    .get(*k)
+                    .unwrap_or_else(|| panic!("{label}: tick {n} has no field {k}: {l:?}"));
+                if let Some((pv, where_)) = prev.get(*k) {
+                    assert!(
+                        v >= *pv,
+                        "{k} went back from {pv} ({where_}) to {v} ({label} tick {n})"
+                    );
+                }
+                prev.insert(k.to_string(), (v, format!("{label} tick {n}")));
+            }
+            if first_of_phase.is_none() {
+                first_of_phase = Some(f.clone());
+            }
+            last = f;
+        }
+        if pi > 0 {
+            let first = first_of_phase.unwrap_or_else(|| panic!("{label} printed no tick"));
+            for k in keys {
+                assert!(
+                    last[*k] > first[*k],
+                    "{label}: {k} did not advance after the restore (stayed at {})",
+                    first[*k]
+                );
+            }
+        }
+    }
+    last
+}
+
+// ---------------------------------------------------------------------------
+// pthreads.c specifics
+// ---------------------------------------------------------------------------
+
+/// Tids listed by pthreads.c's `ready threads=T tids=MAIN,...` line; asserts
+/// there are `threads` distinct ones.
+pub fn pthreads_ready_tids(ready: &str, threads: usize) -> Vec<i32> {
+    let f: HashMap<&str, &str> = ready
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .collect();
+    assert_eq!(
+        f.get("threads").and_then(|t| t.parse::<usize>().ok()),
+        Some(threads),
+        "ready line {ready:?}"
+    );
+    let tids: Vec<i32> = f["tids"].split(',').map(|t| t.parse().unwrap()).collect();
+    let set: std::collections::BTreeSet<i32> = tids.iter().copied().collect();
+    assert_eq!(tids.len(), threads, "ready line lists {} tids", tids.len());
+    assert_eq!(set.len(), threads, "ready line has duplicate tids");
+    tids
+}
+
+/// Verify a pthreads.c session: main-thread ticks exactly consecutive from 0
+/// across all phases, the shared counter, ping-pong count and barrier rounds
+/// never go back and advance in every restored phase, and the final line is
+/// `OK ticks=<last+1> threads=T joined=T-1 ...` with counters at least those
+/// of the last tick.
+pub fn verify_pthreads(outputs: &[(String, String)], threads: usize, ok: &str) {
+    let all = assert_ticks_consecutive(outputs, Some(0));
+    let last = assert_fields_progress(outputs, &["shared", "pp", "rounds"]);
+    let f: HashMap<&str, &str> = ok
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|kv| kv.split_once('='))
+        .collect();
+    let num = |k: &str| -> u64 {
+        f.get(k)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k}= in {ok:?}"))
+    };
+    assert_eq!(num("ticks"), all.last().unwrap() + 1, "{ok}");
+    assert_eq!(num("threads"), threads as u64, "{ok}");
+    assert_eq!(
+        num("joined"),
+        threads as u64 - 1,
+        "not every thread was joined: {ok}"
+    );
+    for k in ["shared", "pp", "rounds"] {
+        assert!(
+            num(k) >= last[k],
+            "final {k} {} is below the last tick's {}",
+            num(k),
+            last[k]
+        );
+    }
+}
+
+/// Thread ids of `processes[0]` in `stasis inspect --json` output; asserts
+/// they are distinct and that each thread has its own nonzero
+/// clear_child_tid address (what pthread_join relies on).
+pub fn inspect_tids(meta: &serde_json::Value) -> Vec<i32> {
+    let threads = meta["processes"][0]["threads"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no processes[0].threads array in inspect --json"));
+    let tids: Vec<i32> = threads
+        .iter()
+        .map(|t| t["tid"].as_i64().expect("thread without tid") as i32)
+        .collect();
+    let set: std::collections::BTreeSet<i32> = tids.iter().copied().collect();
+    assert_eq!(
+        set.len(),
+        tids.len(),
+        "duplicate tids in the image: {tids:?}"
+    );
+    let ctids: std::collections::BTreeSet<u64> = threads
+        .iter()
+        .map(|t| {
+            t["clear_child_tid"]
+                .as_u64()
+                .expect("thread without clear_child_tid")
+        })
+        .collect();
+    assert!(
+        !ctids.contains(&0) && ctids.len() == tids.len(),
+        "every thread must have its own clear_child_tid address: {} distinct for {} threads (0 among them: {})",
+        ctids.len(),
+        tids.len(),
+        ctids.contains(&0)
+    );
+    tids
 }
