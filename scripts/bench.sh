@@ -12,11 +12,18 @@ SIZES=${SIZES:-"1024 4096"}
 KINDS=${KINDS:-"random text zero"}
 THREADS=${THREADS:-"512"}
 
-cargo build --release -q -p stasis
-S=$PWD/target/release/stasis
 B=$(mktemp -d /dev/shm/stasis-bench.XXXXXX)
 trap 'pkill -f "$B" 2>/dev/null; rm -rf "$B"' EXIT
-for p in membw memload threads; do cc -O2 -pthread -o "$B/$p" "bench/$p.c"; done
+if [ -n "${STASIS_BIN:-}" ]; then
+    # Prebuilt binaries (e.g. carried to another machine): STASIS_BIN and
+    # BENCH_BIN_DIR holding membw, memload and threads.
+    S=$(realpath "$STASIS_BIN")
+    for p in membw memload threads; do cp "$BENCH_BIN_DIR/$p" "$B/$p"; done
+else
+    cargo build --release -q -p stasis
+    S=$PWD/target/release/stasis
+    for p in membw memload threads; do cc -O2 -pthread -o "$B/$p" "bench/$p.c"; done
+fi
 
 now() { date +%s.%N; }
 wait_for() { # file pattern timeout_s

@@ -27,6 +27,8 @@ use stasis_sys::clone::{fork_with_pid, Forked};
 use stasis_sys::ptrace::{self, Stop};
 use std::collections::HashMap;
 
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
 
 const GADGET_LEN: u64 = 2 * PAGE_SIZE;
@@ -434,7 +436,14 @@ fn recreate_shared_file(
     if let Some(dir) = std::path::Path::new(path).parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("recreating {}: {e}", dir.display()))?;
     }
-    std::fs::write(path, data).map_err(|e| format!("recreating shared mapped file {path}: {e}"))?;
+    // Owner-only: the content may be private (the JVM's perf data file is 0600).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(&data))
+        .map_err(|e| format!("recreating shared mapped file {path}: {e}"))?;
     tracing::info!("recreated the missing shared mapped file {path} from the checkpoint");
     Ok(())
 }
