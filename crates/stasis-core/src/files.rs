@@ -203,10 +203,12 @@ impl Registry {
                     }
                 }
             } else if md.file_type().is_fifo() {
-                return Err(Error::Unsupported {
-                    pid,
-                    what: format!("fd {fd}, a named pipe (FIFO) {target}"),
-                });
+                self.save_pipe(pid, fd, &link, md.ino(), writer)?;
+                FdKind::Fifo {
+                    path: target.clone(),
+                    pipe: md.ino(),
+                    flags,
+                }
             } else {
                 return Err(Error::Unsupported {
                     pid,
@@ -338,6 +340,9 @@ pub fn open_descriptions(
 ) -> std::result::Result<HashMap<u64, OwnedFd>, String> {
     let mut descs: HashMap<u64, OwnedFd> = HashMap::new();
     let mut pipes: HashMap<u64, (Option<OwnedFd>, Option<OwnedFd>)> = HashMap::new();
+    // One read-write opening of each FIFO, so that opening either end never blocks;
+    // dropped once every description exists.
+    let mut fifo_keepers: HashMap<u64, OwnedFd> = HashMap::new();
     for p in &meta.processes {
         for f in &p.fds {
             if f.desc == 0 {
@@ -361,6 +366,16 @@ pub fn open_descriptions(
                     fd
                 }
                 FdKind::Device { path, flags } => open(f.fd, path, *flags)?,
+                FdKind::Fifo { path, pipe, flags } => {
+                    if !fifo_keepers.contains_key(pipe) {
+                        let info = meta.pipes.iter().find(|x| x.id == *pipe);
+                        fifo_keepers.insert(*pipe, open_fifo(f.fd, path, info, image)?);
+                    }
+                    let fd = open(f.fd, path, (*flags & libc::O_ACCMODE) | libc::O_NONBLOCK)?;
+                    // SAFETY: fcntl on the descriptor we just opened.
+                    unsafe { libc::fcntl(fd, libc::F_SETFL, *flags & libc::O_NONBLOCK) };
+                    fd
+                }
                 FdKind::UnixSocket { sock, flags } => {
                     let fd = sockets
                         .remove(sock)
@@ -430,6 +445,40 @@ pub fn open_descriptions(
         }
     }
     Ok(descs)
+}
+
+/// Opens a FIFO read-write (creating it if it is gone) and refills it.
+fn open_fifo(
+    num: i32,
+    path: &str,
+    info: Option<&Pipe>,
+    image: &CheckpointReader,
+) -> std::result::Result<OwnedFd, String> {
+    let c = CString::new(path).map_err(|_| format!("fd {num}: bad path {path:?}"))?;
+    // SAFETY: mkfifo with a valid C string; EEXIST is fine.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0
+        && std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST)
+    {
+        return Err(format!(
+            "fd {num}: cannot recreate the FIFO {path}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let fd = open(num, path, libc::O_RDWR)?;
+    // SAFETY: fd was just opened and is owned here.
+    let keeper = unsafe { OwnedFd::from_raw_fd(fd) };
+    if let Some(info) = info {
+        // SAFETY: resizing the FIFO's pipe.
+        unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, info.capacity as libc::c_int) };
+        if let Some(name) = &info.data_file {
+            let p = image.data_path(name).map_err(|e| e.to_string())?;
+            let data = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+            let mut wf = std::fs::File::from(keeper.try_clone().map_err(|e| e.to_string())?);
+            wf.write_all(&data)
+                .map_err(|e| format!("refilling FIFO {path}: {e}"))?;
+        }
+    }
+    Ok(keeper)
 }
 
 /// A new pipe with the saved capacity and contents: (read end, write end).

@@ -363,6 +363,9 @@ pub enum FdKind {
     Epoll { flags: i32, items: Vec<EpollItem> },
     /// A UNIX domain socket of `Checkpoint::sockets`.
     UnixSocket { sock: u64, flags: i32 },
+    /// A named pipe (FIFO) opened by path; its bytes in flight are in
+    /// `Checkpoint::pipes` under `pipe`.
+    Fifo { path: String, pipe: u64, flags: i32 },
     /// One end of a pipe of `Checkpoint::pipes`.
     Pipe {
         pipe: u64,

@@ -157,6 +157,14 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
                 FdKind::SharedMemory { id, pos, .. } => {
                     format!("memfd (shared memory {id}) offset {pos}")
                 }
+                FdKind::Fifo { path, pipe, .. } => {
+                    let held = meta
+                        .pipes
+                        .iter()
+                        .find(|x| x.id == *pipe)
+                        .map_or(0, |x| x.len);
+                    format!("FIFO {path} ({held} bytes in flight)")
+                }
                 FdKind::Pipe { pipe, write, .. } => {
                     let held = meta
                         .pipes
