@@ -34,6 +34,9 @@ pub struct DumpOptions {
     pub stdio: Option<StdioIds>,
     /// Checkpoints to keep in the directory (older ones are removed after success).
     pub keep: usize,
+    /// The job has an IPC namespace of its own (under stasis run): its System V
+    /// objects are saved with it.
+    pub own_ipc_namespace: bool,
 }
 
 /// Result of a successful checkpoint.
@@ -102,6 +105,23 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
             snapshot_ok,
         )?);
     }
+    // System V objects, read while everything is frozen.
+    let sysv = if opts.own_ipc_namespace {
+        crate::sysv::dump(&mut writer)?
+    } else {
+        let sysv_user = parts.iter().find(|p| {
+            p.layout
+                .iter()
+                .any(|v| matches!(v.map.kind, stasis_image::MappingKind::SysvShm { .. }))
+        });
+        if let Some(p) = sysv_user {
+            return Err(Error::Unsupported {
+                pid: p.process.pid,
+                what: "System V shared memory outside a job started by stasis run (its IPC namespace is not the job's own)".into(),
+            });
+        }
+        stasis_image::Sysv::default()
+    };
     let snapshotted = parts.iter().any(|p| p.snapshot.is_some());
     if snapshotted {
         for (_, f) in tree.iter_mut() {
@@ -144,6 +164,7 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
         zombies,
         pipes,
         sockets,
+        sysv,
         shared_memory,
         timings: Timings {
             freeze_us,

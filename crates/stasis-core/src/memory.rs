@@ -83,27 +83,31 @@ pub fn read_layout(proc: &ProcDir) -> Result<Vec<Vma>> {
                 let path = p.to_string_lossy().into_owned();
                 if path.ends_with(" (deleted)") {
                     if path.starts_with("/SYSV") {
-                        return Err(unsupported(
-                            pid,
-                            format!("System V shared memory mapping {range} ({path})"),
-                        ));
+                        // The segment itself is saved with the IPC namespace (sysv).
+                        (
+                            MappingKind::SysvShm {
+                                shmid: m.inode as i32,
+                            },
+                            path,
+                        )
+                    } else {
+                        let shmem = path.starts_with("/memfd:")
+                            || path.starts_with("/dev/zero")
+                            || path.starts_with("/dev/shm/");
+                        if !shared || !shmem {
+                            return Err(unsupported(
+                                pid,
+                                format!("mapping {range} of a deleted file ({path})"),
+                            ));
+                        }
+                        (
+                            MappingKind::SharedMemory {
+                                id: m.inode,
+                                offset: m.offset,
+                            },
+                            path,
+                        )
                     }
-                    let shmem = path.starts_with("/memfd:")
-                        || path.starts_with("/dev/zero")
-                        || path.starts_with("/dev/shm/");
-                    if !shared || !shmem {
-                        return Err(unsupported(
-                            pid,
-                            format!("mapping {range} of a deleted file ({path})"),
-                        ));
-                    }
-                    (
-                        MappingKind::SharedMemory {
-                            id: m.inode,
-                            offset: m.offset,
-                        },
-                        path,
-                    )
                 } else {
                     let md = std::fs::metadata(&path)
                         .ctx(pid, || format!("stat of mapped file {path}"))?;
@@ -126,12 +130,14 @@ pub fn read_layout(proc: &ProcDir) -> Result<Vec<Vma>> {
                     )
                 }
             }
-            MMapPath::Vsys(key) => {
-                return Err(unsupported(
-                    pid,
-                    format!("System V shared memory mapping {range} (key {key})"),
-                ))
-            }
+            // An attached System V segment: the inode column is the shmid. The
+            // segment itself is saved with the IPC namespace (sysv).
+            MMapPath::Vsys(key) => (
+                MappingKind::SysvShm {
+                    shmid: m.inode as i32,
+                },
+                format!("SYSV{key:08x}"),
+            ),
             other => return Err(unsupported(pid, format!("mapping {range} ({other:?})"))),
         };
         if flags.intersects(VmFlags::IO | VmFlags::PF)
@@ -672,10 +678,34 @@ pub fn restore_mappings(
                 MappingKind::Anonymous
                     | MappingKind::File { .. }
                     | MappingKind::SharedMemory { .. }
+                    | MappingKind::SysvShm { .. }
             )
         })
         .collect();
     for m in &restored {
+        if let MappingKind::SysvShm { shmid } = m.kind {
+            let mut flags = if m.prot & libc::PROT_WRITE as u32 == 0 {
+                libc::SHM_RDONLY
+            } else {
+                0
+            };
+            if m.prot & libc::PROT_EXEC as u32 != 0 {
+                flags |= libc::SHM_EXEC;
+            }
+            let what = format!("shmat of System V segment {shmid} at {:x}", m.start);
+            let got = inj.call(
+                &what,
+                libc::SYS_shmat,
+                &[shmid as u64, m.start, flags as u64],
+            )?;
+            if got != m.start {
+                return Err(Error::Restore {
+                    pid,
+                    msg: format!("{what} landed at {got:x}"),
+                });
+            }
+            continue;
+        }
         let (fd, offset) = match &m.kind {
             MappingKind::File { file, offset } => {
                 let fd = *fds.files.get(&file.path).ok_or_else(|| Error::Restore {

@@ -134,6 +134,7 @@ pub fn restore(image: &CheckpointReader, stdio: [Option<i32>; 3]) -> Result<i32>
 
     // Shared memory objects and every open file description, once; the descriptions
     // are passed to the processes over their sockets, the objects inherited.
+    crate::sysv::restore(image)?;
     let shm_objs = crate::shm::create_objects(image).map_err(restore_err)?;
     let mut socket_fds = crate::sockets::create_all(image).map_err(restore_err)?;
     let descs = files::open_descriptions(meta, image, &stdio, &shm_objs, &mut socket_fds)

@@ -33,6 +33,9 @@ pub struct Checkpoint {
     /// UNIX domain sockets held by the processes.
     #[serde(default)]
     pub sockets: Vec<UnixSocket>,
+    /// System V IPC objects of the job's own IPC namespace.
+    #[serde(default)]
+    pub sysv: Sysv,
     /// Shared memory objects mapped by the processes, saved once each.
     #[serde(default)]
     pub shared_memory: Vec<SharedObject>,
@@ -94,6 +97,45 @@ pub struct UnixSocket {
     /// Length of each queued message (one entry for a byte stream).
     #[serde(default)]
     pub messages: Vec<u64>,
+}
+
+/// System V IPC objects (svipc(7)) of the IPC namespace the job runs in.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sysv {
+    pub shm: Vec<SysvShm>,
+    pub sem: Vec<SysvSem>,
+    pub msg: Vec<SysvMsg>,
+}
+
+/// A shared memory segment (shmget(2)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SysvShm {
+    pub key: i32,
+    pub id: i32,
+    pub mode: u32,
+    pub size: u64,
+    /// Data file with the content.
+    pub data_file: String,
+}
+
+/// A semaphore set (semget(2)) with its values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SysvSem {
+    pub key: i32,
+    pub id: i32,
+    pub mode: u32,
+    pub values: Vec<u16>,
+}
+
+/// A message queue (msgget(2)) with its messages, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SysvMsg {
+    pub key: i32,
+    pub id: i32,
+    pub mode: u32,
+    /// (mtype, length) of each message; the bytes follow each other in `data_file`.
+    pub messages: Vec<(i64, u64)>,
+    pub data_file: Option<String>,
 }
 
 /// A pipe (pipe(2)).
@@ -234,6 +276,8 @@ pub enum MappingKind {
     /// unlinked /dev/shm object. `id` is an object of `Checkpoint::shared_memory`,
     /// mapped from `offset`.
     SharedMemory { id: u64, offset: u64 },
+    /// An attached System V shared memory segment (`Checkpoint::sysv`).
+    SysvShm { shmid: i32 },
     /// `[vdso]`: placed by the kernel, moved into place at restore.
     Vdso,
     /// `[vvar]`.

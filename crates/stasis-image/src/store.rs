@@ -633,6 +633,7 @@ mod tests {
             pipes: vec![],
             shared_memory: vec![],
             sockets: vec![],
+            sysv: Default::default(),
             timings: Timings::default(),
         }
     }

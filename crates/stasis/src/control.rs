@@ -176,6 +176,7 @@ pub fn checkpoint_pid(dir: &Path, pid: i32, kill: bool, keep: usize) -> Result<S
         origin: Origin::Attached,
         stdio: None,
         keep,
+        own_ipc_namespace: false,
     };
     let report = dump::checkpoint(&canonical(dir)?, pid, &opts)?;
     Ok(summarize(&report))

@@ -125,7 +125,11 @@ fn start(dir: &Path, mode: Mode) -> Result<ExitCode> {
     let (sync_r, sync_w) = pipe()?;
     // SAFETY: geteuid/getegid have no preconditions.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-    let flags = (libc::CLONE_NEWUSER | libc::CLONE_NEWPID | libc::CLONE_NEWNS) as u64;
+    // A user namespace (no privilege needed), a PID namespace (PIDs kept on restart),
+    // a mount namespace (its own /proc) and an IPC namespace (System V objects are the
+    // job's own, saved with it).
+    let flags =
+        (libc::CLONE_NEWUSER | libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC) as u64;
     // SAFETY: stasis is single-threaded here; the child runs init_main and exits.
     let forked = unsafe { fork_into_namespaces(flags) }.map_err(|e| {
         anyhow!("cannot create the user and PID namespaces: {e} (are unprivileged user namespaces disabled? see /proc/sys/user/max_user_namespaces)")
@@ -352,6 +356,7 @@ fn init_inner(dir: &Path, mode: Mode, listener: &UnixListener) -> Result<String>
                         origin: Origin::Run,
                         stdio: Some(files::own_stdio_ids()),
                         keep: req.keep,
+                        own_ipc_namespace: true,
                     };
                     match dump::checkpoint(dir, app, &opts) {
                         Ok(r) => {
