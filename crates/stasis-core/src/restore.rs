@@ -514,11 +514,40 @@ impl Tree<'_> {
             }
         }
         let mut result = Ok(());
+        let mut zombies = false;
         for z in self.image.meta.zombies.iter().filter(|z| z.ppid == p.pid) {
             match fork_retry(z.pid) {
                 Ok(Forked::Child) => become_zombie(z.status),
-                Ok(Forked::Parent(_)) => {}
+                Ok(Forked::Parent(_)) => {
+                    zombies = true;
+                    // Wait until it is a zombie, without reaping it.
+                    // SAFETY: waitid with WNOWAIT on our own child; siginfo is plain data.
+                    unsafe {
+                        let mut info: libc::siginfo_t = std::mem::zeroed();
+                        libc::waitid(
+                            libc::P_PID,
+                            z.pid as libc::id_t,
+                            &mut info,
+                            libc::WEXITED | libc::WNOWAIT,
+                        );
+                    }
+                }
                 Err(e) => result = Err(e.to_string()),
+            }
+        }
+        if zombies {
+            // The application got its SIGCHLD for these long ago: drop the new ones
+            // (signals are blocked here; pending ones saved in the image come later).
+            // SAFETY: dequeuing pending SIGCHLDs of our own process without waiting.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGCHLD);
+                let zero = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                while libc::sigtimedwait(&set, std::ptr::null_mut(), &zero) > 0 {}
             }
         }
         for (i, c) in procs.iter().enumerate() {
