@@ -128,6 +128,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check that checkpoints are intact, without restoring anything.
+    ///
+    /// Reads every file of every checkpoint in DIR (or only the newest with --latest) and
+    /// checks its size and the checksum of every chunk, and that the metadata parses.
+    /// Exits 0 when all checked checkpoints are intact, 1 otherwise (the newest intact
+    /// one is named, so that `stasis restart --from N` can use it).
+    Verify {
+        /// Checkpoint directory (or one checkpoint-NNNNNN directory in it).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// Only the newest checkpoint.
+        #[arg(long)]
+        latest: bool,
+    },
     /// Demonstrate stasis: run a built-in counter, checkpoint it, kill it, restart it
     /// and show that it continues where it was.
     Demo {
@@ -161,11 +175,11 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                     if target.is_some() {
                         bail!("give either DIR or --pid with --dir, not both");
                     }
-                    control::checkpoint_pid(&dir, pid, kill, keep as usize)?
+                    control::checkpoint_pid(&dir, pid, kill, keep as usize, !cli.quiet)?
                 }
                 None => {
                     let dir = target.or(dir).context("missing DIR")?;
-                    control::request_checkpoint(&dir, kill, keep as usize)?
+                    control::request_checkpoint(&dir, kill, keep as usize, !cli.quiet)?
                 }
             };
             if !cli.quiet {
@@ -175,6 +189,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Restart { dir, from } => supervise::restart(&dir, from.as_deref()),
         Command::Inspect { dir, json } => inspect::inspect(&dir, json).map(|()| ExitCode::SUCCESS),
+        Command::Verify { dir, latest } => inspect::verify(&dir, latest),
         Command::Demo { dir } => demo::demo(dir),
         Command::DemoWorkload { ticks } => demo::workload(ticks),
     }

@@ -83,7 +83,12 @@ pub fn peer_uid(s: &UnixStream) -> Option<u32> {
 }
 
 /// Client side: asks the supervisor of `dir` for a checkpoint.
-pub fn request_checkpoint(dir: &Path, kill: bool, keep: usize) -> Result<String> {
+pub fn request_checkpoint(
+    dir: &Path,
+    kill: bool,
+    keep: usize,
+    show_progress: bool,
+) -> Result<String> {
     let addr = address(dir)?;
     // A checkpoint already being written holds the directory lock: say so at once
     // instead of queueing behind it.
@@ -98,10 +103,11 @@ pub fn request_checkpoint(dir: &Path, kill: bool, keep: usize) -> Result<String>
     line.push('\n');
     s.write_all(line.as_bytes())
         .context("sending the checkpoint request")?;
+    let progress = Progress::start(format!("checkpointing {}", dir.display()), show_progress);
     let mut reply = String::new();
-    BufReader::new(&s)
-        .read_line(&mut reply)
-        .context("reading the checkpoint reply")?;
+    let read = BufReader::new(&s).read_line(&mut reply);
+    progress.finish();
+    read.context("reading the checkpoint reply")?;
     if reply.is_empty() {
         bail!("the supervisor closed the connection without answering (did the application exit?)");
     }
@@ -169,7 +175,13 @@ pub fn summarize(r: &DumpReport) -> String {
 }
 
 /// `stasis checkpoint --pid PID --dir DIR`: checkpoint a process we did not start.
-pub fn checkpoint_pid(dir: &Path, pid: i32, kill: bool, keep: usize) -> Result<String> {
+pub fn checkpoint_pid(
+    dir: &Path,
+    pid: i32,
+    kill: bool,
+    keep: usize,
+    show_progress: bool,
+) -> Result<String> {
     stasis_image::store::ensure_dir(dir)?;
     let opts = DumpOptions {
         kill,
@@ -178,6 +190,47 @@ pub fn checkpoint_pid(dir: &Path, pid: i32, kill: bool, keep: usize) -> Result<S
         keep,
         own_ipc_namespace: false,
     };
-    let report = dump::checkpoint(&canonical(dir)?, pid, &opts)?;
+    let progress = Progress::start(format!("checkpointing process {pid}"), show_progress);
+    let report = dump::checkpoint(&canonical(dir)?, pid, &opts);
+    progress.finish();
+    let report = report?;
     Ok(summarize(&report))
+}
+
+/// A spinner with the elapsed time on stderr, shown only when stderr is a terminal
+/// and the operation takes more than a second.
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    /// Starts the (initially hidden) spinner; `enabled` is false with --quiet.
+    pub fn start(what: String, enabled: bool) -> Progress {
+        use std::io::IsTerminal;
+        if !enabled || !std::io::stderr().is_terminal() {
+            return Progress { bar: None };
+        }
+        let bar =
+            indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::hidden());
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})") {
+            bar.set_style(style);
+        }
+        bar.set_message(what);
+        let later = bar.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            if !later.is_finished() {
+                later.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                later.enable_steady_tick(std::time::Duration::from_millis(120));
+            }
+        });
+        Progress { bar: Some(bar) }
+    }
+
+    /// Removes the spinner.
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
 }

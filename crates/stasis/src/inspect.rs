@@ -1,8 +1,9 @@
 //! `stasis inspect`: what a checkpoint holds, for people and scripts.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use stasis_image::{store, CheckpointReader, FdKind, MappingKind};
 use std::path::Path;
+use std::process::ExitCode;
 
 /// Prints the newest checkpoint of `dir` (or `dir` itself if it is one checkpoint).
 pub fn inspect(dir: &Path, json: bool) -> Result<()> {
@@ -235,4 +236,51 @@ fn human(b: u64) -> String {
     } else {
         format!("{}K", b / 1024)
     }
+}
+
+/// `stasis verify`: checks checkpoints without restoring them.
+pub fn verify(dir: &Path, latest: bool) -> Result<ExitCode> {
+    let all: Vec<(u64, std::path::PathBuf)> = if dir.join("manifest.json").exists() {
+        vec![(0, dir.to_path_buf())]
+    } else {
+        store::list_checkpoints(dir)?
+    };
+    if all.is_empty() {
+        bail!("no complete checkpoint in {}", dir.display());
+    }
+    let chosen: Vec<_> = if latest {
+        all[all.len() - 1..].to_vec()
+    } else {
+        all
+    };
+    let mut newest_ok = None;
+    let mut bad = 0;
+    for (seq, path) in &chosen {
+        let t0 = std::time::Instant::now();
+        match CheckpointReader::open(path) {
+            Ok(r) => {
+                let bytes: u64 = r.manifest.files.iter().map(|f| f.size).sum();
+                println!(
+                    "ok       {} ({} files, {}, checked in {:.2} s)",
+                    path.display(),
+                    r.manifest.files.len(),
+                    human(bytes),
+                    t0.elapsed().as_secs_f64()
+                );
+                newest_ok = Some(*seq);
+            }
+            Err(e) => {
+                bad += 1;
+                println!("CORRUPT  {}: {e}", path.display());
+            }
+        }
+    }
+    if bad == 0 {
+        return Ok(ExitCode::SUCCESS);
+    }
+    match newest_ok {
+        Some(seq) if seq > 0 => eprintln!("stasis: {bad} checkpoint(s) damaged; the newest intact one can be restarted with: stasis restart --from {seq} {}", dir.display()),
+        _ => eprintln!("stasis: {bad} checkpoint(s) damaged"),
+    }
+    Ok(ExitCode::from(1))
 }

@@ -3,6 +3,7 @@
 //! original bytes back the restart works and continues exactly.
 mod common;
 use common::*;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -144,4 +145,71 @@ fn every_image_file_is_verified() {
     s.restart(Probe::Ticks);
     s.finish();
     verify_counter(&s.outputs(), Some(0));
+}
+
+/// `stasis verify` checks every checkpoint without restoring: 0 when intact; 1 with
+/// the damaged checkpoint named when a byte is flipped; the application state in the
+/// intact checkpoints is still restartable with `--from`.
+#[test]
+fn verify_reports_damage_without_restoring() {
+    let w = Work::new("verify");
+    let mut s = Session::start(&w, &[prog("counter")]);
+    s.cur().wait_tick(3, T_READY);
+    let first = w.checkpoint_ok(false, s.cur());
+    s.cur().wait_more_ticks(3, T_READY);
+    s.checkpoint_kill();
+    let dir = w.ck.clone();
+    let ok = w.stasis("verify-ok", &[OsStr::new("verify"), dir.as_os_str()]);
+    assert!(
+        ok.status.success(),
+        "verify of intact checkpoints failed: {ok}"
+    );
+    assert_eq!(
+        ok.stdout.lines().filter(|l| l.starts_with("ok ")).count(),
+        2,
+        "{ok}"
+    );
+    // Damage the newest checkpoint's page file.
+    let newest = w.newest_checkpoint();
+    let page = std::fs::read_dir(&newest)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("pages-")
+        })
+        .expect("a page file");
+    let mut bytes = std::fs::read(&page).unwrap();
+    let at = bytes
+        .iter()
+        .position(|&b| b != 0)
+        .expect("non-zero page data");
+    bytes[at] ^= 0x5a;
+    std::fs::write(&page, &bytes).unwrap();
+    let bad = w.stasis("verify-bad", &[OsStr::new("verify"), dir.as_os_str()]);
+    assert_eq!(
+        bad.status.code(),
+        Some(1),
+        "verify of a damaged checkpoint: {bad}"
+    );
+    assert!(
+        bad.stdout.contains("CORRUPT") && bad.stdout.contains("checksum"),
+        "{bad}"
+    );
+    assert!(
+        bad.stderr.contains("--from"),
+        "no hint to the intact checkpoint: {bad}"
+    );
+    let latest = w.stasis(
+        "verify-latest",
+        &[
+            OsStr::new("verify"),
+            OsStr::new("--latest"),
+            dir.as_os_str(),
+        ],
+    );
+    assert_eq!(latest.status.code(), Some(1), "{latest}");
+    assert!(first.exists(), "the intact checkpoint must stay");
 }
