@@ -436,17 +436,7 @@ pub fn copy_pages(
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(Error::Restore {
-                        pid: src,
-                        msg: "a memory copy thread panicked".into(),
-                    })
-                })
-            })
-            .collect()
+        join_all(handles, src)
     });
     results.into_iter().collect()
 }
@@ -478,17 +468,7 @@ pub fn write_pages(
                 sc.spawn(move || write_range(src, how, plan, prefetched, file, mem, lo, hi))
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(Error::Restore {
-                        pid: src,
-                        msg: "a memory copy thread panicked".into(),
-                    })
-                })
-            })
-            .collect()
+        join_all(handles, src)
     });
     let (mut zeros, mut sums) = (Vec::new(), Vec::new());
     for r in results {
@@ -636,6 +616,24 @@ pub fn finish_pages(vmas: &[Vma], plan: &Plan, zeros: &ZeroMap) -> (Vec<Mapping>
         }
     }
     (mappings, stored)
+}
+
+/// Joins scoped worker threads; a panicked worker becomes an error of process `pid`.
+fn join_all<T>(
+    handles: Vec<std::thread::ScopedJoinHandle<'_, Result<T>>>,
+    pid: i32,
+) -> Vec<Result<T>> {
+    handles
+        .into_iter()
+        .map(|h| {
+            h.join().unwrap_or_else(|_| {
+                Err(Error::Restore {
+                    pid,
+                    msg: "a memory copy thread panicked".into(),
+                })
+            })
+        })
+        .collect()
 }
 
 fn is_zero(page: &[u8]) -> bool {

@@ -138,33 +138,16 @@ impl Collector {
         let size = md.size();
         let obj = self.object(md.ino(), &memfd_name(target), size, writer)?;
         let src = std::fs::File::open(link).ctx(pid, || format!("opening the memfd of fd {fd}"))?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut off = 0u64;
-        while off < size {
-            // Skip holes: SEEK_DATA finds the next populated part.
-            // SAFETY: lseek on a descriptor we own.
-            let data = unsafe { libc::lseek(src.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
-            if data < 0 {
-                break;
-            }
-            off = data as u64;
-            let n = src
-                .read_at(&mut buf, off)
-                .ctx(pid, || format!("reading the memfd of fd {fd}"))?;
-            if n == 0 {
-                break;
-            }
-            for (k, page) in buf[..n].chunks(PAGE_SIZE as usize).enumerate() {
+        for_each_extent(&src, |off, data| {
+            for (k, page) in data.chunks(PAGE_SIZE as usize).enumerate() {
                 let o = off + (k as u64) * PAGE_SIZE;
                 if obj.saved.insert(o) && page.iter().any(|&b| b != 0) {
-                    obj.file
-                        .file()
-                        .write_all_at(page, o)
-                        .ctx(pid, || "writing a memfd into the image".into())?;
+                    obj.file.file().write_all_at(page, o)?;
                 }
             }
-            off += n as u64;
-        }
+            Ok(())
+        })
+        .ctx(pid, || format!("saving the memfd of fd {fd}"))?;
         Ok(())
     }
 
@@ -184,6 +167,30 @@ impl Collector {
             out.push(record);
         }
         Ok(out)
+    }
+}
+
+/// Calls `f(offset, bytes)` for the populated parts of a file, in pieces of at most
+/// 1 MiB, skipping holes (SEEK_DATA).
+fn for_each_extent(
+    src: &std::fs::File,
+    mut f: impl FnMut(u64, &[u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    loop {
+        // SAFETY: lseek on a descriptor we own.
+        let data = unsafe { libc::lseek(src.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            return Ok(()); // ENXIO: no data past `off`
+        }
+        off = data as u64;
+        let n = src.read_at(&mut buf, off)?;
+        if n == 0 {
+            return Ok(());
+        }
+        f(off, &buf[..n])?;
+        off += n as u64;
     }
 }
 
@@ -211,26 +218,14 @@ pub fn create_objects(
             .map_err(|e| format!("sizing shared memory {}: {e}", o.id))?;
         let path = image.data_path(&o.data_file).map_err(|e| e.to_string())?;
         let src = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut off = 0u64;
-        loop {
-            // Copy only the populated parts; holes stay unallocated.
-            // SAFETY: lseek on a descriptor we own.
-            let data = unsafe { libc::lseek(src.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
-            if data < 0 {
-                break;
-            }
-            off = data as u64;
-            let n = src
-                .read_at(&mut buf, off)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            if n == 0 {
-                break;
-            }
-            obj.write_all_at(&buf[..n], off)
-                .map_err(|e| format!("filling shared memory {}: {e}", o.id))?;
-            off += n as u64;
-        }
+        // Only the populated parts: holes stay unallocated.
+        for_each_extent(&src, |off, data| obj.write_all_at(data, off)).map_err(|e| {
+            format!(
+                "filling shared memory {} from {}: {e}",
+                o.id,
+                path.display()
+            )
+        })?;
         out.insert(o.id, OwnedFd::from(obj));
     }
     Ok(out)
