@@ -366,7 +366,23 @@ impl Part {
             Some(s) => (s.pid, memory::Source::Snapshot),
             None => (pid, memory::Source::Process),
         };
-        let (zeros, chunks) = memory::write_pages(src, how, &self.plan, &prefetched, pages.file())?;
+        let (zeros, chunks) = memory::write_pages(src, how, &self.plan, &prefetched, pages.file())
+            .map_err(|e| match e {
+                // Name the process (not its snapshot) and the file.
+                Error::Io { source, .. } => Error::Io {
+                    pid,
+                    context: format!("writing {}", pages.path().display()),
+                    source,
+                },
+                Error::Sys {
+                    source, context, ..
+                } => Error::Sys {
+                    pid,
+                    context,
+                    source,
+                },
+                e => e,
+            })?;
         drop(prefetched);
         self.snapshot = None;
         let (mappings, bytes) = memory::finish_pages(&self.layout, &self.plan, &zeros);

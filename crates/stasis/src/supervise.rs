@@ -185,14 +185,23 @@ fn write_id_maps(pid: i32, uid: u32, gid: u32) -> Result<()> {
         std::fs::write(format!("/proc/{pid}/{name}"), text)
             .with_context(|| format!("writing /proc/{pid}/{name} ({text:?})"))
     };
-    if uid == 0 {
-        write("uid_map", "0 0 4294967295")?;
-        write("gid_map", "0 0 4294967295")?;
-    } else {
-        write("setgroups", "deny")?;
-        write("uid_map", &format!("0 {uid} 1"))?;
-        write("gid_map", &format!("0 {gid} 1"))?;
+    // Real root maps every ID one to one, so that files of other users keep their
+    // owners. Where that is not allowed (root of a user namespace that maps only
+    // itself, e.g. inside a container or `unshare -r`), and for everyone else, the
+    // invoking user alone becomes root of the new namespace.
+    if uid == 0
+        && write("uid_map", "0 0 4294967295").is_ok()
+        && write("gid_map", "0 0 4294967295").is_ok()
+    {
+        return Ok(());
     }
+    // gid_map needs setgroups denied unless we hold CAP_SETGID over the parent
+    // namespace; after a successful full uid_map the single gid line below still works.
+    let _ = write("setgroups", "deny");
+    if std::fs::read_to_string(format!("/proc/{pid}/uid_map")).is_ok_and(|m| m.trim().is_empty()) {
+        write("uid_map", &format!("0 {uid} 1"))?;
+    }
+    write("gid_map", &format!("0 {gid} 1"))?;
     Ok(())
 }
 
