@@ -1,7 +1,7 @@
 /* Benchmark workload: MiB of memory of a given kind, then idles until "go" exists.
- * kind: random | text | zero (mostly zero: 1 page in 64 written). With a fourth
- * argument P, after "go1" exists it rewrites P percent of its pages (for an
- * incremental checkpoint) and prints "changed". */
+ * kind: random | text | zero (mostly zero: 1 page in 64 written). With a third
+ * argument P, when a file "change" appears it rewrites P percent of its pages
+ * (spread over the whole area, for an incremental checkpoint) and prints "changed". */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,6 +25,15 @@ int main(int argc, char **argv) {
         for (size_t i = 0; i < n; i += 64 * 4096) m[i] = 1;
     }
     printf("ready\n");
-    while (access("go", 0)) usleep(10000);
+    int pct = argc > 3 ? atoi(argv[3]) : 0, changed = 0;
+    while (access("go", 0)) {
+        if (pct > 0 && !changed && access("change", 0) == 0) {
+            size_t pages = n / 4096, every = 100 / pct;
+            for (size_t p = 0; p < pages; p += every) m[p * 4096 + 17] ^= 0x5a;
+            changed = 1;
+            printf("changed\n");
+        }
+        usleep(10000);
+    }
     return 0;
 }

@@ -19,6 +19,7 @@ use stasis_image::{
 };
 use stasis_sys::arch;
 use stasis_sys::ptrace::{self, Stop};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -34,6 +35,9 @@ pub struct DumpOptions {
     pub stdio: Option<StdioIds>,
     /// Checkpoints to keep in the directory (older ones are removed after success).
     pub keep: usize,
+    /// Store only the pages changed since the newest checkpoint in the directory
+    /// (found by content hash), referring to it for the rest.
+    pub incremental: bool,
     /// The job has an IPC namespace of its own (under stasis run): its System V
     /// objects are saved with it.
     pub own_ipc_namespace: bool,
@@ -133,11 +137,29 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
     let t1 = Instant::now();
     let mut processes = Vec::with_capacity(parts.len());
     let mut pages_bytes = 0;
+    let seq = writer.sequence();
+    let prev = if opts.incremental {
+        previous_pages(dir)?
+    } else {
+        HashMap::new()
+    };
     for part in parts {
-        let (p, bytes) = part.write_pages(&mut writer)?;
+        let prev_pages = prev.get(&part.process.pid);
+        let (p, bytes) = part.write_pages(&mut writer, prev_pages, seq)?;
         pages_bytes += bytes;
         processes.push(p);
     }
+    let mut depends_on: Vec<u64> = processes
+        .iter()
+        .flat_map(|p| {
+            p.mappings
+                .iter()
+                .flat_map(|m| m.pages.iter().map(|r| r.from))
+        })
+        .filter(|&f| f != 0)
+        .collect();
+    depends_on.sort_unstable();
+    depends_on.dedup();
     if !opts.kill {
         for (_, f) in tree.iter_mut() {
             f.release()?;
@@ -161,6 +183,7 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
         origin: opts.origin,
         root_pid: pid,
         processes,
+        depends_on,
         zombies,
         pipes,
         sockets,
@@ -334,6 +357,7 @@ fn dump_frozen(
             mm: ts.mm,
             mappings: Vec::new(),
             pages_file: format!("pages-{pid}.img"),
+            hashes_file: None,
             fds,
             signals: sigs,
             itimers: ts.itimers,
@@ -351,7 +375,12 @@ fn dump_frozen(
 impl Part {
     /// Writes the pages (from the snapshot if there is one, else from the frozen
     /// process) and completes the process's record. Returns it and the bytes stored.
-    fn write_pages(mut self, writer: &mut CheckpointWriter) -> Result<(Process, u64)> {
+    fn write_pages(
+        mut self,
+        writer: &mut CheckpointWriter,
+        prev: Option<&memory::PrevPages>,
+        seq: u64,
+    ) -> Result<(Process, u64)> {
         let pid = self.process.pid;
         let pages = writer.positioned_file(&self.process.pages_file, self.plan.bytes)?;
         let mut prefetched = std::collections::HashMap::new();
@@ -366,27 +395,38 @@ impl Part {
             Some(s) => (s.pid, memory::Source::Snapshot),
             None => (pid, memory::Source::Process),
         };
-        let (zeros, chunks) = memory::write_pages(src, how, &self.plan, &prefetched, pages.file())
-            .map_err(|e| match e {
-                // Name the process (not its snapshot) and the file.
-                Error::Io { source, .. } => Error::Io {
-                    pid,
-                    context: format!("writing {}", pages.path().display()),
-                    source,
+        let (zeros, chunks) =
+            memory::write_pages(src, how, &self.plan, &prefetched, pages.file(), prev).map_err(
+                |e| match e {
+                    // Name the process (not its snapshot) and the file.
+                    Error::Io { source, .. } => Error::Io {
+                        pid,
+                        context: format!("writing {}", pages.path().display()),
+                        source,
+                    },
+                    Error::Sys {
+                        source, context, ..
+                    } => Error::Sys {
+                        pid,
+                        context,
+                        source,
+                    },
+                    e => e,
                 },
-                Error::Sys {
-                    source, context, ..
-                } => Error::Sys {
-                    pid,
-                    context,
-                    source,
-                },
-                e => e,
-            })?;
+            )?;
         drop(prefetched);
         self.snapshot = None;
-        let (mappings, bytes) = memory::finish_pages(&self.layout, &self.plan, &zeros);
+        let (mappings, bytes, hashes) = memory::finish_pages(&self.layout, &self.plan, &zeros, seq);
         writer.finish_positioned(pages, chunks)?;
+        let name = format!("hashes-{pid}.bin");
+        let mut buf = Vec::with_capacity(hashes.len() * stasis_image::PageHash::SIZE);
+        for h in &hashes {
+            h.encode(&mut buf);
+        }
+        let mut w = writer.data_file(&name)?;
+        w.write_all(&buf)?;
+        writer.finish_data(w)?;
+        self.process.hashes_file = Some(name);
         self.process.mappings = mappings;
         Ok((self.process, bytes))
     }
@@ -437,6 +477,33 @@ impl Drop for Snapshot {
         unsafe { libc::kill(self.pid, libc::SIGKILL) };
         let _ = ptrace::wait(self.pid);
     }
+}
+
+/// The page hashes of the newest checkpoint in `dir`, by process: what an incremental
+/// checkpoint may refer to instead of storing again. Unreadable or absent: nothing.
+fn previous_pages(dir: &Path) -> Result<HashMap<i32, memory::PrevPages>> {
+    let mut out = HashMap::new();
+    let Some((_, path)) = store::list_checkpoints(dir)?.pop() else {
+        return Ok(out);
+    };
+    let Ok(bytes) = std::fs::read(path.join("checkpoint.json")) else {
+        return Ok(out);
+    };
+    let Ok(meta) = serde_json::from_slice::<Checkpoint>(&bytes) else {
+        return Ok(out);
+    };
+    for p in &meta.processes {
+        let Some(name) = &p.hashes_file else { continue };
+        let Ok(raw) = std::fs::read(path.join(name)) else {
+            continue;
+        };
+        let map: memory::PrevPages = stasis_image::PageHash::decode_all(&raw)
+            .into_iter()
+            .map(|h| (h.addr, h))
+            .collect();
+        out.insert(p.pid, map);
+    }
+    Ok(out)
 }
 
 /// `uname -r`.

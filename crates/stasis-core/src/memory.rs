@@ -361,9 +361,23 @@ pub fn subplan(plan: &Plan, want: impl Fn(&PlannedRun) -> bool) -> (Plan, Vec<us
     (sub, index)
 }
 
-/// Per planned run (by index): which of its pages are all zero.
-/// Per planned run (by index) and first page (within the run): which pages are zero.
-pub type ZeroMap = Vec<(usize, u64, Vec<bool>)>;
+/// What became of one saved page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageState {
+    /// All zero: not stored (a hole).
+    Zero,
+    /// Stored in this checkpoint's page file; its content hash.
+    Own(u128),
+    /// Unchanged since an earlier checkpoint, which holds it: (hash, from, offset).
+    Ref(u128, u64, u64),
+}
+
+/// Per planned run (by index) and first page (within the run): what became of pages.
+pub type ZeroMap = Vec<(usize, u64, Vec<PageState>)>;
+
+/// Where the pages of the previous checkpoint live, by address (for incremental
+/// checkpoints).
+pub type PrevPages = HashMap<u64, stasis_image::PageHash>;
 
 type Piece<'a> = (usize, &'a PlannedRun, &'a mut [u8]);
 
@@ -453,6 +467,7 @@ pub fn write_pages(
     plan: &Plan,
     prefetched: &HashMap<usize, &[u8]>,
     file: &std::fs::File,
+    prev: Option<&PrevPages>,
 ) -> Result<(ZeroMap, Vec<String>)> {
     let mem = std::fs::File::open(format!("/proc/{src}/mem"))
         .ctx(src, || "opening /proc/PID/mem".into())?;
@@ -465,7 +480,7 @@ pub fn write_pages(
             .map(|w| {
                 let (mem, lo) = (&mem, w * per);
                 let hi = ((w + 1) * per).min(plan.bytes);
-                sc.spawn(move || write_range(src, how, plan, prefetched, file, mem, lo, hi))
+                sc.spawn(move || write_range(src, how, plan, prefetched, file, prev, mem, lo, hi))
             })
             .collect();
         join_all(handles, src)
@@ -486,6 +501,7 @@ fn write_range(
     plan: &Plan,
     prefetched: &HashMap<usize, &[u8]>,
     file: &std::fs::File,
+    prev: Option<&PrevPages>,
     mem: &std::fs::File,
     lo: u64,
     hi: u64,
@@ -520,16 +536,30 @@ fn write_range(
                 None => stasis_sys::vm::read(src, addr, data)
                     .ctx(src, || format!("reading {len} bytes at {addr:x}"))?,
             }
-            let z: Vec<bool> = data.chunks_exact(PAGE_SIZE as usize).map(is_zero).collect();
-            // Write the non-zero spans.
+            let z: Vec<PageState> = data
+                .chunks_exact(PAGE_SIZE as usize)
+                .enumerate()
+                .map(|(k, page)| {
+                    if is_zero(page) {
+                        return PageState::Zero;
+                    }
+                    let h = xxhash_rust::xxh3::xxh3_128(page);
+                    match prev.and_then(|p| p.get(&(addr + k as u64 * PAGE_SIZE))) {
+                        Some(old) if old.hash == h => PageState::Ref(h, old.from, old.offset),
+                        _ => PageState::Own(h),
+                    }
+                })
+                .collect();
+            let own = |k: usize| matches!(z[k], PageState::Own(_));
+            // Write the spans of pages stored here; zero and unchanged pages stay holes.
             let mut p = 0;
             while p < z.len() {
-                if z[p] {
+                if !own(p) {
                     p += 1;
                     continue;
                 }
                 let s = p;
-                while p < z.len() && !z[p] {
+                while p < z.len() && own(p) {
                     p += 1;
                 }
                 let bytes = &data[s * PAGE_SIZE as usize..p * PAGE_SIZE as usize];
@@ -539,6 +569,12 @@ fn write_range(
                         context: "writing the page file".into(),
                         source: e,
                     })?;
+            }
+            // Checksum what the file holds: the stored pages, zeros elsewhere.
+            for (k, st) in z.iter().enumerate() {
+                if !matches!(st, PageState::Own(_)) {
+                    data[k * PAGE_SIZE as usize..(k + 1) * PAGE_SIZE as usize].fill(0);
+                }
             }
             zeros.push((i, (off - r.offset) / PAGE_SIZE, z));
             // Checksum chunk by chunk.
@@ -565,57 +601,66 @@ fn write_range(
 /// Turns the plan and the zero-page map into the mappings' saved page runs. Zero pages
 /// are left out (restore leaves them to the kernel's zero fill; they are holes in the
 /// page file). Returns the mappings and the bytes of pages stored.
-pub fn finish_pages(vmas: &[Vma], plan: &Plan, zeros: &ZeroMap) -> (Vec<Mapping>, u64) {
+pub fn finish_pages(
+    vmas: &[Vma],
+    plan: &Plan,
+    states: &ZeroMap,
+    seq: u64,
+) -> (Vec<Mapping>, u64, Vec<stasis_image::PageHash>) {
     let mut mappings: Vec<Mapping> = vmas.iter().map(|v| v.map.clone()).collect();
-    let mut zero_of: Vec<Vec<bool>> = plan
+    let mut state_of: Vec<Vec<PageState>> = plan
         .runs
         .iter()
-        .map(|r| vec![false; r.npages as usize])
+        .map(|r| vec![PageState::Zero; r.npages as usize])
         .collect();
-    for (i, first, z) in zeros {
-        for (k, &b) in z.iter().enumerate() {
-            if let Some(slot) = zero_of
+    for (i, first, z) in states {
+        for (k, &st) in z.iter().enumerate() {
+            if let Some(slot) = state_of
                 .get_mut(*i)
                 .and_then(|v| v.get_mut(*first as usize + k))
             {
-                *slot = b;
+                *slot = st;
             }
         }
     }
     let mut stored = 0;
+    let mut hashes = Vec::new();
     for (i, r) in plan.runs.iter().enumerate() {
-        let is_z = |k: u64| zero_of[i][k as usize];
         let m = &mut mappings[r.vma];
-        let mut p = 0u64;
-        while p < r.npages {
-            let first = p;
-            let zero = is_z(p);
-            while p < r.npages && is_z(p) == zero {
-                p += 1;
-            }
-            let addr = r.addr + first * PAGE_SIZE;
-            let offset = r.offset + first * PAGE_SIZE;
-            let np = p - first;
-            if zero {
-                continue;
-            }
-            stored += np * PAGE_SIZE;
+        for (k, st) in state_of[i].iter().enumerate() {
+            let addr = r.addr + k as u64 * PAGE_SIZE;
+            let (from, offset, hash) = match *st {
+                PageState::Zero => continue,
+                PageState::Own(h) => {
+                    stored += PAGE_SIZE;
+                    (0, r.offset + k as u64 * PAGE_SIZE, h)
+                }
+                PageState::Ref(h, from, offset) => (from, offset, h),
+            };
+            hashes.push(stasis_image::PageHash {
+                addr,
+                hash,
+                from: if from == 0 { seq } else { from },
+                offset,
+            });
             match m.pages.last_mut() {
                 Some(last)
-                    if last.addr + last.npages * PAGE_SIZE == addr
+                    if last.from == from
+                        && last.addr + last.npages * PAGE_SIZE == addr
                         && last.offset + last.npages * PAGE_SIZE == offset =>
                 {
-                    last.npages += np
+                    last.npages += 1
                 }
                 _ => m.pages.push(PageRun {
                     addr,
-                    npages: np,
+                    npages: 1,
                     offset,
+                    from,
                 }),
             }
         }
     }
-    (mappings, stored)
+    (mappings, stored, hashes)
 }
 
 /// Joins scoped worker threads; a panicked worker becomes an error of process `pid`.
@@ -666,7 +711,7 @@ pub fn restore_mappings(
     pid: i32,
     mappings: &[Mapping],
     fds: &MapFds,
-    pages: &[u8],
+    pages: &HashMap<u64, &[u8]>,
 ) -> Result<()> {
     let restored: Vec<&Mapping> = mappings
         .iter()
@@ -787,16 +832,20 @@ fn initial_prot(m: &Mapping) -> u32 {
 }
 
 /// Copies every saved page into the stopped process, with as many threads as cores.
-fn fill_pages(pid: i32, mappings: &[&Mapping], pages: &[u8]) -> Result<()> {
+fn fill_pages(pid: i32, mappings: &[&Mapping], pages: &HashMap<u64, &[u8]>) -> Result<()> {
     let mut work: Vec<(u64, &[u8])> = Vec::new();
     for m in mappings {
         for r in &m.pages {
             let len = r.npages * PAGE_SIZE;
             let data = pages
-                .get(r.offset as usize..(r.offset + len) as usize)
+                .get(&r.from)
+                .and_then(|p| p.get(r.offset as usize..(r.offset + len) as usize))
                 .ok_or_else(|| Error::Restore {
                     pid,
-                    msg: format!("pages of {:x} lie beyond the end of the page file", r.addr),
+                    msg: format!(
+                        "pages of {:x} lie beyond the end of the page file (of checkpoint {})",
+                        r.addr, r.from
+                    ),
                 })?;
             // Pieces of at most 4 MiB, so that the threads share the work evenly.
             for (k, piece) in data.chunks((BATCH_PAGES * PAGE_SIZE) as usize).enumerate() {

@@ -127,6 +127,7 @@ fn precheck_process(image: &CheckpointReader, p: &Process) -> Result<()> {
 /// the saved outside stdio to. Returns the PID of the root process, running.
 pub fn restore(image: &CheckpointReader, stdio: [Option<i32>; 3]) -> Result<i32> {
     precheck(image)?;
+    let deps = open_dependencies(image)?;
     let meta = &image.meta;
     let procs = &meta.processes;
     let root_pid = meta.root_pid;
@@ -226,7 +227,7 @@ pub fn restore(image: &CheckpointReader, stdio: [Option<i32>; 3]) -> Result<i32>
         seize_stopped(p.pid)?;
     }
     for (i, p) in procs.iter().enumerate() {
-        rebuild(p.pid, image, p, &prepared[i], &used_by[i])?;
+        rebuild(p.pid, image, &deps, p, &prepared[i], &used_by[i])?;
     }
     // Start children before parents.
     for p in procs.iter().rev() {
@@ -238,6 +239,27 @@ pub fn restore(image: &CheckpointReader, stdio: [Option<i32>; 3]) -> Result<i32>
         std::mem::forget(g);
     }
     Ok(root_pid)
+}
+
+/// Opens and fully verifies the earlier checkpoints an incremental checkpoint refers
+/// to (they live beside it in the same directory).
+fn open_dependencies(image: &CheckpointReader) -> Result<Vec<(u64, CheckpointReader)>> {
+    let root = image.path().parent().unwrap_or(std::path::Path::new("."));
+    let mut out = Vec::new();
+    for &seq in &image.meta.depends_on {
+        let path = stasis_image::store::checkpoint_path(root, seq);
+        if !path.exists() {
+            return Err(Error::Restore {
+                pid: image.meta.root_pid,
+                msg: format!(
+                    "this incremental checkpoint needs {}, which is missing",
+                    path.display()
+                ),
+            });
+        }
+        out.push((seq, CheckpointReader::open(&path)?));
+    }
+    Ok(out)
 }
 
 /// fork_with_pid, retrying while the PID is still held for a moment by an exiting
@@ -311,6 +333,7 @@ fn seize_stopped(pid: i32) -> Result<()> {
 fn rebuild(
     child: i32,
     image: &CheckpointReader,
+    deps: &[(u64, CheckpointReader)],
     p: &Process,
     prep: &Prepared,
     used: &[(u64, u64)],
@@ -359,20 +382,29 @@ fn rebuild(
     let fds = MapFds {
         files: prep.files.clone(),
     };
-    let pages_path = image.data_path(&p.pages_file)?;
-    let pages_file = std::fs::File::open(&pages_path)
-        .ctx(child, || format!("opening {}", pages_path.display()))?;
-    let map;
-    let pages: &[u8] = if pages_file.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
-        &[]
-    } else {
+    // This checkpoint's page file (source 0) and those of the earlier checkpoints an
+    // incremental one refers to (verified with it), mapped read-only.
+    let mut maps = Vec::new();
+    let mut sources: HashMap<u64, &[u8]> = HashMap::new();
+    let mut files = vec![(0u64, image.data_path(&p.pages_file)?)];
+    for (seq, dep) in deps {
+        files.push((*seq, dep.data_path(&p.pages_file)?));
+    }
+    for (seq, path) in &files {
+        let f = std::fs::File::open(path).ctx(child, || format!("opening {}", path.display()))?;
+        if f.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
+            continue;
+        }
         // SAFETY: read-only mapping of a verified image file that nobody should modify
         // while we restore; a concurrent truncation would fault, not corrupt memory.
-        map = unsafe { memmap2::Mmap::map(&pages_file) }
-            .ctx(child, || format!("mapping {}", pages_path.display()))?;
-        &map[..]
-    };
-    memory::restore_mappings(&inj, child, &p.mappings, &fds, pages)?;
+        let map = unsafe { memmap2::Mmap::map(&f) }
+            .ctx(child, || format!("mapping {}", path.display()))?;
+        maps.push((*seq, map));
+    }
+    for (seq, map) in &maps {
+        sources.insert(*seq, &map[..]);
+    }
+    memory::restore_mappings(&inj, child, &p.mappings, &fds, &sources)?;
     let scratch = Scratch::at(child, prep.gadget + PAGE_SIZE);
     task::restore_mm(&inj, child, &p.mm, prep.exe_fd, &scratch)?;
     // The other threads, created by the leader, stopped before their first instruction.

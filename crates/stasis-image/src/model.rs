@@ -24,6 +24,10 @@ pub struct Checkpoint {
     pub root_pid: i32,
     /// Every saved process, parents before children.
     pub processes: Vec<Process>,
+    /// Earlier checkpoints (sequence numbers) whose page files this incremental
+    /// checkpoint refers to; they must be kept and verified with it.
+    #[serde(default)]
+    pub depends_on: Vec<u64>,
     /// Children that had exited but were not reaped yet (zombies).
     #[serde(default)]
     pub zombies: Vec<Zombie>,
@@ -212,6 +216,10 @@ pub struct Process {
     pub mappings: Vec<Mapping>,
     /// Name of the data file holding this process's pages.
     pub pages_file: String,
+    /// Name of the data file with the hash of every saved page (`PageHash` records),
+    /// used by the next incremental checkpoint.
+    #[serde(default)]
+    pub hashes_file: Option<String>,
     /// Open file descriptors.
     pub fds: Vec<Fd>,
     /// Process-wide signal state.
@@ -342,6 +350,55 @@ pub struct PageRun {
     pub npages: u64,
     /// Byte offset of the first page in the page file (page-aligned).
     pub offset: u64,
+    /// Sequence number of the (earlier) checkpoint whose page file holds these pages,
+    /// for an incremental checkpoint; 0: this checkpoint.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub from: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// One record of a `hashes-PID.bin` file: where the current content of a page lives.
+/// Little-endian, 40 bytes: addr, hash (128 bits, low half first), from (absolute
+/// checkpoint sequence), offset in that checkpoint's page file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageHash {
+    pub addr: u64,
+    pub hash: u128,
+    pub from: u64,
+    pub offset: u64,
+}
+
+impl PageHash {
+    /// Size of one encoded record.
+    pub const SIZE: usize = 40;
+
+    /// Encodes the record.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.addr.to_le_bytes());
+        out.extend_from_slice(&self.hash.to_le_bytes());
+        out.extend_from_slice(&self.from.to_le_bytes());
+        out.extend_from_slice(&self.offset.to_le_bytes());
+    }
+
+    /// Decodes every record of a hashes file.
+    pub fn decode_all(b: &[u8]) -> Vec<PageHash> {
+        b.chunks_exact(Self::SIZE)
+            .map(|c| {
+                let u = |r: std::ops::Range<usize>| {
+                    u64::from_le_bytes(c[r].try_into().unwrap_or_default())
+                };
+                PageHash {
+                    addr: u(0..8),
+                    hash: u128::from_le_bytes(c[8..24].try_into().unwrap_or_default()),
+                    from: u(24..32),
+                    offset: u(32..40),
+                }
+            })
+            .collect()
+    }
 }
 
 /// One open file descriptor.

@@ -175,13 +175,42 @@ pub fn prune(lock: &DirLock, keep: usize) -> ImageResult<Vec<PathBuf>> {
     let root = lock.root();
     let mut removed = Vec::new();
     let all = list_checkpoints(root)?;
-    let drop_n = all.len().saturating_sub(keep.max(1));
-    for (_, path) in all.into_iter().take(drop_n) {
+    let first_kept = all.len().saturating_sub(keep.max(1));
+    // Keep the newest `keep` and every checkpoint an incremental one refers to.
+    let mut needed: std::collections::HashSet<u64> =
+        all[first_kept..].iter().map(|c| c.0).collect();
+    for (_, path) in &all[first_kept..] {
+        needed.extend(depends_on(path));
+    }
+    for (seq, path) in all {
+        if needed.contains(&seq) {
+            continue;
+        }
         fs::remove_dir_all(&path).map_err(io_err(&path))?;
         removed.push(path);
     }
     removed.extend(remove_stale_tmp(root)?);
     Ok(removed)
+}
+
+/// The checkpoints a checkpoint's pages refer to (empty for a full checkpoint or
+/// unreadable metadata: such a checkpoint is refused at restore anyway).
+pub fn depends_on(path: &Path) -> Vec<u64> {
+    #[derive(Deserialize)]
+    struct Deps {
+        #[serde(default)]
+        depends_on: Vec<u64>,
+    }
+    fs::read(path.join(METADATA))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Deps>(&b).ok())
+        .map(|d| d.depends_on)
+        .unwrap_or_default()
+}
+
+/// Path of checkpoint `seq` of the directory `root`.
+pub fn checkpoint_path(root: &Path, seq: u64) -> PathBuf {
+    root.join(format!("{PREFIX}{seq:06}"))
 }
 
 fn remove_stale_tmp(root: &Path) -> ImageResult<Vec<PathBuf>> {
@@ -284,6 +313,46 @@ pub fn workers() -> usize {
     std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, 64)
+}
+
+/// xxh3 checksums of every CHUNK_SIZE chunk of a file of `size` bytes, read with
+/// pread by several threads. (Reading rather than mapping: on tmpfs, faulting a hole
+/// of a sparse image file through a mapping would allocate it.)
+pub fn file_chunk_hashes(file: &File, size: u64) -> io::Result<Vec<String>> {
+    use std::os::unix::fs::FileExt;
+    let n = size.div_ceil(CHUNK_SIZE) as usize;
+    let workers = workers().min(n.max(1));
+    let mut out = vec![String::new(); n];
+    let per = n.div_ceil(workers).max(1);
+    let results: Vec<io::Result<()>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = out
+            .chunks_mut(per)
+            .enumerate()
+            .map(|(w, slots)| {
+                sc.spawn(move || -> io::Result<()> {
+                    let mut buf = vec![0u8; CHUNK_SIZE as usize];
+                    for (k, slot) in slots.iter_mut().enumerate() {
+                        let start = ((w * per + k) as u64) * CHUNK_SIZE;
+                        let len = CHUNK_SIZE.min(size - start) as usize;
+                        file.read_exact_at(&mut buf[..len], start)?;
+                        *slot = hash_hex(xxhash_rust::xxh3::xxh3_64(&buf[..len]));
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("a checksum thread panicked")))
+            })
+            .collect()
+    });
+    for r in results {
+        r?;
+    }
+    Ok(out)
 }
 
 /// xxh3 checksums of every CHUNK_SIZE chunk of `data`, computed by several threads.
@@ -402,9 +471,7 @@ impl CheckpointWriter {
         let chunks = if f.size == 0 {
             Vec::new()
         } else {
-            // SAFETY: read-only mapping of a file private to this checkpoint.
-            let map = unsafe { memmap2::Mmap::map(&f.file) }.map_err(io_err(&f.path))?;
-            chunk_hashes(&map[..])
+            file_chunk_hashes(&f.file, f.size).map_err(io_err(&f.path))?
         };
         self.finish_positioned(f, chunks)
     }
@@ -598,10 +665,7 @@ fn verify_file(path: &Path, entry: &FileEntry, chunk: u64) -> ImageResult<()> {
     if entry.size == 0 {
         return Ok(());
     }
-    // SAFETY: read-only mapping of an image file; a concurrent truncation would only
-    // make the checksum fail (or fault), it cannot corrupt our memory.
-    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(io_err(path))?;
-    let got = chunk_hashes(&map[..]);
+    let got = file_chunk_hashes(&f, entry.size).map_err(io_err(path))?;
     for (i, (g, want)) in got.iter().zip(&entry.chunks).enumerate() {
         if g != want {
             let start = i as u64 * chunk;
@@ -631,6 +695,7 @@ mod tests {
             processes: vec![],
             zombies: vec![],
             pipes: vec![],
+            depends_on: vec![],
             shared_memory: vec![],
             sockets: vec![],
             sysv: Default::default(),

@@ -94,6 +94,11 @@ pub enum Command {
         /// Kill the application once the checkpoint is on disk.
         #[arg(long)]
         kill: bool,
+        /// Store only the memory pages that changed since the newest checkpoint in DIR
+        /// (found by content hash) and refer to earlier checkpoints for the rest. Those
+        /// are kept (whatever --keep says) as long as a kept checkpoint needs them.
+        #[arg(long)]
+        incremental: bool,
         /// Keep this many newest checkpoints in DIR and remove older ones.
         #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
         keep: u32,
@@ -168,6 +173,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             dir,
             kill,
             keep,
+            incremental,
         } => {
             let report = match pid {
                 Some(pid) => {
@@ -175,11 +181,18 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                     if target.is_some() {
                         bail!("give either DIR or --pid with --dir, not both");
                     }
-                    control::checkpoint_pid(&dir, pid, kill, keep as usize, !cli.quiet)?
+                    control::checkpoint_pid(
+                        &dir,
+                        pid,
+                        kill,
+                        keep as usize,
+                        incremental,
+                        !cli.quiet,
+                    )?
                 }
                 None => {
                     let dir = target.or(dir).context("missing DIR")?;
-                    control::request_checkpoint(&dir, kill, keep as usize, !cli.quiet)?
+                    control::request_checkpoint(&dir, kill, keep as usize, incremental, !cli.quiet)?
                 }
             };
             if !cli.quiet {

@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 pub struct Request {
     pub kill: bool,
     pub keep: usize,
+    #[serde(default)]
+    pub incremental: bool,
 }
 
 /// The reply.
@@ -87,6 +89,7 @@ pub fn request_checkpoint(
     dir: &Path,
     kill: bool,
     keep: usize,
+    incremental: bool,
     show_progress: bool,
 ) -> Result<String> {
     let addr = address(dir)?;
@@ -99,7 +102,11 @@ pub fn request_checkpoint(
             dir.display()
         )
     })?;
-    let mut line = serde_json::to_string(&Request { kill, keep })?;
+    let mut line = serde_json::to_string(&Request {
+        kill,
+        keep,
+        incremental,
+    })?;
     line.push('\n');
     s.write_all(line.as_bytes())
         .context("sending the checkpoint request")?;
@@ -180,6 +187,7 @@ pub fn checkpoint_pid(
     pid: i32,
     kill: bool,
     keep: usize,
+    incremental: bool,
     show_progress: bool,
 ) -> Result<String> {
     stasis_image::store::ensure_dir(dir)?;
@@ -188,6 +196,7 @@ pub fn checkpoint_pid(
         origin: Origin::Attached,
         stdio: None,
         keep,
+        incremental,
         own_ipc_namespace: false,
     };
     let progress = Progress::start(format!("checkpointing process {pid}"), show_progress);

@@ -365,6 +365,7 @@ fn init_inner(dir: &Path, mode: Mode, listener: &UnixListener) -> Result<String>
                         origin: Origin::Run,
                         stdio: Some(files::own_stdio_ids()),
                         keep: req.keep,
+                        incremental: req.incremental,
                         own_ipc_namespace: true,
                     };
                     match dump::checkpoint(dir, app, &opts) {

@@ -1,0 +1,143 @@
+//! Incremental checkpoints (`checkpoint --incremental`): only pages whose content
+//! changed since the newest checkpoint are stored, the rest refer to earlier
+//! checkpoints. Restart from a chain gives back exactly the memory (the programs
+//! check every byte), `--keep` never removes a checkpoint a kept one needs, and a
+//! damaged link of the chain refuses the restart.
+mod common;
+use common::*;
+use std::ffi::OsStr;
+
+const MIB: u64 = 1 << 20;
+
+fn stored_bytes(w: &Work) -> u64 {
+    w.inspect_json()["timings"]["pages_bytes"].as_u64().unwrap()
+}
+
+fn depends_on(w: &Work) -> Vec<u64> {
+    w.inspect_json()["depends_on"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+        .unwrap_or_default()
+}
+
+fn checkpoint_with(w: &Work, extra: &[&str]) -> CmdOut {
+    let mut args: Vec<&OsStr> = vec![OsStr::new("checkpoint")];
+    args.extend(extra.iter().map(OsStr::new));
+    args.push(w.ck.as_os_str());
+    w.stasis("ckpt-incr", &args)
+}
+
+/// memory.c (64 MiB random + 16 MiB zero + an 8 GiB sparse mapping...): a full
+/// checkpoint, then an incremental one with --kill that stores a tiny fraction; the
+/// restart from the chain passes the program's own checksums of all its memory.
+#[test]
+fn incremental_chain_restores_all_memory() {
+    let w = Work::new("incr_memory");
+    let mut s = Session::start(&w, &[prog("memory")]);
+    let full = w.checkpoint_ok(false, s.cur());
+    let full_bytes = stored_bytes(&w);
+    assert!(
+        full_bytes >= 64 * MIB,
+        "full checkpoint stored only {full_bytes} bytes"
+    );
+    let r = checkpoint_with(&w, &["--incremental", "--kill"]);
+    assert!(r.status.success(), "{r}");
+    s.cur().expect_exit(EXIT_CHECKPOINTED, T_CMD);
+    let incr_bytes = stored_bytes(&w);
+    eprintln!(
+        "full {} KiB, incremental {} KiB",
+        full_bytes / 1024,
+        incr_bytes / 1024
+    );
+    assert!(
+        incr_bytes * 20 < full_bytes,
+        "incremental stored {incr_bytes} bytes, full {full_bytes}: not incremental"
+    );
+    assert_eq!(
+        depends_on(&w),
+        vec![1],
+        "the incremental checkpoint must refer to the first"
+    );
+    let (du, _) = Work::usage(&w.newest_checkpoint());
+    assert!(
+        du < 16 * MIB,
+        "incremental checkpoint uses {} MiB on disk",
+        du / MIB
+    );
+    assert!(full.exists());
+    s.restart(Probe::Ping);
+    let ok = s.finish();
+    assert!(ok.starts_with("OK"), "{ok}");
+}
+
+/// counter.c through a chain of incremental checkpoints (plain and --kill), with
+/// --keep 1: the checkpoints the newest one needs stay; ticks continue exactly.
+/// Damaging the first link makes the restart fail with a checksum error.
+#[test]
+fn incremental_chain_keeps_its_links_and_detects_damage() {
+    let w = Work::new("incr_counter");
+    let mut s = Session::start(&w, &[prog("counter")]);
+    s.cur().wait_tick(3, T_READY);
+    w.checkpoint_ok(false, s.cur());
+    for _ in 0..2 {
+        s.cur().wait_more_ticks(3, T_READY);
+        let r = checkpoint_with(&w, &["--incremental", "--keep", "1"]);
+        assert!(r.status.success(), "{r}");
+    }
+    s.cur().wait_more_ticks(3, T_READY);
+    let r = checkpoint_with(&w, &["--incremental", "--kill", "--keep", "1"]);
+    assert!(r.status.success(), "{r}");
+    s.cur().expect_exit(EXIT_CHECKPOINTED, T_CMD);
+    let deps = depends_on(&w);
+    assert!(
+        !deps.is_empty(),
+        "the newest incremental checkpoint refers to nothing"
+    );
+    let names = w.checkpoints();
+    for d in &deps {
+        assert!(
+            names.contains(&format!("checkpoint-{d:06}")),
+            "--keep 1 removed checkpoint {d}, which the newest needs: {names:?}"
+        );
+    }
+    // A copy of the chain with its oldest needed link damaged must be refused.
+    let damaged = w.path("ck-damaged");
+    let cp = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&w.ck)
+        .arg(&damaged)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    let first = damaged.join(format!("checkpoint-{:06}", deps[0]));
+    let page = std::fs::read_dir(&first)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("pages-")
+        })
+        .unwrap();
+    let mut bytes = std::fs::read(&page).unwrap();
+    let at = bytes.iter().position(|&b| b != 0).unwrap();
+    bytes[at] ^= 1;
+    std::fs::write(&page, &bytes).unwrap();
+    let restart = w.stasis(
+        "restart-damaged",
+        &[OsStr::new("restart"), damaged.as_os_str()],
+    );
+    assert!(
+        !restart.status.success(),
+        "restart from a damaged chain succeeded: {restart}"
+    );
+    assert!(restart.stderr.contains("checksum"), "{restart}");
+
+    // The intact chain restarts and the computation continues exactly.
+    s.restart(Probe::Ticks);
+    s.checkpoint_kill();
+    s.restart(Probe::Ticks);
+    s.finish();
+    assert_ticks_consecutive(&s.outputs(), Some(0));
+}
