@@ -45,12 +45,16 @@ for size in $SIZES; do
     for kind in $KINDS; do
         W=$B/w-$kind-$size; D=$B/ck-$kind-$size; mkdir -p "$W"
         bytes=$(( size << 20 ))
-        (cd "$W" && exec "$S" run --dir "$D" -- "$B/memload" "$size" "$kind" >"$W/out" 2>"$W/err") &
+        (cd "$W" && exec "$S" run --dir "$D" -- "$B/memload" "$size" "$kind" 5 >"$W/out" 2>"$W/err") &
         run=$!
         wait_for "$W/out" ready 300
         t0=$(now); "$S" checkpoint --keep 1 "$D" 2>"$W/ck1"; t1=$(now)
         pause=$(sed -n 's/.*paused \([0-9.]*\) ms.*/\1/p' "$W/ck1")
-        img=$(du -sb "$D"/checkpoint-* | awk '{s+=$1} END {print s}')
+        img=$(du -s --block-size=1 "$D"/checkpoint-* | awk '{s+=$1} END {print s}')
+        # Incremental after 5% of the pages changed.
+        touch "$W/change"; wait_for "$W/out" changed 60
+        t2=$(now); "$S" checkpoint --incremental --keep 2 "$D" 2>"$W/ck3"; t3=$(now)
+        inc=$(du -s --block-size=1 "$(ls -d "$D"/checkpoint-* | tail -n 1)" | awk '{print $1}')
         rm -rf "$D"/checkpoint-*
         "$S" checkpoint --kill --keep 1 "$D" 2>"$W/ck2"; wait "$run" || true
         "$S" -v restart "$D" >"$W/out2" 2>"$W/rs" &
@@ -62,6 +66,9 @@ for size in $SIZES; do
             "$size" "$kind" "$(ms "$t0" "$t1")" "$(ratio "$bytes" "$(awk -v a="$t0" -v b="$t1" 'BEGIN{print b-a}')")" \
             "$pause" "$(awk -v b="$img" 'BEGIN { printf "%.1f", b / 1048576 }')" \
             "$rms" "$(ratio "$bytes" "$(awk -v m="$rms" 'BEGIN{print m/1000}')")"
+        printf "%-6s MiB %-6s incremental after 5%% changed: %7.1f ms (%.0f%% of full) | image %6.1f MiB (%.1f%% of full)\n" \
+            "$size" "$kind" "$(ms "$t2" "$t3")" "$(awk -v a="$t0" -v b="$t1" -v c="$t2" -v d="$t3" 'BEGIN { printf "%.0f", 100 * (d - c) / (b - a) }')" \
+            "$(awk -v b="$inc" 'BEGIN { printf "%.1f", b / 1048576 }')" "$(awk -v a="$inc" -v b="$img" 'BEGIN { printf "%.1f", 100 * a / b }')"
         rm -rf "$D" "$W"
     done
 done
