@@ -98,8 +98,14 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
     // the processes stay frozen while their memory is copied.
     let snapshot_ok = parent_is_us && !opts.kill && tree.len() == 1;
     let mut parts = Vec::with_capacity(tree.len());
+    let tracking = Tracking {
+        incremental: opts.incremental,
+        prev_seq: store::list_checkpoints(dir)?.last().map(|c| c.0),
+        seq: writer.sequence(),
+    };
     for (proc, frozen) in tree.iter_mut() {
         parts.push(dump_frozen(
+            &tracking,
             proc,
             frozen,
             &stdio,
@@ -206,6 +212,7 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
         // reaps the root in its own loop.
         for (proc, f) in tree.iter_mut().rev() {
             f.kill(proc.pid != pid || !parent_is_us);
+            crate::dirty::forget(proc.pid);
         }
     }
     if let Err(e) = store::prune(&lock, opts.keep) {
@@ -296,7 +303,17 @@ struct Part {
     snapshot: Option<Snapshot>,
 }
 
+/// Dirty-page tracking context of one checkpoint.
+struct Tracking {
+    incremental: bool,
+    /// The newest checkpoint before this one.
+    prev_seq: Option<u64>,
+    /// This checkpoint.
+    seq: u64,
+}
+
 fn dump_frozen(
+    tracking: &Tracking,
     proc: &ProcDir,
     frozen: &mut Frozen,
     stdio: &files::StdioIds,
@@ -318,7 +335,16 @@ fn dump_frozen(
         let tinj = Injector::new(ft.tid, insn)?;
         threads.push(thread::dump(&tinj, proc, ft, &scratch)?);
     }
-    let plan = memory::plan(proc, &layout)?;
+    // With tracking armed at the previous checkpoint, pages not written since are
+    // not even read; then (re)arm it for the next one.
+    let written = match (tracking.incremental, tracking.prev_seq) {
+        (true, Some(prev)) => crate::dirty::written(proc, &layout, prev),
+        _ => None,
+    };
+    let plan = memory::plan(proc, &layout, written.as_deref())?;
+    if tracking.incremental {
+        crate::dirty::arm(proc, &layout, &inj, tracking.seq);
+    }
     memory::save_shared_files(pid, &mut layout, writer)?;
     shm.save_mappings(proc, &layout, &inj, &scratch, writer)?;
     // With a snapshot, what a fork would not see is copied now into a buffer, the rest

@@ -252,11 +252,35 @@ fn saves_pages(v: &Vma) -> bool {
     }
 }
 
+impl Vma {
+    /// True when this mapping's pages are saved in the page file.
+    pub fn saves_pages(&self) -> bool {
+        saves_pages(self)
+    }
+
+    /// Its VM flags (smaps VmFlags).
+    pub fn flags(&self) -> VmFlags {
+        self.flags
+    }
+}
+
 /// True when a copy-on-write snapshot (fork) of the process would not see this
 /// mapping's content: MADV_DONTFORK (absent) and MADV_WIPEONFORK (zeroed). Such
 /// mappings are copied while the process is frozen.
 pub fn invisible_to_fork(v: &Vma) -> bool {
     v.flags.intersects(VmFlags::DC | VmFlags::WF)
+}
+
+/// True when the machine has swap space (SwapTotal in /proc/meminfo is not 0).
+fn has_swap() -> bool {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("SwapTotal:"))
+                .map(|v| v.trim().trim_end_matches("kB").trim() != "0")
+        })
+        .unwrap_or(true)
 }
 
 /// Pages to copy, planned from `/proc/PID/pagemap` while the process is frozen.
@@ -270,6 +294,9 @@ pub struct PlannedRun {
     pub offset: u64,
     /// The mapping is not readable by the process: read through /proc/PID/mem.
     pub forced: bool,
+    /// Not written since the previous checkpoint (dirty tracking): not read at all,
+    /// the previous checkpoint's pages are referred to.
+    pub clean: bool,
 }
 
 /// Every page to save, with its place in the page file.
@@ -282,12 +309,15 @@ pub struct Plan {
 
 /// Plans which pages to save: populated anonymous pages and the copied-on-write pages
 /// of private file mappings. Never-touched pages are not even read.
-pub fn plan(proc: &ProcDir, vmas: &[Vma]) -> Result<Plan> {
+pub fn plan(proc: &ProcDir, vmas: &[Vma], written: Option<&[(u64, u64)]>) -> Result<Plan> {
     let pid = proc.pid;
     let pagemap = std::fs::File::open(proc.file("pagemap"))
         .ctx(pid, || "opening /proc/PID/pagemap".into())?;
     let mut entries = vec![0u8; (BATCH_PAGES * 8) as usize];
     let mut plan = Plan::default();
+    // Without swap, a "swapped" pagemap entry is a marker (userfaultfd
+    // write-protection of a never-populated page, a migration entry): nothing to save.
+    let swap = if has_swap() { PM_SWAP } else { 0 };
     for (vi, v) in vmas.iter().enumerate() {
         if !saves_pages(v) {
             continue;
@@ -311,17 +341,23 @@ pub fn plan(proc: &ProcDir, vmas: &[Vma]) -> Result<Plan> {
                 let want = if file_backed {
                     // Copied-on-write pages of a private file mapping are anonymous:
                     // present but not file pages, or swapped.
-                    (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAP != 0
+                    (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & swap != 0
                 } else {
-                    e & (PM_PRESENT | PM_SWAP) != 0
+                    e & (PM_PRESENT | swap) != 0
                 };
                 if !want {
                     continue;
                 }
                 let page = addr + i as u64 * PAGE_SIZE;
+                let clean = written.is_some_and(|w| {
+                    // `w` is sorted: the last range starting at or before `page`.
+                    let k = w.partition_point(|&(a, _)| a <= page);
+                    !(k > 0 && page < w[k - 1].1)
+                });
                 match plan.runs.last_mut() {
                     Some(r)
                         if r.vma == vi
+                            && r.clean == clean
                             && r.addr + r.npages * PAGE_SIZE == page
                             && r.npages < BATCH_PAGES =>
                     {
@@ -333,6 +369,7 @@ pub fn plan(proc: &ProcDir, vmas: &[Vma]) -> Result<Plan> {
                         npages: 1,
                         offset: plan.bytes,
                         forced,
+                        clean,
                     }),
                 }
                 plan.bytes += PAGE_SIZE;
@@ -525,6 +562,32 @@ fn write_range(
             let len = (run_end.min(hi) - off).min(buf.len() as u64);
             let data = &mut buf[..len as usize];
             let addr = r.addr + (off - r.offset);
+            if r.clean {
+                // Unwritten since the previous checkpoint: refer to it, read nothing.
+                let z: Vec<PageState> = (0..len / PAGE_SIZE)
+                    .map(
+                        |k| match prev.and_then(|p| p.get(&(addr + k * PAGE_SIZE))) {
+                            Some(old) => PageState::Ref(old.hash, old.from, old.offset),
+                            None => PageState::Zero,
+                        },
+                    )
+                    .collect();
+                zeros.push((i, (off - r.offset) / PAGE_SIZE, z));
+                data.fill(0);
+                let mut rest: &[u8] = data;
+                while !rest.is_empty() {
+                    let n = ((chunk - filled % chunk) as usize).min(rest.len());
+                    hasher.update(&rest[..n]);
+                    filled += n as u64;
+                    rest = &rest[n..];
+                    if filled.is_multiple_of(chunk) {
+                        sums.push(format!("{:016x}", hasher.digest()));
+                        hasher.reset();
+                    }
+                }
+                off += len;
+                continue;
+            }
             match prefetched.get(&i) {
                 Some(pre) => data.copy_from_slice(
                     &pre[(off - r.offset) as usize..(off - r.offset + len) as usize],

@@ -9,6 +9,7 @@
 
 pub mod arch;
 pub mod clone;
+pub mod dirty;
 pub mod ptrace;
 pub mod unix_diag;
 pub mod vm;

@@ -34,7 +34,11 @@ fn checkpoint_with(w: &Work, extra: &[&str]) -> CmdOut {
 fn incremental_chain_restores_all_memory() {
     let w = Work::new("incr_memory");
     let mut s = Session::start(&w, &[prog("memory")]);
-    let full = w.checkpoint_ok(false, s.cur());
+    // The first --incremental checkpoint has nothing to refer to (it is full) but
+    // arms dirty-page tracking for the next one.
+    let r = checkpoint_with(&w, &["--incremental"]);
+    assert!(r.status.success(), "{r}");
+    let full = w.newest_checkpoint();
     let full_bytes = stored_bytes(&w);
     assert!(
         full_bytes >= 64 * MIB,
@@ -78,7 +82,8 @@ fn incremental_chain_keeps_its_links_and_detects_damage() {
     let w = Work::new("incr_counter");
     let mut s = Session::start(&w, &[prog("counter")]);
     s.cur().wait_tick(3, T_READY);
-    w.checkpoint_ok(false, s.cur());
+    let r = checkpoint_with(&w, &["--incremental"]);
+    assert!(r.status.success(), "{r}");
     for _ in 0..2 {
         s.cur().wait_more_ticks(3, T_READY);
         let r = checkpoint_with(&w, &["--incremental", "--keep", "1"]);

@@ -1,0 +1,136 @@
+//! Tracking which pages a process writes between checkpoints, so that an
+//! incremental checkpoint need not even read the others.
+//!
+//! When a checkpoint is taken with `--incremental`, the process's memory is
+//! write-protected with a userfaultfd in asynchronous mode (created by an injected
+//! `userfaultfd(2)` in the process, taken out with `pidfd_getfd`, and closed in the
+//! process again): the kernel resolves the first write to each page by itself (one
+//! minor fault per page per checkpoint interval) and remembers it. The next
+//! incremental checkpoint asks PAGEMAP_SCAN which pages were written; the others are
+//! the previous checkpoint's, unread. Mappings that are not registered (created since,
+//! or of a kind uffd-wp does not support) count as written. Tracking lives in the
+//! checkpointing process (the stasis init) and ends with it; without it, incremental
+//! checkpoints compare content hashes of every page.
+
+use crate::error::{Result, SysContext};
+use crate::inject::Injector;
+use crate::memory::Vma;
+use crate::proc::ProcDir;
+use procfs::process::VmFlags;
+use stasis_sys::dirty;
+use std::collections::BTreeMap;
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Mutex;
+
+struct Tracker {
+    uffd: OwnedFd,
+    /// Checkpoint the protection was armed at.
+    armed_at: u64,
+}
+
+static TRACKERS: Mutex<BTreeMap<i32, Tracker>> = Mutex::new(BTreeMap::new());
+
+/// Written page ranges of `vmas` since checkpoint `prev_seq`, or None when the process
+/// was not being tracked since then (everything must be read).
+pub fn written(proc: &ProcDir, vmas: &[Vma], prev_seq: u64) -> Option<Vec<(u64, u64)>> {
+    let trackers = TRACKERS.lock().ok()?;
+    let t = trackers.get(&proc.pid)?;
+    if t.armed_at != prev_seq {
+        return None;
+    }
+    let pagemap = std::fs::File::open(proc.file("pagemap")).ok()?;
+    let mut out = Vec::new();
+    for v in vmas {
+        if !v.saves_pages() {
+            continue;
+        }
+        if !v.flags().contains(VmFlags::UW) {
+            // Not write-protect tracked (new since, or unsupported): all of it.
+            out.push((v.map.start, v.map.end));
+            continue;
+        }
+        match dirty::written_ranges(pagemap.as_raw_fd(), v.map.start, v.map.end) {
+            Ok(r) => out.extend(r),
+            Err(e) => {
+                tracing::debug!(
+                    "process {}: PAGEMAP_SCAN failed ({e}); reading everything",
+                    proc.pid
+                );
+                return None;
+            }
+        }
+    }
+    out.sort_unstable();
+    Some(out)
+}
+
+/// Arms write-protection of the process's memory for the next incremental
+/// checkpoint. Best effort: where the kernel does not allow it, the next
+/// incremental checkpoint compares content instead.
+pub fn arm(proc: &ProcDir, vmas: &[Vma], inj: &Injector, seq: u64) {
+    if let Err(e) = try_arm(proc, vmas, inj, seq) {
+        tracing::debug!("process {}: no dirty-page tracking: {e}", proc.pid);
+        if let Ok(mut t) = TRACKERS.lock() {
+            t.remove(&proc.pid);
+        }
+    }
+}
+
+fn try_arm(proc: &ProcDir, vmas: &[Vma], inj: &Injector, seq: u64) -> Result<()> {
+    let pid = proc.pid;
+    let mut trackers = TRACKERS.lock().map_err(|_| crate::Error::Gone { pid })?;
+    if !trackers.contains_key(&pid) {
+        let flags = (libc::O_CLOEXEC as u64) | dirty::UFFD_USER_MODE_ONLY;
+        let theirs = inj.call("userfaultfd", libc::SYS_userfaultfd, &[flags])? as i32;
+        // SAFETY: pidfd_open/pidfd_getfd return new descriptors or -1.
+        let ours = unsafe {
+            let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
+            let fd = if pidfd >= 0 {
+                libc::syscall(libc::SYS_pidfd_getfd, pidfd, theirs, 0) as i32
+            } else {
+                -1
+            };
+            if pidfd >= 0 {
+                libc::close(pidfd);
+            }
+            fd
+        };
+        inj.call(
+            "close of the userfaultfd",
+            libc::SYS_close,
+            &[theirs as u64],
+        )?;
+        if ours < 0 {
+            return Err(stasis_sys::SysError::last("pidfd_getfd(userfaultfd)", pid))
+                .ctx(pid, || "taking the userfaultfd".into());
+        }
+        // SAFETY: `ours` was just created and is owned here.
+        let uffd = unsafe { OwnedFd::from_raw_fd(ours) };
+        dirty::uffd_enable_wp_async(uffd.as_raw_fd())
+            .ctx(pid, || "enabling asynchronous write-protection".into())?;
+        trackers.insert(
+            pid,
+            Tracker {
+                uffd,
+                armed_at: seq,
+            },
+        );
+    }
+    let t = trackers.get_mut(&pid).ok_or(crate::Error::Gone { pid })?;
+    for v in vmas.iter().filter(|v| v.saves_pages()) {
+        let (s, len) = (v.map.start, v.map.len());
+        // Register (again: harmless for the same userfaultfd), then protect it all.
+        if dirty::uffd_register_wp(t.uffd.as_raw_fd(), s, len).is_ok() {
+            let _ = dirty::uffd_write_protect(t.uffd.as_raw_fd(), s, len);
+        }
+    }
+    t.armed_at = seq;
+    Ok(())
+}
+
+/// Forgets a process that is gone (killed after a checkpoint, exited).
+pub fn forget(pid: i32) {
+    if let Ok(mut t) = TRACKERS.lock() {
+        t.remove(&pid);
+    }
+}
