@@ -79,7 +79,7 @@ pub fn arm(proc: &ProcDir, vmas: &[Vma], inj: &Injector, seq: u64) {
 fn try_arm(proc: &ProcDir, vmas: &[Vma], inj: &Injector, seq: u64) -> Result<()> {
     let pid = proc.pid;
     let mut trackers = TRACKERS.lock().map_err(|_| crate::Error::Gone { pid })?;
-    if !trackers.contains_key(&pid) {
+    if let std::collections::btree_map::Entry::Vacant(slot) = trackers.entry(pid) {
         let flags = (libc::O_CLOEXEC as u64) | dirty::UFFD_USER_MODE_ONLY;
         let theirs = inj.call("userfaultfd", libc::SYS_userfaultfd, &[flags])? as i32;
         // SAFETY: pidfd_open/pidfd_getfd return new descriptors or -1.
@@ -108,13 +108,10 @@ fn try_arm(proc: &ProcDir, vmas: &[Vma], inj: &Injector, seq: u64) -> Result<()>
         let uffd = unsafe { OwnedFd::from_raw_fd(ours) };
         dirty::uffd_enable_wp_async(uffd.as_raw_fd())
             .ctx(pid, || "enabling asynchronous write-protection".into())?;
-        trackers.insert(
-            pid,
-            Tracker {
-                uffd,
-                armed_at: seq,
-            },
-        );
+        slot.insert(Tracker {
+            uffd,
+            armed_at: seq,
+        });
     }
     let t = trackers.get_mut(&pid).ok_or(crate::Error::Gone { pid })?;
     for v in vmas.iter().filter(|v| v.saves_pages()) {

@@ -99,6 +99,7 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
     let snapshot_ok = parent_is_us && !opts.kill && tree.len() == 1;
     let mut parts = Vec::with_capacity(tree.len());
     let tracking = Tracking {
+        snapshot_ok,
         incremental: opts.incremental,
         prev_seq: store::list_checkpoints(dir)?.last().map(|c| c.0),
         seq: writer.sequence(),
@@ -112,7 +113,6 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
             &mut registry,
             &mut shm,
             &mut writer,
-            snapshot_ok,
         )?);
     }
     // System V objects, read while everything is frozen.
@@ -303,8 +303,10 @@ struct Part {
     snapshot: Option<Snapshot>,
 }
 
-/// Dirty-page tracking context of one checkpoint.
+/// How the processes of one checkpoint are dumped: snapshot and dirty tracking.
 struct Tracking {
+    /// Take a copy-on-write snapshot (single process under stasis init, no --kill).
+    snapshot_ok: bool,
     incremental: bool,
     /// The newest checkpoint before this one.
     prev_seq: Option<u64>,
@@ -320,8 +322,8 @@ fn dump_frozen(
     registry: &mut files::Registry,
     shm: &mut crate::shm::Collector,
     writer: &mut CheckpointWriter,
-    snapshot_ok: bool,
 ) -> Result<Part> {
+    let snapshot_ok = tracking.snapshot_ok;
     let pid = proc.pid;
     let mut layout = memory::read_layout(proc)?;
     let insn = find_syscall_insn(pid, &memory::exec_ranges(&layout))?;
