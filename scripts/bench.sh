@@ -48,7 +48,8 @@ for size in $SIZES; do
         (cd "$W" && exec "$S" run --dir "$D" -- "$B/memload" "$size" "$kind" 5 >"$W/out" 2>"$W/err") &
         run=$!
         wait_for "$W/out" ready 300
-        t0=$(now); "$S" checkpoint --keep 1 "$D" 2>"$W/ck1"; t1=$(now)
+        # --incremental on the first (full) checkpoint arms dirty-page tracking.
+        t0=$(now); "$S" checkpoint --incremental --keep 1 "$D" 2>"$W/ck1"; t1=$(now)
         pause=$(sed -n 's/.*paused \([0-9.]*\) ms.*/\1/p' "$W/ck1")
         img=$(du -s --block-size=1 "$D"/checkpoint-* | awk '{s+=$1} END {print s}')
         # Incremental after 5% of the pages changed.
