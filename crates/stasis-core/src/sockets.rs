@@ -171,6 +171,15 @@ impl Collector {
             // The client end of a pending connection: the listener's queue lists it
             // (sock_diag shows such a socket's peer, the embryo, as 0).
             if let Some((l, _)) = listeners.iter().find(|(_, icons)| icons.contains(&s.id)) {
+                if diag.get(&s.id).is_some_and(|d| d.wqlen > 0) {
+                    // The bytes wait in the not-yet-accepted server end, which no fd
+                    // reaches: they could not be saved.
+                    let (pid, fd) = self.holders.get(&s.id).copied().unwrap_or((0, -1));
+                    return Err(Error::Unsupported {
+                        pid,
+                        what: format!("fd {fd}, a UNIX socket connection not yet accepted that already carries data"),
+                    });
+                }
                 s.pending_on = *l;
                 s.peer = 0;
                 continue;

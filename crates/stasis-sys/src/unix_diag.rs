@@ -33,6 +33,8 @@ pub struct UnixSock {
     pub icons: Vec<u64>,
     /// Bytes (stream) or messages queued for reading; for listeners, the backlog.
     pub rqlen: u32,
+    /// Bytes sent but not yet read by the peer (for listeners: the backlog limit).
+    pub wqlen: u32,
     /// SHUT_RD (1) | SHUT_WR (2) bits as applied by shutdown(2).
     pub shutdown: u8,
 }
