@@ -57,6 +57,27 @@ pub struct DumpReport {
 /// `dir`. `pid` is as seen in this process's PID namespace and /proc.
 pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
     let lock = DirLock::acquire(dir)?;
+    // A passing state (bytes in a terminal) is waited out: the job runs on a moment
+    // between attempts.
+    let mut attempt = 0;
+    loop {
+        match checkpoint_locked(&lock, dir, pid, opts) {
+            Err(Error::Transient { pid, what }) if attempt < 50 => {
+                tracing::debug!("process {pid}: {what}; retrying");
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn checkpoint_locked(
+    lock: &DirLock,
+    dir: &Path,
+    pid: i32,
+    opts: &DumpOptions,
+) -> Result<DumpReport> {
     let t0 = Instant::now();
     let root = ProcDir::new(pid);
     if !root.path.exists() {
@@ -86,7 +107,7 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
     let (mut tree, zombies) = freeze_tree(&roots)?;
     let freeze_us = t0.elapsed().as_micros() as u64;
 
-    let mut writer = CheckpointWriter::begin(&lock)?;
+    let mut writer = CheckpointWriter::begin(lock)?;
     let stdio = opts
         .stdio
         .clone()
@@ -180,7 +201,24 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
 
     let t2 = Instant::now();
     let shared_memory = shm.finish(&mut writer)?;
-    let (pipes, sockets) = registry.finish()?;
+    let (pipes, sockets, mut ptys) = registry.finish()?;
+    // Controlling terminals (read while frozen, stat does not change meanwhile).
+    for (proc, _) in &tree {
+        if let Ok(st) = proc.process().and_then(|p| {
+            p.stat()
+                .map_err(std::io::Error::other)
+                .ctx(proc.pid, || "reading /proc/PID/stat".into())
+        }) {
+            if st.session != proc.pid || st.tty_nr == 0 {
+                continue;
+            }
+            let dev = st.tty_nr as u64;
+            if let Some(p) = ptys.iter_mut().find(|p| crate::tty::slave_dev(p.id) == dev) {
+                p.session = proc.pid;
+                p.foreground = st.tpgid;
+            }
+        }
+    }
     let mut meta = Checkpoint {
         sequence: writer.sequence(),
         arch: arch::ARCH_NAME.to_string(),
@@ -193,6 +231,7 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
         zombies,
         pipes,
         sockets,
+        ptys,
         sysv,
         shared_memory,
         timings: Timings {
@@ -215,7 +254,7 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
             crate::dirty::forget(proc.pid);
         }
     }
-    if let Err(e) = store::prune(&lock, opts.keep) {
+    if let Err(e) = store::prune(lock, opts.keep) {
         tracing::warn!(
             "checkpoint {} written, but removing old checkpoints failed: {e}",
             path.display()

@@ -10,6 +10,10 @@ pub enum Error {
     /// written and the process resumes unharmed.
     #[error("cannot checkpoint process {pid}: {what} is not supported yet")]
     Unsupported { pid: i32, what: String },
+    /// A passing state that cannot be saved (e.g. bytes waiting in a pseudo-terminal):
+    /// the checkpoint is retried after letting the job run a moment.
+    #[error("cannot checkpoint process {pid} right now: {what}")]
+    Transient { pid: i32, what: String },
     /// The process went away (exited or was killed) while we worked on it.
     #[error("process {pid} exited during the checkpoint")]
     Gone { pid: i32 },

@@ -74,6 +74,8 @@ fn same_description(pa: i32, a: i32, pb: i32, b: i32) -> bool {
 pub struct Registry {
     /// UNIX sockets found so far.
     pub sockets: crate::sockets::Collector,
+    /// Pseudo-terminal pairs found so far.
+    pub ptys: Vec<stasis_image::Pty>,
     next: u64,
     /// (dev, ino, pid, fd, desc) of every fd seen so far.
     seen: Vec<(u64, u64, i32, i32, u64)>,
@@ -88,8 +90,14 @@ impl Registry {
 
     /// The pipes found (with their saved contents) and the sockets, checked to stay
     /// inside the checkpoint.
-    pub fn finish(self) -> Result<(Vec<Pipe>, Vec<stasis_image::UnixSocket>)> {
-        Ok((self.pipes, self.sockets.finish()?))
+    pub fn finish(
+        self,
+    ) -> Result<(
+        Vec<Pipe>,
+        Vec<stasis_image::UnixSocket>,
+        Vec<stasis_image::Pty>,
+    )> {
+        Ok((self.pipes, self.sockets.finish()?, self.ptys))
     }
 
     fn describe(&mut self, pid: i32, fd: i32, md: &std::fs::Metadata) -> u64 {
@@ -134,8 +142,16 @@ impl Registry {
             let info = fdinfo(proc, fd)?;
             let cloexec = info.flags & libc::O_CLOEXEC != 0;
             let flags = info.flags & !libc::O_CLOEXEC;
-            let kind = if let Some(&(index, ..)) =
-                stdio.iter().find(|s| s.1 == md.dev() && s.2 == md.ino())
+            // /dev/null and friends opened by the job itself are the same device as an
+            // outside stdio of /dev/null: above fd 2 they are the job's own.
+            let simple_device = md.file_type().is_char_device()
+                && SIMPLE_DEVICES
+                    .iter()
+                    .any(|d| d.0 == libc::major(md.rdev()) && d.1 == libc::minor(md.rdev()));
+            let kind = if let Some(&(index, ..)) = stdio
+                .iter()
+                .find(|s| s.1 == md.dev() && s.2 == md.ino())
+                .filter(|_| fd <= 2 || !simple_device)
             {
                 FdKind::Stdio { index }
             } else if target.starts_with("socket:") {
@@ -187,6 +203,17 @@ impl Registry {
                     file: file_id(&target, &md),
                     flags,
                     pos: info.pos,
+                }
+            } else if let Some((master, index)) = md
+                .file_type()
+                .is_char_device()
+                .then(|| crate::tty::classify(libc::major(md.rdev()), libc::minor(md.rdev())))
+                .flatten()
+            {
+                FdKind::Pty {
+                    pty: crate::tty::dump_fd(pid, fd, master, index, &mut self.ptys)?,
+                    master,
+                    flags,
                 }
             } else if md.file_type().is_char_device() {
                 let (maj, min) = (libc::major(md.rdev()), libc::minor(md.rdev()));
@@ -343,6 +370,8 @@ pub fn open_descriptions(
     // One read-write opening of each FIFO, so that opening either end never blocks;
     // dropped once every description exists.
     let mut fifo_keepers: HashMap<u64, OwnedFd> = HashMap::new();
+    // New pty pairs, by saved index: (master not yet handed out, slave path).
+    let mut ptys: HashMap<u64, (Option<OwnedFd>, String)> = HashMap::new();
     for p in &meta.processes {
         for f in &p.fds {
             if f.desc == 0 {
@@ -375,6 +404,25 @@ pub fn open_descriptions(
                     // SAFETY: fcntl on the descriptor we just opened.
                     unsafe { libc::fcntl(fd, libc::F_SETFL, *flags & libc::O_NONBLOCK) };
                     fd
+                }
+                FdKind::Pty { pty, master, flags } => {
+                    if !ptys.contains_key(pty) {
+                        let saved = meta.ptys.iter().find(|x| x.id == *pty).ok_or_else(|| {
+                            format!("fd {}: pseudo-terminal {pty} missing from the image", f.fd)
+                        })?;
+                        let (m, path) =
+                            crate::tty::create(saved).map_err(|e| format!("fd {}: {e}", f.fd))?;
+                        ptys.insert(*pty, (Some(m), path));
+                    }
+                    let entry = ptys.get_mut(pty).ok_or("pty vanished")?;
+                    if *master {
+                        match entry.0.take() {
+                            Some(m) => m.into_raw_fd(),
+                            None => open(f.fd, "/dev/ptmx", *flags)?,
+                        }
+                    } else {
+                        open(f.fd, &entry.1.clone(), *flags)?
+                    }
                 }
                 FdKind::UnixSocket { sock, flags } => {
                     let fd = sockets

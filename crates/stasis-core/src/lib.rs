@@ -7,7 +7,7 @@
 //! rebuilds its address space and registers through injected syscalls.
 //!
 //! One module per kind of kernel object, each with its dump side and its restore side:
-//! [`memory`], [`shm`], [`sysv`], [`files`], [`sockets`], [`eventfds`], [`signals`], [`thread`], [`task`] (everything else that belongs
+//! [`memory`], [`shm`], [`sysv`], [`files`], [`sockets`], [`tty`], [`eventfds`], [`signals`], [`thread`], [`task`] (everything else that belongs
 //! to a process: cwd, umask, rlimits, personality, timers, the mm fields). The
 //! orchestration is in [`dump`] and [`restore`]; [`inject`] runs syscalls inside a
 //! stopped tracee; [`proc`] reads `/proc`.
@@ -28,5 +28,6 @@ pub mod sockets;
 pub mod sysv;
 pub mod task;
 pub mod thread;
+pub mod tty;
 
 pub use error::{Error, Result};

@@ -440,7 +440,31 @@ fn rebuild(
                 -r
             );
         }
+    } // The foreground group of the terminal this session leader controls.
+    for t in image
+        .meta
+        .ptys
+        .iter()
+        .filter(|t| t.session == p.pid && t.foreground > 0)
+    {
+        let fd = p.fds.iter().find(|f| matches!(f.kind, stasis_image::FdKind::Pty { pty, master: false, .. } if pty == t.id));
+        if let Some(f) = fd {
+            scratch.write(&t.foreground.to_le_bytes())?;
+            let r = inj.raw(
+                libc::SYS_ioctl,
+                &[f.fd as u64, libc::TIOCSPGRP, scratch.addr],
+            )?;
+            if r < 0 {
+                tracing::warn!(
+                    "process {}: could not give the terminal back to group {}: errno {}",
+                    p.pid,
+                    t.foreground,
+                    -r
+                );
+            }
+        }
     }
+
     for t in &p.threads {
         signals::requeue(&inj, child, Some(t.tid), &t.pending, &scratch)?;
     }
@@ -543,6 +567,10 @@ impl Tree<'_> {
                 libc::setsid();
             } else if p.pgid == p.pid {
                 libc::setpgid(0, 0);
+            } else {
+                // Join now if the group's leader exists already (an ancestor or an
+                // earlier sibling); otherwise the rebuild does it.
+                libc::setpgid(0, p.pgid);
             }
         }
         let mut result = Ok(());
@@ -653,7 +681,6 @@ fn prepare(
     shm: &HashMap<u64, i32>,
     sock: &mut i32,
 ) -> std::result::Result<Prepared, String> {
-    let _ = image;
     // The shared memory objects this process maps, moved above `hi` before the
     // low descriptors go.
     let mut map_files = HashMap::new();
@@ -693,6 +720,15 @@ fn prepare(
     // SAFETY: closes every descriptor below `hi`; ours are all at or above it.
     unsafe { libc::syscall(libc::SYS_close_range, 0u32, (hi - 1) as u32, 0u32) };
     files::receive_fds(*sock, hi)?;
+    // A session leader takes its controlling terminal back.
+    for t in image.meta.ptys.iter().filter(|t| t.session == p.pid) {
+        if let Some(f) = p.fds.iter().find(|f| matches!(f.kind, stasis_image::FdKind::Pty { pty, master: false, .. } if pty == t.id)) {
+            // SAFETY: TIOCSCTTY on our own fd, as session leader without a terminal.
+            if unsafe { libc::ioctl(f.fd, libc::TIOCSCTTY, 0) } != 0 {
+                return Err(format!("fd {}: taking the controlling terminal back: {}", f.fd, std::io::Error::last_os_error()));
+            }
+        }
+    }
     crate::eventfds::register_epoll(&p.fds)?;
     let exe_fd = files::open_high(&p.exe.path, libc::O_RDONLY, hi)?;
     for m in &p.mappings {

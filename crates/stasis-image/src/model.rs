@@ -34,6 +34,9 @@ pub struct Checkpoint {
     /// Pipes held by the processes, with the bytes in flight.
     #[serde(default)]
     pub pipes: Vec<Pipe>,
+    /// Pseudo-terminal pairs held by the processes (both ends inside the job).
+    #[serde(default)]
+    pub ptys: Vec<Pty>,
     /// UNIX domain sockets held by the processes.
     #[serde(default)]
     pub sockets: Vec<UnixSocket>,
@@ -69,6 +72,23 @@ pub struct SharedObject {
     pub size: u64,
     /// Data file with the content (pages no process had populated are holes).
     pub data_file: String,
+}
+
+/// A pseudo-terminal pair (pty(7)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pty {
+    /// Its index (N of /dev/pts/N) at checkpoint time; restore gets a new one.
+    pub id: u64,
+    /// `struct termios` of the terminal (raw bytes, hex).
+    pub termios: String,
+    /// Window size: rows, columns, x pixels, y pixels.
+    pub winsize: [u16; 4],
+    /// Session whose controlling terminal it is (0: none).
+    #[serde(default)]
+    pub session: i32,
+    /// Foreground process group (0: none).
+    #[serde(default)]
+    pub foreground: i32,
 }
 
 /// A UNIX domain socket (unix(7)).
@@ -462,6 +482,9 @@ pub enum FdKind {
     SignalFd { mask: u64, flags: i32 },
     /// epoll_create(2) with its registered fds (numbers in the owning process).
     Epoll { flags: i32, items: Vec<EpollItem> },
+    /// A pseudo-terminal end (of `Checkpoint::ptys`): the master (/dev/ptmx) or the
+    /// slave (/dev/pts/N).
+    Pty { pty: u64, master: bool, flags: i32 },
     /// A UNIX domain socket of `Checkpoint::sockets`.
     UnixSocket { sock: u64, flags: i32 },
     /// A named pipe (FIFO) opened by path; its bytes in flight are in

@@ -698,6 +698,7 @@ mod tests {
             depends_on: vec![],
             shared_memory: vec![],
             sockets: vec![],
+            ptys: vec![],
             sysv: Default::default(),
             timings: Timings::default(),
         }

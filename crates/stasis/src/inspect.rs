@@ -114,6 +114,10 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
                     path, pos, size, ..
                 } => format!("{path} (deleted; {size} bytes saved) offset {pos}"),
                 FdKind::Device { path, .. } => path.clone(),
+                FdKind::Pty { pty, master, .. } => format!(
+                    "pseudo-terminal {pty} ({})",
+                    if *master { "master" } else { "slave" }
+                ),
                 FdKind::UnixSocket { sock, .. } => {
                     match meta.sockets.iter().find(|x| x.id == *sock) {
                         Some(x) => format!(
