@@ -106,9 +106,13 @@ pub fn create(kind: &FdKind) -> std::result::Result<i32, String> {
                         tv_sec: (ns / 1_000_000_000) as _,
                         tv_nsec: (ns % 1_000_000_000) as _,
                     };
+                    // A periodic timer that expired and was not read yet shows no time
+                    // left (it is re-armed on read): it goes on one interval later,
+                    // its pending expirations set back below.
+                    let value = if *value_ns == 0 { *interval_ns } else { *value_ns };
                     let spec = libc::itimerspec {
                         it_interval: ts(*interval_ns),
-                        it_value: ts(*value_ns),
+                        it_value: ts(value),
                     };
                     libc::timerfd_settime(fd, 0, &spec, std::ptr::null_mut());
                     if *ticks > 0 {
