@@ -175,9 +175,12 @@ impl Collector {
                     // The bytes wait in the not-yet-accepted server end, which no fd
                     // reaches: they could not be saved.
                     let (pid, fd) = self.holders.get(&s.id).copied().unwrap_or((0, -1));
-                    return Err(Error::Unsupported {
+                    // Usually accepted a moment later: the checkpoint is retried.
+                    return Err(Error::Transient {
                         pid,
-                        what: format!("fd {fd}, a UNIX socket connection not yet accepted that already carries data"),
+                        what: format!(
+                            "fd {fd}, a UNIX socket connection not yet accepted, already carries data the server has not accepted (it cannot be saved)"
+                        ),
                     });
                 }
                 s.pending_on = *l;
