@@ -109,7 +109,11 @@ pub fn create(kind: &FdKind) -> std::result::Result<i32, String> {
                     // A periodic timer that expired and was not read yet shows no time
                     // left (it is re-armed on read): it goes on one interval later,
                     // its pending expirations set back below.
-                    let value = if *value_ns == 0 { *interval_ns } else { *value_ns };
+                    let value = if *value_ns == 0 {
+                        *interval_ns
+                    } else {
+                        *value_ns
+                    };
                     let spec = libc::itimerspec {
                         it_interval: ts(*interval_ns),
                         it_value: ts(value),

@@ -135,6 +135,14 @@ impl Collector {
             sock_type: d.sock_type,
             state: state.to_string(),
             name: d.name.clone(),
+            bound_in: if !d.name.is_empty() && !d.name.starts_with('/') && !d.name.starts_with('@')
+            {
+                std::fs::read_link(format!("/proc/{pid}/cwd"))
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            },
             peer: d.peer,
             pending_on: 0,
             backlog: if d.state == TCP_LISTEN {
@@ -339,6 +347,23 @@ fn sockaddr(name: &str) -> std::result::Result<(libc::sockaddr_un, libc::socklen
     Ok((a, len as libc::socklen_t))
 }
 
+/// Runs `f` with the current directory set to `dir` (if not empty), for a relative
+/// socket name. The restorer is single-threaded while it creates sockets.
+fn in_dir<T>(
+    dir: &str,
+    f: impl FnOnce() -> std::result::Result<T, String>,
+) -> std::result::Result<T, String> {
+    if dir.is_empty() {
+        return f();
+    }
+    let back = std::env::current_dir().map_err(|e| e.to_string())?;
+    std::env::set_current_dir(dir)
+        .map_err(|e| format!("entering {dir} to bind a relative socket name: {e}"))?;
+    let r = f();
+    std::env::set_current_dir(&back).map_err(|e| e.to_string())?;
+    r
+}
+
 fn bind(fd: &OwnedFd, name: &str) -> std::result::Result<(), String> {
     if !name.starts_with('@') {
         // The socket file of the process we replace is still there: remove it, but
@@ -381,7 +406,7 @@ pub fn create_all(image: &CheckpointReader) -> std::result::Result<HashMap<u64, 
     for s in socks {
         if s.state == "listening" || (s.peer == 0 && !s.name.is_empty()) {
             let fd = new_socket(s.sock_type)?;
-            bind(&fd, &s.name)?;
+            in_dir(&s.bound_in, || bind(&fd, &s.name))?;
             if s.state == "listening" {
                 // SAFETY: listen on our socket.
                 if unsafe { libc::listen(fd.as_raw_fd(), s.backlog as i32) } != 0 {
@@ -403,7 +428,7 @@ pub fn create_all(image: &CheckpointReader) -> std::result::Result<HashMap<u64, 
             // A connection the server has not accepted yet: connect and leave it.
             let l = by_id.get(&s.pending_on).ok_or("listener missing")?;
             let fd = new_socket(s.sock_type)?;
-            connect(&fd, &l.name)?;
+            in_dir(&l.bound_in, || connect(&fd, &l.name))?;
             out.insert(s.id, fd);
             continue;
         }
@@ -425,7 +450,7 @@ pub fn create_all(image: &CheckpointReader) -> std::result::Result<HashMap<u64, 
                 {
                     let cfd = new_socket(client.sock_type)?;
                     let name = &server.name;
-                    connect(&cfd, name)?;
+                    in_dir(&server.bound_in, || connect(&cfd, name))?;
                     // SAFETY: accept on our listener; returns a new descriptor.
                     let sfd = unsafe {
                         libc::accept4(
@@ -468,7 +493,7 @@ pub fn create_all(image: &CheckpointReader) -> std::result::Result<HashMap<u64, 
             Some(p) if p.peer != s.id => {
                 // Connected to a bound socket (datagrams to a named server).
                 let fd = new_socket(s.sock_type)?;
-                connect(&fd, &p.name)?;
+                in_dir(&p.bound_in, || connect(&fd, &p.name))?;
                 out.insert(s.id, fd);
             }
             Some(_) => {}
@@ -491,7 +516,12 @@ pub fn create_all(image: &CheckpointReader) -> std::result::Result<HashMap<u64, 
             Some(fd) => (fd, None),
             None if !s.name.is_empty() => {
                 temp = new_socket(s.sock_type)?;
-                (temp.as_raw_fd(), Some(sockaddr(&s.name)?))
+                let abs = if s.bound_in.is_empty() {
+                    s.name.clone()
+                } else {
+                    format!("{}/{}", s.bound_in, s.name)
+                };
+                (temp.as_raw_fd(), Some(sockaddr(&abs)?))
             }
             None => {
                 return Err(format!(

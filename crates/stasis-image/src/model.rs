@@ -102,6 +102,9 @@ pub struct UnixSocket {
     pub state: String,
     /// Bound address: a path, "@name" (abstract), or empty.
     pub name: String,
+    /// For a relative path name: the directory it was bound in (the holder's cwd).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub bound_in: String,
     /// The socket it is connected to (id), 0 if none.
     pub peer: u64,
     /// For the client end of a connection not yet accepted: the listener's id.

@@ -152,8 +152,9 @@ fn parse(m: &[u8]) -> Option<UnixSock> {
                     .filter_map(|c| c.try_into().ok().map(|b| u64::from(u32::from_ne_bytes(b))))
                     .collect()
             }
-            UNIX_DIAG_RQLEN if data.len() >= 4 => {
-                s.rqlen = u32::from_ne_bytes(data[..4].try_into().ok()?)
+            UNIX_DIAG_RQLEN if data.len() >= 8 => {
+                s.rqlen = u32::from_ne_bytes(data[..4].try_into().ok()?);
+                s.wqlen = u32::from_ne_bytes(data[4..8].try_into().ok()?);
             }
             UNIX_DIAG_SHUTDOWN if !data.is_empty() => s.shutdown = data[0],
             _ => {}
