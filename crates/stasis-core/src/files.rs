@@ -173,6 +173,8 @@ impl Registry {
                     flags,
                     pos: info.pos,
                 }
+            } else if target == "anon_inode:inotify" {
+                crate::inotify::dump(proc, fd, flags, &info.text)?
             } else if let Some(k) = target
                 .strip_prefix("anon_inode:")
                 .and_then(|a| crate::eventfds::dump(a.trim_matches(['[', ']']), flags, &info.text))
@@ -435,6 +437,8 @@ pub fn open_descriptions(
                     unsafe { libc::fcntl(fd, libc::F_SETFL, *flags & libc::O_NONBLOCK) };
                     fd
                 }
+                FdKind::Inotify { flags, watches } => crate::inotify::create(*flags, watches)
+                    .map_err(|e| format!("fd {}: {e}", f.fd))?,
                 k @ (FdKind::EventFd { .. }
                 | FdKind::TimerFd { .. }
                 | FdKind::SignalFd { .. }

@@ -483,6 +483,11 @@ pub enum FdKind {
     },
     /// signalfd(2): the signal mask it reads.
     SignalFd { mask: u64, flags: i32 },
+    /// inotify_init(2) with its watches.
+    Inotify {
+        flags: i32,
+        watches: Vec<InotifyWatch>,
+    },
     /// epoll_create(2) with its registered fds (numbers in the owning process).
     Epoll { flags: i32, items: Vec<EpollItem> },
     /// A pseudo-terminal end (of `Checkpoint::ptys`): the master (/dev/ptmx) or the
@@ -500,6 +505,14 @@ pub enum FdKind {
         write: bool,
         flags: i32,
     },
+}
+
+/// One inotify watch: its number, event mask, and a path to the watched inode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InotifyWatch {
+    pub wd: i32,
+    pub mask: u32,
+    pub path: String,
 }
 
 /// One fd registered in an epoll instance.

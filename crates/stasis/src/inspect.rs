@@ -114,6 +114,14 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
                     path, pos, size, ..
                 } => format!("{path} (deleted; {size} bytes saved) offset {pos}"),
                 FdKind::Device { path, .. } => path.clone(),
+                FdKind::Inotify { watches, .. } => format!(
+                    "inotify watching {}",
+                    watches
+                        .iter()
+                        .map(|w| w.path.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
                 FdKind::Pty { pty, master, .. } => format!(
                     "pseudo-terminal {pty} ({})",
                     if *master { "master" } else { "slave" }

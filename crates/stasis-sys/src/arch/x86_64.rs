@@ -99,21 +99,13 @@ impl Regs {
     ///
     /// Injection leaves the thread at the exit of the last injected syscall, outside the
     /// kernel's signal path that would restart the interrupted syscall, so we do the
-    /// restart by hand: back up over the `syscall` instruction, and either reload the
-    /// syscall number or, for `-ERESTART_RESTARTBLOCK`, call `restart_syscall(2)` which
-    /// resumes from the restart block the kernel still holds for this thread.
+    /// restart by hand: back up over the `syscall` instruction and reload the syscall
+    /// number. Also for `-ERESTART_RESTARTBLOCK` the original syscall is executed again
+    /// rather than `restart_syscall(2)`: a thread left inside `restart_syscall` would
+    /// be caught there by the next checkpoint with its original syscall unknown, and a
+    /// restored thread has no restart block for it. (A relative sleep starts over.)
     pub fn for_live_resume(&self) -> Regs {
-        let mut r = *self;
-        if r.interrupted_restartable() {
-            r.rax = if -r.ret() == ERESTART_RESTARTBLOCK {
-                libc::SYS_restart_syscall as u64
-            } else {
-                r.orig_rax
-            };
-            r.rip -= SYSCALL_INSN.len() as u64;
-        }
-        r.orig_rax = u64::MAX;
-        r
+        self.for_restore()
     }
 
     /// Registers to start a *restored* thread with.
@@ -192,7 +184,7 @@ mod tests {
             ..Default::default()
         };
         let live = r.for_live_resume();
-        assert_eq!(live.rax, libc::SYS_restart_syscall as u64);
+        assert_eq!(live.rax, libc::SYS_nanosleep as u64);
         assert_eq!(live.rip, 0x1000);
         let rest = r.for_restore();
         assert_eq!(rest.rax, libc::SYS_nanosleep as u64);
