@@ -102,3 +102,24 @@ fn pthreads_cycle_as_unprivileged_user() {
     verify_pthreads(&s.outputs(), THREADS, &ok);
     eprintln!("{ok}");
 }
+
+/// The process-tree, IPC and event programs, each through a plain checkpoint and two
+/// kill/restart cycles as the unprivileged user: same results as with root.
+#[test]
+fn ipc_and_tree_programs_as_unprivileged_user() {
+    for program in [
+        "files", "churn", "evloop", "sysv", "fifo", "inotify", "sessions",
+    ] {
+        let (w, exe) = unprivileged_work(&format!("unpriv_{program}"), program);
+        let mut s = Session::start(&w, &[&exe]);
+        s.cur().wait_tick(3, T_READY);
+        let r = w.checkpoint(false);
+        assert!(r.status.success(), "{program}: {r}");
+        s.cur().wait_more_ticks(2, T_READY);
+        s.cycle(Probe::Ticks);
+        s.cycle(Probe::Ticks);
+        let ok = s.finish();
+        assert!(ok.starts_with("OK"), "{program}: {ok}");
+        assert_ticks_consecutive(&s.outputs(), None);
+    }
+}
