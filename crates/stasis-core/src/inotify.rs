@@ -11,7 +11,7 @@
 //! back the same watch descriptors when they were numbered without gaps (the usual
 //! case); otherwise the restore says so.
 
-use crate::error::{Error, Result, SysContext};
+use crate::error::{Error, Result};
 use crate::proc::ProcDir;
 use stasis_image::{FdKind, InotifyWatch};
 use std::collections::VecDeque;
@@ -62,26 +62,11 @@ pub fn dump(proc: &ProcDir, fd: i32, flags: i32, info: &str) -> Result<FdKind> {
 }
 
 fn pending_bytes(pid: i32, fd: i32) -> Result<i32> {
-    // SAFETY: pidfd_open/pidfd_getfd return new descriptors or -1; FIONREAD writes an int.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
-        let ours = if pidfd >= 0 {
-            libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32
-        } else {
-            -1
-        };
-        if pidfd >= 0 {
-            libc::close(pidfd);
-        }
-        if ours < 0 {
-            return Err(stasis_sys::SysError::last("pidfd_getfd", pid))
-                .ctx(pid, || format!("borrowing the inotify fd {fd}"));
-        }
-        let owned = OwnedFd::from_raw_fd(ours);
-        let mut n: libc::c_int = 0;
-        libc::ioctl(owned.as_raw_fd(), libc::FIONREAD, &mut n);
-        Ok(n)
-    }
+    let ours = crate::proc::borrow_fd(pid, fd)?;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes an int.
+    unsafe { libc::ioctl(ours.as_raw_fd(), libc::FIONREAD, &mut n) };
+    Ok(n)
 }
 
 fn search_roots(proc: &ProcDir) -> Vec<PathBuf> {

@@ -574,17 +574,7 @@ fn write_range(
                     .collect();
                 zeros.push((i, (off - r.offset) / PAGE_SIZE, z));
                 data.fill(0);
-                let mut rest: &[u8] = data;
-                while !rest.is_empty() {
-                    let n = ((chunk - filled % chunk) as usize).min(rest.len());
-                    hasher.update(&rest[..n]);
-                    filled += n as u64;
-                    rest = &rest[n..];
-                    if filled.is_multiple_of(chunk) {
-                        sums.push(format!("{:016x}", hasher.digest()));
-                        hasher.reset();
-                    }
-                }
+                hash_chunks(&mut hasher, &mut filled, &mut sums, data);
                 off += len;
                 continue;
             }
@@ -641,17 +631,7 @@ fn write_range(
             }
             zeros.push((i, (off - r.offset) / PAGE_SIZE, z));
             // Checksum chunk by chunk.
-            let mut rest: &[u8] = data;
-            while !rest.is_empty() {
-                let n = ((chunk - filled % chunk) as usize).min(rest.len());
-                hasher.update(&rest[..n]);
-                filled += n as u64;
-                rest = &rest[n..];
-                if filled.is_multiple_of(chunk) {
-                    sums.push(format!("{:016x}", hasher.digest()));
-                    hasher.reset();
-                }
-            }
+            hash_chunks(&mut hasher, &mut filled, &mut sums, data);
             off += len;
         }
     }
@@ -724,6 +704,27 @@ pub fn finish_pages(
         }
     }
     (mappings, stored, hashes)
+}
+
+/// Feeds `data` to the running checksum of the page file: one xxh3 digest per
+/// CHUNK_SIZE bytes (`filled` counts the bytes hashed so far).
+fn hash_chunks(
+    hasher: &mut xxhash_rust::xxh3::Xxh3,
+    filled: &mut u64,
+    sums: &mut Vec<String>,
+    mut data: &[u8],
+) {
+    let chunk = stasis_image::CHUNK_SIZE;
+    while !data.is_empty() {
+        let n = ((chunk - *filled % chunk) as usize).min(data.len());
+        hasher.update(&data[..n]);
+        *filled += n as u64;
+        data = &data[n..];
+        if filled.is_multiple_of(chunk) {
+            sums.push(format!("{:016x}", hasher.digest()));
+            hasher.reset();
+        }
+    }
 }
 
 /// Joins scoped worker threads; a panicked worker becomes an error of process `pid`.

@@ -136,3 +136,24 @@ pub fn check_unchanged(id: &FileId) -> std::result::Result<(), String> {
     }
     Ok(())
 }
+
+/// A copy of fd `fd` of process `pid` in this process (pidfd_getfd(2); needs ptrace
+/// access to it), to query its state without disturbing the process.
+pub fn borrow_fd(pid: i32, fd: i32) -> Result<std::os::unix::io::OwnedFd> {
+    use std::os::unix::io::FromRawFd;
+    // SAFETY: pidfd_open and pidfd_getfd return new descriptors or -1.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
+        if pidfd < 0 {
+            return Err(stasis_sys::SysError::last("pidfd_open", pid))
+                .ctx(pid, || format!("borrowing fd {fd}"));
+        }
+        let ours = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
+        libc::close(pidfd);
+        if ours < 0 {
+            return Err(stasis_sys::SysError::last("pidfd_getfd", pid))
+                .ctx(pid, || format!("borrowing fd {fd}"));
+        }
+        Ok(std::os::unix::io::OwnedFd::from_raw_fd(ours))
+    }
+}

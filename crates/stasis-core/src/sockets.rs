@@ -32,24 +32,6 @@ pub struct Collector {
     holders: HashMap<u64, (i32, i32)>,
 }
 
-fn borrow_fd(pid: i32, fd: i32) -> Result<OwnedFd> {
-    // SAFETY: pidfd_open and pidfd_getfd return new descriptors or -1.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
-        if pidfd < 0 {
-            return Err(stasis_sys::SysError::last("pidfd_open", pid))
-                .ctx(pid, || format!("borrowing the socket of fd {fd}"));
-        }
-        let ours = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
-        libc::close(pidfd);
-        if ours < 0 {
-            return Err(stasis_sys::SysError::last("pidfd_getfd", pid))
-                .ctx(pid, || format!("borrowing the socket of fd {fd}"));
-        }
-        Ok(OwnedFd::from_raw_fd(ours))
-    }
-}
-
 fn sockopt(fd: i32, opt: i32) -> i32 {
     let mut v: i32 = 0;
     let mut len = 4 as libc::socklen_t;
@@ -83,7 +65,7 @@ impl Collector {
         if self.holders.contains_key(&ino) {
             return Ok(ino);
         }
-        let sock = borrow_fd(pid, fd)?;
+        let sock = crate::proc::borrow_fd(pid, fd)?;
         let s = sock.as_raw_fd();
         let domain = sockopt(s, libc::SO_DOMAIN);
         if domain != libc::AF_UNIX {

@@ -27,26 +27,6 @@ pub fn classify(maj: u32, min: u32) -> Option<(bool, u64)> {
         .then(|| (false, u64::from((maj - UNIX98_PTY_SLAVE_MAJOR) * 256 + min)))
 }
 
-fn borrow(pid: i32, fd: i32) -> Result<OwnedFd> {
-    // SAFETY: pidfd_open and pidfd_getfd return new descriptors or -1.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
-        let ours = if pidfd >= 0 {
-            libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32
-        } else {
-            -1
-        };
-        if pidfd >= 0 {
-            libc::close(pidfd);
-        }
-        if ours < 0 {
-            return Err(stasis_sys::SysError::last("pidfd_getfd", pid))
-                .ctx(pid, || format!("borrowing the terminal of fd {fd}"));
-        }
-        Ok(OwnedFd::from_raw_fd(ours))
-    }
-}
-
 /// Saves a pty end held as fd `fd`; returns (pty id, is master). The pair is recorded
 /// in `ptys` the first time.
 pub fn dump_fd(
@@ -56,7 +36,7 @@ pub fn dump_fd(
     slave_index: u64,
     ptys: &mut Vec<Pty>,
 ) -> Result<u64> {
-    let ours = borrow(pid, fd)?;
+    let ours = crate::proc::borrow_fd(pid, fd)?;
     let f = ours.as_raw_fd();
     let id = if master {
         let mut n: libc::c_uint = 0;
