@@ -69,7 +69,7 @@ pub enum Command {
     ///
     /// With DIR, asks the stasis supervising that directory (`stasis run` or `stasis
     /// restart`) to checkpoint its application. With --pid, checkpoints a process that
-    /// was not started by stasis (it must be yours, single-threaded, and not being traced);
+    /// was not started by stasis (it must be yours and not being traced; its descendants are saved with it);
     /// it is then restarted under stasis.
     ///
     /// The application is paused while its state is read, then resumes (or, with --kill,
