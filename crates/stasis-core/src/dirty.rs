@@ -19,7 +19,7 @@ use crate::proc::ProcDir;
 use procfs::process::VmFlags;
 use stasis_sys::dirty;
 use std::collections::BTreeMap;
-use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::io::{AsRawFd, OwnedFd};
 use std::sync::Mutex;
 
 struct Tracker {
@@ -82,30 +82,13 @@ fn try_arm(proc: &ProcDir, vmas: &[Vma], inj: &Injector, seq: u64) -> Result<()>
     if let std::collections::btree_map::Entry::Vacant(slot) = trackers.entry(pid) {
         let flags = (libc::O_CLOEXEC as u64) | dirty::UFFD_USER_MODE_ONLY;
         let theirs = inj.call("userfaultfd", libc::SYS_userfaultfd, &[flags])? as i32;
-        // SAFETY: pidfd_open/pidfd_getfd return new descriptors or -1.
-        let ours = unsafe {
-            let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
-            let fd = if pidfd >= 0 {
-                libc::syscall(libc::SYS_pidfd_getfd, pidfd, theirs, 0) as i32
-            } else {
-                -1
-            };
-            if pidfd >= 0 {
-                libc::close(pidfd);
-            }
-            fd
-        };
+        let borrowed = crate::proc::borrow_fd(pid, theirs);
         inj.call(
             "close of the userfaultfd",
             libc::SYS_close,
             &[theirs as u64],
         )?;
-        if ours < 0 {
-            return Err(stasis_sys::SysError::last("pidfd_getfd(userfaultfd)", pid))
-                .ctx(pid, || "taking the userfaultfd".into());
-        }
-        // SAFETY: `ours` was just created and is owned here.
-        let uffd = unsafe { OwnedFd::from_raw_fd(ours) };
+        let uffd = borrowed?;
         dirty::uffd_enable_wp_async(uffd.as_raw_fd())
             .ctx(pid, || "enabling asynchronous write-protection".into())?;
         slot.insert(Tracker {

@@ -164,9 +164,9 @@ fn checkpoint_locked(
     let t1 = Instant::now();
     let mut processes = Vec::with_capacity(parts.len());
     let mut pages_bytes = 0;
-    let seq = writer.sequence();
+    let seq = tracking.seq;
     let prev = if opts.incremental {
-        previous_pages(dir)?
+        previous_pages(dir, tracking.prev_seq)?
     } else {
         HashMap::new()
     };
@@ -548,9 +548,9 @@ impl Drop for Snapshot {
 
 /// The page hashes of the newest checkpoint in `dir`, by process: what an incremental
 /// checkpoint may refer to instead of storing again. Unreadable or absent: nothing.
-fn previous_pages(dir: &Path) -> Result<HashMap<i32, memory::PrevPages>> {
+fn previous_pages(dir: &Path, prev_seq: Option<u64>) -> Result<HashMap<i32, memory::PrevPages>> {
     let mut out = HashMap::new();
-    let Some((_, path)) = store::list_checkpoints(dir)?.pop() else {
+    let Some(path) = prev_seq.map(|seq| store::checkpoint_path(dir, seq)) else {
         return Ok(out);
     };
     let Ok(bytes) = std::fs::read(path.join("checkpoint.json")) else {

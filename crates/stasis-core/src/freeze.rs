@@ -133,7 +133,7 @@ impl Frozen {
         for t in &self.threads {
             let r = (|| {
                 if t.touched {
-                    ptrace::set_regs(t.tid, &t.regs.for_live_resume())
+                    ptrace::set_regs(t.tid, &t.regs.for_restore())
                         .ctx(t.tid, || "restoring registers".into())?;
                     ptrace::set_sigmask(t.tid, t.sigmask)
                         .ctx(t.tid, || "restoring the signal mask".into())?;

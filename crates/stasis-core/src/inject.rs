@@ -28,11 +28,6 @@ impl Injector {
         Ok(Injector { pid, insn, base })
     }
 
-    /// Address of the syscall instruction in use.
-    pub fn insn(&self) -> u64 {
-        self.insn
-    }
-
     /// Runs syscall `nr` with `args`; returns the raw result (negative errno on error).
     pub fn raw(&self, nr: i64, args: &[u64]) -> Result<i64> {
         let pid = self.pid;

@@ -31,7 +31,6 @@ const BATCH_PAGES: u64 = 1024;
 pub struct Vma {
     pub map: Mapping,
     flags: VmFlags,
-    inode: u64,
 }
 
 fn prot_of(p: MMPermissions) -> u32 {
@@ -180,7 +179,6 @@ pub fn read_layout(proc: &ProcDir) -> Result<Vec<Vma>> {
                 content_file: None,
             },
             flags,
-            inode: m.inode,
         });
     }
     Ok(out)
@@ -1044,19 +1042,6 @@ pub fn find_free(used: &[(u64, u64)], len: u64, min: u64) -> Option<u64> {
         candidate = candidate.max(e + PAGE_SIZE);
     }
     (candidate + len <= limit).then_some(candidate)
-}
-
-/// Used by tests and by restore to keep the VmFlags/inode fields alive in debug output.
-impl Vma {
-    /// Inode of the mapped file (0 for anonymous memory).
-    pub fn inode(&self) -> u64 {
-        self.inode
-    }
-
-    /// Raw VM flags.
-    pub fn vm_flags(&self) -> u32 {
-        self.flags.bits()
-    }
 }
 
 #[cfg(test)]

@@ -127,8 +127,10 @@ impl Collector {
             },
             peer: d.peer,
             pending_on: 0,
+            // sock_diag does not report a listener's backlog; SOMAXCONN is what most
+            // programs ask for and what the kernel caps to.
             backlog: if d.state == TCP_LISTEN {
-                sockopt_backlog(&d)
+                libc::SOMAXCONN as u32
             } else {
                 0
             },
@@ -208,13 +210,6 @@ impl Collector {
         }
         Ok(self.socks)
     }
-}
-
-fn sockopt_backlog(d: &UnixSock) -> u32 {
-    // sock_diag does not report the backlog of a listener; SOMAXCONN is what most
-    // programs ask for and what the kernel caps to.
-    let _ = d;
-    libc::SOMAXCONN as u32
 }
 
 /// Reads a socket's receive queue without consuming it: (bytes, message lengths).

@@ -6,7 +6,6 @@ use crate::error::{Error, Result, SysContext};
 use crate::inject::{u64_at, Injector, Scratch};
 use crate::proc::{file_id, ProcDir};
 use stasis_image::{Itimer, MmFields, Rlimit};
-use std::ffi::CString;
 
 const PR_SET_MM: u64 = 35;
 const PR_SET_MM_MAP: u64 = 14;
@@ -119,7 +118,7 @@ pub fn dump(proc: &ProcDir, inj: &Injector, scratch: &Scratch) -> Result<TaskSta
     })
 }
 
-/// Restores cwd, umask, personality, rlimits, timers and name in the calling (new)
+/// Restores cwd, umask, personality, rlimits and timers in the calling (new)
 /// process. Hard limits above the current ones cannot be raised without privilege;
 /// they are capped and reported in the returned warnings.
 pub fn restore_attrs(p: &stasis_image::Process) -> std::result::Result<Vec<String>, String> {
@@ -181,10 +180,7 @@ pub fn restore_attrs(p: &stasis_image::Process) -> std::result::Result<Vec<Strin
             ));
         }
     }
-    if let Ok(name) = CString::new(p.comm.as_bytes()) {
-        // SAFETY: PR_SET_NAME reads a NUL-terminated string of up to 16 bytes.
-        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
-    }
+    // The name is set per thread by `thread::restore_comm`, leader included.
     Ok(warnings)
 }
 

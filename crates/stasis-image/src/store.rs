@@ -256,11 +256,6 @@ impl DataWriter {
         Ok(())
     }
 
-    /// Bytes written so far (the offset the next write lands at).
-    pub fn position(&self) -> u64 {
-        self.written
-    }
-
     fn finish(mut self) -> ImageResult<FileEntry> {
         if !self.written.is_multiple_of(CHUNK_SIZE) {
             self.chunks.push(hash_hex(self.hasher.digest()));
@@ -353,24 +348,6 @@ pub fn file_chunk_hashes(file: &File, size: u64) -> io::Result<Vec<String>> {
         r?;
     }
     Ok(out)
-}
-
-/// xxh3 checksums of every CHUNK_SIZE chunk of `data`, computed by several threads.
-pub fn chunk_hashes(data: &[u8]) -> Vec<String> {
-    let chunks: Vec<&[u8]> = data.chunks(CHUNK_SIZE as usize).collect();
-    let n = workers().min(chunks.len().max(1));
-    let per = chunks.len().div_ceil(n);
-    let mut out = vec![String::new(); chunks.len()];
-    std::thread::scope(|sc| {
-        for (slots, work) in out.chunks_mut(per.max(1)).zip(chunks.chunks(per.max(1))) {
-            sc.spawn(move || {
-                for (slot, c) in slots.iter_mut().zip(work) {
-                    *slot = hash_hex(xxhash_rust::xxh3::xxh3_64(c));
-                }
-            });
-        }
-    });
-    out
 }
 
 /// A checkpoint being written aside (`.checkpoint-N.tmp`). Dropped without

@@ -95,25 +95,17 @@ impl Regs {
         }
     }
 
-    /// Registers to resume a *live* thread with after syscalls were injected into it.
+    /// Registers to resume a thread with: a restored one, or a live one after syscalls
+    /// were injected into it.
     ///
-    /// Injection leaves the thread at the exit of the last injected syscall, outside the
-    /// kernel's signal path that would restart the interrupted syscall, so we do the
-    /// restart by hand: back up over the `syscall` instruction and reload the syscall
-    /// number. Also for `-ERESTART_RESTARTBLOCK` the original syscall is executed again
-    /// rather than `restart_syscall(2)`: a thread left inside `restart_syscall` would
-    /// be caught there by the next checkpoint with its original syscall unknown, and a
-    /// restored thread has no restart block for it. (A relative sleep starts over.)
-    pub fn for_live_resume(&self) -> Regs {
-        self.for_restore()
-    }
-
-    /// Registers to start a *restored* thread with.
-    ///
-    /// A restored thread has no kernel restart block, so every interrupted restartable
-    /// syscall is executed again with its original arguments (which are still in the
-    /// argument registers). For relative sleeps this may sleep a little longer than
-    /// asked, never shorter, and never fails with a spurious EINTR.
+    /// Every interrupted restartable syscall is executed again with its original
+    /// arguments (still in the argument registers): back up over the `syscall`
+    /// instruction and reload the number. A restored thread has no kernel restart
+    /// block, and a live one must not be left inside `restart_syscall(2)` either: the
+    /// next checkpoint would find it there with its original syscall unknown. Injection
+    /// leaves a live thread outside the kernel's own restart path, so this is done by
+    /// hand for it too. A relative sleep may last a little longer than asked, never
+    /// shorter, and never fails with a spurious EINTR.
     pub fn for_restore(&self) -> Regs {
         let mut r = *self;
         if r.interrupted_restartable() {
@@ -147,16 +139,6 @@ impl Regs {
             *slot = v;
         }
     }
-
-    /// Stack pointer.
-    pub fn sp(&self) -> u64 {
-        self.rsp
-    }
-
-    /// Instruction pointer.
-    pub fn ip(&self) -> u64 {
-        self.rip
-    }
 }
 
 /// Size in bytes of the XSAVE area of this CPU with every enabled feature
@@ -183,9 +165,6 @@ mod tests {
             rip: 0x1002,
             ..Default::default()
         };
-        let live = r.for_live_resume();
-        assert_eq!(live.rax, libc::SYS_nanosleep as u64);
-        assert_eq!(live.rip, 0x1000);
         let rest = r.for_restore();
         assert_eq!(rest.rax, libc::SYS_nanosleep as u64);
         assert_eq!(rest.rip, 0x1000);
