@@ -15,7 +15,7 @@
 mod common;
 use common::*;
 use serde_json::Value;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{Read, Write};
 use std::path::Path;
@@ -25,21 +25,6 @@ use std::time::{Duration, Instant};
 // Helpers
 // ---------------------------------------------------------------------------
 
-/// `key=value` words of a line (e.g. a `ready` line).
-fn fields(line: &str) -> HashMap<String, String> {
-    line.split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-fn field_num(line: &str, key: &str) -> u64 {
-    fields(line)
-        .get(key)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no numeric {key}= in {line:?}"))
-}
-
 /// `key=A,B` of a line as numbers.
 fn field_list(line: &str, key: &str) -> Vec<i64> {
     fields(line)
@@ -48,16 +33,6 @@ fn field_list(line: &str, key: &str) -> Vec<i64> {
         .split(',')
         .map(|x| x.parse().unwrap())
         .collect()
-}
-
-fn elapsed(t0: Instant, name: &str) {
-    eprintln!("{name}: {:.1} s", t0.elapsed().as_secs_f64());
-}
-
-fn num(v: &Value, key: &str) -> i64 {
-    v[key]
-        .as_i64()
-        .unwrap_or_else(|| panic!("no integer {key} in {v}"))
 }
 
 fn unum(v: &Value, key: &str) -> u64 {
@@ -158,57 +133,6 @@ fn queued(s: &Value) -> Vec<u64> {
 /// consecutive messages), searching `s` in 0..limit.
 fn find_window<T: PartialEq>(got: &[T], limit: u64, f: impl Fn(u64) -> T) -> Option<u64> {
     (0..limit).find(|&s| got.iter().enumerate().all(|(i, g)| *g == f(s + i as u64)))
-}
-
-/// Wait until a tick line of `p` shows `key` above its value in `p`'s first
-/// tick line (the restored processes behind it make progress).
-fn wait_field_advance(p: &mut Proc, key: &str, what: &str) {
-    let vals = |p: &Proc| -> Vec<u64> {
-        p.lines()
-            .iter()
-            .filter_map(|l| parse_tick(l))
-            .filter_map(|(_, rest)| tick_fields(&rest).get(key).copied())
-            .collect()
-    };
-    let t0 = Instant::now();
-    loop {
-        let v = vals(p);
-        if let (Some(a), Some(b)) = (v.first(), v.last()) {
-            if b > a {
-                return;
-            }
-        }
-        if !p.running() || t0.elapsed() > Duration::from_secs(5) {
-            let d = p.diag();
-            panic!(
-                "{} made no progress after the restore ({key} stays at {:?}): {what}\n{d}",
-                p.label,
-                v.first()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Every process of the application (`count` of them, executing `exe`) and
-/// every other process of the test runs as `uid`.
-fn assert_tree_runs_as(w: &Work, exe: &Path, count: usize, uid: u32) {
-    let app = pids_of_exe(&w.dir, exe);
-    assert_eq!(app.len(), count, "application processes: {app:?}");
-    for pid in procs_in(&w.dir) {
-        if let Ok(st) = fs::read_to_string(format!("/proc/{pid}/status")) {
-            let line = st.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
-            let ids: Vec<u32> = line
-                .split_whitespace()
-                .skip(1)
-                .filter_map(|x| x.parse().ok())
-                .collect();
-            assert!(
-                ids.len() == 4 && ids.iter().all(|i| *i == uid),
-                "process {pid} has {line:?}, expected all uids {uid}"
-            );
-        }
-    }
 }
 
 /// The usual schedule: `plain` checkpoints without --kill while the program

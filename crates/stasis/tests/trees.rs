@@ -9,7 +9,7 @@
 mod common;
 use common::*;
 use serde_json::Value;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -17,21 +17,6 @@ use std::time::{Duration, Instant};
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-/// `key=value` words of a line (e.g. a `ready` line).
-fn fields(line: &str) -> HashMap<String, String> {
-    line.split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-fn field_num(line: &str, key: &str) -> u64 {
-    fields(line)
-        .get(key)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no numeric {key}= in {line:?}"))
-}
 
 fn pid_list(s: &str) -> Vec<i32> {
     s.split(',').map(|p| p.parse().unwrap()).collect()
@@ -45,12 +30,6 @@ fn image_procs(meta: &Value) -> BTreeMap<i32, &Value> {
         .iter()
         .map(|p| (p["pid"].as_i64().expect("process without pid") as i32, p))
         .collect()
-}
-
-fn num(v: &Value, key: &str) -> i64 {
-    v[key]
-        .as_i64()
-        .unwrap_or_else(|| panic!("no integer {key} in {v}"))
 }
 
 /// pid -> (ppid, pgid, sid) of every process of the image.
@@ -141,40 +120,6 @@ fn wait_until(p: &mut Proc, what: &str, timeout: Duration, mut cond: impl FnMut(
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// Wait until a tick line of `p` shows `key` above its value in `p`'s first
-/// tick line (the restored processes behind it make progress).
-fn wait_field_advance(p: &mut Proc, key: &str, what: &str) {
-    let vals = |p: &Proc| -> Vec<u64> {
-        p.lines()
-            .iter()
-            .filter_map(|l| parse_tick(l))
-            .filter_map(|(_, rest)| tick_fields(&rest).get(key).copied())
-            .collect()
-    };
-    let t0 = Instant::now();
-    loop {
-        let v = vals(p);
-        if let (Some(a), Some(b)) = (v.first(), v.last()) {
-            if b > a {
-                return;
-            }
-        }
-        if !p.running() || t0.elapsed() > Duration::from_secs(5) {
-            let d = p.diag();
-            panic!(
-                "{} made no progress after the restore ({key} stays at {:?}): {what}\n{d}",
-                p.label,
-                v.first()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn elapsed(t0: Instant, name: &str) {
-    eprintln!("{name}: {:.1} s", t0.elapsed().as_secs_f64());
 }
 
 // ---------------------------------------------------------------------------
@@ -314,27 +259,6 @@ fn ring_cycles(w: &Work, exe: &Path, n: usize, name: &str, as_user: Option<u32>)
 fn ring_of_16_processes() {
     let w = Work::new("ring16");
     ring_cycles(&w, &prog("ring"), 16, "ring16", None);
-}
-
-/// Every process of the application (`count` of them, executing `exe`) and
-/// every other process of the test runs as `uid`.
-fn assert_tree_runs_as(w: &Work, exe: &Path, count: usize, uid: u32) {
-    let app = pids_of_exe(&w.dir, exe);
-    assert_eq!(app.len(), count, "application processes: {app:?}");
-    for pid in procs_in(&w.dir) {
-        if let Ok(st) = fs::read_to_string(format!("/proc/{pid}/status")) {
-            let line = st.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
-            let ids: Vec<u32> = line
-                .split_whitespace()
-                .skip(1)
-                .filter_map(|x| x.parse().ok())
-                .collect();
-            assert!(
-                ids.len() == 4 && ids.iter().all(|i| *i == uid),
-                "process {pid} has {line:?}, expected all uids {uid}"
-            );
-        }
-    }
 }
 
 /// (8) The ring with 8 children as an unprivileged user (the `stasis-test`

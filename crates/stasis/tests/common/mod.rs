@@ -1254,3 +1254,81 @@ pub fn inspect_tids(meta: &serde_json::Value) -> Vec<i32> {
     );
     tids
 }
+
+// Helpers shared by the process-tree and IPC suites.
+
+/// Wait until a tick line of `p` shows `key` above its value in `p`'s first
+/// tick line (the restored processes behind it make progress).
+pub fn wait_field_advance(p: &mut Proc, key: &str, what: &str) {
+    let vals = |p: &Proc| -> Vec<u64> {
+        p.lines()
+            .iter()
+            .filter_map(|l| parse_tick(l))
+            .filter_map(|(_, rest)| tick_fields(&rest).get(key).copied())
+            .collect()
+    };
+    let t0 = Instant::now();
+    loop {
+        let v = vals(p);
+        if let (Some(a), Some(b)) = (v.first(), v.last()) {
+            if b > a {
+                return;
+            }
+        }
+        if !p.running() || t0.elapsed() > Duration::from_secs(5) {
+            let d = p.diag();
+            panic!(
+                "{} made no progress after the restore ({key} stays at {:?}): {what}\n{d}",
+                p.label,
+                v.first()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn elapsed(t0: Instant, name: &str) {
+    eprintln!("{name}: {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// Every process of the application (`count` of them, executing `exe`) and
+/// every other process of the test runs as `uid`.
+pub fn assert_tree_runs_as(w: &Work, exe: &Path, count: usize, uid: u32) {
+    let app = pids_of_exe(&w.dir, exe);
+    assert_eq!(app.len(), count, "application processes: {app:?}");
+    for pid in procs_in(&w.dir) {
+        if let Ok(st) = fs::read_to_string(format!("/proc/{pid}/status")) {
+            let line = st.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
+            let ids: Vec<u32> = line
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            assert!(
+                ids.len() == 4 && ids.iter().all(|i| *i == uid),
+                "process {pid} has {line:?}, expected all uids {uid}"
+            );
+        }
+    }
+}
+
+pub fn num(v: &serde_json::Value, key: &str) -> i64 {
+    v[key]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no integer {key} in {v}"))
+}
+
+pub fn field_num(line: &str, key: &str) -> u64 {
+    fields(line)
+        .get(key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric {key}= in {line:?}"))
+}
+
+/// `key=value` words of a line (e.g. a `ready` line).
+pub fn fields(line: &str) -> HashMap<String, String> {
+    line.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
