@@ -67,6 +67,13 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
                 attempt += 1;
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
+            // A short-lived process of the tree (a compiler under make) exiting at
+            // the wrong moment is not the job ending: the checkpoint starts over.
+            Err(Error::Gone { pid: gone }) if gone != pid && attempt < 50 => {
+                tracing::debug!("process {gone} exited during the checkpoint; retrying");
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
             r => return r,
         }
     }
@@ -104,7 +111,7 @@ fn checkpoint_locked(
                 .filter(|&c| c != pid),
         );
     }
-    let (mut tree, zombies) = freeze_tree(&roots)?;
+    let (mut tree, zombies) = freeze_tree(&roots, parent_is_us.then_some(me))?;
     let freeze_us = t0.elapsed().as_micros() as u64;
 
     let mut writer = CheckpointWriter::begin(lock)?;
@@ -268,14 +275,14 @@ fn checkpoint_locked(
     })
 }
 
-/// Freezes the `roots` (the first is the application) and all their descendants,
-/// parents before children, until no process
-/// of the tree is left running (a process forking while we freeze is caught by the
-/// next round). Children that already exited but were not reaped are zombies.
 /// The frozen processes of a tree, parents first.
 type FrozenTree = Vec<(ProcDir, Frozen)>;
 
-fn freeze_tree(roots: &[i32]) -> Result<(FrozenTree, Vec<Zombie>)> {
+/// Freezes the `roots` (the first is the application) and all their descendants,
+/// parents before children, until no process of the tree is left running (a process
+/// forking while we freeze is caught by the next round). Children that already
+/// exited but were not reaped, or exit while being stopped, are zombies.
+fn freeze_tree(roots: &[i32], adopter: Option<i32>) -> Result<(FrozenTree, Vec<Zombie>)> {
     let root = roots[0];
     let mut tree: FrozenTree = Vec::new();
     let mut zombies = Vec::new();
@@ -287,11 +294,7 @@ fn freeze_tree(roots: &[i32]) -> Result<(FrozenTree, Vec<Zombie>)> {
                 continue;
             }
             let proc = ProcDir::new(p);
-            let stat = match proc.process().and_then(|pr| {
-                pr.stat()
-                    .map_err(std::io::Error::other)
-                    .ctx(p, || "reading /proc/PID/stat".into())
-            }) {
+            let stat = match read_stat(&proc) {
                 Ok(s) => s,
                 Err(_) if p != root => continue, // exited meanwhile
                 Err(e) => return Err(e),
@@ -300,21 +303,20 @@ fn freeze_tree(roots: &[i32]) -> Result<(FrozenTree, Vec<Zombie>)> {
                 if p == root {
                     return Err(Error::Gone { pid: p });
                 }
-                zombies.push(Zombie {
-                    pid: p,
-                    ppid: stat.ppid,
-                    pgid: stat.pgrp,
-                    sid: stat.session,
-                    status: stat.exit_code.unwrap_or(0),
-                });
+                zombies.push(zombie(p, &stat));
                 continue;
             }
             let frozen = match Frozen::freeze(&proc) {
                 Ok(f) => f,
-                Err(Error::Gone { .. } | Error::Attach { .. })
-                    if p != root && !proc.path.exists() =>
-                {
-                    continue
+                Err(e @ (Error::Gone { .. } | Error::Attach { .. })) if p != root => {
+                    // It exited while being stopped (its parent is already frozen, so
+                    // it stays a zombie until restart) or is gone altogether.
+                    match exited_state(&proc) {
+                        Some(Some(stat)) => zombies.push(zombie(p, &stat)),
+                        Some(None) => {}
+                        None => return Err(e),
+                    }
+                    continue;
                 }
                 Err(e) => return Err(e),
             };
@@ -325,10 +327,50 @@ fn freeze_tree(roots: &[i32]) -> Result<(FrozenTree, Vec<Zombie>)> {
         for (proc, _) in &tree {
             queue.extend(proc.children()?.into_iter().filter(|c| !known.contains(c)));
         }
+        // The children of a process that exited while we froze are reparented to
+        // the namespace init (us): they belong to the job as well.
+        if let Some(me) = adopter {
+            let orphans = ProcDir::new(me).children()?;
+            queue.extend(orphans.into_iter().filter(|c| !known.contains(c)));
+        }
         if queue.is_empty() {
             return Ok((tree, zombies));
         }
     }
+}
+
+fn read_stat(proc: &ProcDir) -> Result<procfs::process::Stat> {
+    let p = proc.pid;
+    proc.process().and_then(|pr| {
+        pr.stat()
+            .map_err(std::io::Error::other)
+            .ctx(p, || "reading /proc/PID/stat".into())
+    })
+}
+
+fn zombie(pid: i32, stat: &procfs::process::Stat) -> Zombie {
+    Zombie {
+        pid,
+        ppid: stat.ppid,
+        pgid: stat.pgrp,
+        sid: stat.session,
+        status: stat.exit_code.unwrap_or(0),
+    }
+}
+
+/// After a process failed to freeze: `Some(Some(stat))` if it is a zombie now,
+/// `Some(None)` if it is gone, `None` if it still lives (the failure was real). An
+/// exiting process takes a moment to become a zombie; that moment is waited out.
+fn exited_state(proc: &ProcDir) -> Option<Option<procfs::process::Stat>> {
+    for _ in 0..100 {
+        match read_stat(proc) {
+            Err(_) => return Some(None),
+            Ok(s) if s.state == 'Z' => return Some(Some(s)),
+            Ok(s) if s.state == 'X' => return Some(None),
+            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
+        }
+    }
+    None
 }
 
 /// One process's state, read while frozen; its pages are written by `write_pages`.

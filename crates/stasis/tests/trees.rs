@@ -873,3 +873,39 @@ fn pipe_capacity_and_content() {
     eprintln!("pipecap: {ok}");
     elapsed(t0, "pipecap");
 }
+
+/// (8) A parent forking short-lived children as fast as it can (some leaving
+/// orphans that the namespace init adopts): twelve checkpoints at random
+/// moments while processes appear and exit, then two checkpoint --kill /
+/// restart cycles. Proves: a process of the tree exiting while the tree is
+/// being frozen neither fails the checkpoint nor leaves a process unsaved;
+/// every checkpoint succeeds; the parent keeps reaping every child with the
+/// right status after restart, and its ticks continue without a gap or a
+/// repeat.
+#[test]
+fn fork_storm_checkpoints_succeed() {
+    let t0 = Instant::now();
+    let w = Work::new("forkstorm");
+    let mut rng = Rng::new("forkstorm");
+    let mut s = Session::start(&w, &[prog("forkstorm")]);
+    s.cur().wait_tick(2, T_READY);
+    for i in 0..14 {
+        rng.sleep_ms(0, 150);
+        if i >= 12 {
+            s.cycle(Probe::Ticks);
+        } else {
+            w.checkpoint_ok(false, s.cur());
+            s.cur().wait_more_ticks(1, T_READY);
+        }
+    }
+    let ok = s.finish();
+    s.assert_no_rerun();
+    let ticks = assert_ticks_consecutive(&s.outputs(), Some(0));
+    assert_eq!(
+        field_num(&ok, "ticks"),
+        ticks.len() as u64,
+        "OK line {ok:?} vs {} ticks printed",
+        ticks.len()
+    );
+    eprintln!("forkstorm: {} ticks in {:?}", ticks.len(), t0.elapsed());
+}
