@@ -13,12 +13,12 @@ use crate::freeze::Frozen;
 use crate::inject::{find_syscall_insn, Injector, Scratch};
 use crate::memory;
 use crate::proc::ProcDir;
+use crate::snapshot::{PartFiles, Snapshot};
 use crate::{signals, task, thread};
 use stasis_image::{
-    store, Checkpoint, CheckpointWriter, DirLock, Origin, Process, Timings, Zombie,
+    store, Checkpoint, CheckpointWriter, DirLock, Origin, PageFiles, Process, Timings, Zombie,
 };
 use stasis_sys::arch;
-use stasis_sys::ptrace::{self, Stop};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -177,10 +177,13 @@ fn checkpoint_locked(
     } else {
         HashMap::new()
     };
+    let snapshot_us = parts.iter().map(|p| p.snapshot_us).sum();
+    let mut one_copy = false;
     for part in parts {
         let prev_pages = prev.get(&part.process.pid);
-        let (p, bytes) = part.write_pages(&mut writer, prev_pages, seq)?;
+        let (p, bytes, by_snapshot) = part.write_pages(&mut writer, prev_pages, seq)?;
         pages_bytes += bytes;
+        one_copy |= by_snapshot;
         processes.push(p);
     }
     let mut depends_on: Vec<u64> = processes
@@ -248,6 +251,8 @@ fn checkpoint_locked(
             copy_us,
             snapshot: snapshotted,
             pages_bytes,
+            snapshot_us,
+            one_copy,
         },
     };
     meta.timings.sync_us = t2.elapsed().as_micros() as u64;
@@ -382,6 +387,10 @@ struct Part {
     hidden_index: Vec<usize>,
     hidden_buf: Vec<u8>,
     snapshot: Option<Snapshot>,
+    /// Time taken to fork the snapshot.
+    snapshot_us: u64,
+    /// A `syscall` instruction of the process (and of its snapshot).
+    insn: u64,
 }
 
 /// How the processes of one checkpoint are dumped: snapshot and dirty tracking.
@@ -434,7 +443,7 @@ fn dump_frozen(
     // later from the snapshot. (The page file is only created once the process runs
     // again: reserving its space takes time.)
     let (hidden_plan, hidden_index) = memory::subplan(&plan, |r| {
-        snapshot_ok && memory::invisible_to_fork(&layout[r.vma])
+        snapshot_ok && !r.clean && memory::invisible_to_fork(&layout[r.vma])
     });
     let mut hidden_buf = vec![0u8; hidden_plan.bytes as usize];
     memory::copy_pages(
@@ -444,11 +453,13 @@ fn dump_frozen(
         |_| true,
         &mut hidden_buf,
     )?;
+    let t_snap = Instant::now();
     let snapshot = if snapshot_ok {
         Some(Snapshot::take(&inj, pid, &scratch)?)
     } else {
         None
     };
+    let snapshot_us = t_snap.elapsed().as_micros() as u64;
     scratch.unmap(&inj)?;
     let fds = registry.dump_fds(proc, stdio, shm, writer)?;
     Ok(Part {
@@ -465,7 +476,7 @@ fn dump_frozen(
             rlimits: ts.rlimits,
             mm: ts.mm,
             mappings: Vec::new(),
-            pages_file: format!("pages-{pid}.img"),
+            pages: Default::default(),
             hashes_file: None,
             fds,
             signals: sigs,
@@ -478,6 +489,8 @@ fn dump_frozen(
         hidden_index,
         hidden_buf,
         snapshot,
+        snapshot_us,
+        insn,
     })
 }
 
@@ -489,9 +502,15 @@ impl Part {
         writer: &mut CheckpointWriter,
         prev: Option<&memory::PrevPages>,
         seq: u64,
-    ) -> Result<(Process, u64)> {
+    ) -> Result<(Process, u64, bool)> {
         let pid = self.process.pid;
-        let pages = writer.positioned_file(&self.process.pages_file, self.plan.bytes)?;
+        let part_size = memory::part_size(self.plan.bytes);
+        let files = PageFiles::new(&format!("pages-{pid}"), self.plan.bytes, part_size);
+        let mut parts = Vec::with_capacity(files.parts.len());
+        for (k, name) in files.parts.iter().enumerate() {
+            let (lo, hi) = files.range(k, self.plan.bytes);
+            parts.push(writer.positioned_file(name, hi - lo)?);
+        }
         let mut prefetched = std::collections::HashMap::new();
         for (sub_i, r) in self.hidden_plan.runs.iter().enumerate() {
             let len = (r.npages * stasis_image::PAGE_SIZE) as usize;
@@ -500,33 +519,55 @@ impl Part {
                 &self.hidden_buf[r.offset as usize..r.offset as usize + len],
             );
         }
+        // From a snapshot, the snapshot itself writes what it can (one copy); the
+        // rest (unreadable areas, what a fork does not see) is copied from outside.
+        let mut in_file = vec![false; self.plan.runs.len()];
+        let mut one_copy = false;
+        let t0 = Instant::now();
+        if let Some(snap) = &mut self.snapshot {
+            let part_files = PartFiles {
+                files: parts
+                    .iter()
+                    .map(|p| (p.path().to_path_buf(), p.file()))
+                    .collect(),
+                size: part_size,
+            };
+            let hidden: std::collections::HashSet<usize> =
+                self.hidden_index.iter().copied().collect();
+            let written = snap.write_runs(self.insn, &self.plan, &part_files, |i, r| {
+                !r.clean && !r.forced && !hidden.contains(&i)
+            });
+            if let Some(w) = written.map_err(|e| name_process(e, pid))? {
+                in_file = w;
+                one_copy = true;
+            }
+        }
+        let t1 = Instant::now();
         let (src, how) = match &self.snapshot {
             Some(s) => (s.pid, memory::Source::Snapshot),
             None => (pid, memory::Source::Process),
         };
+        let sink = memory::Parts {
+            files: parts.iter().collect(),
+            size: part_size,
+        };
         let (zeros, chunks) =
-            memory::write_pages(src, how, &self.plan, &prefetched, pages.file(), prev).map_err(
-                |e| match e {
-                    // Name the process (not its snapshot) and the file.
-                    Error::Io { source, .. } => Error::Io {
-                        pid,
-                        context: format!("writing {}", pages.path().display()),
-                        source,
-                    },
-                    Error::Sys {
-                        source, context, ..
-                    } => Error::Sys {
-                        pid,
-                        context,
-                        source,
-                    },
-                    e => e,
-                },
-            )?;
+            memory::write_pages(src, how, &self.plan, &prefetched, &sink, prev, &|i| {
+                in_file.get(i).copied().unwrap_or(false)
+            })
+            .map_err(|e| name_process(e, pid))?;
+        tracing::debug!(
+            "process {pid}: pages written by the snapshot in {:?}, checked and completed in {:?}",
+            t1 - t0,
+            t1.elapsed()
+        );
         drop(prefetched);
         self.snapshot = None;
         let (mappings, bytes, hashes) = memory::finish_pages(&self.layout, &self.plan, &zeros, seq);
-        writer.finish_positioned(pages, chunks)?;
+        for (part, sums) in parts.into_iter().zip(chunks) {
+            writer.finish_positioned(part, sums)?;
+        }
+        self.process.pages = files;
         let name = format!("hashes-{pid}.bin");
         let mut buf = Vec::with_capacity(hashes.len() * stasis_image::PageHash::SIZE);
         for h in &hashes {
@@ -537,54 +578,28 @@ impl Part {
         writer.finish_data(w)?;
         self.process.hashes_file = Some(name);
         self.process.mappings = mappings;
-        Ok((self.process, bytes))
+        Ok((self.process, bytes, one_copy))
     }
 }
 
-/// A copy-on-write copy of the process's memory: a child forked by an injected
-/// `clone3(CLONE_PARENT | CLONE_FILES)`, stopped before its first instruction, read
-/// while the process runs on, killed afterwards. With CLONE_PARENT it is our child
-/// (not the application's, whose wait() never sees it); CLONE_FILES adds no reference
-/// to any open file (a pipe's reader still sees EOF when the writer closes).
-struct Snapshot {
-    pid: i32,
-}
-
-impl Snapshot {
-    fn take(inj: &Injector, leader: i32, scratch: &Scratch) -> Result<Snapshot> {
-        let flags = (libc::CLONE_PARENT | libc::CLONE_FILES) as u64;
-        let mut args = Vec::with_capacity(88);
-        for v in [flags, 0u64, 0, 0, 0, 0, 0, 0, 0, 0, 0] {
-            args.extend_from_slice(&v.to_le_bytes());
-        }
-        scratch.write(&args)?;
-        ptrace::set_options(leader, ptrace::O_TRACESYSGOOD | ptrace::O_TRACECLONE)
-            .ctx(leader, || "tracing the snapshot fork".into())?;
-        let r = inj.call(
-            "clone3 (copy-on-write snapshot)",
-            libc::SYS_clone3,
-            &[scratch.addr, 88],
-        );
-        ptrace::set_options(leader, ptrace::O_TRACESYSGOOD)
-            .ctx(leader, || "resetting ptrace options".into())?;
-        let pid = r? as i32;
-        let snap = Snapshot { pid };
-        loop {
-            match ptrace::wait(pid).ctx(pid, || "waiting for the snapshot".into())? {
-                Stop::Event(ptrace::EVENT_STOP, _) => return Ok(snap),
-                Stop::Exited(_) | Stop::Killed(_) => return Err(Error::Gone { pid }),
-                _ => ptrace::cont(pid, 0).ctx(pid, || "resuming the snapshot".into())?,
-            }
-        }
-    }
-}
-
-impl Drop for Snapshot {
-    fn drop(&mut self) {
-        // SAFETY: killing the snapshot child we created; then reaping it (we are its
-        // tracer and its parent).
-        unsafe { libc::kill(self.pid, libc::SIGKILL) };
-        let _ = ptrace::wait(self.pid);
+/// Names the process (not its snapshot) in an error of the page writer.
+fn name_process(e: Error, pid: i32) -> Error {
+    match e {
+        Error::Io {
+            source, context, ..
+        } => Error::Io {
+            pid,
+            context,
+            source,
+        },
+        Error::Sys {
+            source, context, ..
+        } => Error::Sys {
+            pid,
+            context,
+            source,
+        },
+        e => e,
     }
 }
 

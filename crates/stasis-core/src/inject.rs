@@ -56,6 +56,46 @@ impl Injector {
         Ok(out.ret())
     }
 
+    /// Starts syscall `nr` with `args` and returns once the thread is executing it (past
+    /// the syscall-entry stop); [`Injector::poll`] collects the result. Lets several
+    /// threads run long syscalls at once.
+    pub fn start(&self, nr: i64, args: &[u64]) -> Result<()> {
+        let pid = self.pid;
+        let mut regs = self.base;
+        regs.set_syscall(self.insn, nr, args);
+        ptrace::set_regs(pid, &regs)
+            .ctx(pid, || "setting registers for an injected syscall".into())?;
+        ptrace::syscall(pid, 0).ctx(pid, || "resuming into an injected syscall".into())?;
+        loop {
+            match ptrace::wait(pid).ctx(pid, || "waiting for an injected syscall".into())? {
+                Stop::Syscall => break,
+                Stop::Exited(_) | Stop::Killed(_) => return Err(Error::Gone { pid }),
+                Stop::Signal(_) | Stop::Event(..) => ptrace::syscall(pid, 0)
+                    .ctx(pid, || "resuming into an injected syscall".into())?,
+            }
+        }
+        ptrace::syscall(pid, 0).ctx(pid, || "running an injected syscall".into())
+    }
+
+    /// The result of the syscall [`Injector::start`]ed, if it has finished (without
+    /// blocking).
+    pub fn poll(&self) -> Result<Option<i64>> {
+        let pid = self.pid;
+        loop {
+            match ptrace::try_wait(pid).ctx(pid, || "waiting for an injected syscall".into())? {
+                None => return Ok(None),
+                Some(Stop::Syscall) => {
+                    let out = ptrace::get_regs(pid)
+                        .ctx(pid, || "reading an injected syscall's result".into())?;
+                    return Ok(Some(out.ret()));
+                }
+                Some(Stop::Exited(_) | Stop::Killed(_)) => return Err(Error::Gone { pid }),
+                Some(Stop::Signal(_) | Stop::Event(..)) => ptrace::syscall(pid, 0)
+                    .ctx(pid, || "resuming into an injected syscall".into())?,
+            }
+        }
+    }
+
     /// Runs a syscall that must succeed; `what` describes it for the error message.
     pub fn call(&self, what: &str, nr: i64, args: &[u64]) -> Result<u64> {
         let r = self.raw(nr, args)?;

@@ -25,6 +25,7 @@ pub mod proc;
 pub mod restore;
 pub mod shm;
 pub mod signals;
+pub mod snapshot;
 pub mod sockets;
 pub mod sysv;
 pub mod task;

@@ -288,13 +288,24 @@ pub struct PlannedRun {
     pub vma: usize,
     pub addr: u64,
     pub npages: u64,
-    /// Offset in the page file.
+    /// Offset in the page file (clean runs take no room there).
     pub offset: u64,
     /// The mapping is not readable by the process: read through /proc/PID/mem.
     pub forced: bool,
     /// Not written since the previous checkpoint (dirty tracking): not read at all,
     /// the previous checkpoint's pages are referred to.
     pub clean: bool,
+}
+
+impl PlannedRun {
+    /// Bytes it takes in the page file.
+    pub fn file_len(&self) -> u64 {
+        if self.clean {
+            0
+        } else {
+            self.npages * PAGE_SIZE
+        }
+    }
 }
 
 /// Every page to save, with its place in the page file.
@@ -370,7 +381,10 @@ pub fn plan(proc: &ProcDir, vmas: &[Vma], written: Option<&[(u64, u64)]>) -> Res
                         clean,
                     }),
                 }
-                plan.bytes += PAGE_SIZE;
+                // Clean pages are referred to, not stored: they take no room.
+                if !clean {
+                    plan.bytes += PAGE_SIZE;
+                }
             }
             idx += n;
         }
@@ -490,153 +504,250 @@ pub fn copy_pages(
     results.into_iter().collect()
 }
 
-/// Writes every planned page into `file` (at the plan's offsets) with as many threads
-/// as there are cores: each thread owns a contiguous, chunk-aligned part of the file,
-/// reads its pages (from `prefetched`, the runs copied while the process was frozen,
-/// or from process `src`), writes the non-zero ones with pwrite (zero pages stay
-/// holes) and checksums its chunks as it goes. Returns the zero-page map and the
-/// chunk checksums of the whole file.
+/// Logical bytes of each part of a page file of `bytes` bytes: one part per worker
+/// thread, whole chunks each (so that chunk checksums stay per part).
+pub fn part_size(bytes: u64) -> u64 {
+    let chunk = stasis_image::CHUNK_SIZE;
+    let nchunks = bytes.div_ceil(chunk).max(1);
+    let workers = (stasis_image::store::workers() as u64).min(nchunks);
+    nchunks.div_ceil(workers) * chunk
+}
+
+/// The part files of one page file, as [`write_pages`] fills them.
+pub struct Parts<'a> {
+    pub files: Vec<&'a stasis_image::PositionedFile>,
+    /// Logical bytes per part (see [`part_size`]).
+    pub size: u64,
+}
+
+/// Writes every planned page into the part files (at the plan's offsets) with one
+/// thread per part: each reads its pages (from `prefetched`, the runs copied while
+/// the process was frozen, or from process `src`), writes the non-zero ones with pwrite
+/// (zero pages stay holes) and checksums its chunks as it goes. Runs for which
+/// `in_file` is true were already written into the part by the process's snapshot
+/// (see `snapshot`): they are read back from the file, and their zero or unchanged
+/// pages punched out. Returns the page states and the chunk checksums of each part.
 pub fn write_pages(
     src: i32,
     how: Source,
     plan: &Plan,
     prefetched: &HashMap<usize, &[u8]>,
-    file: &std::fs::File,
+    parts: &Parts,
     prev: Option<&PrevPages>,
-) -> Result<(ZeroMap, Vec<String>)> {
+    in_file: &(dyn Fn(usize) -> bool + Sync),
+) -> Result<(ZeroMap, Vec<Vec<String>>)> {
     let mem = std::fs::File::open(format!("/proc/{src}/mem"))
         .ctx(src, || "opening /proc/PID/mem".into())?;
-    let chunk = stasis_image::CHUNK_SIZE;
-    let nchunks = plan.bytes.div_ceil(chunk);
-    let workers = (stasis_image::store::workers() as u64).min(nchunks.max(1));
-    let per = nchunks.div_ceil(workers).max(1) * chunk;
+    // Pages not written since the previous checkpoint: refer to it, read nothing.
+    let mut zeros: ZeroMap = Vec::new();
+    for (i, r) in plan.runs.iter().enumerate().filter(|(_, r)| r.clean) {
+        let z = (0..r.npages)
+            .map(
+                |k| match prev.and_then(|p| p.get(&(r.addr + k * PAGE_SIZE))) {
+                    Some(old) => PageState::Ref(old.hash, old.from, old.offset),
+                    None => PageState::Zero,
+                },
+            )
+            .collect();
+        zeros.push((i, 0, z));
+    }
     let results: Vec<Result<(ZeroMap, Vec<String>)>> = std::thread::scope(|sc| {
-        let handles: Vec<_> = (0..workers)
-            .map(|w| {
-                let (mem, lo) = (&mem, w * per);
-                let hi = ((w + 1) * per).min(plan.bytes);
-                sc.spawn(move || write_range(src, how, plan, prefetched, file, prev, mem, lo, hi))
+        let handles: Vec<_> = parts
+            .files
+            .iter()
+            .enumerate()
+            .map(|(w, &part)| {
+                let lo = (w as u64 * parts.size).min(plan.bytes);
+                let hi = (lo + parts.size).min(plan.bytes);
+                let job = RangeJob {
+                    src,
+                    how,
+                    plan,
+                    prefetched,
+                    prev,
+                    mem: &mem,
+                    in_file,
+                    file: part.file(),
+                    path: part.path(),
+                    lo,
+                    hi,
+                };
+                sc.spawn(move || job.run())
             })
             .collect();
         join_all(handles, src)
     });
-    let (mut zeros, mut sums) = (Vec::new(), Vec::new());
+    let mut sums = Vec::new();
     for r in results {
         let (z, s) = r?;
         zeros.extend(z);
-        sums.extend(s);
+        sums.push(s);
     }
     Ok((zeros, sums))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn write_range(
+/// One worker of [`write_pages`]: the logical range `[lo, hi)`, stored in `file`.
+struct RangeJob<'a> {
     src: i32,
     how: Source,
-    plan: &Plan,
-    prefetched: &HashMap<usize, &[u8]>,
-    file: &std::fs::File,
-    prev: Option<&PrevPages>,
-    mem: &std::fs::File,
+    plan: &'a Plan,
+    prefetched: &'a HashMap<usize, &'a [u8]>,
+    prev: Option<&'a PrevPages>,
+    mem: &'a std::fs::File,
+    in_file: &'a (dyn Fn(usize) -> bool + Sync),
+    file: &'a std::fs::File,
+    path: &'a std::path::Path,
     lo: u64,
     hi: u64,
-) -> Result<(ZeroMap, Vec<String>)> {
-    use std::os::unix::fs::FileExt;
-    let chunk = stasis_image::CHUNK_SIZE;
-    let mut buf = vec![0u8; (BATCH_PAGES * PAGE_SIZE) as usize];
-    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-    let mut filled = 0u64;
-    let (mut zeros, mut sums) = (Vec::new(), Vec::new());
-    let first = plan
-        .runs
-        .partition_point(|r| r.offset + r.npages * PAGE_SIZE <= lo);
-    for (i, r) in plan.runs.iter().enumerate().skip(first) {
-        if r.offset >= hi {
-            break;
-        }
-        let run_end = r.offset + r.npages * PAGE_SIZE;
-        let mut off = r.offset.max(lo);
-        while off < run_end.min(hi) {
-            let len = (run_end.min(hi) - off).min(buf.len() as u64);
-            let data = &mut buf[..len as usize];
-            let addr = r.addr + (off - r.offset);
+}
+
+impl RangeJob<'_> {
+    fn run(self) -> Result<(ZeroMap, Vec<String>)> {
+        let (src, plan, lo, hi) = (self.src, self.plan, self.lo, self.hi);
+        let chunk = stasis_image::CHUNK_SIZE;
+        let io_err = |what: &str, e: std::io::Error| Error::Io {
+            pid: src,
+            context: format!("{what} {}", self.path.display()),
+            source: e,
+        };
+        let mut buf = vec![0u8; (BATCH_PAGES * PAGE_SIZE) as usize];
+        let mut map: Option<memmap2::Mmap> = None;
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut filled = 0u64;
+        let (mut zeros, mut sums) = (Vec::new(), Vec::new());
+        let first = plan.runs.partition_point(|r| r.offset + r.file_len() <= lo);
+        for (i, r) in plan.runs.iter().enumerate().skip(first) {
             if r.clean {
-                // Unwritten since the previous checkpoint: refer to it, read nothing.
-                let z: Vec<PageState> = (0..len / PAGE_SIZE)
-                    .map(
-                        |k| match prev.and_then(|p| p.get(&(addr + k * PAGE_SIZE))) {
-                            Some(old) => PageState::Ref(old.hash, old.from, old.offset),
-                            None => PageState::Zero,
-                        },
-                    )
+                continue; // no room in the file (see write_pages)
+            }
+            if r.offset >= hi {
+                break;
+            }
+            let run_end = r.offset + r.npages * PAGE_SIZE;
+            let mut off = r.offset.max(lo);
+            let in_file = (self.in_file)(i);
+            while off < run_end.min(hi) {
+                let len = (run_end.min(hi) - off).min(buf.len() as u64);
+                let addr = r.addr + (off - r.offset);
+                let data: &[u8] = if in_file && self.prefetched.get(&i).is_none() {
+                    // Written by the snapshot: looked at where it lies, in the page cache.
+                    if map.is_none() {
+                        // SAFETY: read-only mapping of our own part file, whose writers
+                        // (the snapshot's threads) are done; only the ranges they wrote
+                        // are read (a hole read through a tmpfs mapping would allocate).
+                        let m = unsafe {
+                            memmap2::MmapOptions::new()
+                                .len((hi - lo) as usize)
+                                .map(self.file)
+                        }
+                        .map_err(|e| io_err("mapping", e))?;
+                        map = Some(m);
+                    }
+                    let m = map.as_deref().unwrap_or(&[]);
+                    m.get((off - lo) as usize..(off - lo + len) as usize)
+                        .ok_or_else(|| {
+                            io_err("reading back", std::io::ErrorKind::UnexpectedEof.into())
+                        })?
+                } else {
+                    let data = &mut buf[..len as usize];
+                    match self.prefetched.get(&i) {
+                        Some(pre) => data.copy_from_slice(
+                            &pre[(off - r.offset) as usize..(off - r.offset + len) as usize],
+                        ),
+                        None if r.forced || self.how == Source::Snapshot => {
+                            stasis_sys::vm::read_forced(self.mem, src, addr, data)
+                                .ctx(src, || format!("reading {len} bytes at {addr:x}"))?
+                        }
+                        None => stasis_sys::vm::read(src, addr, data)
+                            .ctx(src, || format!("reading {len} bytes at {addr:x}"))?,
+                    }
+                    data
+                };
+                let in_file = in_file && self.prefetched.get(&i).is_none();
+                let z: Vec<PageState> = data
+                    .chunks_exact(PAGE_SIZE as usize)
+                    .enumerate()
+                    .map(|(k, page)| {
+                        if is_zero(page) {
+                            return PageState::Zero;
+                        }
+                        let h = xxhash_rust::xxh3::xxh3_128(page);
+                        match self
+                            .prev
+                            .and_then(|p| p.get(&(addr + k as u64 * PAGE_SIZE)))
+                        {
+                            Some(old) if old.hash == h => PageState::Ref(h, old.from, old.offset),
+                            _ => PageState::Own(h),
+                        }
+                    })
                     .collect();
+                // Checksum what the file will hold: the stored pages, zeros elsewhere.
+                for (page, st) in data.chunks_exact(PAGE_SIZE as usize).zip(&z) {
+                    let held = match st {
+                        PageState::Own(_) => page,
+                        _ => &ZERO_PAGE[..],
+                    };
+                    hash_chunks(&mut hasher, &mut filled, &mut sums, held);
+                }
+                // Pages stored here are written (unless the snapshot did); zero and
+                // unchanged pages stay (or become) holes.
+                for (s, e, own) in spans(&z) {
+                    let at = off - lo + s as u64 * PAGE_SIZE;
+                    let bytes = &data[s * PAGE_SIZE as usize..e * PAGE_SIZE as usize];
+                    if own && !in_file {
+                        self.file
+                            .write_all_at(bytes, at)
+                            .map_err(|e| io_err("writing", e))?;
+                    } else if !own && in_file {
+                        punch_hole(self.file, at, bytes.len() as u64)
+                            .map_err(|e| io_err("punching holes in", e))?;
+                    }
+                }
                 zeros.push((i, (off - r.offset) / PAGE_SIZE, z));
-                data.fill(0);
-                hash_chunks(&mut hasher, &mut filled, &mut sums, data);
                 off += len;
-                continue;
             }
-            match prefetched.get(&i) {
-                Some(pre) => data.copy_from_slice(
-                    &pre[(off - r.offset) as usize..(off - r.offset + len) as usize],
-                ),
-                None if r.forced || how == Source::Snapshot => {
-                    stasis_sys::vm::read_forced(mem, src, addr, data)
-                        .ctx(src, || format!("reading {len} bytes at {addr:x}"))?
-                }
-                None => stasis_sys::vm::read(src, addr, data)
-                    .ctx(src, || format!("reading {len} bytes at {addr:x}"))?,
-            }
-            let z: Vec<PageState> = data
-                .chunks_exact(PAGE_SIZE as usize)
-                .enumerate()
-                .map(|(k, page)| {
-                    if is_zero(page) {
-                        return PageState::Zero;
-                    }
-                    let h = xxhash_rust::xxh3::xxh3_128(page);
-                    match prev.and_then(|p| p.get(&(addr + k as u64 * PAGE_SIZE))) {
-                        Some(old) if old.hash == h => PageState::Ref(h, old.from, old.offset),
-                        _ => PageState::Own(h),
-                    }
-                })
-                .collect();
-            let own = |k: usize| matches!(z[k], PageState::Own(_));
-            // Write the spans of pages stored here; zero and unchanged pages stay holes.
-            let mut p = 0;
-            while p < z.len() {
-                if !own(p) {
-                    p += 1;
-                    continue;
-                }
-                let s = p;
-                while p < z.len() && own(p) {
-                    p += 1;
-                }
-                let bytes = &data[s * PAGE_SIZE as usize..p * PAGE_SIZE as usize];
-                file.write_all_at(bytes, off + s as u64 * PAGE_SIZE)
-                    .map_err(|e| Error::Io {
-                        pid: src,
-                        context: "writing the page file".into(),
-                        source: e,
-                    })?;
-            }
-            // Checksum what the file holds: the stored pages, zeros elsewhere.
-            for (k, st) in z.iter().enumerate() {
-                if !matches!(st, PageState::Own(_)) {
-                    data[k * PAGE_SIZE as usize..(k + 1) * PAGE_SIZE as usize].fill(0);
-                }
-            }
-            zeros.push((i, (off - r.offset) / PAGE_SIZE, z));
-            // Checksum chunk by chunk.
-            hash_chunks(&mut hasher, &mut filled, &mut sums, data);
-            off += len;
         }
+        if !filled.is_multiple_of(chunk) {
+            sums.push(format!("{:016x}", hasher.digest()));
+        }
+        Ok((zeros, sums))
     }
-    if !filled.is_multiple_of(chunk) {
-        sums.push(format!("{:016x}", hasher.digest()));
+}
+
+static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+
+/// Maximal spans `[start, end)` of pages that are all stored here, or all not.
+fn spans(z: &[PageState]) -> Vec<(usize, usize, bool)> {
+    let own = |k: usize| matches!(z[k], PageState::Own(_));
+    let mut out = Vec::new();
+    let mut p = 0;
+    while p < z.len() {
+        let s = p;
+        while p < z.len() && own(p) == own(s) {
+            p += 1;
+        }
+        out.push((s, p, own(s)));
     }
-    Ok((zeros, sums))
+    out
+}
+
+/// Deallocates `[off, off + len)` of `file`, which then reads as zeros
+/// (fallocate(2), FALLOC_FL_PUNCH_HOLE).
+fn punch_hole(file: &std::fs::File, off: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate on a descriptor we own; no memory is passed.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Turns the plan and the zero-page map into the mappings' saved page runs. Zero pages
@@ -773,7 +884,7 @@ pub fn restore_mappings(
     pid: i32,
     mappings: &[Mapping],
     fds: &MapFds,
-    pages: &HashMap<u64, &[u8]>,
+    pages: &HashMap<u64, PageSource>,
 ) -> Result<()> {
     let restored: Vec<&Mapping> = mappings
         .iter()
@@ -893,15 +1004,42 @@ fn initial_prot(m: &Mapping) -> u32 {
     }
 }
 
+/// A checkpoint's page file as mapped for restore: its parts, in logical order.
+pub struct PageSource<'a> {
+    pub part_size: u64,
+    pub parts: Vec<&'a [u8]>,
+}
+
+impl PageSource<'_> {
+    /// The bytes `[offset, offset + len)` of the logical page file, as one slice per
+    /// part they lie in; None if they lie beyond its end.
+    fn slices(&self, offset: u64, len: u64) -> Option<Vec<&[u8]>> {
+        let mut out = Vec::new();
+        let (mut at, end) = (offset, offset + len);
+        while at < end {
+            let k = (at / self.part_size.max(1)) as usize;
+            let local = at - k as u64 * self.part_size;
+            let n = (end - at).min(self.part_size - local);
+            out.push(
+                self.parts
+                    .get(k)?
+                    .get(local as usize..(local + n) as usize)?,
+            );
+            at += n;
+        }
+        Some(out)
+    }
+}
+
 /// Copies every saved page into the stopped process, with as many threads as cores.
-fn fill_pages(pid: i32, mappings: &[&Mapping], pages: &HashMap<u64, &[u8]>) -> Result<()> {
+fn fill_pages(pid: i32, mappings: &[&Mapping], pages: &HashMap<u64, PageSource>) -> Result<()> {
     let mut work: Vec<(u64, &[u8])> = Vec::new();
     for m in mappings {
         for r in &m.pages {
             let len = r.npages * PAGE_SIZE;
             let data = pages
                 .get(&r.from)
-                .and_then(|p| p.get(r.offset as usize..(r.offset + len) as usize))
+                .and_then(|p| p.slices(r.offset, len))
                 .ok_or_else(|| Error::Restore {
                     pid,
                     msg: format!(
@@ -910,8 +1048,12 @@ fn fill_pages(pid: i32, mappings: &[&Mapping], pages: &HashMap<u64, &[u8]>) -> R
                     ),
                 })?;
             // Pieces of at most 4 MiB, so that the threads share the work evenly.
-            for (k, piece) in data.chunks((BATCH_PAGES * PAGE_SIZE) as usize).enumerate() {
-                work.push((r.addr + k as u64 * BATCH_PAGES * PAGE_SIZE, piece));
+            let mut addr = r.addr;
+            for slice in data {
+                for piece in slice.chunks((BATCH_PAGES * PAGE_SIZE) as usize) {
+                    work.push((addr, piece));
+                    addr += piece.len() as u64;
+                }
             }
         }
     }

@@ -117,7 +117,9 @@ fn precheck_process(image: &CheckpointReader, p: &Process) -> Result<()> {
             _ => {}
         }
     }
-    image.data_path(&p.pages_file)?;
+    for name in &p.pages.parts {
+        image.data_path(name)?;
+    }
     Ok(())
 }
 
@@ -382,28 +384,53 @@ fn rebuild(
     let fds = MapFds {
         files: prep.files.clone(),
     };
-    // This checkpoint's page file (source 0) and those of the earlier checkpoints an
+    // This checkpoint's page files (source 0) and those of the earlier checkpoints an
     // incremental one refers to (verified with it), mapped read-only.
-    let mut maps = Vec::new();
-    let mut sources: HashMap<u64, &[u8]> = HashMap::new();
-    let mut files = vec![(0u64, image.data_path(&p.pages_file)?)];
-    for (seq, dep) in deps {
-        files.push((*seq, dep.data_path(&p.pages_file)?));
-    }
-    for (seq, path) in &files {
-        let f = std::fs::File::open(path).ctx(child, || format!("opening {}", path.display()))?;
-        if f.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
-            continue;
+    let mut maps: Vec<(u64, u64, Vec<Option<memmap2::Mmap>>)> = Vec::new();
+    let mut images = vec![(0u64, image)];
+    images.extend(deps.iter().map(|(seq, dep)| (*seq, dep)));
+    for (seq, img) in images {
+        let meta = &img.meta;
+        let files = &meta
+            .processes
+            .iter()
+            .find(|q| q.pid == p.pid)
+            .ok_or_else(|| Error::Restore {
+                pid: p.pid,
+                msg: format!("checkpoint {} has no pages of this process", meta.sequence),
+            })?
+            .pages;
+        let mut parts = Vec::new();
+        for name in &files.parts {
+            let path = img.data_path(name)?;
+            let f =
+                std::fs::File::open(&path).ctx(child, || format!("opening {}", path.display()))?;
+            if f.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
+                parts.push(None);
+                continue;
+            }
+            // SAFETY: read-only mapping of a verified image file that nobody should
+            // modify while we restore; a concurrent truncation would fault, not corrupt
+            // memory.
+            let map = unsafe { memmap2::Mmap::map(&f) }
+                .ctx(child, || format!("mapping {}", path.display()))?;
+            parts.push(Some(map));
         }
-        // SAFETY: read-only mapping of a verified image file that nobody should modify
-        // while we restore; a concurrent truncation would fault, not corrupt memory.
-        let map = unsafe { memmap2::Mmap::map(&f) }
-            .ctx(child, || format!("mapping {}", path.display()))?;
-        maps.push((*seq, map));
+        maps.push((seq, files.part_size, parts));
     }
-    for (seq, map) in &maps {
-        sources.insert(*seq, &map[..]);
-    }
+    let sources: HashMap<u64, memory::PageSource> = maps
+        .iter()
+        .map(|(seq, part_size, parts)| {
+            let parts = parts.iter().map(|m| m.as_deref().unwrap_or(&[])).collect();
+            (
+                *seq,
+                memory::PageSource {
+                    part_size: *part_size,
+                    parts,
+                },
+            )
+        })
+        .collect();
     memory::restore_mappings(&inj, child, &p.mappings, &fds, &sources)?;
     let scratch = Scratch::at(child, prep.gadget + PAGE_SIZE);
     task::restore_mm(&inj, child, &p.mm, prep.exe_fd, &scratch)?;

@@ -18,7 +18,7 @@ pub use store::{
 };
 
 /// Image format version written by this build. Readers refuse other versions.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Value of the `format` field of every manifest.
 pub const FORMAT_NAME: &str = "stasis-image";

@@ -206,6 +206,13 @@ pub struct Timings {
     pub snapshot: bool,
     /// Bytes of page data written.
     pub pages_bytes: u64,
+    /// Forking the copy-on-write snapshot (part of the pause).
+    #[serde(default)]
+    pub snapshot_us: u64,
+    /// Whether the snapshot wrote its own pages into the page files (one copy);
+    /// false: stasis copied them.
+    #[serde(default)]
+    pub one_copy: bool,
 }
 
 /// One process.
@@ -237,8 +244,8 @@ pub struct Process {
     pub mm: MmFields,
     /// Memory mappings in address order.
     pub mappings: Vec<Mapping>,
-    /// Name of the data file holding this process's pages.
-    pub pages_file: String,
+    /// The data files holding this process's pages.
+    pub pages: PageFiles,
     /// Name of the data file with the hash of every saved page (`PageHash` records),
     /// used by the next incremental checkpoint.
     #[serde(default)]
@@ -631,5 +638,34 @@ mod tests {
         assert_eq!(from_hex(&to_hex(&v)).unwrap(), v);
         assert!(from_hex("abc").is_none());
         assert!(from_hex("zz").is_none());
+    }
+}
+
+/// Where a process's saved pages are: one logical page file (the `offset` of every
+/// [`PageRun`]) stored as consecutive part files, so that each part can be written by
+/// its own thread without contending for one file's lock.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageFiles {
+    /// Logical bytes each part holds; every part but the last is exactly this long.
+    pub part_size: u64,
+    /// Names of the part files, in logical order.
+    pub parts: Vec<String>,
+}
+
+impl PageFiles {
+    /// Parts of `part_size` bytes covering `total` bytes, named `{stem}.{k}.img`.
+    pub fn new(stem: &str, total: u64, part_size: u64) -> PageFiles {
+        let part_size = part_size.max(1);
+        let n = total.div_ceil(part_size).max(1);
+        PageFiles {
+            part_size,
+            parts: (0..n).map(|k| format!("{stem}.{k}.img")).collect(),
+        }
+    }
+
+    /// Logical range `[start, end)` of part `k`, for a logical file of `total` bytes.
+    pub fn range(&self, k: usize, total: u64) -> (u64, u64) {
+        let start = (k as u64 * self.part_size).min(total);
+        (start, (start + self.part_size).min(total))
     }
 }

@@ -275,6 +275,26 @@ pub fn wait(pid: i32) -> Result<Stop> {
     Ok(decode_status(status))
 }
 
+/// waitpid(pid, __WALL | WNOHANG): the stop if `pid` has one to report, else None.
+pub fn try_wait(pid: i32) -> Result<Option<Stop>> {
+    let mut status = 0;
+    loop {
+        // SAFETY: `status` is a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL | libc::WNOHANG) };
+        match r {
+            -1 => {
+                let e = SysError::last("waitpid", pid);
+                if e.errno == libc::EINTR {
+                    continue;
+                }
+                return Err(e);
+            }
+            0 => return Ok(None),
+            _ => return Ok(Some(decode_status(status))),
+        }
+    }
+}
+
 /// Decodes a wait status of a traced child.
 pub fn decode_status(status: i32) -> Stop {
     if libc::WIFEXITED(status) {

@@ -32,9 +32,11 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
     );
     let t = &meta.timings;
     println!(
-        "timings      freeze {:.1} ms, dump {:.1} ms, sync {:.1} ms; {:.1} MiB of pages",
+        "timings      paused {:.1} ms (freeze {:.1} ms, snapshot {:.1} ms); {}; sync {:.1} ms; {:.1} MiB of pages",
+        (t.freeze_us + t.dump_us) as f64 / 1e3,
         t.freeze_us as f64 / 1e3,
-        t.dump_us as f64 / 1e3,
+        t.snapshot_us as f64 / 1e3,
+        crate::control::copy_summary(t),
         t.sync_us as f64 / 1e3,
         t.pages_bytes as f64 / (1 << 20) as f64
     );

@@ -12,8 +12,12 @@
  * restart; the main stack must still grow on demand (4 MiB recursion).
  * After `go` it also grows the heap (sbrk 200 MiB + 200000 small mallocs) and
  * maps 64 MiB more, writes and verifies them.
+ * With argument `nofile0` it lowers its RLIMIT_NOFILE soft limit to 0 while
+ * waiting for `go` (it can open nothing; a checkpoint's snapshot cannot either)
+ * and raises it back before checking.
  * Output: `ready rand=<csum> ...`, then `OK ...` / `FAIL ...`. */
 #include "util.h"
+#include <sys/resource.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -87,8 +91,9 @@ static uint64_t sparse_off(int i) {
     return offs[i];
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     setup();
+    int nofile0 = argc > 1 && strcmp(argv[1], "nofile0") == 0;
     long pg = sysconf(_SC_PAGESIZE);
 
     /* 64 MiB random */
@@ -153,7 +158,14 @@ int main(void) {
 
     out("ready rand=%016llx sparse=%p prot=%p brk=%p\n", (unsigned long long)csum, (void *)sparse,
         (void *)prot, brk0);
+    struct rlimit nofile;
+    if (getrlimit(RLIMIT_NOFILE, &nofile) != 0) die("getrlimit");
+    if (nofile0) {
+        struct rlimit none = {0, nofile.rlim_max};
+        if (setrlimit(RLIMIT_NOFILE, &none) != 0) die("setrlimit 0");
+    }
     wait_go();
+    if (nofile0 && setrlimit(RLIMIT_NOFILE, &nofile) != 0) die("setrlimit back");
 
     /* verify random data word by word */
     uint64_t s2 = 0x2545F4914F6CDD1DULL, csum2 = 0;

@@ -11,13 +11,16 @@
 #include <termios.h>
 #include <unistd.h>
 
+/* Replaces DIR/name atomically (a reader never sees it empty). */
 static void put(const char *dir, const char *name, const char *text) {
-    char p[4096];
+    char p[4096], tmp[4200];
     snprintf(p, sizeof p, "%s/%s", dir, name);
-    FILE *f = fopen(p, "w");
+    snprintf(tmp, sizeof tmp, "%s.tmp", p);
+    FILE *f = fopen(tmp, "w");
     if (f) {
         fputs(text, f);
         fclose(f);
+        rename(tmp, p);
     }
 }
 

@@ -1,0 +1,373 @@
+//! The copy-on-write snapshot a running process is checkpointed from, and the
+//! one-copy page writer that runs inside it.
+//!
+//! The snapshot is a child forked by an injected `clone3(CLONE_PARENT | CLONE_FILES)`
+//! while the process is frozen, stopped before its first instruction: its memory is the
+//! process's memory at that instant, shared copy-on-write, so the process resumes at
+//! once and runs on while its pages are saved. With CLONE_PARENT the snapshot is our
+//! child (not the application's, whose wait() never sees it); CLONE_FILES adds no
+//! reference to any open file (a pipe's reader still sees EOF when the writer closes).
+//!
+//! Reading a snapshot from outside costs two copies per page: /proc/PID/mem copies
+//! through a kernel bounce page, and process_vm_readv would pin the pages, which makes
+//! the kernel copy a page shared copy-on-write first. So the snapshot writes its own
+//! pages: it gets a descriptor table of its own (`close_range(CLOSE_RANGE_UNSHARE)`,
+//! which leaves the application's untouched), opens the checkpoint's page files, grows
+//! one thread per core (injected `clone3(CLONE_VM | CLONE_THREAD ...)`), and each thread
+//! runs injected `pwritev(2)` calls straight from the snapshot's memory into the page
+//! cache of the files: one copy, on every core, each thread into its own file (writers
+//! of one tmpfs file serialize on its inode lock). No code of ours runs in it: every
+//! instruction it executes is a `syscall`.
+
+use crate::error::{Error, Result, SysContext};
+use crate::inject::{Injector, Scratch};
+use crate::memory::{Plan, PlannedRun};
+use stasis_image::PAGE_SIZE;
+use stasis_sys::ptrace::{self, Stop};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+
+/// A copy-on-write snapshot of one process (see the module documentation).
+pub struct Snapshot {
+    pub pid: i32,
+    /// Threads created in it to write pages (besides `pid` itself).
+    threads: Vec<i32>,
+}
+
+/// Most iovecs of one injected pwritev (IOV_MAX).
+const MAX_IOVECS: usize = 1024;
+/// Most bytes of one injected pwritev: small enough to spread the work evenly.
+const MAX_JOB: u64 = 64 << 20;
+/// Bytes of snapshot memory per writer thread for its iovec array.
+const IOV_AREA: u64 = (MAX_IOVECS * 16) as u64;
+
+/// One pwritev: a contiguous range of one part file, from these memory ranges.
+struct Job {
+    part: usize,
+    /// Offset in the part file.
+    at: u64,
+    iov: Vec<(u64, u64)>,
+    /// Bytes left to write (the sum of the iovec lengths).
+    len: u64,
+}
+
+impl Job {
+    /// Drops the first `n` bytes (written by a short write).
+    fn advance(&mut self, mut n: u64) {
+        self.at += n;
+        self.len -= n.min(self.len);
+        while n > 0 && !self.iov.is_empty() {
+            let first = &mut self.iov[0];
+            if n >= first.1 {
+                n -= first.1;
+                self.iov.remove(0);
+            } else {
+                first.0 += n;
+                first.1 -= n;
+                n = 0;
+            }
+        }
+    }
+}
+
+/// The part files the snapshot writes into: (path, open file) in logical order.
+pub struct PartFiles<'a> {
+    pub files: Vec<(PathBuf, &'a std::fs::File)>,
+    /// Logical bytes per part.
+    pub size: u64,
+}
+
+impl Snapshot {
+    /// Forks the snapshot of the frozen process `leader` through its injector.
+    pub fn take(inj: &Injector, leader: i32, scratch: &Scratch) -> Result<Snapshot> {
+        let flags = (libc::CLONE_PARENT | libc::CLONE_FILES) as u64;
+        let mut args = Vec::with_capacity(88);
+        for v in [flags, 0u64, 0, 0, 0, 0, 0, 0, 0, 0, 0] {
+            args.extend_from_slice(&v.to_le_bytes());
+        }
+        scratch.write(&args)?;
+        ptrace::set_options(leader, ptrace::O_TRACESYSGOOD | ptrace::O_TRACECLONE)
+            .ctx(leader, || "tracing the snapshot fork".into())?;
+        let r = inj.call(
+            "clone3 (copy-on-write snapshot)",
+            libc::SYS_clone3,
+            &[scratch.addr, 88],
+        );
+        ptrace::set_options(leader, ptrace::O_TRACESYSGOOD)
+            .ctx(leader, || "resetting ptrace options".into())?;
+        let pid = r? as i32;
+        let snap = Snapshot {
+            pid,
+            threads: Vec::new(),
+        };
+        wait_new(pid)?;
+        Ok(snap)
+    }
+
+    /// Writes the planned runs selected by `want` into the part files from inside
+    /// the snapshot (see the module documentation), with `insn` the address of a
+    /// `syscall` instruction. Returns which runs (by index in the plan) it wrote, or
+    /// None when the snapshot cannot write them (e.g. it cannot open the files): the
+    /// caller then copies them itself. Writing errors (a full disk) are errors.
+    pub fn write_runs(
+        &mut self,
+        insn: u64,
+        plan: &Plan,
+        parts: &PartFiles,
+        want: impl Fn(usize, &PlannedRun) -> bool,
+    ) -> Result<Option<Vec<bool>>> {
+        let mut chosen = vec![false; plan.runs.len()];
+        let jobs = plan_jobs(plan, parts.size, &want, &mut chosen);
+        if jobs.is_empty() {
+            return Ok(Some(chosen));
+        }
+        let threads = stasis_image::store::workers().min(jobs.len());
+        let t0 = std::time::Instant::now();
+        let Some((fds, area)) = self.prepare(insn, parts, threads)? else {
+            return Ok(None);
+        };
+        let mut writers = vec![Injector::new(self.pid, insn)?];
+        for tid in &self.threads {
+            writers.push(Injector::new(*tid, insn)?);
+        }
+        let (t1, njobs) = (std::time::Instant::now(), jobs.len());
+        self.run_jobs(jobs, &writers, &fds, area, parts)?;
+        tracing::debug!(
+            "snapshot {}: {} writer threads ready in {:?}, {njobs} pwritev in {:?}",
+            self.pid,
+            writers.len(),
+            t1 - t0,
+            t1.elapsed()
+        );
+        Ok(Some(chosen))
+    }
+
+    /// Gives the snapshot a descriptor table of its own holding the part files, and
+    /// `threads - 1` more threads. Returns the descriptors and the iovec area, or None
+    /// (after logging why) when the snapshot cannot open the files as we see them.
+    fn prepare(
+        &mut self,
+        insn: u64,
+        parts: &PartFiles,
+        threads: usize,
+    ) -> Result<Option<(Vec<u64>, u64)>> {
+        let pid = self.pid;
+        let inj = Injector::new(pid, insn)?;
+        inj.call(
+            "close_range(CLOSE_RANGE_UNSHARE)",
+            libc::SYS_close_range,
+            &[0, u64::from(u32::MAX), libc::CLOSE_RANGE_UNSHARE as u64],
+        )?;
+        let len = (threads as u64 * IOV_AREA).max(PAGE_SIZE);
+        let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+        let area = inj.call(
+            "mmap of the iovec area",
+            libc::SYS_mmap,
+            &[0, len, prot, flags, u64::MAX, 0],
+        )?;
+        let mut fds = Vec::with_capacity(parts.files.len());
+        for (path, file) in &parts.files {
+            let mut name = path.as_os_str().as_encoded_bytes().to_vec();
+            name.push(0);
+            if name.len() as u64 > len {
+                tracing::debug!("snapshot {pid}: page file path too long; copying from outside");
+                return Ok(None);
+            }
+            stasis_sys::vm::write(pid, area, &name).ctx(pid, || "writing a path".into())?;
+            let r = inj.raw(
+                libc::SYS_openat,
+                &[
+                    libc::AT_FDCWD as u64,
+                    area,
+                    (libc::O_WRONLY | libc::O_CLOEXEC) as u64,
+                ],
+            )?;
+            if r < 0 {
+                tracing::debug!(
+                    "snapshot {pid}: cannot open {} (errno {}); copying from outside",
+                    path.display(),
+                    -r
+                );
+                return Ok(None);
+            }
+            // The path might name another file in the process's mount namespace.
+            let theirs = std::fs::metadata(format!("/proc/{pid}/fd/{r}"));
+            let ours = file.metadata();
+            match (theirs, ours) {
+                (Ok(t), Ok(o)) if t.dev() == o.dev() && t.ino() == o.ino() => {}
+                _ => {
+                    tracing::debug!(
+                        "snapshot {pid}: {} is another file in its namespace; copying from outside",
+                        path.display()
+                    );
+                    return Ok(None);
+                }
+            }
+            fds.push(r as u64);
+        }
+        let mut args = Vec::with_capacity(88);
+        let flags = (libc::CLONE_VM
+            | libc::CLONE_FS
+            | libc::CLONE_FILES
+            | libc::CLONE_SIGHAND
+            | libc::CLONE_THREAD
+            | libc::CLONE_SYSVSEM) as u64;
+        for v in [flags, 0u64, 0, 0, 0, 0, 0, 0, 0, 0, 0] {
+            args.extend_from_slice(&v.to_le_bytes());
+        }
+        stasis_sys::vm::write(pid, area, &args).ctx(pid, || "writing clone3 arguments".into())?;
+        ptrace::set_options(pid, ptrace::O_TRACESYSGOOD | ptrace::O_TRACECLONE)
+            .ctx(pid, || "tracing the snapshot's threads".into())?;
+        for _ in 1..threads {
+            let r = inj.raw(libc::SYS_clone3, &[area, 88])?;
+            if r < 0 {
+                // Fewer writer threads only make it slower.
+                tracing::debug!("snapshot {pid}: clone3 of a writer thread: errno {}", -r);
+                break;
+            }
+            let tid = r as i32;
+            self.threads.push(tid);
+            wait_new(tid)?;
+        }
+        Ok(Some((fds, area)))
+    }
+
+    /// Runs the jobs on the writer threads, each taking the next job as it finishes.
+    fn run_jobs(
+        &self,
+        jobs: Vec<Job>,
+        writers: &[Injector],
+        fds: &[u64],
+        area: u64,
+        parts: &PartFiles,
+    ) -> Result<()> {
+        let pid = self.pid;
+        let mut queue: std::collections::VecDeque<Job> = jobs.into();
+        let mut busy: Vec<Option<Job>> = (0..writers.len()).map(|_| None).collect();
+        loop {
+            let mut progressed = false;
+            for (w, slot) in busy.iter_mut().enumerate() {
+                if let Some(job) = slot {
+                    let Some(r) = writers[w].poll()? else {
+                        continue;
+                    };
+                    progressed = true;
+                    if r <= 0 {
+                        let source = if r < 0 {
+                            std::io::Error::from_raw_os_error(-r as i32)
+                        } else {
+                            std::io::ErrorKind::WriteZero.into()
+                        };
+                        let path = parts.files.get(job.part).map(|f| f.0.display());
+                        return Err(Error::Io {
+                            pid,
+                            context: format!(
+                                "writing pages into {}",
+                                path.map(|p| p.to_string()).unwrap_or_default()
+                            ),
+                            source,
+                        });
+                    }
+                    job.advance(r as u64);
+                    let rest = slot.take().filter(|j| !j.iov.is_empty());
+                    // After a short write, the rest goes again.
+                    if let Some(j) = rest {
+                        queue.push_front(j);
+                    }
+                }
+                if slot.is_none() {
+                    if let Some(job) = queue.pop_front() {
+                        let iov_at = area + w as u64 * IOV_AREA;
+                        let mut buf = Vec::with_capacity(job.iov.len() * 16);
+                        for (a, l) in &job.iov {
+                            buf.extend_from_slice(&a.to_le_bytes());
+                            buf.extend_from_slice(&l.to_le_bytes());
+                        }
+                        stasis_sys::vm::write(pid, iov_at, &buf)
+                            .ctx(pid, || "writing an iovec array".into())?;
+                        writers[w].start(
+                            libc::SYS_pwritev,
+                            &[fds[job.part], iov_at, job.iov.len() as u64, job.at, 0],
+                        )?;
+                        *slot = Some(job);
+                        progressed = true;
+                    }
+                }
+            }
+            if busy.iter().all(Option::is_none) && queue.is_empty() {
+                return Ok(());
+            }
+            if !progressed {
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            }
+        }
+    }
+}
+
+/// Splits the runs selected by `want` into pwritev jobs (marking them in `chosen`):
+/// each a contiguous range of one part file.
+fn plan_jobs(
+    plan: &Plan,
+    part_size: u64,
+    want: &impl Fn(usize, &PlannedRun) -> bool,
+    chosen: &mut [bool],
+) -> Vec<Job> {
+    let mut jobs: Vec<Job> = Vec::new();
+    for (i, r) in plan.runs.iter().enumerate() {
+        if !want(i, r) {
+            continue;
+        }
+        chosen[i] = true;
+        let (mut off, end) = (r.offset, r.offset + r.npages * PAGE_SIZE);
+        while off < end {
+            let part = (off / part_size) as usize;
+            let local = off - part as u64 * part_size;
+            let n = (end - off).min(part_size - local);
+            let addr = r.addr + (off - r.offset);
+            match jobs.last_mut() {
+                Some(j)
+                    if j.part == part
+                        && j.at + j.len == local
+                        && j.iov.len() < MAX_IOVECS
+                        && j.len + n <= MAX_JOB =>
+                {
+                    j.iov.push((addr, n));
+                    j.len += n;
+                }
+                _ => jobs.push(Job {
+                    part,
+                    at: local,
+                    iov: vec![(addr, n)],
+                    len: n,
+                }),
+            }
+            off += n;
+        }
+    }
+    jobs
+}
+
+/// Waits for a thread or process just created under PTRACE_O_TRACECLONE to stop
+/// before its first instruction.
+fn wait_new(tid: i32) -> Result<()> {
+    loop {
+        match ptrace::wait(tid).ctx(tid, || "waiting for the snapshot".into())? {
+            Stop::Event(ptrace::EVENT_STOP, _) => return Ok(()),
+            Stop::Exited(_) | Stop::Killed(_) => return Err(Error::Gone { pid: tid }),
+            _ => ptrace::cont(tid, 0).ctx(tid, || "resuming the snapshot".into())?,
+        }
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        // SAFETY: killing the snapshot child we created (all its threads); then
+        // reaping its threads and itself (we trace them all and are its parent).
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        for &tid in &self.threads {
+            let _ = ptrace::wait(tid);
+        }
+        let _ = ptrace::wait(self.pid);
+    }
+}
