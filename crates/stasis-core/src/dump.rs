@@ -16,7 +16,8 @@ use crate::proc::ProcDir;
 use crate::snapshot::{PartFiles, Snapshot};
 use crate::{signals, task, thread};
 use stasis_image::{
-    store, Checkpoint, CheckpointWriter, DirLock, Origin, PageFiles, Process, Timings, Zombie,
+    store, Checkpoint, CheckpointWriter, Compression, DirLock, Origin, PageFiles, Process, Timings,
+    Zombie,
 };
 use stasis_sys::arch;
 use std::collections::HashMap;
@@ -38,6 +39,8 @@ pub struct DumpOptions {
     /// Store only the pages changed since the newest checkpoint in the directory
     /// (found by content hash), referring to it for the rest.
     pub incremental: bool,
+    /// How page files are compressed.
+    pub compress: Compression,
     /// The job has an IPC namespace of its own (under stasis run): its System V
     /// objects are saved with it.
     pub own_ipc_namespace: bool,
@@ -181,7 +184,8 @@ fn checkpoint_locked(
     let mut one_copy = false;
     for part in parts {
         let prev_pages = prev.get(&part.process.pid);
-        let (p, bytes, by_snapshot) = part.write_pages(&mut writer, prev_pages, seq)?;
+        let (p, bytes, by_snapshot) =
+            part.write_pages(&mut writer, prev_pages, seq, opts.compress)?;
         pages_bytes += bytes;
         one_copy |= by_snapshot;
         processes.push(p);
@@ -389,6 +393,8 @@ struct Part {
     snapshot: Option<Snapshot>,
     /// Time taken to fork the snapshot.
     snapshot_us: u64,
+    /// The plan knows which pages were written since the previous checkpoint.
+    tracked: bool,
     /// A `syscall` instruction of the process (and of its snapshot).
     insn: u64,
 }
@@ -433,6 +439,7 @@ fn dump_frozen(
         (true, Some(prev)) => crate::dirty::written(proc, &layout, prev),
         _ => None,
     };
+    let tracked = written.is_some();
     let plan = memory::plan(proc, &layout, written.as_deref())?;
     if tracking.incremental {
         crate::dirty::arm(proc, &layout, &inj, tracking.seq);
@@ -490,6 +497,7 @@ fn dump_frozen(
         hidden_buf,
         snapshot,
         snapshot_us,
+        tracked,
         insn,
     })
 }
@@ -502,14 +510,21 @@ impl Part {
         writer: &mut CheckpointWriter,
         prev: Option<&memory::PrevPages>,
         seq: u64,
+        compress: Compression,
     ) -> Result<(Process, u64, bool)> {
         let pid = self.process.pid;
         let part_size = memory::part_size(self.plan.bytes);
-        let files = PageFiles::new(&format!("pages-{pid}"), self.plan.bytes, part_size);
-        let mut parts = Vec::with_capacity(files.parts.len());
+        let mut files = PageFiles::new(&format!("pages-{pid}"), self.plan.bytes, part_size);
+        files.compression = compress;
+        let mut plain = Vec::new();
+        let mut packed = Vec::new();
         for (k, name) in files.parts.iter().enumerate() {
             let (lo, hi) = files.range(k, self.plan.bytes);
-            parts.push(writer.positioned_file(name, hi - lo)?);
+            if compress == Compression::None {
+                plain.push(writer.positioned_file(name, hi - lo)?);
+            } else {
+                packed.push(writer.data_file(name)?);
+            }
         }
         let mut prefetched = std::collections::HashMap::new();
         for (sub_i, r) in self.hidden_plan.runs.iter().enumerate() {
@@ -521,12 +536,15 @@ impl Part {
         }
         // From a snapshot, the snapshot itself writes what it can (one copy); the
         // rest (unreadable areas, what a fork does not see) is copied from outside.
+        // Not when compressing (we must see the data), nor when unchanged pages are
+        // found by comparing hashes (we must read them all, and store few).
         let mut in_file = vec![false; self.plan.runs.len()];
         let mut one_copy = false;
         let t0 = Instant::now();
-        if let Some(snap) = &mut self.snapshot {
+        let snapshot_writes = compress == Compression::None && (prev.is_none() || self.tracked);
+        if let Some(snap) = self.snapshot.as_mut().filter(|_| snapshot_writes) {
             let part_files = PartFiles {
-                files: parts
+                files: plain
                     .iter()
                     .map(|p| (p.path().to_path_buf(), p.file()))
                     .collect(),
@@ -547,26 +565,42 @@ impl Part {
             Some(s) => (s.pid, memory::Source::Snapshot),
             None => (pid, memory::Source::Process),
         };
-        let sink = memory::Parts {
-            files: parts.iter().collect(),
-            size: part_size,
+        let outs: Vec<memory::PartOut> = if compress == Compression::None {
+            plain.iter().map(memory::PartOut::Plain).collect()
+        } else {
+            packed
+                .iter_mut()
+                .map(|w| memory::PartOut::Compressed(w, compress))
+                .collect()
         };
-        let (zeros, chunks) =
-            memory::write_pages(src, how, &self.plan, &prefetched, &sink, prev, &|i| {
-                in_file.get(i).copied().unwrap_or(false)
-            })
-            .map_err(|e| name_process(e, pid))?;
+        let (zeros, per_part) = memory::write_pages(
+            src,
+            how,
+            &self.plan,
+            &prefetched,
+            outs,
+            part_size,
+            prev,
+            &|i| in_file.get(i).copied().unwrap_or(false),
+        )
+        .map_err(|e| name_process(e, pid))?;
         tracing::debug!(
             "process {pid}: pages written by the snapshot in {:?}, checked and completed in {:?}",
             t1 - t0,
             t1.elapsed()
         );
+        for (part, (sums, _)) in plain.into_iter().zip(&per_part) {
+            writer.finish_positioned(part, sums.clone())?;
+        }
+        for w in packed {
+            writer.finish_data(w)?;
+        }
+        if compress != Compression::None {
+            files.frames = per_part.into_iter().map(|(_, frames)| frames).collect();
+        }
         drop(prefetched);
         self.snapshot = None;
         let (mappings, bytes, hashes) = memory::finish_pages(&self.layout, &self.plan, &zeros, seq);
-        for (part, sums) in parts.into_iter().zip(chunks) {
-            writer.finish_positioned(part, sums)?;
-        }
         self.process.pages = files;
         let name = format!("hashes-{pid}.bin");
         let mut buf = Vec::with_capacity(hashes.len() * stasis_image::PageHash::SIZE);

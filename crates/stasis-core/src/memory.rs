@@ -16,7 +16,7 @@ use crate::error::{Error, Result, SysContext};
 use crate::inject::Injector;
 use crate::proc::{file_id, ProcDir};
 use procfs::process::{MMPermissions, MMapPath, VmFlags};
-use stasis_image::{Mapping, MappingKind, PageRun, PAGE_SIZE};
+use stasis_image::{Compression, Mapping, MappingKind, PageRun, PAGE_SIZE};
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 
@@ -513,29 +513,39 @@ pub fn part_size(bytes: u64) -> u64 {
     nchunks.div_ceil(workers) * chunk
 }
 
-/// The part files of one page file, as [`write_pages`] fills them.
-pub struct Parts<'a> {
-    pub files: Vec<&'a stasis_image::PositionedFile>,
-    /// Logical bytes per part (see [`part_size`]).
-    pub size: u64,
+/// Where one worker of [`write_pages`] puts the pages of its part.
+pub enum PartOut<'a> {
+    /// Written at their offsets; zero pages are holes.
+    Plain(&'a stasis_image::PositionedFile),
+    /// Compressed frame by frame, appended in order.
+    Compressed(&'a mut stasis_image::DataWriter, Compression),
 }
 
-/// Writes every planned page into the part files (at the plan's offsets) with one
-/// thread per part: each reads its pages (from `prefetched`, the runs copied while
-/// the process was frozen, or from process `src`), writes the non-zero ones with pwrite
-/// (zero pages stay holes) and checksums its chunks as it goes. Runs for which
-/// `in_file` is true were already written into the part by the process's snapshot
-/// (see `snapshot`): they are read back from the file, and their zero or unchanged
-/// pages punched out. Returns the page states and the chunk checksums of each part.
+/// What one part received: its page states, its chunk checksums (plain parts) and
+/// the end offsets of its frames (compressed parts).
+pub type PartResult = (ZeroMap, Vec<String>, Vec<u64>);
+
+/// A part once written: its chunk checksums (plain) and frame ends (compressed).
+pub type PartDone = (Vec<String>, Vec<u64>);
+
+/// Writes every planned page into the parts (at the plan's offsets) with one thread
+/// per part: each reads its pages (from `prefetched`, the runs copied while the
+/// process was frozen, or from process `src`), writes the non-zero ones (zero pages
+/// stay holes) and checksums its chunks as it goes. Runs for which `in_file` is true
+/// were already written into the (plain) part by the process's snapshot (see
+/// `snapshot`): they are read back from the file, and their zero or unchanged pages
+/// punched out. Returns the page states and, per part, its chunk checksums and frames.
+#[allow(clippy::too_many_arguments)]
 pub fn write_pages(
     src: i32,
     how: Source,
     plan: &Plan,
     prefetched: &HashMap<usize, &[u8]>,
-    parts: &Parts,
+    parts: Vec<PartOut>,
+    part_size: u64,
     prev: Option<&PrevPages>,
     in_file: &(dyn Fn(usize) -> bool + Sync),
-) -> Result<(ZeroMap, Vec<Vec<String>>)> {
+) -> Result<(ZeroMap, Vec<PartDone>)> {
     let mem = std::fs::File::open(format!("/proc/{src}/mem"))
         .ctx(src, || "opening /proc/PID/mem".into())?;
     // Pages not written since the previous checkpoint: refer to it, read nothing.
@@ -551,14 +561,13 @@ pub fn write_pages(
             .collect();
         zeros.push((i, 0, z));
     }
-    let results: Vec<Result<(ZeroMap, Vec<String>)>> = std::thread::scope(|sc| {
+    let results: Vec<Result<PartResult>> = std::thread::scope(|sc| {
         let handles: Vec<_> = parts
-            .files
-            .iter()
+            .into_iter()
             .enumerate()
-            .map(|(w, &part)| {
-                let lo = (w as u64 * parts.size).min(plan.bytes);
-                let hi = (lo + parts.size).min(plan.bytes);
+            .map(|(w, out)| {
+                let lo = (w as u64 * part_size).min(plan.bytes);
+                let hi = (lo + part_size).min(plan.bytes);
                 let job = RangeJob {
                     src,
                     how,
@@ -567,8 +576,7 @@ pub fn write_pages(
                     prev,
                     mem: &mem,
                     in_file,
-                    file: part.file(),
-                    path: part.path(),
+                    out,
                     lo,
                     hi,
                 };
@@ -577,13 +585,13 @@ pub fn write_pages(
             .collect();
         join_all(handles, src)
     });
-    let mut sums = Vec::new();
+    let mut per_part = Vec::new();
     for r in results {
-        let (z, s) = r?;
+        let (z, sums, frames) = r?;
         zeros.extend(z);
-        sums.push(s);
+        per_part.push((sums, frames));
     }
-    Ok((zeros, sums))
+    Ok((zeros, per_part))
 }
 
 /// One worker of [`write_pages`]: the logical range `[lo, hi)`, stored in `file`.
@@ -595,26 +603,30 @@ struct RangeJob<'a> {
     prev: Option<&'a PrevPages>,
     mem: &'a std::fs::File,
     in_file: &'a (dyn Fn(usize) -> bool + Sync),
-    file: &'a std::fs::File,
-    path: &'a std::path::Path,
+    out: PartOut<'a>,
     lo: u64,
     hi: u64,
 }
 
 impl RangeJob<'_> {
-    fn run(self) -> Result<(ZeroMap, Vec<String>)> {
+    fn run(mut self) -> Result<PartResult> {
         let (src, plan, lo, hi) = (self.src, self.plan, self.lo, self.hi);
         let chunk = stasis_image::CHUNK_SIZE;
+        let path = match &self.out {
+            PartOut::Plain(f) => f.path().to_path_buf(),
+            PartOut::Compressed(w, _) => w.path().to_path_buf(),
+        };
         let io_err = |what: &str, e: std::io::Error| Error::Io {
             pid: src,
-            context: format!("{what} {}", self.path.display()),
+            context: format!("{what} {}", path.display()),
             source: e,
         };
         let mut buf = vec![0u8; (BATCH_PAGES * PAGE_SIZE) as usize];
         let mut map: Option<memmap2::Mmap> = None;
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
         let mut filled = 0u64;
-        let (mut zeros, mut sums) = (Vec::new(), Vec::new());
+        let (mut zeros, mut sums, mut frames) = (Vec::new(), Vec::new(), Vec::new());
+        let mut frame: Vec<u8> = Vec::new();
         let first = plan.runs.partition_point(|r| r.offset + r.file_len() <= lo);
         for (i, r) in plan.runs.iter().enumerate().skip(first) {
             if r.clean {
@@ -625,20 +637,25 @@ impl RangeJob<'_> {
             }
             let run_end = r.offset + r.npages * PAGE_SIZE;
             let mut off = r.offset.max(lo);
-            let in_file = (self.in_file)(i);
+            let in_file = (self.in_file)(i)
+                && self.prefetched.get(&i).is_none()
+                && matches!(self.out, PartOut::Plain(_));
             while off < run_end.min(hi) {
                 let len = (run_end.min(hi) - off).min(buf.len() as u64);
                 let addr = r.addr + (off - r.offset);
-                let data: &[u8] = if in_file && self.prefetched.get(&i).is_none() {
+                let data: &[u8] = if in_file {
                     // Written by the snapshot: looked at where it lies, in the page cache.
                     if map.is_none() {
+                        let PartOut::Plain(f) = &self.out else {
+                            unreachable!("in_file implies a plain part")
+                        };
                         // SAFETY: read-only mapping of our own part file, whose writers
                         // (the snapshot's threads) are done; only the ranges they wrote
                         // are read (a hole read through a tmpfs mapping would allocate).
                         let m = unsafe {
                             memmap2::MmapOptions::new()
                                 .len((hi - lo) as usize)
-                                .map(self.file)
+                                .map(f.file())
                         }
                         .map_err(|e| io_err("mapping", e))?;
                         map = Some(m);
@@ -663,7 +680,6 @@ impl RangeJob<'_> {
                     }
                     data
                 };
-                let in_file = in_file && self.prefetched.get(&i).is_none();
                 let z: Vec<PageState> = data
                     .chunks_exact(PAGE_SIZE as usize)
                     .enumerate()
@@ -681,36 +697,69 @@ impl RangeJob<'_> {
                         }
                     })
                     .collect();
-                // Checksum what the file will hold: the stored pages, zeros elsewhere.
-                for (page, st) in data.chunks_exact(PAGE_SIZE as usize).zip(&z) {
-                    let held = match st {
-                        PageState::Own(_) => page,
-                        _ => &ZERO_PAGE[..],
-                    };
-                    hash_chunks(&mut hasher, &mut filled, &mut sums, held);
-                }
-                // Pages stored here are written (unless the snapshot did); zero and
-                // unchanged pages stay (or become) holes.
-                for (s, e, own) in spans(&z) {
-                    let at = off - lo + s as u64 * PAGE_SIZE;
-                    let bytes = &data[s * PAGE_SIZE as usize..e * PAGE_SIZE as usize];
-                    if own && !in_file {
-                        self.file
-                            .write_all_at(bytes, at)
-                            .map_err(|e| io_err("writing", e))?;
-                    } else if !own && in_file {
-                        punch_hole(self.file, at, bytes.len() as u64)
-                            .map_err(|e| io_err("punching holes in", e))?;
+                // What the part holds: the stored pages, zeros elsewhere.
+                let held =
+                    data.chunks_exact(PAGE_SIZE as usize)
+                        .zip(&z)
+                        .map(|(page, st)| match st {
+                            PageState::Own(_) => page,
+                            _ => &ZERO_PAGE[..],
+                        });
+                match &mut self.out {
+                    PartOut::Compressed(w, codec) => {
+                        for page in held {
+                            frame.extend_from_slice(page);
+                            if frame.len() as u64 == chunk {
+                                let z = codec
+                                    .compress(&frame)
+                                    .map_err(|e| io_err("compressing", e))?;
+                                w.write_all(&z)?;
+                                frames.push(w.written());
+                                frame.clear();
+                            }
+                        }
+                    }
+                    PartOut::Plain(f) => {
+                        for page in held {
+                            hash_chunks(&mut hasher, &mut filled, &mut sums, page);
+                        }
+                        // Pages stored here are written (unless the snapshot did); zero
+                        // and unchanged pages stay (or become) holes.
+                        for (s, e, own) in spans(&z) {
+                            let at = off - lo + s as u64 * PAGE_SIZE;
+                            let bytes = &data[s * PAGE_SIZE as usize..e * PAGE_SIZE as usize];
+                            if own && !in_file {
+                                f.file()
+                                    .write_all_at(bytes, at)
+                                    .map_err(|e| io_err("writing", e))?;
+                            } else if !own && in_file {
+                                punch_hole(f.file(), at, bytes.len() as u64)
+                                    .map_err(|e| io_err("punching holes in", e))?;
+                            }
+                        }
                     }
                 }
                 zeros.push((i, (off - r.offset) / PAGE_SIZE, z));
                 off += len;
             }
         }
-        if !filled.is_multiple_of(chunk) {
-            sums.push(format!("{:016x}", hasher.digest()));
+        match &mut self.out {
+            PartOut::Compressed(w, codec) => {
+                if !frame.is_empty() {
+                    let z = codec
+                        .compress(&frame)
+                        .map_err(|e| io_err("compressing", e))?;
+                    w.write_all(&z)?;
+                    frames.push(w.written());
+                }
+            }
+            PartOut::Plain(_) => {
+                if !filled.is_multiple_of(chunk) {
+                    sums.push(format!("{:016x}", hasher.digest()));
+                }
+            }
         }
-        Ok((zeros, sums))
+        Ok((zeros, sums, frames))
     }
 }
 
@@ -1006,67 +1055,159 @@ fn initial_prot(m: &Mapping) -> u32 {
 
 /// A checkpoint's page file as mapped for restore: its parts, in logical order.
 pub struct PageSource<'a> {
-    pub part_size: u64,
+    pub files: &'a stasis_image::PageFiles,
     pub parts: Vec<&'a [u8]>,
 }
 
+/// Pages to copy into the process: `len` bytes at `addr` from logical `offset` of the
+/// page file of checkpoint `from`.
+#[derive(Clone, Copy)]
+struct RestorePiece {
+    addr: u64,
+    from: u64,
+    offset: u64,
+    len: u64,
+}
+
+/// A unit of restore work: pieces that lie in one frame of a compressed part (which
+/// is decompressed once for all), or one piece of a plain part.
+type Unit = Vec<RestorePiece>;
+
 impl PageSource<'_> {
-    /// The bytes `[offset, offset + len)` of the logical page file, as one slice per
-    /// part they lie in; None if they lie beyond its end.
-    fn slices(&self, offset: u64, len: u64) -> Option<Vec<&[u8]>> {
-        let mut out = Vec::new();
-        let (mut at, end) = (offset, offset + len);
-        while at < end {
-            let k = (at / self.part_size.max(1)) as usize;
-            let local = at - k as u64 * self.part_size;
-            let n = (end - at).min(self.part_size - local);
-            out.push(
-                self.parts
-                    .get(k)?
-                    .get(local as usize..(local + n) as usize)?,
-            );
-            at += n;
-        }
-        Some(out)
+    /// Whether the parts are compressed.
+    fn compressed(&self) -> bool {
+        self.files.compression != Compression::None
+    }
+
+    /// Where logical `offset` lies: (part, offset in the part).
+    fn locate(&self, offset: u64) -> (usize, u64) {
+        let size = self.files.part_size.max(1);
+        ((offset / size) as usize, offset % size)
+    }
+
+    /// The bytes a piece of a plain part refers to.
+    fn plain(&self, p: &RestorePiece) -> Option<&[u8]> {
+        let (k, local) = self.locate(p.offset);
+        self.parts
+            .get(k)?
+            .get(local as usize..(local + p.len) as usize)
+    }
+
+    /// Decompresses the frame that holds logical `offset` into `out`; returns the
+    /// logical offset where the frame starts.
+    fn frame(&self, offset: u64, out: &mut Vec<u8>) -> std::result::Result<u64, String> {
+        let (k, local) = self.locate(offset);
+        let chunk = stasis_image::CHUNK_SIZE;
+        let idx = (local / chunk) as usize;
+        let ends = self
+            .files
+            .frames
+            .get(k)
+            .ok_or("no frame list for the part")?;
+        let end = *ends.get(idx).ok_or("frame beyond the frame list")?;
+        let start = if idx == 0 { 0 } else { ends[idx - 1] };
+        let data = self.parts.get(k).ok_or("missing part")?;
+        let frame = data
+            .get(start as usize..end as usize)
+            .ok_or("frame beyond the end of the part file")?;
+        let part_len = self.files.range(k, self.files.bytes);
+        let len = (part_len.1 - part_len.0)
+            .saturating_sub(idx as u64 * chunk)
+            .min(chunk);
+        self.files
+            .compression
+            .decompress(frame, len as usize, out)
+            .map_err(|e| format!("part {k}, frame {idx}: {e}"))?;
+        Ok(offset - (local - idx as u64 * chunk))
     }
 }
 
 /// Copies every saved page into the stopped process, with as many threads as cores.
 fn fill_pages(pid: i32, mappings: &[&Mapping], pages: &HashMap<u64, PageSource>) -> Result<()> {
-    let mut work: Vec<(u64, &[u8])> = Vec::new();
+    let beyond = |r: &PageRun| Error::Restore {
+        pid,
+        msg: format!(
+            "pages of {:x} lie beyond the end of the page file (of checkpoint {})",
+            r.addr, r.from
+        ),
+    };
+    // Pieces of at most 4 MiB that never straddle a part (or a compressed frame),
+    // so that the threads share the work evenly.
+    let mut plain: Vec<Unit> = Vec::new();
+    let mut framed: std::collections::BTreeMap<(u64, usize, u64), Unit> = Default::default();
     for m in mappings {
         for r in &m.pages {
-            let len = r.npages * PAGE_SIZE;
-            let data = pages
-                .get(&r.from)
-                .and_then(|p| p.slices(r.offset, len))
-                .ok_or_else(|| Error::Restore {
-                    pid,
-                    msg: format!(
-                        "pages of {:x} lie beyond the end of the page file (of checkpoint {})",
-                        r.addr, r.from
-                    ),
-                })?;
-            // Pieces of at most 4 MiB, so that the threads share the work evenly.
-            let mut addr = r.addr;
-            for slice in data {
-                for piece in slice.chunks((BATCH_PAGES * PAGE_SIZE) as usize) {
-                    work.push((addr, piece));
-                    addr += piece.len() as u64;
+            let src = pages.get(&r.from).ok_or_else(|| beyond(r))?;
+            let limit = if src.compressed() {
+                stasis_image::CHUNK_SIZE
+            } else {
+                BATCH_PAGES * PAGE_SIZE
+            };
+            let (mut done, total) = (0, r.npages * PAGE_SIZE);
+            while done < total {
+                let offset = r.offset + done;
+                let (k, local) = src.locate(offset);
+                let room = (src.files.part_size - local).min(limit - local % limit);
+                let p = RestorePiece {
+                    addr: r.addr + done,
+                    from: r.from,
+                    offset,
+                    len: (total - done).min(room),
+                };
+                if src.compressed() {
+                    framed
+                        .entry((r.from, k, local / limit))
+                        .or_default()
+                        .push(p);
+                } else {
+                    src.plain(&p).ok_or_else(|| beyond(r))?;
+                    plain.push(vec![p]);
                 }
+                done += p.len;
             }
         }
     }
+    let mut work = plain;
+    work.extend(framed.into_values());
     let workers = stasis_image::store::workers().min(work.len().max(1));
     let results: Vec<Result<()>> = std::thread::scope(|sc| {
         let handles: Vec<_> = (0..workers)
             .map(|w| {
                 let work = &work;
                 sc.spawn(move || -> Result<()> {
-                    for (addr, data) in work.iter().skip(w).step_by(workers) {
-                        stasis_sys::vm::write(pid, *addr, data).ctx(pid, || {
-                            format!("writing {} bytes of memory at {addr:x}", data.len())
-                        })?;
+                    let mut buf = Vec::new();
+                    for unit in work.iter().skip(w).step_by(workers) {
+                        let Some(first) = unit.first() else { continue };
+                        let Some(src) = pages.get(&first.from) else {
+                            continue;
+                        };
+                        let frame_start = if src.compressed() {
+                            src.frame(first.offset, &mut buf)
+                                .map_err(|msg| Error::Restore {
+                                    pid,
+                                    msg: format!(
+                                        "page file of checkpoint {} is damaged: {msg}",
+                                        first.from
+                                    ),
+                                })?
+                        } else {
+                            0
+                        };
+                        for p in unit {
+                            let data = if src.compressed() {
+                                let at = (p.offset - frame_start) as usize;
+                                buf.get(at..at + p.len as usize)
+                            } else {
+                                src.plain(p)
+                            };
+                            let data = data.ok_or_else(|| Error::Restore {
+                                pid,
+                                msg: format!("pages of {:x} lie beyond their frame", p.addr),
+                            })?;
+                            stasis_sys::vm::write(pid, p.addr, data).ctx(pid, || {
+                                format!("writing {} bytes of memory at {:x}", data.len(), p.addr)
+                            })?;
+                        }
                     }
                     Ok(())
                 })

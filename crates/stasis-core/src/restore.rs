@@ -386,7 +386,7 @@ fn rebuild(
     };
     // This checkpoint's page files (source 0) and those of the earlier checkpoints an
     // incremental one refers to (verified with it), mapped read-only.
-    let mut maps: Vec<(u64, u64, Vec<Option<memmap2::Mmap>>)> = Vec::new();
+    let mut maps: Vec<(u64, &stasis_image::PageFiles, Vec<Option<memmap2::Mmap>>)> = Vec::new();
     let mut images = vec![(0u64, image)];
     images.extend(deps.iter().map(|(seq, dep)| (*seq, dep)));
     for (seq, img) in images {
@@ -416,19 +416,13 @@ fn rebuild(
                 .ctx(child, || format!("mapping {}", path.display()))?;
             parts.push(Some(map));
         }
-        maps.push((seq, files.part_size, parts));
+        maps.push((seq, files, parts));
     }
     let sources: HashMap<u64, memory::PageSource> = maps
         .iter()
-        .map(|(seq, part_size, parts)| {
+        .map(|(seq, files, parts)| {
             let parts = parts.iter().map(|m| m.as_deref().unwrap_or(&[])).collect();
-            (
-                *seq,
-                memory::PageSource {
-                    part_size: *part_size,
-                    parts,
-                },
-            )
+            (*seq, memory::PageSource { files, parts })
         })
         .collect();
     memory::restore_mappings(&inj, child, &p.mappings, &fds, &sources)?;

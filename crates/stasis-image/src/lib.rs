@@ -4,13 +4,17 @@
 //! checksummed `manifest.json`, the metadata `checkpoint.json` (plain versioned structs
 //! in [`model`]), and page-aligned data files. See docs/IMAGE-FORMAT.md.
 //!
+//! [`codec`] compresses page files frame by frame.
+//!
 //! [`store`] owns the directory layout: writing aside and publishing by rename, finding
 //! the newest complete checkpoint, verifying checksums before anything is restored,
 //! locking against concurrent writers and pruning old checkpoints.
 
+pub mod codec;
 pub mod model;
 pub mod store;
 
+pub use codec::Compression;
 pub use model::*;
 pub use store::{
     CheckpointReader, CheckpointWriter, DataWriter, DirLock, ImageError, ImageResult,

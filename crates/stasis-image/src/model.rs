@@ -646,10 +646,20 @@ mod tests {
 /// its own thread without contending for one file's lock.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PageFiles {
+    /// Logical bytes in all.
+    #[serde(default)]
+    pub bytes: u64,
     /// Logical bytes each part holds; every part but the last is exactly this long.
     pub part_size: u64,
     /// Names of the part files, in logical order.
     pub parts: Vec<String>,
+    /// How the parts are compressed (see [`crate::codec`]).
+    #[serde(default)]
+    pub compression: crate::Compression,
+    /// Compressed parts only: for each part, the end offset of each of its frames
+    /// (one frame per CHUNK_SIZE logical bytes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frames: Vec<Vec<u64>>,
 }
 
 impl PageFiles {
@@ -658,8 +668,11 @@ impl PageFiles {
         let part_size = part_size.max(1);
         let n = total.div_ceil(part_size).max(1);
         PageFiles {
+            bytes: total,
             part_size,
             parts: (0..n).map(|k| format!("{stem}.{k}.img")).collect(),
+            compression: crate::Compression::None,
+            frames: Vec::new(),
         }
     }
 

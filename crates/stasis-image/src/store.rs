@@ -239,6 +239,16 @@ pub struct DataWriter {
 }
 
 impl DataWriter {
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Its path, for error messages.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Appends `buf`.
     pub fn write_all(&mut self, mut buf: &[u8]) -> ImageResult<()> {
         self.file.write_all(buf).map_err(io_err(&self.path))?;

@@ -102,6 +102,12 @@ pub enum Command {
         /// Keep this many newest checkpoints in DIR and remove older ones.
         #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
         keep: u32,
+        /// Compress memory pages: zstd (smaller) or lz4 (faster), in parallel on every
+        /// core. Worth it when the checkpoint goes to a slow or shared file system;
+        /// on local disks and tmpfs compressing usually costs more time than it saves,
+        /// so the default is none (zero pages are never stored either way).
+        #[arg(long, value_name = "HOW", default_value = "none", value_parser = ["none", "zstd", "lz4"])]
+        compress: String,
     },
     /// Restart an application from the newest complete checkpoint in DIR.
     ///
@@ -174,25 +180,25 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             kill,
             keep,
             incremental,
+            compress,
         } => {
+            let req = control::Request {
+                kill,
+                keep: keep as usize,
+                incremental,
+                compress: compress.parse().map_err(anyhow::Error::msg)?,
+            };
             let report = match pid {
                 Some(pid) => {
                     let dir = dir.context("--pid needs --dir")?;
                     if target.is_some() {
                         bail!("give either DIR or --pid with --dir, not both");
                     }
-                    control::checkpoint_pid(
-                        &dir,
-                        pid,
-                        kill,
-                        keep as usize,
-                        incremental,
-                        !cli.quiet,
-                    )?
+                    control::checkpoint_pid(&dir, pid, &req, !cli.quiet)?
                 }
                 None => {
                     let dir = target.or(dir).context("missing DIR")?;
-                    control::request_checkpoint(&dir, kill, keep as usize, incremental, !cli.quiet)?
+                    control::request_checkpoint(&dir, &req, !cli.quiet)?
                 }
             };
             if !cli.quiet {

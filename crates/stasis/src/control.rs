@@ -22,6 +22,8 @@ pub struct Request {
     pub keep: usize,
     #[serde(default)]
     pub incremental: bool,
+    #[serde(default)]
+    pub compress: stasis_image::Compression,
 }
 
 /// The reply.
@@ -85,13 +87,7 @@ pub fn peer_uid(s: &UnixStream) -> Option<u32> {
 }
 
 /// Client side: asks the supervisor of `dir` for a checkpoint.
-pub fn request_checkpoint(
-    dir: &Path,
-    kill: bool,
-    keep: usize,
-    incremental: bool,
-    show_progress: bool,
-) -> Result<String> {
+pub fn request_checkpoint(dir: &Path, req: &Request, show_progress: bool) -> Result<String> {
     let addr = address(dir)?;
     // A checkpoint already being written holds the directory lock: say so at once
     // instead of queueing behind it.
@@ -102,11 +98,7 @@ pub fn request_checkpoint(
             dir.display()
         )
     })?;
-    let mut line = serde_json::to_string(&Request {
-        kill,
-        keep,
-        incremental,
-    })?;
+    let mut line = serde_json::to_string(req)?;
     line.push('\n');
     s.write_all(line.as_bytes())
         .context("sending the checkpoint request")?;
@@ -194,21 +186,15 @@ pub fn copy_summary(t: &stasis_image::Timings) -> String {
 }
 
 /// `stasis checkpoint --pid PID --dir DIR`: checkpoint a process we did not start.
-pub fn checkpoint_pid(
-    dir: &Path,
-    pid: i32,
-    kill: bool,
-    keep: usize,
-    incremental: bool,
-    show_progress: bool,
-) -> Result<String> {
+pub fn checkpoint_pid(dir: &Path, pid: i32, req: &Request, show_progress: bool) -> Result<String> {
     stasis_image::store::ensure_dir(dir)?;
     let opts = DumpOptions {
-        kill,
+        kill: req.kill,
         origin: Origin::Attached,
         stdio: None,
-        keep,
-        incremental,
+        keep: req.keep,
+        incremental: req.incremental,
+        compress: req.compress,
         own_ipc_namespace: false,
     };
     let progress = Progress::start(format!("checkpointing process {pid}"), show_progress);

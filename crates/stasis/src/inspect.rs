@@ -82,6 +82,20 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
             mib(total),
             mib(saved)
         );
+        let on_disk: u64 = p
+            .pages
+            .parts
+            .iter()
+            .filter_map(|name| reader.manifest.files.iter().find(|f| &f.name == name))
+            .map(|f| f.size)
+            .sum();
+        println!(
+            "  page files {} part(s), compression {}, {:.1} MiB logical, {:.1} MiB in files",
+            p.pages.parts.len(),
+            p.pages.compression.name(),
+            mib(p.pages.bytes),
+            mib(on_disk)
+        );
         for m in &p.mappings {
             let prot = format!(
                 "{}{}{}{}",

@@ -366,6 +366,7 @@ fn init_inner(dir: &Path, mode: Mode, listener: &UnixListener) -> Result<String>
                         stdio: Some(files::own_stdio_ids()),
                         keep: req.keep,
                         incremental: req.incremental,
+                        compress: req.compress,
                         own_ipc_namespace: true,
                     };
                     match dump::checkpoint(dir, app, &opts) {
