@@ -23,13 +23,15 @@ unprivileged user + PID namespace, so a restarted process keeps its PID, and rea
 and rebuilds it from outside with ptrace and /proc. Between checkpoints the
 application runs at native speed.
 
-Set STASIS_LOG=debug (or use -v) for a trace of what stasis does.";
+Checkpoints and restarts that take more than a second show a spinner on stderr
+when it is a terminal (--quiet turns it off; STASIS_PROGRESS_AFTER_MS changes the
+delay). Set STASIS_LOG=debug (or use -v) for a trace of what stasis does.";
 
 /// Transparent checkpoint/restart of Linux processes, for HPC jobs, without root.
 #[derive(Parser, Debug)]
 #[command(name = "stasis", version, about, after_help = AFTER_HELP, propagate_version = true)]
 pub struct Cli {
-    /// Print only errors.
+    /// Print only errors (no summary, no progress spinner).
     #[arg(short, long, global = true)]
     pub quiet: bool,
     /// Print more about what stasis does (repeat for more).
@@ -206,7 +208,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Restart { dir, from } => supervise::restart(&dir, from.as_deref()),
+        Command::Restart { dir, from } => supervise::restart(&dir, from.as_deref(), !cli.quiet),
         Command::Inspect { dir, json } => inspect::inspect(&dir, json).map(|()| ExitCode::SUCCESS),
         Command::Verify { dir, latest } => inspect::verify(&dir, latest),
         Command::Demo { dir } => demo::demo(dir),

@@ -205,7 +205,8 @@ pub fn checkpoint_pid(dir: &Path, pid: i32, req: &Request, show_progress: bool) 
 }
 
 /// A spinner with the elapsed time on stderr, shown only when stderr is a terminal
-/// and the operation takes more than a second.
+/// and the operation takes more than a second (STASIS_PROGRESS_AFTER_MS changes the
+/// delay).
 pub struct Progress {
     bar: Option<indicatif::ProgressBar>,
 }
@@ -224,10 +225,15 @@ impl Progress {
         }
         bar.set_message(what);
         let later = bar.clone();
+        let delay = std::env::var("STASIS_PROGRESS_AFTER_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000);
         std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_secs(1));
+            std::thread::sleep(std::time::Duration::from_millis(delay));
             if !later.is_finished() {
                 later.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                later.tick();
                 later.enable_steady_tick(std::time::Duration::from_millis(120));
             }
         });

@@ -45,11 +45,11 @@ enum Mode {
 /// `stasis run --dir DIR -- CMD...`
 pub fn run(dir: &Path, cmd: &[String]) -> Result<ExitCode> {
     store::ensure_dir(dir)?;
-    start(&control::canonical(dir)?, Mode::Run(cmd.to_vec()))
+    start(&control::canonical(dir)?, Mode::Run(cmd.to_vec()), None)
 }
 
 /// `stasis restart DIR [--from N]`
-pub fn restart(dir: &Path, from: Option<&str>) -> Result<ExitCode> {
+pub fn restart(dir: &Path, from: Option<&str>, show_progress: bool) -> Result<ExitCode> {
     let dir = control::canonical(dir)?;
     let all = store::list_checkpoints(&dir)?;
     let path = match from {
@@ -68,7 +68,8 @@ pub fn restart(dir: &Path, from: Option<&str>) -> Result<ExitCode> {
                 .ok_or_else(|| anyhow!("no checkpoint {want} in {}", dir.display()))?
         }
     };
-    start(&dir, Mode::Restart(path))
+    let progress = show_progress.then(|| format!("restarting from {}", path.display()));
+    start(&dir, Mode::Restart(path), progress)
 }
 
 fn sigset(signals: &[i32]) -> libc::sigset_t {
@@ -114,7 +115,9 @@ fn read_signal(f: &mut std::fs::File) -> Option<i32> {
     Some(i32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]))
 }
 
-fn start(dir: &Path, mode: Mode) -> Result<ExitCode> {
+/// Starts the namespace init for `mode` and supervises it until it exits. With
+/// `progress`, a spinner says so on a terminal until the application runs.
+fn start(dir: &Path, mode: Mode, progress: Option<String>) -> Result<ExitCode> {
     let listener = control::listen(dir)?;
     let mut all = FORWARDED.to_vec();
     all.push(libc::SIGCHLD);
@@ -123,6 +126,7 @@ fn start(dir: &Path, mode: Mode) -> Result<ExitCode> {
     unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     let (status_r, status_w) = pipe()?;
     let (sync_r, sync_w) = pipe()?;
+    let (started_r, started_w) = pipe()?;
     // SAFETY: geteuid/getegid have no preconditions.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     // A user namespace (no privilege needed), a PID namespace (PIDs kept on restart),
@@ -138,7 +142,8 @@ fn start(dir: &Path, mode: Mode) -> Result<ExitCode> {
         Forked::Child => {
             drop(status_r);
             drop(sync_w);
-            let code = init_main(dir, mode, listener, status_w, sync_r);
+            drop(started_r);
+            let code = init_main(dir, mode, listener, status_w, sync_r, started_w);
             // SAFETY: leaving the init without running the supervisor's destructors.
             unsafe { libc::_exit(code) }
         }
@@ -146,6 +151,7 @@ fn start(dir: &Path, mode: Mode) -> Result<ExitCode> {
     };
     drop(status_w);
     drop(sync_r);
+    drop(started_w);
     drop(listener);
     if let Err(e) = write_id_maps(init, uid, gid) {
         // SAFETY: killing our own child.
@@ -159,6 +165,8 @@ fn start(dir: &Path, mode: Mode) -> Result<ExitCode> {
     drop(sync_w);
 
     let mut sfd = signalfd(&set)?;
+    let mut spinner = progress.map(|what| control::Progress::start(what, true));
+    let mut started_r = started_r;
     let status = loop {
         let mut st = 0;
         // SAFETY: waitpid with a valid out-pointer.
@@ -166,14 +174,44 @@ fn start(dir: &Path, mode: Mode) -> Result<ExitCode> {
         if r == init {
             break st;
         }
-        match read_signal(&mut sfd) {
-            Some(libc::SIGCHLD) | None => {}
-            // SAFETY: sending a signal to our child.
-            Some(sig) => unsafe {
-                libc::kill(init, sig);
+        let mut fds = [
+            libc::pollfd {
+                fd: sfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
             },
+            libc::pollfd {
+                fd: started_r.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let n = if spinner.is_some() { 2 } else { 1 };
+        // SAFETY: poll on `n` initialized pollfds.
+        if unsafe { libc::poll(fds.as_mut_ptr(), n, -1) } < 0 {
+            continue; // EINTR
+        }
+        if fds[1].revents != 0 {
+            // The init says the application runs (or is gone): no more spinner.
+            let mut b = [0u8; 1];
+            let _ = started_r.read(&mut b);
+            if let Some(p) = spinner.take() {
+                p.finish();
+            }
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            match read_signal(&mut sfd) {
+                Some(libc::SIGCHLD) | None => {}
+                // SAFETY: sending a signal to our child.
+                Some(sig) => unsafe {
+                    libc::kill(init, sig);
+                },
+            }
         }
     };
+    if let Some(p) = spinner.take() {
+        p.finish();
+    }
     let mut msg = String::new();
     let mut status_r = status_r;
     let _ = status_r.read_to_string(&mut msg);
@@ -251,6 +289,7 @@ fn init_main(
     listener: UnixListener,
     mut status: std::fs::File,
     mut sync: std::fs::File,
+    started: std::fs::File,
 ) -> i32 {
     // If the supervisor dies (even by SIGKILL), the init dies, and with it, as PID 1,
     // every process of the namespace. Set before the handshake, so that a supervisor
@@ -265,7 +304,7 @@ fn init_main(
     let report = |status: &mut std::fs::File, msg: &str| {
         let _ = status.write_all(msg.as_bytes());
     };
-    match init_inner(dir, mode, &listener) {
+    match init_inner(dir, mode, &listener, started) {
         Ok(msg) => {
             report(&mut status, &msg);
             0
@@ -278,7 +317,12 @@ fn init_main(
     }
 }
 
-fn init_inner(dir: &Path, mode: Mode, listener: &UnixListener) -> Result<String> {
+fn init_inner(
+    dir: &Path,
+    mode: Mode,
+    listener: &UnixListener,
+    mut started: std::fs::File,
+) -> Result<String> {
     // SAFETY: setsid and mount with valid C strings.
     unsafe {
         // Out of the terminal's foreground group: terminal signals reach the supervisor,
@@ -322,6 +366,8 @@ fn init_inner(dir: &Path, mode: Mode, listener: &UnixListener) -> Result<String>
             pid
         }
     };
+    let _ = started.write_all(b"r");
+    drop(started);
     listener.set_nonblocking(true).context("control socket")?;
     let mut killed_by_checkpoint = false;
     loop {
