@@ -4,6 +4,7 @@
 #
 #   ./scripts/bench.sh                 # 1 GiB and 4 GiB processes, 512 threads
 #   SIZES="256" THREADS="64" ./scripts/bench.sh   # quicker
+#   COMPRESS="" ...                    # skip the compressed checkpoints (zstd, lz4)
 #
 # Images go to tmpfs (/dev/shm) so that the disk is not what is measured.
 set -euo pipefail
@@ -11,6 +12,7 @@ cd "$(dirname "$0")/.."
 SIZES=${SIZES:-"1024 4096"}
 KINDS=${KINDS:-"random text zero"}
 THREADS=${THREADS:-"512"}
+COMPRESS=${COMPRESS:-"zstd lz4"}
 
 B=$(mktemp -d /dev/shm/stasis-bench.XXXXXX)
 trap 'pkill -f "$B" 2>/dev/null; rm -rf "$B"' EXIT
@@ -57,6 +59,14 @@ for size in $SIZES; do
         t2=$(now); "$S" checkpoint --incremental --keep 2 "$D" 2>"$W/ck3"; t3=$(now)
         inc=$(du -s --block-size=1 "$(ls -d "$D"/checkpoint-* | tail -n 1)" | awk '{print $1}')
         rm -rf "$D"/checkpoint-*
+        # Compressed full checkpoints of the same process.
+        comp=""
+        for c in $COMPRESS; do
+            t4=$(now); "$S" checkpoint --compress "$c" --keep 1 "$D" 2>"$W/ck-$c"; t5=$(now)
+            csz=$(du -s --block-size=1 "$D"/checkpoint-* | awk '{s+=$1} END {print s}')
+            comp="$comp | $c $(ms "$t4" "$t5") ms = $(ratio "$bytes" "$(awk -v a="$t4" -v b="$t5" 'BEGIN{print b-a}')") x memcpy, $(awk -v b="$csz" 'BEGIN { printf "%.1f", b / 1048576 }') MiB"
+            rm -rf "$D"/checkpoint-*
+        done
         "$S" checkpoint --kill --keep 1 "$D" 2>"$W/ck2"; wait "$run" || true
         "$S" -v restart "$D" >"$W/out2" 2>"$W/rs" &
         rs=$!
@@ -70,6 +80,7 @@ for size in $SIZES; do
         printf "%-6s MiB %-6s incremental after 5%% changed: %7.1f ms (%.0f%% of full) | image %6.1f MiB (%.1f%% of full)\n" \
             "$size" "$kind" "$(ms "$t2" "$t3")" "$(awk -v a="$t0" -v b="$t1" -v c="$t2" -v d="$t3" 'BEGIN { printf "%.0f", 100 * (d - c) / (b - a) }')" \
             "$(awk -v b="$inc" 'BEGIN { printf "%.1f", b / 1048576 }')" "$(awk -v a="$inc" -v b="$img" 'BEGIN { printf "%.1f", 100 * a / b }')"
+        [ -z "$comp" ] || printf "%-6s MiB %-6s compressed%s\n" "$size" "$kind" "$comp"
         rm -rf "$D" "$W"
     done
 done

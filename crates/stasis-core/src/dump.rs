@@ -421,11 +421,13 @@ fn dump_frozen(
 ) -> Result<Part> {
     let snapshot_ok = tracking.snapshot_ok;
     let pid = proc.pid;
+    let mut steps = Steps::new();
     let mut layout = memory::read_layout(proc)?;
     let insn = find_syscall_insn(pid, &memory::exec_ranges(&layout))?;
     frozen.block_signals()?;
     let inj = Injector::new(pid, insn)?;
     let scratch = Scratch::map(&inj, pid)?;
+    steps.done("layout");
     let sigs = signals::dump(&inj, pid, &scratch)?;
     let ts = task::dump(proc, &inj, &scratch)?;
     let mut threads = Vec::with_capacity(frozen.threads.len());
@@ -433,6 +435,7 @@ fn dump_frozen(
         let tinj = Injector::new(ft.tid, insn)?;
         threads.push(thread::dump(&tinj, proc, ft, &scratch)?);
     }
+    steps.done("threads and task");
     // With tracking armed at the previous checkpoint, pages not written since are
     // not even read; then (re)arm it for the next one.
     let written = match (tracking.incremental, tracking.prev_seq) {
@@ -440,10 +443,13 @@ fn dump_frozen(
         _ => None,
     };
     let tracked = written.is_some();
+    steps.done("dirty scan");
     let plan = memory::plan(proc, &layout, written.as_deref())?;
+    steps.done("pagemap");
     if tracking.incremental {
         crate::dirty::arm(proc, &layout, &inj, tracking.seq);
     }
+    steps.done("dirty arm");
     memory::save_shared_files(pid, &mut layout, writer)?;
     shm.save_mappings(proc, &layout, &inj, &scratch, writer)?;
     // With a snapshot, what a fork would not see is copied now into a buffer, the rest
@@ -460,6 +466,7 @@ fn dump_frozen(
         |_| true,
         &mut hidden_buf,
     )?;
+    steps.done("shared and hidden memory");
     let t_snap = Instant::now();
     let snapshot = if snapshot_ok {
         Some(Snapshot::take(&inj, pid, &scratch)?)
@@ -467,8 +474,11 @@ fn dump_frozen(
         None
     };
     let snapshot_us = t_snap.elapsed().as_micros() as u64;
+    steps.done("snapshot");
     scratch.unmap(&inj)?;
     let fds = registry.dump_fds(proc, stdio, shm, writer)?;
+    steps.done("fds");
+    tracing::debug!("process {pid} frozen: {}", steps.report());
     Ok(Part {
         process: Process {
             pid,
@@ -613,6 +623,35 @@ impl Part {
         self.process.hashes_file = Some(name);
         self.process.mappings = mappings;
         Ok((self.process, bytes, one_copy))
+    }
+}
+
+/// Time taken by each step of a dump, for the debug log.
+struct Steps {
+    last: Instant,
+    steps: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl Steps {
+    fn new() -> Steps {
+        Steps {
+            last: Instant::now(),
+            steps: Vec::new(),
+        }
+    }
+
+    fn done(&mut self, what: &'static str) {
+        let now = Instant::now();
+        self.steps.push((what, now - self.last));
+        self.last = now;
+    }
+
+    fn report(&self) -> String {
+        self.steps
+            .iter()
+            .map(|(w, d)| format!("{w} {:.1} ms", d.as_secs_f64() * 1e3))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
