@@ -30,14 +30,22 @@ struct Tracker {
 
 static TRACKERS: Mutex<BTreeMap<i32, Tracker>> = Mutex::new(BTreeMap::new());
 
+/// `armed_at` of a tracker whose protection belongs to no checkpoint.
+const NOT_ARMED: u64 = u64::MAX;
+
 /// Written page ranges of `vmas` since checkpoint `prev_seq`, or None when the process
-/// was not being tracked since then (everything must be read).
+/// was not being tracked since then (everything must be read). The written pages are
+/// write-protected again as they are found: [`arm`] then only has mappings that are
+/// new to protect. Until `arm` says which checkpoint the protection belongs to, the
+/// tracker is marked as belonging to none (a checkpoint failing in between must not
+/// leave pages looking unwritten since `prev_seq`).
 pub fn written(proc: &ProcDir, vmas: &[Vma], prev_seq: u64) -> Option<Vec<(u64, u64)>> {
-    let trackers = TRACKERS.lock().ok()?;
-    let t = trackers.get(&proc.pid)?;
+    let mut trackers = TRACKERS.lock().ok()?;
+    let t = trackers.get_mut(&proc.pid)?;
     if t.armed_at != prev_seq {
         return None;
     }
+    t.armed_at = NOT_ARMED;
     let pagemap = std::fs::File::open(proc.file("pagemap")).ok()?;
     let mut out = Vec::new();
     for v in vmas {
@@ -49,7 +57,7 @@ pub fn written(proc: &ProcDir, vmas: &[Vma], prev_seq: u64) -> Option<Vec<(u64, 
             out.push((v.map.start, v.map.end));
             continue;
         }
-        match dirty::written_ranges(pagemap.as_raw_fd(), v.map.start, v.map.end) {
+        match dirty::written_ranges(pagemap.as_raw_fd(), v.map.start, v.map.end, true) {
             Ok(r) => out.extend(r),
             Err(e) => {
                 tracing::debug!(
@@ -66,9 +74,10 @@ pub fn written(proc: &ProcDir, vmas: &[Vma], prev_seq: u64) -> Option<Vec<(u64, 
 
 /// Arms write-protection of the process's memory for the next incremental
 /// checkpoint. Best effort: where the kernel does not allow it, the next
-/// incremental checkpoint compares content instead.
-pub fn arm(proc: &ProcDir, vmas: &[Vma], inj: &Injector, seq: u64) {
-    if let Err(e) = try_arm(proc, vmas, inj, seq) {
+/// incremental checkpoint compares content instead. `rescanned`: [`written`] has
+/// just write-protected again every page written in the tracked mappings.
+pub fn arm(proc: &ProcDir, vmas: &[Vma], inj: &Injector, seq: u64, rescanned: bool) {
+    if let Err(e) = try_arm(proc, vmas, inj, seq, rescanned) {
         tracing::debug!("process {}: no dirty-page tracking: {e}", proc.pid);
         if let Ok(mut t) = TRACKERS.lock() {
             t.remove(&proc.pid);
@@ -76,7 +85,7 @@ pub fn arm(proc: &ProcDir, vmas: &[Vma], inj: &Injector, seq: u64) {
     }
 }
 
-fn try_arm(proc: &ProcDir, vmas: &[Vma], inj: &Injector, seq: u64) -> Result<()> {
+fn try_arm(proc: &ProcDir, vmas: &[Vma], inj: &Injector, seq: u64, rescanned: bool) -> Result<()> {
     let pid = proc.pid;
     let mut trackers = TRACKERS.lock().map_err(|_| crate::Error::Gone { pid })?;
     if let std::collections::btree_map::Entry::Vacant(slot) = trackers.entry(pid) {
@@ -98,6 +107,9 @@ fn try_arm(proc: &ProcDir, vmas: &[Vma], inj: &Injector, seq: u64) -> Result<()>
     }
     let t = trackers.get_mut(&pid).ok_or(crate::Error::Gone { pid })?;
     for v in vmas.iter().filter(|v| v.saves_pages()) {
+        if rescanned && v.flags().contains(VmFlags::UW) {
+            continue; // protected again by the scan
+        }
         let (s, len) = (v.map.start, v.map.len());
         // Register (again: harmless for the same userfaultfd), then protect it all.
         if dirty::uffd_register_wp(t.uffd.as_raw_fd(), s, len).is_ok() {

@@ -88,7 +88,6 @@ fn checkpoint_locked(
     pid: i32,
     opts: &DumpOptions,
 ) -> Result<DumpReport> {
-    let t0 = Instant::now();
     let root = ProcDir::new(pid);
     if !root.path.exists() {
         return Err(Error::Attach {
@@ -114,6 +113,14 @@ fn checkpoint_locked(
                 .filter(|&c| c != pid),
         );
     }
+    // A process that will be snapshotted has its mapping flags read before it is
+    // frozen (smaps is slow; see memory::read_flags), and checked on its snapshot.
+    let early_flags = if parent_is_us && !opts.kill && roots.len() == 1 {
+        memory::read_flags(&root).ok()
+    } else {
+        None
+    };
+    let t0 = Instant::now();
     let (mut tree, zombies) = freeze_tree(&roots, parent_is_us.then_some(me))?;
     let freeze_us = t0.elapsed().as_micros() as u64;
 
@@ -131,6 +138,7 @@ fn checkpoint_locked(
     let mut parts = Vec::with_capacity(tree.len());
     let tracking = Tracking {
         snapshot_ok,
+        early_flags: early_flags.filter(|_| snapshot_ok),
         incremental: opts.incremental,
         prev_seq: store::list_checkpoints(dir)?.last().map(|c| c.0),
         seq: writer.sequence(),
@@ -175,11 +183,16 @@ fn checkpoint_locked(
     let mut processes = Vec::with_capacity(parts.len());
     let mut pages_bytes = 0;
     let seq = tracking.seq;
+    let t_prev = Instant::now();
     let prev = if opts.incremental {
         previous_pages(dir, tracking.prev_seq)?
     } else {
         HashMap::new()
     };
+    tracing::debug!(
+        "previous checkpoint's page hashes read in {:?}",
+        t_prev.elapsed()
+    );
     let snapshot_us = parts.iter().map(|p| p.snapshot_us).sum();
     let mut one_copy = false;
     for part in parts {
@@ -387,6 +400,10 @@ struct Part {
     process: Process,
     layout: Vec<memory::Vma>,
     plan: memory::Plan,
+    /// The plan (but for `hidden_plan`) is made from the snapshot's pagemap.
+    plan_later: bool,
+    /// Pages written since the previous checkpoint (dirty tracking), if known.
+    written: Option<Vec<(u64, u64)>>,
     hidden_plan: memory::Plan,
     hidden_index: Vec<usize>,
     hidden_buf: Vec<u8>,
@@ -395,6 +412,8 @@ struct Part {
     snapshot_us: u64,
     /// The plan knows which pages were written since the previous checkpoint.
     tracked: bool,
+    /// The layout's flags were read before the freeze (to be checked on the snapshot).
+    early_flags: bool,
     /// A `syscall` instruction of the process (and of its snapshot).
     insn: u64,
 }
@@ -403,6 +422,8 @@ struct Part {
 struct Tracking {
     /// Take a copy-on-write snapshot (single process under stasis init, no --kill).
     snapshot_ok: bool,
+    /// The mapping flags of the (single) process, read before it was frozen.
+    early_flags: Option<memory::FlagCache>,
     incremental: bool,
     /// The newest checkpoint before this one.
     prev_seq: Option<u64>,
@@ -422,7 +443,7 @@ fn dump_frozen(
     let snapshot_ok = tracking.snapshot_ok;
     let pid = proc.pid;
     let mut steps = Steps::new();
-    let mut layout = memory::read_layout(proc)?;
+    let mut layout = memory::read_layout(proc, tracking.early_flags.as_ref())?;
     let insn = find_syscall_insn(pid, &memory::exec_ranges(&layout))?;
     frozen.block_signals()?;
     let inj = Injector::new(pid, insn)?;
@@ -444,20 +465,23 @@ fn dump_frozen(
     };
     let tracked = written.is_some();
     steps.done("dirty scan");
-    let plan = memory::plan(proc, &layout, written.as_deref())?;
+    // With a snapshot, only what a fork does not copy is planned and copied now, into
+    // a buffer; the rest is planned from the snapshot's own pagemap once the process
+    // runs again (see Part::write_pages).
+    let (plan, hidden_plan) = if snapshot_ok {
+        let hidden = memory::plan(proc, &layout, written.as_deref(), memory::invisible_to_fork)?;
+        (None, hidden)
+    } else {
+        let all = memory::plan(proc, &layout, written.as_deref(), |_| true)?;
+        (Some(all), memory::Plan::default())
+    };
     steps.done("pagemap");
     if tracking.incremental {
-        crate::dirty::arm(proc, &layout, &inj, tracking.seq);
+        crate::dirty::arm(proc, &layout, &inj, tracking.seq, tracked);
     }
     steps.done("dirty arm");
     memory::save_shared_files(pid, &mut layout, writer)?;
     shm.save_mappings(proc, &layout, &inj, &scratch, writer)?;
-    // With a snapshot, what a fork would not see is copied now into a buffer, the rest
-    // later from the snapshot. (The page file is only created once the process runs
-    // again: reserving its space takes time.)
-    let (hidden_plan, hidden_index) = memory::subplan(&plan, |r| {
-        snapshot_ok && !r.clean && memory::invisible_to_fork(&layout[r.vma])
-    });
     let mut hidden_buf = vec![0u8; hidden_plan.bytes as usize];
     memory::copy_pages(
         pid,
@@ -501,13 +525,16 @@ fn dump_frozen(
             threads,
         },
         layout,
-        plan,
+        plan: plan.unwrap_or_default(),
+        plan_later: snapshot_ok,
+        written,
         hidden_plan,
-        hidden_index,
+        hidden_index: Vec::new(),
         hidden_buf,
         snapshot,
         snapshot_us,
         tracked,
+        early_flags: tracking.early_flags.is_some(),
         insn,
     })
 }
@@ -523,6 +550,21 @@ impl Part {
         compress: Compression,
     ) -> Result<(Process, u64, bool)> {
         let pid = self.process.pid;
+        let mut steps = Steps::new();
+        if let Some(snap) = self.snapshot.as_ref().filter(|_| self.plan_later) {
+            let mut plan = memory::plan(
+                &ProcDir::new(snap.pid),
+                &self.layout,
+                self.written.as_deref(),
+                |v| !memory::invisible_to_fork(v),
+            )
+            .map_err(|e| name_process(e, pid))?;
+            self.hidden_index = memory::append(&mut plan, &self.hidden_plan);
+            self.plan = plan;
+        } else if self.plan_later {
+            return Err(Error::Gone { pid });
+        }
+        steps.done("pagemap");
         let part_size = memory::part_size(self.plan.bytes);
         let mut files = PageFiles::new(&format!("pages-{pid}"), self.plan.bytes, part_size);
         files.compression = compress;
@@ -538,11 +580,15 @@ impl Part {
         }
         let mut prefetched = std::collections::HashMap::new();
         for (sub_i, r) in self.hidden_plan.runs.iter().enumerate() {
-            let len = (r.npages * stasis_image::PAGE_SIZE) as usize;
-            prefetched.insert(
-                self.hidden_index[sub_i],
-                &self.hidden_buf[r.offset as usize..r.offset as usize + len],
-            );
+            let (at, len) = (r.offset as usize, r.file_len() as usize);
+            if let (Some(&i), Some(data)) = (
+                self.hidden_index.get(sub_i),
+                self.hidden_buf.get(at..at + len),
+            ) {
+                if !r.clean {
+                    prefetched.insert(i, data);
+                }
+            }
         }
         // From a snapshot, the snapshot itself writes what it can (one copy); the
         // rest (unreadable areas, what a fork does not see) is copied from outside.
@@ -550,7 +596,16 @@ impl Part {
         // found by comparing hashes (we must read them all, and store few).
         let mut in_file = vec![false; self.plan.runs.len()];
         let mut one_copy = false;
-        let t0 = Instant::now();
+        // The flags read before the freeze are checked on the snapshot meanwhile
+        // (smaps is slow); the snapshot lives until the check is joined below.
+        let flag_check = self
+            .snapshot
+            .as_ref()
+            .filter(|_| self.early_flags)
+            .map(|snap| {
+                let (snap, layout) = (ProcDir::new(snap.pid), self.layout.clone());
+                std::thread::spawn(move || memory::check_flags(&snap, &layout))
+            });
         let snapshot_writes = compress == Compression::None && (prev.is_none() || self.tracked);
         if let Some(snap) = self.snapshot.as_mut().filter(|_| snapshot_writes) {
             let part_files = PartFiles {
@@ -570,7 +625,7 @@ impl Part {
                 one_copy = true;
             }
         }
-        let t1 = Instant::now();
+        steps.done("written by the snapshot");
         let (src, how) = match &self.snapshot {
             Some(s) => (s.pid, memory::Source::Snapshot),
             None => (pid, memory::Source::Process),
@@ -594,11 +649,17 @@ impl Part {
             &|i| in_file.get(i).copied().unwrap_or(false),
         )
         .map_err(|e| name_process(e, pid))?;
-        tracing::debug!(
-            "process {pid}: pages written by the snapshot in {:?}, checked and completed in {:?}",
-            t1 - t0,
-            t1.elapsed()
-        );
+        steps.done("checked and completed");
+        if let Some(check) = flag_check {
+            let r = check.join().unwrap_or_else(|_| {
+                Err(Error::Restore {
+                    pid,
+                    msg: "the mapping flag check panicked".into(),
+                })
+            });
+            r.map_err(|e| name_process(e, pid))?;
+        }
+        steps.done("flags checked");
         for (part, (sums, _)) in plain.into_iter().zip(&per_part) {
             writer.finish_positioned(part, sums.clone())?;
         }
@@ -622,6 +683,8 @@ impl Part {
         writer.finish_data(w)?;
         self.process.hashes_file = Some(name);
         self.process.mappings = mappings;
+        steps.done("hashes");
+        tracing::debug!("process {pid} pages: {}", steps.report());
         Ok((self.process, bytes, one_copy))
     }
 }
@@ -672,6 +735,7 @@ fn name_process(e: Error, pid: i32) -> Error {
             context,
             source,
         },
+        Error::Transient { what, .. } => Error::Transient { pid, what },
         e => e,
     }
 }

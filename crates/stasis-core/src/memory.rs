@@ -47,14 +47,104 @@ fn prot_of(p: MMPermissions) -> u32 {
     prot
 }
 
-/// Reads the memory layout of a process and refuses what cannot be saved yet.
-pub fn read_layout(proc: &ProcDir) -> Result<Vec<Vma>> {
+/// The VmFlags of each mapping (by start and end), from /proc/PID/smaps.
+pub type FlagCache = HashMap<(u64, u64), VmFlags>;
+
+/// The flags that decide how a mapping is saved and restored.
+const SAVED_FLAGS: VmFlags = VmFlags::IO
+    .union(VmFlags::PF)
+    .union(VmFlags::DC)
+    .union(VmFlags::WF)
+    .union(VmFlags::DD)
+    .union(VmFlags::HG)
+    .union(VmFlags::NH)
+    .union(VmFlags::GD);
+
+/// Reads the VmFlags of every mapping. /proc/PID/smaps walks every page table to
+/// count pages (tens of milliseconds per GiB), so this is done before the process is
+/// frozen; [`read_layout`] then reads the cheap /proc/PID/maps and takes the flags
+/// from here, and [`check_flags`] checks them against the snapshot afterwards.
+pub fn read_flags(proc: &ProcDir) -> Result<FlagCache> {
     let pid = proc.pid;
     let maps = proc
         .process()?
         .smaps()
         .map_err(std::io::Error::other)
         .ctx(pid, || "reading /proc/PID/smaps".into())?;
+    Ok(maps
+        .into_iter()
+        .map(|m| (m.address, m.extension.vm_flags))
+        .collect())
+}
+
+/// Checks that the flags a layout was read with are those of the snapshot, forked
+/// while the process was frozen (a mapping changed by madvise(2) between the early
+/// read of [`read_flags`] and the freeze would be saved wrongly). A mapping the
+/// snapshot lacks must be one a fork does not copy.
+pub fn check_flags(snapshot: &ProcDir, layout: &[Vma]) -> Result<()> {
+    let mut theirs: Vec<((u64, u64), VmFlags)> = read_flags(snapshot)?.into_iter().collect();
+    theirs.sort_unstable_by_key(|t| t.0);
+    for v in layout {
+        let ours = v.flags & SAVED_FLAGS;
+        // The snapshot's mapping that holds this one: mappings of equal flags may have
+        // merged since (with the pages mapped to inject syscalls).
+        let k = theirs.partition_point(|t| t.0 .0 <= v.map.start);
+        let holder = k
+            .checked_sub(1)
+            .map(|k| theirs[k])
+            .filter(|t| v.map.end <= t.0 .1);
+        let same = match holder {
+            Some((_, f)) => f & SAVED_FLAGS == ours,
+            None => ours.contains(VmFlags::DC),
+        };
+        if !same {
+            return Err(Error::Transient {
+                pid: snapshot.pid,
+                what: format!(
+                    "mapping {:x}-{:x} changed (madvise) while the checkpoint began",
+                    v.map.start, v.map.end
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Reads the memory layout of a process and refuses what cannot be saved yet. With
+/// `cache` (see [`read_flags`]), reads the cheap /proc/PID/maps and takes the flags
+/// from the cache, unless a mapping is not there (then smaps is read after all).
+pub fn read_layout(proc: &ProcDir, cache: Option<&FlagCache>) -> Result<Vec<Vma>> {
+    let pid = proc.pid;
+    let mut maps = None;
+    if let Some(cache) = cache {
+        let cheap = proc
+            .process()?
+            .maps()
+            .map_err(std::io::Error::other)
+            .ctx(pid, || "reading /proc/PID/maps".into())?;
+        let mut all = Vec::new();
+        for mut m in cheap {
+            let Some(f) = cache.get(&m.address) else {
+                all.clear();
+                break;
+            };
+            m.extension.vm_flags = *f;
+            all.push(m);
+        }
+        if !all.is_empty() {
+            maps = Some(all);
+        }
+    }
+    let maps = match maps {
+        Some(m) => m,
+        None => proc
+            .process()?
+            .smaps()
+            .map_err(std::io::Error::other)
+            .ctx(pid, || "reading /proc/PID/smaps".into())?
+            .into_iter()
+            .collect(),
+    };
     let mut out = Vec::new();
     for m in maps {
         let (start, end) = m.address;
@@ -318,7 +408,14 @@ pub struct Plan {
 
 /// Plans which pages to save: populated anonymous pages and the copied-on-write pages
 /// of private file mappings. Never-touched pages are not even read.
-pub fn plan(proc: &ProcDir, vmas: &[Vma], written: Option<&[(u64, u64)]>) -> Result<Plan> {
+/// Only the mappings `include` accepts are planned (run indices still refer to
+/// `vmas`).
+pub fn plan(
+    proc: &ProcDir,
+    vmas: &[Vma],
+    written: Option<&[(u64, u64)]>,
+    include: impl Fn(&Vma) -> bool,
+) -> Result<Plan> {
     let pid = proc.pid;
     let pagemap = std::fs::File::open(proc.file("pagemap"))
         .ctx(pid, || "opening /proc/PID/pagemap".into())?;
@@ -328,7 +425,7 @@ pub fn plan(proc: &ProcDir, vmas: &[Vma], written: Option<&[(u64, u64)]>) -> Res
     // write-protection of a never-populated page, a migration entry): nothing to save.
     let swap = if has_swap() { PM_SWAP } else { 0 };
     for (vi, v) in vmas.iter().enumerate() {
-        if !saves_pages(v) {
+        if !saves_pages(v) || !include(v) {
             continue;
         }
         let map = &v.map;
@@ -392,22 +489,19 @@ pub fn plan(proc: &ProcDir, vmas: &[Vma], written: Option<&[(u64, u64)]>) -> Res
     Ok(plan)
 }
 
-/// The runs selected by `want`, laid out compactly (for a temporary buffer), with
-/// the index of each in `plan`.
-pub fn subplan(plan: &Plan, want: impl Fn(&PlannedRun) -> bool) -> (Plan, Vec<usize>) {
-    let mut sub = Plan::default();
-    let mut index = Vec::new();
-    for (i, r) in plan.runs.iter().enumerate() {
-        if want(r) {
-            sub.runs.push(PlannedRun {
-                offset: sub.bytes,
-                ..*r
-            });
-            sub.bytes += r.npages * PAGE_SIZE;
-            index.push(i);
-        }
+/// Appends the runs of `other` to `plan`, after its pages in the page file; returns
+/// their indices in `plan`.
+pub fn append(plan: &mut Plan, other: &Plan) -> Vec<usize> {
+    let mut index = Vec::with_capacity(other.runs.len());
+    for r in &other.runs {
+        index.push(plan.runs.len());
+        plan.runs.push(PlannedRun {
+            offset: plan.bytes + r.offset,
+            ..*r
+        });
     }
-    (sub, index)
+    plan.bytes += other.bytes;
+    index
 }
 
 /// What became of one saved page.
@@ -458,10 +552,10 @@ pub fn copy_pages(
     let mut base = 0u64;
     for (i, r) in plan.runs.iter().enumerate() {
         let (_, tail) = std::mem::take(&mut rest).split_at_mut((r.offset - base) as usize);
-        let (mine, tail) = tail.split_at_mut((r.npages * PAGE_SIZE) as usize);
+        let (mine, tail) = tail.split_at_mut(r.file_len() as usize);
         rest = tail;
-        base = r.offset + r.npages * PAGE_SIZE;
-        if want(r) {
+        base = r.offset + r.file_len();
+        if want(r) && !r.clean {
             pieces.push((i, r, mine));
         }
     }

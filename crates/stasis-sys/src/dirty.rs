@@ -19,6 +19,7 @@ const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 pub const UFFD_USER_MODE_ONLY: u64 = 1;
 
 const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
+const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 const PAGE_IS_WRITTEN: u64 = 1 << 1;
 
@@ -70,8 +71,16 @@ pub fn uffd_write_protect(uffd: i32, start: u64, len: u64) -> Result<()> {
 }
 
 /// PAGEMAP_SCAN: the page ranges of `[start, end)` written since they were
-/// write-protected. `pagemap` is an open `/proc/PID/pagemap`.
-pub fn written_ranges(pagemap: i32, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
+/// write-protected. `pagemap` is an open `/proc/PID/pagemap`. With `reprotect`, the
+/// written pages are write-protected again in the same walk (PM_SCAN_WP_MATCHING),
+/// which re-arms tracking at the cost of the written pages only.
+pub fn written_ranges(
+    pagemap: i32,
+    start: u64,
+    end: u64,
+    reprotect: bool,
+) -> Result<Vec<(u64, u64)>> {
+    let flags = PM_SCAN_CHECK_WPASYNC | if reprotect { PM_SCAN_WP_MATCHING } else { 0 };
     let mut out = Vec::new();
     let mut at = start;
     let mut regions = vec![[0u64; 3]; 512];
@@ -79,7 +88,7 @@ pub fn written_ranges(pagemap: i32, start: u64, end: u64) -> Result<Vec<(u64, u6
         // struct pm_scan_arg
         let mut arg = [
             96u64,
-            PM_SCAN_CHECK_WPASYNC,
+            flags,
             at,
             end,
             0, // walk_end (out)

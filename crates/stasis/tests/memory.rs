@@ -227,3 +227,28 @@ fn snapshot_that_cannot_open_the_image_is_copied_from_outside() {
     assert_eq!(t["snapshot"], true, "timings: {t}");
     assert_eq!(t["one_copy"], false, "timings: {t}");
 }
+
+/// Memory a fork does not copy (MADV_DONTFORK: absent from a child;
+/// MADV_WIPEONFORK: zero in a child), which the copy-on-write snapshot therefore
+/// cannot supply: copied while the process is frozen. A checkpoint that leaves
+/// the process running, then SIGKILL and restart, and then a checkpoint --kill
+/// cycle, give back every byte of both areas and of a plain one, with the
+/// advice still in force.
+#[test]
+fn dontfork_and_wipeonfork_memory_survive_snapshots() {
+    let w = Work::new("forkadvice");
+    let mut s = Session::start(&w, &[prog("forkadvice")]);
+    w.checkpoint_ok(false, s.cur());
+    let t = w.inspect_json()["timings"].clone();
+    assert_eq!(t["snapshot"], true, "timings: {t}");
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(s.cur().pid(), libc::SIGKILL) };
+    s.cur().wait(T_CMD);
+    if let Err(p) = wait_no_procs_in(&w.dir, Duration::from_secs(10)) {
+        panic!("processes survive `stasis run`:\n{}", describe_procs(&p));
+    }
+    s.restart(Probe::Ping);
+    s.cycle(Probe::Ping);
+    let ok = s.finish();
+    assert_eq!(ok, "OK areas=3");
+}
