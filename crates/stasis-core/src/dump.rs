@@ -671,7 +671,10 @@ impl Part {
         }
         drop(prefetched);
         self.snapshot = None;
-        let (mappings, bytes, hashes) = memory::finish_pages(&self.layout, &self.plan, &zeros, seq);
+        let (mappings, bytes, mut hashes) =
+            memory::finish_pages(&self.layout, &self.plan, &zeros, seq);
+        // In address order, as the next incremental checkpoint looks them up.
+        hashes.sort_unstable_by_key(|h| h.addr);
         self.process.pages = files;
         let name = format!("hashes-{pid}.bin");
         let mut buf = Vec::with_capacity(hashes.len() * stasis_image::PageHash::SIZE);
@@ -758,11 +761,10 @@ fn previous_pages(dir: &Path, prev_seq: Option<u64>) -> Result<HashMap<i32, memo
         let Ok(raw) = std::fs::read(path.join(name)) else {
             continue;
         };
-        let map: memory::PrevPages = stasis_image::PageHash::decode_all(&raw)
-            .into_iter()
-            .map(|h| (h.addr, h))
-            .collect();
-        out.insert(p.pid, map);
+        out.insert(
+            p.pid,
+            memory::PrevPages::new(stasis_image::PageHash::decode_all(&raw)),
+        );
     }
     Ok(out)
 }

@@ -520,7 +520,27 @@ pub type ZeroMap = Vec<(usize, u64, Vec<PageState>)>;
 
 /// Where the pages of the previous checkpoint live, by address (for incremental
 /// checkpoints).
-pub type PrevPages = HashMap<u64, stasis_image::PageHash>;
+/// Sorted by address: built by decoding the previous hashes file, without hashing
+/// a million keys.
+pub struct PrevPages(Vec<stasis_image::PageHash>);
+
+impl PrevPages {
+    /// From the records of a hashes file (in any order).
+    pub fn new(mut pages: Vec<stasis_image::PageHash>) -> PrevPages {
+        if !pages.is_sorted_by_key(|p| p.addr) {
+            pages.sort_unstable_by_key(|p| p.addr);
+        }
+        PrevPages(pages)
+    }
+
+    /// The record of the page at `addr`.
+    pub fn get(&self, addr: &u64) -> Option<&stasis_image::PageHash> {
+        self.0
+            .binary_search_by_key(addr, |p| p.addr)
+            .ok()
+            .map(|i| &self.0[i])
+    }
+}
 
 type Piece<'a> = (usize, &'a PlannedRun, &'a mut [u8]);
 
@@ -716,7 +736,6 @@ impl RangeJob<'_> {
             source: e,
         };
         let mut buf = vec![0u8; (BATCH_PAGES * PAGE_SIZE) as usize];
-        let mut map: Option<memmap2::Mmap> = None;
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
         let mut filled = 0u64;
         let (mut zeros, mut sums, mut frames) = (Vec::new(), Vec::new(), Vec::new());
@@ -738,27 +757,17 @@ impl RangeJob<'_> {
                 let len = (run_end.min(hi) - off).min(buf.len() as u64);
                 let addr = r.addr + (off - r.offset);
                 let data: &[u8] = if in_file {
-                    // Written by the snapshot: looked at where it lies, in the page cache.
-                    if map.is_none() {
-                        let PartOut::Plain(f) = &self.out else {
-                            unreachable!("in_file implies a plain part")
-                        };
-                        // SAFETY: read-only mapping of our own part file, whose writers
-                        // (the snapshot's threads) are done; only the ranges they wrote
-                        // are read (a hole read through a tmpfs mapping would allocate).
-                        let m = unsafe {
-                            memmap2::MmapOptions::new()
-                                .len((hi - lo) as usize)
-                                .map(f.file())
-                        }
-                        .map_err(|e| io_err("mapping", e))?;
-                        map = Some(m);
-                    }
-                    let m = map.as_deref().unwrap_or(&[]);
-                    m.get((off - lo) as usize..(off - lo + len) as usize)
-                        .ok_or_else(|| {
-                            io_err("reading back", std::io::ErrorKind::UnexpectedEof.into())
-                        })?
+                    // Written by the snapshot: read back from the page cache. (pread,
+                    // not a mapping: faults of every worker in our one address space
+                    // contend, and a hole read through a tmpfs mapping is allocated.)
+                    let PartOut::Plain(f) = &self.out else {
+                        unreachable!("in_file implies a plain part")
+                    };
+                    let data = &mut buf[..len as usize];
+                    f.file()
+                        .read_exact_at(data, off - lo)
+                        .map_err(|e| io_err("reading back", e))?;
+                    data
                 } else {
                     let data = &mut buf[..len as usize];
                     match self.prefetched.get(&i) {

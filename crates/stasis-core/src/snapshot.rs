@@ -121,7 +121,9 @@ impl Snapshot {
         if jobs.is_empty() {
             return Ok(Some(chosen));
         }
-        let threads = stasis_image::store::workers().min(jobs.len());
+        let threads = stasis_image::store::workers()
+            .min(jobs.len())
+            .min(parts.files.len());
         let t0 = std::time::Instant::now();
         let Some((fds, area)) = self.prepare(insn, parts, threads)? else {
             return Ok(None);
@@ -234,6 +236,7 @@ impl Snapshot {
     }
 
     /// Runs the jobs on the writer threads, each taking the next job as it finishes.
+    /// A part has one writer at a time: writers of one file serialize on its lock.
     fn run_jobs(
         &self,
         jobs: Vec<Job>,
@@ -243,8 +246,17 @@ impl Snapshot {
         parts: &PartFiles,
     ) -> Result<()> {
         let pid = self.pid;
-        let mut queue: std::collections::VecDeque<Job> = jobs.into();
+        let mut queues: Vec<std::collections::VecDeque<Job>> =
+            (0..parts.files.len()).map(|_| Default::default()).collect();
+        for j in jobs {
+            if let Some(q) = queues.get_mut(j.part) {
+                q.push_back(j);
+            }
+        }
+        let mut writing = vec![false; queues.len()];
         let mut busy: Vec<Option<Job>> = (0..writers.len()).map(|_| None).collect();
+        // Where the search for a part to write starts, so that parts are spread.
+        let mut next_part = 0usize;
         loop {
             let mut progressed = false;
             for (w, slot) in busy.iter_mut().enumerate() {
@@ -270,14 +282,21 @@ impl Snapshot {
                         });
                     }
                     job.advance(r as u64);
-                    let rest = slot.take().filter(|j| !j.iov.is_empty());
-                    // After a short write, the rest goes again.
-                    if let Some(j) = rest {
-                        queue.push_front(j);
+                    if let Some(j) = slot.take() {
+                        writing[j.part] = false;
+                        // After a short write, the rest goes again.
+                        if !j.iov.is_empty() {
+                            queues[j.part].push_front(j);
+                        }
                     }
                 }
                 if slot.is_none() {
-                    if let Some(job) = queue.pop_front() {
+                    let n = queues.len();
+                    let pick = (0..n)
+                        .map(|k| (next_part + k) % n)
+                        .find(|&k| !writing[k] && !queues[k].is_empty());
+                    if let Some(job) = pick.and_then(|k| queues[k].pop_front()) {
+                        next_part = (job.part + 1) % n;
                         let iov_at = area + w as u64 * IOV_AREA;
                         let mut buf = Vec::with_capacity(job.iov.len() * 16);
                         for (a, l) in &job.iov {
@@ -290,12 +309,13 @@ impl Snapshot {
                             libc::SYS_pwritev,
                             &[fds[job.part], iov_at, job.iov.len() as u64, job.at, 0],
                         )?;
+                        writing[job.part] = true;
                         *slot = Some(job);
                         progressed = true;
                     }
                 }
             }
-            if busy.iter().all(Option::is_none) && queue.is_empty() {
+            if busy.iter().all(Option::is_none) && queues.iter().all(|q| q.is_empty()) {
                 return Ok(());
             }
             if !progressed {
