@@ -194,11 +194,13 @@ fn checkpoint_locked(
         t_prev.elapsed()
     );
     let snapshot_us = parts.iter().map(|p| p.snapshot_us).sum();
+    let mut dead_snapshots = Vec::new();
     let mut one_copy = false;
     for part in parts {
         let prev_pages = prev.get(&part.process.pid);
-        let (p, bytes, by_snapshot) =
+        let (p, bytes, by_snapshot, snapshot) =
             part.write_pages(&mut writer, prev_pages, seq, opts.compress)?;
+        dead_snapshots.extend(snapshot);
         pages_bytes += bytes;
         one_copy |= by_snapshot;
         processes.push(p);
@@ -275,6 +277,11 @@ fn checkpoint_locked(
     meta.timings.sync_us = t2.elapsed().as_micros() as u64;
     let sequence = meta.sequence;
     let path = writer.commit(&meta)?;
+    if !dead_snapshots.is_empty() {
+        // Reaped aside: a large address space takes a while to tear down, and the
+        // checkpoint is complete.
+        std::thread::spawn(move || drop(dead_snapshots));
+    }
     if opts.kill {
         // Children first. The tracer that is also the root's parent (stasis init)
         // reaps the root in its own loop.
@@ -548,7 +555,7 @@ impl Part {
         prev: Option<&memory::PrevPages>,
         seq: u64,
         compress: Compression,
-    ) -> Result<(Process, u64, bool)> {
+    ) -> Result<(Process, u64, bool, Option<Snapshot>)> {
         let pid = self.process.pid;
         let mut steps = Steps::new();
         if let Some(snap) = self.snapshot.as_ref().filter(|_| self.plan_later) {
@@ -669,18 +676,28 @@ impl Part {
         if compress != Compression::None {
             files.frames = per_part.into_iter().map(|(_, frames)| frames).collect();
         }
+        steps.done("parts finished");
         drop(prefetched);
-        self.snapshot = None;
+        // Its pages are saved: it dies now, and is reaped once the checkpoint is
+        // published (tearing down a large address space takes a while).
+        let snapshot = self.snapshot.take();
+        if let Some(s) = &snapshot {
+            s.kill();
+        }
+        steps.done("killed");
         let (mappings, bytes, mut hashes) =
             memory::finish_pages(&self.layout, &self.plan, &zeros, seq);
+        steps.done("finish");
         // In address order, as the next incremental checkpoint looks them up.
         hashes.sort_unstable_by_key(|h| h.addr);
+        steps.done("sort");
         self.process.pages = files;
         let name = format!("hashes-{pid}.bin");
         let mut buf = Vec::with_capacity(hashes.len() * stasis_image::PageHash::SIZE);
         for h in &hashes {
             h.encode(&mut buf);
         }
+        steps.done("encode");
         let mut w = writer.data_file(&name)?;
         w.write_all(&buf)?;
         writer.finish_data(w)?;
@@ -688,7 +705,7 @@ impl Part {
         self.process.mappings = mappings;
         steps.done("hashes");
         tracing::debug!("process {pid} pages: {}", steps.report());
-        Ok((self.process, bytes, one_copy))
+        Ok((self.process, bytes, one_copy, snapshot))
     }
 }
 

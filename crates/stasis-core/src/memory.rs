@@ -912,32 +912,22 @@ pub fn finish_pages(
     seq: u64,
 ) -> (Vec<Mapping>, u64, Vec<stasis_image::PageHash>) {
     let mut mappings: Vec<Mapping> = vmas.iter().map(|v| v.map.clone()).collect();
-    let mut state_of: Vec<Vec<PageState>> = plan
-        .runs
-        .iter()
-        .map(|r| vec![PageState::Zero; r.npages as usize])
-        .collect();
-    for (i, first, z) in states {
-        for (k, &st) in z.iter().enumerate() {
-            if let Some(slot) = state_of
-                .get_mut(*i)
-                .and_then(|v| v.get_mut(*first as usize + k))
-            {
-                *slot = st;
-            }
-        }
-    }
+    // Pieces of runs in file order (pages without a state are zero).
+    let mut order: Vec<&(usize, u64, Vec<PageState>)> = states.iter().collect();
+    order.sort_unstable_by_key(|(i, first, _)| (*i, *first));
     let mut stored = 0;
-    let mut hashes = Vec::new();
-    for (i, r) in plan.runs.iter().enumerate() {
+    let mut hashes = Vec::with_capacity(states.iter().map(|s| s.2.len()).sum());
+    for (i, first, z) in order {
+        let Some(r) = plan.runs.get(*i) else { continue };
         let m = &mut mappings[r.vma];
-        for (k, st) in state_of[i].iter().enumerate() {
-            let addr = r.addr + k as u64 * PAGE_SIZE;
+        for (k, st) in z.iter().enumerate() {
+            let k = *first + k as u64;
+            let addr = r.addr + k * PAGE_SIZE;
             let (from, offset, hash) = match *st {
                 PageState::Zero => continue,
                 PageState::Own(h) => {
                     stored += PAGE_SIZE;
-                    (0, r.offset + k as u64 * PAGE_SIZE, h)
+                    (0, r.offset + k * PAGE_SIZE, h)
                 }
                 PageState::Ref(h, from, offset) => (from, offset, h),
             };

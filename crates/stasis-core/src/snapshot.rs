@@ -380,11 +380,19 @@ fn wait_new(tid: i32) -> Result<()> {
     }
 }
 
+impl Snapshot {
+    /// Kills it (all its threads) without waiting for it to be gone; dropping it
+    /// reaps it.
+    pub fn kill(&self) {
+        // SAFETY: killing the snapshot child we created.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+    }
+}
+
 impl Drop for Snapshot {
     fn drop(&mut self) {
-        // SAFETY: killing the snapshot child we created (all its threads); then
-        // reaping its threads and itself (we trace them all and are its parent).
-        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        self.kill();
+        // Reaping its threads and itself (we trace them all and are its parent).
         for &tid in &self.threads {
             let _ = ptrace::wait(tid);
         }
