@@ -668,7 +668,7 @@ impl Part {
         }
         steps.done("flags checked");
         for (part, (sums, _)) in plain.into_iter().zip(&per_part) {
-            writer.finish_positioned(part, sums.clone())?;
+            writer.finish_positioned(part, sums.clone(), true)?;
         }
         for w in packed {
             writer.finish_data(w)?;

@@ -736,8 +736,7 @@ impl RangeJob<'_> {
             source: e,
         };
         let mut buf = vec![0u8; (BATCH_PAGES * PAGE_SIZE) as usize];
-        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-        let mut filled = 0u64;
+        let mut page_hashes: Vec<u128> = Vec::new();
         let (mut zeros, mut sums, mut frames) = (Vec::new(), Vec::new(), Vec::new());
         let mut frame: Vec<u8> = Vec::new();
         let first = plan.runs.partition_point(|r| r.offset + r.file_len() <= lo);
@@ -823,9 +822,12 @@ impl RangeJob<'_> {
                         }
                     }
                     PartOut::Plain(f) => {
-                        for page in held {
-                            hash_chunks(&mut hasher, &mut filled, &mut sums, page);
-                        }
+                        // The part's checksums are made of these page hashes (see
+                        // stasis_image::store::paged_chunk_hashes): no second pass.
+                        page_hashes.extend(z.iter().map(|st| match st {
+                            PageState::Own(h) => *h,
+                            _ => *ZERO_PAGE_HASH,
+                        }));
                         // Pages stored here are written (unless the snapshot did); zero
                         // and unchanged pages stay (or become) holes.
                         for (s, e, own) in spans(&z) {
@@ -856,17 +858,15 @@ impl RangeJob<'_> {
                     frames.push(w.written());
                 }
             }
-            PartOut::Plain(_) => {
-                if !filled.is_multiple_of(chunk) {
-                    sums.push(format!("{:016x}", hasher.digest()));
-                }
-            }
+            PartOut::Plain(_) => sums = stasis_image::store::paged_chunk_hashes(&page_hashes),
         }
         Ok((zeros, sums, frames))
     }
 }
 
 static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+static ZERO_PAGE_HASH: std::sync::LazyLock<u128> =
+    std::sync::LazyLock::new(|| stasis_image::store::page_hash(&ZERO_PAGE));
 
 /// Maximal spans `[start, end)` of pages that are all stored here, or all not.
 fn spans(z: &[PageState]) -> Vec<(usize, usize, bool)> {
@@ -955,27 +955,6 @@ pub fn finish_pages(
         }
     }
     (mappings, stored, hashes)
-}
-
-/// Feeds `data` to the running checksum of the page file: one xxh3 digest per
-/// CHUNK_SIZE bytes (`filled` counts the bytes hashed so far).
-fn hash_chunks(
-    hasher: &mut xxhash_rust::xxh3::Xxh3,
-    filled: &mut u64,
-    sums: &mut Vec<String>,
-    mut data: &[u8],
-) {
-    let chunk = stasis_image::CHUNK_SIZE;
-    while !data.is_empty() {
-        let n = ((chunk - *filled % chunk) as usize).min(data.len());
-        hasher.update(&data[..n]);
-        *filled += n as u64;
-        data = &data[n..];
-        if filled.is_multiple_of(chunk) {
-            sums.push(format!("{:016x}", hasher.digest()));
-            hasher.reset();
-        }
-    }
 }
 
 /// Joins scoped worker threads; a panicked worker becomes an error of process `pid`.

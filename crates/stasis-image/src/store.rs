@@ -63,6 +63,31 @@ pub struct FileEntry {
     pub size: u64,
     /// xxh3-64 of each CHUNK_SIZE chunk, hex, in order.
     pub chunks: Vec<String>,
+    /// A page file: each chunk's checksum is the xxh3-64 of the xxh3-128 (16 bytes,
+    /// little-endian) of each of its pages, so that the writer, which hashes every
+    /// page anyway, reads the data once (see [`paged_chunk_hashes`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paged: bool,
+}
+
+/// Hash of a page in a paged file's checksums.
+pub fn page_hash(page: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(page)
+}
+
+/// Chunk checksums of a paged file from the hashes of its pages, in order.
+pub fn paged_chunk_hashes(page_hashes: &[u128]) -> Vec<String> {
+    let per = (CHUNK_SIZE / crate::PAGE_SIZE) as usize;
+    page_hashes
+        .chunks(per)
+        .map(|c| {
+            let mut h = Xxh3::new();
+            for p in c {
+                h.update(&p.to_le_bytes());
+            }
+            hash_hex(h.digest())
+        })
+        .collect()
 }
 
 /// `manifest.json` body.
@@ -275,6 +300,7 @@ impl DataWriter {
             name: self.name,
             size: self.written,
             chunks: self.chunks,
+            paged: false,
         })
     }
 }
@@ -323,7 +349,7 @@ pub fn workers() -> usize {
 /// xxh3 checksums of every CHUNK_SIZE chunk of a file of `size` bytes, read with
 /// pread by several threads. (Reading rather than mapping: on tmpfs, faulting a hole
 /// of a sparse image file through a mapping would allocate it.)
-pub fn file_chunk_hashes(file: &File, size: u64) -> io::Result<Vec<String>> {
+pub fn file_chunk_hashes(file: &File, size: u64, paged: bool) -> io::Result<Vec<String>> {
     use std::os::unix::fs::FileExt;
     let n = size.div_ceil(CHUNK_SIZE) as usize;
     let workers = workers().min(n.max(1));
@@ -340,7 +366,15 @@ pub fn file_chunk_hashes(file: &File, size: u64) -> io::Result<Vec<String>> {
                         let start = ((w * per + k) as u64) * CHUNK_SIZE;
                         let len = CHUNK_SIZE.min(size - start) as usize;
                         file.read_exact_at(&mut buf[..len], start)?;
-                        *slot = hash_hex(xxhash_rust::xxh3::xxh3_64(&buf[..len]));
+                        *slot = if paged {
+                            let pages: Vec<u128> = buf[..len]
+                                .chunks(crate::PAGE_SIZE as usize)
+                                .map(page_hash)
+                                .collect();
+                            paged_chunk_hashes(&pages).pop().unwrap_or_default()
+                        } else {
+                            hash_hex(xxhash_rust::xxh3::xxh3_64(&buf[..len]))
+                        };
                     }
                     Ok(())
                 })
@@ -436,7 +470,13 @@ impl CheckpointWriter {
 
     /// Completes a positioned file, given the checksum of each of its chunks: synced
     /// and listed in the manifest.
-    pub fn finish_positioned(&mut self, f: PositionedFile, chunks: Vec<String>) -> ImageResult<()> {
+    /// `paged`: the checksums are those of [`paged_chunk_hashes`].
+    pub fn finish_positioned(
+        &mut self,
+        f: PositionedFile,
+        chunks: Vec<String>,
+        paged: bool,
+    ) -> ImageResult<()> {
         if chunks.len() as u64 != f.size.div_ceil(CHUNK_SIZE) {
             return Err(ImageError::Corrupt {
                 path: f.path,
@@ -448,6 +488,7 @@ impl CheckpointWriter {
             name: f.name,
             size: f.size,
             chunks,
+            paged,
         });
         Ok(())
     }
@@ -458,9 +499,9 @@ impl CheckpointWriter {
         let chunks = if f.size == 0 {
             Vec::new()
         } else {
-            file_chunk_hashes(&f.file, f.size).map_err(io_err(&f.path))?
+            file_chunk_hashes(&f.file, f.size, false).map_err(io_err(&f.path))?
         };
-        self.finish_positioned(f, chunks)
+        self.finish_positioned(f, chunks, false)
     }
 
     /// Completes a data file: synced and listed in the manifest.
@@ -652,7 +693,7 @@ fn verify_file(path: &Path, entry: &FileEntry, chunk: u64) -> ImageResult<()> {
     if entry.size == 0 {
         return Ok(());
     }
-    let got = file_chunk_hashes(&f, entry.size).map_err(io_err(path))?;
+    let got = file_chunk_hashes(&f, entry.size, entry.paged).map_err(io_err(path))?;
     for (i, (g, want)) in got.iter().zip(&entry.chunks).enumerate() {
         if g != want {
             let start = i as u64 * chunk;
