@@ -693,10 +693,7 @@ impl Part {
         steps.done("sort");
         self.process.pages = files;
         let name = format!("hashes-{pid}.bin");
-        let mut buf = Vec::with_capacity(hashes.len() * stasis_image::PageHash::SIZE);
-        for h in &hashes {
-            h.encode(&mut buf);
-        }
+        let buf = stasis_image::PageHash::encode_all(&hashes);
         steps.done("encode");
         let mut w = writer.data_file(&name)?;
         w.write_all(&buf)?;

@@ -533,6 +533,13 @@ impl PrevPages {
         PrevPages(pages)
     }
 
+    /// The records of the pages in `[start, end)`, in address order.
+    pub fn range(&self, start: u64, end: u64) -> &[stasis_image::PageHash] {
+        let a = self.0.partition_point(|p| p.addr < start);
+        let b = self.0.partition_point(|p| p.addr < end);
+        &self.0[a..b.max(a)]
+    }
+
     /// The record of the page at `addr`.
     pub fn get(&self, addr: &u64) -> Option<&stasis_image::PageHash> {
         self.0
@@ -665,13 +672,20 @@ pub fn write_pages(
     // Pages not written since the previous checkpoint: refer to it, read nothing.
     let mut zeros: ZeroMap = Vec::new();
     for (i, r) in plan.runs.iter().enumerate().filter(|(_, r)| r.clean) {
+        // One search per run, then a walk along the previous pages.
+        let end = r.addr + r.npages * PAGE_SIZE;
+        let mut old = prev
+            .map_or(&[][..], |p| p.range(r.addr, end))
+            .iter()
+            .peekable();
         let z = (0..r.npages)
-            .map(
-                |k| match prev.and_then(|p| p.get(&(r.addr + k * PAGE_SIZE))) {
-                    Some(old) => PageState::Ref(old.hash, old.from, old.offset),
+            .map(|k| {
+                let addr = r.addr + k * PAGE_SIZE;
+                match old.next_if(|o| o.addr == addr) {
+                    Some(o) => PageState::Ref(o.hash, o.from, o.offset),
                     None => PageState::Zero,
-                },
-            )
+                }
+            })
             .collect();
         zeros.push((i, 0, z));
     }

@@ -405,12 +405,16 @@ impl PageHash {
     /// Size of one encoded record.
     pub const SIZE: usize = 40;
 
-    /// Encodes the record.
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.addr.to_le_bytes());
-        out.extend_from_slice(&self.hash.to_le_bytes());
-        out.extend_from_slice(&self.from.to_le_bytes());
-        out.extend_from_slice(&self.offset.to_le_bytes());
+    /// Encodes records into a buffer of `SIZE` bytes per record.
+    pub fn encode_all(records: &[PageHash]) -> Vec<u8> {
+        let mut out = vec![0u8; records.len() * Self::SIZE];
+        for (r, o) in records.iter().zip(out.chunks_exact_mut(Self::SIZE)) {
+            o[0..8].copy_from_slice(&r.addr.to_le_bytes());
+            o[8..24].copy_from_slice(&r.hash.to_le_bytes());
+            o[24..32].copy_from_slice(&r.from.to_le_bytes());
+            o[32..40].copy_from_slice(&r.offset.to_le_bytes());
+        }
+        out
     }
 
     /// Decodes every record of a hashes file.
@@ -628,19 +632,6 @@ pub fn from_hex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hex_roundtrip() {
-        let v = vec![0u8, 1, 0xab, 0xff];
-        assert_eq!(from_hex(&to_hex(&v)).unwrap(), v);
-        assert!(from_hex("abc").is_none());
-        assert!(from_hex("zz").is_none());
-    }
-}
-
 /// Where a process's saved pages are: one logical page file (the `offset` of every
 /// [`PageRun`]) stored as consecutive part files, so that each part can be written by
 /// its own thread without contending for one file's lock.
@@ -680,5 +671,35 @@ impl PageFiles {
     pub fn range(&self, k: usize, total: u64) -> (u64, u64) {
         let start = (k as u64 * self.part_size).min(total);
         (start, (start + self.part_size).min(total))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_hashes_round_trip() {
+        let recs: Vec<PageHash> = (0..5u64)
+            .map(|i| PageHash {
+                addr: 0x7000_0000 + i * 4096,
+                hash: (u128::from(i) << 70) | 0xabc,
+                from: i % 2 + 1,
+                offset: i * 8192,
+            })
+            .collect();
+        let bytes = PageHash::encode_all(&recs);
+        assert_eq!(bytes.len(), recs.len() * PageHash::SIZE);
+        assert_eq!(PageHash::decode_all(&bytes), recs);
+        // A torn record at the end is ignored, not misread.
+        assert_eq!(PageHash::decode_all(&bytes[..bytes.len() - 3]), recs[..4]);
+    }
+
+    #[test]
+    fn hex_roundtrip() {
+        let v = vec![0u8, 1, 0xab, 0xff];
+        assert_eq!(from_hex(&to_hex(&v)).unwrap(), v);
+        assert!(from_hex("abc").is_none());
+        assert!(from_hex("zz").is_none());
     }
 }
