@@ -75,7 +75,10 @@ pub enum Command {
     /// it is then restarted under stasis.
     ///
     /// The application is paused while its state is read, then resumes (or, with --kill,
-    /// is killed once the checkpoint is safely on disk). A checkpoint appears in DIR as
+    /// is killed once the checkpoint is safely on disk). A single process under `stasis
+    /// run`/`restart` is paused only until a copy-on-write snapshot of its memory is
+    /// taken (tens of milliseconds); its pages are written from the snapshot while it
+    /// runs on. A process tree stays paused until its pages are written. A checkpoint appears in DIR as
     /// checkpoint-NNNNNN only once complete and synced; the previous one stays until then.
     /// If anything cannot be saved (an unsupported resource, a full disk, the process
     /// exiting), nothing is published, the application keeps running, and the error names
@@ -97,8 +100,11 @@ pub enum Command {
         #[arg(long)]
         kill: bool,
         /// Store only the memory pages that changed since the newest checkpoint in DIR
-        /// (found by content hash) and refer to earlier checkpoints for the rest. Those
-        /// are kept (whatever --keep says) as long as a kept checkpoint needs them.
+        /// and refer to earlier checkpoints for the rest. Those are kept (whatever
+        /// --keep says) as long as a kept checkpoint needs them. Changed pages are known
+        /// from dirty-page tracking when the newest checkpoint was also taken with
+        /// --incremental by the same `stasis run`/`restart` (the first one arms it),
+        /// otherwise found by comparing content hashes.
         #[arg(long)]
         incremental: bool,
         /// Keep this many newest checkpoints in DIR and remove older ones.
