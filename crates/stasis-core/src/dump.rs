@@ -450,6 +450,7 @@ fn dump_frozen(
     let snapshot_ok = tracking.snapshot_ok;
     let pid = proc.pid;
     let mut steps = Steps::new();
+    task::check_supported(proc)?;
     let mut layout = memory::read_layout(proc, tracking.early_flags.as_ref())?;
     let insn = find_syscall_insn(pid, &memory::exec_ranges(&layout))?;
     frozen.block_signals()?;

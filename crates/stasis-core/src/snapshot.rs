@@ -125,23 +125,42 @@ impl Snapshot {
             .min(jobs.len())
             .min(parts.files.len());
         let t0 = std::time::Instant::now();
-        let Some((fds, area)) = self.prepare(insn, parts, threads)? else {
-            return Ok(None);
+        let pid = self.pid;
+        let attempt = || -> Result<bool> {
+            let Some((fds, area)) = self.prepare(insn, parts, threads)? else {
+                return Ok(false);
+            };
+            let mut writers = vec![Injector::new(self.pid, insn)?];
+            for tid in &self.threads {
+                writers.push(Injector::new(*tid, insn)?);
+            }
+            let (t1, njobs) = (std::time::Instant::now(), jobs.len());
+            self.run_jobs(jobs, &writers, &fds, area, parts)?;
+            tracing::debug!(
+                "snapshot {}: {} writer threads ready in {:?}, {njobs} pwritev in {:?}",
+                self.pid,
+                writers.len(),
+                t1 - t0,
+                t1.elapsed()
+            );
+            Ok(true)
         };
-        let mut writers = vec![Injector::new(self.pid, insn)?];
-        for tid in &self.threads {
-            writers.push(Injector::new(*tid, insn)?);
+        match attempt() {
+            Ok(true) => Ok(Some(chosen)),
+            Ok(false) => Ok(None),
+            // The disk (full, failing) or the snapshot itself gone: copying from
+            // outside cannot do better.
+            Err(e) if is_disk_error(&e) || matches!(e, Error::Gone { .. }) => Err(e),
+            // Anything else (a kernel without close_range, a seccomp filter the
+            // snapshot inherited...): the pages are copied from outside instead, over
+            // whatever was written.
+            Err(e) => {
+                tracing::debug!(
+                    "snapshot {pid}: cannot write its own pages ({e}); copying from outside"
+                );
+                Ok(None)
+            }
         }
-        let (t1, njobs) = (std::time::Instant::now(), jobs.len());
-        self.run_jobs(jobs, &writers, &fds, area, parts)?;
-        tracing::debug!(
-            "snapshot {}: {} writer threads ready in {:?}, {njobs} pwritev in {:?}",
-            self.pid,
-            writers.len(),
-            t1 - t0,
-            t1.elapsed()
-        );
-        Ok(Some(chosen))
     }
 
     /// Gives the snapshot a descriptor table of its own holding the part files, and
@@ -259,6 +278,7 @@ impl Snapshot {
         let mut next_part = 0usize;
         loop {
             let mut progressed = false;
+            let mut failure = None;
             for (w, slot) in busy.iter_mut().enumerate() {
                 if let Some(job) = slot {
                     let Some(r) = writers[w].poll()? else {
@@ -272,14 +292,18 @@ impl Snapshot {
                             std::io::ErrorKind::WriteZero.into()
                         };
                         let path = parts.files.get(job.part).map(|f| f.0.display());
-                        return Err(Error::Io {
-                            pid,
-                            context: format!(
-                                "writing pages into {}",
-                                path.map(|p| p.to_string()).unwrap_or_default()
-                            ),
-                            source,
-                        });
+                        failure = Some((
+                            w,
+                            Error::Io {
+                                pid,
+                                context: format!(
+                                    "writing pages into {}",
+                                    path.map(|p| p.to_string()).unwrap_or_default()
+                                ),
+                                source,
+                            },
+                        ));
+                        break;
                     }
                     job.advance(r as u64);
                     if let Some(j) = slot.take() {
@@ -315,6 +339,15 @@ impl Snapshot {
                     }
                 }
             }
+            if let Some((failed, e)) = failure {
+                // The other writers finish what they are doing first: nothing of ours
+                // may still write into the parts once we return.
+                let others: Vec<usize> = (0..busy.len())
+                    .filter(|&o| o != failed && busy[o].is_some())
+                    .collect();
+                drain(writers, &others);
+                return Err(e);
+            }
             if busy.iter().all(Option::is_none) && queues.iter().all(|q| q.is_empty()) {
                 return Ok(());
             }
@@ -323,6 +356,32 @@ impl Snapshot {
             }
         }
     }
+}
+
+/// Waits for the syscalls running on the `busy` writers to finish (results ignored;
+/// at most about ten seconds each).
+fn drain(writers: &[Injector], busy: &[usize]) {
+    for &w in busy {
+        for _ in 0..100_000 {
+            match writers[w].poll() {
+                Ok(None) => std::thread::sleep(std::time::Duration::from_micros(100)),
+                _ => break,
+            }
+        }
+    }
+}
+
+/// An error of the file system under the image (not of the snapshot's way of writing).
+fn is_disk_error(e: &Error) -> bool {
+    let errno = match e {
+        Error::Io { source, .. } => source.raw_os_error(),
+        Error::Image(stasis_image::ImageError::Io { source, .. }) => source.raw_os_error(),
+        _ => None,
+    };
+    matches!(
+        errno,
+        Some(libc::ENOSPC | libc::EDQUOT | libc::EIO | libc::EFBIG | libc::EROFS)
+    )
 }
 
 /// Splits the runs selected by `want` into pwritev jobs (marking them in `chosen`):

@@ -29,6 +29,44 @@ pub struct TaskState {
 }
 
 /// Reads the attributes of a stopped process.
+/// Refuses, before anything is injected, what a process may hold that stasis cannot
+/// give back: a seccomp filter of its own (seccomp(2)) would be lost on restart, and
+/// could kill the process for a syscall stasis injects. Filters it shares with stasis
+/// (installed by a container runtime above both) are inherited again on restart.
+pub fn check_supported(proc: &ProcDir) -> Result<()> {
+    let pid = proc.pid;
+    let text = std::fs::read_to_string(proc.file("status"))
+        .ctx(pid, || "reading /proc/PID/status".into())?;
+    let (mode, filters) = seccomp_of(&text);
+    let (our_mode, ours) =
+        seccomp_of(&std::fs::read_to_string("/proc/self/status").unwrap_or_default());
+    match mode {
+        1 => Err(Error::Unsupported {
+            pid,
+            what: "seccomp strict mode".into(),
+        }),
+        2 if our_mode == 0 || filters > ours => Err(Error::Unsupported {
+            pid,
+            what: format!(
+                "a seccomp filter installed by the process ({filters} filter(s), stasis runs under {ours}; it could not be restored)"
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// (`Seccomp:` mode, `Seccomp_filters:` count) of a /proc/PID/status text.
+fn seccomp_of(status: &str) -> (u32, u32) {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("Seccomp:"), field("Seccomp_filters:"))
+}
+
 pub fn dump(proc: &ProcDir, inj: &Injector, scratch: &Scratch) -> Result<TaskState> {
     let pid = proc.pid;
     let p = proc.process()?;

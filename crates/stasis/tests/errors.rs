@@ -72,6 +72,37 @@ fn unsupported(kind: &str, word: Option<&str>) {
     assert_eq!(ok, format!("OK ticks={} released=1", t.last().unwrap() + 1));
 }
 
+/// A seccomp filter cannot be restored (and could kill the process for a syscall
+/// stasis injects): refused before anything is injected, with an error naming it,
+/// plain and with --kill; the application keeps ticking and finishes on its own.
+#[test]
+fn seccomp_filter_is_refused_and_app_survives() {
+    let w = Work::new("unsup_seccomp");
+    let mut s = Session::start(
+        &w,
+        &[prog("unsupported").as_os_str(), OsStr::new("seccomp")],
+    );
+    s.cur().wait_tick(3, T_READY);
+    for kill in [false, true] {
+        let before = s.cur().last_tick().unwrap();
+        let r = w.checkpoint(kill);
+        assert!(
+            !r.status.success(),
+            "checkpoint of a seccomp-filtered app succeeded: {r}"
+        );
+        assert!(
+            r.stderr.contains("seccomp") && r.stderr.contains("keeps running"),
+            "the error should name the seccomp filter and say the app runs on: {r}"
+        );
+        assert!(w.checkpoints().is_empty(), "a checkpoint was published");
+        let after = s.cur().wait_more_ticks(5, T_READY);
+        assert!(after > before && s.cur().running(), "{}", s.diag());
+    }
+    let ok = s.finish();
+    let t = assert_ticks_consecutive(&s.outputs(), Some(0));
+    assert_eq!(ok, format!("OK ticks={} released=0", t.last().unwrap() + 1));
+}
+
 /// IP sockets are not supported yet (TCP comes with the MPI issue).
 #[test]
 fn inet_socket_is_refused_and_app_survives() {

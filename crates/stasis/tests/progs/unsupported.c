@@ -3,6 +3,8 @@
  *   unsupported socket  socketpair(AF_UNIX, SOCK_STREAM) -> prints fds A,B (supported now)
  *   unsupported inet    a UDP socket on 127.0.0.1 connected to itself -> prints fds S,S
  *   unsupported shmem   MAP_SHARED|MAP_ANONYMOUS 1 MiB mapping
+ *   unsupported seccomp a seccomp BPF filter that allows everything (cannot be
+ *                       released: `release` only prints `released`)
  * Prints `ready kind=K fds=A,B`, then `tick N` every ~20 ms. When a file named
  * `release` appears it drops the resource (close / munmap) after checking it
  * still works and prints `released`. When `go` appears: `OK ticks=N`. */
@@ -11,6 +13,9 @@
 #include <sys/socket.h>
 #include <netinet/in.h>
 #include <arpa/inet.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <sys/prctl.h>
 
 int main(int argc, char **argv) {
     setup();
@@ -36,6 +41,11 @@ int main(int argc, char **argv) {
         shm = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
         if (shm == MAP_FAILED) die("mmap shared");
         memset(shm, 0x3c, 1 << 20);
+    } else if (strcmp(kind, "seccomp") == 0) {
+        struct sock_filter allow[] = {BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW)};
+        struct sock_fprog prog = {1, allow};
+        if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog))
+            die("seccomp filter");
     } else {
         out("FAIL unknown kind %s\n", kind);
         return 2;
@@ -45,7 +55,9 @@ int main(int argc, char **argv) {
     unsigned n = 0;
     for (; !go_exists(); n++) {
         if (!released && access("release", F_OK) == 0) {
-            if (shm) {
+            if (strcmp(kind, "seccomp") == 0) {
+                /* a filter cannot be removed */
+            } else if (shm) {
                 size_t bad = 0;
                 for (size_t i = 0; i < (1 << 20); i++) bad += shm[i] != 0x3c;
                 CHECK(bad == 0, "shared mapping corrupted (%zu bytes)", bad);
