@@ -26,6 +26,9 @@ struct Tracker {
     uffd: OwnedFd,
     /// Checkpoint the protection was armed at.
     armed_at: u64,
+    /// Every registered mapping was write-protected before this checkpoint's freeze
+    /// (by `prearm`).
+    protected: bool,
 }
 
 static TRACKERS: Mutex<BTreeMap<i32, Tracker>> = Mutex::new(BTreeMap::new());
@@ -89,26 +92,20 @@ fn try_arm(proc: &ProcDir, vmas: &[Vma], inj: &Injector, seq: u64, rescanned: bo
     let pid = proc.pid;
     let mut trackers = TRACKERS.lock().map_err(|_| crate::Error::Gone { pid })?;
     if let std::collections::btree_map::Entry::Vacant(slot) = trackers.entry(pid) {
-        let flags = (libc::O_CLOEXEC as u64) | dirty::UFFD_USER_MODE_ONLY;
-        let theirs = inj.call("userfaultfd", libc::SYS_userfaultfd, &[flags])? as i32;
-        let borrowed = crate::proc::borrow_fd(pid, theirs);
-        inj.call(
-            "close of the userfaultfd",
-            libc::SYS_close,
-            &[theirs as u64],
-        )?;
-        let uffd = borrowed?;
-        dirty::uffd_enable_wp_async(uffd.as_raw_fd())
-            .ctx(pid, || "enabling asynchronous write-protection".into())?;
         slot.insert(Tracker {
-            uffd,
+            uffd: create_uffd(pid, inj)?,
             armed_at: seq,
+            protected: false,
         });
     }
     let t = trackers.get_mut(&pid).ok_or(crate::Error::Gone { pid })?;
+    // Registered mappings are protected already: just now by the scan, or before the
+    // freeze by `prearm`.
+    let protected = rescanned || t.protected;
+    t.protected = false;
     for v in vmas.iter().filter(|v| v.saves_pages()) {
-        if rescanned && v.flags().contains(VmFlags::UW) {
-            continue; // protected again by the scan
+        if protected && v.flags().contains(VmFlags::UW) {
+            continue;
         }
         let (s, len) = (v.map.start, v.map.len());
         // Register (again: harmless for the same userfaultfd), then protect it all.
@@ -118,6 +115,79 @@ fn try_arm(proc: &ProcDir, vmas: &[Vma], inj: &Injector, seq: u64, rescanned: bo
     }
     t.armed_at = seq;
     Ok(())
+}
+
+/// Before the first `--incremental` checkpoint of a process that is not tracked yet:
+/// creates its userfaultfd (which needs the process stopped for a moment, to inject
+/// the syscall) and write-protects its memory while it runs, so that the checkpoint's
+/// pause does not include write-protecting the whole address space. Pages written
+/// between now and the checkpoint's snapshot count as written: a superset, harmless.
+/// Best effort, like [`arm`].
+pub fn prearm(proc: &ProcDir) {
+    if let Err(e) = try_prearm(proc) {
+        tracing::debug!("process {}: no early write-protection: {e}", proc.pid);
+    }
+}
+
+fn try_prearm(proc: &ProcDir) -> Result<()> {
+    let pid = proc.pid;
+    if TRACKERS
+        .lock()
+        .map_err(|_| crate::Error::Gone { pid })?
+        .contains_key(&pid)
+    {
+        return Ok(()); // tracked: the next scan re-protects what was written
+    }
+    // The flags do not matter here: the cheap /proc/PID/maps will do.
+    let cheap: crate::memory::FlagCache = proc
+        .process()?
+        .maps()
+        .map_err(std::io::Error::other)
+        .ctx(pid, || "reading /proc/PID/maps".into())?
+        .into_iter()
+        .map(|m| (m.address, VmFlags::empty()))
+        .collect();
+    let mut frozen = crate::freeze::Frozen::freeze(proc)?;
+    let layout = crate::memory::read_layout(proc, Some(&cheap))?;
+    let insn = crate::inject::find_syscall_insn(pid, &crate::memory::exec_ranges(&layout))?;
+    frozen.block_signals()?;
+    let inj = Injector::new(pid, insn)?;
+    let uffd = create_uffd(pid, &inj)?;
+    frozen.release()?;
+    drop(frozen);
+    for v in layout.iter().filter(|v| v.saves_pages()) {
+        let (s, len) = (v.map.start, v.map.len());
+        if dirty::uffd_register_wp(uffd.as_raw_fd(), s, len).is_ok() {
+            let _ = dirty::uffd_write_protect(uffd.as_raw_fd(), s, len);
+        }
+    }
+    let mut trackers = TRACKERS.lock().map_err(|_| crate::Error::Gone { pid })?;
+    trackers.insert(
+        pid,
+        Tracker {
+            uffd,
+            armed_at: NOT_ARMED,
+            protected: true,
+        },
+    );
+    Ok(())
+}
+
+/// A userfaultfd of process `pid`'s memory in asynchronous write-protect mode:
+/// created by an injected userfaultfd(2), taken with pidfd_getfd, closed there again.
+fn create_uffd(pid: i32, inj: &Injector) -> Result<OwnedFd> {
+    let flags = (libc::O_CLOEXEC as u64) | dirty::UFFD_USER_MODE_ONLY;
+    let theirs = inj.call("userfaultfd", libc::SYS_userfaultfd, &[flags])? as i32;
+    let borrowed = crate::proc::borrow_fd(pid, theirs);
+    inj.call(
+        "close of the userfaultfd",
+        libc::SYS_close,
+        &[theirs as u64],
+    )?;
+    let uffd = borrowed?;
+    dirty::uffd_enable_wp_async(uffd.as_raw_fd())
+        .ctx(pid, || "enabling asynchronous write-protection".into())?;
+    Ok(uffd)
 }
 
 /// Forgets a process that is gone (killed after a checkpoint, exited).

@@ -116,6 +116,9 @@ fn checkpoint_locked(
     // A process that will be snapshotted has its mapping flags read before it is
     // frozen (smaps is slow; see memory::read_flags), and checked on its snapshot.
     let early_flags = if parent_is_us && !opts.kill && roots.len() == 1 {
+        if opts.incremental {
+            crate::dirty::prearm(&root);
+        }
         memory::read_flags(&root).ok()
     } else {
         None
