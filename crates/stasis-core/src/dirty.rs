@@ -79,16 +79,28 @@ pub fn written(proc: &ProcDir, vmas: &[Vma], prev_seq: u64) -> Option<Vec<(u64, 
 /// checkpoint. Best effort: where the kernel does not allow it, the next
 /// incremental checkpoint compares content instead. `rescanned`: [`written`] has
 /// just write-protected again every page written in the tracked mappings.
-pub fn arm(proc: &ProcDir, vmas: &[Vma], inj: &Injector, seq: u64, rescanned: bool) {
-    if let Err(e) = try_arm(proc, vmas, inj, seq, rescanned) {
-        tracing::debug!("process {}: no dirty-page tracking: {e}", proc.pid);
-        if let Ok(mut t) = TRACKERS.lock() {
-            t.remove(&proc.pid);
+/// Returns whether mappings were registered that `vmas` does not show as registered
+/// (their VmFlags lack `uw`): flags remembered from `vmas` would then be stale.
+pub fn arm(proc: &ProcDir, vmas: &[Vma], inj: &Injector, seq: u64, rescanned: bool) -> bool {
+    match try_arm(proc, vmas, inj, seq, rescanned) {
+        Ok(fresh) => fresh,
+        Err(e) => {
+            tracing::debug!("process {}: no dirty-page tracking: {e}", proc.pid);
+            if let Ok(mut t) = TRACKERS.lock() {
+                t.remove(&proc.pid);
+            }
+            false
         }
     }
 }
 
-fn try_arm(proc: &ProcDir, vmas: &[Vma], inj: &Injector, seq: u64, rescanned: bool) -> Result<()> {
+fn try_arm(
+    proc: &ProcDir,
+    vmas: &[Vma],
+    inj: &Injector,
+    seq: u64,
+    rescanned: bool,
+) -> Result<bool> {
     let pid = proc.pid;
     let mut trackers = TRACKERS.lock().map_err(|_| crate::Error::Gone { pid })?;
     if let std::collections::btree_map::Entry::Vacant(slot) = trackers.entry(pid) {
@@ -103,6 +115,7 @@ fn try_arm(proc: &ProcDir, vmas: &[Vma], inj: &Injector, seq: u64, rescanned: bo
     // freeze by `prearm`.
     let protected = rescanned || t.protected;
     t.protected = false;
+    let mut fresh = false;
     for v in vmas.iter().filter(|v| v.saves_pages()) {
         if protected && v.flags().contains(VmFlags::UW) {
             continue;
@@ -110,11 +123,12 @@ fn try_arm(proc: &ProcDir, vmas: &[Vma], inj: &Injector, seq: u64, rescanned: bo
         let (s, len) = (v.map.start, v.map.len());
         // Register (again: harmless for the same userfaultfd), then protect it all.
         if dirty::uffd_register_wp(t.uffd.as_raw_fd(), s, len).is_ok() {
+            fresh |= !v.flags().contains(VmFlags::UW);
             let _ = dirty::uffd_write_protect(t.uffd.as_raw_fd(), s, len);
         }
     }
     t.armed_at = seq;
-    Ok(())
+    Ok(fresh)
 }
 
 /// Before the first `--incremental` checkpoint of a process that is not tracked yet:

@@ -64,7 +64,12 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
     // between attempts.
     let mut attempt = 0;
     loop {
-        match checkpoint_locked(&lock, dir, pid, opts) {
+        let r = checkpoint_locked(&lock, dir, pid, opts);
+        if r.is_err() {
+            // The flags remembered from the last checkpoint may be what went wrong.
+            memory::forget_flags(pid);
+        }
+        match r {
             Err(Error::Transient { pid, what }) if attempt < 50 => {
                 tracing::debug!("process {pid}: {what}; retrying");
                 attempt += 1;
@@ -119,7 +124,7 @@ fn checkpoint_locked(
         if opts.incremental {
             crate::dirty::prearm(&root);
         }
-        memory::read_flags(&root).ok()
+        memory::remembered_flags(&root).or_else(|| memory::read_flags(&root).ok())
     } else {
         None
     };
@@ -424,6 +429,8 @@ struct Part {
     tracked: bool,
     /// The layout's flags were read before the freeze (to be checked on the snapshot).
     early_flags: bool,
+    /// Dirty tracking registered mappings the layout's flags do not show as such.
+    fresh_registrations: bool,
     /// A `syscall` instruction of the process (and of its snapshot).
     insn: u64,
 }
@@ -487,9 +494,8 @@ fn dump_frozen(
         (Some(all), memory::Plan::default())
     };
     steps.done("pagemap");
-    if tracking.incremental {
-        crate::dirty::arm(proc, &layout, &inj, tracking.seq, tracked);
-    }
+    let fresh_registrations =
+        tracking.incremental && crate::dirty::arm(proc, &layout, &inj, tracking.seq, tracked);
     steps.done("dirty arm");
     memory::save_shared_files(pid, &mut layout, writer)?;
     shm.save_mappings(proc, &layout, &inj, &scratch, writer)?;
@@ -546,6 +552,7 @@ fn dump_frozen(
         snapshot_us,
         tracked,
         early_flags: tracking.early_flags.is_some(),
+        fresh_registrations,
         insn,
     })
 }
@@ -669,6 +676,11 @@ impl Part {
                 })
             });
             r.map_err(|e| name_process(e, pid))?;
+            if self.fresh_registrations {
+                memory::forget_flags(pid);
+            } else {
+                memory::remember_flags(pid, &self.layout);
+            }
         }
         steps.done("flags checked");
         for (part, (sums, _)) in plain.into_iter().zip(&per_part) {

@@ -17,7 +17,7 @@ use crate::inject::Injector;
 use crate::proc::{file_id, ProcDir};
 use procfs::process::{MMPermissions, MMapPath, VmFlags};
 use stasis_image::{Compression, Mapping, MappingKind, PageRun, PAGE_SIZE};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::FileExt;
 
 const PM_PRESENT: u64 = 1 << 63;
@@ -75,6 +75,46 @@ pub fn read_flags(proc: &ProcDir) -> Result<FlagCache> {
         .into_iter()
         .map(|m| (m.address, m.extension.vm_flags))
         .collect())
+}
+
+/// Mapping flags seen (and checked on a snapshot) at a process's last checkpoint by
+/// this stasis: as long as its mappings have the same bounds, the next checkpoint
+/// takes them from here instead of reading smaps (they are checked on its snapshot
+/// all the same).
+static REMEMBERED: std::sync::Mutex<BTreeMap<i32, FlagCache>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+/// Remembers the flags of a checked layout (see [`remembered_flags`]).
+pub fn remember_flags(pid: i32, layout: &[Vma]) {
+    if let Ok(mut m) = REMEMBERED.lock() {
+        m.insert(
+            pid,
+            layout
+                .iter()
+                .map(|v| ((v.map.start, v.map.end), v.flags))
+                .collect(),
+        );
+    }
+}
+
+/// Forgets what [`remember_flags`] kept for `pid`.
+pub fn forget_flags(pid: i32) {
+    if let Ok(mut m) = REMEMBERED.lock() {
+        m.remove(&pid);
+    }
+}
+
+/// The remembered flags of `pid`, if its mappings (from the cheap /proc/PID/maps)
+/// still have the same bounds.
+pub fn remembered_flags(proc: &ProcDir) -> Option<FlagCache> {
+    let cache = REMEMBERED.lock().ok()?.get(&proc.pid)?.clone();
+    let maps = proc.process().ok()?.maps().ok()?;
+    let mut n = 0;
+    for m in maps {
+        cache.get(&m.address)?;
+        n += 1;
+    }
+    (n == cache.len()).then_some(cache)
 }
 
 /// Checks that the flags a layout was read with are those of the snapshot, forked

@@ -514,7 +514,9 @@ impl CheckpointWriter {
     /// Writes the metadata and manifest, syncs, and publishes the checkpoint by
     /// renaming it into place. Returns its path.
     pub fn commit(mut self, meta: &Checkpoint) -> ImageResult<PathBuf> {
-        let json = serde_json::to_vec_pretty(meta).map_err(|e| ImageError::Corrupt {
+        // Compact: an incremental checkpoint of a large process lists many page runs
+        // (`stasis inspect --json` pretty-prints it).
+        let json = serde_json::to_vec(meta).map_err(|e| ImageError::Corrupt {
             path: self.tmp.join(METADATA),
             msg: e.to_string(),
         })?;

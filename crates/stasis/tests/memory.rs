@@ -252,3 +252,29 @@ fn dontfork_and_wipeonfork_memory_survive_snapshots() {
     let ok = s.finish();
     assert_eq!(ok, "OK areas=3");
 }
+
+/// The flags of a mapping change without its bounds changing (MADV_DONTFORK and
+/// MADV_WIPEONFORK given to whole mappings after a first checkpoint): the next
+/// checkpoint, which starts from the flags remembered from the first, finds the
+/// change on its snapshot, starts over with fresh flags and copies both areas
+/// while the process is frozen. Restarted from that checkpoint, the program finds
+/// every byte (a wiped area saved as zeros would fail it) and the advice in force.
+#[test]
+fn advice_given_between_checkpoints_is_seen() {
+    let w = Work::new("lateadvice");
+    let mut s = Session::start(&w, &[prog("forkadvice").into_os_string(), "late".into()]);
+    w.checkpoint_ok(false, s.cur());
+    std::fs::write(w.path("advise"), b"").unwrap();
+    s.cur().wait_line("`advised`", T_READY, |l| l == "advised");
+    w.checkpoint_ok(false, s.cur());
+    assert_eq!(w.inspect_json()["timings"]["snapshot"], true);
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(s.cur().pid(), libc::SIGKILL) };
+    s.cur().wait(T_CMD);
+    if let Err(p) = wait_no_procs_in(&w.dir, Duration::from_secs(10)) {
+        panic!("processes survive `stasis run`:\n{}", describe_procs(&p));
+    }
+    s.restart(Probe::Ping);
+    let ok = s.finish();
+    assert_eq!(ok, "OK areas=3");
+}

@@ -5,6 +5,10 @@
  * After `go` it checks every byte of the three areas and that the advice is
  * still in force (VmFlags `dc` and `wf` in /proc/self/smaps), answering pings
  * while it waits.
+ * With argument `late` the areas start without advice (each between two
+ * PROT_NONE pages, so that it is a mapping of its own) and the advice is given
+ * to the whole mappings only once a file `advise` exists (prints `advised`):
+ * the mappings keep their bounds, only their flags change.
  * Output: `ready plain=P dontfork=D wipeonfork=W`, then `OK` / `FAIL ...`. */
 #include "util.h"
 #include <sys/mman.h>
@@ -53,19 +57,32 @@ static int has_flag(void *addr, const char *flag) {
     return found;
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     setup();
+    int late = argc > 1 && strcmp(argv[1], "late") == 0;
     const char *names[3] = {"plain", "dontfork", "wipeonfork"};
     const int advice[3] = {0, MADV_DONTFORK, MADV_WIPEONFORK};
     const uint64_t seeds[3] = {0x1234567, 0x89abcdef, 0x2468ace};
     uint64_t *area[3];
+    long pg = sysconf(_SC_PAGESIZE);
     for (int k = 0; k < 3; k++) {
-        area[k] = mmap(NULL, AREA, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (area[k] == MAP_FAILED) die("mmap");
-        if (advice[k] && madvise(area[k], AREA, advice[k]) != 0) die("madvise");
+        char *m = mmap(NULL, AREA + 2 * pg, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) die("mmap");
+        area[k] = (uint64_t *)(m + pg);
+        if (mprotect(area[k], AREA, PROT_READ | PROT_WRITE) != 0) die("mprotect");
+        if (!late && advice[k] && madvise(area[k], AREA, advice[k]) != 0) die("madvise");
         fill(area[k], seeds[k]);
     }
     out("ready plain=%p dontfork=%p wipeonfork=%p\n", (void *)area[0], (void *)area[1], (void *)area[2]);
+    if (late) {
+        while (access("advise", F_OK) != 0) {
+            answer_ping();
+            sleep_ms(10);
+        }
+        for (int k = 1; k < 3; k++)
+            if (madvise(area[k], AREA, advice[k]) != 0) die("madvise");
+        out("advised\n");
+    }
     wait_go();
     for (int k = 0; k < 3; k++) {
         size_t bad = mismatches(area[k], seeds[k]);
