@@ -3,7 +3,7 @@
 # bandwidth measured in the same run (machines are shared and noisy).
 #
 #   ./scripts/bench.sh                 # 1 GiB and 4 GiB processes, 512 threads
-#   SIZES="256" THREADS="64" ./scripts/bench.sh   # quicker
+#   SIZES="256" THREADS="64" ./scripts/bench.sh   # quicker (THREADS="" skips it)
 #   COMPRESS="" ...                    # skip the compressed checkpoints (zstd, lz4)
 #
 # Images go to tmpfs (/dev/shm) so that the disk is not what is measured.
@@ -11,8 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=${SIZES:-"1024 4096"}
 KINDS=${KINDS:-"random text zero"}
-THREADS=${THREADS:-"512"}
-COMPRESS=${COMPRESS:-"zstd lz4"}
+THREADS=${THREADS-"512"}
+COMPRESS=${COMPRESS-"zstd lz4"}
 
 B=$(mktemp -d /dev/shm/stasis-bench.XXXXXX)
 trap 'pkill -f "$B" 2>/dev/null; rm -rf "$B"' EXIT
