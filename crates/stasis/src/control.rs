@@ -159,12 +159,10 @@ fn reply(mut s: &UnixStream, r: &Reply) -> std::io::Result<()> {
 pub fn summarize(r: &DumpReport) -> String {
     let t = &r.timings;
     format!(
-        "stasis: checkpoint {} written ({:.1} MiB of memory; paused {:.1} ms of which freeze {:.1} ms, snapshot {:.1} ms; {}, sync {:.1} ms){}",
+        "stasis: checkpoint {} written ({:.1} MiB of memory; {}; {}, sync {:.1} ms){}",
         r.path.display(),
         t.pages_bytes as f64 / (1 << 20) as f64,
-        (t.freeze_us + t.dump_us) as f64 / 1000.0,
-        t.freeze_us as f64 / 1000.0,
-        t.snapshot_us as f64 / 1000.0,
+        pause_summary(t),
         copy_summary(t),
         t.sync_us as f64 / 1000.0,
         if r.killed {
@@ -175,13 +173,27 @@ pub fn summarize(r: &DumpReport) -> String {
     )
 }
 
+/// How long the application was paused, and for what, for humans.
+pub fn pause_summary(t: &stasis_image::Timings) -> String {
+    let snapshot = if t.snapshot {
+        format!(", snapshot {:.1} ms", t.snapshot_us as f64 / 1000.0)
+    } else {
+        String::new()
+    };
+    format!(
+        "paused {:.1} ms of which freeze {:.1} ms{snapshot}",
+        (t.freeze_us + t.dump_us) as f64 / 1000.0,
+        t.freeze_us as f64 / 1000.0,
+    )
+}
+
 /// How the pages were copied, and how long it took, for humans.
 pub fn copy_summary(t: &stasis_image::Timings) -> String {
     let ms = t.copy_us as f64 / 1000.0;
     match (t.snapshot, t.one_copy) {
         (true, true) => format!("pages written by the snapshot (one copy) in {ms:.1} ms"),
         (true, false) => format!("pages copied from the snapshot in {ms:.1} ms"),
-        (false, _) => "pages copied while frozen".to_string(),
+        (false, _) => "pages copied while frozen (a copy-on-write snapshot is taken only for a single process under `stasis run`/`restart`, without --kill)".to_string(),
     }
 }
 

@@ -32,10 +32,8 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
     );
     let t = &meta.timings;
     println!(
-        "timings      paused {:.1} ms (freeze {:.1} ms, snapshot {:.1} ms); {}; sync {:.1} ms; {:.1} MiB of pages",
-        (t.freeze_us + t.dump_us) as f64 / 1e3,
-        t.freeze_us as f64 / 1e3,
-        t.snapshot_us as f64 / 1e3,
+        "timings      {}; {}; sync {:.1} ms; {:.1} MiB of pages",
+        crate::control::pause_summary(t),
         crate::control::copy_summary(t),
         t.sync_us as f64 / 1e3,
         t.pages_bytes as f64 / (1 << 20) as f64
