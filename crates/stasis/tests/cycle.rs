@@ -53,6 +53,7 @@ fn counter_checkpoint_without_kill_then_run_sigkilled() {
     );
 
     // SIGKILL only the stasis run process (not its process group)
+    // SAFETY: signalling the child we spawned.
     unsafe { libc::kill(s.cur().pid(), libc::SIGKILL) };
     let st = s.cur().wait(T_CMD);
     assert_eq!(st.signal(), Some(libc::SIGKILL));
@@ -95,6 +96,7 @@ fn app_sigkilled_is_reported_and_checkpoint_usable() {
     w.checkpoint_ok(false, s.cur());
     let app = pids_of_exe(&w.dir, &exe);
     assert_eq!(app.len(), 1, "expected one app process: {app:?}");
+    // SAFETY: killing the application process the test found.
     unsafe { libc::kill(app[0], libc::SIGKILL) };
     let st = s.cur().wait(T_CMD);
     assert!(
@@ -303,6 +305,7 @@ fn sigterm_to_stasis_reaches_app() {
             s.cycle(Probe::Ticks);
         }
         s.cur().wait_more_ticks(2, T_READY);
+        // SAFETY: signalling the child we spawned.
         unsafe { libc::kill(s.cur().pid(), libc::SIGTERM) };
         let st = s.cur().wait(T_CMD);
         assert!(

@@ -139,6 +139,7 @@ fn unix_socketpair_survives() {
 
 fn flock(path: &std::path::Path) -> i32 {
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: opening a path held in a live CString.
     let fd = unsafe {
         libc::open(
             c.as_ptr(),
@@ -152,6 +153,7 @@ fn flock(path: &std::path::Path) -> i32 {
         path.display(),
         std::io::Error::last_os_error()
     );
+    // SAFETY: flock on the descriptor just opened.
     let r = unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) };
     assert_eq!(
         r,
@@ -196,6 +198,7 @@ fn held_lock_refuses_checkpoint() {
         s.cur().wait_more_ticks(5, T_READY);
         assert!(s.cur().running());
     }
+    // SAFETY: closing the descriptor we opened.
     unsafe { libc::close(fd) };
     s.cycle(Probe::Ticks);
     s.finish();

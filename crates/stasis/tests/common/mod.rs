@@ -154,6 +154,7 @@ pub fn kill_procs_in(dir: &Path) {
             return;
         }
         for p in pids {
+            // SAFETY: killing a process of the test's own work dir.
             unsafe { libc::kill(p, libc::SIGKILL) };
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -303,6 +304,7 @@ impl Proc {
     }
     pub fn kill(&mut self) {
         if self.try_status().is_none() {
+            // SAFETY: killing the process group we spawned.
             unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
             let _ = self.child.kill();
             self.status = self.child.wait().ok();
@@ -1016,8 +1018,10 @@ fn lookup_user(name: &str) -> Option<(u32, u32)> {
 /// current user with no prefix.
 pub fn unprivileged_user() -> (u32, u32, Vec<OsString>) {
     static U: OnceLock<(u32, u32)> = OnceLock::new();
+    // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     if euid != 0 {
+        // SAFETY: getegid has no preconditions.
         return (euid, unsafe { libc::getegid() }, vec![]);
     }
     let (uid, gid) = *U.get_or_init(|| {
