@@ -469,11 +469,7 @@ fn dump_frozen(
     steps.done("layout");
     let sigs = signals::dump(&inj, pid, &scratch)?;
     let ts = task::dump(proc, &inj, &scratch)?;
-    let mut threads = Vec::with_capacity(frozen.threads.len());
-    for ft in &frozen.threads {
-        let tinj = Injector::new(ft.tid, insn)?;
-        threads.push(thread::dump(&tinj, proc, ft, &scratch)?);
-    }
+    let threads = thread::dump_all(proc, &frozen.threads, insn, &scratch)?;
     steps.done("threads and task");
     // With tracking armed at the previous checkpoint, pages not written since are
     // not even read; then (re)arm it for the next one.

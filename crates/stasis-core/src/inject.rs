@@ -96,6 +96,23 @@ impl Injector {
         }
     }
 
+    /// Waits for the syscall [`Injector::start`]ed to finish; its raw result.
+    pub fn finish(&self) -> Result<i64> {
+        let pid = self.pid;
+        loop {
+            match ptrace::wait(pid).ctx(pid, || "waiting for an injected syscall".into())? {
+                Stop::Syscall => {
+                    let out = ptrace::get_regs(pid)
+                        .ctx(pid, || "reading an injected syscall's result".into())?;
+                    return Ok(out.ret());
+                }
+                Stop::Exited(_) | Stop::Killed(_) => return Err(Error::Gone { pid }),
+                Stop::Signal(_) | Stop::Event(..) => ptrace::syscall(pid, 0)
+                    .ctx(pid, || "resuming into an injected syscall".into())?,
+            }
+        }
+    }
+
     /// Runs a syscall that must succeed; `what` describes it for the error message.
     pub fn call(&self, what: &str, nr: i64, args: &[u64]) -> Result<u64> {
         let r = self.raw(nr, args)?;

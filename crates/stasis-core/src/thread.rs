@@ -16,13 +16,61 @@ use stasis_sys::{arch, ptrace};
 const PR_GET_TID_ADDRESS: u64 = 40;
 const RSEQ_FLAG_UNREGISTER: u64 = 1;
 
-/// Saves a stopped thread. `regs`/`sigmask` are as it stopped (before injection);
-/// `inj` injects into this very thread.
-pub fn dump(
-    inj: &Injector,
+/// Saves every stopped thread of a process. The two queries only a thread can answer
+/// about itself (its clear_child_tid and its sigaltstack) are injected into many
+/// threads at once, each writing into its own slot of the scratch page, so that the
+/// threads run them side by side instead of one round trip after another.
+pub fn dump_all(
+    proc: &ProcDir,
+    threads: &[FrozenThread],
+    insn: u64,
+    scratch: &Scratch,
+) -> Result<Vec<Thread>> {
+    const SLOT: u64 = 32;
+    let per = (crate::inject::SCRATCH_LEN / SLOT) as usize;
+    let mut out = Vec::with_capacity(threads.len());
+    for batch in threads.chunks(per) {
+        let injs = batch
+            .iter()
+            .map(|ft| Injector::new(ft.tid, insn))
+            .collect::<Result<Vec<_>>>()?;
+        let slot = |k: usize| scratch.addr + k as u64 * SLOT;
+        for (k, inj) in injs.iter().enumerate() {
+            inj.start(libc::SYS_prctl, &[PR_GET_TID_ADDRESS, slot(k)])?;
+        }
+        for inj in &injs {
+            let r = inj.finish()?;
+            inj.check("prctl(PR_GET_TID_ADDRESS)", r)?;
+        }
+        for (k, inj) in injs.iter().enumerate() {
+            inj.start(libc::SYS_sigaltstack, &[0, slot(k) + 8])?;
+        }
+        for inj in &injs {
+            let r = inj.finish()?;
+            inj.check("sigaltstack query", r)?;
+        }
+        let answers = scratch.read(batch.len() * SLOT as usize)?;
+        for (k, ft) in batch.iter().enumerate() {
+            let at = k * SLOT as usize;
+            let clear_child_tid = u64_at(&answers, at);
+            let altstack = AltStack {
+                sp: u64_at(&answers, at + 8),
+                flags: u64_at(&answers, at + 16) as i32,
+                size: u64_at(&answers, at + 24),
+            };
+            out.push(dump(proc, ft, clear_child_tid, altstack)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Saves a stopped thread, given what it answered about itself. `regs`/`sigmask`
+/// are as it stopped (before injection).
+fn dump(
     proc: &ProcDir,
     ft: &FrozenThread,
-    scratch: &Scratch,
+    clear_child_tid: u64,
+    altstack: AltStack,
 ) -> Result<Thread> {
     let (tid, regs, sigmask) = (ft.tid, &ft.regs, ft.sigmask);
     let comm = proc
@@ -46,23 +94,6 @@ pub fn dump(
         Ok(_) => None,
         Err(e) if e.errno == libc::EIO || e.errno == libc::EINVAL => None,
         Err(e) => return Err(e).ctx(tid, || "reading the rseq registration".into()),
-    };
-    inj.call(
-        "prctl(PR_GET_TID_ADDRESS)",
-        libc::SYS_prctl,
-        &[PR_GET_TID_ADDRESS, scratch.addr],
-    )?;
-    let clear_child_tid = u64_at(&scratch.read(8)?, 0);
-    inj.call(
-        "sigaltstack query",
-        libc::SYS_sigaltstack,
-        &[0, scratch.addr],
-    )?;
-    let ss = scratch.read(24)?;
-    let altstack = AltStack {
-        sp: u64_at(&ss, 0),
-        flags: u64_at(&ss, 8) as i32,
-        size: u64_at(&ss, 16),
     };
     let (robust_list, robust_list_len) = robust_list_of(tid)?;
     Ok(Thread {
