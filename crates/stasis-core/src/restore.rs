@@ -432,10 +432,8 @@ fn rebuild(
     for t in &p.threads[1..] {
         thread::create(&inj, child, t.tid, &scratch)?;
     }
+    thread::restore_all(prep.gadget, &p.threads, &scratch)?;
     for t in &p.threads {
-        let tinj = Injector::new(t.tid, prep.gadget)?;
-        thread::restore_registrations(&tinj, t, &scratch)?;
-        thread::restore_comm(&tinj, t, &scratch)?;
         for w in thread::restore_sched(t) {
             tracing::warn!("{w}");
         }

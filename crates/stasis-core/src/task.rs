@@ -218,7 +218,7 @@ pub fn restore_attrs(p: &stasis_image::Process) -> std::result::Result<Vec<Strin
             ));
         }
     }
-    // The name is set per thread by `thread::restore_comm`, leader included.
+    // The name is set per thread by `thread::restore_all`, leader included.
     Ok(warnings)
 }
 

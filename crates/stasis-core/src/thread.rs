@@ -231,19 +231,6 @@ pub fn create(inj: &Injector, pid: i32, tid: i32, scratch: &Scratch) -> Result<(
     }
 }
 
-/// Sets the thread's name by an injected PR_SET_NAME.
-pub fn restore_comm(inj: &Injector, t: &Thread, scratch: &Scratch) -> Result<()> {
-    let mut name: Vec<u8> = t.comm.bytes().take(15).collect();
-    name.push(0);
-    scratch.write(&name)?;
-    inj.call(
-        "prctl(PR_SET_NAME)",
-        libc::SYS_prctl,
-        &[libc::PR_SET_NAME as u64, scratch.addr],
-    )
-    .map(drop)
-}
-
 fn robust_list_of(tid: i32) -> Result<(u64, u64)> {
     let mut head = 0u64;
     let mut len = 0usize;
@@ -283,38 +270,78 @@ pub fn drop_own_rseq(inj: &Injector, pid: i32) -> Result<()> {
     Ok(())
 }
 
-/// Restores the per-thread kernel registrations, once memory is in place.
-pub fn restore_registrations(inj: &Injector, t: &Thread, scratch: &Scratch) -> Result<()> {
-    inj.call(
-        "set_tid_address",
-        libc::SYS_set_tid_address,
-        &[t.clear_child_tid],
-    )?;
-    if t.robust_list != 0 {
-        inj.call(
-            "set_robust_list",
-            libc::SYS_set_robust_list,
-            &[t.robust_list, t.robust_list_len],
-        )?;
+/// Gives every restored thread back what only it can set about itself: its
+/// clear_child_tid (set_tid_address), robust list, rseq registration, sigaltstack
+/// and name (PR_SET_NAME), by injected syscalls. The threads run them side by side,
+/// 64 at a time, each reading its own slot of the scratch page (`gadget` is the
+/// address of a `syscall` instruction).
+pub fn restore_all(gadget: u64, threads: &[Thread], scratch: &Scratch) -> Result<()> {
+    const SLOT: usize = 64;
+    let per = crate::inject::SCRATCH_LEN as usize / SLOT;
+    for batch in threads.chunks(per) {
+        // Slot of thread k: its stack_t at 0, its name (NUL-terminated) at 32.
+        let mut data = vec![0u8; batch.len() * SLOT];
+        let mut calls: Vec<Vec<(&str, i64, Vec<u64>)>> = Vec::with_capacity(batch.len());
+        for (k, t) in batch.iter().enumerate() {
+            let slot = &mut data[k * SLOT..(k + 1) * SLOT];
+            let flags = if t.altstack.flags & libc::SS_DISABLE != 0 {
+                libc::SS_DISABLE
+            } else {
+                0
+            };
+            slot[0..8].copy_from_slice(&t.altstack.sp.to_le_bytes());
+            slot[8..16].copy_from_slice(&(flags as u64).to_le_bytes());
+            slot[16..24].copy_from_slice(&t.altstack.size.to_le_bytes());
+            let name: Vec<u8> = t.comm.bytes().take(15).collect();
+            slot[32..32 + name.len()].copy_from_slice(&name);
+            let at = scratch.addr + (k * SLOT) as u64;
+            let mut c = vec![(
+                "set_tid_address",
+                libc::SYS_set_tid_address,
+                vec![t.clear_child_tid],
+            )];
+            if t.robust_list != 0 {
+                c.push((
+                    "set_robust_list",
+                    libc::SYS_set_robust_list,
+                    vec![t.robust_list, t.robust_list_len],
+                ));
+            }
+            if let Some(r) = t.rseq {
+                c.push((
+                    "rseq register",
+                    libc::SYS_rseq,
+                    vec![r.addr, u64::from(r.len), 0, u64::from(r.signature)],
+                ));
+            }
+            c.push(("sigaltstack", libc::SYS_sigaltstack, vec![at, 0]));
+            c.push((
+                "prctl(PR_SET_NAME)",
+                libc::SYS_prctl,
+                vec![libc::PR_SET_NAME as u64, at + 32],
+            ));
+            calls.push(c);
+        }
+        scratch.write(&data)?;
+        let injs = batch
+            .iter()
+            .map(|t| Injector::new(t.tid, gadget))
+            .collect::<Result<Vec<_>>>()?;
+        let rounds = calls.iter().map(Vec::len).max().unwrap_or(0);
+        for r in 0..rounds {
+            for (inj, c) in injs.iter().zip(&calls) {
+                if let Some((_, nr, args)) = c.get(r) {
+                    inj.start(*nr, args)?;
+                }
+            }
+            for (inj, c) in injs.iter().zip(&calls) {
+                if let Some((what, _, _)) = c.get(r) {
+                    let ret = inj.finish()?;
+                    inj.check(what, ret)?;
+                }
+            }
+        }
     }
-    if let Some(r) = t.rseq {
-        inj.call(
-            "rseq register",
-            libc::SYS_rseq,
-            &[r.addr, u64::from(r.len), 0, u64::from(r.signature)],
-        )?;
-    }
-    let mut ss = Vec::with_capacity(24);
-    let flags = if t.altstack.flags & libc::SS_DISABLE != 0 {
-        libc::SS_DISABLE
-    } else {
-        0
-    };
-    ss.extend_from_slice(&t.altstack.sp.to_le_bytes());
-    ss.extend_from_slice(&(flags as u64).to_le_bytes());
-    ss.extend_from_slice(&t.altstack.size.to_le_bytes());
-    scratch.write(&ss)?;
-    inj.call("sigaltstack", libc::SYS_sigaltstack, &[scratch.addr, 0])?;
     Ok(())
 }
 
