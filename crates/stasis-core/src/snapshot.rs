@@ -152,12 +152,23 @@ impl Snapshot {
             // outside cannot do better.
             Err(e) if is_disk_error(&e) || matches!(e, Error::Gone { .. }) => Err(e),
             // Anything else (a kernel without close_range, a seccomp filter the
-            // snapshot inherited...): the pages are copied from outside instead, over
-            // whatever was written.
+            // snapshot inherited...): the pages are copied from outside instead.
             Err(e) => {
                 tracing::debug!(
                     "snapshot {pid}: cannot write its own pages ({e}); copying from outside"
                 );
+                // What it wrote goes: pages copied from outside leave holes where
+                // nothing is stored, and the checksums count on them.
+                for (path, f) in &parts.files {
+                    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                    f.set_len(0)
+                        .and_then(|()| f.set_len(len))
+                        .map_err(|e| Error::Io {
+                            pid,
+                            context: format!("emptying {}", path.display()),
+                            source: e,
+                        })?;
+                }
                 Ok(None)
             }
         }
