@@ -779,7 +779,19 @@ fn previous_pages(dir: &Path, prev_seq: Option<u64>) -> Result<HashMap<i32, memo
     let Ok(bytes) = std::fs::read(path.join("checkpoint.json")) else {
         return Ok(out);
     };
-    let Ok(meta) = serde_json::from_slice::<Checkpoint>(&bytes) else {
+    // Only each process's hashes file is needed: the rest (every page run) is skipped
+    // over, not built.
+    #[derive(serde::Deserialize)]
+    struct Lite {
+        processes: Vec<LiteProcess>,
+    }
+    #[derive(serde::Deserialize)]
+    struct LiteProcess {
+        pid: i32,
+        #[serde(default)]
+        hashes_file: Option<String>,
+    }
+    let Ok(meta) = serde_json::from_slice::<Lite>(&bytes) else {
         return Ok(out);
     };
     for p in &meta.processes {
