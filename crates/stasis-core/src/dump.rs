@@ -241,11 +241,7 @@ fn checkpoint_locked(
     let (pipes, sockets, mut ptys) = registry.finish()?;
     // Controlling terminals (read while frozen, stat does not change meanwhile).
     for (proc, _) in &tree {
-        if let Ok(st) = proc.process().and_then(|p| {
-            p.stat()
-                .map_err(std::io::Error::other)
-                .ctx(proc.pid, || "reading /proc/PID/stat".into())
-        }) {
+        if let Ok(st) = read_stat(proc) {
             if st.session != proc.pid || st.tty_nr == 0 {
                 continue;
             }

@@ -30,35 +30,13 @@ impl Injector {
 
     /// Runs syscall `nr` with `args`; returns the raw result (negative errno on error).
     pub fn raw(&self, nr: i64, args: &[u64]) -> Result<i64> {
-        let pid = self.pid;
-        let mut regs = self.base;
-        regs.set_syscall(self.insn, nr, args);
-        ptrace::set_regs(pid, &regs)
-            .ctx(pid, || "setting registers for an injected syscall".into())?;
-        // Two stops: syscall entry, then syscall exit.
-        for _ in 0..2 {
-            ptrace::syscall(pid, 0).ctx(pid, || "resuming into an injected syscall".into())?;
-            loop {
-                match ptrace::wait(pid).ctx(pid, || "waiting for an injected syscall".into())? {
-                    Stop::Syscall => break,
-                    Stop::Exited(_) | Stop::Killed(_) => return Err(Error::Gone { pid }),
-                    // Signals are blocked while we inject; only SIGSTOP and friends can
-                    // arrive. Suppress them and carry on to the syscall stop.
-                    Stop::Signal(_) | Stop::Event(..) => {
-                        ptrace::syscall(pid, 0)
-                            .ctx(pid, || "resuming into an injected syscall".into())?;
-                    }
-                }
-            }
-        }
-        let out =
-            ptrace::get_regs(pid).ctx(pid, || "reading an injected syscall's result".into())?;
-        Ok(out.ret())
+        self.start(nr, args)?;
+        self.finish()
     }
 
     /// Starts syscall `nr` with `args` and returns once the thread is executing it (past
-    /// the syscall-entry stop); [`Injector::poll`] collects the result. Lets several
-    /// threads run long syscalls at once.
+    /// the syscall-entry stop); [`Injector::poll`] or [`Injector::finish`] collects the
+    /// result. Lets several threads run long syscalls at once.
     pub fn start(&self, nr: i64, args: &[u64]) -> Result<()> {
         let pid = self.pid;
         let mut regs = self.base;
@@ -66,51 +44,55 @@ impl Injector {
         ptrace::set_regs(pid, &regs)
             .ctx(pid, || "setting registers for an injected syscall".into())?;
         ptrace::syscall(pid, 0).ctx(pid, || "resuming into an injected syscall".into())?;
-        loop {
-            match ptrace::wait(pid).ctx(pid, || "waiting for an injected syscall".into())? {
-                Stop::Syscall => break,
-                Stop::Exited(_) | Stop::Killed(_) => return Err(Error::Gone { pid }),
-                Stop::Signal(_) | Stop::Event(..) => ptrace::syscall(pid, 0)
-                    .ctx(pid, || "resuming into an injected syscall".into())?,
-            }
-        }
+        while !self.at_syscall_stop(ptrace::wait(pid))? {}
         ptrace::syscall(pid, 0).ctx(pid, || "running an injected syscall".into())
     }
 
     /// The result of the syscall [`Injector::start`]ed, if it has finished (without
     /// blocking).
     pub fn poll(&self) -> Result<Option<i64>> {
-        let pid = self.pid;
         loop {
-            match ptrace::try_wait(pid).ctx(pid, || "waiting for an injected syscall".into())? {
-                None => return Ok(None),
-                Some(Stop::Syscall) => {
-                    let out = ptrace::get_regs(pid)
-                        .ctx(pid, || "reading an injected syscall's result".into())?;
-                    return Ok(Some(out.ret()));
+            match ptrace::try_wait(self.pid) {
+                Ok(None) => return Ok(None),
+                Ok(Some(stop)) => {
+                    if self.at_syscall_stop(Ok(stop))? {
+                        return self.result().map(Some);
+                    }
                 }
-                Some(Stop::Exited(_) | Stop::Killed(_)) => return Err(Error::Gone { pid }),
-                Some(Stop::Signal(_) | Stop::Event(..)) => ptrace::syscall(pid, 0)
-                    .ctx(pid, || "resuming into an injected syscall".into())?,
+                Err(e) => return Err(e).ctx(self.pid, || "waiting for an injected syscall".into()),
             }
         }
     }
 
     /// Waits for the syscall [`Injector::start`]ed to finish; its raw result.
     pub fn finish(&self) -> Result<i64> {
+        while !self.at_syscall_stop(ptrace::wait(self.pid))? {}
+        self.result()
+    }
+
+    /// Handles one stop while a syscall is injected: true at a syscall stop; otherwise
+    /// the thread is resumed towards it. Signals are blocked while we inject; only
+    /// SIGSTOP and friends can arrive: they are suppressed.
+    fn at_syscall_stop(
+        &self,
+        stop: std::result::Result<Stop, stasis_sys::SysError>,
+    ) -> Result<bool> {
         let pid = self.pid;
-        loop {
-            match ptrace::wait(pid).ctx(pid, || "waiting for an injected syscall".into())? {
-                Stop::Syscall => {
-                    let out = ptrace::get_regs(pid)
-                        .ctx(pid, || "reading an injected syscall's result".into())?;
-                    return Ok(out.ret());
-                }
-                Stop::Exited(_) | Stop::Killed(_) => return Err(Error::Gone { pid }),
-                Stop::Signal(_) | Stop::Event(..) => ptrace::syscall(pid, 0)
-                    .ctx(pid, || "resuming into an injected syscall".into())?,
+        match stop.ctx(pid, || "waiting for an injected syscall".into())? {
+            Stop::Syscall => Ok(true),
+            Stop::Exited(_) | Stop::Killed(_) => Err(Error::Gone { pid }),
+            Stop::Signal(_) | Stop::Event(..) => {
+                ptrace::syscall(pid, 0).ctx(pid, || "resuming into an injected syscall".into())?;
+                Ok(false)
             }
         }
+    }
+
+    /// The result register of the syscall the thread stopped at the exit of.
+    fn result(&self) -> Result<i64> {
+        let regs = ptrace::get_regs(self.pid)
+            .ctx(self.pid, || "reading an injected syscall's result".into())?;
+        Ok(regs.ret())
     }
 
     /// Runs a syscall that must succeed; `what` describes it for the error message.

@@ -23,7 +23,8 @@ use crate::error::{Error, Result, SysContext};
 use crate::inject::{Injector, Scratch};
 use crate::memory::{Plan, PlannedRun};
 use stasis_image::PAGE_SIZE;
-use stasis_sys::ptrace::{self, Stop};
+use stasis_sys::clone::{clone_args_bytes, CLONE_ARGS_SIZE};
+use stasis_sys::ptrace;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
@@ -81,17 +82,13 @@ impl Snapshot {
     /// Forks the snapshot of the frozen process `leader` through its injector.
     pub fn take(inj: &Injector, leader: i32, scratch: &Scratch) -> Result<Snapshot> {
         let flags = (libc::CLONE_PARENT | libc::CLONE_FILES) as u64;
-        let mut args = Vec::with_capacity(88);
-        for v in [flags, 0u64, 0, 0, 0, 0, 0, 0, 0, 0, 0] {
-            args.extend_from_slice(&v.to_le_bytes());
-        }
-        scratch.write(&args)?;
+        scratch.write(&clone_args_bytes(flags, 0, 0))?;
         ptrace::set_options(leader, ptrace::O_TRACESYSGOOD | ptrace::O_TRACECLONE)
             .ctx(leader, || "tracing the snapshot fork".into())?;
         let r = inj.call(
             "clone3 (copy-on-write snapshot)",
             libc::SYS_clone3,
-            &[scratch.addr, 88],
+            &[scratch.addr, CLONE_ARGS_SIZE],
         );
         ptrace::set_options(leader, ptrace::O_TRACESYSGOOD)
             .ctx(leader, || "resetting ptrace options".into())?;
@@ -100,7 +97,7 @@ impl Snapshot {
             pid,
             threads: Vec::new(),
         };
-        wait_new(pid)?;
+        crate::thread::wait_created(pid)?;
         Ok(snap)
     }
 
@@ -238,21 +235,13 @@ impl Snapshot {
             }
             fds.push(r as u64);
         }
-        let mut args = Vec::with_capacity(88);
-        let flags = (libc::CLONE_VM
-            | libc::CLONE_FS
-            | libc::CLONE_FILES
-            | libc::CLONE_SIGHAND
-            | libc::CLONE_THREAD
-            | libc::CLONE_SYSVSEM) as u64;
-        for v in [flags, 0u64, 0, 0, 0, 0, 0, 0, 0, 0, 0] {
-            args.extend_from_slice(&v.to_le_bytes());
-        }
-        stasis_sys::vm::write(pid, area, &args).ctx(pid, || "writing clone3 arguments".into())?;
+        let flags = crate::thread::THREAD_FLAGS;
+        stasis_sys::vm::write(pid, area, &clone_args_bytes(flags, 0, 0))
+            .ctx(pid, || "writing clone3 arguments".into())?;
         ptrace::set_options(pid, ptrace::O_TRACESYSGOOD | ptrace::O_TRACECLONE)
             .ctx(pid, || "tracing the snapshot's threads".into())?;
         for _ in 1..threads {
-            let r = inj.raw(libc::SYS_clone3, &[area, 88])?;
+            let r = inj.raw(libc::SYS_clone3, &[area, CLONE_ARGS_SIZE])?;
             if r < 0 {
                 // Fewer writer threads only make it slower.
                 tracing::debug!("snapshot {pid}: clone3 of a writer thread: errno {}", -r);
@@ -260,7 +249,7 @@ impl Snapshot {
             }
             let tid = r as i32;
             self.threads.push(tid);
-            wait_new(tid)?;
+            crate::thread::wait_created(tid)?;
         }
         Ok(Some((fds, area)))
     }
@@ -436,18 +425,6 @@ fn plan_jobs(
         }
     }
     jobs
-}
-
-/// Waits for a thread or process just created under PTRACE_O_TRACECLONE to stop
-/// before its first instruction.
-fn wait_new(tid: i32) -> Result<()> {
-    loop {
-        match ptrace::wait(tid).ctx(tid, || "waiting for the snapshot".into())? {
-            Stop::Event(ptrace::EVENT_STOP, _) => return Ok(()),
-            Stop::Exited(_) | Stop::Killed(_) => return Err(Error::Gone { pid: tid }),
-            _ => ptrace::cont(tid, 0).ctx(tid, || "resuming the snapshot".into())?,
-        }
-    }
 }
 
 impl Snapshot {

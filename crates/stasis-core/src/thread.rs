@@ -11,6 +11,7 @@ use crate::freeze::FrozenThread;
 use crate::inject::{u64_at, Injector, Scratch};
 use crate::proc::ProcDir;
 use stasis_image::{from_hex, to_hex, AltStack, Rseq, Thread};
+use stasis_sys::clone::{clone_args_bytes, CLONE_ARGS_SIZE};
 use stasis_sys::{arch, ptrace};
 
 const PR_GET_TID_ADDRESS: u64 = 40;
@@ -185,28 +186,26 @@ pub fn restore_sched(t: &Thread) -> Vec<String> {
     warnings
 }
 
+/// clone3 flags of a thread of the calling thread's process.
+pub const THREAD_FLAGS: u64 = (libc::CLONE_VM
+    | libc::CLONE_FS
+    | libc::CLONE_FILES
+    | libc::CLONE_SIGHAND
+    | libc::CLONE_THREAD
+    | libc::CLONE_SYSVSEM) as u64;
+
 /// Creates thread `tid` of the restored process by an injected clone3 in the leader
 /// (`inj`), and waits for its first stop; it has not run any instruction yet.
 pub fn create(inj: &Injector, pid: i32, tid: i32, scratch: &Scratch) -> Result<()> {
-    let flags = (libc::CLONE_VM
-        | libc::CLONE_FS
-        | libc::CLONE_FILES
-        | libc::CLONE_SIGHAND
-        | libc::CLONE_THREAD
-        | libc::CLONE_SYSVSEM) as u64;
-    // struct clone_args (11 u64) followed by the set_tid array.
-    let mut b = Vec::with_capacity(96);
-    let tid_addr = scratch.addr + 88;
-    for v in [flags, 0, 0, 0, 0, 0, 0, 0, tid_addr, 1, 0] {
-        b.extend_from_slice(&u64::to_le_bytes(v));
-    }
+    // struct clone_args followed by the set_tid array.
+    let mut b = clone_args_bytes(THREAD_FLAGS, scratch.addr + CLONE_ARGS_SIZE, 1);
     b.extend_from_slice(&(tid as u32).to_le_bytes());
     scratch.write(&b)?;
     // A TID may still be held for a moment by an exiting worker thread of the
     // restorer: retry while it is released.
     let mut tries = 0;
     let got = loop {
-        let r = inj.raw(libc::SYS_clone3, &[scratch.addr, 88])?;
+        let r = inj.raw(libc::SYS_clone3, &[scratch.addr, CLONE_ARGS_SIZE])?;
         if r == -i64::from(libc::EEXIST) && tries < crate::restore::PID_RETRIES {
             tries += 1;
             std::thread::sleep(std::time::Duration::from_millis(10));
@@ -220,13 +219,19 @@ pub fn create(inj: &Injector, pid: i32, tid: i32, scratch: &Scratch) -> Result<(
             msg: format!("thread {tid} was created as {got}"),
         });
     }
+    wait_created(tid)
+}
+
+/// Waits for a thread or process just created under PTRACE_O_TRACECLONE to stop
+/// before its first instruction.
+pub fn wait_created(tid: i32) -> Result<()> {
     loop {
-        match ptrace::wait(tid).ctx(tid, || "waiting for the new thread".into())? {
+        match ptrace::wait(tid).ctx(tid, || "waiting for a new thread".into())? {
             ptrace::Stop::Event(ptrace::EVENT_STOP, _) => return Ok(()),
             ptrace::Stop::Exited(_) | ptrace::Stop::Killed(_) => {
                 return Err(Error::Gone { pid: tid })
             }
-            _ => ptrace::cont(tid, 0).ctx(tid, || "resuming the new thread".into())?,
+            _ => ptrace::cont(tid, 0).ctx(tid, || "resuming a new thread".into())?,
         }
     }
 }

@@ -23,6 +23,37 @@ struct CloneArgs {
     cgroup: u64,
 }
 
+/// Size of `struct clone_args` version 2, the `size` argument of clone3.
+pub const CLONE_ARGS_SIZE: u64 = std::mem::size_of::<CloneArgs>() as u64;
+
+/// The bytes of a `struct clone_args` (exit signal 0, no stack: the new task never
+/// runs code of its own before it is stopped), for a clone3 injected into another
+/// process. `set_tid` is the address of `set_tid_size` TIDs in that process.
+pub fn clone_args_bytes(flags: u64, set_tid: u64, set_tid_size: u64) -> Vec<u8> {
+    let a = CloneArgs {
+        flags,
+        set_tid,
+        set_tid_size,
+        ..Default::default()
+    };
+    [
+        a.flags,
+        a.pidfd,
+        a.child_tid,
+        a.parent_tid,
+        a.exit_signal,
+        a.stack,
+        a.stack_size,
+        a.tls,
+        a.set_tid,
+        a.set_tid_size,
+        a.cgroup,
+    ]
+    .iter()
+    .flat_map(|v| v.to_le_bytes())
+    .collect()
+}
+
 /// Outcome of [`fork_with_pid`] in each process.
 pub enum Forked {
     /// In the parent: the child's PID.
