@@ -122,11 +122,5 @@ fn lz4_checkpoint_of_mixed_memory_restores_exactly() {
     assert_eq!(page_files(&w).0, "lz4");
     s.restart(Probe::Ping);
     let ok = s.finish();
-    let ready = s.phases[0].lines()[0].clone();
-    let csum = ready
-        .split_whitespace()
-        .find_map(|t| t.strip_prefix("rand="))
-        .unwrap()
-        .to_string();
-    assert_eq!(ok, format!("OK rand={csum}"));
+    assert_eq!(ok, format!("OK rand={}", s.ready_field("rand")));
 }

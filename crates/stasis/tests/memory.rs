@@ -112,13 +112,7 @@ fn anonymous_memory_survives() {
     s.restart(Probe::Ping);
     let ok = s.finish();
     s.assert_no_rerun();
-    let ready = s.phases[0].lines()[0].clone();
-    let csum = ready
-        .split_whitespace()
-        .find_map(|t| t.strip_prefix("rand="))
-        .unwrap()
-        .to_string();
-    assert_eq!(ok, format!("OK rand={csum}"));
+    assert_eq!(ok, format!("OK rand={}", s.ready_field("rand")));
 }
 
 /// Private file mapping: modified pages keep the modification, untouched
@@ -186,22 +180,11 @@ fn snapshot_checkpoint_restores(name: &str, args: &[&str]) -> Value {
     let mut s = Session::start(&w, &argv);
     w.checkpoint_ok(false, s.cur());
     let timings = w.inspect_json()["timings"].clone();
-    // SAFETY: signalling the child we spawned.
-    unsafe { libc::kill(s.cur().pid(), libc::SIGKILL) };
-    s.cur().wait(T_CMD);
-    if let Err(p) = wait_no_procs_in(&w.dir, Duration::from_secs(10)) {
-        panic!("processes survive `stasis run`:\n{}", describe_procs(&p));
-    }
+    s.kill_supervisor();
     s.restart(Probe::Ping);
     let ok = s.finish();
     s.assert_no_rerun();
-    let ready = s.phases[0].lines()[0].clone();
-    let csum = ready
-        .split_whitespace()
-        .find_map(|t| t.strip_prefix("rand="))
-        .unwrap()
-        .to_string();
-    assert_eq!(ok, format!("OK rand={csum}"));
+    assert_eq!(ok, format!("OK rand={}", s.ready_field("rand")));
     timings
 }
 
@@ -241,12 +224,7 @@ fn dontfork_and_wipeonfork_memory_survive_snapshots() {
     w.checkpoint_ok(false, s.cur());
     let t = w.inspect_json()["timings"].clone();
     assert_eq!(t["snapshot"], true, "timings: {t}");
-    // SAFETY: signalling the child we spawned.
-    unsafe { libc::kill(s.cur().pid(), libc::SIGKILL) };
-    s.cur().wait(T_CMD);
-    if let Err(p) = wait_no_procs_in(&w.dir, Duration::from_secs(10)) {
-        panic!("processes survive `stasis run`:\n{}", describe_procs(&p));
-    }
+    s.kill_supervisor();
     s.restart(Probe::Ping);
     s.cycle(Probe::Ping);
     let ok = s.finish();
@@ -268,12 +246,7 @@ fn advice_given_between_checkpoints_is_seen() {
     s.cur().wait_line("`advised`", T_READY, |l| l == "advised");
     w.checkpoint_ok(false, s.cur());
     assert_eq!(w.inspect_json()["timings"]["snapshot"], true);
-    // SAFETY: signalling the child we spawned.
-    unsafe { libc::kill(s.cur().pid(), libc::SIGKILL) };
-    s.cur().wait(T_CMD);
-    if let Err(p) = wait_no_procs_in(&w.dir, Duration::from_secs(10)) {
-        panic!("processes survive `stasis run`:\n{}", describe_procs(&p));
-    }
+    s.kill_supervisor();
     s.restart(Probe::Ping);
     let ok = s.finish();
     assert_eq!(ok, "OK areas=3");

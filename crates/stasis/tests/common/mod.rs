@@ -896,6 +896,29 @@ impl<'a> Session<'a> {
         p
     }
 
+    /// SIGKILL only the current `stasis run`/`restart` (not its process group), wait
+    /// for it, and assert that the application died with it.
+    pub fn kill_supervisor(&mut self) -> ExitStatus {
+        // SAFETY: signalling the child we spawned.
+        unsafe { libc::kill(self.cur().pid(), libc::SIGKILL) };
+        let st = self.cur().wait(T_CMD);
+        if let Err(p) = wait_no_procs_in(&self.w.dir, Duration::from_secs(10)) {
+            panic!(
+                "after SIGKILL of `stasis run` these processes survive (the app must die too):\n{}",
+                describe_procs(&p)
+            );
+        }
+        st
+    }
+
+    /// The value of `key=` in the first line the program printed (`ready ...`).
+    pub fn ready_field(&self, key: &str) -> String {
+        let ready = self.phases[0].lines().first().cloned().unwrap_or_default();
+        fields(&ready)
+            .remove(key)
+            .unwrap_or_else(|| panic!("no {key}= in the ready line {ready:?}"))
+    }
+
     /// checkpoint --kill + restart.
     pub fn cycle(&mut self, probe: Probe) {
         self.checkpoint_kill();
