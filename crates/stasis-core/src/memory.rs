@@ -473,20 +473,9 @@ pub fn plan(
             idx += n;
         }
     }
-    let total: u64 = pieces.iter().map(|p| p.2 - p.1).sum();
-    let workers = (stasis_image::store::workers() as u64).min(pieces.len().max(1) as u64);
-    let share = total.div_ceil(workers).max(1);
-    let mut groups: Vec<Vec<(usize, u64, u64)>> = vec![Vec::new()];
-    let mut acc = 0;
-    for p in pieces {
-        if acc >= share {
-            groups.push(Vec::new());
-            acc = 0;
-        }
-        acc += p.2 - p.1;
-        if let Some(g) = groups.last_mut() {
-            g.push(p);
-        }
+    let mut groups = share_out(pieces, |p| p.2 - p.1);
+    if groups.is_empty() {
+        groups.push(Vec::new());
     }
     let pid = proc.pid;
     let results: Vec<Result<Plan>> = std::thread::scope(|sc| {
@@ -676,20 +665,7 @@ pub fn copy_pages(
             pieces.push((i, r, mine));
         }
     }
-    let total: u64 = pieces.iter().map(|p| p.1.npages).sum();
-    let share = total.div_ceil(stasis_image::store::workers() as u64).max(1);
-    let mut groups: Vec<Vec<Piece>> = Vec::new();
-    let mut acc = u64::MAX;
-    for p in pieces {
-        if acc >= share {
-            groups.push(Vec::new());
-            acc = 0;
-        }
-        acc += p.1.npages;
-        if let Some(g) = groups.last_mut() {
-            g.push(p);
-        }
-    }
+    let groups = share_out(pieces, |p| p.1.npages);
     let results: Vec<Result<()>> = std::thread::scope(|sc| {
         let handles: Vec<_> = groups
             .into_iter()
@@ -1061,6 +1037,26 @@ pub fn finish_pages(
     (mappings, stored, hashes)
 }
 
+/// Cuts `items` (in order) into at most one group per worker thread, of about equal
+/// total `weight`.
+fn share_out<T>(items: Vec<T>, weight: impl Fn(&T) -> u64) -> Vec<Vec<T>> {
+    let total: u64 = items.iter().map(&weight).sum();
+    let share = total.div_ceil(stasis_image::store::workers() as u64).max(1);
+    let mut groups: Vec<Vec<T>> = Vec::new();
+    let mut acc = u64::MAX;
+    for item in items {
+        if acc >= share {
+            groups.push(Vec::new());
+            acc = 0;
+        }
+        acc += weight(&item);
+        if let Some(g) = groups.last_mut() {
+            g.push(item);
+        }
+    }
+    groups
+}
+
 /// Joins scoped worker threads; a panicked worker becomes an error of process `pid`.
 fn join_all<T>(
     handles: Vec<std::thread::ScopedJoinHandle<'_, Result<T>>>,
@@ -1389,17 +1385,7 @@ fn fill_pages(pid: i32, mappings: &[&Mapping], pages: &HashMap<u64, PageSource>)
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(Error::Restore {
-                        pid,
-                        msg: "a memory copy thread panicked".into(),
-                    })
-                })
-            })
-            .collect()
+        join_all(handles, pid)
     });
     results.into_iter().collect()
 }
