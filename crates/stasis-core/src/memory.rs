@@ -481,7 +481,16 @@ pub fn plan(
     let results: Vec<Result<Plan>> = std::thread::scope(|sc| {
         let handles: Vec<_> = groups
             .iter()
-            .map(|g| sc.spawn(move || plan_pieces(proc, vmas, written, g)))
+            .map(|g| {
+                sc.spawn(move || {
+                    plan_scanned(proc, vmas, written, g).or_else(|e| {
+                        tracing::debug!(
+                            "process {pid}: PAGEMAP_SCAN planning failed ({e}); reading pagemap"
+                        );
+                        plan_pieces(proc, vmas, written, g)
+                    })
+                })
+            })
             .collect();
         join_all(handles, pid)
     });
@@ -490,6 +499,119 @@ pub fn plan(
         append(&mut plan, &r?);
     }
     Ok(plan)
+}
+
+/// [`plan`] by PAGEMAP_SCAN (Linux 6.7+): the kernel reports the present pages as
+/// ranges, so a mapping full of pages costs a page-table walk, not 8 bytes of pagemap
+/// per page.
+fn plan_scanned(
+    proc: &ProcDir,
+    vmas: &[Vma],
+    written: Option<&[(u64, u64)]>,
+    pieces: &[(usize, u64, u64)],
+) -> std::io::Result<Plan> {
+    use stasis_sys::dirty::{category as c, scan, ScanMasks};
+    use std::os::fd::AsRawFd;
+    let pagemap = std::fs::File::open(proc.file("pagemap"))?;
+    // As in plan_pieces: "swapped" entries are markers when there is no swap.
+    let swapped = if has_swap() { c::SWAPPED } else { 0 };
+    let mut plan = Plan::default();
+    for &(vi, from, to) in pieces {
+        let map = &vmas[vi].map;
+        // Asking whether pages are file pages costs a lookup per page: only for file
+        // mappings, whose copied-on-write pages are the anonymous ones.
+        let file_backed = matches!(map.kind, MappingKind::File { .. });
+        let forced = map.prot & libc::PROT_READ as u32 == 0;
+        let masks = ScanMasks {
+            any: c::PRESENT | swapped,
+            report: c::PRESENT | swapped | c::PFNZERO | if file_backed { c::FILE } else { 0 },
+            ..ScanMasks::default()
+        };
+        let (start, end) = (map.start + from * PAGE_SIZE, map.start + to * PAGE_SIZE);
+        let ranges = scan(pagemap.as_raw_fd(), start, end, masks, false)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno))?;
+        for (s, e, cat) in ranges {
+            // The shared zero page is all zeros: not stored anyway.
+            let wanted = cat & c::PRESENT == 0 || cat & (c::FILE | c::PFNZERO) == 0;
+            if wanted {
+                push_split(&mut plan, vi, s, e, written, forced);
+            }
+        }
+    }
+    Ok(plan)
+}
+
+/// Adds the pages of `[start, end)` of mapping `vi` to the plan, clean where they are
+/// outside the `written` ranges (when tracking).
+fn push_split(
+    plan: &mut Plan,
+    vi: usize,
+    start: u64,
+    end: u64,
+    written: Option<&[(u64, u64)]>,
+    forced: bool,
+) {
+    let Some(w) = written else {
+        push_run(plan, vi, start, end, false, forced);
+        return;
+    };
+    let mut at = start;
+    // The first written range that ends after `at` (ranges are sorted, disjoint).
+    let mut k = w.partition_point(|&(_, e)| e <= at);
+    while at < end {
+        match w.get(k) {
+            Some(&(ws, we)) if ws < end => {
+                if at < ws {
+                    push_run(plan, vi, at, ws, true, forced);
+                    at = ws;
+                }
+                let to = we.min(end);
+                push_run(plan, vi, at, to, false, forced);
+                at = to;
+                k += 1;
+            }
+            _ => {
+                push_run(plan, vi, at, end, true, forced);
+                at = end;
+            }
+        }
+    }
+}
+
+/// Appends pages `[start, end)` to the plan as runs of at most BATCH_PAGES, joining
+/// the last run where they continue it.
+fn push_run(plan: &mut Plan, vi: usize, start: u64, end: u64, clean: bool, forced: bool) {
+    let mut page = start;
+    while page < end {
+        let n = match plan.runs.last_mut() {
+            Some(r)
+                if r.vma == vi
+                    && r.clean == clean
+                    && r.addr + r.npages * PAGE_SIZE == page
+                    && r.npages < BATCH_PAGES =>
+            {
+                let n = ((end - page) / PAGE_SIZE).min(BATCH_PAGES - r.npages);
+                r.npages += n;
+                n
+            }
+            _ => {
+                let n = ((end - page) / PAGE_SIZE).min(BATCH_PAGES);
+                plan.runs.push(PlannedRun {
+                    vma: vi,
+                    addr: page,
+                    npages: n,
+                    offset: plan.bytes,
+                    forced,
+                    clean,
+                });
+                n
+            }
+        };
+        if !clean {
+            plan.bytes += n * PAGE_SIZE;
+        }
+        page += n * PAGE_SIZE;
+    }
 }
 
 /// Plans the pages of `pieces` (mapping index, first and end page index).

@@ -21,7 +21,6 @@ pub const UFFD_USER_MODE_ONLY: u64 = 1;
 const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
 const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
-const PAGE_IS_WRITTEN: u64 = 1 << 1;
 
 fn ioctl(fd: i32, req: libc::c_ulong, arg: *mut u8, what: &'static str) -> Result<i64> {
     // SAFETY: callers pass a pointer to a live, correctly sized argument struct.
@@ -70,17 +69,44 @@ pub fn uffd_write_protect(uffd: i32, start: u64, len: u64) -> Result<()> {
     .map(drop)
 }
 
-/// PAGEMAP_SCAN: the page ranges of `[start, end)` written since they were
-/// write-protected. `pagemap` is an open `/proc/PID/pagemap`. With `reprotect`, the
-/// written pages are write-protected again in the same walk (PM_SCAN_WP_MATCHING),
-/// which re-arms tracking at the cost of the written pages only.
-pub fn written_ranges(
+/// Page categories of PAGEMAP_SCAN (`PAGE_IS_*` in linux/fs.h).
+pub mod category {
+    pub const WPALLOWED: u64 = 1 << 0;
+    pub const WRITTEN: u64 = 1 << 1;
+    pub const FILE: u64 = 1 << 2;
+    pub const PRESENT: u64 = 1 << 3;
+    pub const SWAPPED: u64 = 1 << 4;
+    pub const PFNZERO: u64 = 1 << 5;
+}
+
+/// What [`scan`] selects and reports (the masks of `struct pm_scan_arg`): a page
+/// matches when its categories, with `inverted` flipped, contain all of `all` and
+/// (if `any` is not 0) one of `any`. `report` is the categories each range carries.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ScanMasks {
+    pub inverted: u64,
+    pub all: u64,
+    pub any: u64,
+    pub report: u64,
+}
+
+/// PAGEMAP_SCAN over `[start, end)` of `/proc/PID/pagemap` (open as `pagemap`): the
+/// ranges of matching pages with their reported categories, in address order
+/// (neighbouring pages of equal categories come as one range). With `reprotect`, the
+/// matching pages are write-protected again in the same walk (PM_SCAN_WP_MATCHING,
+/// asynchronous uffd-wp tracking must be armed: PM_SCAN_CHECK_WPASYNC).
+pub fn scan(
     pagemap: i32,
     start: u64,
     end: u64,
+    masks: ScanMasks,
     reprotect: bool,
-) -> Result<Vec<(u64, u64)>> {
-    let flags = PM_SCAN_CHECK_WPASYNC | if reprotect { PM_SCAN_WP_MATCHING } else { 0 };
+) -> Result<Vec<(u64, u64, u64)>> {
+    let flags = if reprotect {
+        PM_SCAN_CHECK_WPASYNC | PM_SCAN_WP_MATCHING
+    } else {
+        0
+    };
     let mut out = Vec::new();
     let mut at = start;
     let mut regions = vec![[0u64; 3]; 512];
@@ -95,10 +121,10 @@ pub fn written_ranges(
             regions.as_mut_ptr() as u64,
             regions.len() as u64,
             0, // max_pages
-            0, // category_inverted
-            PAGE_IS_WRITTEN,
-            0,
-            PAGE_IS_WRITTEN,
+            masks.inverted,
+            masks.all,
+            masks.any,
+            masks.report,
         ];
         let n = ioctl(
             pagemap,
@@ -106,7 +132,7 @@ pub fn written_ranges(
             arg.as_mut_ptr().cast(),
             "PAGEMAP_SCAN",
         )? as usize;
-        out.extend(regions[..n].iter().map(|r| (r[0], r[1])));
+        out.extend(regions[..n].iter().map(|r| (r[0], r[1], r[2])));
         let walk_end = arg[4];
         if walk_end <= at {
             break;
@@ -114,4 +140,24 @@ pub fn written_ranges(
         at = walk_end;
     }
     Ok(out)
+}
+
+/// PAGEMAP_SCAN: the page ranges of `[start, end)` written since they were
+/// write-protected. With `reprotect`, the written pages are write-protected again in
+/// the same walk, which re-arms tracking at the cost of the written pages only.
+pub fn written_ranges(
+    pagemap: i32,
+    start: u64,
+    end: u64,
+    reprotect: bool,
+) -> Result<Vec<(u64, u64)>> {
+    let masks = ScanMasks {
+        all: category::WRITTEN,
+        report: category::WRITTEN,
+        ..ScanMasks::default()
+    };
+    Ok(scan(pagemap, start, end, masks, reprotect)?
+        .into_iter()
+        .map(|(s, e, _)| (s, e))
+        .collect())
 }
