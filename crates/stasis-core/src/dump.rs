@@ -120,6 +120,14 @@ fn checkpoint_locked(
     }
     // A process that will be snapshotted has its mapping flags read before it is
     // frozen (smaps is slow; see memory::read_flags), and checked on its snapshot.
+    // Read before the freeze: the previous checkpoint's page runs (an incremental
+    // checkpoint refers to them).
+    let prev_seq = store::list_checkpoints(dir)?.last().map(|c| c.0);
+    let mut prev = if opts.incremental {
+        previous_pages(dir, prev_seq)
+    } else {
+        HashMap::new()
+    };
     let early_flags = if parent_is_us && !opts.kill && roots.len() == 1 {
         if opts.incremental {
             crate::dirty::prearm(&root);
@@ -148,7 +156,7 @@ fn checkpoint_locked(
         snapshot_ok,
         early_flags: early_flags.filter(|_| snapshot_ok),
         incremental: opts.incremental,
-        prev_seq: store::list_checkpoints(dir)?.last().map(|c| c.0),
+        prev_seq,
         seq: writer.sequence(),
     };
     for (proc, frozen) in tree.iter_mut() {
@@ -190,13 +198,13 @@ fn checkpoint_locked(
     let t1 = Instant::now();
     let mut processes = Vec::with_capacity(parts.len());
     let mut pages_bytes = 0;
-    let seq = tracking.seq;
     let t_prev = Instant::now();
-    let prev = if opts.incremental {
-        previous_pages(dir, tracking.prev_seq)?
-    } else {
-        HashMap::new()
-    };
+    for part in parts.iter().filter(|p| !p.tracked) {
+        // Pages not tracked are compared by content with the previous checkpoint's.
+        if let Some(p) = prev.get_mut(&part.process.pid) {
+            load_hashes(dir, part.process.pid, p);
+        }
+    }
     tracing::debug!(
         "previous checkpoint's page hashes read in {:?}",
         t_prev.elapsed()
@@ -204,10 +212,22 @@ fn checkpoint_locked(
     let snapshot_us = parts.iter().map(|p| p.snapshot_us).sum();
     let mut dead_snapshots = Vec::new();
     let mut one_copy = false;
+    let mut copied = Vec::with_capacity(parts.len());
     for part in parts {
         let prev_pages = prev.get(&part.process.pid);
-        let (p, bytes, by_snapshot, snapshot) =
-            part.write_pages(&mut writer, prev_pages, seq, opts.compress)?;
+        copied.push(part.write_pages(&mut writer, prev_pages, opts.compress)?);
+    }
+    // Every page is copied: the processes may run on (unless they are to die).
+    if !opts.kill {
+        for (_, f) in tree.iter_mut() {
+            f.release()?;
+        }
+    }
+    let pause_end = Instant::now();
+    let frozen_copy = copied.iter().any(|c| c.frozen_copy);
+    for c in copied {
+        let prev_pages = prev.get(&c.process.pid);
+        let (p, bytes, by_snapshot, snapshot) = c.finish(&mut writer, prev_pages)?;
         dead_snapshots.extend(snapshot);
         pages_bytes += bytes;
         one_copy |= by_snapshot;
@@ -224,16 +244,12 @@ fn checkpoint_locked(
         .collect();
     depends_on.sort_unstable();
     depends_on.dedup();
-    if !opts.kill {
-        for (_, f) in tree.iter_mut() {
-            f.release()?;
-        }
-    }
     let copy_us = t1.elapsed().as_micros() as u64;
     let (pause_us, copy_us) = if snapshotted {
         (dump_us, copy_us)
     } else {
-        (dump_us + copy_us, 0)
+        let frozen_copy = (pause_end - t1).as_micros() as u64;
+        (dump_us + frozen_copy, copy_us - frozen_copy)
     };
 
     let t2 = Instant::now();
@@ -276,6 +292,7 @@ fn checkpoint_locked(
             pages_bytes,
             snapshot_us,
             one_copy,
+            frozen_copy,
         },
     };
     meta.timings.sync_us = t2.elapsed().as_micros() as u64;
@@ -292,6 +309,7 @@ fn checkpoint_locked(
         for (proc, f) in tree.iter_mut().rev() {
             f.kill(proc.pid != pid || !parent_is_us);
             crate::dirty::forget(proc.pid);
+            crate::snapshot::forget_costs(proc.pid);
         }
     }
     if let Err(e) = store::prune(lock, opts.keep) {
@@ -423,8 +441,12 @@ struct Part {
     snapshot_us: u64,
     /// The plan knows which pages were written since the previous checkpoint.
     tracked: bool,
-    /// The layout's flags were read before the freeze (to be checked on the snapshot).
+    /// The layout's flags were read before the freeze (to be checked on the snapshot,
+    /// or on the process once it runs again).
     early_flags: bool,
+    /// A snapshot could have been taken, but the pages written since the previous
+    /// checkpoint were copied while frozen (see `snapshot::worth_taking`).
+    frozen_copy: bool,
     /// Dirty tracking registered mappings the layout's flags do not show as such.
     fresh_registrations: bool,
     /// A `syscall` instruction of the process (and of its snapshot).
@@ -453,7 +475,6 @@ fn dump_frozen(
     shm: &mut crate::shm::Collector,
     writer: &mut CheckpointWriter,
 ) -> Result<Part> {
-    let snapshot_ok = tracking.snapshot_ok;
     let pid = proc.pid;
     let mut steps = Steps::new();
     task::check_supported(proc)?;
@@ -474,6 +495,20 @@ fn dump_frozen(
         _ => None,
     };
     let tracked = written.is_some();
+    // When few pages were written since the last checkpoint, copying them while the
+    // process stays frozen pauses it no longer than forking a snapshot would, and
+    // the checkpoint is done sooner (no fork, no writer threads, nothing read back).
+    let rss = if tracking.snapshot_ok {
+        resident_bytes(proc)
+    } else {
+        0
+    };
+    let frozen_copy = tracking.snapshot_ok
+        && written.as_deref().is_some_and(|w| {
+            let dirty = w.iter().map(|(a, b)| b - a).sum();
+            !crate::snapshot::worth_taking(pid, rss, dirty)
+        });
+    let snapshot_ok = tracking.snapshot_ok && !frozen_copy;
     steps.done("dirty scan");
     // With a snapshot, only what a fork does not copy is planned and copied now, into
     // a buffer; the rest is planned from the snapshot's own pagemap once the process
@@ -507,6 +542,9 @@ fn dump_frozen(
         None
     };
     let snapshot_us = t_snap.elapsed().as_micros() as u64;
+    if snapshot.is_some() {
+        crate::snapshot::note_fork(pid, rss, snapshot_us * 1000);
+    }
     steps.done("snapshot");
     scratch.unmap(&inj)?;
     let fds = registry.dump_fds(proc, stdio, shm, writer)?;
@@ -527,7 +565,7 @@ fn dump_frozen(
             mm: ts.mm,
             mappings: Vec::new(),
             pages: Default::default(),
-            hashes_file: None,
+            page_hashes: None,
             fds,
             signals: sigs,
             itimers: ts.itimers,
@@ -544,6 +582,7 @@ fn dump_frozen(
         snapshot_us,
         tracked,
         early_flags: tracking.early_flags.is_some(),
+        frozen_copy,
         fresh_registrations,
         insn,
     })
@@ -551,16 +590,16 @@ fn dump_frozen(
 
 impl Part {
     /// Writes the pages (from the snapshot if there is one, else from the frozen
-    /// process) and completes the process's record. Returns it and the bytes stored.
+    /// process). What is left to do once the process may run again is in the result.
     fn write_pages(
         mut self,
         writer: &mut CheckpointWriter,
         prev: Option<&memory::PrevPages>,
-        seq: u64,
         compress: Compression,
-    ) -> Result<(Process, u64, bool, Option<Snapshot>)> {
+    ) -> Result<Copied> {
         let pid = self.process.pid;
         let mut steps = Steps::new();
+        let t0 = Instant::now();
         if let Some(snap) = self.snapshot.as_ref().filter(|_| self.plan_later) {
             let mut plan = memory::plan(
                 &ProcDir::new(snap.pid),
@@ -614,7 +653,7 @@ impl Part {
             .filter(|_| self.early_flags)
             .map(|snap| {
                 let (snap, layout) = (ProcDir::new(snap.pid), self.layout.clone());
-                std::thread::spawn(move || memory::check_flags(&snap, &layout))
+                std::thread::spawn(move || memory::check_flags(&snap, &layout, true))
             });
         let snapshot_writes = compress == Compression::None && (prev.is_none() || self.tracked);
         if let Some(snap) = self.snapshot.as_mut().filter(|_| snapshot_writes) {
@@ -661,13 +700,7 @@ impl Part {
         .map_err(|e| name_process(e, pid))?;
         steps.done("checked and completed");
         if let Some(check) = flag_check {
-            let r = check.join().unwrap_or_else(|_| {
-                Err(Error::Restore {
-                    pid,
-                    msg: "the mapping flag check panicked".into(),
-                })
-            });
-            r.map_err(|e| name_process(e, pid))?;
+            join_flag_check(check, pid)?;
             if self.fresh_registrations {
                 memory::forget_flags(pid);
             } else {
@@ -675,16 +708,6 @@ impl Part {
             }
         }
         steps.done("flags checked");
-        for (part, (sums, _)) in plain.into_iter().zip(&per_part) {
-            writer.finish_positioned(part, sums.clone(), true)?;
-        }
-        for w in packed {
-            writer.finish_data(w)?;
-        }
-        if compress != Compression::None {
-            files.frames = per_part.into_iter().map(|(_, frames)| frames).collect();
-        }
-        steps.done("parts finished");
         drop(prefetched);
         // Its pages are saved: it dies now, and is reaped once the checkpoint is
         // published (tearing down a large address space takes a while).
@@ -693,24 +716,105 @@ impl Part {
             s.kill();
         }
         steps.done("killed");
-        let (mappings, bytes, mut hashes) =
-            memory::finish_pages(&self.layout, &self.plan, &zeros, seq);
-        steps.done("finish");
-        // In address order, as the next incremental checkpoint looks them up.
-        hashes.sort_unstable_by_key(|h| h.addr);
-        steps.done("sort");
-        self.process.pages = files;
-        let name = format!("hashes-{pid}.bin");
-        let buf = stasis_image::PageHash::encode_all(&hashes);
-        steps.done("encode");
-        let mut w = writer.data_file(&name)?;
-        w.write_all(&buf)?;
-        writer.finish_data(w)?;
-        self.process.hashes_file = Some(name);
-        self.process.mappings = mappings;
-        steps.done("hashes");
+        if self.frozen_copy {
+            let ns = t0.elapsed().as_nanos() as u64;
+            crate::snapshot::note_frozen_copy(pid, self.plan.bytes, ns);
+        }
         tracing::debug!("process {pid} pages: {}", steps.report());
-        Ok((self.process, bytes, one_copy, snapshot))
+        Ok(Copied {
+            live_flags: self.early_flags && self.snapshot.is_none() && self.frozen_copy,
+            frozen_copy: self.frozen_copy,
+            fresh_registrations: self.fresh_registrations,
+            process: self.process,
+            layout: self.layout,
+            plan: self.plan,
+            files,
+            states: zeros,
+            per_part,
+            plain,
+            packed,
+            one_copy,
+            snapshot,
+        })
+    }
+}
+
+/// A process whose pages are copied: the page files still to complete, and its
+/// record (its page runs, the page-hash file), work that needs no frozen process.
+struct Copied {
+    process: Process,
+    layout: Vec<memory::Vma>,
+    plan: memory::Plan,
+    files: PageFiles,
+    states: memory::ZeroMap,
+    per_part: Vec<memory::PartDone>,
+    plain: Vec<stasis_image::PositionedFile>,
+    packed: Vec<stasis_image::DataWriter>,
+    /// Pages were written by the snapshot itself.
+    one_copy: bool,
+    /// The killed snapshot, to reap once the checkpoint is published.
+    snapshot: Option<Snapshot>,
+    /// Copied while frozen instead of from a snapshot (few pages written).
+    frozen_copy: bool,
+    /// The layout's flags were read before the freeze and not checked on a snapshot:
+    /// they are checked on the process itself once it runs again.
+    live_flags: bool,
+    /// Dirty tracking registered mappings the layout's flags do not show as such.
+    fresh_registrations: bool,
+}
+
+impl Copied {
+    /// Completes the page files and the process's record. Returns it and the bytes
+    /// of pages stored.
+    fn finish(
+        mut self,
+        writer: &mut CheckpointWriter,
+        prev: Option<&memory::PrevPages>,
+    ) -> Result<(Process, u64, bool, Option<Snapshot>)> {
+        let pid = self.process.pid;
+        let mut steps = Steps::new();
+        // smaps is slow: read while the rest is finished.
+        let flag_check = self.live_flags.then(|| {
+            let layout = self.layout.clone();
+            std::thread::spawn(move || memory::check_flags(&ProcDir::new(pid), &layout, false))
+        });
+        for (part, done) in self.plain.into_iter().zip(&self.per_part) {
+            writer.finish_positioned(part, done.sums.clone(), true)?;
+        }
+        for w in self.packed {
+            writer.finish_data(w)?;
+        }
+        if self.files.compression != Compression::None {
+            self.files.frames = self.per_part.iter().map(|d| d.frames.clone()).collect();
+        }
+        steps.done("parts finished");
+        let (mappings, bytes) = memory::finish_pages(&self.layout, &self.plan, &self.states, prev);
+        steps.done("runs");
+        // The hash of every page of the page file, in its order: each part's.
+        let hashes: Vec<u128> = self
+            .per_part
+            .iter()
+            .flat_map(|d| d.hashes.iter().copied())
+            .collect();
+        let name = format!("page-hashes-{pid}.bin");
+        let mut w = writer.data_file(&name)?;
+        w.write_all(&stasis_image::PageHashes::encode(&hashes))?;
+        writer.finish_data(w)?;
+        steps.done("hashes");
+        if let Some(check) = flag_check {
+            join_flag_check(check, pid)?;
+            if self.fresh_registrations {
+                memory::forget_flags(pid);
+            } else {
+                memory::remember_flags(pid, &self.layout);
+            }
+            steps.done("flags checked");
+        }
+        self.process.pages = self.files;
+        self.process.page_hashes = Some(name);
+        self.process.mappings = mappings;
+        tracing::debug!("process {pid} finished: {}", steps.report());
+        Ok((self.process, bytes, self.one_copy, self.snapshot))
     }
 }
 
@@ -743,6 +847,33 @@ impl Steps {
     }
 }
 
+/// Waits for a mapping flag check (see `memory::check_flags`) of process `pid`.
+fn join_flag_check(check: std::thread::JoinHandle<Result<()>>, pid: i32) -> Result<()> {
+    let r = check.join().unwrap_or_else(|_| {
+        Err(Error::Restore {
+            pid,
+            msg: "the mapping flag check panicked".into(),
+        })
+    });
+    r.map_err(|e| name_process(e, pid))
+}
+
+/// Resident anonymous memory of a process, bytes (`/proc/PID/statm`: resident less
+/// shared); 0 when unreadable.
+fn resident_bytes(proc: &ProcDir) -> u64 {
+    let Ok(statm) = std::fs::read_to_string(proc.file("statm")) else {
+        return 0;
+    };
+    let f: Vec<u64> = statm
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    match (f.get(1), f.get(2)) {
+        (Some(res), Some(shared)) => res.saturating_sub(*shared) * stasis_image::PAGE_SIZE,
+        _ => 0,
+    }
+}
+
 /// Names the process (not its snapshot) in an error of the page writer.
 fn name_process(e: Error, pid: i32) -> Error {
     match e {
@@ -765,18 +896,19 @@ fn name_process(e: Error, pid: i32) -> Error {
     }
 }
 
-/// The page hashes of the newest checkpoint in `dir`, by process: what an incremental
-/// checkpoint may refer to instead of storing again. Unreadable or absent: nothing.
-fn previous_pages(dir: &Path, prev_seq: Option<u64>) -> Result<HashMap<i32, memory::PrevPages>> {
+/// The page runs of checkpoint `prev_seq` in `dir` (the newest before this one), by
+/// process: what an incremental checkpoint refers to for pages it does not store
+/// again. Unreadable or absent: nothing (everything is stored).
+fn previous_pages(dir: &Path, prev_seq: Option<u64>) -> HashMap<i32, memory::PrevPages> {
     let mut out = HashMap::new();
-    let Some(path) = prev_seq.map(|seq| store::checkpoint_path(dir, seq)) else {
-        return Ok(out);
+    let Some(seq) = prev_seq else {
+        return out;
     };
+    let path = store::checkpoint_path(dir, seq);
     let Ok(bytes) = std::fs::read(path.join("checkpoint.json")) else {
-        return Ok(out);
+        return out;
     };
-    // Only each process's hashes file is needed: the rest (every page run) is skipped
-    // over, not built.
+    // Only the page runs are needed: the rest is skipped over, not built.
     #[derive(serde::Deserialize)]
     struct Lite {
         processes: Vec<LiteProcess>,
@@ -784,23 +916,33 @@ fn previous_pages(dir: &Path, prev_seq: Option<u64>) -> Result<HashMap<i32, memo
     #[derive(serde::Deserialize)]
     struct LiteProcess {
         pid: i32,
+        mappings: Vec<LiteMapping>,
+    }
+    #[derive(serde::Deserialize)]
+    struct LiteMapping {
         #[serde(default)]
-        hashes_file: Option<String>,
+        pages: Vec<stasis_image::PageRun>,
     }
     let Ok(meta) = serde_json::from_slice::<Lite>(&bytes) else {
-        return Ok(out);
+        return out;
     };
-    for p in &meta.processes {
-        let Some(name) = &p.hashes_file else { continue };
-        let Ok(raw) = std::fs::read(path.join(name)) else {
-            continue;
-        };
-        out.insert(
-            p.pid,
-            memory::PrevPages::new(stasis_image::PageHash::decode_all(&raw)),
-        );
+    for p in meta.processes {
+        let runs = p.mappings.into_iter().flat_map(|m| m.pages);
+        out.insert(p.pid, memory::PrevPages::new(seq, runs));
     }
-    Ok(out)
+    out
+}
+
+/// Adds to `prev` the page hashes of every checkpoint its runs refer to, so that
+/// pages can be compared by content (when writes were not tracked). A hash file that
+/// is missing or unreadable only means its pages are stored again.
+fn load_hashes(dir: &Path, pid: i32, prev: &mut memory::PrevPages) {
+    for seq in prev.sources() {
+        let path = store::checkpoint_path(dir, seq).join(format!("page-hashes-{pid}.bin"));
+        if let Ok(raw) = std::fs::read(&path) {
+            prev.add_hashes(seq, stasis_image::PageHashes::decode(&raw));
+        }
+    }
 }
 
 /// `uname -r`.

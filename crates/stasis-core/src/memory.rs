@@ -117,12 +117,15 @@ pub fn remembered_flags(proc: &ProcDir) -> Option<FlagCache> {
     (n == cache.len()).then_some(cache)
 }
 
-/// Checks that the flags a layout was read with are those of the snapshot, forked
-/// while the process was frozen (a mapping changed by madvise(2) between the early
-/// read of [`read_flags`] and the freeze would be saved wrongly). A mapping the
-/// snapshot lacks must be one a fork does not copy.
-pub fn check_flags(snapshot: &ProcDir, layout: &[Vma]) -> Result<()> {
-    let mut theirs: Vec<((u64, u64), VmFlags)> = read_flags(snapshot)?.into_iter().collect();
+/// Checks that the flags a layout was read with (early, by [`read_flags`] or
+/// remembered) are those the process had when it was frozen: a mapping changed by
+/// madvise(2) in between would be saved wrongly. With `exact`, `proc` is the
+/// snapshot, forked while the process was frozen, and a mapping it lacks must be one
+/// a fork does not copy. Otherwise `proc` is the process itself, running again: a
+/// mapping it has unmapped or changed the bounds of since is passed over (its flags
+/// changed, if at all, after the freeze, or twice in a few milliseconds).
+pub fn check_flags(proc: &ProcDir, layout: &[Vma], exact: bool) -> Result<()> {
+    let mut theirs: Vec<((u64, u64), VmFlags)> = read_flags(proc)?.into_iter().collect();
     theirs.sort_unstable_by_key(|t| t.0);
     for v in layout {
         let ours = v.flags & SAVED_FLAGS;
@@ -135,11 +138,11 @@ pub fn check_flags(snapshot: &ProcDir, layout: &[Vma]) -> Result<()> {
             .filter(|t| v.map.end <= t.0 .1);
         let same = match holder {
             Some((_, f)) => f & SAVED_FLAGS == ours,
-            None => ours.contains(VmFlags::DC),
+            None => !exact || ours.contains(VmFlags::DC),
         };
         if !same {
             return Err(Error::Transient {
-                pid: snapshot.pid,
+                pid: proc.pid,
                 what: format!(
                     "mapping {:x}-{:x} changed (madvise) while the checkpoint began",
                     v.map.start, v.map.end
@@ -712,41 +715,91 @@ pub enum PageState {
     Zero,
     /// Stored in this checkpoint's page file; its content hash.
     Own(u128),
-    /// Unchanged since an earlier checkpoint, which holds it: (hash, from, offset).
-    Ref(u128, u64, u64),
+    /// Unchanged since an earlier checkpoint, which holds it: (from, offset).
+    Ref(u64, u64),
 }
 
 /// Per planned run (by index) and first page (within the run): what became of pages.
 pub type ZeroMap = Vec<(usize, u64, Vec<PageState>)>;
 
-/// Where the pages of the previous checkpoint live, by address (for incremental
-/// checkpoints).
-/// Sorted by address: built by decoding the previous hashes file, without hashing
-/// a million keys.
-pub struct PrevPages(Vec<stasis_image::PageHash>);
+/// The newest checkpoint's pages of one process, for an incremental checkpoint:
+/// where each page lives (its page runs, by address), and, when pages must be
+/// compared by content (writes were not tracked), the hashes of the pages of every
+/// checkpoint those runs refer to.
+#[derive(Debug, Default)]
+pub struct PrevPages {
+    /// Page runs in address order, `from` absolute.
+    runs: Vec<PageRun>,
+    /// Page hashes by checkpoint sequence, indexed by page of its page file.
+    hashes: HashMap<u64, Vec<u128>>,
+}
 
 impl PrevPages {
-    /// From the records of a hashes file (in any order).
-    pub fn new(mut pages: Vec<stasis_image::PageHash>) -> PrevPages {
-        if !pages.is_sorted_by_key(|p| p.addr) {
-            pages.sort_unstable_by_key(|p| p.addr);
+    /// From the page runs of the checkpoint `seq` (where `from` 0 means `seq`).
+    pub fn new(seq: u64, runs: impl IntoIterator<Item = PageRun>) -> PrevPages {
+        let mut runs: Vec<PageRun> = runs
+            .into_iter()
+            .map(|r| PageRun {
+                from: if r.from == 0 { seq } else { r.from },
+                ..r
+            })
+            .collect();
+        if !runs.is_sorted_by_key(|r| r.addr) {
+            runs.sort_unstable_by_key(|r| r.addr);
         }
-        PrevPages(pages)
+        PrevPages {
+            runs,
+            hashes: HashMap::new(),
+        }
     }
 
-    /// The records of the pages in `[start, end)`, in address order.
-    pub fn range(&self, start: u64, end: u64) -> &[stasis_image::PageHash] {
-        let a = self.0.partition_point(|p| p.addr < start);
-        let b = self.0.partition_point(|p| p.addr < end);
-        &self.0[a..b.max(a)]
+    /// The checkpoints the runs refer to.
+    pub fn sources(&self) -> Vec<u64> {
+        let mut s: Vec<u64> = self.runs.iter().map(|r| r.from).collect();
+        s.sort_unstable();
+        s.dedup();
+        s
     }
 
-    /// The record of the page at `addr`.
-    pub fn get(&self, addr: &u64) -> Option<&stasis_image::PageHash> {
-        self.0
-            .binary_search_by_key(addr, |p| p.addr)
-            .ok()
-            .map(|i| &self.0[i])
+    /// Adds the page hashes of checkpoint `seq` (see [`stasis_image::PageHashes`]).
+    pub fn add_hashes(&mut self, seq: u64, hashes: Vec<u128>) {
+        self.hashes.insert(seq, hashes);
+    }
+
+    /// True when pages can be compared by content.
+    pub fn has_hashes(&self) -> bool {
+        !self.hashes.is_empty()
+    }
+
+    /// The runs that overlap `[start, end)`, in address order.
+    pub fn runs_in(&self, start: u64, end: u64) -> &[PageRun] {
+        let a = self
+            .runs
+            .partition_point(|r| r.addr + r.npages * PAGE_SIZE <= start);
+        let b = self.runs.partition_point(|r| r.addr < end);
+        &self.runs[a..b.max(a)]
+    }
+
+    /// The page at `addr`: its hash, and where it lives (from, offset).
+    pub fn get(&self, addr: u64) -> Option<(u128, u64, u64)> {
+        if self.hashes.is_empty() {
+            return None;
+        }
+        let k = self
+            .runs
+            .partition_point(|r| r.addr <= addr)
+            .checked_sub(1)?;
+        let r = &self.runs[k];
+        let idx = (addr - r.addr) / PAGE_SIZE;
+        if idx >= r.npages {
+            return None;
+        }
+        let offset = r.offset + idx * PAGE_SIZE;
+        let hash = *self
+            .hashes
+            .get(&r.from)?
+            .get((offset / PAGE_SIZE) as usize)?;
+        Some((hash, r.from, offset))
     }
 }
 
@@ -830,12 +883,20 @@ pub enum PartOut<'a> {
     Compressed(&'a mut stasis_image::DataWriter, Compression),
 }
 
-/// What one part received: its page states, its chunk checksums (plain parts) and
-/// the end offsets of its frames (compressed parts).
-pub type PartResult = (ZeroMap, Vec<String>, Vec<u64>);
+/// A part once written.
+#[derive(Debug, Default)]
+pub struct PartDone {
+    /// Chunk checksums (plain parts).
+    pub sums: Vec<String>,
+    /// End offsets of its frames (compressed parts).
+    pub frames: Vec<u64>,
+    /// Hash of each page of the part, in order (zero pages and pages referred to
+    /// elsewhere: the zero page's).
+    pub hashes: Vec<u128>,
+}
 
-/// A part once written: its chunk checksums (plain) and frame ends (compressed).
-pub type PartDone = (Vec<String>, Vec<u64>);
+/// What one part received: its page states, and the part.
+pub type PartResult = (ZeroMap, PartDone);
 
 /// Writes every planned page into the parts (at the plan's offsets) with one thread
 /// per part: each reads its pages (from `prefetched`, the runs copied while the
@@ -857,26 +918,9 @@ pub fn write_pages(
 ) -> Result<(ZeroMap, Vec<PartDone>)> {
     let mem = std::fs::File::open(format!("/proc/{src}/mem"))
         .ctx(src, || "opening /proc/PID/mem".into())?;
-    // Pages not written since the previous checkpoint: refer to it, read nothing.
+    // Pages not written since the previous checkpoint (clean runs) are not read at
+    // all: finish_pages refers to the previous checkpoint for them.
     let mut zeros: ZeroMap = Vec::new();
-    for (i, r) in plan.runs.iter().enumerate().filter(|(_, r)| r.clean) {
-        // One search per run, then a walk along the previous pages.
-        let end = r.addr + r.npages * PAGE_SIZE;
-        let mut old = prev
-            .map_or(&[][..], |p| p.range(r.addr, end))
-            .iter()
-            .peekable();
-        let z = (0..r.npages)
-            .map(|k| {
-                let addr = r.addr + k * PAGE_SIZE;
-                match old.next_if(|o| o.addr == addr) {
-                    Some(o) => PageState::Ref(o.hash, o.from, o.offset),
-                    None => PageState::Zero,
-                }
-            })
-            .collect();
-        zeros.push((i, 0, z));
-    }
     let results: Vec<Result<PartResult>> = std::thread::scope(|sc| {
         let handles: Vec<_> = parts
             .into_iter()
@@ -903,9 +947,9 @@ pub fn write_pages(
     });
     let mut per_part = Vec::new();
     for r in results {
-        let (z, sums, frames) = r?;
+        let (z, done) = r?;
         zeros.extend(z);
-        per_part.push((sums, frames));
+        per_part.push(done);
     }
     Ok((zeros, per_part))
 }
@@ -992,11 +1036,8 @@ impl RangeJob<'_> {
                             return PageState::Zero;
                         }
                         let h = xxhash_rust::xxh3::xxh3_128(page);
-                        match self
-                            .prev
-                            .and_then(|p| p.get(&(addr + k as u64 * PAGE_SIZE)))
-                        {
-                            Some(old) if old.hash == h => PageState::Ref(h, old.from, old.offset),
+                        match self.prev.and_then(|p| p.get(addr + k as u64 * PAGE_SIZE)) {
+                            Some((old, from, offset)) if old == h => PageState::Ref(from, offset),
                             _ => PageState::Own(h),
                         }
                     })
@@ -1009,6 +1050,12 @@ impl RangeJob<'_> {
                             PageState::Own(_) => page,
                             _ => &ZERO_PAGE[..],
                         });
+                // The part's checksums are made of these page hashes (see
+                // stasis_image::store::paged_chunk_hashes): no second pass.
+                page_hashes.extend(z.iter().map(|st| match st {
+                    PageState::Own(h) => *h,
+                    _ => *ZERO_PAGE_HASH,
+                }));
                 match &mut self.out {
                     PartOut::Compressed(w, codec) => {
                         for page in held {
@@ -1024,12 +1071,6 @@ impl RangeJob<'_> {
                         }
                     }
                     PartOut::Plain(f) => {
-                        // The part's checksums are made of these page hashes (see
-                        // stasis_image::store::paged_chunk_hashes): no second pass.
-                        page_hashes.extend(z.iter().map(|st| match st {
-                            PageState::Own(h) => *h,
-                            _ => *ZERO_PAGE_HASH,
-                        }));
                         // Pages stored here are written (unless the snapshot did); zero
                         // and unchanged pages stay (or become) holes.
                         for (s, e, own) in spans(&z) {
@@ -1062,7 +1103,14 @@ impl RangeJob<'_> {
             }
             PartOut::Plain(_) => sums = stasis_image::store::paged_chunk_hashes(&page_hashes),
         }
-        Ok((zeros, sums, frames))
+        Ok((
+            zeros,
+            PartDone {
+                sums,
+                frames,
+                hashes: page_hashes,
+            },
+        ))
     }
 }
 
@@ -1104,59 +1152,75 @@ fn punch_hole(file: &std::fs::File, off: u64, len: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Turns the plan and the zero-page map into the mappings' saved page runs. Zero pages
+/// Turns the plan and the page states into the mappings' saved page runs. Zero pages
 /// are left out (restore leaves them to the kernel's zero fill; they are holes in the
-/// page file). Returns the mappings and the bytes of pages stored.
+/// page file); clean runs (not written since the previous checkpoint) refer to where
+/// `prev` has their pages, run by run. Returns the mappings and the bytes of pages
+/// stored.
 pub fn finish_pages(
     vmas: &[Vma],
     plan: &Plan,
     states: &ZeroMap,
-    seq: u64,
-) -> (Vec<Mapping>, u64, Vec<stasis_image::PageHash>) {
+    prev: Option<&PrevPages>,
+) -> (Vec<Mapping>, u64) {
     let mut mappings: Vec<Mapping> = vmas.iter().map(|v| v.map.clone()).collect();
-    // Pieces of runs in file order (pages without a state are zero).
+    // Pieces of runs in plan order (pages without a state are zero).
     let mut order: Vec<&(usize, u64, Vec<PageState>)> = states.iter().collect();
     order.sort_unstable_by_key(|(i, first, _)| (*i, *first));
+    let mut pieces = order.into_iter().peekable();
     let mut stored = 0;
-    let mut hashes = Vec::with_capacity(states.iter().map(|s| s.2.len()).sum());
-    for (i, first, z) in order {
-        let Some(r) = plan.runs.get(*i) else { continue };
-        let m = &mut mappings[r.vma];
-        for (k, st) in z.iter().enumerate() {
-            let k = *first + k as u64;
-            let addr = r.addr + k * PAGE_SIZE;
-            let (from, offset, hash) = match *st {
-                PageState::Zero => continue,
-                PageState::Own(h) => {
-                    stored += PAGE_SIZE;
-                    (0, r.offset + k * PAGE_SIZE, h)
-                }
-                PageState::Ref(h, from, offset) => (from, offset, h),
-            };
-            hashes.push(stasis_image::PageHash {
-                addr,
-                hash,
-                from: if from == 0 { seq } else { from },
-                offset,
-            });
-            match m.pages.last_mut() {
-                Some(last)
-                    if last.from == from
-                        && last.addr + last.npages * PAGE_SIZE == addr
-                        && last.offset + last.npages * PAGE_SIZE == offset =>
-                {
-                    last.npages += 1
-                }
-                _ => m.pages.push(PageRun {
-                    addr,
-                    npages: 1,
-                    offset,
-                    from,
-                }),
+    for (i, r) in plan.runs.iter().enumerate() {
+        let pages = &mut mappings[r.vma].pages;
+        if r.clean {
+            let end = r.addr + r.npages * PAGE_SIZE;
+            for old in prev.map_or(&[][..], |p| p.runs_in(r.addr, end)) {
+                // The part of the old run inside this one.
+                let a = old.addr.max(r.addr);
+                let b = (old.addr + old.npages * PAGE_SIZE).min(end);
+                let offset = old.offset + (a - old.addr);
+                push_page_run(pages, a, (b - a) / PAGE_SIZE, offset, old.from);
+            }
+            continue;
+        }
+        while let Some((j, first, z)) = pieces.next_if(|p| p.0 <= i) {
+            if *j != i {
+                continue; // (no piece is made of a clean run)
+            }
+            for (k, st) in z.iter().enumerate() {
+                let k = *first + k as u64;
+                let addr = r.addr + k * PAGE_SIZE;
+                let (from, offset) = match *st {
+                    PageState::Zero => continue,
+                    PageState::Own(_) => {
+                        stored += PAGE_SIZE;
+                        (0, r.offset + k * PAGE_SIZE)
+                    }
+                    PageState::Ref(from, offset) => (from, offset),
+                };
+                push_page_run(pages, addr, 1, offset, from);
             }
         }
     }
-    (mappings, stored, hashes)
+    (mappings, stored)
+}
+
+/// Appends pages to a mapping's runs, extending the last run where they continue it.
+fn push_page_run(pages: &mut Vec<PageRun>, addr: u64, npages: u64, offset: u64, from: u64) {
+    match pages.last_mut() {
+        Some(last)
+            if last.from == from
+                && last.addr + last.npages * PAGE_SIZE == addr
+                && last.offset + last.npages * PAGE_SIZE == offset =>
+        {
+            last.npages += npages
+        }
+        _ => pages.push(PageRun {
+            addr,
+            npages,
+            offset,
+            from,
+        }),
+    }
 }
 
 /// Cuts `items` (in order) into at most one group per worker thread, of about equal

@@ -213,6 +213,11 @@ pub struct Timings {
     /// false: stasis copied them.
     #[serde(default)]
     pub one_copy: bool,
+    /// No snapshot was taken although one could have been: the few pages written
+    /// since the previous checkpoint were copied while frozen, which pauses the
+    /// process no longer than a snapshot fork would.
+    #[serde(default)]
+    pub frozen_copy: bool,
 }
 
 /// One process.
@@ -246,10 +251,11 @@ pub struct Process {
     pub mappings: Vec<Mapping>,
     /// The data files holding this process's pages.
     pub pages: PageFiles,
-    /// Name of the data file with the hash of every saved page (`PageHash` records),
-    /// used by the next incremental checkpoint.
-    #[serde(default)]
-    pub hashes_file: Option<String>,
+    /// Name of the data file with the content hash of every page of this
+    /// checkpoint's page file (see [`PageHashes`]): what the next incremental
+    /// checkpoint compares pages against when it cannot track writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_hashes: Option<String>,
     /// Open file descriptors.
     pub fds: Vec<Fd>,
     /// Process-wide signal state.
@@ -390,47 +396,30 @@ fn is_zero(v: &u64) -> bool {
     *v == 0
 }
 
-/// One record of a `hashes-PID.bin` file: where the current content of a page lives.
-/// Little-endian, 40 bytes: addr, hash (128 bits, low half first), from (absolute
-/// checkpoint sequence), offset in that checkpoint's page file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PageHash {
-    pub addr: u64,
-    pub hash: u128,
-    pub from: u64,
-    pub offset: u64,
-}
+/// A `page-hashes-PID.bin` file: the xxh3-128 hash of each page of a checkpoint's
+/// (logical) page file, in page-file order, 16 bytes little-endian (low half first)
+/// per page. Pages that are holes (zero, or referred to in an earlier checkpoint)
+/// have the hash of a zero page. Its size grows with the pages the checkpoint stores,
+/// not with the process.
+pub struct PageHashes;
 
-impl PageHash {
-    /// Size of one encoded record.
-    pub const SIZE: usize = 40;
+impl PageHashes {
+    /// Size of one encoded hash.
+    pub const SIZE: usize = 16;
 
-    /// Encodes records into a buffer of `SIZE` bytes per record.
-    pub fn encode_all(records: &[PageHash]) -> Vec<u8> {
-        let mut out = vec![0u8; records.len() * Self::SIZE];
-        for (r, o) in records.iter().zip(out.chunks_exact_mut(Self::SIZE)) {
-            o[0..8].copy_from_slice(&r.addr.to_le_bytes());
-            o[8..24].copy_from_slice(&r.hash.to_le_bytes());
-            o[24..32].copy_from_slice(&r.from.to_le_bytes());
-            o[32..40].copy_from_slice(&r.offset.to_le_bytes());
+    /// Encodes hashes, in page-file order.
+    pub fn encode(hashes: &[u128]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(hashes.len() * Self::SIZE);
+        for h in hashes {
+            out.extend_from_slice(&h.to_le_bytes());
         }
         out
     }
 
-    /// Decodes every record of a hashes file.
-    pub fn decode_all(b: &[u8]) -> Vec<PageHash> {
+    /// Decodes a file (a trailing partial record is ignored).
+    pub fn decode(b: &[u8]) -> Vec<u128> {
         b.chunks_exact(Self::SIZE)
-            .map(|c| {
-                let u = |r: std::ops::Range<usize>| {
-                    u64::from_le_bytes(c[r].try_into().unwrap_or_default())
-                };
-                PageHash {
-                    addr: u(0..8),
-                    hash: u128::from_le_bytes(c[8..24].try_into().unwrap_or_default()),
-                    from: u(24..32),
-                    offset: u(32..40),
-                }
-            })
+            .map(|c| u128::from_le_bytes(c.try_into().unwrap_or_default()))
             .collect()
     }
 }
@@ -682,19 +671,12 @@ mod tests {
 
     #[test]
     fn page_hashes_round_trip() {
-        let recs: Vec<PageHash> = (0..5u64)
-            .map(|i| PageHash {
-                addr: 0x7000_0000 + i * 4096,
-                hash: (u128::from(i) << 70) | 0xabc,
-                from: i % 2 + 1,
-                offset: i * 8192,
-            })
-            .collect();
-        let bytes = PageHash::encode_all(&recs);
-        assert_eq!(bytes.len(), recs.len() * PageHash::SIZE);
-        assert_eq!(PageHash::decode_all(&bytes), recs);
-        // A torn record at the end is ignored, not misread.
-        assert_eq!(PageHash::decode_all(&bytes[..bytes.len() - 3]), recs[..4]);
+        let hashes: Vec<u128> = (0..5u128).map(|i| (i << 100) | (i * 7)).collect();
+        let bytes = PageHashes::encode(&hashes);
+        assert_eq!(bytes.len(), hashes.len() * PageHashes::SIZE);
+        assert_eq!(PageHashes::decode(&bytes), hashes);
+        // A truncated file yields the whole records only.
+        assert_eq!(PageHashes::decode(&bytes[..bytes.len() - 3]), hashes[..4]);
     }
 
     #[test]

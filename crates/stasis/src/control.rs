@@ -193,6 +193,10 @@ pub fn copy_summary(t: &stasis_image::Timings) -> String {
     match (t.snapshot, t.one_copy) {
         (true, true) => format!("pages written by the snapshot (one copy) in {ms:.1} ms"),
         (true, false) => format!("pages copied from the snapshot in {ms:.1} ms"),
+        (false, _) if t.frozen_copy => format!(
+            "the {:.1} MiB written since the last checkpoint copied while frozen (sooner than forking a snapshot)",
+            t.pages_bytes as f64 / 1048576.0
+        ),
         (false, _) => "pages copied while frozen (a copy-on-write snapshot is taken only for a single process under `stasis run`/`restart`, without --kill)".to_string(),
     }
 }
