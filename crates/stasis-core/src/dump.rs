@@ -13,7 +13,7 @@ use crate::freeze::Frozen;
 use crate::inject::{find_syscall_insn, Injector, Scratch};
 use crate::memory;
 use crate::proc::ProcDir;
-use crate::snapshot::{PartFiles, Snapshot};
+use crate::snapshot::{PartFiles, Snapshot, WriteProgress};
 use crate::{signals, task, thread};
 use stasis_image::{
     store, Checkpoint, CheckpointWriter, Compression, DirLock, Origin, PageFiles, Process, Timings,
@@ -646,16 +646,19 @@ impl Part {
         let mut in_file = vec![false; self.plan.runs.len()];
         let mut one_copy = false;
         // The flags read before the freeze are checked on the snapshot meanwhile
-        // (smaps is slow); the snapshot lives until the check is joined below.
-        let flag_check = self
-            .snapshot
-            .as_ref()
-            .filter(|_| self.early_flags)
-            .map(|snap| {
-                let (snap, layout) = (ProcDir::new(snap.pid), self.layout.clone());
-                std::thread::spawn(move || memory::check_flags(&snap, &layout, true))
-            });
+        // (smaps is slow); the snapshot lives until the check is joined below. The
+        // check starts once the snapshot's writers are set up: reading smaps holds
+        // the snapshot's memory map lock, which their setup needs.
+        let check_flags = |snap: i32, layout: Vec<memory::Vma>| {
+            std::thread::spawn(move || memory::check_flags(&ProcDir::new(snap), &layout, true))
+        };
+        let mut flag_check = None;
         let snapshot_writes = compress == Compression::None && (prev.is_none() || self.tracked);
+        let (src, how) = match &self.snapshot {
+            Some(s) => (s.pid, memory::Source::Snapshot),
+            None => (pid, memory::Source::Process),
+        };
+        let mut done = None;
         if let Some(snap) = self.snapshot.as_mut().filter(|_| snapshot_writes) {
             let part_files = PartFiles {
                 files: plain
@@ -666,38 +669,88 @@ impl Part {
             };
             let hidden: std::collections::HashSet<usize> =
                 self.hidden_index.iter().copied().collect();
-            let written = snap.write_runs(self.insn, &self.plan, &part_files, |i, r| {
-                !r.clean && !r.forced && !hidden.contains(&i)
+            let writes = Snapshot::plan_writes(
+                &self.plan,
+                part_size,
+                |i, r| !r.clean && !r.forced && !hidden.contains(&i),
+                &mut in_file,
+            );
+            // The snapshot writes while one thread per part follows it, reading back,
+            // hashing and completing what it has written.
+            let progress = WriteProgress::new(plain.len());
+            let (plan, prefetched, chosen) = (&self.plan, &prefetched, &in_file);
+            let (written, checked) = std::thread::scope(|sc| {
+                let checker = sc.spawn(|| {
+                    memory::write_pages(
+                        src,
+                        how,
+                        plan,
+                        prefetched,
+                        plain.iter().map(memory::PartOut::Plain).collect(),
+                        part_size,
+                        prev,
+                        &|i| chosen.get(i).copied().unwrap_or(false),
+                        Some(&progress),
+                    )
+                });
+                let (snap_pid, layout) = (snap.pid, &self.layout);
+                let early_flags = self.early_flags;
+                let flag_check = &mut flag_check;
+                let ready = move || {
+                    if early_flags {
+                        *flag_check = Some(check_flags(snap_pid, layout.clone()));
+                    }
+                };
+                let written = snap.write(self.insn, writes, &part_files, &progress, ready);
+                progress.end(matches!(written, Ok(true)));
+                let checked = checker.join().unwrap_or_else(|_| {
+                    Err(Error::Restore {
+                        pid,
+                        msg: "a page checking thread panicked".into(),
+                    })
+                });
+                (written, checked)
             });
-            if let Some(w) = written.map_err(|e| name_process(e, pid))? {
-                in_file = w;
+            steps.done("written by the snapshot");
+            if written.map_err(|e| name_process(e, pid))? {
+                done = Some(checked.map_err(|e| name_process(e, pid))?);
                 one_copy = true;
+            } else {
+                // Copied from outside instead, into emptied parts.
+                part_files.empty(pid)?;
+                in_file.fill(false);
             }
         }
-        steps.done("written by the snapshot");
-        let (src, how) = match &self.snapshot {
-            Some(s) => (s.pid, memory::Source::Snapshot),
-            None => (pid, memory::Source::Process),
+        if flag_check.is_none() && self.early_flags {
+            if let Some(snap) = &self.snapshot {
+                flag_check = Some(check_flags(snap.pid, self.layout.clone()));
+            }
+        }
+        let (zeros, per_part) = match done {
+            Some(d) => d,
+            None => {
+                let outs: Vec<memory::PartOut> = if compress == Compression::None {
+                    plain.iter().map(memory::PartOut::Plain).collect()
+                } else {
+                    packed
+                        .iter_mut()
+                        .map(|w| memory::PartOut::Compressed(w, compress))
+                        .collect()
+                };
+                memory::write_pages(
+                    src,
+                    how,
+                    &self.plan,
+                    &prefetched,
+                    outs,
+                    part_size,
+                    prev,
+                    &|_| false,
+                    None,
+                )
+                .map_err(|e| name_process(e, pid))?
+            }
         };
-        let outs: Vec<memory::PartOut> = if compress == Compression::None {
-            plain.iter().map(memory::PartOut::Plain).collect()
-        } else {
-            packed
-                .iter_mut()
-                .map(|w| memory::PartOut::Compressed(w, compress))
-                .collect()
-        };
-        let (zeros, per_part) = memory::write_pages(
-            src,
-            how,
-            &self.plan,
-            &prefetched,
-            outs,
-            part_size,
-            prev,
-            &|i| in_file.get(i).copied().unwrap_or(false),
-        )
-        .map_err(|e| name_process(e, pid))?;
         steps.done("checked and completed");
         if let Some(check) = flag_check {
             join_flag_check(check, pid)?;

@@ -903,8 +903,9 @@ pub type PartResult = (ZeroMap, PartDone);
 /// process was frozen, or from process `src`), writes the non-zero ones (zero pages
 /// stay holes) and checksums its chunks as it goes. Runs for which `in_file` is true
 /// were already written into the (plain) part by the process's snapshot (see
-/// `snapshot`): they are read back from the file, and their zero or unchanged pages
-/// punched out. Returns the page states and, per part, its chunk checksums and frames.
+/// `snapshot`): they are read back from the file (as soon as `progress` says they
+/// are written, when the snapshot is still writing), and their zero or unchanged
+/// pages punched out. Returns the page states and, per part, its chunk checksums and frames.
 #[allow(clippy::too_many_arguments)]
 pub fn write_pages(
     src: i32,
@@ -915,6 +916,7 @@ pub fn write_pages(
     part_size: u64,
     prev: Option<&PrevPages>,
     in_file: &(dyn Fn(usize) -> bool + Sync),
+    progress: Option<&crate::snapshot::WriteProgress>,
 ) -> Result<(ZeroMap, Vec<PartDone>)> {
     let mem = std::fs::File::open(format!("/proc/{src}/mem"))
         .ctx(src, || "opening /proc/PID/mem".into())?;
@@ -936,6 +938,8 @@ pub fn write_pages(
                     prev,
                     mem: &mem,
                     in_file,
+                    progress,
+                    part: w,
                     out,
                     lo,
                     hi,
@@ -963,6 +967,11 @@ struct RangeJob<'a> {
     prev: Option<&'a PrevPages>,
     mem: &'a std::fs::File,
     in_file: &'a (dyn Fn(usize) -> bool + Sync),
+    /// How far the snapshot has written the parts (pages it writes are read back
+    /// only once written); None: it has finished.
+    progress: Option<&'a crate::snapshot::WriteProgress>,
+    /// Index of this part.
+    part: usize,
     out: PartOut<'a>,
     lo: u64,
     hi: u64,
@@ -1008,6 +1017,14 @@ impl RangeJob<'_> {
                     let PartOut::Plain(f) = &self.out else {
                         unreachable!("in_file implies a plain part")
                     };
+                    if let Some(p) = self.progress {
+                        if !p.wait(self.part, off - lo + len) {
+                            return Err(Error::Transient {
+                                pid: src,
+                                what: "the snapshot stopped writing its pages".into(),
+                            });
+                        }
+                    }
                     let data = &mut buf[..len as usize];
                     f.file()
                         .read_exact_at(data, off - lo)

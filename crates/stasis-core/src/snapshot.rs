@@ -118,8 +118,9 @@ pub struct Snapshot {
 
 /// Most iovecs of one injected pwritev (IOV_MAX).
 const MAX_IOVECS: usize = 1024;
-/// Most bytes of one injected pwritev: small enough to spread the work evenly.
-const MAX_JOB: u64 = 64 << 20;
+/// Most bytes of one injected pwritev: small enough to spread the work evenly and
+/// for the readers checking the pages to follow closely.
+const MAX_JOB: u64 = 16 << 20;
 /// Bytes of snapshot memory per writer thread for its iovec array.
 const IOV_AREA: u64 = (MAX_IOVECS * 16) as u64;
 
@@ -182,38 +183,56 @@ impl Snapshot {
         Ok(snap)
     }
 
-    /// Writes the planned runs selected by `want` into the part files from inside
-    /// the snapshot (see the module documentation), with `insn` the address of a
-    /// `syscall` instruction. Returns which runs (by index in the plan) it wrote, or
-    /// None when the snapshot cannot write them (e.g. it cannot open the files): the
-    /// caller then copies them itself. Writing errors (a full disk) are errors.
-    pub fn write_runs(
+    /// Plans the writes of the runs selected by `want` (see [`Snapshot::write`]);
+    /// marks in `chosen` (by index in the plan) the runs it will write.
+    pub fn plan_writes(
+        plan: &Plan,
+        part_size: u64,
+        want: impl Fn(usize, &PlannedRun) -> bool,
+        chosen: &mut [bool],
+    ) -> Writes {
+        Writes(plan_jobs(plan, part_size, &want, chosen))
+    }
+
+    /// Writes the planned runs into the part files from inside the snapshot (see the
+    /// module documentation), with `insn` the address of a `syscall` instruction,
+    /// publishing in `progress` how far each part is written; `ready` is called once
+    /// the writers are set up (the snapshot's memory map no longer changes: slow
+    /// readers of it, such as smaps, may start without delaying them). Returns false
+    /// when the
+    /// snapshot cannot write them (e.g. it cannot open the files): the caller then
+    /// empties the parts ([`PartFiles::empty`]) and copies the pages itself. Writing
+    /// errors (a full disk) are errors. Either way, nothing of the snapshot's writes
+    /// any more once it returns.
+    pub fn write(
         &mut self,
         insn: u64,
-        plan: &Plan,
+        writes: Writes,
         parts: &PartFiles,
-        want: impl Fn(usize, &PlannedRun) -> bool,
-    ) -> Result<Option<Vec<bool>>> {
-        let mut chosen = vec![false; plan.runs.len()];
-        let jobs = plan_jobs(plan, parts.size, &want, &mut chosen);
+        progress: &WriteProgress,
+        ready: impl FnOnce(),
+    ) -> Result<bool> {
+        let jobs = writes.0;
+        progress.start(&jobs);
         if jobs.is_empty() {
-            return Ok(Some(chosen));
+            return Ok(true);
         }
         let threads = stasis_image::store::workers()
             .min(jobs.len())
             .min(parts.files.len());
         let t0 = std::time::Instant::now();
         let pid = self.pid;
-        let attempt = || -> Result<bool> {
+        let attempt = move || -> Result<bool> {
             let Some((fds, area)) = self.prepare(insn, parts, threads)? else {
                 return Ok(false);
             };
+            ready();
             let mut writers = vec![Injector::new(self.pid, insn)?];
             for tid in &self.threads {
                 writers.push(Injector::new(*tid, insn)?);
             }
             let (t1, njobs) = (std::time::Instant::now(), jobs.len());
-            self.run_jobs(jobs, &writers, &fds, area, parts)?;
+            self.run_jobs(jobs, &writers, &fds, area, parts, progress)?;
             tracing::debug!(
                 "snapshot {}: {} writer threads ready in {:?}, {njobs} pwritev in {:?}",
                 self.pid,
@@ -224,8 +243,8 @@ impl Snapshot {
             Ok(true)
         };
         match attempt() {
-            Ok(true) => Ok(Some(chosen)),
-            Ok(false) => Ok(None),
+            Ok(true) => Ok(true),
+            Ok(false) => Ok(false),
             // The disk (full, failing) or the snapshot itself gone: copying from
             // outside cannot do better.
             Err(e) if is_disk_error(&e) || matches!(e, Error::Gone { .. }) => Err(e),
@@ -235,19 +254,7 @@ impl Snapshot {
                 tracing::debug!(
                     "snapshot {pid}: cannot write its own pages ({e}); copying from outside"
                 );
-                // What it wrote goes: pages copied from outside leave holes where
-                // nothing is stored, and the checksums count on them.
-                for (path, f) in &parts.files {
-                    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-                    f.set_len(0)
-                        .and_then(|()| f.set_len(len))
-                        .map_err(|e| Error::Io {
-                            pid,
-                            context: format!("emptying {}", path.display()),
-                            source: e,
-                        })?;
-                }
-                Ok(None)
+                Ok(false)
             }
         }
     }
@@ -321,16 +328,37 @@ impl Snapshot {
             .ctx(pid, || "writing clone3 arguments".into())?;
         ptrace::set_options(pid, ptrace::O_TRACESYSGOOD | ptrace::O_TRACECLONE)
             .ctx(pid, || "tracing the snapshot's threads".into())?;
-        for _ in 1..threads {
-            let r = inj.raw(libc::SYS_clone3, &[area, CLONE_ARGS_SIZE])?;
-            if r < 0 {
-                // Fewer writer threads only make it slower.
-                tracing::debug!("snapshot {pid}: clone3 of a writer thread: errno {}", -r);
-                break;
+        // Every thread there is clones one more at once: the count doubles each round.
+        let mut all = vec![pid];
+        'grow: while all.len() < threads {
+            let n = (threads - all.len()).min(all.len());
+            let parents: Vec<Injector> = all[..n]
+                .iter()
+                .map(|&t| Injector::new(t, insn))
+                .collect::<Result<_>>()?;
+            for p in &parents {
+                p.start(libc::SYS_clone3, &[area, CLONE_ARGS_SIZE])?;
             }
-            let tid = r as i32;
-            self.threads.push(tid);
-            crate::thread::wait_created(tid)?;
+            let mut born = Vec::with_capacity(n);
+            let mut refused = false;
+            for p in &parents {
+                let r = p.finish()?;
+                if r < 0 {
+                    // Fewer writer threads only make it slower.
+                    tracing::debug!("snapshot {pid}: clone3 of a writer thread: errno {}", -r);
+                    refused = true;
+                } else {
+                    born.push(r as i32);
+                }
+            }
+            for tid in born {
+                self.threads.push(tid);
+                all.push(tid);
+                crate::thread::wait_created(tid)?;
+            }
+            if refused {
+                break 'grow;
+            }
         }
         Ok(Some((fds, area)))
     }
@@ -344,6 +372,7 @@ impl Snapshot {
         fds: &[u64],
         area: u64,
         parts: &PartFiles,
+        progress: &WriteProgress,
     ) -> Result<()> {
         let pid = self.pid;
         let mut queues: Vec<std::collections::VecDeque<Job>> =
@@ -388,11 +417,15 @@ impl Snapshot {
                     }
                     job.advance(r as u64);
                     if let Some(j) = slot.take() {
-                        writing[j.part] = false;
+                        let part = j.part;
+                        writing[part] = false;
                         // After a short write, the rest goes again.
                         if !j.iov.is_empty() {
-                            queues[j.part].push_front(j);
+                            queues[part].push_front(j);
                         }
+                        // Everything before the part's next job is written.
+                        let next = queues[part].front().map_or(u64::MAX, |n| n.at);
+                        progress.advance(part, next);
                     }
                 }
                 if slot.is_none() {
@@ -436,6 +469,91 @@ impl Snapshot {
                 std::thread::sleep(std::time::Duration::from_micros(50));
             }
         }
+    }
+}
+
+/// The page writes a snapshot is to make (see [`Snapshot::plan_writes`]).
+pub struct Writes(Vec<Job>);
+
+/// How far a snapshot has written each part: readers that check what it wrote
+/// follow it closely instead of waiting for the end.
+pub struct WriteProgress {
+    /// Per part: the offset below which every write of the snapshot is done.
+    marks: Vec<std::sync::atomic::AtomicU64>,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl WriteProgress {
+    /// For `parts` parts, nothing written yet.
+    pub fn new(parts: usize) -> WriteProgress {
+        WriteProgress {
+            marks: (0..parts)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+            failed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Before the first write: each part is done up to its first job.
+    fn start(&self, jobs: &[Job]) {
+        for (k, m) in self.marks.iter().enumerate() {
+            let first = jobs.iter().find(|j| j.part == k).map_or(u64::MAX, |j| j.at);
+            m.store(first, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    fn advance(&self, part: usize, to: u64) {
+        if let Some(m) = self.marks.get(part) {
+            m.store(to, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// The snapshot will write nothing more: failed (readers give up) or done.
+    pub fn end(&self, ok: bool) {
+        if !ok {
+            self.failed
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        for m in &self.marks {
+            m.store(u64::MAX, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Waits until part `part` is written up to offset `upto`; false when the
+    /// snapshot failed (what it wrote does not count).
+    pub fn wait(&self, part: usize, upto: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        let Some(m) = self.marks.get(part) else {
+            return false;
+        };
+        loop {
+            if self.failed.load(Ordering::Acquire) {
+                return false;
+            }
+            if m.load(Ordering::Acquire) >= upto {
+                return !self.failed.load(Ordering::Acquire);
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+    }
+}
+
+impl PartFiles<'_> {
+    /// Empties the parts (keeping their size) after a snapshot failed to write them:
+    /// pages copied from outside leave holes where nothing is stored, and the
+    /// checksums count on them.
+    pub fn empty(&self, pid: i32) -> Result<()> {
+        for (path, f) in &self.files {
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            f.set_len(0)
+                .and_then(|()| f.set_len(len))
+                .map_err(|e| Error::Io {
+                    pid,
+                    context: format!("emptying {}", path.display()),
+                    source: e,
+                })?;
+        }
+        Ok(())
     }
 }
 
