@@ -93,6 +93,7 @@ fn checkpoint_locked(
     pid: i32,
     opts: &DumpOptions,
 ) -> Result<DumpReport> {
+    let t_start = Instant::now();
     let root = ProcDir::new(pid);
     if !root.path.exists() {
         return Err(Error::Attach {
@@ -225,13 +226,15 @@ fn checkpoint_locked(
     }
     let pause_end = Instant::now();
     let frozen_copy = copied.iter().any(|c| c.frozen_copy);
+    let mut live_checks = Vec::new();
     for c in copied {
         let prev_pages = prev.get(&c.process.pid);
-        let (p, bytes, by_snapshot, snapshot) = c.finish(&mut writer, prev_pages)?;
-        dead_snapshots.extend(snapshot);
-        pages_bytes += bytes;
-        one_copy |= by_snapshot;
-        processes.push(p);
+        let f = c.finish(&mut writer, prev_pages)?;
+        live_checks.extend(f.check);
+        dead_snapshots.extend(f.snapshot);
+        pages_bytes += f.bytes;
+        one_copy |= f.one_copy;
+        processes.push(f.process);
     }
     let mut depends_on: Vec<u64> = processes
         .iter()
@@ -297,7 +300,17 @@ fn checkpoint_locked(
     };
     meta.timings.sync_us = t2.elapsed().as_micros() as u64;
     let sequence = meta.sequence;
+    for check in live_checks {
+        check.join()?;
+    }
+    let t3 = Instant::now();
     let path = writer.commit(&meta)?;
+    tracing::debug!(
+        "checkpoint {sequence}: {:.1} ms in all (frozen after {:.1} ms), {:.1} ms to publish",
+        t_start.elapsed().as_secs_f64() * 1e3,
+        (t0 - t_start).as_secs_f64() * 1e3,
+        t3.elapsed().as_secs_f64() * 1e3
+    );
     if !dead_snapshots.is_empty() {
         // Reaped aside: a large address space takes a while to tear down, and the
         // checkpoint is complete.
@@ -823,10 +836,10 @@ impl Copied {
         mut self,
         writer: &mut CheckpointWriter,
         prev: Option<&memory::PrevPages>,
-    ) -> Result<(Process, u64, bool, Option<Snapshot>)> {
+    ) -> Result<Finished> {
         let pid = self.process.pid;
         let mut steps = Steps::new();
-        // smaps is slow: read while the rest is finished.
+        // smaps is slow: read while the rest is finished and published.
         let flag_check = self.live_flags.then(|| {
             let layout = self.layout.clone();
             std::thread::spawn(move || memory::check_flags(&ProcDir::new(pid), &layout, false))
@@ -844,30 +857,76 @@ impl Copied {
         let (mappings, bytes) = memory::finish_pages(&self.layout, &self.plan, &self.states, prev);
         steps.done("runs");
         // The hash of every page of the page file, in its order: each part's.
-        let hashes: Vec<u128> = self
-            .per_part
-            .iter()
-            .flat_map(|d| d.hashes.iter().copied())
-            .collect();
         let name = format!("page-hashes-{pid}.bin");
         let mut w = writer.data_file(&name)?;
-        w.write_all(&stasis_image::PageHashes::encode(&hashes))?;
+        let mut failed = Ok(());
+        for d in &self.per_part {
+            stasis_image::PageHashes::encode_into(&d.hashes, &mut |b| {
+                if failed.is_ok() {
+                    failed = w.write_all(b);
+                }
+            });
+        }
+        failed?;
         writer.finish_data(w)?;
         steps.done("hashes");
-        if let Some(check) = flag_check {
-            join_flag_check(check, pid)?;
-            if self.fresh_registrations {
-                memory::forget_flags(pid);
-            } else {
-                memory::remember_flags(pid, &self.layout);
-            }
-            steps.done("flags checked");
-        }
         self.process.pages = self.files;
         self.process.page_hashes = Some(name);
         self.process.mappings = mappings;
         tracing::debug!("process {pid} finished: {}", steps.report());
-        Ok((self.process, bytes, self.one_copy, self.snapshot))
+        let check = flag_check.map(|handle| LiveCheck {
+            pid,
+            handle,
+            layout: self.layout,
+            fresh_registrations: self.fresh_registrations,
+        });
+        Ok(Finished {
+            process: self.process,
+            bytes,
+            one_copy: self.one_copy,
+            snapshot: self.snapshot,
+            check,
+        })
+    }
+}
+
+/// A process's record, complete but for a flag check that may still run.
+struct Finished {
+    process: Process,
+    /// Bytes of pages stored.
+    bytes: u64,
+    /// Written by its snapshot.
+    one_copy: bool,
+    /// The killed snapshot, to reap once the checkpoint is published.
+    snapshot: Option<Snapshot>,
+    /// The check to pass before publication.
+    check: Option<LiveCheck>,
+}
+
+/// A check of the flags of a process that runs again (see `Copied::live_flags`),
+/// still going: it must pass before the checkpoint is published.
+struct LiveCheck {
+    pid: i32,
+    handle: std::thread::JoinHandle<Result<()>>,
+    layout: Vec<memory::Vma>,
+    fresh_registrations: bool,
+}
+
+impl LiveCheck {
+    fn join(self) -> Result<()> {
+        let t = Instant::now();
+        join_flag_check(self.handle, self.pid)?;
+        if self.fresh_registrations {
+            memory::forget_flags(self.pid);
+        } else {
+            memory::remember_flags(self.pid, &self.layout);
+        }
+        tracing::debug!(
+            "process {}: flags checked on the running process ({:.1} ms more)",
+            self.pid,
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(())
     }
 }
 

@@ -416,6 +416,26 @@ impl PageHashes {
         out
     }
 
+    /// Appends the encoding of `hashes` to `out` without a copy per hash where the
+    /// machine is little-endian (the encoding is then the memory layout).
+    pub fn encode_into(hashes: &[u128], out: &mut impl FnMut(&[u8])) {
+        if cfg!(target_endian = "little") {
+            // SAFETY: u128 has no padding and every byte pattern is a valid u8; the
+            // slice covers exactly the memory of `hashes`, which outlives it.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    hashes.as_ptr().cast::<u8>(),
+                    std::mem::size_of_val(hashes),
+                )
+            };
+            out(bytes);
+        } else {
+            for chunk in hashes.chunks(4096) {
+                out(&Self::encode(chunk));
+            }
+        }
+    }
+
     /// Decodes a file (a trailing partial record is ignored).
     pub fn decode(b: &[u8]) -> Vec<u128> {
         b.chunks_exact(Self::SIZE)
@@ -677,6 +697,9 @@ mod tests {
         assert_eq!(PageHashes::decode(&bytes), hashes);
         // A truncated file yields the whole records only.
         assert_eq!(PageHashes::decode(&bytes[..bytes.len() - 3]), hashes[..4]);
+        let mut direct = Vec::new();
+        PageHashes::encode_into(&hashes, &mut |b| direct.extend_from_slice(b));
+        assert_eq!(direct, bytes);
     }
 
     #[test]
