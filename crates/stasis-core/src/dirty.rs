@@ -204,6 +204,11 @@ fn create_uffd(pid: i32, inj: &Injector) -> Result<OwnedFd> {
     Ok(uffd)
 }
 
+/// Whether the writes of `pid` are being tracked (it has a userfaultfd of ours).
+pub fn is_tracked(pid: i32) -> bool {
+    TRACKERS.lock().is_ok_and(|t| t.contains_key(&pid))
+}
+
 /// Forgets a process that is gone (killed after a checkpoint, exited).
 pub fn forget(pid: i32) {
     if let Ok(mut t) = TRACKERS.lock() {

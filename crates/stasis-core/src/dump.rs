@@ -129,7 +129,10 @@ fn checkpoint_locked(
     } else {
         HashMap::new()
     };
-    let early_flags = if parent_is_us && !opts.kill && roots.len() == 1 {
+    // Without dirty tracking they are read from the snapshot instead, exactly, and
+    // not at all before the freeze.
+    let late_flags = !opts.incremental && !crate::dirty::is_tracked(pid);
+    let early_flags = if parent_is_us && !opts.kill && roots.len() == 1 && !late_flags {
         if opts.incremental {
             crate::dirty::prearm(&root);
         }
@@ -156,6 +159,7 @@ fn checkpoint_locked(
     let tracking = Tracking {
         snapshot_ok,
         early_flags: early_flags.filter(|_| snapshot_ok),
+        late_flags: snapshot_ok && late_flags,
         incremental: opts.incremental,
         prev_seq,
         seq: writer.sequence(),
@@ -457,6 +461,8 @@ struct Part {
     /// The layout's flags were read before the freeze (to be checked on the snapshot,
     /// or on the process once it runs again).
     early_flags: bool,
+    /// The layout has no flags yet: they come from the snapshot's smaps.
+    late_flags: bool,
     /// A snapshot could have been taken, but the pages written since the previous
     /// checkpoint were copied while frozen (see `snapshot::worth_taking`).
     frozen_copy: bool,
@@ -472,6 +478,9 @@ struct Tracking {
     snapshot_ok: bool,
     /// The mapping flags of the (single) process, read before it was frozen.
     early_flags: Option<memory::FlagCache>,
+    /// The flags are read from the snapshot's smaps once the process runs again
+    /// (snapshot without dirty tracking, whose registrations a fork does not show).
+    late_flags: bool,
     incremental: bool,
     /// The newest checkpoint before this one.
     prev_seq: Option<u64>,
@@ -491,7 +500,11 @@ fn dump_frozen(
     let pid = proc.pid;
     let mut steps = Steps::new();
     task::check_supported(proc)?;
-    let mut layout = memory::read_layout(proc, tracking.early_flags.as_ref())?;
+    let mut layout = if tracking.late_flags {
+        memory::read_layout_unflagged(proc)?
+    } else {
+        memory::read_layout(proc, tracking.early_flags.as_ref())?
+    };
     let insn = find_syscall_insn(pid, &memory::exec_ranges(&layout))?;
     frozen.block_signals()?;
     let inj = Injector::new(pid, insn)?;
@@ -526,6 +539,18 @@ fn dump_frozen(
     // With a snapshot, only what a fork does not copy is planned and copied now, into
     // a buffer; the rest is planned from the snapshot's own pagemap once the process
     // runs again (see Part::write_pages).
+    // Without flags (see Tracking::late_flags), the snapshot is taken first: what a
+    // fork does not copy is seen on it.
+    let mut snapshot = None;
+    let mut snapshot_us = 0;
+    if snapshot_ok && tracking.late_flags {
+        let t_snap = Instant::now();
+        let snap = Snapshot::take(&inj, pid, &scratch)?;
+        snapshot_us = t_snap.elapsed().as_micros() as u64;
+        memory::mark_invisible(proc, &ProcDir::new(snap.pid), &mut layout)?;
+        snapshot = Some(snap);
+    }
+    steps.done("early snapshot");
     let (plan, hidden_plan) = if snapshot_ok {
         let hidden = memory::plan(proc, &layout, written.as_deref(), memory::invisible_to_fork)?;
         (None, hidden)
@@ -548,13 +573,11 @@ fn dump_frozen(
         &mut hidden_buf,
     )?;
     steps.done("shared and hidden memory");
-    let t_snap = Instant::now();
-    let snapshot = if snapshot_ok {
-        Some(Snapshot::take(&inj, pid, &scratch)?)
-    } else {
-        None
-    };
-    let snapshot_us = t_snap.elapsed().as_micros() as u64;
+    if snapshot_ok && snapshot.is_none() {
+        let t_snap = Instant::now();
+        snapshot = Some(Snapshot::take(&inj, pid, &scratch)?);
+        snapshot_us = t_snap.elapsed().as_micros() as u64;
+    }
     if snapshot.is_some() {
         crate::snapshot::note_fork(pid, rss, snapshot_us * 1000);
     }
@@ -595,6 +618,7 @@ fn dump_frozen(
         snapshot_us,
         tracked,
         early_flags: tracking.early_flags.is_some(),
+        late_flags: tracking.late_flags && snapshot_ok,
         frozen_copy,
         fresh_registrations,
         insn,
@@ -662,9 +686,19 @@ impl Part {
         // (smaps is slow); the snapshot lives until the check is joined below. The
         // check starts once the snapshot's writers are set up: reading smaps holds
         // the snapshot's memory map lock, which their setup needs.
-        let check_flags = |snap: i32, layout: Vec<memory::Vma>| {
-            std::thread::spawn(move || memory::check_flags(&ProcDir::new(snap), &layout, true))
+        // Without flags (late_flags), the snapshot's are read instead (exact).
+        let late = self.late_flags;
+        let check_flags = move |snap: i32, layout: Vec<memory::Vma>| {
+            std::thread::spawn(move || {
+                let snap = ProcDir::new(snap);
+                if late {
+                    memory::read_flags(&snap).map(Some)
+                } else {
+                    memory::check_flags(&snap, &layout, true).map(|()| None)
+                }
+            })
         };
+        let wants_flags = self.early_flags || self.late_flags;
         let mut flag_check = None;
         let snapshot_writes = compress == Compression::None && (prev.is_none() || self.tracked);
         let (src, how) = match &self.snapshot {
@@ -707,10 +741,9 @@ impl Part {
                     )
                 });
                 let (snap_pid, layout) = (snap.pid, &self.layout);
-                let early_flags = self.early_flags;
                 let flag_check = &mut flag_check;
                 let ready = move || {
-                    if early_flags {
+                    if wants_flags {
                         *flag_check = Some(check_flags(snap_pid, layout.clone()));
                     }
                 };
@@ -734,7 +767,7 @@ impl Part {
                 in_file.fill(false);
             }
         }
-        if flag_check.is_none() && self.early_flags {
+        if flag_check.is_none() && wants_flags {
             if let Some(snap) = &self.snapshot {
                 flag_check = Some(check_flags(snap.pid, self.layout.clone()));
             }
@@ -766,7 +799,9 @@ impl Part {
         };
         steps.done("checked and completed");
         if let Some(check) = flag_check {
-            join_flag_check(check, pid)?;
+            if let Some(flags) = join_flag_check(check, pid)? {
+                memory::fill_flags(&ProcDir::new(pid), &flags, &mut self.layout)?;
+            }
             if self.fresh_registrations {
                 memory::forget_flags(pid);
             } else {
@@ -959,8 +994,9 @@ impl Steps {
     }
 }
 
-/// Waits for a mapping flag check (see `memory::check_flags`) of process `pid`.
-fn join_flag_check(check: std::thread::JoinHandle<Result<()>>, pid: i32) -> Result<()> {
+/// Waits for a mapping flag check (see `memory::check_flags`) of process `pid`, or
+/// for the flags read from its snapshot.
+fn join_flag_check<T>(check: std::thread::JoinHandle<Result<T>>, pid: i32) -> Result<T> {
     let r = check.join().unwrap_or_else(|_| {
         Err(Error::Restore {
             pid,

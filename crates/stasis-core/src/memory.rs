@@ -153,6 +153,111 @@ pub fn check_flags(proc: &ProcDir, layout: &[Vma], exact: bool) -> Result<()> {
     Ok(())
 }
 
+/// Reads the memory layout of a process from /proc/PID/maps alone, without the
+/// mapping flags (smaps, which is slow, is read later on the process's snapshot:
+/// see [`mark_invisible`] and [`fill_flags`]).
+pub fn read_layout_unflagged(proc: &ProcDir) -> Result<Vec<Vma>> {
+    let pid = proc.pid;
+    let none: FlagCache = proc
+        .process()?
+        .maps()
+        .map_err(std::io::Error::other)
+        .ctx(pid, || "reading /proc/PID/maps".into())?
+        .into_iter()
+        .map(|m| (m.address, VmFlags::empty()))
+        .collect();
+    read_layout(proc, Some(&none))
+}
+
+/// For a layout read without flags, marks the mappings whose content the snapshot
+/// (a fork of the frozen process) does not have: mappings it lacks (MADV_DONTFORK)
+/// and anonymous mappings it has empty though the process has pages there
+/// (MADV_WIPEONFORK). They are copied while the process is frozen
+/// ([`invisible_to_fork`]); [`fill_flags`] sets the exact flags later.
+pub fn mark_invisible(proc: &ProcDir, snapshot: &ProcDir, layout: &mut [Vma]) -> Result<()> {
+    use stasis_sys::dirty::{category as c, scan_first, ScanMasks};
+    use std::os::fd::AsRawFd;
+    let theirs: Vec<(u64, u64)> = snapshot
+        .process()?
+        .maps()
+        .map_err(std::io::Error::other)
+        .ctx(snapshot.pid, || {
+            "reading /proc/PID/maps of the snapshot".into()
+        })?
+        .into_iter()
+        .map(|m| m.address)
+        .collect();
+    let open = |p: &ProcDir| {
+        std::fs::File::open(p.file("pagemap")).ctx(p.pid, || "opening /proc/PID/pagemap".into())
+    };
+    let (ours_pm, theirs_pm) = (open(proc)?, open(snapshot)?);
+    // Present pages that are not the shared zero page.
+    let masks = ScanMasks {
+        all: c::PRESENT | c::PFNZERO,
+        inverted: c::PFNZERO,
+        report: c::PRESENT,
+        ..ScanMasks::default()
+    };
+    let has_pages = |pm: &std::fs::File, pid: i32, v: &Vma| {
+        scan_first(pm.as_raw_fd(), v.map.start, v.map.end, masks)
+            .map(|r| r.is_some())
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno))
+            .ctx(pid, || {
+                format!("PAGEMAP_SCAN of mapping {:x}-{:x}", v.map.start, v.map.end)
+            })
+    };
+    for v in layout.iter_mut().filter(|v| saves_pages(v)) {
+        let k = theirs.partition_point(|t| t.0 <= v.map.start);
+        let held = k.checked_sub(1).is_some_and(|k| v.map.end <= theirs[k].1);
+        if !held {
+            v.flags |= VmFlags::DC;
+        } else if matches!(v.map.kind, MappingKind::Anonymous)
+            && has_pages(&ours_pm, proc.pid, v)?
+            && !has_pages(&theirs_pm, snapshot.pid, v)?
+        {
+            v.flags |= VmFlags::WF;
+        }
+    }
+    Ok(())
+}
+
+/// Sets the flags of a layout read without them ([`read_layout_unflagged`]) from
+/// `flags`, its snapshot's smaps (exact: the snapshot was forked while the process
+/// was frozen, and keeps every flag but userfaultfd's: not for a process whose
+/// writes are tracked). A mapping the snapshot lacks
+/// (MADV_DONTFORK) takes its other flags from the process's own smaps, read now
+/// that it runs again (`proc`), if it still has it.
+pub fn fill_flags(proc: &ProcDir, flags: &FlagCache, layout: &mut [Vma]) -> Result<()> {
+    let sorted = |c: &FlagCache| {
+        let mut v: Vec<((u64, u64), VmFlags)> = c.iter().map(|(k, f)| (*k, *f)).collect();
+        v.sort_unstable_by_key(|t| t.0);
+        v
+    };
+    let holder = |all: &[((u64, u64), VmFlags)], v: &Vma| {
+        let k = all.partition_point(|t| t.0 .0 <= v.map.start);
+        k.checked_sub(1)
+            .map(|k| all[k])
+            .filter(|t| v.map.end <= t.0 .1)
+            .map(|t| t.1)
+    };
+    let theirs = sorted(flags);
+    let mut own = None;
+    for v in layout.iter_mut() {
+        let f = match holder(&theirs, v) {
+            Some(f) => f,
+            None => {
+                if own.is_none() {
+                    own = Some(sorted(&read_flags(proc)?));
+                }
+                let mine = own.as_deref().and_then(|o| holder(o, v));
+                mine.unwrap_or_default() | VmFlags::DC
+            }
+        };
+        v.set_flags(proc.pid, f)?;
+    }
+    Ok(())
+}
+
 /// Reads the memory layout of a process and refuses what cannot be saved yet. With
 /// `cache` (see [`read_flags`]), reads the cheap /proc/PID/maps and takes the flags
 /// from the cache, unless a mapping is not there (then smaps is read after all).
@@ -272,33 +377,7 @@ pub fn read_layout(proc: &ProcDir, cache: Option<&FlagCache>) -> Result<Vec<Vma>
             ),
             other => return Err(unsupported(pid, format!("mapping {range} ({other:?})"))),
         };
-        if flags.intersects(VmFlags::IO | VmFlags::PF)
-            && !matches!(
-                kind,
-                MappingKind::Vvar
-                    | MappingKind::VvarVclock
-                    | MappingKind::Vdso
-                    | MappingKind::Vsyscall
-            )
-        {
-            return Err(unsupported(
-                pid,
-                format!("device memory mapping {range} ({name})"),
-            ));
-        }
-        let mut advice = Vec::new();
-        for (f, a) in [
-            (VmFlags::DC, "dontfork"),
-            (VmFlags::WF, "wipeonfork"),
-            (VmFlags::DD, "dontdump"),
-            (VmFlags::HG, "hugepage"),
-            (VmFlags::NH, "nohugepage"),
-        ] {
-            if flags.contains(f) {
-                advice.push(a.to_string());
-            }
-        }
-        out.push(Vma {
+        let mut v = Vma {
             map: Mapping {
                 start,
                 end,
@@ -306,13 +385,15 @@ pub fn read_layout(proc: &ProcDir, cache: Option<&FlagCache>) -> Result<Vec<Vma>
                 shared,
                 kind,
                 name,
-                growsdown: flags.contains(VmFlags::GD),
-                advice,
+                growsdown: false,
+                advice: Vec::new(),
                 pages: Vec::new(),
                 content_file: None,
             },
-            flags,
-        });
+            flags: VmFlags::empty(),
+        };
+        v.set_flags(pid, flags)?;
+        out.push(v);
     }
     Ok(out)
 }
@@ -384,6 +465,44 @@ fn saves_pages(v: &Vma) -> bool {
 }
 
 impl Vma {
+    /// Sets its VM flags and what follows from them (the advice to re-apply, the
+    /// stack's growing down); refuses device memory.
+    fn set_flags(&mut self, pid: i32, flags: VmFlags) -> Result<()> {
+        let m = &mut self.map;
+        if flags.intersects(VmFlags::IO | VmFlags::PF)
+            && !matches!(
+                m.kind,
+                MappingKind::Vvar
+                    | MappingKind::VvarVclock
+                    | MappingKind::Vdso
+                    | MappingKind::Vsyscall
+            )
+        {
+            return Err(unsupported(
+                pid,
+                format!(
+                    "device memory mapping {:x}-{:x} ({})",
+                    m.start, m.end, m.name
+                ),
+            ));
+        }
+        m.advice.clear();
+        for (f, a) in [
+            (VmFlags::DC, "dontfork"),
+            (VmFlags::WF, "wipeonfork"),
+            (VmFlags::DD, "dontdump"),
+            (VmFlags::HG, "hugepage"),
+            (VmFlags::NH, "nohugepage"),
+        ] {
+            if flags.contains(f) {
+                m.advice.push(a.to_string());
+            }
+        }
+        m.growsdown = flags.contains(VmFlags::GD);
+        self.flags = flags;
+        Ok(())
+    }
+
     /// True when this mapping's pages are saved in the page file.
     pub fn saves_pages(&self) -> bool {
         saves_pages(self)

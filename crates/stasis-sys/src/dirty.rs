@@ -142,6 +142,39 @@ pub fn scan(
     Ok(out)
 }
 
+/// PAGEMAP_SCAN for the first matching page of `[start, end)` (the walk stops
+/// there): its range, if any.
+pub fn scan_first(
+    pagemap: i32,
+    start: u64,
+    end: u64,
+    masks: ScanMasks,
+) -> Result<Option<(u64, u64)>> {
+    let mut region = [0u64; 3];
+    // struct pm_scan_arg, at most one page reported
+    let mut arg = [
+        96u64,
+        0,
+        start,
+        end,
+        0,
+        region.as_mut_ptr() as u64,
+        1,
+        1, // max_pages
+        masks.inverted,
+        masks.all,
+        masks.any,
+        masks.report,
+    ];
+    let n = ioctl(
+        pagemap,
+        PAGEMAP_SCAN,
+        arg.as_mut_ptr().cast(),
+        "PAGEMAP_SCAN",
+    )?;
+    Ok((n > 0).then_some((region[0], region[1])))
+}
+
 /// PAGEMAP_SCAN: the page ranges of `[start, end)` written since they were
 /// write-protected. With `reprotect`, the written pages are write-protected again in
 /// the same walk, which re-arms tracking at the cost of the written pages only.
