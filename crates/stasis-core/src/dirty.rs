@@ -184,6 +184,8 @@ fn try_prearm(proc: &ProcDir) -> Result<()> {
             protected: true,
         },
     );
+    // Flags remembered from an earlier checkpoint do not show these registrations.
+    crate::memory::forget_flags(pid);
     Ok(())
 }
 

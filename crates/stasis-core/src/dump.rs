@@ -230,11 +230,9 @@ fn checkpoint_locked(
     }
     let pause_end = Instant::now();
     let frozen_copy = copied.iter().any(|c| c.frozen_copy);
-    let mut live_checks = Vec::new();
     for c in copied {
         let prev_pages = prev.get(&c.process.pid);
         let f = c.finish(&mut writer, prev_pages)?;
-        live_checks.extend(f.check);
         dead_snapshots.extend(f.snapshot);
         pages_bytes += f.bytes;
         one_copy |= f.one_copy;
@@ -304,9 +302,6 @@ fn checkpoint_locked(
     };
     meta.timings.sync_us = t2.elapsed().as_micros() as u64;
     let sequence = meta.sequence;
-    for check in live_checks {
-        check.join()?;
-    }
     let t3 = Instant::now();
     let path = writer.commit(&meta)?;
     tracing::debug!(
@@ -463,6 +458,8 @@ struct Part {
     early_flags: bool,
     /// The layout has no flags yet: they come from the snapshot's smaps.
     late_flags: bool,
+    /// The process's flags, read while its pages are copied while frozen.
+    frozen_flags: Option<std::thread::JoinHandle<Result<memory::FlagCache>>>,
     /// A snapshot could have been taken, but the pages written since the previous
     /// checkpoint were copied while frozen (see `snapshot::worth_taking`).
     frozen_copy: bool,
@@ -535,6 +532,12 @@ fn dump_frozen(
             !crate::snapshot::worth_taking(pid, rss, dirty)
         });
     let snapshot_ok = tracking.snapshot_ok && !frozen_copy;
+    // A frozen copy reads the exact flags while it copies (the layout's were read
+    // before the freeze or remembered, and there is no snapshot to check them on).
+    let frozen_flags = (frozen_copy && tracking.early_flags.is_some()).then(|| {
+        let proc = proc.clone();
+        std::thread::spawn(move || memory::read_flags(&proc))
+    });
     steps.done("dirty scan");
     // With a snapshot, only what a fork does not copy is planned and copied now, into
     // a buffer; the rest is planned from the snapshot's own pagemap once the process
@@ -620,6 +623,7 @@ fn dump_frozen(
         early_flags: tracking.early_flags.is_some(),
         late_flags: tracking.late_flags && snapshot_ok,
         frozen_copy,
+        frozen_flags,
         fresh_registrations,
         insn,
     })
@@ -694,7 +698,7 @@ impl Part {
                 if late {
                     memory::read_flags(&snap).map(Some)
                 } else {
-                    memory::check_flags(&snap, &layout, true).map(|()| None)
+                    memory::check_flags(&snap, &layout).map(|()| None)
                 }
             })
         };
@@ -798,6 +802,15 @@ impl Part {
             }
         };
         steps.done("checked and completed");
+        if let Some(read) = self.frozen_flags.take() {
+            let flags = join_flag_check(read, pid)?;
+            memory::fill_flags(&ProcDir::new(pid), &flags, &mut self.layout)?;
+            if self.fresh_registrations {
+                memory::forget_flags(pid);
+            } else {
+                memory::remember_flags(pid, &self.layout);
+            }
+        }
         if let Some(check) = flag_check {
             if let Some(flags) = join_flag_check(check, pid)? {
                 memory::fill_flags(&ProcDir::new(pid), &flags, &mut self.layout)?;
@@ -823,9 +836,7 @@ impl Part {
         }
         tracing::debug!("process {pid} pages: {}", steps.report());
         Ok(Copied {
-            live_flags: self.early_flags && self.snapshot.is_none() && self.frozen_copy,
             frozen_copy: self.frozen_copy,
-            fresh_registrations: self.fresh_registrations,
             process: self.process,
             layout: self.layout,
             plan: self.plan,
@@ -857,11 +868,6 @@ struct Copied {
     snapshot: Option<Snapshot>,
     /// Copied while frozen instead of from a snapshot (few pages written).
     frozen_copy: bool,
-    /// The layout's flags were read before the freeze and not checked on a snapshot:
-    /// they are checked on the process itself once it runs again.
-    live_flags: bool,
-    /// Dirty tracking registered mappings the layout's flags do not show as such.
-    fresh_registrations: bool,
 }
 
 impl Copied {
@@ -874,11 +880,6 @@ impl Copied {
     ) -> Result<Finished> {
         let pid = self.process.pid;
         let mut steps = Steps::new();
-        // smaps is slow: read while the rest is finished and published.
-        let flag_check = self.live_flags.then(|| {
-            let layout = self.layout.clone();
-            std::thread::spawn(move || memory::check_flags(&ProcDir::new(pid), &layout, false))
-        });
         for (part, done) in self.plain.into_iter().zip(&self.per_part) {
             writer.finish_positioned(part, done.sums.clone(), true)?;
         }
@@ -909,23 +910,16 @@ impl Copied {
         self.process.page_hashes = Some(name);
         self.process.mappings = mappings;
         tracing::debug!("process {pid} finished: {}", steps.report());
-        let check = flag_check.map(|handle| LiveCheck {
-            pid,
-            handle,
-            layout: self.layout,
-            fresh_registrations: self.fresh_registrations,
-        });
         Ok(Finished {
             process: self.process,
             bytes,
             one_copy: self.one_copy,
             snapshot: self.snapshot,
-            check,
         })
     }
 }
 
-/// A process's record, complete but for a flag check that may still run.
+/// A process's record, complete.
 struct Finished {
     process: Process,
     /// Bytes of pages stored.
@@ -934,35 +928,6 @@ struct Finished {
     one_copy: bool,
     /// The killed snapshot, to reap once the checkpoint is published.
     snapshot: Option<Snapshot>,
-    /// The check to pass before publication.
-    check: Option<LiveCheck>,
-}
-
-/// A check of the flags of a process that runs again (see `Copied::live_flags`),
-/// still going: it must pass before the checkpoint is published.
-struct LiveCheck {
-    pid: i32,
-    handle: std::thread::JoinHandle<Result<()>>,
-    layout: Vec<memory::Vma>,
-    fresh_registrations: bool,
-}
-
-impl LiveCheck {
-    fn join(self) -> Result<()> {
-        let t = Instant::now();
-        join_flag_check(self.handle, self.pid)?;
-        if self.fresh_registrations {
-            memory::forget_flags(self.pid);
-        } else {
-            memory::remember_flags(self.pid, &self.layout);
-        }
-        tracing::debug!(
-            "process {}: flags checked on the running process ({:.1} ms more)",
-            self.pid,
-            t.elapsed().as_secs_f64() * 1e3
-        );
-        Ok(())
-    }
 }
 
 /// Time taken by each step of a dump, for the debug log.

@@ -118,13 +118,11 @@ pub fn remembered_flags(proc: &ProcDir) -> Option<FlagCache> {
 }
 
 /// Checks that the flags a layout was read with (early, by [`read_flags`] or
-/// remembered) are those the process had when it was frozen: a mapping changed by
-/// madvise(2) in between would be saved wrongly. With `exact`, `proc` is the
-/// snapshot, forked while the process was frozen, and a mapping it lacks must be one
-/// a fork does not copy. Otherwise `proc` is the process itself, running again: a
-/// mapping it has unmapped or changed the bounds of since is passed over (its flags
-/// changed, if at all, after the freeze, or twice in a few milliseconds).
-pub fn check_flags(proc: &ProcDir, layout: &[Vma], exact: bool) -> Result<()> {
+/// remembered) are those of the snapshot, forked while the process was frozen: a
+/// mapping changed by madvise(2) in between would be saved wrongly. A mapping the
+/// snapshot lacks must be one a fork does not copy.
+pub fn check_flags(snapshot: &ProcDir, layout: &[Vma]) -> Result<()> {
+    let proc = snapshot;
     let mut theirs: Vec<((u64, u64), VmFlags)> = read_flags(proc)?.into_iter().collect();
     theirs.sort_unstable_by_key(|t| t.0);
     for v in layout {
@@ -138,7 +136,7 @@ pub fn check_flags(proc: &ProcDir, layout: &[Vma], exact: bool) -> Result<()> {
             .filter(|t| v.map.end <= t.0 .1);
         let same = match holder {
             Some((_, f)) => f & SAVED_FLAGS == ours,
-            None => !exact || ours.contains(VmFlags::DC),
+            None => ours.contains(VmFlags::DC),
         };
         if !same {
             return Err(Error::Transient {
