@@ -1111,23 +1111,68 @@ impl RangeJob<'_> {
         let mut page_hashes: Vec<u128> = Vec::new();
         let (mut zeros, mut sums, mut frames) = (Vec::new(), Vec::new(), Vec::new());
         let mut frame: Vec<u8> = Vec::new();
-        let first = plan.runs.partition_point(|r| r.offset + r.file_len() <= lo);
-        for (i, r) in plan.runs.iter().enumerate().skip(first) {
+        let runs = &plan.runs;
+        let plain = matches!(self.out, PartOut::Plain(_));
+        let cap = buf.len() as u64;
+        // Runs copied from the frozen process itself, whole: many go in one
+        // process_vm_readv (the few pages written since an incremental checkpoint
+        // are scattered).
+        let batchable = |j: usize, q: &PlannedRun| {
+            self.how == Source::Process
+                && !q.forced
+                && self.prefetched.get(&j).is_none()
+                && !((self.in_file)(j) && plain)
+                && q.offset >= lo
+                && q.offset + q.file_len() <= hi
+                && q.file_len() <= cap
+        };
+        let mut k = runs.partition_point(|r| r.offset + r.file_len() <= lo);
+        // Each step: pieces of runs (run index, first page in it, address, pages),
+        // consecutive in the file from `off`, whose data is in `buf`.
+        let mut segs: Vec<(usize, u64, u64, u64)> = Vec::new();
+        let mut remote: Vec<(u64, usize)> = Vec::new();
+        let mut within = 0u64; // the next piece of run k starts here in the file
+        while k < runs.len() {
+            let r = &runs[k];
             if r.clean {
-                continue; // no room in the file (see write_pages)
+                k += 1; // no room in the file (see write_pages)
+                continue;
             }
             if r.offset >= hi {
                 break;
             }
-            let run_end = r.offset + r.npages * PAGE_SIZE;
-            let mut off = r.offset.max(lo);
-            let in_file = (self.in_file)(i)
-                && self.prefetched.get(&i).is_none()
-                && matches!(self.out, PartOut::Plain(_));
-            while off < run_end.min(hi) {
-                let len = (run_end.min(hi) - off).min(buf.len() as u64);
+            segs.clear();
+            let off = r.offset.max(lo).max(within);
+            let run_end = (r.offset + r.npages * PAGE_SIZE).min(hi);
+            let mut in_file = false;
+            let len;
+            if off == r.offset && batchable(k, r) {
+                let mut total = 0u64;
+                remote.clear();
+                while let Some(q) = runs.get(k) {
+                    if !q.clean {
+                        if !batchable(k, q) || total + q.file_len() > cap {
+                            break;
+                        }
+                        segs.push((k, 0, q.addr, q.npages));
+                        remote.push((q.addr, q.file_len() as usize));
+                        total += q.file_len();
+                    }
+                    k += 1;
+                }
+                len = total;
+                stasis_sys::vm::read_scattered(src, &remote, &mut buf[..len as usize])
+                    .ctx(src, || {
+                        format!("reading {} runs of pages from {:x}", segs.len(), r.addr)
+                    })?;
+                within = 0;
+            } else {
+                len = (run_end - off).min(cap);
                 let addr = r.addr + (off - r.offset);
-                let data: &[u8] = if in_file {
+                segs.push((k, (off - r.offset) / PAGE_SIZE, addr, len / PAGE_SIZE));
+                in_file = (self.in_file)(k) && self.prefetched.get(&k).is_none() && plain;
+                let data = &mut buf[..len as usize];
+                if in_file {
                     // Written by the snapshot: read back from the page cache. (pread,
                     // not a mapping: faults of every worker in our one address space
                     // contend, and a hole read through a tmpfs mapping is allocated.)
@@ -1142,14 +1187,11 @@ impl RangeJob<'_> {
                             });
                         }
                     }
-                    let data = &mut buf[..len as usize];
                     f.file()
                         .read_exact_at(data, off - lo)
                         .map_err(|e| io_err("reading back", e))?;
-                    data
                 } else {
-                    let data = &mut buf[..len as usize];
-                    match self.prefetched.get(&i) {
+                    match self.prefetched.get(&k) {
                         Some(pre) => data.copy_from_slice(
                             &pre[(off - r.offset) as usize..(off - r.offset + len) as usize],
                         ),
@@ -1160,69 +1202,84 @@ impl RangeJob<'_> {
                         None => stasis_sys::vm::read(src, addr, data)
                             .ctx(src, || format!("reading {len} bytes at {addr:x}"))?,
                     }
-                    data
-                };
-                let z: Vec<PageState> = data
-                    .chunks_exact(PAGE_SIZE as usize)
-                    .enumerate()
-                    .map(|(k, page)| {
-                        if is_zero(page) {
-                            return PageState::Zero;
-                        }
-                        let h = xxhash_rust::xxh3::xxh3_128(page);
-                        match self.prev.and_then(|p| p.get(addr + k as u64 * PAGE_SIZE)) {
-                            Some((old, from, offset)) if old == h => PageState::Ref(from, offset),
-                            _ => PageState::Own(h),
-                        }
-                    })
-                    .collect();
-                // What the part holds: the stored pages, zeros elsewhere.
-                let held =
-                    data.chunks_exact(PAGE_SIZE as usize)
-                        .zip(&z)
-                        .map(|(page, st)| match st {
-                            PageState::Own(_) => page,
-                            _ => &ZERO_PAGE[..],
-                        });
-                // The part's checksums are made of these page hashes (see
-                // stasis_image::store::paged_chunk_hashes): no second pass.
-                page_hashes.extend(z.iter().map(|st| match st {
-                    PageState::Own(h) => *h,
-                    _ => *ZERO_PAGE_HASH,
-                }));
-                match &mut self.out {
-                    PartOut::Compressed(w, codec) => {
-                        for page in held {
-                            frame.extend_from_slice(page);
-                            if frame.len() as u64 == chunk {
-                                let z = codec
-                                    .compress(&frame)
-                                    .map_err(|e| io_err("compressing", e))?;
-                                w.write_all(&z)?;
-                                frames.push(w.written());
-                                frame.clear();
-                            }
-                        }
+                }
+                if off + len >= run_end {
+                    k += 1;
+                    within = 0;
+                } else {
+                    within = off + len;
+                }
+            }
+            let data = &buf[..len as usize];
+            // The address of each page of `data`.
+            let addrs = segs
+                .iter()
+                .flat_map(|&(_, _, a, n)| (0..n).map(move |p| a + p * PAGE_SIZE));
+            let z: Vec<PageState> = data
+                .chunks_exact(PAGE_SIZE as usize)
+                .zip(addrs)
+                .map(|(page, addr)| {
+                    if is_zero(page) {
+                        return PageState::Zero;
                     }
-                    PartOut::Plain(f) => {
-                        // Pages stored here are written (unless the snapshot did); zero
-                        // and unchanged pages stay (or become) holes.
-                        for (s, e, own) in spans(&z) {
-                            let at = off - lo + s as u64 * PAGE_SIZE;
-                            let bytes = &data[s * PAGE_SIZE as usize..e * PAGE_SIZE as usize];
-                            if own && !in_file {
-                                f.file()
-                                    .write_all_at(bytes, at)
-                                    .map_err(|e| io_err("writing", e))?;
-                            } else if !own && in_file {
-                                punch_hole(f.file(), at, bytes.len() as u64)
-                                    .map_err(|e| io_err("punching holes in", e))?;
-                            }
+                    let h = xxhash_rust::xxh3::xxh3_128(page);
+                    match self.prev.and_then(|p| p.get(addr)) {
+                        Some((old, from, offset)) if old == h => PageState::Ref(from, offset),
+                        _ => PageState::Own(h),
+                    }
+                })
+                .collect();
+            // What the part holds: the stored pages, zeros elsewhere.
+            let held = data
+                .chunks_exact(PAGE_SIZE as usize)
+                .zip(&z)
+                .map(|(page, st)| match st {
+                    PageState::Own(_) => page,
+                    _ => &ZERO_PAGE[..],
+                });
+            // The part's checksums are made of these page hashes (see
+            // stasis_image::store::paged_chunk_hashes): no second pass.
+            page_hashes.extend(z.iter().map(|st| match st {
+                PageState::Own(h) => *h,
+                _ => *ZERO_PAGE_HASH,
+            }));
+            match &mut self.out {
+                PartOut::Compressed(w, codec) => {
+                    for page in held {
+                        frame.extend_from_slice(page);
+                        if frame.len() as u64 == chunk {
+                            let z = codec
+                                .compress(&frame)
+                                .map_err(|e| io_err("compressing", e))?;
+                            w.write_all(&z)?;
+                            frames.push(w.written());
+                            frame.clear();
                         }
                     }
                 }
-                zeros.push((i, (off - r.offset) / PAGE_SIZE, z));
-                off += len;
+                PartOut::Plain(f) => {
+                    // Pages stored here are written (unless the snapshot did); zero
+                    // and unchanged pages stay (or become) holes.
+                    for (s, e, own) in spans(&z) {
+                        let at = off - lo + s as u64 * PAGE_SIZE;
+                        let bytes = &data[s * PAGE_SIZE as usize..e * PAGE_SIZE as usize];
+                        if own && !in_file {
+                            f.file()
+                                .write_all_at(bytes, at)
+                                .map_err(|e| io_err("writing", e))?;
+                        } else if !own && in_file {
+                            punch_hole(f.file(), at, bytes.len() as u64)
+                                .map_err(|e| io_err("punching holes in", e))?;
+                        }
+                    }
+                }
+            }
+            // The states, per piece of run.
+            let mut rest = &z[..];
+            for &(i, first_page, _, n) in &segs {
+                let (mine, tail) = rest.split_at(n as usize);
+                zeros.push((i, first_page, mine.to_vec()));
+                rest = tail;
             }
         }
         match &mut self.out {

@@ -33,6 +33,56 @@ pub fn read(pid: i32, addr: u64, buf: &mut [u8]) -> Result<()> {
     Ok(())
 }
 
+/// Copies the ranges `remote` (address, length) of process `pid`, one after the
+/// other, into `buf` (as long as their sum), with as few process_vm_readv(2) calls
+/// as IOV_MAX allows.
+pub fn read_scattered(pid: i32, remote: &[(u64, usize)], buf: &mut [u8]) -> Result<()> {
+    let total: usize = remote.iter().map(|r| r.1).sum();
+    if total != buf.len() {
+        return Err(SysError {
+            call: "process_vm_readv",
+            pid,
+            errno: libc::EINVAL,
+        });
+    }
+    const IOV_MAX: usize = 1024;
+    let mut at = 0usize;
+    for group in remote.chunks(IOV_MAX) {
+        let len: usize = group.iter().map(|r| r.1).sum();
+        let iov: Vec<libc::iovec> = group
+            .iter()
+            .map(|&(a, l)| libc::iovec {
+                iov_base: a as usize as *mut libc::c_void,
+                iov_len: l,
+            })
+            .collect();
+        let local = libc::iovec {
+            iov_base: buf[at..].as_mut_ptr().cast(),
+            iov_len: len,
+        };
+        // SAFETY: `local` describes `len` bytes of `buf` from `at` (within it, as the
+        // lengths sum to its size); the remote iovecs are only interpreted in the
+        // address space of `pid`.
+        let n = unsafe {
+            libc::process_vm_readv(pid, &local, 1, iov.as_ptr(), iov.len() as libc::c_ulong, 0)
+        };
+        if n < 0 {
+            return Err(SysError::last("process_vm_readv", pid));
+        }
+        if (n as usize) < len {
+            // A partial read stops at the first range that could not be read whole:
+            // the rest, range by range, to name the failure.
+            let mut off = at;
+            for &(a, l) in group {
+                read(pid, a, &mut buf[off..off + l])?;
+                off += l;
+            }
+        }
+        at += len;
+    }
+    Ok(())
+}
+
 /// Copies `buf` to address `addr` of process `pid`. The pages must be writable.
 pub fn write(pid: i32, addr: u64, buf: &[u8]) -> Result<()> {
     let mut done = 0usize;
