@@ -72,6 +72,14 @@ pub fn written(proc: &ProcDir, vmas: &[Vma], prev_seq: u64) -> Option<Vec<(u64, 
         }
     }
     out.sort_unstable();
+    tracing::debug!(
+        "process {}: {} KiB written since checkpoint {prev_seq} ({} mappings not tracked)",
+        proc.pid,
+        out.iter().map(|(a, b)| b - a).sum::<u64>() >> 10,
+        vmas.iter()
+            .filter(|v| v.saves_pages() && !v.flags().contains(VmFlags::UW))
+            .count()
+    );
     Some(out)
 }
 
@@ -128,6 +136,7 @@ fn try_arm(
         }
     }
     t.armed_at = seq;
+    tracing::debug!("process {pid}: dirty tracking armed at checkpoint {seq} (fresh registrations: {fresh}, protected before: {protected})");
     Ok(fresh)
 }
 

@@ -112,12 +112,7 @@ fn checkpoint_locked(
     // part of the job too.
     let mut roots = vec![pid];
     if parent_is_us {
-        roots.extend(
-            ProcDir::new(me)
-                .children()?
-                .into_iter()
-                .filter(|&c| c != pid),
-        );
+        roots.extend(orphans_of(me)?.into_iter().filter(|&c| c != pid));
     }
     // A process that will be snapshotted has its mapping flags read before it is
     // frozen (smaps is slow; see memory::read_flags), and checked on its snapshot.
@@ -393,13 +388,21 @@ fn freeze_tree(roots: &[i32], adopter: Option<i32>) -> Result<(FrozenTree, Vec<Z
         // The children of a process that exited while we froze are reparented to
         // the namespace init (us): they belong to the job as well.
         if let Some(me) = adopter {
-            let orphans = ProcDir::new(me).children()?;
+            let orphans = orphans_of(me)?;
             queue.extend(orphans.into_iter().filter(|c| !known.contains(c)));
         }
         if queue.is_empty() {
             return Ok((tree, zombies));
         }
     }
+}
+
+/// The children of the namespace init `me` (the application and the orphans it
+/// adopted), not counting snapshots of earlier checkpoints still being torn down.
+fn orphans_of(me: i32) -> Result<Vec<i32>> {
+    let mut kids = ProcDir::new(me).children()?;
+    kids.retain(|&c| !crate::snapshot::is_snapshot(c));
+    Ok(kids)
 }
 
 fn read_stat(proc: &ProcDir) -> Result<procfs::process::Stat> {

@@ -175,6 +175,9 @@ impl Snapshot {
         ptrace::set_options(leader, ptrace::O_TRACESYSGOOD)
             .ctx(leader, || "resetting ptrace options".into())?;
         let pid = r? as i32;
+        if let Ok(mut ours) = SNAPSHOTS.lock() {
+            ours.insert(pid);
+        }
         let snap = Snapshot {
             pid,
             threads: Vec::new(),
@@ -643,5 +646,18 @@ impl Drop for Snapshot {
             let _ = ptrace::wait(tid);
         }
         let _ = ptrace::wait(self.pid);
+        if let Ok(mut ours) = SNAPSHOTS.lock() {
+            ours.remove(&self.pid);
+        }
     }
+}
+
+/// The snapshots not reaped yet (a dying one takes a while to tear down, and is our
+/// child like the job's orphans).
+static SNAPSHOTS: std::sync::Mutex<std::collections::BTreeSet<i32>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Whether `pid` is one of our snapshots (not part of any job).
+pub fn is_snapshot(pid: i32) -> bool {
+    SNAPSHOTS.lock().is_ok_and(|s| s.contains(&pid))
 }
