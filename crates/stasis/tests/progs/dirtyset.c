@@ -1,5 +1,5 @@
-/* dirtyset: memory that changes a little between checkpoints, in every way a
- * page can change. A 32 MiB anonymous area of pseudo-random pages, each page's
+/* dirtyset [MiB]: memory that changes a little between checkpoints, in every way a
+ * page can change. A 32 MiB (or MiB) anonymous area of pseudo-random pages, each page's
  * content derived from its index and a generation kept in a table (generation
  * 0 means the page must read as zeros), and a separate 2 MiB area (its own
  * mapping, between two PROT_NONE pages).
@@ -15,12 +15,11 @@
 #include "util.h"
 #include <sys/mman.h>
 
-#define AREA (32UL << 20)
+static size_t AREA = 32UL << 20;
 #define SMALL (2UL << 20)
 #define PAGE 4096UL
-#define NPAGES (AREA / PAGE)
-
-static uint32_t gen[NPAGES];
+static size_t NPAGES;
+static uint32_t *gen;
 
 static void fill_page(uint64_t *p, size_t idx, uint32_t g) {
     uint64_t x = 0x9e3779b97f4a7c15ULL * (idx + 1) ^ ((uint64_t)g << 32 | 0x5bd1e995);
@@ -62,8 +61,12 @@ static int has_flag(void *addr, const char *flag) {
     return found;
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     setup();
+    if (argc > 1) AREA = (size_t)atol(argv[1]) << 20;
+    NPAGES = AREA / PAGE;
+    gen = calloc(NPAGES, sizeof *gen);
+    if (!gen) die("calloc");
     char *area = mmap(NULL, AREA, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     char *guarded = mmap(NULL, SMALL + 2 * PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (area == MAP_FAILED || guarded == MAP_FAILED) die("mmap");
@@ -108,11 +111,11 @@ int main(void) {
     }
     size_t bad = 0;
     for (size_t i = 0; i < NPAGES; i++) bad += !page_ok((uint64_t *)(area + i * PAGE), i, gen[i]);
-    CHECK(bad == 0, "%zu of %lu pages differ", bad, NPAGES);
+    CHECK(bad == 0, "%zu of %zu pages differ", bad, NPAGES);
     size_t bad_small = 0;
     for (size_t i = 0; i < SMALL / PAGE; i++) bad_small += !page_ok((uint64_t *)(small + i * PAGE), i, 7);
     CHECK(bad_small == 0, "%zu pages of the small area differ", bad_small);
     CHECK(!advised || has_flag(small, "dc"), "the small area lost MADV_DONTFORK");
-    finish("pages=%lu steps=%d advised=%d", NPAGES, steps, advised);
+    finish("pages=%zu steps=%d advised=%d", NPAGES, steps, advised);
     return 0;
 }
