@@ -104,7 +104,9 @@ pub enum Command {
         /// --keep says) as long as a kept checkpoint needs them. Changed pages are known
         /// from dirty-page tracking when the newest checkpoint was also taken with
         /// --incremental by the same `stasis run`/`restart` (the first one arms it),
-        /// otherwise found by comparing content hashes.
+        /// otherwise found by comparing content hashes. When few pages changed they are
+        /// copied while the application stays frozen, if that pauses it no longer than
+        /// forking a snapshot would (the summary says which was done).
         #[arg(long)]
         incremental: bool,
         /// Keep this many newest checkpoints in DIR and remove older ones.
