@@ -225,23 +225,16 @@ fn checkpoint_locked(
     }
     let pause_end = Instant::now();
     let frozen_copy = copied.iter().any(|c| c.frozen_copy);
+    let mut depends_on = Vec::new();
     for c in copied {
         let prev_pages = prev.get(&c.process.pid);
         let f = c.finish(&mut writer, prev_pages)?;
         dead_snapshots.extend(f.snapshot);
         pages_bytes += f.bytes;
         one_copy |= f.one_copy;
+        depends_on.extend(f.sources);
         processes.push(f.process);
     }
-    let mut depends_on: Vec<u64> = processes
-        .iter()
-        .flat_map(|p| {
-            p.mappings
-                .iter()
-                .flat_map(|m| m.pages.iter().map(|r| r.from))
-        })
-        .filter(|&f| f != 0)
-        .collect();
     depends_on.sort_unstable();
     depends_on.dedup();
     let copy_us = t1.elapsed().as_micros() as u64;
@@ -608,6 +601,7 @@ fn dump_frozen(
             mappings: Vec::new(),
             pages: Default::default(),
             page_hashes: None,
+            runs_file: None,
             fds,
             signals: sigs,
             itimers: ts.itimers,
@@ -909,12 +903,34 @@ impl Copied {
         failed?;
         writer.finish_data(w)?;
         steps.done("hashes");
+        // The page runs (many when scattered pages changed) go to a binary file, not
+        // into the JSON.
+        let mut mappings = mappings;
+        let mut sources: Vec<u64> = mappings
+            .iter()
+            .flat_map(|m| m.pages.iter().map(|r| r.from))
+            .filter(|&f| f != 0)
+            .collect();
+        sources.sort_unstable();
+        sources.dedup();
+        let runs_name = format!("runs-{pid}.bin");
+        let mut w = writer.data_file(&runs_name)?;
+        w.write_all(&stasis_image::PageRun::encode_all(
+            mappings.iter().flat_map(|m| m.pages.iter()),
+        ))?;
+        writer.finish_data(w)?;
+        for m in &mut mappings {
+            m.pages = Vec::new();
+        }
+        steps.done("runs file");
         self.process.pages = self.files;
         self.process.page_hashes = Some(name);
+        self.process.runs_file = Some(runs_name);
         self.process.mappings = mappings;
         tracing::debug!("process {pid} finished: {}", steps.report());
         Ok(Finished {
             process: self.process,
+            sources,
             bytes,
             one_copy: self.one_copy,
             snapshot: self.snapshot,
@@ -925,6 +941,8 @@ impl Copied {
 /// A process's record, complete.
 struct Finished {
     process: Process,
+    /// The earlier checkpoints its page runs refer to.
+    sources: Vec<u64>,
     /// Bytes of pages stored.
     bytes: u64,
     /// Written by its snapshot.
@@ -1033,6 +1051,8 @@ fn previous_pages(dir: &Path, prev_seq: Option<u64>) -> HashMap<i32, memory::Pre
     struct LiteProcess {
         pid: i32,
         mappings: Vec<LiteMapping>,
+        #[serde(default)]
+        runs_file: Option<String>,
     }
     #[derive(serde::Deserialize)]
     struct LiteMapping {
@@ -1043,7 +1063,18 @@ fn previous_pages(dir: &Path, prev_seq: Option<u64>) -> HashMap<i32, memory::Pre
         return out;
     };
     for p in meta.processes {
-        let runs = p.mappings.into_iter().flat_map(|m| m.pages);
+        let mut runs: Vec<stasis_image::PageRun> =
+            p.mappings.into_iter().flat_map(|m| m.pages).collect();
+        if let Some(name) = &p.runs_file {
+            // Verified: wrong runs would make the new checkpoint refer to wrong pages.
+            match stasis_image::store::CheckpointReader::read_verified(&path, name)
+                .ok()
+                .and_then(|raw| stasis_image::PageRun::decode_all(&raw))
+            {
+                Some(r) => runs.extend(r),
+                None => continue,
+            }
+        }
         out.insert(p.pid, memory::PrevPages::new(seq, runs));
     }
     out

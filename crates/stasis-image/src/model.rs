@@ -256,6 +256,11 @@ pub struct Process {
     /// checkpoint compares pages against when it cannot track writes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub page_hashes: Option<String>,
+    /// Name of the data file with the page runs of every mapping (see
+    /// [`PageRun::encode_all`]); their `pages` are then empty in the JSON. Readers
+    /// put them back ([`Process::attach_runs`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runs_file: Option<String>,
     /// Open file descriptors.
     pub fds: Vec<Fd>,
     /// Process-wide signal state.
@@ -352,6 +357,8 @@ pub struct Mapping {
     #[serde(default)]
     pub advice: Vec<String>,
     /// Saved pages: runs of consecutive pages and where they are in the page file.
+    /// Stored in the process's `runs_file` (not in the JSON) by this release.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pages: Vec<PageRun>,
     /// For a small shared file mapping: the data file holding the file's content at
     /// checkpoint time, used to recreate the file if it is missing at restore (e.g. the
@@ -390,6 +397,72 @@ pub struct PageRun {
     /// for an incremental checkpoint; 0: this checkpoint.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub from: u64,
+}
+
+impl PageRun {
+    /// Size of one encoded run.
+    pub const SIZE: usize = 32;
+
+    /// Encodes runs, little-endian: addr, npages, offset, from (8 bytes each).
+    pub fn encode_all<'a>(runs: impl IntoIterator<Item = &'a PageRun>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for r in runs {
+            for v in [r.addr, r.npages, r.offset, r.from] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Decodes a runs file; None when its size is not a whole number of runs.
+    pub fn decode_all(b: &[u8]) -> Option<Vec<PageRun>> {
+        if !b.len().is_multiple_of(Self::SIZE) {
+            return None;
+        }
+        let u = |c: &[u8], k: usize| {
+            u64::from_le_bytes(c[k * 8..k * 8 + 8].try_into().unwrap_or_default())
+        };
+        Some(
+            b.chunks_exact(Self::SIZE)
+                .map(|c| PageRun {
+                    addr: u(c, 0),
+                    npages: u(c, 1),
+                    offset: u(c, 2),
+                    from: u(c, 3),
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Process {
+    /// Puts runs read from the process's `runs_file` (in address order) into the
+    /// mappings that hold them. Errs on a run that no mapping holds whole.
+    pub fn attach_runs(&mut self, runs: Vec<PageRun>) -> Result<(), String> {
+        let mut maps: Vec<&mut Mapping> = self.mappings.iter_mut().collect();
+        maps.sort_unstable_by_key(|m| m.start);
+        let mut k = 0;
+        for r in runs {
+            let end = r
+                .npages
+                .checked_mul(crate::PAGE_SIZE)
+                .and_then(|len| r.addr.checked_add(len))
+                .ok_or_else(|| format!("page run at {:x} overflows", r.addr))?;
+            while k < maps.len() && maps[k].end <= r.addr {
+                k += 1;
+            }
+            match maps.get_mut(k) {
+                Some(m) if m.start <= r.addr && end <= m.end => m.pages.push(r),
+                _ => {
+                    return Err(format!(
+                        "page run {:x}-{end:x} is outside every mapping (or out of order)",
+                        r.addr
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -688,6 +761,56 @@ impl PageFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn page_runs_round_trip_and_find_their_mappings() {
+        let runs = vec![
+            PageRun {
+                addr: 0x1000,
+                npages: 2,
+                offset: 0,
+                from: 0,
+            },
+            PageRun {
+                addr: 0x5000,
+                npages: 1,
+                offset: 0x2000,
+                from: 3,
+            },
+        ];
+        let bytes = PageRun::encode_all(&runs);
+        assert_eq!(bytes.len(), 2 * PageRun::SIZE);
+        assert_eq!(PageRun::decode_all(&bytes), Some(runs.clone()));
+        assert_eq!(PageRun::decode_all(&bytes[..40]), None);
+        let map = |start: u64, end: u64| Mapping {
+            start,
+            end,
+            prot: 3,
+            shared: false,
+            kind: MappingKind::Anonymous,
+            name: String::new(),
+            growsdown: false,
+            advice: Vec::new(),
+            pages: Vec::new(),
+            content_file: None,
+        };
+        let mut p: Process = serde_json::from_value(serde_json::json!({
+            "pid": 2, "ppid": 1, "comm": "t", "exe": FileId::default(), "cwd": "/",
+            "umask": 0, "personality": 0, "rlimits": [], "mm": MmFields::default(),
+            "mappings": [], "pages": PageFiles::default(), "fds": [],
+            "signals": {"actions": [], "shared_pending": []}, "itimers": [], "threads": []
+        }))
+        .unwrap();
+        p.mappings = vec![map(0x1000, 0x4000), map(0x4000, 0x8000)];
+        p.attach_runs(runs.clone()).unwrap();
+        assert_eq!(p.mappings[0].pages, runs[..1]);
+        assert_eq!(p.mappings[1].pages, runs[1..]);
+        // A run no mapping holds whole is refused.
+        let mut stray = runs.clone();
+        stray[1].npages = 4;
+        p.mappings.iter_mut().for_each(|m| m.pages.clear());
+        assert!(p.attach_runs(stray).is_err());
+    }
 
     #[test]
     fn page_hashes_round_trip() {

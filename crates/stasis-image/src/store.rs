@@ -606,15 +606,54 @@ impl CheckpointReader {
         }
         let mpath = path.join(METADATA);
         let bytes = fs::read(&mpath).map_err(io_err(&mpath))?;
-        let meta: Checkpoint = serde_json::from_slice(&bytes).map_err(|e| ImageError::Corrupt {
-            path: mpath.clone(),
-            msg: e.to_string(),
-        })?;
+        let mut meta: Checkpoint =
+            serde_json::from_slice(&bytes).map_err(|e| ImageError::Corrupt {
+                path: mpath.clone(),
+                msg: e.to_string(),
+            })?;
+        // Page runs kept in a binary file go back into their mappings.
+        for p in &mut meta.processes {
+            let Some(name) = p.runs_file.clone() else {
+                continue;
+            };
+            if !manifest.files.iter().any(|f| f.name == name) {
+                return Err(ImageError::Corrupt {
+                    path: mpath.clone(),
+                    msg: format!("metadata refers to {name}, which the manifest does not list"),
+                });
+            }
+            let rpath = path.join(&name);
+            let raw = fs::read(&rpath).map_err(io_err(&rpath))?;
+            let corrupt = |msg: String| ImageError::Corrupt {
+                path: rpath.clone(),
+                msg,
+            };
+            let runs = crate::PageRun::decode_all(&raw)
+                .ok_or_else(|| corrupt("not a whole number of page runs".into()))?;
+            p.attach_runs(runs).map_err(corrupt)?;
+        }
         Ok(CheckpointReader {
             path: path.to_path_buf(),
             manifest,
             meta,
         })
+    }
+
+    /// The bytes of data file `name` of the checkpoint at `path`, verified against
+    /// its manifest (without verifying the other files).
+    pub fn read_verified(path: &Path, name: &str) -> ImageResult<Vec<u8>> {
+        let manifest = Self::read_manifest(path)?;
+        let entry = manifest
+            .files
+            .iter()
+            .find(|f| f.name == name)
+            .ok_or_else(|| ImageError::Corrupt {
+                path: path.to_path_buf(),
+                msg: format!("the manifest does not list {name}"),
+            })?;
+        let fpath = path.join(name);
+        verify_file(&fpath, entry, manifest.chunk_size)?;
+        fs::read(&fpath).map_err(io_err(&fpath))
     }
 
     fn read_manifest(path: &Path) -> ImageResult<Manifest> {
