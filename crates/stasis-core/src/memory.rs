@@ -1094,46 +1094,48 @@ struct RangeJob<'a> {
     hi: u64,
 }
 
+/// Pages of runs, consecutive in the page file from `off` (`len` bytes), whose data
+/// one step of a [`RangeJob`] has in its buffer.
+struct ReadPiece {
+    /// Per run: (run index, first page in the run, address, pages).
+    segs: Vec<(usize, u64, u64, u64)>,
+    off: u64,
+    len: u64,
+    /// Written by the snapshot (read back from the part).
+    in_file: bool,
+}
+
+/// An I/O error of process `pid`'s page part `out`.
+fn part_error(pid: i32, what: &str, out: &PartOut, e: std::io::Error) -> Error {
+    let path = match out {
+        PartOut::Plain(f) => f.path().display(),
+        PartOut::Compressed(w, _) => w.path().display(),
+    };
+    Error::Io {
+        pid,
+        context: format!("{what} {path}"),
+        source: e,
+    }
+}
+
+/// What a [`RangeJob`] has produced so far.
+#[derive(Default)]
+struct Sink {
+    zeros: ZeroMap,
+    page_hashes: Vec<u128>,
+    /// The compressed part's frame being filled, and the ends of those written.
+    frame: Vec<u8>,
+    frames: Vec<u64>,
+}
+
 impl RangeJob<'_> {
     fn run(mut self) -> Result<PartResult> {
-        let (src, plan, lo, hi) = (self.src, self.plan, self.lo, self.hi);
-        let chunk = stasis_image::CHUNK_SIZE;
-        let path = match &self.out {
-            PartOut::Plain(f) => f.path().to_path_buf(),
-            PartOut::Compressed(w, _) => w.path().to_path_buf(),
-        };
-        let io_err = |what: &str, e: std::io::Error| Error::Io {
-            pid: src,
-            context: format!("{what} {}", path.display()),
-            source: e,
-        };
+        let (plan, lo, hi) = (self.plan, self.lo, self.hi);
         let mut buf = vec![0u8; (BATCH_PAGES * PAGE_SIZE) as usize];
-        let mut page_hashes: Vec<u128> = Vec::new();
-        let (mut zeros, mut sums, mut frames) = (Vec::new(), Vec::new(), Vec::new());
-        let mut frame: Vec<u8> = Vec::new();
-        let runs = &plan.runs;
-        let plain = matches!(self.out, PartOut::Plain(_));
-        let cap = buf.len() as u64;
-        // Runs copied from the frozen process itself, whole: many go in one
-        // process_vm_readv (the few pages written since an incremental checkpoint
-        // are scattered).
-        let batchable = |j: usize, q: &PlannedRun| {
-            self.how == Source::Process
-                && !q.forced
-                && self.prefetched.get(&j).is_none()
-                && !((self.in_file)(j) && plain)
-                && q.offset >= lo
-                && q.offset + q.file_len() <= hi
-                && q.file_len() <= cap
-        };
-        let mut k = runs.partition_point(|r| r.offset + r.file_len() <= lo);
-        // Each step: pieces of runs (run index, first page in it, address, pages),
-        // consecutive in the file from `off`, whose data is in `buf`.
-        let mut segs: Vec<(usize, u64, u64, u64)> = Vec::new();
-        let mut remote: Vec<(u64, usize)> = Vec::new();
-        let mut within = 0u64; // the next piece of run k starts here in the file
-        while k < runs.len() {
-            let r = &runs[k];
+        let mut sink = Sink::default();
+        let mut k = plan.runs.partition_point(|r| r.offset + r.file_len() <= lo);
+        let mut within = 0u64; // where the next piece of run k starts in the file
+        while let Some(r) = plan.runs.get(k) {
             if r.clean {
                 k += 1; // no room in the file (see write_pages)
                 continue;
@@ -1141,165 +1143,213 @@ impl RangeJob<'_> {
             if r.offset >= hi {
                 break;
             }
-            segs.clear();
-            let off = r.offset.max(lo).max(within);
-            let run_end = (r.offset + r.npages * PAGE_SIZE).min(hi);
-            let mut in_file = false;
-            let len;
-            if off == r.offset && batchable(k, r) {
-                let mut total = 0u64;
-                remote.clear();
-                while let Some(q) = runs.get(k) {
-                    if !q.clean {
-                        if !batchable(k, q) || total + q.file_len() > cap {
-                            break;
-                        }
-                        segs.push((k, 0, q.addr, q.npages));
-                        remote.push((q.addr, q.file_len() as usize));
-                        total += q.file_len();
+            let piece = self.read_piece(&mut k, &mut within, &mut buf)?;
+            self.absorb(&mut sink, &piece, &buf[..piece.len as usize])?;
+        }
+        self.finish(sink)
+    }
+
+    fn io_err(&self, what: &str, e: std::io::Error) -> Error {
+        part_error(self.src, what, &self.out, e)
+    }
+
+    /// Whether run `j` is copied from the frozen process itself, whole: many such
+    /// runs go in one process_vm_readv (the few pages written since an incremental
+    /// checkpoint are scattered).
+    fn batchable(&self, j: usize, q: &PlannedRun, cap: u64) -> bool {
+        self.how == Source::Process
+            && !q.forced
+            && self.prefetched.get(&j).is_none()
+            && !((self.in_file)(j) && matches!(self.out, PartOut::Plain(_)))
+            && q.offset >= self.lo
+            && q.offset + q.file_len() <= self.hi
+            && q.file_len() <= cap
+    }
+
+    /// Reads the next piece, starting at run `k` (and `within` it), into `buf`;
+    /// advances `k` and `within` past it.
+    fn read_piece(&self, k: &mut usize, within: &mut u64, buf: &mut [u8]) -> Result<ReadPiece> {
+        let (src, lo, runs) = (self.src, self.lo, &self.plan.runs);
+        let cap = buf.len() as u64;
+        let r = &runs[*k];
+        let off = r.offset.max(lo).max(*within);
+        if off == r.offset && self.batchable(*k, r, cap) {
+            let (mut segs, mut remote, mut total) = (Vec::new(), Vec::new(), 0u64);
+            while let Some(q) = runs.get(*k) {
+                if !q.clean {
+                    if !self.batchable(*k, q, cap) || total + q.file_len() > cap {
+                        break;
                     }
-                    k += 1;
+                    segs.push((*k, 0, q.addr, q.npages));
+                    remote.push((q.addr, q.file_len() as usize));
+                    total += q.file_len();
                 }
-                len = total;
-                stasis_sys::vm::read_scattered(src, &remote, &mut buf[..len as usize])
-                    .ctx(src, || {
-                        format!("reading {} runs of pages from {:x}", segs.len(), r.addr)
-                    })?;
-                within = 0;
-            } else {
-                len = (run_end - off).min(cap);
-                let addr = r.addr + (off - r.offset);
-                segs.push((k, (off - r.offset) / PAGE_SIZE, addr, len / PAGE_SIZE));
-                in_file = (self.in_file)(k) && self.prefetched.get(&k).is_none() && plain;
-                let data = &mut buf[..len as usize];
-                if in_file {
-                    // Written by the snapshot: read back from the page cache. (pread,
-                    // not a mapping: faults of every worker in our one address space
-                    // contend, and a hole read through a tmpfs mapping is allocated.)
-                    let PartOut::Plain(f) = &self.out else {
-                        unreachable!("in_file implies a plain part")
-                    };
-                    if let Some(p) = self.progress {
-                        if !p.wait(self.part, off - lo + len) {
-                            return Err(Error::Transient {
-                                pid: src,
-                                what: "the snapshot stopped writing its pages".into(),
-                            });
-                        }
-                    }
-                    f.file()
-                        .read_exact_at(data, off - lo)
-                        .map_err(|e| io_err("reading back", e))?;
-                } else {
-                    match self.prefetched.get(&k) {
-                        Some(pre) => data.copy_from_slice(
-                            &pre[(off - r.offset) as usize..(off - r.offset + len) as usize],
-                        ),
-                        None if r.forced || self.how == Source::Snapshot => {
-                            stasis_sys::vm::read_forced(self.mem, src, addr, data)
-                                .ctx(src, || format!("reading {len} bytes at {addr:x}"))?
-                        }
-                        None => stasis_sys::vm::read(src, addr, data)
-                            .ctx(src, || format!("reading {len} bytes at {addr:x}"))?,
-                    }
-                }
-                if off + len >= run_end {
-                    k += 1;
-                    within = 0;
-                } else {
-                    within = off + len;
+                *k += 1;
+            }
+            stasis_sys::vm::read_scattered(src, &remote, &mut buf[..total as usize])
+                .ctx(src, || {
+                    format!("reading {} runs of pages from {:x}", segs.len(), r.addr)
+                })?;
+            *within = 0;
+            return Ok(ReadPiece {
+                segs,
+                off,
+                len: total,
+                in_file: false,
+            });
+        }
+        let run_end = (r.offset + r.npages * PAGE_SIZE).min(self.hi);
+        let len = (run_end - off).min(cap);
+        let addr = r.addr + (off - r.offset);
+        let in_file = (self.in_file)(*k)
+            && self.prefetched.get(k).is_none()
+            && matches!(self.out, PartOut::Plain(_));
+        let data = &mut buf[..len as usize];
+        if in_file {
+            // Written by the snapshot: read back from the page cache (once written).
+            // (pread, not a mapping: faults of every worker in our one address space
+            // contend, and a hole read through a tmpfs mapping is allocated.)
+            let PartOut::Plain(f) = &self.out else {
+                unreachable!("in_file implies a plain part")
+            };
+            if let Some(p) = self.progress {
+                if !p.wait(self.part, off - lo + len) {
+                    return Err(Error::Transient {
+                        pid: src,
+                        what: "the snapshot stopped writing its pages".into(),
+                    });
                 }
             }
-            let data = &buf[..len as usize];
-            // The address of each page of `data`.
-            let addrs = segs
-                .iter()
-                .flat_map(|&(_, _, a, n)| (0..n).map(move |p| a + p * PAGE_SIZE));
-            let z: Vec<PageState> = data
-                .chunks_exact(PAGE_SIZE as usize)
-                .zip(addrs)
-                .map(|(page, addr)| {
-                    if is_zero(page) {
-                        return PageState::Zero;
-                    }
-                    let h = xxhash_rust::xxh3::xxh3_128(page);
-                    match self.prev.and_then(|p| p.get(addr)) {
-                        Some((old, from, offset)) if old == h => PageState::Ref(from, offset),
-                        _ => PageState::Own(h),
-                    }
-                })
-                .collect();
-            // What the part holds: the stored pages, zeros elsewhere.
-            let held = data
-                .chunks_exact(PAGE_SIZE as usize)
-                .zip(&z)
-                .map(|(page, st)| match st {
-                    PageState::Own(_) => page,
-                    _ => &ZERO_PAGE[..],
-                });
-            // The part's checksums are made of these page hashes (see
-            // stasis_image::store::paged_chunk_hashes): no second pass.
-            page_hashes.extend(z.iter().map(|st| match st {
-                PageState::Own(h) => *h,
-                _ => *ZERO_PAGE_HASH,
-            }));
-            match &mut self.out {
-                PartOut::Compressed(w, codec) => {
-                    for page in held {
-                        frame.extend_from_slice(page);
-                        if frame.len() as u64 == chunk {
-                            let z = codec
-                                .compress(&frame)
-                                .map_err(|e| io_err("compressing", e))?;
-                            w.write_all(&z)?;
-                            frames.push(w.written());
-                            frame.clear();
-                        }
-                    }
+            f.file()
+                .read_exact_at(data, off - lo)
+                .map_err(|e| self.io_err("reading back", e))?;
+        } else {
+            match self.prefetched.get(k) {
+                Some(pre) => data.copy_from_slice(
+                    &pre[(off - r.offset) as usize..(off - r.offset + len) as usize],
+                ),
+                None if r.forced || self.how == Source::Snapshot => {
+                    stasis_sys::vm::read_forced(self.mem, src, addr, data)
+                        .ctx(src, || format!("reading {len} bytes at {addr:x}"))?
                 }
-                PartOut::Plain(f) => {
-                    // Pages stored here are written (unless the snapshot did); zero
-                    // and unchanged pages stay (or become) holes.
-                    for (s, e, own) in spans(&z) {
-                        let at = off - lo + s as u64 * PAGE_SIZE;
-                        let bytes = &data[s * PAGE_SIZE as usize..e * PAGE_SIZE as usize];
-                        if own && !in_file {
-                            f.file()
-                                .write_all_at(bytes, at)
-                                .map_err(|e| io_err("writing", e))?;
-                        } else if !own && in_file {
-                            punch_hole(f.file(), at, bytes.len() as u64)
-                                .map_err(|e| io_err("punching holes in", e))?;
-                        }
-                    }
-                }
-            }
-            // The states, per piece of run.
-            let mut rest = &z[..];
-            for &(i, first_page, _, n) in &segs {
-                let (mine, tail) = rest.split_at(n as usize);
-                zeros.push((i, first_page, mine.to_vec()));
-                rest = tail;
+                None => stasis_sys::vm::read(src, addr, data)
+                    .ctx(src, || format!("reading {len} bytes at {addr:x}"))?,
             }
         }
+        let segs = vec![(*k, (off - r.offset) / PAGE_SIZE, addr, len / PAGE_SIZE)];
+        if off + len >= run_end {
+            *k += 1;
+            *within = 0;
+        } else {
+            *within = off + len;
+        }
+        Ok(ReadPiece {
+            segs,
+            off,
+            len,
+            in_file,
+        })
+    }
+
+    /// Hashes the pages of a piece, stores them (zero and unchanged pages become
+    /// holes) and records what became of each.
+    fn absorb(&mut self, sink: &mut Sink, piece: &ReadPiece, data: &[u8]) -> Result<()> {
+        let addrs = piece
+            .segs
+            .iter()
+            .flat_map(|&(_, _, a, n)| (0..n).map(move |p| a + p * PAGE_SIZE));
+        let z: Vec<PageState> = data
+            .chunks_exact(PAGE_SIZE as usize)
+            .zip(addrs)
+            .map(|(page, addr)| {
+                if is_zero(page) {
+                    return PageState::Zero;
+                }
+                let h = xxhash_rust::xxh3::xxh3_128(page);
+                match self.prev.and_then(|p| p.get(addr)) {
+                    Some((old, from, offset)) if old == h => PageState::Ref(from, offset),
+                    _ => PageState::Own(h),
+                }
+            })
+            .collect();
+        // The part's checksums and the page-hash file are made of these hashes (see
+        // stasis_image::store::paged_chunk_hashes): no second pass.
+        sink.page_hashes.extend(z.iter().map(|st| match st {
+            PageState::Own(h) => *h,
+            _ => *ZERO_PAGE_HASH,
+        }));
         match &mut self.out {
-            PartOut::Compressed(w, codec) => {
-                if !frame.is_empty() {
-                    let z = codec
-                        .compress(&frame)
-                        .map_err(|e| io_err("compressing", e))?;
-                    w.write_all(&z)?;
-                    frames.push(w.written());
+            PartOut::Compressed(..) => {
+                // What the part holds: the stored pages, zeros elsewhere.
+                let held =
+                    data.chunks_exact(PAGE_SIZE as usize)
+                        .zip(&z)
+                        .map(|(page, st)| match st {
+                            PageState::Own(_) => page,
+                            _ => &ZERO_PAGE[..],
+                        });
+                for page in held {
+                    sink.frame.extend_from_slice(page);
+                    if sink.frame.len() as u64 == stasis_image::CHUNK_SIZE {
+                        self.flush_frame(sink)?;
+                    }
                 }
             }
-            PartOut::Plain(_) => sums = stasis_image::store::paged_chunk_hashes(&page_hashes),
+            PartOut::Plain(f) => {
+                // Pages stored here are written (unless the snapshot did); zero and
+                // unchanged pages stay (or become) holes.
+                let f = f.file();
+                for (s, e, own) in spans(&z) {
+                    let at = piece.off - self.lo + s as u64 * PAGE_SIZE;
+                    let bytes = &data[s * PAGE_SIZE as usize..e * PAGE_SIZE as usize];
+                    if own && !piece.in_file {
+                        f.write_all_at(bytes, at)
+                            .map_err(|e| self.io_err("writing", e))?;
+                    } else if !own && piece.in_file {
+                        punch_hole(f, at, bytes.len() as u64)
+                            .map_err(|e| self.io_err("punching holes in", e))?;
+                    }
+                }
+            }
+        }
+        // The states, per piece of run.
+        let mut rest = &z[..];
+        for &(i, first_page, _, n) in &piece.segs {
+            let (mine, tail) = rest.split_at(n as usize);
+            sink.zeros.push((i, first_page, mine.to_vec()));
+            rest = tail;
+        }
+        Ok(())
+    }
+
+    /// Compresses and writes the frame being filled (compressed parts).
+    fn flush_frame(&mut self, sink: &mut Sink) -> Result<()> {
+        let PartOut::Compressed(w, codec) = &mut self.out else {
+            return Ok(());
+        };
+        let z = match codec.compress(&sink.frame) {
+            Ok(z) => z,
+            Err(e) => return Err(part_error(self.src, "compressing", &self.out, e)),
+        };
+        w.write_all(&z)?;
+        sink.frames.push(w.written());
+        sink.frame.clear();
+        Ok(())
+    }
+
+    fn finish(mut self, mut sink: Sink) -> Result<PartResult> {
+        let mut sums = Vec::new();
+        match &self.out {
+            PartOut::Compressed(..) if !sink.frame.is_empty() => self.flush_frame(&mut sink)?,
+            PartOut::Compressed(..) => {}
+            PartOut::Plain(_) => sums = stasis_image::store::paged_chunk_hashes(&sink.page_hashes),
         }
         Ok((
-            zeros,
+            sink.zeros,
             PartDone {
                 sums,
-                frames,
-                hashes: page_hashes,
+                frames: sink.frames,
+                hashes: sink.page_hashes,
             },
         ))
     }
