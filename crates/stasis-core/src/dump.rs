@@ -455,7 +455,7 @@ struct Part {
     /// The layout has no flags yet: they come from the snapshot's smaps.
     late_flags: bool,
     /// The process's flags, read while its pages are copied while frozen.
-    frozen_flags: Option<std::thread::JoinHandle<Result<memory::FlagCache>>>,
+    frozen_flags: Option<FlagsJob>,
     /// A snapshot could have been taken, but the pages written since the previous
     /// checkpoint were copied while frozen (see `snapshot::worth_taking`).
     frozen_copy: bool,
@@ -532,7 +532,7 @@ fn dump_frozen(
     // before the freeze or remembered, and there is no snapshot to check them on).
     let frozen_flags = (frozen_copy && tracking.early_flags.is_some()).then(|| {
         let proc = proc.clone();
-        std::thread::spawn(move || memory::read_flags(&proc))
+        std::thread::spawn(move || memory::read_flags(&proc).map(Some))
     });
     steps.done("dirty scan");
     // With a snapshot, only what a fork does not copy is planned and copied now, into
@@ -638,19 +638,7 @@ impl Part {
         let pid = self.process.pid;
         let mut steps = Steps::new();
         let t0 = Instant::now();
-        if let Some(snap) = self.snapshot.as_ref().filter(|_| self.plan_later) {
-            let mut plan = memory::plan(
-                &ProcDir::new(snap.pid),
-                &self.layout,
-                self.written.as_deref(),
-                |v| !memory::invisible_to_fork(v),
-            )
-            .map_err(|e| name_process(e, pid))?;
-            self.hidden_index = memory::append(&mut plan, &self.hidden_plan);
-            self.plan = plan;
-        } else if self.plan_later {
-            return Err(Error::Gone { pid });
-        }
+        self.plan_from_snapshot()?;
         steps.done("pagemap");
         let part_size = memory::part_size(self.plan.bytes);
         let mut files = PageFiles::new(&format!("pages-{pid}"), self.plan.bytes, part_size);
@@ -665,114 +653,39 @@ impl Part {
                 packed.push(writer.data_file(name)?);
             }
         }
-        let mut prefetched = std::collections::HashMap::new();
-        for (sub_i, r) in self.hidden_plan.runs.iter().enumerate() {
-            let (at, len) = (r.offset as usize, r.file_len() as usize);
-            if let (Some(&i), Some(data)) = (
-                self.hidden_index.get(sub_i),
-                self.hidden_buf.get(at..at + len),
-            ) {
-                if !r.clean {
-                    prefetched.insert(i, data);
-                }
-            }
-        }
-        // From a snapshot, the snapshot itself writes what it can (one copy); the
-        // rest (unreadable areas, what a fork does not see) is copied from outside.
-        // Not when compressing (we must see the data), nor when unchanged pages are
-        // found by comparing hashes (we must read them all, and store few).
-        let mut in_file = vec![false; self.plan.runs.len()];
-        let mut one_copy = false;
-        // The flags read before the freeze are checked on the snapshot meanwhile
-        // (smaps is slow); the snapshot lives until the check is joined below. The
-        // check starts once the snapshot's writers are set up: reading smaps holds
-        // the snapshot's memory map lock, which their setup needs.
-        // Without flags (late_flags), the snapshot's are read instead (exact).
-        let late = self.late_flags;
-        let check_flags = move |snap: i32, layout: Vec<memory::Vma>| {
-            std::thread::spawn(move || {
-                let snap = ProcDir::new(snap);
-                if late {
-                    memory::read_flags(&snap).map(Some)
-                } else {
-                    memory::check_flags(&snap, &layout).map(|()| None)
-                }
-            })
-        };
-        let wants_flags = self.early_flags || self.late_flags;
-        let mut flag_check = None;
-        let snapshot_writes = compress == Compression::None && (prev.is_none() || self.tracked);
+        let hidden_plan = std::mem::take(&mut self.hidden_plan);
+        let hidden_index = std::mem::take(&mut self.hidden_index);
+        let hidden_buf = std::mem::take(&mut self.hidden_buf);
+        let prefetched = prefetched_runs(&hidden_plan, &hidden_index, &hidden_buf);
         let (src, how) = match &self.snapshot {
             Some(s) => (s.pid, memory::Source::Snapshot),
             None => (pid, memory::Source::Process),
         };
+        // The flags: read while a frozen copy runs, or on the snapshot (see
+        // Part::flags_job).
+        let mut flags_job = self.frozen_flags.take();
+        // From a snapshot, the snapshot itself writes what it can (one copy); the
+        // rest (unreadable areas, what a fork does not see) is copied from outside.
+        // Not when compressing (we must see the data), nor when unchanged pages are
+        // found by comparing hashes (we must read them all, and store few).
+        let snapshot_writes = compress == Compression::None && (prev.is_none() || self.tracked);
         let mut done = None;
-        if let Some(snap) = self.snapshot.as_mut().filter(|_| snapshot_writes) {
-            let part_files = PartFiles {
-                files: plain
-                    .iter()
-                    .map(|p| (p.path().to_path_buf(), p.file()))
-                    .collect(),
-                size: part_size,
-            };
-            let hidden: std::collections::HashSet<usize> =
-                self.hidden_index.iter().copied().collect();
-            let writes = Snapshot::plan_writes(
-                &self.plan,
+        if snapshot_writes && self.snapshot.is_some() {
+            let copied_outside: std::collections::HashSet<usize> =
+                hidden_index.iter().copied().collect();
+            done = self.write_by_snapshot(
+                &plain,
                 part_size,
-                |i, r| !r.clean && !r.forced && !hidden.contains(&i),
-                &mut in_file,
-            );
-            // The snapshot writes while one thread per part follows it, reading back,
-            // hashing and completing what it has written.
-            let progress = WriteProgress::new(plain.len());
-            let (plan, prefetched, chosen) = (&self.plan, &prefetched, &in_file);
-            let (written, checked) = std::thread::scope(|sc| {
-                let checker = sc.spawn(|| {
-                    memory::write_pages(
-                        src,
-                        how,
-                        plan,
-                        prefetched,
-                        plain.iter().map(memory::PartOut::Plain).collect(),
-                        part_size,
-                        prev,
-                        &|i| chosen.get(i).copied().unwrap_or(false),
-                        Some(&progress),
-                    )
-                });
-                let (snap_pid, layout) = (snap.pid, &self.layout);
-                let flag_check = &mut flag_check;
-                let ready = move || {
-                    if wants_flags {
-                        *flag_check = Some(check_flags(snap_pid, layout.clone()));
-                    }
-                };
-                let written = snap.write(self.insn, writes, &part_files, &progress, ready);
-                progress.end(matches!(written, Ok(true)));
-                let checked = checker.join().unwrap_or_else(|_| {
-                    Err(Error::Restore {
-                        pid,
-                        msg: "a page checking thread panicked".into(),
-                    })
-                });
-                (written, checked)
-            });
+                (&prefetched, &copied_outside),
+                prev,
+                &mut flags_job,
+            )?;
             steps.done("written by the snapshot");
-            if written.map_err(|e| name_process(e, pid))? {
-                done = Some(checked.map_err(|e| name_process(e, pid))?);
-                one_copy = true;
-            } else {
-                // Copied from outside instead, into emptied parts.
-                part_files.empty(pid)?;
-                in_file.fill(false);
-            }
         }
-        if flag_check.is_none() && wants_flags {
-            if let Some(snap) = &self.snapshot {
-                flag_check = Some(check_flags(snap.pid, self.layout.clone()));
-            }
+        if flags_job.is_none() {
+            flags_job = self.flags_job();
         }
+        let one_copy = done.is_some();
         let (zeros, per_part) = match done {
             Some(d) => d,
             None => {
@@ -799,17 +712,8 @@ impl Part {
             }
         };
         steps.done("checked and completed");
-        if let Some(read) = self.frozen_flags.take() {
-            let flags = join_flag_check(read, pid)?;
-            memory::fill_flags(&ProcDir::new(pid), &flags, &mut self.layout)?;
-            if self.fresh_registrations {
-                memory::forget_flags(pid);
-            } else {
-                memory::remember_flags(pid, &self.layout);
-            }
-        }
-        if let Some(check) = flag_check {
-            if let Some(flags) = join_flag_check(check, pid)? {
+        if let Some(job) = flags_job {
+            if let Some(flags) = join_flag_check(job, pid)? {
                 memory::fill_flags(&ProcDir::new(pid), &flags, &mut self.layout)?;
             }
             if self.fresh_registrations {
@@ -820,6 +724,7 @@ impl Part {
         }
         steps.done("flags checked");
         drop(prefetched);
+        drop(hidden_buf);
         // Its pages are saved: it dies now, and is reaped once the checkpoint is
         // published (tearing down a large address space takes a while).
         let snapshot = self.snapshot.take();
@@ -846,6 +751,149 @@ impl Part {
             snapshot,
         })
     }
+
+    /// With a snapshot, plans its pages from its own pagemap, after the runs of what
+    /// a fork does not see (planned while frozen).
+    fn plan_from_snapshot(&mut self) -> Result<()> {
+        if !self.plan_later {
+            return Ok(());
+        }
+        let pid = self.process.pid;
+        let snap = self.snapshot.as_ref().ok_or(Error::Gone { pid })?;
+        let mut plan = memory::plan(
+            &ProcDir::new(snap.pid),
+            &self.layout,
+            self.written.as_deref(),
+            |v| !memory::invisible_to_fork(v),
+        )
+        .map_err(|e| name_process(e, pid))?;
+        self.hidden_index = memory::append(&mut plan, &self.hidden_plan);
+        self.plan = plan;
+        Ok(())
+    }
+
+    /// The snapshot's flags, read on a thread (smaps is slow): to fill in a layout
+    /// read without them (late_flags), or to check those read before the freeze
+    /// against. None without a snapshot, or when nothing is to be read.
+    fn flags_job(&self) -> Option<FlagsJob> {
+        let snap = self.snapshot.as_ref()?;
+        if !(self.early_flags || self.late_flags) {
+            return None;
+        }
+        Some(snapshot_flags_job(
+            snap.pid,
+            self.late_flags,
+            self.layout.clone(),
+        ))
+    }
+
+    /// The snapshot writes the runs it can while one thread per part follows it,
+    /// reading back, hashing and completing what it has written. None when the
+    /// snapshot could not write them (the parts are emptied again: the caller copies
+    /// the pages itself). Starts the snapshot's flag job once its writers are set up
+    /// (reading smaps holds the snapshot's memory map lock, which their setup needs).
+    fn write_by_snapshot(
+        &mut self,
+        plain: &[stasis_image::PositionedFile],
+        part_size: u64,
+        (prefetched, copied_outside): (&HashMap<usize, &[u8]>, &std::collections::HashSet<usize>),
+        prev: Option<&memory::PrevPages>,
+        flags_job: &mut Option<FlagsJob>,
+    ) -> Result<Option<(memory::ZeroMap, Vec<memory::PartDone>)>> {
+        let pid = self.process.pid;
+        let job_spec =
+            (self.early_flags || self.late_flags).then(|| (self.late_flags, self.layout.clone()));
+        let Some(snap) = self.snapshot.as_mut() else {
+            return Ok(None);
+        };
+        let part_files = PartFiles {
+            files: plain
+                .iter()
+                .map(|p| (p.path().to_path_buf(), p.file()))
+                .collect(),
+            size: part_size,
+        };
+        let mut in_file = vec![false; self.plan.runs.len()];
+        let writes = Snapshot::plan_writes(
+            &self.plan,
+            part_size,
+            |i, r| !r.clean && !r.forced && !copied_outside.contains(&i),
+            &mut in_file,
+        );
+        let progress = WriteProgress::new(plain.len());
+        let (plan, chosen, src) = (&self.plan, &in_file, snap.pid);
+        let (written, checked) = std::thread::scope(|sc| {
+            let checker = sc.spawn(|| {
+                memory::write_pages(
+                    src,
+                    memory::Source::Snapshot,
+                    plan,
+                    prefetched,
+                    plain.iter().map(memory::PartOut::Plain).collect(),
+                    part_size,
+                    prev,
+                    &|i| chosen.get(i).copied().unwrap_or(false),
+                    Some(&progress),
+                )
+            });
+            let ready = || {
+                if let Some((late, layout)) = job_spec {
+                    *flags_job = Some(snapshot_flags_job(src, late, layout));
+                }
+            };
+            let written = snap.write(self.insn, writes, &part_files, &progress, ready);
+            progress.end(matches!(written, Ok(true)));
+            let checked = checker.join().unwrap_or_else(|_| {
+                Err(Error::Restore {
+                    pid,
+                    msg: "a page checking thread panicked".into(),
+                })
+            });
+            (written, checked)
+        });
+        if written.map_err(|e| name_process(e, pid))? {
+            Ok(Some(checked.map_err(|e| name_process(e, pid))?))
+        } else {
+            part_files.empty(pid)?;
+            Ok(None)
+        }
+    }
+}
+
+/// The runs copied while frozen (what a fork does not see: `hidden` planned into
+/// `buf`, its runs at `index` in the whole plan), by run index.
+fn prefetched_runs<'a>(
+    hidden: &memory::Plan,
+    index: &[usize],
+    buf: &'a [u8],
+) -> HashMap<usize, &'a [u8]> {
+    let mut out = HashMap::new();
+    for (sub_i, r) in hidden.runs.iter().enumerate() {
+        let (at, len) = (r.offset as usize, r.file_len() as usize);
+        if let (Some(&i), Some(data)) = (index.get(sub_i), buf.get(at..at + len)) {
+            if !r.clean {
+                out.insert(i, data);
+            }
+        }
+    }
+    out
+}
+
+/// A thread reading a process's mapping flags: Some (the flags) to fill a layout
+/// in with, None when it only checked them.
+type FlagsJob = std::thread::JoinHandle<Result<Option<memory::FlagCache>>>;
+
+/// Reads the flags of snapshot `snap`: returns them (`late`: the layout has none), or
+/// checks `layout`'s against them.
+fn snapshot_flags_job(snap: i32, late: bool, layout: Vec<memory::Vma>) -> FlagsJob {
+    std::thread::spawn(move || {
+        let snap = ProcDir::new(snap);
+        if late {
+            memory::read_flags(&snap).map(Some)
+        } else {
+            memory::check_flags(&snap, &layout).map(|()| None)
+        }
+    })
 }
 
 /// A process whose pages are copied: the page files still to complete, and its
