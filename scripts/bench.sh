@@ -71,7 +71,7 @@ for size in $SIZES; do
             comp="$comp | $c $(ms "$t4" "$t5") ms = $(ratio "$bytes" "$(awk -v a="$t4" -v b="$t5" 'BEGIN{print b-a}')") x memcpy, $(awk -v b="$csz" 'BEGIN { printf "%.1f", b / 1048576 }') MiB"
             rm -rf "$D"/checkpoint-*
         done
-        "$S" checkpoint --kill --keep 1 "$D" 2>"$W/ck2"; wait "$run" || true
+        t6=$(now); "$S" checkpoint --kill --keep 1 "$D" 2>"$W/ck2"; t7=$(now); wait "$run" || true
         "$S" -v restart "$D" >"$W/out2" 2>"$W/rs" &
         rs=$!
         wait_for "$W/rs" "restored process" 300
@@ -86,6 +86,8 @@ for size in $SIZES; do
             "$(awk -v b="$inc" 'BEGIN { printf "%.1f", b / 1048576 }')" "$(awk -v a="$inc" -v b="$img" 'BEGIN { printf "%.1f", 100 * a / b }')" \
             "$(sed -n 's/.*paused \([0-9.]*\) ms.*/\1/p' "$W/ck3")" "$(grep -q 'copied while frozen' "$W/ck3" && echo 'copied while frozen' || echo 'from a snapshot')" \
             "$(ms "$ta" "$tb")"
+        printf "%-6s MiB %-6s checkpoint --kill (full, frozen until killed): %7.1f ms = %s x memcpy\n" \
+            "$size" "$kind" "$(ms "$t6" "$t7")" "$(ratio "$bytes" "$(awk -v a="$t6" -v b="$t7" 'BEGIN{print b-a}')")"
         [ -z "$comp" ] || printf "%-6s MiB %-6s compressed%s\n" "$size" "$kind" "$comp"
         rm -rf "$D" "$W"
     done

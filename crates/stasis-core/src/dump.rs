@@ -127,8 +127,9 @@ fn checkpoint_locked(
     // Without dirty tracking they are read from the snapshot instead, exactly, and
     // not at all before the freeze.
     let late_flags = !opts.incremental && !crate::dirty::is_tracked(pid);
-    let early_flags = if parent_is_us && !opts.kill && roots.len() == 1 && !late_flags {
-        if opts.incremental {
+    let early_flags = if parent_is_us && roots.len() == 1 && !late_flags {
+        // (Not worth arming for a process about to be killed.)
+        if opts.incremental && !opts.kill {
             crate::dirty::prearm(&root);
         }
         memory::remembered_flags(&root).or_else(|| memory::read_flags(&root).ok())
@@ -149,7 +150,9 @@ fn checkpoint_locked(
     // A snapshot child is given the process's parent (CLONE_PARENT): only when that
     // parent is us (stasis init), who reaps it, and for a single process. Otherwise
     // the processes stay frozen while their memory is copied.
-    let snapshot_ok = parent_is_us && !opts.kill && tree.len() == 1;
+    // With --kill too: the process then stays frozen while its snapshot writes (one
+    // copy, on every core), until it is killed.
+    let snapshot_ok = parent_is_us && tree.len() == 1;
     let mut parts = Vec::with_capacity(tree.len());
     let tracking = Tracking {
         snapshot_ok,
@@ -188,7 +191,7 @@ fn checkpoint_locked(
         stasis_image::Sysv::default()
     };
     let snapshotted = parts.iter().any(|p| p.snapshot.is_some());
-    if snapshotted {
+    if snapshotted && !opts.kill {
         for (_, f) in tree.iter_mut() {
             f.release()?;
         }
@@ -238,7 +241,7 @@ fn checkpoint_locked(
     depends_on.sort_unstable();
     depends_on.dedup();
     let copy_us = t1.elapsed().as_micros() as u64;
-    let (pause_us, copy_us) = if snapshotted {
+    let (pause_us, copy_us) = if snapshotted && !opts.kill {
         (dump_us, copy_us)
     } else {
         let frozen_copy = (pause_end - t1).as_micros() as u64;

@@ -200,8 +200,9 @@ pub struct Timings {
     /// Copying memory after the process resumed (from its copy-on-write snapshot).
     #[serde(default)]
     pub copy_us: u64,
-    /// Whether memory was copied from a copy-on-write snapshot while the process ran
-    /// (false: the process stayed frozen for the whole copy).
+    /// Whether memory was copied from a copy-on-write snapshot (while the process ran
+    /// on, unless it was to be killed; false: stasis copied it from the frozen
+    /// process).
     #[serde(default)]
     pub snapshot: bool,
     /// Bytes of page data written.

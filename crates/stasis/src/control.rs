@@ -197,7 +197,7 @@ pub fn copy_summary(t: &stasis_image::Timings) -> String {
             "the {:.1} MiB written since the last checkpoint copied while frozen (sooner than forking a snapshot)",
             t.pages_bytes as f64 / 1048576.0
         ),
-        (false, _) => "pages copied while frozen (a copy-on-write snapshot is taken only for a single process under `stasis run`/`restart`, without --kill)".to_string(),
+        (false, _) => "pages copied while frozen (a copy-on-write snapshot is taken only for a single process under `stasis run`/`restart`)".to_string(),
     }
 }
 

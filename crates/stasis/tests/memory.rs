@@ -200,6 +200,26 @@ fn snapshot_writes_its_own_pages() {
     assert_eq!(t["one_copy"], true, "timings: {t}");
 }
 
+/// `checkpoint --kill` of a single process: it stays frozen until it is killed,
+/// but its pages are still written by its snapshot (one copy); the application
+/// exits with 75 and all its memory comes back exactly after restart.
+#[test]
+fn kill_checkpoint_is_written_by_the_snapshot() {
+    let w = Work::new("snapshot_kill");
+    let mut s = Session::start(&w, &[prog("memory")]);
+    let r = w.checkpoint(true);
+    assert!(r.status.success(), "{r}");
+    assert!(r.stderr.contains("application stopped"), "{}", r.stderr);
+    s.cur().expect_exit(EXIT_CHECKPOINTED, T_CMD);
+    let t = w.inspect_json()["timings"].clone();
+    assert_eq!(t["snapshot"], true, "timings: {t}");
+    assert_eq!(t["one_copy"], true, "timings: {t}");
+    s.restart(Probe::Ping);
+    let ok = s.finish();
+    s.assert_no_rerun();
+    assert_eq!(ok, format!("OK rand={}", s.ready_field("rand")));
+}
+
 /// A snapshot that cannot open the image (the process lowered its
 /// RLIMIT_NOFILE to 0, which the snapshot inherits) is copied from outside
 /// instead: the checkpoint still succeeds, the image says how it was made, and
