@@ -1,7 +1,8 @@
 /* Benchmark workload: MiB of memory of a given kind, then idles until "go" exists.
  * kind: random | text | zero (mostly zero: 1 page in 64 written). With a third
  * argument P, when a file "change" appears it rewrites P percent of its pages
- * (spread over the whole area, for an incremental checkpoint) and prints "changed". */
+ * (spread over the whole area, for an incremental checkpoint) and prints "changed".
+ * A fourth argument "huge" asks for transparent huge pages (MADV_HUGEPAGE). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +15,7 @@ int main(int argc, char **argv) {
     setvbuf(stdout, 0, _IONBF, 0);
     uint8_t *m = mmap(0, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (m == MAP_FAILED) return 1;
+    if (argc > 4 && !strcmp(argv[4], "huge")) madvise(m, n, MADV_HUGEPAGE);
     uint64_t x = 88172645463325252ull;
     static const char *words[] = {"the ", "checkpoint ", "of ", "a ", "process ", "restart ", "memory ", "node ", "job ", "\n"};
     if (!strcmp(kind, "random")) {
