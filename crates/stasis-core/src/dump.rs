@@ -160,6 +160,7 @@ fn checkpoint_locked(
         late_flags: snapshot_ok && late_flags,
         incremental: opts.incremental,
         prev_seq,
+        prev_runs: prev.keys().copied().collect(),
         seq: writer.sequence(),
     };
     for (proc, frozen) in tree.iter_mut() {
@@ -480,6 +481,9 @@ struct Tracking {
     incremental: bool,
     /// The newest checkpoint before this one.
     prev_seq: Option<u64>,
+    /// The processes whose page runs in it were read (an unreadable or damaged one
+    /// is not relied on: everything is read and compared, or stored).
+    prev_runs: std::collections::HashSet<i32>,
     /// This checkpoint.
     seq: u64,
 }
@@ -512,8 +516,12 @@ fn dump_frozen(
     steps.done("threads and task");
     // With tracking armed at the previous checkpoint, pages not written since are
     // not even read; then (re)arm it for the next one.
+    // Only where the previous checkpoint's page runs could be read: pages not
+    // written since are referred to there, not read again.
     let written = match (tracking.incremental, tracking.prev_seq) {
-        (true, Some(prev)) => crate::dirty::written(proc, &layout, prev),
+        (true, Some(prev)) if tracking.prev_runs.contains(&pid) => {
+            crate::dirty::written(proc, &layout, prev)
+        }
         _ => None,
     };
     let tracked = written.is_some();

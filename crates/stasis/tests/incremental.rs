@@ -236,3 +236,47 @@ fn back_to_back_checkpoints_are_of_the_job_alone() {
     let ok = s.finish();
     assert_eq!(ok, "OK pages=65536 steps=1 advised=0");
 }
+
+/// The previous checkpoint's page runs are damaged between two `--incremental`
+/// checkpoints (a flipped byte in its `runs-PID.bin`): the next one cannot refer to
+/// them, so it does not rely on dirty tracking and stores every page itself (it
+/// depends on nothing); restarted from it, the program finds every page.
+#[test]
+fn damaged_previous_runs_are_not_relied_on() {
+    let w = Work::new("incr_damaged_prev");
+    let mut s = Session::start(&w, &[prog("dirtyset")]);
+    let r = checkpoint_with(&w, &["--incremental"]);
+    assert!(r.status.success(), "{r}");
+    let first = w.newest_checkpoint();
+    let full_bytes = stored_bytes(&w);
+    std::fs::write(w.path("step-1"), b"").unwrap();
+    s.cur()
+        .wait_line("`stepped 1`", T_READY, |l| l == "stepped 1");
+    let runs = std::fs::read_dir(&first)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("runs-"))
+        })
+        .expect("a runs file in the first checkpoint");
+    let mut bytes = std::fs::read(&runs).unwrap();
+    bytes[0] ^= 0x40;
+    std::fs::write(&runs, &bytes).unwrap();
+    let r = checkpoint_with(&w, &["--incremental"]);
+    assert!(r.status.success(), "{r}");
+    assert_eq!(
+        depends_on(&w),
+        Vec::<u64>::new(),
+        "it must not refer to the damaged one"
+    );
+    let stored = stored_bytes(&w);
+    assert!(
+        stored * 10 >= full_bytes * 9,
+        "stored {stored} bytes of {full_bytes}: pages were referred to the damaged checkpoint"
+    );
+    s.kill_supervisor();
+    s.restart(Probe::Ping);
+    let ok = s.finish();
+    assert_eq!(ok, "OK pages=8192 steps=1 advised=0");
+}
