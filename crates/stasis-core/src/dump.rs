@@ -1144,8 +1144,11 @@ fn previous_pages(dir: &Path, prev_seq: Option<u64>) -> HashMap<i32, memory::Pre
 /// is missing or unreadable only means its pages are stored again.
 fn load_hashes(dir: &Path, pid: i32, prev: &mut memory::PrevPages) {
     for seq in prev.sources() {
-        let path = store::checkpoint_path(dir, seq).join(format!("page-hashes-{pid}.bin"));
-        if let Ok(raw) = std::fs::read(&path) {
+        // Verified against its manifest: a wrong hash could make a changed page look
+        // unchanged.
+        let name = format!("page-hashes-{pid}.bin");
+        let path = store::checkpoint_path(dir, seq);
+        if let Ok(raw) = stasis_image::store::CheckpointReader::read_verified(&path, &name) {
             prev.add_hashes(seq, stasis_image::PageHashes::decode(&raw));
         }
     }
