@@ -94,45 +94,25 @@ fn checkpoint_locked(
     opts: &DumpOptions,
 ) -> Result<DumpReport> {
     let t_start = Instant::now();
-    let root = ProcDir::new(pid);
-    if !root.path.exists() {
-        return Err(Error::Attach {
-            pid,
-            msg: "no such process".into(),
-        });
-    }
-    // SAFETY: getpid has no preconditions.
-    let me = unsafe { libc::getpid() };
-    let parent_is_us = root
-        .process()
-        .ok()
-        .and_then(|p| p.stat().ok())
-        .is_some_and(|s| s.ppid == me);
-    // Under stasis init, orphans of the application were reparented to us: they are
-    // part of the job too.
-    let mut roots = vec![pid];
-    if parent_is_us {
-        roots.extend(orphans_of(me)?.into_iter().filter(|&c| c != pid));
-    }
-    // A process that will be snapshotted has its mapping flags read before it is
-    // frozen (smaps is slow; see memory::read_flags), and checked on its snapshot.
+    let Job {
+        root,
+        me,
+        parent_is_us,
+        roots,
+    } = Job::find(pid)?;
     // Read before the freeze: the previous checkpoint's page runs (an incremental
-    // checkpoint refers to them).
+    // checkpoint refers to them), and the mapping flags where they are needed early.
     let prev_seq = store::list_checkpoints(dir)?.last().map(|c| c.0);
     let mut prev = if opts.incremental {
         previous_pages(dir, prev_seq)
     } else {
         HashMap::new()
     };
-    // Without dirty tracking they are read from the snapshot instead, exactly, and
-    // not at all before the freeze.
+    // Without dirty tracking the flags are read from the snapshot, exactly, and not
+    // at all before the freeze.
     let late_flags = !opts.incremental && !crate::dirty::is_tracked(pid);
     let early_flags = if parent_is_us && roots.len() == 1 && !late_flags {
-        // (Not worth arming for a process about to be killed.)
-        if opts.incremental && !opts.kill {
-            crate::dirty::prearm(&root);
-        }
-        memory::remembered_flags(&root).or_else(|| memory::read_flags(&root).ok())
+        flags_before_freeze(&root, opts)
     } else {
         None
     };
@@ -175,22 +155,7 @@ fn checkpoint_locked(
         )?);
     }
     // System V objects, read while everything is frozen.
-    let sysv = if opts.own_ipc_namespace {
-        crate::sysv::dump(&mut writer)?
-    } else {
-        let sysv_user = parts.iter().find(|p| {
-            p.layout
-                .iter()
-                .any(|v| matches!(v.map.kind, stasis_image::MappingKind::SysvShm { .. }))
-        });
-        if let Some(p) = sysv_user {
-            return Err(Error::Unsupported {
-                pid: p.process.pid,
-                what: "System V shared memory outside a job started by stasis run (its IPC namespace is not the job's own)".into(),
-            });
-        }
-        stasis_image::Sysv::default()
-    };
+    let sysv = sysv_of(opts, &parts, &mut writer)?;
     let snapshotted = parts.iter().any(|p| p.snapshot.is_some());
     if snapshotted && !opts.kill {
         for (_, f) in tree.iter_mut() {
@@ -252,19 +217,7 @@ fn checkpoint_locked(
     let t2 = Instant::now();
     let shared_memory = shm.finish(&mut writer)?;
     let (pipes, sockets, mut ptys) = registry.finish()?;
-    // Controlling terminals (read while frozen, stat does not change meanwhile).
-    for (proc, _) in &tree {
-        if let Ok(st) = read_stat(proc) {
-            if st.session != proc.pid || st.tty_nr == 0 {
-                continue;
-            }
-            let dev = st.tty_nr as u64;
-            if let Some(p) = ptys.iter_mut().find(|p| crate::tty::slave_dev(p.id) == dev) {
-                p.session = proc.pid;
-                p.foreground = st.tpgid;
-            }
-        }
-    }
+    mark_controlling_terminals(&tree, &mut ptys);
     let mut meta = Checkpoint {
         sequence: writer.sequence(),
         arch: arch::ARCH_NAME.to_string(),
@@ -328,6 +281,99 @@ fn checkpoint_locked(
         timings: meta.timings,
         killed: opts.kill,
     })
+}
+
+/// The processes a checkpoint of `pid` is about.
+struct Job {
+    root: ProcDir,
+    /// This process (the stasis init, when it started the job).
+    me: i32,
+    /// The root is our child: we are the init of its PID namespace.
+    parent_is_us: bool,
+    /// The root and, under the init, the orphans it adopted (part of the job).
+    roots: Vec<i32>,
+}
+
+impl Job {
+    fn find(pid: i32) -> Result<Job> {
+        let root = ProcDir::new(pid);
+        if !root.path.exists() {
+            return Err(Error::Attach {
+                pid,
+                msg: "no such process".into(),
+            });
+        }
+        // SAFETY: getpid has no preconditions.
+        let me = unsafe { libc::getpid() };
+        let parent_is_us = root
+            .process()
+            .ok()
+            .and_then(|p| p.stat().ok())
+            .is_some_and(|s| s.ppid == me);
+        let mut roots = vec![pid];
+        if parent_is_us {
+            roots.extend(orphans_of(me)?.into_iter().filter(|&c| c != pid));
+        }
+        Ok(Job {
+            root,
+            me,
+            parent_is_us,
+            roots,
+        })
+    }
+}
+
+/// The mapping flags of a process that will be snapshotted with dirty tracking
+/// (whose registrations a fork does not show): remembered from its last checkpoint
+/// while its mappings keep their bounds, else read from smaps now, before the freeze
+/// (slow); they are checked on the snapshot. Arms the tracking first for a first
+/// `--incremental` checkpoint (not for a process about to be killed).
+fn flags_before_freeze(root: &ProcDir, opts: &DumpOptions) -> Option<memory::FlagCache> {
+    if opts.incremental && !opts.kill {
+        crate::dirty::prearm(root);
+    }
+    memory::remembered_flags(root).or_else(|| memory::read_flags(root).ok())
+}
+
+/// System V objects of the job's own IPC namespace; outside one, a process
+/// attached to a segment is refused.
+fn sysv_of(
+    opts: &DumpOptions,
+    parts: &[Part],
+    writer: &mut CheckpointWriter,
+) -> Result<stasis_image::Sysv> {
+    if opts.own_ipc_namespace {
+        return crate::sysv::dump(writer);
+    }
+    let sysv_user = parts.iter().find(|p| {
+        p.layout
+            .iter()
+            .any(|v| matches!(v.map.kind, stasis_image::MappingKind::SysvShm { .. }))
+    });
+    if let Some(p) = sysv_user {
+        return Err(Error::Unsupported {
+            pid: p.process.pid,
+            what: "System V shared memory outside a job started by stasis run (its IPC namespace is not the job's own)".into(),
+        });
+    }
+    Ok(stasis_image::Sysv::default())
+}
+
+/// Records which pseudo-terminal is whose controlling terminal (stat was read while
+/// frozen and does not change meanwhile).
+fn mark_controlling_terminals(tree: &FrozenTree, ptys: &mut [stasis_image::Pty]) {
+    for (proc, _) in tree {
+        if let Ok(st) = read_stat(proc) {
+            if st.session != proc.pid || st.tty_nr == 0 {
+                continue;
+            }
+            let dev = st.tty_nr as u64;
+            if let Some(p) = ptys.iter_mut().find(|p| crate::tty::slave_dev(p.id) == dev) {
+                p.session = proc.pid;
+                p.foreground = st.tpgid;
+            }
+        }
+    }
 }
 
 /// The frozen processes of a tree, parents first.
