@@ -161,17 +161,9 @@ fn try_prearm(proc: &ProcDir) -> Result<()> {
     {
         return Ok(()); // tracked: the next scan re-protects what was written
     }
-    // The flags do not matter here: the cheap /proc/PID/maps will do.
-    let cheap: crate::memory::FlagCache = proc
-        .process()?
-        .maps()
-        .map_err(std::io::Error::other)
-        .ctx(pid, || "reading /proc/PID/maps".into())?
-        .into_iter()
-        .map(|m| (m.address, VmFlags::empty()))
-        .collect();
     let mut frozen = crate::freeze::Frozen::freeze(proc)?;
-    let layout = crate::memory::read_layout(proc, Some(&cheap))?;
+    // The flags do not matter here: the cheap /proc/PID/maps will do.
+    let layout = crate::memory::read_layout_unflagged(proc)?;
     let insn = crate::inject::find_syscall_insn(pid, &crate::memory::exec_ranges(&layout))?;
     frozen.block_signals()?;
     let inj = Injector::new(pid, insn)?;

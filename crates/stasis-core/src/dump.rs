@@ -834,14 +834,13 @@ impl Part {
     /// against. None without a snapshot, or when nothing is to be read.
     fn flags_job(&self) -> Option<FlagsJob> {
         let snap = self.snapshot.as_ref()?;
-        if !(self.early_flags || self.late_flags) {
-            return None;
-        }
-        Some(snapshot_flags_job(
-            snap.pid,
-            self.late_flags,
-            self.layout.clone(),
-        ))
+        let (late, layout) = self.flags_spec()?;
+        Some(snapshot_flags_job(snap.pid, late, layout))
+    }
+
+    /// What the snapshot's flag job does (see [`snapshot_flags_job`]), if any.
+    fn flags_spec(&self) -> Option<(bool, Vec<memory::Vma>)> {
+        (self.early_flags || self.late_flags).then(|| (self.late_flags, self.layout.clone()))
     }
 
     /// The snapshot writes the runs it can while one thread per part follows it,
@@ -858,8 +857,7 @@ impl Part {
         flags_job: &mut Option<FlagsJob>,
     ) -> Result<Option<(memory::ZeroMap, Vec<memory::PartDone>)>> {
         let pid = self.process.pid;
-        let job_spec =
-            (self.early_flags || self.late_flags).then(|| (self.late_flags, self.layout.clone()));
+        let job_spec = self.flags_spec();
         let Some(snap) = self.snapshot.as_mut() else {
             return Ok(None);
         };

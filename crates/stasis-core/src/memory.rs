@@ -155,16 +155,7 @@ pub fn check_flags(snapshot: &ProcDir, layout: &[Vma]) -> Result<()> {
 /// mapping flags (smaps, which is slow, is read later on the process's snapshot:
 /// see [`mark_invisible`] and [`fill_flags`]).
 pub fn read_layout_unflagged(proc: &ProcDir) -> Result<Vec<Vma>> {
-    let pid = proc.pid;
-    let none: FlagCache = proc
-        .process()?
-        .maps()
-        .map_err(std::io::Error::other)
-        .ctx(pid, || "reading /proc/PID/maps".into())?
-        .into_iter()
-        .map(|m| (m.address, VmFlags::empty()))
-        .collect();
-    read_layout(proc, Some(&none))
+    layout_of(proc.pid, read_maps(proc)?)
 }
 
 /// For a layout read without flags, marks the mappings whose content the snapshot
@@ -261,36 +252,42 @@ pub fn fill_flags(proc: &ProcDir, flags: &FlagCache, layout: &mut [Vma]) -> Resu
 /// from the cache, unless a mapping is not there (then smaps is read after all).
 pub fn read_layout(proc: &ProcDir, cache: Option<&FlagCache>) -> Result<Vec<Vma>> {
     let pid = proc.pid;
-    let mut maps = None;
     if let Some(cache) = cache {
-        let cheap = proc
-            .process()?
-            .maps()
-            .map_err(std::io::Error::other)
-            .ctx(pid, || "reading /proc/PID/maps".into())?;
-        let mut all = Vec::new();
-        for mut m in cheap {
-            let Some(f) = cache.get(&m.address) else {
-                all.clear();
-                break;
-            };
-            m.extension.vm_flags = *f;
-            all.push(m);
-        }
-        if !all.is_empty() {
-            maps = Some(all);
+        let mut all = read_maps(proc)?;
+        let complete = all.iter_mut().all(|m| match cache.get(&m.address) {
+            Some(f) => {
+                m.extension.vm_flags = *f;
+                true
+            }
+            None => false,
+        });
+        if complete && !all.is_empty() {
+            return layout_of(pid, all);
         }
     }
-    let maps = match maps {
-        Some(m) => m,
-        None => proc
-            .process()?
-            .smaps()
-            .map_err(std::io::Error::other)
-            .ctx(pid, || "reading /proc/PID/smaps".into())?
-            .into_iter()
-            .collect(),
-    };
+    let maps = proc
+        .process()?
+        .smaps()
+        .map_err(std::io::Error::other)
+        .ctx(pid, || "reading /proc/PID/smaps".into())?
+        .into_iter()
+        .collect();
+    layout_of(pid, maps)
+}
+
+/// The mappings of `/proc/PID/maps` (cheap; no flags).
+fn read_maps(proc: &ProcDir) -> Result<Vec<procfs::process::MemoryMap>> {
+    Ok(proc
+        .process()?
+        .maps()
+        .map_err(std::io::Error::other)
+        .ctx(proc.pid, || "reading /proc/PID/maps".into())?
+        .into_iter()
+        .collect())
+}
+
+/// The layout made of mappings read from maps or smaps (with their flags, if any).
+fn layout_of(pid: i32, maps: Vec<procfs::process::MemoryMap>) -> Result<Vec<Vma>> {
     let mut out = Vec::new();
     for m in maps {
         let (start, end) = m.address;

@@ -111,29 +111,8 @@ pub fn scan(
     let mut at = start;
     let mut regions = vec![[0u64; 3]; 512];
     while at < end {
-        // struct pm_scan_arg
-        let mut arg = [
-            96u64,
-            flags,
-            at,
-            end,
-            0, // walk_end (out)
-            regions.as_mut_ptr() as u64,
-            regions.len() as u64,
-            0, // max_pages
-            masks.inverted,
-            masks.all,
-            masks.any,
-            masks.report,
-        ];
-        let n = ioctl(
-            pagemap,
-            PAGEMAP_SCAN,
-            arg.as_mut_ptr().cast(),
-            "PAGEMAP_SCAN",
-        )? as usize;
+        let (n, walk_end) = scan_once(pagemap, flags, at, end, &mut regions, 0, masks)?;
         out.extend(regions[..n].iter().map(|r| (r[0], r[1], r[2])));
-        let walk_end = arg[4];
         if walk_end <= at {
             break;
         }
@@ -150,17 +129,32 @@ pub fn scan_first(
     end: u64,
     masks: ScanMasks,
 ) -> Result<Option<(u64, u64)>> {
-    let mut region = [0u64; 3];
-    // struct pm_scan_arg, at most one page reported
+    let mut region = [[0u64; 3]; 1];
+    let (n, _) = scan_once(pagemap, 0, start, end, &mut region, 1, masks)?;
+    Ok((n > 0).then_some((region[0][0], region[0][1])))
+}
+
+/// One PAGEMAP_SCAN ioctl (`struct pm_scan_arg`) over `[start, end)`, reporting into
+/// `regions` (at most `max_pages` pages, 0: no limit): how many regions it filled,
+/// and where the walk ended.
+fn scan_once(
+    pagemap: i32,
+    flags: u64,
+    start: u64,
+    end: u64,
+    regions: &mut [[u64; 3]],
+    max_pages: u64,
+    masks: ScanMasks,
+) -> Result<(usize, u64)> {
     let mut arg = [
         96u64,
-        0,
+        flags,
         start,
         end,
-        0,
-        region.as_mut_ptr() as u64,
-        1,
-        1, // max_pages
+        0, // walk_end (out)
+        regions.as_mut_ptr() as u64,
+        regions.len() as u64,
+        max_pages,
         masks.inverted,
         masks.all,
         masks.any,
@@ -171,8 +165,8 @@ pub fn scan_first(
         PAGEMAP_SCAN,
         arg.as_mut_ptr().cast(),
         "PAGEMAP_SCAN",
-    )?;
-    Ok((n > 0).then_some((region[0], region[1])))
+    )? as usize;
+    Ok((n.min(regions.len()), arg[4]))
 }
 
 /// PAGEMAP_SCAN: the page ranges of `[start, end)` written since they were

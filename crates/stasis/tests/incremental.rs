@@ -20,6 +20,13 @@ fn depends_on(w: &Work) -> Vec<u64> {
         .unwrap_or_default()
 }
 
+/// Makes dirtyset.c change its pages for step `n` and waits until it has.
+fn dirtyset_step(w: &Work, s: &mut Session, n: u32) {
+    std::fs::write(w.path(&format!("step-{n}")), b"").unwrap();
+    let want = format!("stepped {n}");
+    s.cur().wait_line(&want, T_READY, |l| l == want);
+}
+
 fn checkpoint_with(w: &Work, extra: &[&str]) -> CmdOut {
     let mut args: Vec<&OsStr> = vec![OsStr::new("checkpoint")];
     args.extend(extra.iter().map(OsStr::new));
@@ -167,9 +174,7 @@ fn small_changes_are_copied_while_frozen() {
         "full checkpoint stored {full_bytes} bytes"
     );
     for step in 1..=3 {
-        std::fs::write(w.path(&format!("step-{step}")), b"").unwrap();
-        let want = format!("stepped {step}");
-        s.cur().wait_line(&want, T_READY, |l| l == want);
+        dirtyset_step(&w, &mut s, step);
         if step == 3 {
             std::fs::write(w.path("advise"), b"").unwrap();
             s.cur().wait_line("`advised`", T_READY, |l| l == "advised");
@@ -219,9 +224,7 @@ fn back_to_back_checkpoints_are_of_the_job_alone() {
     let zombies = j["zombies"].as_array().map_or(0, Vec::len);
     assert_eq!(zombies, 0, "{}", j["zombies"]);
     assert_eq!(j["timings"]["snapshot"], true, "{}", j["timings"]);
-    std::fs::write(w.path("step-1"), b"").unwrap();
-    s.cur()
-        .wait_line("`stepped 1`", T_READY, |l| l == "stepped 1");
+    dirtyset_step(&w, &mut s, 1);
     let r = checkpoint_with(&w, &["--incremental"]);
     assert!(r.status.success(), "{r}");
     // 676 pages written (every 97th of 65536, and one populated again), and a few
@@ -249,9 +252,7 @@ fn damaged_previous_runs_are_not_relied_on() {
     assert!(r.status.success(), "{r}");
     let first = w.newest_checkpoint();
     let full_bytes = stored_bytes(&w);
-    std::fs::write(w.path("step-1"), b"").unwrap();
-    s.cur()
-        .wait_line("`stepped 1`", T_READY, |l| l == "stepped 1");
+    dirtyset_step(&w, &mut s, 1);
     let runs = std::fs::read_dir(&first)
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.path()))
