@@ -44,6 +44,8 @@ pub struct DumpOptions {
     /// The job has an IPC namespace of its own (under stasis run): its System V
     /// objects are saved with it.
     pub own_ipc_namespace: bool,
+    /// What to do with a TCP connection to a peer outside the checkpoint.
+    pub tcp_external: crate::sockets::TcpExternal,
 }
 
 /// Result of a successful checkpoint.
@@ -125,7 +127,8 @@ fn checkpoint_locked(
         .stdio
         .clone()
         .unwrap_or_else(|| files::stdio_ids_of(&root));
-    let mut registry = files::Registry::new();
+    let mut registry =
+        files::Registry::new(tree.iter().map(|(p, _)| p.pid).collect(), opts.tcp_external);
     let mut shm = crate::shm::Collector::new();
     // A snapshot child is given the process's parent (CLONE_PARENT): only when that
     // parent is us (stasis init), who reaps it, and for a single process. Otherwise
@@ -216,7 +219,12 @@ fn checkpoint_locked(
 
     let t2 = Instant::now();
     let shared_memory = shm.finish(&mut writer)?;
-    let (pipes, sockets, mut ptys) = registry.finish()?;
+    let files::Found {
+        pipes,
+        unix: sockets,
+        inet: inet_sockets,
+        mut ptys,
+    } = registry.finish()?;
     mark_controlling_terminals(&tree, &mut ptys);
     let mut meta = Checkpoint {
         sequence: writer.sequence(),
@@ -230,6 +238,7 @@ fn checkpoint_locked(
         zombies,
         pipes,
         sockets,
+        inet_sockets,
         ptys,
         sysv,
         shared_memory,

@@ -68,11 +68,19 @@ fn same_description(pa: i32, a: i32, pb: i32, b: i32) -> bool {
     unsafe { libc::syscall(libc::SYS_kcmp, pa, pb, KCMP_FILE, a, b) == 0 }
 }
 
+/// What a checkpoint's fds hold besides files: pipes, sockets, pseudo-terminals.
+pub struct Found {
+    pub pipes: Vec<Pipe>,
+    pub unix: Vec<stasis_image::UnixSocket>,
+    pub inet: Vec<stasis_image::InetSocket>,
+    pub ptys: Vec<stasis_image::Pty>,
+}
+
 /// Collects the fds of every process of a checkpoint, assigning description ids and
 /// saving pipe contents.
 #[derive(Default)]
 pub struct Registry {
-    /// UNIX sockets found so far.
+    /// Sockets found so far.
     pub sockets: crate::sockets::Collector,
     /// Pseudo-terminal pairs found so far.
     pub ptys: Vec<stasis_image::Pty>,
@@ -83,21 +91,24 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// A registry for one checkpoint.
-    pub fn new() -> Registry {
-        Registry::default()
+    /// A registry for one checkpoint of the processes `job`.
+    pub fn new(job: Vec<i32>, tcp_external: crate::sockets::TcpExternal) -> Registry {
+        Registry {
+            sockets: crate::sockets::Collector::new(job, tcp_external),
+            ..Registry::default()
+        }
     }
 
     /// The pipes found (with their saved contents) and the sockets, checked to stay
     /// inside the checkpoint.
-    pub fn finish(
-        self,
-    ) -> Result<(
-        Vec<Pipe>,
-        Vec<stasis_image::UnixSocket>,
-        Vec<stasis_image::Pty>,
-    )> {
-        Ok((self.pipes, self.sockets.finish()?, self.ptys))
+    pub fn finish(self) -> Result<Found> {
+        let (unix, inet) = self.sockets.finish()?;
+        Ok(Found {
+            pipes: self.pipes,
+            unix,
+            inet,
+            ptys: self.ptys,
+        })
     }
 
     fn describe(&mut self, pid: i32, fd: i32, md: &std::fs::Metadata) -> u64 {
@@ -155,10 +166,7 @@ impl Registry {
             {
                 FdKind::Stdio { index }
             } else if target.starts_with("socket:") {
-                FdKind::UnixSocket {
-                    sock: self.sockets.dump_fd(pid, fd, md.ino(), writer)?,
-                    flags,
-                }
+                self.sockets.dump_fd(pid, fd, md.ino(), flags, writer)?
             } else if target.starts_with("pipe:") {
                 self.save_pipe(pid, fd, &link, md.ino(), writer)?;
                 FdKind::Pipe {
@@ -435,6 +443,30 @@ pub fn open_descriptions(
                         .into_raw_fd();
                     // SAFETY: fcntl on the socket we just took.
                     unsafe { libc::fcntl(fd, libc::F_SETFL, *flags & libc::O_NONBLOCK) };
+                    fd
+                }
+                FdKind::InetSocket {
+                    sock,
+                    flags,
+                    signal,
+                    ..
+                } => {
+                    let fd = sockets
+                        .remove(sock)
+                        .ok_or_else(|| {
+                            format!("fd {}: socket {sock} missing from the image", f.fd)
+                        })?
+                        .into_raw_fd();
+                    // SAFETY: fcntl on the socket we just took (its owner is set by
+                    // the process that receives it).
+                    unsafe {
+                        libc::fcntl(
+                            fd,
+                            libc::F_SETFL,
+                            *flags & (libc::O_NONBLOCK | libc::O_ASYNC),
+                        );
+                        libc::fcntl(fd, crate::sockets::inet::F_SETSIG, *signal);
+                    }
                     fd
                 }
                 FdKind::Inotify { flags, watches } => crate::inotify::create(*flags, watches)

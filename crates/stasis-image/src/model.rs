@@ -40,6 +40,9 @@ pub struct Checkpoint {
     /// UNIX domain sockets held by the processes.
     #[serde(default)]
     pub sockets: Vec<UnixSocket>,
+    /// TCP and UDP sockets (IPv4, IPv6) held by the processes.
+    #[serde(default)]
+    pub inet_sockets: Vec<InetSocket>,
     /// System V IPC objects of the job's own IPC namespace.
     #[serde(default)]
     pub sysv: Sysv,
@@ -124,6 +127,64 @@ pub struct UnixSocket {
     /// Length of each queued message (one entry for a byte stream).
     #[serde(default)]
     pub messages: Vec<u64>,
+}
+
+/// A TCP or UDP socket over IPv4 or IPv6 (ip(7), ipv6(7), tcp(7), udp(7)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InetSocket {
+    /// Identifier the fds refer to (the socket's inode number at checkpoint time).
+    pub id: u64,
+    /// `ipv4` or `ipv6`.
+    pub family: String,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// `listening`, `connected` (TCP: established or half-closed; UDP: connect(2)ed),
+    /// `bound`, `unbound`, or `reset` (a TCP connection to a peer outside the
+    /// checkpoint, saved with `--tcp-external=reset`: it comes back reset).
+    pub state: String,
+    /// Local address as `127.0.0.1:5000` or `[::1]:5000`; empty if unbound.
+    pub local: String,
+    /// Remote address (same form); empty if not connected.
+    #[serde(default)]
+    pub remote: String,
+    /// TCP: the other end of the connection (id) when it is in the checkpoint, else 0.
+    #[serde(default)]
+    pub peer: u64,
+    /// TCP: for the client end of a connection not yet accepted, the listener's id.
+    #[serde(default)]
+    pub pending_on: u64,
+    /// TCP: the peer closed its end (a FIN came) and is not in the checkpoint: the
+    /// queued bytes are followed by end of file.
+    #[serde(default)]
+    pub peer_closed: bool,
+    /// For listeners: listen(2) backlog.
+    #[serde(default)]
+    pub backlog: u32,
+    /// shutdown(2) bits applied to this end: 1 = SHUT_RD, 2 = SHUT_WR.
+    #[serde(default)]
+    pub shutdown: u8,
+    /// Socket options that differ from a new socket's (name, value); see
+    /// docs/IMAGE-FORMAT.md for the names.
+    #[serde(default)]
+    pub options: Vec<SocketOption>,
+    /// Data file with the bytes waiting to be read (TCP: the receive queue and the
+    /// peer's unread send queue, in order; UDP: the datagrams, concatenated).
+    #[serde(default)]
+    pub data_file: Option<String>,
+    /// Length of each queued datagram (TCP: one entry, the bytes queued).
+    #[serde(default)]
+    pub messages: Vec<u64>,
+    /// UDP: sender address of each queued datagram.
+    #[serde(default)]
+    pub sources: Vec<String>,
+}
+
+/// One socket option, by its name in the C headers (`TCP_NODELAY`, `SO_LINGER`...).
+/// `SO_LINGER` is the linger time in seconds, -1 when off.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketOption {
+    pub name: String,
+    pub value: i64,
 }
 
 /// System V IPC objects (svipc(7)) of the IPC namespace the job runs in.
@@ -466,6 +527,10 @@ impl Process {
     }
 }
 
+fn is_zero_i32(v: &i32) -> bool {
+    *v == 0
+}
+
 fn is_zero(v: &u64) -> bool {
     *v == 0
 }
@@ -589,6 +654,16 @@ pub enum FdKind {
     Pty { pty: u64, master: bool, flags: i32 },
     /// A UNIX domain socket of `Checkpoint::sockets`.
     UnixSocket { sock: u64, flags: i32 },
+    /// A TCP or UDP socket of `Checkpoint::inet_sockets`; `owner` is the fd's
+    /// F_SETOWN_EX target (type, pid) and `signal` its F_SETSIG, when set.
+    InetSocket {
+        sock: u64,
+        flags: i32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<(i32, i32)>,
+        #[serde(default, skip_serializing_if = "is_zero_i32")]
+        signal: i32,
+    },
     /// A named pipe (FIFO) opened by path; its bytes in flight are in
     /// `Checkpoint::pipes` under `pipe`.
     Fifo { path: String, pipe: u64, flags: i32 },

@@ -767,6 +767,7 @@ mod tests {
             depends_on: vec![],
             shared_memory: vec![],
             sockets: vec![],
+            inet_sockets: vec![],
             ptys: vec![],
             sysv: Default::default(),
             timings: Timings::default(),

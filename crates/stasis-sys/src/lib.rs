@@ -10,6 +10,7 @@
 pub mod arch;
 pub mod clone;
 pub mod dirty;
+pub mod inet_diag;
 pub mod ptrace;
 pub mod unix_diag;
 pub mod vm;

@@ -118,6 +118,16 @@ pub enum Command {
         /// so the default is none (zero pages are never stored either way).
         #[arg(long, value_name = "HOW", default_value = "none", value_parser = ["none", "zstd", "lz4"])]
         compress: String,
+        /// What to do with a TCP connection to a peer outside the checkpoint (a
+        /// database, a license server, a web service). `refuse` (the default): the
+        /// checkpoint fails with an error naming the socket and the remote address, and
+        /// the application keeps running. `reset`: the checkpoint goes on without
+        /// touching the connection; after a restart the application finds it reset
+        /// (ECONNRESET on its next use), as after a network failure, and a client that
+        /// reconnects goes on. Connections between processes of the job, listening
+        /// sockets and UDP sockets are always saved, with the bytes in flight.
+        #[arg(long, value_name = "HOW", default_value = "refuse", value_parser = ["refuse", "reset"])]
+        tcp_external: String,
     },
     /// Restart an application from the newest complete checkpoint in DIR.
     ///
@@ -191,12 +201,14 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             keep,
             incremental,
             compress,
+            tcp_external,
         } => {
             let req = control::Request {
                 kill,
                 keep: keep as usize,
                 incremental,
                 compress: compress.parse().map_err(anyhow::Error::msg)?,
+                tcp_external_reset: tcp_external == "reset",
             };
             let report = match pid {
                 Some(pid) => {

@@ -24,6 +24,20 @@ pub struct Request {
     pub incremental: bool,
     #[serde(default)]
     pub compress: stasis_image::Compression,
+    /// Save TCP connections to peers outside the job as reset (else refuse them).
+    #[serde(default)]
+    pub tcp_external_reset: bool,
+}
+
+impl Request {
+    /// What to do with TCP connections to peers outside the job.
+    pub fn tcp_external(&self) -> stasis_core::sockets::TcpExternal {
+        if self.tcp_external_reset {
+            stasis_core::sockets::TcpExternal::Reset
+        } else {
+            stasis_core::sockets::TcpExternal::Refuse
+        }
+    }
 }
 
 /// The reply.
@@ -212,6 +226,7 @@ pub fn checkpoint_pid(dir: &Path, pid: i32, req: &Request, show_progress: bool) 
         incremental: req.incremental,
         compress: req.compress,
         own_ipc_namespace: false,
+        tcp_external: req.tcp_external(),
     };
     let progress = Progress::start(format!("checkpointing process {pid}"), show_progress);
     let report = dump::checkpoint(&canonical(dir)?, pid, &opts);

@@ -160,6 +160,28 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
                         None => format!("UNIX socket {sock}"),
                     }
                 }
+                FdKind::InetSocket { sock, .. } => {
+                    match meta.inet_sockets.iter().find(|x| x.id == *sock) {
+                        Some(x) => format!(
+                            "{} socket {sock} ({}, {}{}{}; {} bytes queued)",
+                            x.protocol.to_uppercase(),
+                            x.family,
+                            x.state,
+                            if x.local.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" at {}", x.local)
+                            },
+                            if x.remote.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" to {}", x.remote)
+                            },
+                            x.messages.iter().sum::<u64>()
+                        ),
+                        None => format!("socket {sock}"),
+                    }
+                }
                 FdKind::EventFd { count, .. } => format!("eventfd (count {count})"),
                 FdKind::TimerFd {
                     value_ns,

@@ -414,6 +414,7 @@ fn init_inner(
                         incremental: req.incremental,
                         compress: req.compress,
                         own_ipc_namespace: true,
+                        tcp_external: req.tcp_external(),
                     };
                     match dump::checkpoint(dir, app, &opts) {
                         Ok(r) => {

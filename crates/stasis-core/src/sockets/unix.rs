@@ -13,6 +13,7 @@
 //! connected pairs become socketpairs, and each queue is refilled by sending its bytes
 //! from the peer.
 
+use super::sockopt;
 use crate::error::{Error, Result, SysContext};
 use stasis_image::{CheckpointReader, CheckpointWriter, UnixSocket};
 use stasis_sys::unix_diag::{self, UnixSock};
@@ -32,53 +33,31 @@ pub struct Collector {
     holders: HashMap<u64, (i32, i32)>,
 }
 
-fn sockopt(fd: i32, opt: i32) -> i32 {
-    let mut v: i32 = 0;
-    let mut len = 4 as libc::socklen_t;
-    // SAFETY: getsockopt writes an int into `v`.
-    unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            (&mut v as *mut i32).cast(),
-            &mut len,
-        )
-    };
-    v
-}
-
 impl Collector {
     /// A collector for one checkpoint.
     pub fn new() -> Collector {
         Collector::default()
     }
 
-    /// Saves the socket behind fd `fd` of process `pid` (once per socket).
+    /// Whether the socket `ino` was saved already.
+    pub fn has(&self, ino: u64) -> bool {
+        self.holders.contains_key(&ino)
+    }
+
+    /// Saves the UNIX socket `sock` (fd `fd` of process `pid`, borrowed), once per
+    /// socket.
     pub fn dump_fd(
         &mut self,
         pid: i32,
         fd: i32,
         ino: u64,
+        sock: &OwnedFd,
         writer: &mut CheckpointWriter,
     ) -> Result<u64> {
         if self.holders.contains_key(&ino) {
             return Ok(ino);
         }
-        let sock = crate::proc::borrow_fd(pid, fd)?;
         let s = sock.as_raw_fd();
-        let domain = sockopt(s, libc::SO_DOMAIN);
-        if domain != libc::AF_UNIX {
-            let what = match domain {
-                libc::AF_INET | libc::AF_INET6 => "an IP (TCP/UDP) socket".to_string(),
-                libc::AF_NETLINK => "a netlink socket".to_string(),
-                d => format!("a socket of address family {d}"),
-            };
-            return Err(Error::Unsupported {
-                pid,
-                what: format!("fd {fd}, {what}"),
-            });
-        }
         if self.diag.is_none() {
             self.diag =
                 Some(unix_diag::dump().ctx(pid, || "listing UNIX sockets (sock_diag)".into())?);
@@ -373,7 +352,7 @@ fn connect(fd: &OwnedFd, name: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// Creates every socket of the image, connected as it was and with its queues
+/// Creates every UNIX socket of the image, connected as it was and with its queues
 /// refilled. Returns the restorer's descriptor of each, by id.
 pub fn create_all(image: &CheckpointReader) -> std::result::Result<HashMap<u64, OwnedFd>, String> {
     let socks = &image.meta.sockets;

@@ -1,0 +1,576 @@
+//! Dump side: the TCP and UDP sockets of the job, their state and the bytes on their way
+//! to them (see the module comment of `inet`).
+
+use super::net::*;
+use super::options::{read_option, OPTIONS};
+use super::TcpExternal;
+use crate::error::{Error, Result, SysContext};
+use crate::sockets::{getsockopt_int, setsockopt_int, sockopt};
+use stasis_image::{CheckpointWriter, InetSocket, SocketOption};
+use stasis_sys::inet_diag::{self, canonical, state, InetSock};
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+const RCV_SHUTDOWN: u8 = 1;
+const SEND_SHUTDOWN: u8 = 2;
+const MAX_DATAGRAMS: usize = 1 << 16;
+/// How long settling one connection may take.
+const SETTLE_LIMIT: Duration = Duration::from_secs(2);
+
+/// The kernel's view of the namespace's sockets, read once per checkpoint.
+struct Diag {
+    by_ino: HashMap<u64, InetSock>,
+    /// TCP sockets by (local, remote), addresses in canonical form.
+    tcp_by_tuple: HashMap<(SocketAddr, SocketAddr), InetSock>,
+    listeners: Vec<InetSock>,
+}
+
+impl Diag {
+    fn read(pid: i32) -> Result<Diag> {
+        let tcp = inet_diag::dump(libc::IPPROTO_TCP)
+            .ctx(pid, || "listing TCP sockets (inet_diag)".into())?;
+        let udp = inet_diag::dump(libc::IPPROTO_UDP)
+            .ctx(pid, || "listing UDP sockets (inet_diag)".into())?;
+        let mut d = Diag {
+            by_ino: HashMap::new(),
+            tcp_by_tuple: HashMap::new(),
+            listeners: Vec::new(),
+        };
+        for s in tcp {
+            if s.state == state::LISTEN {
+                d.listeners.push(s.clone());
+            } else {
+                d.tcp_by_tuple
+                    .insert((canonical(s.local), canonical(s.remote)), s.clone());
+            }
+            if s.ino != 0 {
+                d.by_ino.insert(s.ino, s);
+            }
+        }
+        for s in udp.into_iter().filter(|s| s.ino != 0) {
+            d.by_ino.insert(s.ino, s);
+        }
+        Ok(d)
+    }
+}
+
+/// Collects the TCP and UDP sockets of a checkpoint.
+#[derive(Default)]
+pub struct Collector {
+    job: Vec<i32>,
+    external: TcpExternal,
+    /// Every socket inode the job's processes hold, with a first holder (pid, fd).
+    holders: Option<HashMap<u64, (i32, i32)>>,
+    diag: Option<Diag>,
+    /// Option values of a new socket, by (family, type, protocol).
+    defaults: HashMap<(i32, i32, i32), Vec<Option<i64>>>,
+    socks: Vec<InetSocket>,
+    saved: HashSet<u64>,
+}
+
+impl Collector {
+    /// A collector for one checkpoint of the processes `job`.
+    pub fn new(job: Vec<i32>, external: TcpExternal) -> Collector {
+        Collector {
+            job,
+            external,
+            ..Collector::default()
+        }
+    }
+
+    fn holders(&mut self) -> &HashMap<u64, (i32, i32)> {
+        let job = &self.job;
+        self.holders.get_or_insert_with(|| {
+            let mut m = HashMap::new();
+            for &pid in job {
+                let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+                    continue;
+                };
+                for e in dir.flatten() {
+                    let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok())
+                    else {
+                        continue;
+                    };
+                    let Ok(t) = std::fs::read_link(e.path()) else {
+                        continue;
+                    };
+                    let t = t.to_string_lossy();
+                    if let Some(ino) = t
+                        .strip_prefix("socket:[")
+                        .and_then(|r| r.strip_suffix(']'))
+                        .and_then(|n| n.parse::<u64>().ok())
+                    {
+                        m.entry(ino).or_insert((pid, fd));
+                    }
+                }
+            }
+            m
+        })
+    }
+
+    fn defaults(&mut self, family: i32, ty: i32, proto: i32) -> &Vec<Option<i64>> {
+        self.defaults.entry((family, ty, proto)).or_insert_with(|| {
+            // SAFETY: socket() returns a new descriptor or -1.
+            let fd = unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, proto) };
+            if fd < 0 {
+                return vec![None; OPTIONS.len()];
+            }
+            // SAFETY: fd was just created and is owned here.
+            let fresh = unsafe { OwnedFd::from_raw_fd(fd) };
+            OPTIONS
+                .iter()
+                .map(|o| read_option(fresh.as_raw_fd(), o))
+                .collect()
+        })
+    }
+
+    /// Saves the TCP or UDP socket `sock` (fd `fd` of process `pid`, borrowed), once.
+    pub fn dump_fd(
+        &mut self,
+        pid: i32,
+        fd: i32,
+        ino: u64,
+        sock: &OwnedFd,
+        writer: &mut CheckpointWriter,
+    ) -> Result<u64> {
+        if self.saved.contains(&ino) {
+            return Ok(ino);
+        }
+        let s = sock.as_raw_fd();
+        let family = sockopt(s, libc::SO_DOMAIN);
+        let ty = sockopt(s, libc::SO_TYPE);
+        let proto = sockopt(s, libc::SO_PROTOCOL);
+        let unsupported = |what: String| Error::Unsupported {
+            pid,
+            what: format!("fd {fd}, {what}"),
+        };
+        match (ty, proto) {
+            (libc::SOCK_STREAM, libc::IPPROTO_TCP) | (libc::SOCK_DGRAM, libc::IPPROTO_UDP) => {}
+            (libc::SOCK_RAW, p) => {
+                return Err(unsupported(format!("a raw IP socket (protocol {p})")))
+            }
+            (libc::SOCK_DGRAM, libc::IPPROTO_ICMP | libc::IPPROTO_ICMPV6) => {
+                return Err(unsupported("an ICMP (ping) socket".into()))
+            }
+            (_, p) => {
+                return Err(unsupported(format!(
+                    "an IP socket of type {ty} and protocol {p} (only TCP and UDP are saved)"
+                )))
+            }
+        }
+        if self.diag.is_none() {
+            self.diag = Some(Diag::read(pid)?);
+        }
+        let defaults = self.defaults(family, ty, proto).clone();
+        let options = OPTIONS
+            .iter()
+            .zip(defaults)
+            .filter(|(o, _)| {
+                o.proto.is_none_or(|p| p == proto) && o.family.is_none_or(|f| f == family)
+            })
+            .filter_map(|(o, def)| {
+                let v = read_option(s, o)?;
+                (Some(v) != def).then(|| SocketOption {
+                    name: o.name.to_string(),
+                    value: v,
+                })
+            })
+            .collect();
+        let local = local_of(s);
+        let remote = name_of(s, true);
+        let mut entry = InetSocket {
+            id: ino,
+            family: family_name(family).to_string(),
+            protocol: if proto == libc::IPPROTO_TCP {
+                "tcp"
+            } else {
+                "udp"
+            }
+            .to_string(),
+            state: String::new(),
+            local: local.map(|a| a.to_string()).unwrap_or_default(),
+            remote: remote.map(|a| a.to_string()).unwrap_or_default(),
+            peer: 0,
+            pending_on: 0,
+            peer_closed: false,
+            backlog: 0,
+            shutdown: 0,
+            options,
+            data_file: None,
+            messages: Vec::new(),
+            sources: Vec::new(),
+        };
+        let data = if proto == libc::IPPROTO_TCP {
+            self.dump_tcp(pid, fd, s, &mut entry)?
+        } else {
+            self.dump_udp(pid, fd, s, &mut entry)?
+        };
+        if !data.is_empty() {
+            let name = format!("inet-{ino}.img");
+            let mut w = writer.data_file(&name)?;
+            w.write_all(&data)?;
+            writer.finish_data(w)?;
+            entry.data_file = Some(name);
+            if entry.messages.is_empty() {
+                entry.messages.push(data.len() as u64);
+            }
+        }
+        self.socks.push(entry);
+        self.saved.insert(ino);
+        Ok(ino)
+    }
+
+    /// Fills in a TCP socket's state and returns the bytes on their way to it.
+    fn dump_tcp(&mut self, pid: i32, fd: i32, s: i32, e: &mut InetSocket) -> Result<Vec<u8>> {
+        let st = tcp_state(s);
+        let diag = self
+            .diag
+            .as_ref()
+            .and_then(|d| d.by_ino.get(&e.id))
+            .cloned();
+        match st {
+            state::LISTEN => {
+                e.state = "listening".into();
+                e.backlog = diag.map_or(libc::SOMAXCONN as u32, |d| d.wqueue);
+                return Ok(Vec::new());
+            }
+            state::CLOSE => {
+                // Never connected, or a connection that ended (reset, both ends
+                // closed): either way an unconnected socket, bound or not.
+                e.state = if e.local.is_empty() {
+                    "unbound"
+                } else {
+                    "bound"
+                }
+                .into();
+                e.remote.clear();
+                return Ok(Vec::new());
+            }
+            state::SYN_SENT | state::SYN_RECV => {
+                return Err(Error::Transient {
+                    pid,
+                    what: format!(
+                        "fd {fd}, a TCP connection to {} is still being set up",
+                        e.remote
+                    ),
+                })
+            }
+            _ => {}
+        }
+        e.state = "connected".into();
+        let (Some(local), Some(remote)) = (parse_addr(&e.local), parse_addr(&e.remote)) else {
+            return Err(Error::Unsupported {
+                pid,
+                what: format!("fd {fd}, a connected TCP socket without addresses"),
+            });
+        };
+        let own_shutdown = diag.as_ref().map_or(0, |d| d.shutdown);
+        let holders = self.holders().clone();
+        let d = self.diag.as_ref().ok_or_else(|| Error::Unsupported {
+            pid,
+            what: "socket list".into(),
+        })?;
+        let peer = d
+            .tcp_by_tuple
+            .get(&(canonical(remote), canonical(local)))
+            .cloned();
+        let listener_of = |p: &InetSock| {
+            d.listeners
+                .iter()
+                .find(|l| {
+                    l.ino != 0
+                        && l.local.port() == p.local.port()
+                        && (l.local.ip().is_unspecified()
+                            || canonical(l.local).ip() == canonical(p.local).ip())
+                })
+                .map(|l| l.ino)
+        };
+        match peer {
+            Some(p) if p.ino != 0 && holders.contains_key(&p.ino) => {
+                e.peer = p.ino;
+                // The FIN that ended our receiving side came from the peer.
+                e.shutdown = if p.shutdown & SEND_SHUTDOWN != 0 {
+                    own_shutdown & !RCV_SHUTDOWN
+                } else {
+                    own_shutdown
+                };
+                if p.wqueue == 0 {
+                    return peek_stream(pid, fd, s);
+                }
+                if p.shutdown & SEND_SHUTDOWN != 0 {
+                    return Err(Error::Transient {
+                        pid,
+                        what: format!("fd {fd}, a TCP connection from {remote} whose sender closed with bytes the receiver cannot take in yet"),
+                    });
+                }
+                let in_flight = ioctl_int(s, SIOCINQ).max(0) as u64 + u64::from(p.wqueue);
+                let limit = requeue_limit();
+                if in_flight > limit {
+                    return Err(Error::Transient {
+                        pid,
+                        what: format!(
+                            "fd {fd}, a TCP connection from {remote} holds {:.1} MiB in flight, more than a restart can put back into a new connection ({:.1} MiB: net.ipv4.tcp_wmem's largest send buffer and half a receive buffer)",
+                            in_flight as f64 / 1048576.0,
+                            limit as f64 / 1048576.0
+                        ),
+                    });
+                }
+                let (hpid, hfd) = holders[&p.ino];
+                let sender = crate::proc::borrow_fd(hpid, hfd)?;
+                settle(pid, fd, s, sender.as_raw_fd())
+            }
+            Some(p)
+                if p.ino == 0
+                    && matches!(p.state, state::ESTABLISHED | state::SYN_RECV)
+                    && listener_of(&p).is_some_and(|l| holders.contains_key(&l)) =>
+            {
+                // The server end waits in the accept queue of a listener of ours.
+                if p.rqueue > 0 {
+                    return Err(Error::Transient {
+                        pid,
+                        what: format!("fd {fd}, a TCP connection to {remote} not yet accepted already carries data the server has not accepted (it cannot be saved)"),
+                    });
+                }
+                e.pending_on = listener_of(&p).unwrap_or(0);
+                e.shutdown = own_shutdown;
+                peek_stream(pid, fd, s)
+            }
+            Some(p) if p.ino == 0 => {
+                // The peer's process closed it (or it waits out TIME_WAIT).
+                if p.wqueue > 0 {
+                    return Err(Error::Transient {
+                        pid,
+                        what: format!("fd {fd}, a TCP connection from {remote}, closed by its peer, still has bytes on the way"),
+                    });
+                }
+                e.peer_closed = true;
+                e.shutdown = own_shutdown & !RCV_SHUTDOWN;
+                peek_stream(pid, fd, s)
+            }
+            _ => match self.external {
+                TcpExternal::Refuse => Err(Error::Unsupported {
+                    pid,
+                    what: format!(
+                        "fd {fd}, a TCP connection from {local} to {remote}, outside the checkpoint (`--tcp-external=reset` saves it to come back reset),"
+                    ),
+                }),
+                TcpExternal::Reset => {
+                    e.state = "reset".into();
+                    Ok(Vec::new())
+                }
+            },
+        }
+    }
+
+    /// Fills in a UDP socket's state and returns its queued datagrams.
+    fn dump_udp(&mut self, pid: i32, fd: i32, s: i32, e: &mut InetSocket) -> Result<Vec<u8>> {
+        e.state = if !e.remote.is_empty() {
+            "connected"
+        } else if !e.local.is_empty() {
+            "bound"
+        } else {
+            "unbound"
+        }
+        .into();
+        e.shutdown = self
+            .diag
+            .as_ref()
+            .and_then(|d| d.by_ino.get(&e.id))
+            .map_or(0, |d| d.shutdown);
+        let (data, lens, sources) = peek_datagrams(pid, fd, s)?;
+        e.messages = lens;
+        e.sources = sources.iter().map(|a| a.to_string()).collect();
+        Ok(data)
+    }
+
+    /// The sockets saved. A listener's pending connection from outside the checkpoint
+    /// cannot come back: refused (or dropped with `--tcp-external=reset`).
+    pub fn finish(self) -> Result<Vec<InetSocket>> {
+        if let Some(d) = &self.diag {
+            let holders = self.holders.clone().unwrap_or_default();
+            for l in self.socks.iter().filter(|s| s.state == "listening") {
+                let Some(addr) = parse_addr(&l.local) else {
+                    continue;
+                };
+                let pending_from_outside = d.tcp_by_tuple.values().find(|c| {
+                    c.ino == 0
+                        && matches!(c.state, state::ESTABLISHED | state::SYN_RECV)
+                        && c.local.port() == addr.port()
+                        && (addr.ip().is_unspecified()
+                            || canonical(c.local).ip() == canonical(addr).ip())
+                        && !d
+                            .tcp_by_tuple
+                            .get(&(canonical(c.remote), canonical(c.local)))
+                            .is_some_and(|client| holders.contains_key(&client.ino))
+                });
+                if let Some(c) = pending_from_outside {
+                    if self.external == TcpExternal::Refuse {
+                        let (pid, fd) = holders.get(&l.id).copied().unwrap_or((0, -1));
+                        return Err(Error::Unsupported {
+                            pid,
+                            what: format!(
+                                "fd {fd}, a TCP listener on {} with a connection from {} (outside the checkpoint) not yet accepted",
+                                l.local, c.remote
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(self.socks)
+    }
+}
+
+/// The most bytes in flight one direction of a connection may hold: what a new
+/// connection surely takes in (the largest send buffer, `net.ipv4.tcp_wmem`'s third
+/// value, and half a default receive buffer, `net.ipv4.tcp_rmem`'s second).
+fn requeue_limit() -> u64 {
+    let nth = |path: &str, i: usize, default: u64| {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| t.split_whitespace().nth(i).and_then(|v| v.parse().ok()))
+            .unwrap_or(default)
+    };
+    nth("/proc/sys/net/ipv4/tcp_wmem", 2, 4 << 20)
+        + nth("/proc/sys/net/ipv4/tcp_rmem", 1, 128 << 10) / 2
+}
+
+/// Reads a TCP receive queue without consuming it.
+fn peek_stream(pid: i32, fd: i32, s: i32) -> Result<Vec<u8>> {
+    let want = ioctl_int(s, SIOCINQ).max(0) as usize;
+    if want == 0 {
+        return Ok(Vec::new());
+    }
+    let mut data = vec![0u8; want];
+    let peek_off = setsockopt_int(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0).is_ok();
+    let mut got = 0;
+    let result = loop {
+        // SAFETY: receiving into the part of `data` not yet filled.
+        let n = unsafe {
+            libc::recv(
+                s,
+                data[got..].as_mut_ptr().cast(),
+                want - got,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            break Err(std::io::Error::last_os_error());
+        }
+        got += n as usize;
+        if n == 0 || got >= want || !peek_off {
+            break Ok(());
+        }
+    };
+    if peek_off {
+        let _ = setsockopt_int(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF, -1);
+    }
+    result.ctx(pid, || {
+        format!("reading the receive queue of TCP socket fd {fd}")
+    })?;
+    if got != want {
+        return Err(Error::Transient {
+            pid,
+            what: format!(
+                "fd {fd}, a TCP receive queue that changed while read ({got} of {want} bytes)"
+            ),
+        });
+    }
+    Ok(data)
+}
+
+/// The peer `sender` still holds bytes for the receiver `s`: drains `s` until they
+/// have all flowed in, then sends everything back through `sender` (the receiver's
+/// process and its peer are frozen: nothing else reads or writes). Returns the bytes.
+fn settle(pid: i32, fd: i32, s: i32, sender: i32) -> Result<Vec<u8>> {
+    let corked = getsockopt_int(sender, libc::IPPROTO_TCP, libc::TCP_CORK) == Some(1);
+    if corked {
+        // Uncorking pushes out what the cork held back.
+        let _ = setsockopt_int(sender, libc::IPPROTO_TCP, libc::TCP_CORK, 0);
+    }
+    let mut data = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let deadline = Instant::now() + SETTLE_LIMIT;
+    let mut settled = false;
+    loop {
+        // SAFETY: receiving into a buffer we own.
+        let n = unsafe { libc::recv(s, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n > 0 {
+            data.extend_from_slice(&buf[..n as usize]);
+            continue;
+        }
+        if n == 0 || ioctl_int(sender, SIOCOUTQ) == 0 {
+            settled = true;
+            break;
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        poll_one(s, libc::POLLIN, 5);
+    }
+    let put_back = send_all(sender, &data, Instant::now() + SETTLE_LIMIT);
+    if corked {
+        let _ = setsockopt_int(sender, libc::IPPROTO_TCP, libc::TCP_CORK, 1);
+    }
+    if let Err(e) = put_back {
+        tracing::error!("process {pid}: fd {fd}: {e}: bytes of this TCP connection were lost");
+        return Err(e).ctx(pid, || {
+            format!("fd {fd}: putting the bytes of a TCP connection back into it")
+        });
+    }
+    if !settled {
+        return Err(Error::Transient {
+            pid,
+            what: format!("fd {fd}, a TCP connection whose bytes in flight did not settle"),
+        });
+    }
+    Ok(data)
+}
+
+/// Reads a UDP socket's datagrams without consuming them: (bytes, lengths, senders).
+type Datagrams = (Vec<u8>, Vec<u64>, Vec<SocketAddr>);
+
+fn peek_datagrams(pid: i32, fd: i32, s: i32) -> Result<Datagrams> {
+    if setsockopt_int(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0).is_err() {
+        return Err(std::io::Error::last_os_error())
+            .ctx(pid, || format!("reading the queue of UDP socket fd {fd}"));
+    }
+    let mut out: Datagrams = (Vec::new(), Vec::new(), Vec::new());
+    let mut buf = vec![0u8; 1 << 16];
+    let result = (|| {
+        for _ in 0..MAX_DATAGRAMS {
+            // SAFETY: sockaddr_storage is plain data; zeroed is a valid empty value.
+            let mut from: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+            let mut iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            // SAFETY: msghdr is plain data; zeroed is a valid empty value.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_name = (&mut from as *mut libc::sockaddr_storage).cast();
+            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            // SAFETY: msg points to live buffers of the sizes given.
+            let n = unsafe { libc::recvmsg(s, &mut msg, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EAGAIN) {
+                    return Ok(());
+                }
+                return Err(e).ctx(pid, || format!("reading the queue of UDP socket fd {fd}"));
+            }
+            out.0.extend_from_slice(&buf[..n as usize]);
+            out.1.push(n as u64);
+            out.2.push(
+                from_sockaddr(&from)
+                    .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)),
+            );
+        }
+        Ok(())
+    })();
+    let _ = setsockopt_int(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF, -1);
+    result.map(|()| out)
+}

@@ -1,0 +1,122 @@
+//! Sockets, one module per address family, dump and restore side by side:
+//! [`unix`] (UNIX domain sockets) and [`inet`] (TCP and UDP over IPv4 and IPv6).
+//!
+//! Dump: each socket fd is borrowed with `pidfd_getfd(2)` (the same open file
+//! description: queues can be read without consuming them and options read), its
+//! address family read (`SO_DOMAIN`), and it is saved once by the collector of its
+//! family. Families stasis cannot save (netlink, packet, raw IP...) refuse the
+//! checkpoint with an error naming the fd.
+//!
+//! Restore: [`create_all`] creates every socket of the image in the restorer, before
+//! the processes exist, connected as they were and with their queues refilled; the
+//! fds are then handed out like any other open file description.
+
+pub mod inet;
+pub mod unix;
+
+pub use inet::TcpExternal;
+
+use crate::error::{Error, Result};
+use stasis_image::{CheckpointReader, CheckpointWriter, FdKind, InetSocket, UnixSocket};
+use std::collections::HashMap;
+use std::os::unix::io::{AsRawFd, OwnedFd};
+
+/// Reads an int socket option; None if the kernel refuses it.
+pub(crate) fn getsockopt_int(fd: i32, level: i32, opt: i32) -> Option<i32> {
+    let mut v: i32 = 0;
+    let mut len = 4 as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `v`.
+    let r = unsafe { libc::getsockopt(fd, level, opt, (&mut v as *mut i32).cast(), &mut len) };
+    (r == 0).then_some(v)
+}
+
+/// Sets an int socket option.
+pub(crate) fn setsockopt_int(fd: i32, level: i32, opt: i32, v: i32) -> std::io::Result<()> {
+    // SAFETY: setsockopt reads an int from `v`.
+    let r = unsafe { libc::setsockopt(fd, level, opt, (&v as *const i32).cast(), 4) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// An int option of level SOL_SOCKET (0 if refused).
+pub(crate) fn sockopt(fd: i32, opt: i32) -> i32 {
+    getsockopt_int(fd, libc::SOL_SOCKET, opt).unwrap_or(0)
+}
+
+/// Collects the sockets of a checkpoint.
+#[derive(Default)]
+pub struct Collector {
+    unix: unix::Collector,
+    inet: inet::Collector,
+}
+
+impl Collector {
+    /// A collector for one checkpoint of the processes `job` (every process whose
+    /// fds are saved: a connection between two of them is inside the checkpoint).
+    pub fn new(job: Vec<i32>, external: TcpExternal) -> Collector {
+        Collector {
+            unix: unix::Collector::new(),
+            inet: inet::Collector::new(job, external),
+        }
+    }
+
+    /// Saves the socket behind fd `fd` of process `pid` (inode `ino`), once per
+    /// socket, and returns how the fd refers to it.
+    pub fn dump_fd(
+        &mut self,
+        pid: i32,
+        fd: i32,
+        ino: u64,
+        flags: i32,
+        writer: &mut CheckpointWriter,
+    ) -> Result<FdKind> {
+        if self.unix.has(ino) {
+            return Ok(FdKind::UnixSocket { sock: ino, flags });
+        }
+        let sock = crate::proc::borrow_fd(pid, fd)?;
+        let domain = sockopt(sock.as_raw_fd(), libc::SO_DOMAIN);
+        match domain {
+            libc::AF_UNIX => Ok(FdKind::UnixSocket {
+                sock: self.unix.dump_fd(pid, fd, ino, &sock, writer)?,
+                flags,
+            }),
+            libc::AF_INET | libc::AF_INET6 => {
+                let (owner, signal) = inet::owner_of(&sock);
+                Ok(FdKind::InetSocket {
+                    sock: self.inet.dump_fd(pid, fd, ino, &sock, writer)?,
+                    flags,
+                    owner,
+                    signal,
+                })
+            }
+            d => {
+                let what = match d {
+                    libc::AF_NETLINK => "a netlink socket".to_string(),
+                    libc::AF_PACKET => "a packet socket (AF_PACKET)".to_string(),
+                    d => format!("a socket of address family {d}"),
+                };
+                Err(Error::Unsupported {
+                    pid,
+                    what: format!("fd {fd}, {what}"),
+                })
+            }
+        }
+    }
+
+    /// Checks that every connection stays inside the checkpoint (or may be reset) and
+    /// returns the sockets.
+    pub fn finish(self) -> Result<(Vec<UnixSocket>, Vec<InetSocket>)> {
+        Ok((self.unix.finish()?, self.inet.finish()?))
+    }
+}
+
+/// Creates every socket of the image, connected as it was and with its queues
+/// refilled. Returns the restorer's descriptor of each, by id.
+pub fn create_all(image: &CheckpointReader) -> std::result::Result<HashMap<u64, OwnedFd>, String> {
+    let mut out = unix::create_all(image)?;
+    out.extend(inet::create_all(&image.meta.inet_sockets, image)?);
+    Ok(out)
+}
