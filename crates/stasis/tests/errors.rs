@@ -1,5 +1,5 @@
-//! Refused checkpoints: unsupported resources (unsupported.c: an IP socket; pipes,
-//! UNIX sockets and shared memory are supported since process trees and are checked
+//! Refused checkpoints: unsupported resources (unsupported.c: a netlink socket; pipes,
+//! UNIX sockets, a UDP socket and shared memory are supported since process trees and are checked
 //! here to survive), a held
 //! DIR/.lock, concurrent checkpoint requests, and commands without a
 //! supervisor/checkpoint. In every case the application must keep running
@@ -103,10 +103,16 @@ fn seccomp_filter_is_refused_and_app_survives() {
     assert_eq!(ok, format!("OK ticks={} released=0", t.last().unwrap() + 1));
 }
 
-/// IP sockets are not supported yet (TCP comes with the MPI issue).
+/// Netlink sockets are not supported: refused, naming the fd.
 #[test]
-fn inet_socket_is_refused_and_app_survives() {
-    unsupported("inet", Some("socket"));
+fn netlink_socket_is_refused_and_app_survives() {
+    unsupported("netlink", Some("netlink socket"));
+}
+
+/// A connected UDP socket over loopback (once refused) is saved and restored.
+#[test]
+fn udp_socket_survives() {
+    survives("inet");
 }
 
 /// The app holds `kind`, which stasis now supports: it survives two kill/restart

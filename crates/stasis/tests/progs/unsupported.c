@@ -9,6 +9,7 @@
  * `release` appears it drops the resource (close / munmap) after checking it
  * still works and prints `released`. When `go` appears: `OK ticks=N`. */
 #include "util.h"
+#include <linux/netlink.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <netinet/in.h>
@@ -37,6 +38,10 @@ int main(int argc, char **argv) {
             connect(s, (struct sockaddr *)&a, sizeof a))
             die("udp loopback");
         fds[0] = fds[1] = s;
+    } else if (strcmp(kind, "netlink") == 0) {
+        int s = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+        if (s < 0) die("netlink socket");
+        fds[0] = fds[1] = s;
     } else if (strcmp(kind, "shmem") == 0) {
         shm = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
         if (shm == MAP_FAILED) die("mmap shared");
@@ -57,6 +62,8 @@ int main(int argc, char **argv) {
         if (!released && access("release", F_OK) == 0) {
             if (strcmp(kind, "seccomp") == 0) {
                 /* a filter cannot be removed */
+            } else if (strcmp(kind, "netlink") == 0) {
+                close(fds[0]); /* refused: the job only has to survive it */
             } else if (shm) {
                 size_t bad = 0;
                 for (size_t i = 0; i < (1 << 20); i++) bad += shm[i] != 0x3c;
