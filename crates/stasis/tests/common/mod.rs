@@ -45,7 +45,8 @@ pub fn progs_src_dir() -> PathBuf {
 
 /// Compile `tests/progs/<name>.c` (once per test binary; the result is cached
 /// on disk keyed by a hash of the sources and flags) and return the path of
-/// the executable. `avx` and `avx512` are both built from `avx.c`; `pthreads`
+/// the executable (rebuilt when the source or a header in tests/progs
+/// changes). `avx` and `avx512` are both built from `avx.c`; `pthreads`
 /// and `churn` are linked with -pthread, `openmp` is built with -fopenmp.
 pub fn prog(name: &str) -> PathBuf {
     static CACHE: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
@@ -67,7 +68,18 @@ pub fn prog(name: &str) -> PathBuf {
     fs::read(&src_path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", src_path.display()))
         .hash(&mut h);
-    fs::read(srcdir.join("util.h")).unwrap().hash(&mut h);
+    // every header of the programs (util.h, inet.h, ...): a changed header
+    // rebuilds the programs
+    let mut headers: Vec<PathBuf> = fs::read_dir(&srcdir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "h"))
+        .collect();
+    headers.sort();
+    for p in headers {
+        fs::read(&p).unwrap().hash(&mut h);
+    }
     flags.hash(&mut h);
     let outdir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("stasis-progs");
     fs::create_dir_all(&outdir).unwrap();
