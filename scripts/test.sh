@@ -13,6 +13,7 @@ command -v useradd >/dev/null || need+=(passwd)
 command -v javac >/dev/null || need+=(default-jdk-headless)
 command -v make >/dev/null || need+=(make)
 command -v bash >/dev/null || need+=(bash)
+command -v redis-server >/dev/null || need+=(redis-server)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
         echo "installing test dependencies: ${need[*]}"
