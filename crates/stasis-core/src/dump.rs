@@ -44,6 +44,9 @@ pub struct DumpOptions {
     /// The job has an IPC namespace of its own (under stasis run): its System V
     /// objects are saved with it.
     pub own_ipc_namespace: bool,
+    /// The job has a network namespace of its own (`stasis run --network private`): its
+    /// TCP connections are saved exactly (TCP_REPAIR) and restored in a new one.
+    pub own_network_namespace: bool,
     /// What to do with a TCP connection to a peer outside the checkpoint.
     pub tcp_external: crate::sockets::TcpExternal,
 }
@@ -127,8 +130,11 @@ fn checkpoint_locked(
         .stdio
         .clone()
         .unwrap_or_else(|| files::stdio_ids_of(&root));
-    let mut registry =
-        files::Registry::new(tree.iter().map(|(p, _)| p.pid).collect(), opts.tcp_external);
+    let mut registry = files::Registry::new(
+        tree.iter().map(|(p, _)| p.pid).collect(),
+        opts.tcp_external,
+        opts.own_network_namespace,
+    );
     let mut shm = crate::shm::Collector::new();
     // A snapshot child is given the process's parent (CLONE_PARENT): only when that
     // parent is us (stasis init), who reaps it, and for a single process. Otherwise
@@ -239,6 +245,7 @@ fn checkpoint_locked(
         pipes,
         sockets,
         inet_sockets,
+        private_network: opts.own_network_namespace,
         ptys,
         sysv,
         shared_memory,

@@ -92,9 +92,9 @@ pub struct Registry {
 
 impl Registry {
     /// A registry for one checkpoint of the processes `job`.
-    pub fn new(job: Vec<i32>, tcp_external: crate::sockets::TcpExternal) -> Registry {
+    pub fn new(job: Vec<i32>, tcp_external: crate::sockets::TcpExternal, repair: bool) -> Registry {
         Registry {
-            sockets: crate::sockets::Collector::new(job, tcp_external),
+            sockets: crate::sockets::Collector::new(job, tcp_external, repair),
             ..Registry::default()
         }
     }

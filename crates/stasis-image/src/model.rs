@@ -43,6 +43,10 @@ pub struct Checkpoint {
     /// TCP and UDP sockets (IPv4, IPv6) held by the processes.
     #[serde(default)]
     pub inet_sockets: Vec<InetSocket>,
+    /// The job had a network namespace of its own (`stasis run --network private`):
+    /// restart creates a new one, and TCP connections were saved with `repair` state.
+    #[serde(default)]
+    pub private_network: bool,
     /// System V IPC objects of the job's own IPC namespace.
     #[serde(default)]
     pub sysv: Sysv,
@@ -177,6 +181,37 @@ pub struct InetSocket {
     /// UDP: sender address of each queued datagram.
     #[serde(default)]
     pub sources: Vec<String>,
+    /// TCP, in a job's own network namespace: the connection's exact state, read with
+    /// TCP_REPAIR. `data_file` then holds the receive queue followed by the send queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repair: Option<TcpRepair>,
+}
+
+/// The state of an established TCP connection as TCP_REPAIR reads and sets it (tcp(7),
+/// include/uapi/linux/tcp.h).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpRepair {
+    /// Sequence number after the last byte written (write_seq).
+    pub snd_seq: u32,
+    /// Sequence number after the last byte received (rcv_nxt).
+    pub rcv_seq: u32,
+    /// Bytes received and not yet read (the start of `data_file`).
+    pub inq_len: u32,
+    /// Bytes written and not yet acknowledged (the rest of `data_file`), of which
+    /// `unsent_len` were not sent yet.
+    pub outq_len: u32,
+    pub unsent_len: u32,
+    /// TCP options negotiated: maximum segment size, window scales, SACK, timestamps.
+    pub mss: u32,
+    pub snd_wscale: u8,
+    pub rcv_wscale: u8,
+    pub wscale_ok: bool,
+    pub sack_ok: bool,
+    pub timestamps_ok: bool,
+    /// TCP_TIMESTAMP: the connection's current timestamp value.
+    pub timestamp: u32,
+    /// TCP_REPAIR_WINDOW: snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup.
+    pub window: [u32; 5],
 }
 
 /// One socket option, by its name in the C headers (`TCP_NODELAY`, `SO_LINGER`...).

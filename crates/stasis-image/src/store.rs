@@ -768,6 +768,7 @@ mod tests {
             shared_memory: vec![],
             sockets: vec![],
             inet_sockets: vec![],
+            private_network: false,
             ptys: vec![],
             sysv: Default::default(),
             timings: Timings::default(),

@@ -63,6 +63,15 @@ pub enum Command {
         /// Checkpoint directory.
         #[arg(long, short = 'd', value_name = "DIR")]
         dir: PathBuf,
+        /// The job's network: `host` (the default: the machine's interfaces, as any
+        /// program has) or `private`: a network namespace of the job's own with only a
+        /// loopback interface. A private network isolates the job's ports from other
+        /// jobs on the node (two jobs may listen on the same port), and lets stasis save
+        /// its TCP connections exactly (TCP_REPAIR: sequence numbers, unacknowledged
+        /// bytes, any amount in flight); the job cannot reach other machines. A restart
+        /// gives the job a private network again.
+        #[arg(long, value_name = "NET", default_value = "host", value_parser = ["host", "private"])]
+        network: String,
         /// The command and its arguments.
         #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
         cmd: Vec<String>,
@@ -192,7 +201,7 @@ pub enum Command {
 /// Runs the parsed command; returns the process exit code.
 pub fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Run { dir, cmd } => supervise::run(&dir, &cmd),
+        Command::Run { dir, network, cmd } => supervise::run(&dir, &cmd, network == "private"),
         Command::Checkpoint {
             target,
             pid,

@@ -42,10 +42,60 @@ enum Mode {
     Restart(PathBuf),
 }
 
-/// `stasis run --dir DIR -- CMD...`
-pub fn run(dir: &Path, cmd: &[String]) -> Result<ExitCode> {
+/// `stasis run --dir DIR [--network private] -- CMD...`
+pub fn run(dir: &Path, cmd: &[String], private_network: bool) -> Result<ExitCode> {
     store::ensure_dir(dir)?;
-    start(&control::canonical(dir)?, Mode::Run(cmd.to_vec()), None)
+    start(
+        &control::canonical(dir)?,
+        Mode::Run(cmd.to_vec()),
+        private_network,
+        None,
+    )
+}
+
+/// Whether the checkpoint at `path` is of a job that had a network namespace of its
+/// own (read before the image is verified, only to create the namespaces: a damaged
+/// image is refused by the init all the same).
+fn image_private_network(path: &Path) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Network {
+        #[serde(default)]
+        private_network: bool,
+    }
+    std::fs::read(path.join("checkpoint.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Network>(&b).ok())
+        .is_some_and(|n| n.private_network)
+}
+
+/// Brings the loopback interface of a new network namespace up.
+fn loopback_up() -> Result<()> {
+    // SAFETY: a socket for the interface ioctls, closed below.
+    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if s < 0 {
+        bail!("socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: ifreq is plain data; zeroed is a valid empty value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, c) in ifr.ifr_name.iter_mut().zip(b"lo") {
+        *d = *c as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the flags of `ifr`.
+    let r = unsafe {
+        if libc::ioctl(s, libc::SIOCGIFFLAGS, &mut ifr) != 0 {
+            -1
+        } else {
+            ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            libc::ioctl(s, libc::SIOCSIFFLAGS, &ifr)
+        }
+    };
+    let e = std::io::Error::last_os_error();
+    // SAFETY: closing the socket created above.
+    unsafe { libc::close(s) };
+    if r != 0 {
+        bail!("bringing up the loopback interface of the job's network namespace: {e}");
+    }
+    Ok(())
 }
 
 /// `stasis restart DIR [--from N]`
@@ -69,7 +119,8 @@ pub fn restart(dir: &Path, from: Option<&str>, show_progress: bool) -> Result<Ex
         }
     };
     let progress = show_progress.then(|| format!("restarting from {}", path.display()));
-    start(&dir, Mode::Restart(path), progress)
+    let private_network = image_private_network(&path);
+    start(&dir, Mode::Restart(path), private_network, progress)
 }
 
 fn sigset(signals: &[i32]) -> libc::sigset_t {
@@ -117,7 +168,12 @@ fn read_signal(f: &mut std::fs::File) -> Option<i32> {
 
 /// Starts the namespace init for `mode` and supervises it until it exits. With
 /// `progress`, a spinner says so on a terminal until the application runs.
-fn start(dir: &Path, mode: Mode, progress: Option<String>) -> Result<ExitCode> {
+fn start(
+    dir: &Path,
+    mode: Mode,
+    private_network: bool,
+    progress: Option<String>,
+) -> Result<ExitCode> {
     let listener = control::listen(dir)?;
     let mut all = FORWARDED.to_vec();
     all.push(libc::SIGCHLD);
@@ -132,8 +188,13 @@ fn start(dir: &Path, mode: Mode, progress: Option<String>) -> Result<ExitCode> {
     // A user namespace (no privilege needed), a PID namespace (PIDs kept on restart),
     // a mount namespace (its own /proc) and an IPC namespace (System V objects are the
     // job's own, saved with it).
-    let flags =
+    // With --network private, a network namespace too (only loopback; owned by the user
+    // namespace, so the init may repair TCP connections in it).
+    let mut flags =
         (libc::CLONE_NEWUSER | libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC) as u64;
+    if private_network {
+        flags |= libc::CLONE_NEWNET as u64;
+    }
     // SAFETY: stasis is single-threaded here; the child runs init_main and exits.
     let forked = unsafe { fork_into_namespaces(flags) }.map_err(|e| {
         anyhow!("cannot create the user and PID namespaces: {e} (are unprivileged user namespaces disabled? see /proc/sys/user/max_user_namespaces)")
@@ -143,7 +204,15 @@ fn start(dir: &Path, mode: Mode, progress: Option<String>) -> Result<ExitCode> {
             drop(status_r);
             drop(sync_w);
             drop(started_r);
-            let code = init_main(dir, mode, listener, status_w, sync_r, started_w);
+            let code = init_main(
+                dir,
+                mode,
+                private_network,
+                listener,
+                status_w,
+                sync_r,
+                started_w,
+            );
             // SAFETY: leaving the init without running the supervisor's destructors.
             unsafe { libc::_exit(code) }
         }
@@ -286,6 +355,7 @@ fn die_by_signal(sig: i32) {
 fn init_main(
     dir: &Path,
     mode: Mode,
+    private_network: bool,
     listener: UnixListener,
     mut status: std::fs::File,
     mut sync: std::fs::File,
@@ -304,7 +374,7 @@ fn init_main(
     let report = |status: &mut std::fs::File, msg: &str| {
         let _ = status.write_all(msg.as_bytes());
     };
-    match init_inner(dir, mode, &listener, started) {
+    match init_inner(dir, mode, private_network, &listener, started) {
         Ok(msg) => {
             report(&mut status, &msg);
             0
@@ -320,6 +390,7 @@ fn init_main(
 fn init_inner(
     dir: &Path,
     mode: Mode,
+    private_network: bool,
     listener: &UnixListener,
     mut started: std::fs::File,
 ) -> Result<String> {
@@ -342,6 +413,9 @@ fn init_inner(
                 std::io::Error::last_os_error()
             );
         }
+    }
+    if private_network {
+        loopback_up()?;
     }
     let mut all = FORWARDED.to_vec();
     all.push(libc::SIGCHLD);
@@ -414,6 +488,7 @@ fn init_inner(
                         incremental: req.incremental,
                         compress: req.compress,
                         own_ipc_namespace: true,
+                        own_network_namespace: private_network,
                         tcp_external: req.tcp_external(),
                     };
                     match dump::checkpoint(dir, app, &opts) {

@@ -56,10 +56,12 @@ pub struct Collector {
 impl Collector {
     /// A collector for one checkpoint of the processes `job` (every process whose
     /// fds are saved: a connection between two of them is inside the checkpoint).
-    pub fn new(job: Vec<i32>, external: TcpExternal) -> Collector {
+    /// With `repair`, established TCP connections are saved with TCP_REPAIR (the job
+    /// has a network namespace of its own, where we hold CAP_NET_ADMIN).
+    pub fn new(job: Vec<i32>, external: TcpExternal, repair: bool) -> Collector {
         Collector {
             unix: unix::Collector::new(),
-            inet: inet::Collector::new(job, external),
+            inet: inet::Collector::new(job, external, repair),
         }
     }
 

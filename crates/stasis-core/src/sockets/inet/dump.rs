@@ -68,14 +68,20 @@ pub struct Collector {
     defaults: HashMap<(i32, i32, i32), Vec<Option<i64>>>,
     socks: Vec<InetSocket>,
     saved: HashSet<u64>,
+    /// net.core.wmem_max and rmem_max: the largest buffers an application may ask for.
+    buf_max: Option<(i64, i64)>,
+    /// Established connections are read with TCP_REPAIR (the job's own network
+    /// namespace).
+    repair: bool,
 }
 
 impl Collector {
     /// A collector for one checkpoint of the processes `job`.
-    pub fn new(job: Vec<i32>, external: TcpExternal) -> Collector {
+    pub fn new(job: Vec<i32>, external: TcpExternal, repair: bool) -> Collector {
         Collector {
             job,
             external,
+            repair,
             ..Collector::default()
         }
     }
@@ -164,6 +170,12 @@ impl Collector {
             self.diag = Some(Diag::read(pid)?);
         }
         let defaults = self.defaults(family, ty, proto).clone();
+        let buf_max = *self.buf_max.get_or_insert_with(|| {
+            (
+                sysctl("/proc/sys/net/core/wmem_max", 0, 212992),
+                sysctl("/proc/sys/net/core/rmem_max", 0, 212992),
+            )
+        });
         let options = OPTIONS
             .iter()
             .zip(defaults)
@@ -172,7 +184,14 @@ impl Collector {
             })
             .filter_map(|(o, def)| {
                 let v = read_option(s, o)?;
-                (Some(v) != def).then(|| SocketOption {
+                // A buffer larger than an application may ask for grew by autotuning:
+                // left to grow again.
+                let autotuned = match o.name {
+                    "SO_SNDBUF" => v > 2 * buf_max.0,
+                    "SO_RCVBUF" => v > 2 * buf_max.1,
+                    _ => false,
+                };
+                (Some(v) != def && !autotuned).then(|| SocketOption {
                     name: o.name.to_string(),
                     value: v,
                 })
@@ -201,6 +220,7 @@ impl Collector {
             data_file: None,
             messages: Vec::new(),
             sources: Vec::new(),
+            repair: None,
         };
         let data = if proto == libc::IPPROTO_TCP {
             self.dump_tcp(pid, fd, s, &mut entry)?
@@ -296,6 +316,11 @@ impl Collector {
                 } else {
                     own_shutdown
                 };
+                if self.repair && st == state::ESTABLISHED && p.state == state::ESTABLISHED {
+                    let (r, data) = super::repair::dump(pid, fd, s)?;
+                    e.repair = Some(r);
+                    return Ok(data);
+                }
                 if p.wqueue == 0 {
                     return peek_stream(pid, fd, s);
                 }
@@ -427,14 +452,16 @@ impl Collector {
 /// connection surely takes in (the largest send buffer, `net.ipv4.tcp_wmem`'s third
 /// value, and half a default receive buffer, `net.ipv4.tcp_rmem`'s second).
 fn requeue_limit() -> u64 {
-    let nth = |path: &str, i: usize, default: u64| {
-        std::fs::read_to_string(path)
-            .ok()
-            .and_then(|t| t.split_whitespace().nth(i).and_then(|v| v.parse().ok()))
-            .unwrap_or(default)
-    };
-    nth("/proc/sys/net/ipv4/tcp_wmem", 2, 4 << 20)
-        + nth("/proc/sys/net/ipv4/tcp_rmem", 1, 128 << 10) / 2
+    (sysctl("/proc/sys/net/ipv4/tcp_wmem", 2, 4 << 20)
+        + sysctl("/proc/sys/net/ipv4/tcp_rmem", 1, 128 << 10) / 2) as u64
+}
+
+/// Field `i` of a numeric sysctl file, or `default`.
+fn sysctl(path: &str, i: usize, default: i64) -> i64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.split_whitespace().nth(i).and_then(|v| v.parse().ok()))
+        .unwrap_or(default)
 }
 
 /// Reads a TCP receive queue without consuming it.

@@ -38,6 +38,7 @@
 mod dump;
 mod net;
 mod options;
+mod repair;
 mod restore;
 
 pub use dump::Collector;

@@ -3,6 +3,7 @@
 use stasis_image::InetSocket;
 use stasis_sys::inet_diag::state;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Instant;
 
 pub(super) const SIOCINQ: libc::c_ulong = 0x541B;
@@ -188,4 +189,75 @@ pub(super) fn send_all(fd: i32, data: &[u8], deadline: Instant) -> std::io::Resu
         poll_one(fd, libc::POLLOUT, 5);
     }
     Ok(())
+}
+
+pub(super) fn new_socket(family: i32, tcp: bool) -> std::result::Result<OwnedFd, String> {
+    let (ty, proto) = if tcp {
+        (libc::SOCK_STREAM, libc::IPPROTO_TCP)
+    } else {
+        (libc::SOCK_DGRAM, libc::IPPROTO_UDP)
+    };
+    // SAFETY: socket() returns a new descriptor or -1.
+    let fd = unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, proto) };
+    if fd < 0 {
+        return Err(format!("socket: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd was just created and is owned here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `a` in the form a socket of `family` uses (IPv4-mapped for IPv6 sockets).
+pub(super) fn addr_for(family: i32, a: SocketAddr) -> SocketAddr {
+    match (family, a) {
+        (libc::AF_INET6, SocketAddr::V4(v4)) => {
+            SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+        }
+        (libc::AF_INET, SocketAddr::V6(v6)) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => a,
+        },
+        _ => a,
+    }
+}
+
+pub(super) fn bind(fd: &OwnedFd, a: SocketAddr) -> std::io::Result<()> {
+    let (ss, len) = to_sockaddr(a);
+    // SAFETY: bind with a valid socket address of length `len`.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&ss as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+pub(super) fn connect(fd: &OwnedFd, a: SocketAddr) -> std::io::Result<()> {
+    let (ss, len) = to_sockaddr(a);
+    // SAFETY: connect with a valid socket address of length `len`.
+    let r = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&ss as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+pub(super) fn loopback(family: i32) -> IpAddr {
+    if family == libc::AF_INET6 {
+        IpAddr::V6(Ipv6Addr::LOCALHOST)
+    } else {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    }
 }

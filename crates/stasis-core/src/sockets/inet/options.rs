@@ -69,7 +69,6 @@ pub(super) const OPTIONS: &[Opt] = &[
     opt!(TCP_NOTSENT_LOWAT, IPPROTO_TCP, TCP, None, false),
     opt!(TCP_LINGER2, IPPROTO_TCP, TCP, None, false),
     opt!(TCP_SYNCNT, IPPROTO_TCP, TCP, None, false),
-    opt!(TCP_WINDOW_CLAMP, IPPROTO_TCP, TCP, None, false),
     opt!(IP_TOS, IPPROTO_IP, None, V4, false),
     opt!(IP_TTL, IPPROTO_IP, None, V4, false),
     opt!(IP_RECVERR, IPPROTO_IP, None, V4, false),

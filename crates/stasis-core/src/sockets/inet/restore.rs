@@ -3,11 +3,12 @@
 
 use super::net::*;
 use super::options::{option, write_option};
+use super::repair;
 use crate::sockets::{setsockopt_int, sockopt};
 use stasis_image::{CheckpointReader, InetSocket};
 use stasis_sys::inet_diag::canonical;
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
@@ -15,69 +16,6 @@ use std::time::{Duration, Instant};
 const SETTLE_LIMIT: Duration = Duration::from_secs(2);
 /// A refill larger than this grows the new connection's buffers first.
 const WARM_UP_ABOVE: usize = 64 << 10;
-
-fn new_socket(family: i32, tcp: bool) -> std::result::Result<OwnedFd, String> {
-    let (ty, proto) = if tcp {
-        (libc::SOCK_STREAM, libc::IPPROTO_TCP)
-    } else {
-        (libc::SOCK_DGRAM, libc::IPPROTO_UDP)
-    };
-    // SAFETY: socket() returns a new descriptor or -1.
-    let fd = unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, proto) };
-    if fd < 0 {
-        return Err(format!("socket: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: fd was just created and is owned here.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// `a` in the form a socket of `family` uses (IPv4-mapped for IPv6 sockets).
-fn addr_for(family: i32, a: SocketAddr) -> SocketAddr {
-    match (family, a) {
-        (libc::AF_INET6, SocketAddr::V4(v4)) => {
-            SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
-        }
-        (libc::AF_INET, SocketAddr::V6(v6)) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
-            None => a,
-        },
-        _ => a,
-    }
-}
-
-fn bind(fd: &OwnedFd, a: SocketAddr) -> std::io::Result<()> {
-    let (ss, len) = to_sockaddr(a);
-    // SAFETY: bind with a valid socket address of length `len`.
-    let r = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&ss as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-fn connect(fd: &OwnedFd, a: SocketAddr) -> std::io::Result<()> {
-    let (ss, len) = to_sockaddr(a);
-    // SAFETY: connect with a valid socket address of length `len`.
-    let r = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&ss as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
 
 fn apply_options(fd: &OwnedFd, s: &InetSocket, early: bool) {
     for o in &s.options {
@@ -140,14 +78,6 @@ fn socket_like(s: &InetSocket, keep_port_if_free: bool) -> std::result::Result<O
                 String::new()
             }
         )),
-    }
-}
-
-fn loopback(family: i32) -> IpAddr {
-    if family == libc::AF_INET6 {
-        IpAddr::V6(Ipv6Addr::LOCALHOST)
-    } else {
-        IpAddr::V4(Ipv4Addr::LOCALHOST)
     }
 }
 
@@ -341,12 +271,21 @@ pub fn create_all(
             _ => {}
         }
     }
-    // 2. Connections with both ends in the checkpoint.
+    // 2. Connections with both ends in the checkpoint: repaired exactly where they
+    // were saved so, else made again.
+    let mut repaired = Vec::new();
     for s in socks
         .iter()
         .filter(|s| is_tcp(s) && s.state == "connected" && s.peer != 0)
     {
         if out.contains_key(&s.id) {
+            continue;
+        }
+        if let Some(r) = &s.repair {
+            let data = read_data(image, s)?;
+            let fd = repair::restore(s, r, &data, |fd| apply_options(fd, s, true))?;
+            out.insert(s.id, fd);
+            repaired.push((s, r, data));
             continue;
         }
         let p = by_id.get(&s.peer).copied().ok_or_else(|| {
@@ -370,6 +309,12 @@ pub fn create_all(
         let (sfd, cfd) = connect_pair(at, Some(server), client, listener)?;
         out.insert(server.id, sfd);
         out.insert(client.id, cfd);
+    }
+    // Every repaired end exists: out of repair mode, unsent bytes sent.
+    for (s, r, data) in &repaired {
+        if let Some(fd) = out.get(&s.id) {
+            repair::finish(s, r, data, fd)?;
+        }
     }
     // 3. Connections whose peer closed, or to be reset: a temporary peer.
     for s in socks.iter().filter(|s| {
@@ -427,6 +372,9 @@ pub fn create_all(
             let Some(recv) = out.get(&s.id).map(|f| f.as_raw_fd()) else {
                 continue;
             };
+            if s.repair.is_some() {
+                continue;
+            }
             let sender = if s.peer != 0 {
                 out.get(&s.peer).map(|f| f.as_raw_fd())
             } else {

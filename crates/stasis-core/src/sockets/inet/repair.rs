@@ -1,0 +1,288 @@
+//! Established TCP connections saved and restored exactly with TCP_REPAIR (tcp(7)):
+//! sequence numbers, both queues (unacknowledged bytes included), negotiated options,
+//! timestamps and windows. It needs CAP_NET_ADMIN over the socket's network namespace,
+//! which stasis holds for a job run with `--network private` (the namespace belongs to
+//! the job's user namespace); elsewhere the unprivileged path of `dump` is used.
+//!
+//! Dump: the socket is put in repair mode, read, and taken out again without a window
+//! probe (the job does not notice). Restore: each end is created in repair mode, bound
+//! and "connected" without a handshake at its saved sequence numbers, its queues are
+//! filled (the bytes it had sent but not had acknowledged go back as sent: the kernel
+//! retransmits them), then, once every end exists, repair mode is left and the bytes
+//! that had not been sent yet are sent.
+
+use super::net::*;
+use crate::error::{Result, SysContext};
+use crate::sockets::{getsockopt_int, setsockopt_int};
+use stasis_image::{InetSocket, TcpRepair};
+use std::os::unix::io::{AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+const TCP_REPAIR: i32 = 19;
+const TCP_REPAIR_QUEUE: i32 = 20;
+const TCP_QUEUE_SEQ: i32 = 21;
+const TCP_REPAIR_OPTIONS: i32 = 22;
+const TCP_TIMESTAMP: i32 = 24;
+const TCP_REPAIR_WINDOW: i32 = 29;
+const TCP_NO_QUEUE: i32 = 0;
+const TCP_RECV_QUEUE: i32 = 1;
+const TCP_SEND_QUEUE: i32 = 2;
+const TCP_REPAIR_OFF_NO_WP: i32 = -1;
+const TCPOPT_MSS: u32 = 2;
+const TCPOPT_WINDOW: u32 = 3;
+const TCPOPT_SACK_PERM: u32 = 4;
+const TCPOPT_TIMESTAMP: u32 = 8;
+const TCPI_OPT_TIMESTAMPS: u8 = 1;
+const TCPI_OPT_SACK: u8 = 2;
+const TCPI_OPT_WSCALE: u8 = 4;
+const SIOCOUTQNSD: libc::c_ulong = 0x894B;
+const SO_RCVBUFFORCE: i32 = 33;
+
+fn tcp_set(fd: i32, opt: i32, v: i32) -> std::io::Result<()> {
+    setsockopt_int(fd, libc::IPPROTO_TCP, opt, v)
+}
+
+fn tcp_get(fd: i32, opt: i32) -> std::io::Result<i32> {
+    getsockopt_int(fd, libc::IPPROTO_TCP, opt).ok_or_else(std::io::Error::last_os_error)
+}
+
+fn tcp_get_bytes(fd: i32, opt: i32, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `buf`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            opt,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn tcp_set_bytes(fd: i32, opt: i32, buf: &[u8]) -> std::io::Result<()> {
+    // SAFETY: setsockopt reads `buf.len()` bytes from `buf`.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            opt,
+            buf.as_ptr().cast(),
+            buf.len() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Peeks `len` bytes of the queue selected with TCP_REPAIR_QUEUE.
+fn peek(fd: i32, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    if len == 0 {
+        return Ok(buf);
+    }
+    // SAFETY: receiving into a buffer of `len` bytes we own.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            buf.as_mut_ptr().cast(),
+            len,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if n as usize != len {
+        return Err(std::io::Error::other(format!(
+            "{n} of {len} queued bytes read"
+        )));
+    }
+    Ok(buf)
+}
+
+/// Reads the exact state of the established connection `s` (fd `fd` of `pid`,
+/// borrowed, its process frozen): the state and the receive queue followed by the send
+/// queue.
+pub(super) fn dump(pid: i32, fd: i32, s: i32) -> Result<(TcpRepair, Vec<u8>)> {
+    tcp_set(s, TCP_REPAIR, 1).ctx(pid, || format!("fd {fd}: TCP_REPAIR"))?;
+    let r = read(s);
+    // Out of repair mode without a window probe: the peer sees nothing.
+    if tcp_set(s, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP).is_err() {
+        let _ = tcp_set(s, TCP_REPAIR, 0);
+    }
+    r.ctx(pid, || {
+        format!("fd {fd}: reading a TCP connection in repair mode")
+    })
+}
+
+fn read(s: i32) -> std::io::Result<(TcpRepair, Vec<u8>)> {
+    let mut r = TcpRepair {
+        inq_len: ioctl_int(s, SIOCINQ).max(0) as u32,
+        outq_len: ioctl_int(s, SIOCOUTQ).max(0) as u32,
+        unsent_len: ioctl_int(s, SIOCOUTQNSD).max(0) as u32,
+        ..TcpRepair::default()
+    };
+    tcp_set(s, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)?;
+    r.rcv_seq = tcp_get(s, TCP_QUEUE_SEQ)? as u32;
+    let mut data = peek(s, r.inq_len as usize)?;
+    tcp_set(s, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)?;
+    r.snd_seq = tcp_get(s, TCP_QUEUE_SEQ)? as u32;
+    data.extend(peek(s, r.outq_len as usize)?);
+    tcp_set(s, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)?;
+    r.mss = tcp_get(s, libc::TCP_MAXSEG)? as u32;
+    let mut info = [0u8; 8];
+    tcp_get_bytes(s, libc::TCP_INFO, &mut info)?;
+    r.timestamps_ok = info[5] & TCPI_OPT_TIMESTAMPS != 0;
+    r.sack_ok = info[5] & TCPI_OPT_SACK != 0;
+    r.wscale_ok = info[5] & TCPI_OPT_WSCALE != 0;
+    r.snd_wscale = info[6] & 0xf;
+    r.rcv_wscale = info[6] >> 4;
+    r.timestamp = tcp_get(s, TCP_TIMESTAMP)? as u32;
+    let mut w = [0u8; 20];
+    tcp_get_bytes(s, TCP_REPAIR_WINDOW, &mut w)?;
+    for (i, v) in r.window.iter_mut().enumerate() {
+        *v = u32::from_ne_bytes([w[i * 4], w[i * 4 + 1], w[i * 4 + 2], w[i * 4 + 3]]);
+    }
+    Ok((r, data))
+}
+
+/// Sends `data` into the queue selected with TCP_REPAIR_QUEUE.
+fn fill(fd: i32, data: &[u8]) -> std::io::Result<()> {
+    for chunk in data.chunks(64 << 10) {
+        let mut off = 0;
+        while off < chunk.len() {
+            // SAFETY: sending from a buffer we own.
+            let n = unsafe {
+                libc::send(
+                    fd,
+                    chunk[off..].as_ptr().cast(),
+                    chunk.len() - off,
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n <= 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            off += n as usize;
+        }
+    }
+    Ok(())
+}
+
+/// Creates the end `s` of an established connection in repair mode, at its saved
+/// sequence numbers, with its queues filled. [`finish`] takes it out of repair mode
+/// once every end exists.
+pub(super) fn restore(
+    s: &InetSocket,
+    r: &TcpRepair,
+    data: &[u8],
+    early_options: impl FnOnce(&OwnedFd),
+) -> std::result::Result<OwnedFd, String> {
+    let what = format!("restoring the TCP connection {} -> {}", s.local, s.remote);
+    let err = |step: &str, e: std::io::Error| format!("{what}: {step}: {e}");
+    let (Some(local), Some(remote)) = (parse_addr(&s.local), parse_addr(&s.remote)) else {
+        return Err(format!("{what}: addresses missing"));
+    };
+    let family = family_of(s);
+    let fd = new_socket(family, true)?;
+    let f = fd.as_raw_fd();
+    tcp_set(f, TCP_REPAIR, 1).map_err(|e| {
+        err(
+            "TCP_REPAIR (needs CAP_NET_ADMIN over the job's network namespace)",
+            e,
+        )
+    })?;
+    early_options(&fd);
+    let sent = r.outq_len.saturating_sub(r.unsent_len) as usize;
+    let inq = r.inq_len as usize;
+    if data.len() != inq + r.outq_len as usize {
+        return Err(format!(
+            "{what}: {} bytes saved, {} expected",
+            data.len(),
+            inq + r.outq_len as usize
+        ));
+    }
+    // Room for what was queued however it was accounted (we may: CAP_NET_ADMIN).
+    let rcvbuf = (inq * 2).max(super::super::sockopt(f, libc::SO_RCVBUF) as usize);
+    let _ = setsockopt_int(
+        f,
+        libc::SOL_SOCKET,
+        SO_RCVBUFFORCE,
+        rcvbuf.min(i32::MAX as usize) as i32,
+    );
+    bind(&fd, addr_for(family, local)).map_err(|e| err("bind", e))?;
+    tcp_set(f, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE).map_err(|e| err("send queue", e))?;
+    tcp_set(f, TCP_QUEUE_SEQ, r.snd_seq.wrapping_sub(r.outq_len) as i32)
+        .map_err(|e| err("send sequence", e))?;
+    tcp_set(f, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE).map_err(|e| err("receive queue", e))?;
+    tcp_set(f, TCP_QUEUE_SEQ, r.rcv_seq.wrapping_sub(r.inq_len) as i32)
+        .map_err(|e| err("receive sequence", e))?;
+    connect(&fd, addr_for(family, remote)).map_err(|e| err("connect", e))?;
+    let mut opts: Vec<u8> = Vec::new();
+    let mut opt = |code: u32, val: u32| {
+        opts.extend_from_slice(&code.to_ne_bytes());
+        opts.extend_from_slice(&val.to_ne_bytes());
+    };
+    opt(TCPOPT_MSS, r.mss);
+    if r.wscale_ok {
+        opt(
+            TCPOPT_WINDOW,
+            u32::from(r.snd_wscale) | (u32::from(r.rcv_wscale) << 16),
+        );
+    }
+    if r.sack_ok {
+        opt(TCPOPT_SACK_PERM, 0);
+    }
+    if r.timestamps_ok {
+        opt(TCPOPT_TIMESTAMP, 0);
+    }
+    tcp_set_bytes(f, TCP_REPAIR_OPTIONS, &opts).map_err(|e| err("options", e))?;
+    if r.timestamps_ok {
+        tcp_set(f, TCP_TIMESTAMP, r.timestamp as i32).map_err(|e| err("timestamp", e))?;
+    }
+    tcp_set(f, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE).map_err(|e| err("receive queue", e))?;
+    fill(f, &data[..inq]).map_err(|e| err("filling the receive queue", e))?;
+    tcp_set(f, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE).map_err(|e| err("send queue", e))?;
+    fill(f, &data[inq..inq + sent]).map_err(|e| err("filling the send queue", e))?;
+    tcp_set(f, TCP_REPAIR_QUEUE, TCP_NO_QUEUE).map_err(|e| err("queues", e))?;
+    let w: Vec<u8> = r.window.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    tcp_set_bytes(f, TCP_REPAIR_WINDOW, &w).map_err(|e| err("window", e))?;
+    Ok(fd)
+}
+
+/// Takes a restored end out of repair mode (every end of its connection exists now)
+/// and sends the bytes it had not sent yet.
+pub(super) fn finish(
+    s: &InetSocket,
+    r: &TcpRepair,
+    data: &[u8],
+    fd: &OwnedFd,
+) -> std::result::Result<(), String> {
+    tcp_set(fd.as_raw_fd(), TCP_REPAIR, 0).map_err(|e| {
+        format!(
+            "TCP connection {} -> {}: leaving repair mode: {e}",
+            s.local, s.remote
+        )
+    })?;
+    let unsent_from = r.inq_len as usize + r.outq_len.saturating_sub(r.unsent_len) as usize;
+    send_all(
+        fd.as_raw_fd(),
+        &data[unsent_from.min(data.len())..],
+        Instant::now() + Duration::from_secs(2),
+    )
+    .map_err(|e| {
+        format!(
+            "TCP connection {} -> {}: sending its unsent bytes: {e}",
+            s.local, s.remote
+        )
+    })
+}
