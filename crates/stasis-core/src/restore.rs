@@ -749,6 +749,7 @@ fn prepare(
         }
     }
     crate::eventfds::register_epoll(&p.fds)?;
+    crate::sockets::inet::set_owners(&p.fds);
     let exe_fd = files::open_high(&p.exe.path, libc::O_RDONLY, hi)?;
     for m in &p.mappings {
         if let MappingKind::File { file, .. } = &m.kind {

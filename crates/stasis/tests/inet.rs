@@ -992,15 +992,14 @@ fn assert_external_refused(
 
 /// The image of a checkpoint with --tcp-external=reset: the client's socket
 /// is saved `reset`, with its addresses and no peer.
-fn check_reset_image(w: &Work, ready: &str, port: u16, what: &str) {
+fn check_reset_image(w: &Work, ready: &str, local: &str, port: u16, what: &str) {
     let meta = w.inspect_json();
     check_inet_image(&meta, what);
     let procs = image_procs(&meta);
     assert_eq!(procs.len(), 1, "{what}: processes {:?}", procs.keys());
     let p = procs.values().next().unwrap();
     let (_, s) = inet_of(&meta, p, field_num(ready, "fd") as i64, what);
-    let local = fields(ready)["local"].clone();
-    assert_sock(s, "ipv4", "tcp", "reset", Some(&local), what);
+    assert_sock(s, "ipv4", "tcp", "reset", Some(local), what);
     assert_eq!(
         text(s, "remote"),
         format!("127.0.0.1:{port}"),
@@ -1058,7 +1057,15 @@ fn external_cycles(name: &str, as_user: bool) {
     let r = checkpoint_with(&w, "ckpt-reset", &["--tcp-external=reset"]);
     assert!(r.status.success(), "{r}\n{}", s.diag());
     assert_eq!(w.checkpoints().len(), 1, "{r}");
-    check_reset_image(&w, &ready, srv.port, "checkpoint --tcp-external=reset");
+    // The connection's local address (a new one after each reconnection).
+    let mut local = fields(&ready)["local"].clone();
+    check_reset_image(
+        &w,
+        &ready,
+        &local,
+        srv.port,
+        "checkpoint --tcp-external=reset",
+    );
     s.cur().wait_more_ticks(5, T_READY);
     srv.wait_msgs_above(before + 3, "after checkpoint --tcp-external=reset");
     assert_eq!(
@@ -1073,10 +1080,21 @@ fn external_cycles(name: &str, as_user: bool) {
         let r = checkpoint_with(&w, "ckpt-kill-reset", &["--kill", "--tcp-external=reset"]);
         assert!(r.status.success(), "{r}\n{}", s.diag());
         s.cur().expect_exit(EXIT_CHECKPOINTED, T_CMD);
-        check_reset_image(&w, &ready, srv.port, &format!("checkpoint --kill #{conn}"));
+        check_reset_image(
+            &w,
+            &ready,
+            &local,
+            srv.port,
+            &format!("checkpoint --kill #{conn}"),
+        );
         s.restart(Probe::Ticks);
         assert_user(&w, uid);
         assert_reset_seen(s.cur(), &srv, conn, &format!("restart #{conn}"));
+        let pre = format!("connected conn={} ", conn + 1);
+        let l = s
+            .cur()
+            .wait_line(&format!("`{pre}...`"), T_READY, |l| l.starts_with(&pre));
+        local = fields(&l)["local"].clone();
     }
     let (ok, last) = finish_checked(&mut s, &["msgs"]);
     assert_eq!(field_num(&ok, "msgs"), last["msgs"], "{ok}");
@@ -1160,6 +1178,7 @@ fn external_peer_checkpoint_by_pid() {
     check_reset_image(
         &w,
         &ready,
+        &fields(&ready)["local"],
         srv.port,
         "checkpoint --pid --tcp-external=reset",
     );
@@ -1588,7 +1607,14 @@ fn asyncio_cycles(name: &str, as_user: bool) {
         .map(|x| x.parse().unwrap())
         .collect();
     assert_eq!(clients.len(), ASYNC_CLIENTS, "{ready}");
-    s.cur().wait_tick(5, T_READY);
+    // every client has started (python takes a while) and been served
+    s.cur()
+        .wait_line("a tick with every client served", T_READY, |l| {
+            parse_tick(l).is_some_and(|(_, rest)| {
+                let f = tick_fields(&rest);
+                (0..ASYNC_CLIENTS).all(|i| f.get(&format!("c{i}")).is_some_and(|c| *c > 0))
+            })
+        });
     assert_user(&w, uid);
     schedule(
         &mut s,

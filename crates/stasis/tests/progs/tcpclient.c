@@ -4,7 +4,8 @@
  * [u32 len][u32 conn][u64 seq][len bytes] of pseudo-random length (1..3000)
  * and reads its echo back (length, sequence and every byte checked). When a
  * send or a read on the connection fails it prints
- * `reconnect conn=C err=NAME at=SEQ` (NAME: ECONNRESET, EPIPE, EOF, ...),
+ * `reconnect conn=C err=NAME at=SEQ` (NAME: ECONNRESET, EPIPE, EOF, ...), then
+ * `connected conn=C+1 local=127.0.0.1:L` (the new connection's address),
  * connects again (retrying for up to 10 s) and sends the same message again.
  * Prints `ready port=P fd=FD local=127.0.0.1:L`, then `tick N msgs=M conns=C`.
  * At `go`: `OK ticks=N msgs=M conns=C resets=R` (R: reconnections) or
@@ -97,6 +98,8 @@ int main(int argc, char **argv) {
             }
             conns++;
             resets++;
+            me = sockname(c);
+            out("connected conn=%u local=%s\n", conns, showaddr(&me, b, sizeof b));
         }
         msgs++;
         out("tick %u msgs=%llu conns=%u\n", n, (unsigned long long)msgs, conns);

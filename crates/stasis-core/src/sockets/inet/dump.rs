@@ -331,7 +331,14 @@ impl Collector {
                     });
                 }
                 let in_flight = ioctl_int(s, SIOCINQ).max(0) as u64 + u64::from(p.wqueue);
-                let limit = requeue_limit();
+                // A receive buffer the application set is set again before the
+                // connection is made: the receiver takes in half of it at least.
+                let pinned = e
+                    .options
+                    .iter()
+                    .find(|o| o.name == "SO_RCVBUF")
+                    .map_or(0, |o| o.value.max(0) as u64 / 2);
+                let limit = requeue_limit() + pinned;
                 if in_flight > limit {
                     return Err(Error::Transient {
                         pid,

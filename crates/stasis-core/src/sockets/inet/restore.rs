@@ -34,6 +34,16 @@ fn apply_options(fd: &OwnedFd, s: &InetSocket, early: bool) {
     }
 }
 
+fn apply_early_again(fd: &OwnedFd, s: &InetSocket) {
+    for o in &s.options {
+        if matches!(o.name.as_str(), "SO_SNDBUF" | "SO_RCVBUF") {
+            if let Some(opt) = option(&o.name) {
+                let _ = write_option(fd.as_raw_fd(), opt, o.value);
+            }
+        }
+    }
+}
+
 fn reuse(fd: &OwnedFd, on: bool) {
     let _ = setsockopt_int(
         fd.as_raw_fd(),
@@ -434,6 +444,11 @@ pub fn create_all(
                 .any(|o| o.name == "SO_REUSEADDR" && o.value != 0),
         );
         apply_options(fd, s, false);
+        if s.state == "connected" && is_tcp(s) {
+            // An accepted end got its listener's options: its own early ones again
+            // (those that still apply to a connected socket).
+            apply_early_again(fd, s);
+        }
     }
     Ok(out)
 }
