@@ -726,6 +726,90 @@ fn tcp_listeners_pending_half_closed_and_options_as_unprivileged_user() {
     tcp_state_cycles("tcp_state_unpriv", true);
 }
 
+/// (2') A connection not accepted yet whose client (in the job) has already
+/// sent 1000 bytes into it (tcppending.c). Either stasis saves it (a
+/// checkpoint and two checkpoint --kill/restart cycles; the image holds the
+/// client connected to the listener's address; when the program accepts the
+/// connection after the restores exactly these bytes are there), or it
+/// refuses both checkpoint and checkpoint --kill with an error naming the
+/// client's fd, publishes nothing, and the program runs on unharmed; once
+/// the program has accepted the connection (`release`: it reads the bytes,
+/// answers and closes its end), two checkpoint --kill/restart cycles work
+/// with the client's connection closed by its peer.
+#[test]
+fn tcp_pending_connection_with_data_kept_or_refused() {
+    let w = Work::new("tcp_pending_data");
+    let mut s = Session::start(&w, &[prog("tcppending")]);
+    let ready = s.cur().lines()[0].clone();
+    let pfd = field_num(&ready, "p") as i64;
+    let laddr = loopback(4, field_num(&ready, "port"));
+    s.cur().wait_tick(3, T_READY);
+    let r = w.checkpoint(false);
+    let released = if r.status.success() {
+        eprintln!(
+            "tcp_pending_data: checkpoint supported: {}",
+            r.stderr.trim()
+        );
+        for i in 0..3 {
+            if i > 0 {
+                s.checkpoint_kill();
+            }
+            let meta = w.inspect_json();
+            let what = format!("checkpoint #{i}");
+            check_inet_image(&meta, &what);
+            let (root, _) = image_tree(&meta, 1, &what);
+            let (_, p) = inet_of(&meta, image_procs(&meta)[&root], pfd, &what);
+            assert_sock(p, "ipv4", "tcp", "connected", None, &what);
+            assert_eq!(text(p, "remote"), laddr, "{what}: the pending client {p}");
+            if i > 0 {
+                s.restart(Probe::Ticks);
+            } else {
+                s.cur().wait_more_ticks(3, T_READY);
+            }
+        }
+        0
+    } else {
+        let mut first = Some(r);
+        for kill in [false, true] {
+            let r = first.take().unwrap_or_else(|| w.checkpoint(true));
+            eprintln!(
+                "tcp_pending_data (kill={kill}): refused: {}",
+                r.stderr.trim()
+            );
+            assert!(
+                !r.status.success(),
+                "only the first checkpoint was refused: {r}"
+            );
+            assert!(
+                mentions_number(&r.stderr, pfd),
+                "the error does not name the pending client's fd {pfd}: {r}"
+            );
+            assert!(
+                w.checkpoints().is_empty(),
+                "a checkpoint was published: {:?}",
+                w.checkpoints()
+            );
+            s.cur().wait_more_ticks(5, T_READY);
+            assert!(
+                s.cur().running(),
+                "the app died after a refused checkpoint\n{}",
+                s.diag()
+            );
+        }
+        // accepted now: nothing stands in the way any more
+        fs::write(w.path("release"), b"").unwrap();
+        s.cur()
+            .wait_line("`released`", T_READY, |l| l == "released");
+        s.cur().wait_more_ticks(3, T_READY);
+        s.cycle(Probe::Ticks);
+        s.cycle(Probe::Ticks);
+        1
+    };
+    let (ok, _) = finish_checked(&mut s, &[]);
+    assert_eq!(field_num(&ok, "released"), released, "{ok}");
+    eprintln!("tcp_pending_data: {ok}");
+}
+
 // ---------------------------------------------------------------------------
 // 3: UDP (udp.c)
 // ---------------------------------------------------------------------------
