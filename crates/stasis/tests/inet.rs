@@ -461,6 +461,42 @@ fn check_tcppair_image(meta: &Value, ready: &str, what: &str) {
     }
 }
 
+/// The image is of a job with a private network (`private`) and its connected TCP
+/// sockets carry TCP_REPAIR state (sequence numbers, queue lengths matching the
+/// bytes saved), or neither.
+fn check_repair(meta: &Value, private: bool, what: &str) {
+    assert_eq!(
+        meta["private_network"].as_bool(),
+        Some(private),
+        "{what}: private_network"
+    );
+    let connected: Vec<&Value> = arr(meta, "inet_sockets")
+        .iter()
+        .filter(|s| s["protocol"] == "tcp" && s["state"] == "connected")
+        .collect();
+    assert!(!connected.is_empty(), "{what}: no connected TCP socket");
+    for s in connected {
+        let r = &s["repair"];
+        if !private {
+            assert!(
+                r.is_null(),
+                "{what}: repair state without a private network: {s}"
+            );
+            continue;
+        }
+        assert!(r.is_object(), "{what}: no repair state: {s}");
+        let queued: u64 = s["messages"]
+            .as_array()
+            .map(|m| m.iter().filter_map(|x| x.as_u64()).sum())
+            .unwrap_or(0);
+        assert_eq!(
+            unum(r, "inq_len") + unum(r, "outq_len"),
+            queued,
+            "{what}: repair queue lengths against the bytes saved: {s}"
+        );
+    }
+}
+
 /// (inq, outq) of the last tick line printed so far.
 fn last_queues(p: &Proc) -> Option<(u64, u64)> {
     let l = p
@@ -472,8 +508,17 @@ fn last_queues(p: &Proc) -> Option<(u64, u64)> {
 }
 
 fn tcp_stream_cycles(name: &str, fam: u32, as_user: bool) {
+    tcp_stream_cycles_on(name, fam, as_user, false)
+}
+
+/// With `private`, under `stasis run --network private`: every image says so and
+/// holds both ends of the connection with their TCP_REPAIR state.
+fn tcp_stream_cycles_on(name: &str, fam: u32, as_user: bool, private: bool) {
     let t0 = Instant::now();
-    let (w, exes, uid) = work(name, as_user, &["tcppair"]);
+    let (mut w, exes, uid) = work(name, as_user, &["tcppair"]);
+    if private {
+        w.run_opts = vec!["--network".into(), "private".into()];
+    }
     let mut rng = Rng::new(name);
     let f = fam.to_string();
     let mut s = Session::start(&w, &[exes[0].as_os_str(), "stream".as_ref(), f.as_ref()]);
@@ -500,7 +545,9 @@ fn tcp_stream_cycles(name: &str, fam: u32, as_user: bool) {
             }
         },
         |meta, i, kill| {
-            check_tcppair_image(meta, &ready, &format!("checkpoint #{i} (kill={kill})"))
+            let what = format!("checkpoint #{i} (kill={kill})");
+            check_tcppair_image(meta, &ready, &what);
+            check_repair(meta, private, &what);
         },
         |s| assert_user(s.w, uid),
     );
@@ -511,6 +558,20 @@ fn tcp_stream_cycles(name: &str, fam: u32, as_user: bool) {
     assert!(field_num(&ok, "rcvd") >= last["rcvd"], "{ok}");
     eprintln!("{name}: queues at the parent's end before each checkpoint: {queues:?}; {ok}");
     elapsed(t0, name);
+}
+
+/// (1'') The stream pair under `stasis run --network private`: the connection is
+/// saved and restored exactly with TCP_REPAIR (every image says so), with the
+/// same guarantees, over IPv4 and IPv6, as root and as the unprivileged user.
+#[test]
+fn tcp_stream_pair_private_network_repair() {
+    tcp_stream_cycles_on("tcp_stream_repair4", 4, false, true);
+    tcp_stream_cycles_on("tcp_stream_repair6", 6, false, true);
+}
+
+#[test]
+fn tcp_stream_pair_private_network_as_unprivileged_user() {
+    tcp_stream_cycles_on("tcp_stream_repair_unpriv", 4, true, true);
 }
 
 /// (1) A TCP connection over 127.0.0.1 between a parent (listener kept open,

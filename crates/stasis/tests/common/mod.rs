@@ -474,6 +474,8 @@ pub struct Work {
     pub prefix: Vec<OsString>,
     /// Give `stasis run`/`restart` a pipe as stdout (instead of a file).
     pub pipe_stdout: bool,
+    /// Options of `stasis run` before `--` (e.g. `--network private`).
+    pub run_opts: Vec<String>,
     seq: AtomicUsize,
 }
 
@@ -506,6 +508,7 @@ impl Work {
             stasis: PathBuf::from(STASIS),
             prefix: vec![],
             pipe_stdout: false,
+            run_opts: vec![],
             seq: AtomicUsize::new(0),
         }
     }
@@ -605,12 +608,9 @@ impl Work {
     }
 
     pub fn run_with_stdin<S: AsRef<OsStr>>(&self, label: &str, argv: &[S], stdin: Stdio) -> Proc {
-        let mut args: Vec<&OsStr> = vec![
-            "run".as_ref(),
-            "--dir".as_ref(),
-            self.ck.as_os_str(),
-            "--".as_ref(),
-        ];
+        let mut args: Vec<&OsStr> = vec!["run".as_ref(), "--dir".as_ref(), self.ck.as_os_str()];
+        args.extend(self.run_opts.iter().map(|o| OsStr::new(o.as_str())));
+        args.push("--".as_ref());
         args.extend(argv.iter().map(|a| a.as_ref()));
         let cmd = self.stasis_cmd(&args);
         self.spawn_io(label, cmd, stdin, self.pipe_stdout)

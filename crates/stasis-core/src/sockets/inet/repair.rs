@@ -37,6 +37,7 @@ const TCPI_OPT_SACK: u8 = 2;
 const TCPI_OPT_WSCALE: u8 = 4;
 const SIOCOUTQNSD: libc::c_ulong = 0x894B;
 const SO_RCVBUFFORCE: i32 = 33;
+const SO_SNDBUFFORCE: i32 = 32;
 
 fn tcp_set(fd: i32, opt: i32, v: i32) -> std::io::Result<()> {
     setsockopt_int(fd, libc::IPPROTO_TCP, opt, v)
@@ -211,14 +212,18 @@ pub(super) fn restore(
             inq + r.outq_len as usize
         ));
     }
-    // Room for what was queued however it was accounted (we may: CAP_NET_ADMIN).
-    let rcvbuf = (inq * 2).max(super::super::sockopt(f, libc::SO_RCVBUF) as usize);
-    let _ = setsockopt_int(
-        f,
-        libc::SOL_SOCKET,
-        SO_RCVBUFFORCE,
-        rcvbuf.min(i32::MAX as usize) as i32,
-    );
+    // Room for what was queued, however it was accounted (we may: CAP_NET_ADMIN).
+    // This pins the buffer; options the application set are applied afterwards.
+    let room = |opt: i32, force: i32, bytes: usize| {
+        let now = super::super::sockopt(f, opt).max(0) as usize;
+        let want = bytes * 2 + (256 << 10);
+        if bytes > 0 && want > now / 2 {
+            let v = want.min(i32::MAX as usize / 2) as i32;
+            let _ = setsockopt_int(f, libc::SOL_SOCKET, force, v);
+        }
+    };
+    room(libc::SO_RCVBUF, SO_RCVBUFFORCE, inq);
+    room(libc::SO_SNDBUF, SO_SNDBUFFORCE, r.outq_len as usize);
     bind(&fd, addr_for(family, local)).map_err(|e| err("bind", e))?;
     tcp_set(f, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE).map_err(|e| err("send queue", e))?;
     tcp_set(f, TCP_QUEUE_SEQ, r.snd_seq.wrapping_sub(r.outq_len) as i32)
@@ -274,15 +279,50 @@ pub(super) fn finish(
         )
     })?;
     let unsent_from = r.inq_len as usize + r.outq_len.saturating_sub(r.unsent_len) as usize;
-    send_all(
-        fd.as_raw_fd(),
-        &data[unsent_from.min(data.len())..],
-        Instant::now() + Duration::from_secs(2),
-    )
-    .map_err(|e| {
+    let unsent = &data[unsent_from.min(data.len())..];
+    let f = fd.as_raw_fd();
+    // The peer's window may be closed: the bytes wait in our send buffer, which the
+    // kernel accounts a little differently than when they were written. Without room
+    // (SO_SNDBUFFORCE needs CAP_NET_ADMIN of the host), the buffer grows to the
+    // largest an application may ask for; the options the application set are
+    // applied afterwards.
+    let mut sent = send_some(f, unsent);
+    if sent < unsent.len() {
+        let max = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok())
+            .unwrap_or(212992);
+        let now = super::super::sockopt(f, libc::SO_SNDBUF);
+        if setsockopt_int(f, libc::SOL_SOCKET, SO_SNDBUFFORCE, now.max(1) * 2).is_err() {
+            let _ = setsockopt_int(f, libc::SOL_SOCKET, libc::SO_SNDBUF, max);
+        }
+        sent += send_some(f, &unsent[sent..]);
+    }
+    send_all(f, &unsent[sent..], Instant::now() + Duration::from_secs(2)).map_err(|e| {
         format!(
             "TCP connection {} -> {}: sending its unsent bytes: {e}",
             s.local, s.remote
         )
     })
+}
+
+/// Sends what fits now of `data`; returns how much.
+fn send_some(fd: i32, data: &[u8]) -> usize {
+    let mut off = 0;
+    while off < data.len() {
+        // SAFETY: sending from a buffer we own.
+        let n = unsafe {
+            libc::send(
+                fd,
+                data[off..].as_ptr().cast(),
+                data.len() - off,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n <= 0 {
+            break;
+        }
+        off += n as usize;
+    }
+    off
 }
