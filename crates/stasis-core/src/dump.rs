@@ -277,6 +277,9 @@ fn checkpoint_locked(
         std::thread::spawn(move || drop(dead_snapshots));
     }
     if opts.kill {
+        // Their TCP connections end with a reset, not a FIN: nothing of the job waits
+        // out TIME_WAIT on the ports a restart binds again.
+        crate::sockets::inet::abort_on_close(&meta);
         // Children first. The tracer that is also the root's parent (stasis init)
         // reaps the root in its own loop.
         for (proc, f) in tree.iter_mut().rev() {

@@ -55,3 +55,44 @@ pub enum TcpExternal {
     /// Save it as reset: after a restart its next use fails with ECONNRESET.
     Reset,
 }
+
+/// Makes every TCP socket of the checkpointed processes close with a reset
+/// (SO_LINGER 0), before they are killed: a connection then leaves no TIME_WAIT
+/// behind on its ports (a restart on this host binds them again), and a peer outside
+/// the job sees its connection reset, as it will find it after a restart. Errors are
+/// ignored: the processes are about to die either way.
+pub fn abort_on_close(meta: &stasis_image::Checkpoint) {
+    let tcp: std::collections::HashSet<u64> = meta
+        .inet_sockets
+        .iter()
+        .filter(|s| s.protocol == "tcp")
+        .map(|s| s.id)
+        .collect();
+    let mut done = std::collections::HashSet::new();
+    for p in &meta.processes {
+        for f in &p.fds {
+            let stasis_image::FdKind::InetSocket { sock, .. } = f.kind else {
+                continue;
+            };
+            if !tcp.contains(&sock) || !done.insert(sock) {
+                continue;
+            }
+            if let Ok(fd) = crate::proc::borrow_fd(p.pid, f.fd) {
+                let l = libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                // SAFETY: setsockopt reads a struct linger from `l`.
+                unsafe {
+                    libc::setsockopt(
+                        std::os::unix::io::AsRawFd::as_raw_fd(&fd),
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        (&l as *const libc::linger).cast(),
+                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                    )
+                };
+            }
+        }
+    }
+}

@@ -63,7 +63,10 @@ fn socket_like(s: &InetSocket, keep_port_if_free: bool) -> std::result::Result<O
         return Ok(fd);
     };
     let local = addr_for(family, local);
-    if keep_port_if_free {
+    // TCP: the job's own old connections may still wait out TIME_WAIT on the port
+    // (SO_REUSEADDR binds over those, not over another program's listener); the
+    // saved value is set again at the end.
+    if keep_port_if_free || is_tcp(s) {
         reuse(&fd, true);
     }
     match bind(&fd, local) {
