@@ -65,6 +65,9 @@ pub struct DumpReport {
 /// `dir`. `pid` is as seen in this process's PID namespace and /proc.
 pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
     let lock = DirLock::acquire(dir)?;
+    // Threads an earlier attempt could not resume (they had not stopped in time)
+    // are resumed now if they have stopped since.
+    crate::freeze::settle();
     // A passing state (bytes in a terminal) is waited out: the job runs on a moment
     // between attempts.
     let mut attempt = 0;
@@ -163,6 +166,7 @@ fn checkpoint_locked(
             &mut writer,
         )?);
     }
+    registry.sockets.end_repair();
     // System V objects, read while everything is frozen.
     let sysv = sysv_of(opts, &parts, &mut writer)?;
     let snapshotted = parts.iter().any(|p| p.snapshot.is_some());
@@ -280,10 +284,17 @@ fn checkpoint_locked(
         // Their TCP connections end with a reset, not a FIN: nothing of the job waits
         // out TIME_WAIT on the ports a restart binds again.
         crate::sockets::inet::abort_on_close(&meta);
-        // Children first. The tracer that is also the root's parent (stasis init)
-        // reaps the root in its own loop.
+        // Children first, all at once; then each is reaped (bounded: the checkpoint is
+        // published, a process slow to exit only earns a warning). The tracer that is
+        // also the root's parent (stasis init) reaps the root in its own loop.
+        for (_, f) in tree.iter_mut().rev() {
+            f.kill();
+        }
+        let deadline = Instant::now() + crate::freeze::EXIT_TIMEOUT;
         for (proc, f) in tree.iter_mut().rev() {
-            f.kill(proc.pid != pid || !parent_is_us);
+            if let Err(e) = f.reap(proc.pid != pid || !parent_is_us, deadline) {
+                tracing::warn!("checkpoint {} written, but {e}", path.display());
+            }
             crate::dirty::forget(proc.pid);
             crate::snapshot::forget_costs(proc.pid);
         }
@@ -915,6 +926,9 @@ impl Part {
                     *flags_job = Some(snapshot_flags_job(src, late, layout));
                 }
             };
+            // Should the writing panic, the checker must not wait for it forever (the
+            // scope joins it before the panic goes on).
+            let _end = EndOnPanic(&progress);
             let written = snap.write(self.insn, writes, &part_files, &progress, ready);
             progress.end(matches!(written, Ok(true)));
             let checked = checker.join().unwrap_or_else(|_| {
@@ -930,6 +944,18 @@ impl Part {
         } else {
             part_files.empty(pid)?;
             Ok(None)
+        }
+    }
+}
+
+/// Ends a snapshot's write progress as failed when dropped by a panic: the threads
+/// following it give up instead of waiting forever.
+struct EndOnPanic<'a>(&'a WriteProgress);
+
+impl Drop for EndOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.end(false);
         }
     }
 }

@@ -37,6 +37,11 @@ pub enum Error {
     /// Restore found the environment different from checkpoint time.
     #[error("cannot restore process {pid}: {msg}")]
     Restore { pid: i32, msg: String },
+    /// Something the checkpoint waited for did not happen in time (a thread that does
+    /// not stop, an injected syscall that does not return, a killed process that does
+    /// not exit); `what` says which thread and what it is doing.
+    #[error("process {pid}: {what}")]
+    Timeout { pid: i32, what: String },
     /// The process refused to be traced.
     #[error("cannot attach to process {pid}: {msg}")]
     Attach { pid: i32, msg: String },

@@ -6,9 +6,22 @@
 //! another one), and threads that exit meanwhile are dropped.
 
 use crate::error::{Error, Result, SysContext};
-use crate::proc::ProcDir;
+use crate::proc::{thread_state, ProcDir};
 use stasis_sys::arch::Regs;
 use stasis_sys::ptrace::{self, Stop};
+use std::time::{Duration, Instant};
+
+/// How long a thread told to stop (or just created) may take to report its stop. Only
+/// a thread in an uninterruptible wait in the kernel takes long: a hung file system, a
+/// vfork parent whose child neither runs a program nor exits.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a killed process may take to exit (its last thread tears down the whole
+/// address space, which takes a while for a large one).
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// On release, how long a thread that is not in a stop (still on its way to the one
+/// asked for, or inside an injected syscall) is waited for before it is left as a
+/// straggler.
+const RELEASE_GRACE: Duration = Duration::from_millis(500);
 
 /// One stopped thread and the state it must be resumed with.
 #[derive(Debug, Clone)]
@@ -26,10 +39,21 @@ pub struct Frozen {
     pub pid: i32,
     /// The stopped threads, the thread-group leader first.
     pub threads: Vec<FrozenThread>,
+    /// Threads seized and told to stop whose stop was not seen (yet).
+    pending: Vec<i32>,
     done: bool,
 }
 
-fn attach_error(pid: i32, e: stasis_sys::SysError) -> Error {
+fn attach_error(pid: i32, tid: i32, e: stasis_sys::SysError) -> Error {
+    if e.errno == libc::EPERM && is_straggler(tid) {
+        return Error::Timeout {
+            pid,
+            what: format!(
+                "thread {tid} has still not stopped since an earlier checkpoint attempt asked it to ({})",
+                thread_state(tid)
+            ),
+        };
+    }
     let msg = match e.errno {
         libc::ESRCH => "no such process".to_string(),
         libc::EPERM => "permission denied (it must belong to you and not be traced already, e.g. by a debugger; check kernel.yama.ptrace_scope)".to_string(),
@@ -38,19 +62,46 @@ fn attach_error(pid: i32, e: stasis_sys::SysError) -> Error {
     Error::Attach { pid, msg }
 }
 
-/// Waits until a seized and interrupted thread stops. Returns false if it exited.
-fn wait_stopped(tid: i32) -> Result<bool> {
+/// Waits until a seized and interrupted thread of process `pid` stops. Returns false
+/// if it exited; an error if it has not stopped by `deadline`.
+fn wait_stopped(pid: i32, tid: i32, deadline: Instant) -> Result<bool> {
     loop {
-        match ptrace::wait(tid).ctx(tid, || "waiting for the thread to stop".into())? {
-            Stop::Event(ptrace::EVENT_STOP, _) => return Ok(true),
+        let stop = ptrace::wait_until(tid, deadline)
+            .ctx(tid, || "waiting for the thread to stop".into())?;
+        match stop {
+            None => {
+                return Err(Error::Timeout {
+                    pid,
+                    what: format!(
+                        "thread {tid} did not stop within {} s ({}); is it blocked in the kernel (a hung file system, a vfork child that neither runs a program nor exits)?",
+                        STOP_TIMEOUT.as_secs(),
+                        thread_state(tid)
+                    ),
+                })
+            }
+            Some(Stop::Event(ptrace::EVENT_STOP, _)) => return Ok(true),
             // A signal arrived first: let it be delivered, the stop follows.
-            Stop::Signal(sig) => {
+            Some(Stop::Signal(sig)) => {
                 ptrace::cont(tid, sig).ctx(tid, || "delivering a signal".into())?
             }
-            Stop::Event(..) | Stop::Syscall => {
+            Some(Stop::Event(..) | Stop::Syscall) => {
                 ptrace::cont(tid, 0).ctx(tid, || "resuming".into())?
             }
-            Stop::Exited(_) | Stop::Killed(_) => return Ok(false),
+            Some(Stop::Exited(_) | Stop::Killed(_)) => return Ok(false),
+        }
+    }
+}
+
+/// Waits until traced thread `tid`, killed, has exited, and reaps it. False if it
+/// is still there at `deadline`.
+pub(crate) fn reap_thread(tid: i32, deadline: Instant) -> bool {
+    loop {
+        match ptrace::wait_until(tid, deadline) {
+            // Err: ECHILD, already reaped (or no longer ours).
+            Ok(Some(Stop::Exited(_) | Stop::Killed(_))) | Err(_) => return true,
+            // A stop reported before the SIGKILL took effect: the exit follows.
+            Ok(Some(_)) => {}
+            Ok(None) => return false,
         }
     }
 }
@@ -62,6 +113,7 @@ impl Frozen {
         let mut f = Frozen {
             pid,
             threads: Vec::new(),
+            pending: Vec::new(),
             done: false,
         };
         let mut known: Vec<i32> = Vec::new();
@@ -74,27 +126,42 @@ impl Frozen {
             if fresh.is_empty() {
                 break;
             }
-            let mut seized = Vec::new();
             for tid in fresh {
                 known.push(tid);
                 match ptrace::seize(tid, ptrace::O_TRACESYSGOOD) {
                     Ok(()) => {}
                     Err(e) if e.errno == libc::ESRCH && tid != pid => continue, // exited
-                    Err(e) => return Err(attach_error(pid, e)),
+                    Err(e) => return Err(attach_error(pid, tid, e)),
                 }
+                f.pending.push(tid);
                 ptrace::interrupt(tid).ctx(tid, || "stopping the thread".into())?;
-                seized.push(tid);
             }
-            for tid in seized {
-                if !wait_stopped(tid)? {
+            // On an error the threads still pending are released with the others.
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            while let Some(&tid) = f.pending.first() {
+                let stopped = wait_stopped(pid, tid, deadline)?;
+                f.pending.remove(0);
+                if !stopped {
                     if tid == pid {
                         return Err(Error::Gone { pid });
                     }
                     continue;
                 }
-                let regs = ptrace::get_regs(tid).ctx(tid, || "reading registers".into())?;
-                let sigmask =
-                    ptrace::get_sigmask(tid).ctx(tid, || "reading the signal mask".into())?;
+                let state = ptrace::get_regs(tid)
+                    .ctx(tid, || "reading registers".into())
+                    .and_then(|regs| {
+                        let sigmask = ptrace::get_sigmask(tid)
+                            .ctx(tid, || "reading the signal mask".into())?;
+                        Ok((regs, sigmask))
+                    });
+                let (regs, sigmask) = match state {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Stopped: detached on release like the others still pending.
+                        f.pending.push(tid);
+                        return Err(e);
+                    }
+                };
                 f.threads.push(FrozenThread {
                     tid,
                     regs,
@@ -124,22 +191,33 @@ impl Frozen {
     }
 
     /// Resumes every thread exactly where it was stopped (once; later calls do nothing).
+    /// A thread not in a stop (after a failure: one that did not stop in time, or one
+    /// inside an injected syscall that did not return in time) is waited for a
+    /// moment, then left as a straggler, resumed by [`settle`] once it stops.
     pub fn release(&mut self) -> Result<()> {
         if self.done {
             return Ok(());
         }
         self.done = true;
         let mut first_err = None;
+        let grace = Instant::now() + RELEASE_GRACE;
         for t in &self.threads {
-            let r = (|| {
-                if t.touched {
-                    ptrace::set_regs(t.tid, &t.regs.for_restore())
-                        .ctx(t.tid, || "restoring registers".into())?;
-                    ptrace::set_sigmask(t.tid, t.sigmask)
-                        .ctx(t.tid, || "restoring the signal mask".into())?;
-                }
-                ptrace::detach(t.tid, 0).ctx(t.tid, || "detaching".into())
-            })();
+            let restore = t.touched.then_some((t.regs, t.sigmask));
+            let r = match resume_stopped(t.tid, restore.as_ref(), 0) {
+                // ESRCH: not in a stop (or gone).
+                Err(Error::Gone { .. }) => resume_when_stopped(self.pid, t.tid, restore, grace),
+                r => r,
+            };
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        }
+        for &tid in &self.pending {
+            // Stopped already (its stop perhaps not collected): detached at once.
+            let r = match ptrace::detach(tid, 0) {
+                Ok(()) => Ok(()),
+                Err(_) => resume_when_stopped(self.pid, tid, None, grace),
+            };
             if let Err(e) = r {
                 first_err.get_or_insert(e);
             }
@@ -147,16 +225,48 @@ impl Frozen {
         first_err.map_or(Ok(()), Err)
     }
 
-    /// Kills the process (still stopped: it never runs past the saved state).
-    /// `reap` waits for it when we are only its tracer, not its parent.
-    pub fn kill(&mut self, reap: bool) {
+    /// Kills the process (still stopped: it never runs past the saved state). Its
+    /// threads are reaped by [`Frozen::reap`].
+    pub fn kill(&mut self) {
         self.done = true;
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(self.pid, libc::SIGKILL) };
-        if reap {
-            for t in &self.threads {
-                let _ = ptrace::wait(t.tid);
-            }
+    }
+
+    /// After [`Frozen::kill`]: waits until every thread we trace has exited and reaps
+    /// it, the other threads before the leader. A traced thread stays a zombie until
+    /// its tracer reaps it, and a traced leader is reported only once its other
+    /// threads are reaped: waiting for the leader first waited forever. With `leader`
+    /// false the leader is left to the caller, its parent (stasis init reaps the
+    /// application in its own loop, to see how it ended). An error naming the threads
+    /// still there at `deadline` (whoever waits for our children later reaps them, or
+    /// they are released when we exit).
+    pub fn reap(&mut self, leader: bool, deadline: Instant) -> Result<()> {
+        let pid = self.pid;
+        let mut order: Vec<i32> = self
+            .threads
+            .iter()
+            .map(|t| t.tid)
+            .chain(self.pending.iter().copied())
+            .filter(|&t| t != pid)
+            .collect();
+        if leader {
+            order.push(pid);
+        }
+        let left: Vec<i32> = order
+            .into_iter()
+            .filter(|&tid| !reap_thread(tid, deadline))
+            .collect();
+        match left.first() {
+            None => Ok(()),
+            Some(&tid) => Err(Error::Timeout {
+                pid,
+                what: format!(
+                    "killed, but its threads {left:?} did not exit within {} s (thread {tid}: {})",
+                    EXIT_TIMEOUT.as_secs(),
+                    thread_state(tid)
+                ),
+            }),
         }
     }
 }
@@ -166,5 +276,102 @@ impl Drop for Frozen {
         if let Err(e) = self.release() {
             tracing::warn!("could not resume process {}: {e}", self.pid);
         }
+    }
+}
+
+/// Puts the registers and mask of a thread in a stop back (`restore`) and detaches
+/// it, delivering `sig`.
+fn resume_stopped(tid: i32, restore: Option<&(Regs, u64)>, sig: i32) -> Result<()> {
+    if let Some((regs, sigmask)) = restore {
+        ptrace::set_regs(tid, &regs.for_restore()).ctx(tid, || "restoring registers".into())?;
+        ptrace::set_sigmask(tid, *sigmask).ctx(tid, || "restoring the signal mask".into())?;
+    }
+    ptrace::detach(tid, sig).ctx(tid, || "detaching".into())
+}
+
+/// Resumes `tid` (of process `pid`) at its next stop: its exit needs nothing; a stop
+/// not reported by `deadline` leaves it as a straggler (an error saying so).
+fn resume_when_stopped(
+    pid: i32,
+    tid: i32,
+    restore: Option<(Regs, u64)>,
+    deadline: Instant,
+) -> Result<()> {
+    match ptrace::wait_until(tid, deadline) {
+        // Err: ECHILD, gone (or not ours any more).
+        Ok(Some(Stop::Exited(_) | Stop::Killed(_))) | Err(_) => Ok(()),
+        Ok(Some(stop)) => resume_stopped(tid, restore.as_ref(), stop_signal(stop)),
+        Ok(None) => {
+            let state = thread_state(tid);
+            if let Ok(mut s) = STRAGGLERS.lock() {
+                s.push(Straggler { tid, restore });
+            }
+            Err(Error::Timeout {
+                pid,
+                what: format!(
+                    "thread {tid} is not stopped ({state}): it will be resumed once it stops"
+                ),
+            })
+        }
+    }
+}
+
+/// The signal to deliver on resuming a thread from `stop` (that of a
+/// signal-delivery stop, else none).
+fn stop_signal(stop: Stop) -> i32 {
+    match stop {
+        Stop::Signal(sig) => sig,
+        _ => 0,
+    }
+}
+
+/// A thread we could not resume because it was not in a stop: seized and told to
+/// stop but blocked in the kernel, or inside an injected syscall, when a deadline
+/// passed. `restore`: the registers and mask to put back first.
+struct Straggler {
+    tid: i32,
+    restore: Option<(Regs, u64)>,
+}
+
+/// The stragglers of failed checkpoints, resumed by [`settle`]. (Only the thread that
+/// seized them may resume them: stasis checkpoints from one thread.)
+static STRAGGLERS: std::sync::Mutex<Vec<Straggler>> = std::sync::Mutex::new(Vec::new());
+
+fn is_straggler(tid: i32) -> bool {
+    STRAGGLERS
+        .lock()
+        .is_ok_and(|s| s.iter().any(|x| x.tid == tid))
+}
+
+/// Resumes the stragglers that stopped since (registers and mask put back first) and
+/// forgets those that exited; never blocks. Called before every checkpoint and by
+/// stasis init whenever its tracees change state.
+pub fn settle() {
+    let Ok(mut list) = STRAGGLERS.lock() else {
+        return;
+    };
+    list.retain(|s| match ptrace::try_wait(s.tid) {
+        Ok(None) => true,
+        Ok(Some(Stop::Exited(_) | Stop::Killed(_))) | Err(_) => false,
+        Ok(Some(stop)) => {
+            if let Err(e) = resume_stopped(s.tid, s.restore.as_ref(), stop_signal(stop)) {
+                tracing::warn!("could not resume thread {}: {e}", s.tid);
+            }
+            false
+        }
+    });
+}
+
+/// A stop of tracee `tid` that a `waitpid(-1)` outside any checkpoint collected (the
+/// init's reaping loop): no process is held stopped between checkpoints, so it is a
+/// straggler's (or a leftover's) and the thread is resumed.
+pub fn resume_reported(tid: i32, status: i32) {
+    let stop = ptrace::decode_status(status);
+    let restore = STRAGGLERS.lock().ok().and_then(|mut list| {
+        let i = list.iter().position(|s| s.tid == tid)?;
+        list.swap_remove(i).restore
+    });
+    if let Err(e) = resume_stopped(tid, restore.as_ref(), stop_signal(stop)) {
+        tracing::warn!("could not resume thread {tid}: {e}");
     }
 }

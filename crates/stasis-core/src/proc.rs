@@ -157,3 +157,23 @@ pub fn borrow_fd(pid: i32, fd: i32) -> Result<std::os::unix::io::OwnedFd> {
         Ok(std::os::unix::io::OwnedFd::from_raw_fd(ours))
     }
 }
+
+/// What thread `tid` is doing, for messages about a thread that does not stop or
+/// exit: its state letter and, where the kernel tells, where it sleeps (e.g.
+/// `state D, in wait_for_vfork_done`).
+pub fn thread_state(tid: i32) -> String {
+    let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).unwrap_or_default();
+    let Some(state) = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+    else {
+        return "gone".into();
+    };
+    let wchan = std::fs::read_to_string(format!("/proc/{tid}/wchan")).unwrap_or_default();
+    let wchan = wchan.trim();
+    if wchan.is_empty() || wchan == "0" {
+        format!("state {state}")
+    } else {
+        format!("state {state}, in {wchan}")
+    }
+}

@@ -123,6 +123,9 @@ const MAX_IOVECS: usize = 1024;
 const MAX_JOB: u64 = 16 << 20;
 /// Bytes of snapshot memory per writer thread for its iovec array.
 const IOV_AREA: u64 = (MAX_IOVECS * 16) as u64;
+/// How long the snapshot's writers may go without finishing a write (of at most
+/// `MAX_JOB` bytes) before the checkpoint gives up.
+const WRITE_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// One pwritev: a contiguous range of one part file, from these memory ranges.
 struct Job {
@@ -250,7 +253,12 @@ impl Snapshot {
             Ok(false) => Ok(false),
             // The disk (full, failing) or the snapshot itself gone: copying from
             // outside cannot do better.
-            Err(e) if is_disk_error(&e) || matches!(e, Error::Gone { .. }) => Err(e),
+            // Nor can it when a write hangs (and the writer may still be in it).
+            Err(e)
+                if is_disk_error(&e) || matches!(e, Error::Gone { .. } | Error::Timeout { .. }) =>
+            {
+                Err(e)
+            }
             // Anything else (a kernel without close_range, a seccomp filter the
             // snapshot inherited...): the pages are copied from outside instead.
             Err(e) => {
@@ -389,6 +397,7 @@ impl Snapshot {
         let mut busy: Vec<Option<Job>> = (0..writers.len()).map(|_| None).collect();
         // Where the search for a part to write starts, so that parts are spread.
         let mut next_part = 0usize;
+        let mut last_progress = std::time::Instant::now();
         loop {
             let mut progressed = false;
             let mut failure = None;
@@ -468,7 +477,23 @@ impl Snapshot {
             if busy.iter().all(Option::is_none) && queues.iter().all(|q| q.is_empty()) {
                 return Ok(());
             }
-            if !progressed {
+            if progressed {
+                last_progress = std::time::Instant::now();
+            } else if last_progress.elapsed() > WRITE_STALL_TIMEOUT {
+                let stuck: Vec<usize> = (0..busy.len()).filter(|&w| busy[w].is_some()).collect();
+                let state = stuck
+                    .first()
+                    .map(|&w| crate::proc::thread_state(writers[w].tid()))
+                    .unwrap_or_default();
+                drain(writers, &stuck);
+                return Err(Error::Timeout {
+                    pid,
+                    what: format!(
+                        "the snapshot's page writes made no progress for {} s ({state}); is the file system of the checkpoint directory hung?",
+                        WRITE_STALL_TIMEOUT.as_secs()
+                    ),
+                });
+            } else {
                 std::thread::sleep(std::time::Duration::from_micros(50));
             }
         }
@@ -641,14 +666,34 @@ impl Snapshot {
 impl Drop for Snapshot {
     fn drop(&mut self) {
         self.kill();
-        // Reaping its threads and itself (we trace them all and are its parent).
-        for &tid in &self.threads {
-            let _ = ptrace::wait(tid);
+        // Reaping its threads, then itself (we trace them all and are its parent; a
+        // traced leader is reported only once its other threads are reaped).
+        let deadline = std::time::Instant::now() + crate::freeze::EXIT_TIMEOUT;
+        let left = self
+            .threads
+            .iter()
+            .chain([&self.pid])
+            .filter(|&&t| !crate::freeze::reap_thread(t, deadline))
+            .count();
+        if left > 0 {
+            // Still ours to reap (stasis init's loop does, and forgets it then): not
+            // to be taken for an orphan of the job meanwhile.
+            tracing::warn!(
+                "snapshot {} did not exit within {} s ({})",
+                self.pid,
+                crate::freeze::EXIT_TIMEOUT.as_secs(),
+                crate::proc::thread_state(self.pid)
+            );
+            return;
         }
-        let _ = ptrace::wait(self.pid);
-        if let Ok(mut ours) = SNAPSHOTS.lock() {
-            ours.remove(&self.pid);
-        }
+        forget_reaped(self.pid);
+    }
+}
+
+/// `pid` was reaped: if it was one of our snapshots, it is no longer.
+pub fn forget_reaped(pid: i32) {
+    if let Ok(mut ours) = SNAPSHOTS.lock() {
+        ours.remove(&pid);
     }
 }
 

@@ -225,13 +225,27 @@ pub fn create(inj: &Injector, pid: i32, tid: i32, scratch: &Scratch) -> Result<(
 /// Waits for a thread or process just created under PTRACE_O_TRACECLONE to stop
 /// before its first instruction.
 pub fn wait_created(tid: i32) -> Result<()> {
+    // A traced thread's first stop comes before it runs anything.
+    let deadline = std::time::Instant::now() + crate::freeze::STOP_TIMEOUT;
     loop {
-        match ptrace::wait(tid).ctx(tid, || "waiting for a new thread".into())? {
-            ptrace::Stop::Event(ptrace::EVENT_STOP, _) => return Ok(()),
-            ptrace::Stop::Exited(_) | ptrace::Stop::Killed(_) => {
+        let stop =
+            ptrace::wait_until(tid, deadline).ctx(tid, || "waiting for a new thread".into())?;
+        match stop {
+            None => {
+                return Err(Error::Timeout {
+                    pid: tid,
+                    what: format!(
+                        "the new thread did not report within {} s ({})",
+                        crate::freeze::STOP_TIMEOUT.as_secs(),
+                        crate::proc::thread_state(tid)
+                    ),
+                })
+            }
+            Some(ptrace::Stop::Event(ptrace::EVENT_STOP, _)) => return Ok(()),
+            Some(ptrace::Stop::Exited(_) | ptrace::Stop::Killed(_)) => {
                 return Err(Error::Gone { pid: tid })
             }
-            _ => ptrace::cont(tid, 0).ctx(tid, || "resuming a new thread".into())?,
+            Some(_) => ptrace::cont(tid, 0).ctx(tid, || "resuming a new thread".into())?,
         }
     }
 }

@@ -108,6 +108,12 @@ impl Collector {
         }
     }
 
+    /// Every socket is saved: those put in repair mode send again (called before the
+    /// processes run again; dropping the collector does it too).
+    pub fn end_repair(&mut self) {
+        self.inet.end_repair();
+    }
+
     /// Checks that every connection stays inside the checkpoint (or may be reset) and
     /// returns the sockets.
     pub fn finish(self) -> Result<(Vec<UnixSocket>, Vec<InetSocket>)> {

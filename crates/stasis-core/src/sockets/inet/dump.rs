@@ -68,6 +68,8 @@ pub struct Collector {
     defaults: HashMap<(i32, i32, i32), Vec<Option<i64>>>,
     socks: Vec<InetSocket>,
     saved: HashSet<u64>,
+    /// Sockets put in repair mode (dups of the job's), by inode, until `end_repair`.
+    in_repair: Repairing,
     /// net.core.wmem_max and rmem_max: the largest buffers an application may ask for.
     buf_max: Option<(i64, i64)>,
     /// Established connections are read with TCP_REPAIR (the job's own network
@@ -84,6 +86,36 @@ impl Collector {
             repair,
             ..Collector::default()
         }
+    }
+
+    /// Puts socket `ino` (fd `fd` of `pid`, of which `ours` is a borrowed descriptor
+    /// if we hold one) in repair mode, once; a descriptor of it is kept to take it
+    /// out again.
+    fn enter_repair(&mut self, pid: i32, fd: i32, ino: u64, ours: Option<i32>) -> Result<()> {
+        if self.in_repair.0.contains_key(&ino) {
+            return Ok(());
+        }
+        let kept = match ours {
+            Some(r) => {
+                // SAFETY: F_DUPFD_CLOEXEC of a descriptor we hold: a new one or -1.
+                let dup = unsafe { libc::fcntl(r, libc::F_DUPFD_CLOEXEC, 0) };
+                if dup < 0 {
+                    return Err(std::io::Error::last_os_error())
+                        .ctx(pid, || format!("fd {fd}: duplicating a borrowed socket"));
+                }
+                // SAFETY: `dup` was just created and is owned here.
+                unsafe { OwnedFd::from_raw_fd(dup) }
+            }
+            None => crate::proc::borrow_fd(pid, fd)?,
+        };
+        super::repair::enter(kept.as_raw_fd()).ctx(pid, || format!("fd {fd}: TCP_REPAIR"))?;
+        self.in_repair.0.insert(ino, kept);
+        Ok(())
+    }
+
+    /// Takes every socket out of repair mode (before the processes run again).
+    pub fn end_repair(&mut self) {
+        self.in_repair = Repairing::default();
     }
 
     fn holders(&mut self) -> &HashMap<u64, (i32, i32)> {
@@ -317,6 +349,11 @@ impl Collector {
                     own_shutdown
                 };
                 if self.repair && st == state::ESTABLISHED && p.state == state::ESTABLISHED {
+                    // Both ends stop sending before either is read (they stay so
+                    // until every socket is saved: `end_repair`).
+                    self.enter_repair(pid, fd, e.id, Some(s))?;
+                    let (hpid, hfd) = holders[&p.ino];
+                    self.enter_repair(hpid, hfd, p.ino, None)?;
                     let (r, data) = super::repair::dump(pid, fd, s)?;
                     e.repair = Some(r);
                     return Ok(data);
@@ -607,4 +644,17 @@ fn peek_datagrams(pid: i32, fd: i32, s: i32) -> Result<Datagrams> {
     })();
     let _ = setsockopt_int(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF, -1);
     result.map(|()| out)
+}
+
+/// Sockets in repair mode, by inode: taken out of it when dropped (on any error path
+/// too, before the processes run again).
+#[derive(Default)]
+struct Repairing(HashMap<u64, OwnedFd>);
+
+impl Drop for Repairing {
+    fn drop(&mut self) {
+        for (_, fd) in self.0.drain() {
+            super::repair::leave(fd.as_raw_fd());
+        }
+    }
 }

@@ -110,17 +110,24 @@ fn peek(fd: i32, len: usize) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Reads the exact state of the established connection `s` (fd `fd` of `pid`,
-/// borrowed, its process frozen): the state and the receive queue followed by the send
-/// queue.
-pub(super) fn dump(pid: i32, fd: i32, s: i32) -> Result<(TcpRepair, Vec<u8>)> {
-    tcp_set(s, TCP_REPAIR, 1).ctx(pid, || format!("fd {fd}: TCP_REPAIR"))?;
-    let r = read(s);
-    // Out of repair mode without a window probe: the peer sees nothing.
+/// Puts socket `s` in repair mode: it sends nothing from now on (its peer's state stays
+/// consistent with its own until both are read).
+pub(super) fn enter(s: i32) -> std::io::Result<()> {
+    tcp_set(s, TCP_REPAIR, 1)
+}
+
+/// Takes a socket out of repair mode without a window probe: the peer sees nothing.
+pub(super) fn leave(s: i32) {
     if tcp_set(s, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP).is_err() {
         let _ = tcp_set(s, TCP_REPAIR, 0);
     }
-    r.ctx(pid, || {
+}
+
+/// Reads the exact state of the established connection `s` (fd `fd` of `pid`,
+/// borrowed, its process frozen, in repair mode together with its peer): the state and
+/// the receive queue followed by the send queue.
+pub(super) fn dump(pid: i32, fd: i32, s: i32) -> Result<(TcpRepair, Vec<u8>)> {
+    read(s).ctx(pid, || {
         format!("fd {fd}: reading a TCP connection in repair mode")
     })
 }
