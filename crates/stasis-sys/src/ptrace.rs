@@ -295,6 +295,31 @@ pub fn try_wait(pid: i32) -> Result<Option<Stop>> {
     }
 }
 
+/// waitpid(pid, __WALL) for a traced thread, giving up at `deadline`: None when it
+/// had nothing to report by then. waitpid has no timeout, so this polls: a few
+/// yields first (a stop asked for is usually reported within microseconds), then
+/// sleeps growing to a millisecond.
+pub fn wait_until(pid: i32, deadline: std::time::Instant) -> Result<Option<Stop>> {
+    let mut pause = std::time::Duration::from_micros(20);
+    let mut spins = 0;
+    loop {
+        if let Some(stop) = try_wait(pid)? {
+            return Ok(Some(stop));
+        }
+        let now = std::time::Instant::now();
+        if now >= deadline {
+            return Ok(None);
+        }
+        if spins < 64 {
+            spins += 1;
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(std::time::Duration::from_millis(1));
+        }
+    }
+}
+
 /// Decodes a wait status of a traced child.
 pub fn decode_status(status: i32) -> Stop {
     if libc::WIFEXITED(status) {

@@ -514,8 +514,11 @@ fn init_inner(
     }
 }
 
-/// Reaps children; returns the application's wait status once it has ended.
+/// Reaps children; returns the application's wait status once it has ended. Also
+/// sees our tracees (a thread a failed checkpoint could not resume because it had not
+/// stopped in time): those that stopped are resumed.
 fn reap(app: i32) -> Option<i32> {
+    stasis_core::freeze::settle();
     let mut result = None;
     loop {
         let mut st = 0;
@@ -524,6 +527,12 @@ fn reap(app: i32) -> Option<i32> {
         if r <= 0 {
             return result;
         }
+        if libc::WIFSTOPPED(st) {
+            // Only a tracee reports a stop to us (no WUNTRACED).
+            stasis_core::freeze::resume_reported(r, st);
+            continue;
+        }
+        stasis_core::snapshot::forget_reaped(r);
         if r == app && (libc::WIFEXITED(st) || libc::WIFSIGNALED(st)) {
             result = Some(st);
         }

@@ -46,8 +46,8 @@ pub fn progs_src_dir() -> PathBuf {
 /// Compile `tests/progs/<name>.c` (once per test binary; the result is cached
 /// on disk keyed by a hash of the sources and flags) and return the path of
 /// the executable (rebuilt when the source or a header in tests/progs
-/// changes). `avx` and `avx512` are both built from `avx.c`; `pthreads`
-/// and `churn` are linked with -pthread, `openmp` is built with -fopenmp.
+/// changes). `avx` and `avx512` are both built from `avx.c`; `pthreads`,
+/// `churn` and `forkthread` are linked with -pthread, `openmp` is built with -fopenmp.
 pub fn prog(name: &str) -> PathBuf {
     static CACHE: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
@@ -58,7 +58,7 @@ pub fn prog(name: &str) -> PathBuf {
     let (src, flags): (String, Vec<&str>) = match name {
         "avx" => ("avx.c".into(), vec!["-mavx2"]),
         "avx512" => ("avx.c".into(), vec!["-mavx2", "-mavx512f"]),
-        "pthreads" | "churn" => (format!("{name}.c"), vec!["-pthread"]),
+        "pthreads" | "churn" | "forkthread" => (format!("{name}.c"), vec!["-pthread"]),
         "openmp" => ("openmp.c".into(), vec!["-fopenmp", "-pthread"]),
         other => (format!("{other}.c"), vec![]),
     };
