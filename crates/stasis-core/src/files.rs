@@ -434,22 +434,12 @@ pub fn open_descriptions(
                         open(f.fd, &entry.1.clone(), *flags)?
                     }
                 }
-                FdKind::UnixSocket { sock, flags } => {
-                    let fd = sockets
-                        .remove(sock)
-                        .ok_or_else(|| {
-                            format!("fd {}: socket {sock} missing from the image", f.fd)
-                        })?
-                        .into_raw_fd();
-                    // SAFETY: fcntl on the socket we just took.
-                    unsafe { libc::fcntl(fd, libc::F_SETFL, *flags & libc::O_NONBLOCK) };
-                    fd
-                }
-                FdKind::InetSocket {
+                FdKind::UnixSocket { sock, flags }
+                | FdKind::InetSocket {
                     sock,
                     flags,
-                    signal,
-                    ..
+                    signal: _,
+                    owner: _,
                 } => {
                     let fd = sockets
                         .remove(sock)
@@ -457,15 +447,21 @@ pub fn open_descriptions(
                             format!("fd {}: socket {sock} missing from the image", f.fd)
                         })?
                         .into_raw_fd();
-                    // SAFETY: fcntl on the socket we just took (its owner is set by
-                    // the process that receives it).
+                    let signal = match &f.kind {
+                        FdKind::InetSocket { signal, .. } => *signal,
+                        _ => 0,
+                    };
+                    // SAFETY: fcntl on the socket we just took (an IP socket's owner is
+                    // set by the process that receives it).
                     unsafe {
                         libc::fcntl(
                             fd,
                             libc::F_SETFL,
                             *flags & (libc::O_NONBLOCK | libc::O_ASYNC),
                         );
-                        libc::fcntl(fd, crate::sockets::inet::F_SETSIG, *signal);
+                        if signal != 0 {
+                            libc::fcntl(fd, crate::sockets::inet::F_SETSIG, signal);
+                        }
                     }
                     fd
                 }

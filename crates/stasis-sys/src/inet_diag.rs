@@ -3,11 +3,10 @@
 //! remote address, queue lengths, inode, shutdown state. Sockets no process holds
 //! (TIME_WAIT, orphans after close) show inode 0.
 
-use crate::{Result, SysError};
+use crate::sock_diag::SOCK_DIAG_BY_FAMILY;
+use crate::Result;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-const NETLINK_SOCK_DIAG: i32 = 4;
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const INET_DIAG_SHUTDOWN: u16 = 8;
 
 /// TCP states as inet_diag reports them (include/net/tcp_states.h).
@@ -68,24 +67,6 @@ pub fn dump(protocol: i32) -> Result<Vec<InetSock>> {
 }
 
 fn query(family: i32, protocol: i32) -> Result<Vec<InetSock>> {
-    // SAFETY: creating a netlink socket; the descriptor is closed below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(SysError::last("socket(NETLINK_SOCK_DIAG)", 0));
-    }
-    let r = query_on(fd, family, protocol);
-    // SAFETY: closing the socket created above.
-    unsafe { libc::close(fd) };
-    r
-}
-
-fn query_on(fd: i32, family: i32, protocol: i32) -> Result<Vec<InetSock>> {
     // struct nlmsghdr (16) + struct inet_diag_req_v2 (56)
     let mut req = Vec::with_capacity(72);
     req.extend_from_slice(&72u32.to_ne_bytes());
@@ -99,50 +80,12 @@ fn query_on(fd: i32, family: i32, protocol: i32) -> Result<Vec<InetSock>> {
     req.push(0); // pad
     req.extend_from_slice(&u32::MAX.to_ne_bytes()); // idiag_states: all
     req.extend_from_slice(&[0u8; 48]); // inet_diag_sockid: any
-                                       // SAFETY: sending a buffer we own.
-    if unsafe { libc::send(fd, req.as_ptr().cast(), req.len(), 0) } < 0 {
-        return Err(SysError::last("send(inet_diag)", 0));
-    }
     let mut out = Vec::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        // SAFETY: receiving into a buffer we own.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(SysError::last("recv(inet_diag)", 0));
-        }
-        let n = n as usize;
-        if n == 0 {
-            return Ok(out);
-        }
-        let mut off = 0usize;
-        while off + 16 <= n {
-            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or_default()) as usize;
-            let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap_or_default());
-            if len < 16 || off + len > n {
-                break;
-            }
-            if ty == libc::NLMSG_DONE as u16 {
-                return Ok(out);
-            }
-            if ty == libc::NLMSG_ERROR as u16 {
-                let errno =
-                    i32::from_ne_bytes(buf[off + 16..off + 20].try_into().unwrap_or_default());
-                // A family the kernel lacks (no IPv6): nothing of it to list.
-                if -errno == libc::ENOENT || -errno == libc::EAFNOSUPPORT {
-                    return Ok(out);
-                }
-                return Err(SysError {
-                    call: "inet_diag",
-                    pid: 0,
-                    errno: -errno,
-                });
-            }
-            if let Some(s) = parse(&buf[off + 16..off + len], protocol) {
-                out.push(s);
-            }
-            off += (len + 3) & !3;
-        }
+    match crate::sock_diag::dump("inet_diag", &req, |m| out.extend(parse(m, protocol))) {
+        Ok(()) => Ok(out),
+        // A family the kernel lacks (no IPv6): nothing of it to list.
+        Err(e) if e.errno == libc::ENOENT || e.errno == libc::EAFNOSUPPORT => Ok(out),
+        Err(e) => Err(e),
     }
 }
 

@@ -12,6 +12,7 @@ pub mod clone;
 pub mod dirty;
 pub mod inet_diag;
 pub mod ptrace;
+mod sock_diag;
 pub mod unix_diag;
 pub mod vm;
 

@@ -2,11 +2,10 @@
 //! UNIX socket of our network namespace: type, state, bound name, peer, queue lengths,
 //! pending connections of listeners, shutdown state.
 
-use crate::{Result, SysError};
+use crate::sock_diag::SOCK_DIAG_BY_FAMILY;
+use crate::Result;
 use std::collections::HashMap;
 
-const NETLINK_SOCK_DIAG: i32 = 4;
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const UDIAG_SHOW_NAME: u32 = 0x01;
 const UDIAG_SHOW_PEER: u32 = 0x04;
 const UDIAG_SHOW_ICONS: u32 = 0x08;
@@ -41,24 +40,6 @@ pub struct UnixSock {
 
 /// Dumps every UNIX socket of the caller's network namespace, by inode.
 pub fn dump() -> Result<HashMap<u64, UnixSock>> {
-    // SAFETY: creating a netlink socket; the descriptor is closed below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(SysError::last("socket(NETLINK_SOCK_DIAG)", 0));
-    }
-    let r = dump_on(fd);
-    // SAFETY: closing the socket created above.
-    unsafe { libc::close(fd) };
-    r
-}
-
-fn dump_on(fd: i32) -> Result<HashMap<u64, UnixSock>> {
     // struct nlmsghdr (16) + struct unix_diag_req (24)
     let mut req = Vec::with_capacity(40);
     req.extend_from_slice(&40u32.to_ne_bytes());
@@ -75,44 +56,13 @@ fn dump_on(fd: i32) -> Result<HashMap<u64, UnixSock>> {
     req.extend_from_slice(&show.to_ne_bytes());
     req.extend_from_slice(&u32::MAX.to_ne_bytes()); // cookie
     req.extend_from_slice(&u32::MAX.to_ne_bytes());
-    // SAFETY: sending a buffer we own.
-    if unsafe { libc::send(fd, req.as_ptr().cast(), req.len(), 0) } < 0 {
-        return Err(SysError::last("send(sock_diag)", 0));
-    }
     let mut out = HashMap::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        // SAFETY: receiving into a buffer we own.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(SysError::last("recv(sock_diag)", 0));
+    crate::sock_diag::dump("sock_diag(AF_UNIX)", &req, |m| {
+        if let Some(s) = parse(m) {
+            out.insert(s.ino, s);
         }
-        let mut off = 0usize;
-        let n = n as usize;
-        while off + 16 <= n {
-            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or_default()) as usize;
-            let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap_or_default());
-            if len < 16 || off + len > n {
-                break;
-            }
-            if ty == libc::NLMSG_DONE as u16 {
-                return Ok(out);
-            }
-            if ty == libc::NLMSG_ERROR as u16 {
-                let errno =
-                    i32::from_ne_bytes(buf[off + 16..off + 20].try_into().unwrap_or_default());
-                return Err(SysError {
-                    call: "sock_diag",
-                    pid: 0,
-                    errno: -errno,
-                });
-            }
-            if let Some(s) = parse(&buf[off + 16..off + len]) {
-                out.insert(s.ino, s);
-            }
-            off += (len + 3) & !3;
-        }
-    }
+    })?;
+    Ok(out)
 }
 
 fn parse(m: &[u8]) -> Option<UnixSock> {

@@ -46,6 +46,24 @@ pub(crate) fn sockopt(fd: i32, opt: i32) -> i32 {
     getsockopt_int(fd, libc::SOL_SOCKET, opt).unwrap_or(0)
 }
 
+/// accept4(2) on our listener `lfd`, close-on-exec.
+pub(crate) fn accept(lfd: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: accept on a listener we own; returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::accept4(
+            lfd,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just created and is owned here.
+    Ok(unsafe { std::os::unix::io::FromRawFd::from_raw_fd(fd) })
+}
+
 /// Collects the sockets of a checkpoint.
 #[derive(Default)]
 pub struct Collector {

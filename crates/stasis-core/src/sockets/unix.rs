@@ -407,24 +407,10 @@ pub fn create_all(image: &CheckpointReader) -> std::result::Result<HashMap<u64, 
                     let cfd = new_socket(client.sock_type)?;
                     let name = &server.name;
                     in_dir(&server.bound_in, || connect(&cfd, name))?;
-                    // SAFETY: accept on our listener; returns a new descriptor.
-                    let sfd = unsafe {
-                        libc::accept4(
-                            lfd,
-                            std::ptr::null_mut(),
-                            std::ptr::null_mut(),
-                            libc::SOCK_CLOEXEC,
-                        )
-                    };
-                    if sfd < 0 {
-                        return Err(format!(
-                            "re-accepting on {name}: {}",
-                            std::io::Error::last_os_error()
-                        ));
-                    }
+                    let sfd =
+                        super::accept(lfd).map_err(|e| format!("re-accepting on {name}: {e}"))?;
                     out.insert(client.id, cfd);
-                    // SAFETY: sfd was just created and is owned here.
-                    out.insert(server.id, unsafe { OwnedFd::from_raw_fd(sfd) });
+                    out.insert(server.id, sfd);
                 } else {
                     let mut sv = [0i32; 2];
                     // SAFETY: socketpair fills the array with two new descriptors.

@@ -158,8 +158,9 @@ pub(super) fn poll_one(fd: i32, events: i16, ms: i32) -> i16 {
     }
 }
 
-/// Sends all of `data` on `fd` without blocking forever: gives up at `deadline`.
-pub(super) fn send_all(fd: i32, data: &[u8], deadline: Instant) -> std::io::Result<()> {
+/// Sends what fits now of `data` on `fd` (never blocks); returns how much, or the
+/// error that stopped it (EAGAIN: the buffers are full).
+pub(super) fn send_some(fd: i32, data: &[u8]) -> (usize, Option<std::io::Error>) {
     let mut off = 0;
     while off < data.len() {
         // SAFETY: sending from a buffer we own.
@@ -171,24 +172,35 @@ pub(super) fn send_all(fd: i32, data: &[u8], deadline: Instant) -> std::io::Resu
                 libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
             )
         };
-        if n > 0 {
-            off += n as usize;
-            continue;
+        if n <= 0 {
+            return (off, Some(std::io::Error::last_os_error()));
         }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EAGAIN) {
-            return Err(e);
-        }
-        if Instant::now() > deadline {
-            return Err(std::io::Error::other(format!(
-                "{} of {} bytes could not be queued (the connection's buffers are full)",
-                data.len() - off,
-                data.len()
-            )));
-        }
-        poll_one(fd, libc::POLLOUT, 5);
+        off += n as usize;
     }
-    Ok(())
+    (off, None)
+}
+
+/// Sends all of `data` on `fd` without blocking forever: gives up at `deadline`.
+pub(super) fn send_all(fd: i32, data: &[u8], deadline: Instant) -> std::io::Result<()> {
+    let mut off = 0;
+    loop {
+        let (n, err) = send_some(fd, &data[off..]);
+        off += n;
+        match err {
+            None => return Ok(()),
+            Some(e) if e.raw_os_error() != Some(libc::EAGAIN) => return Err(e),
+            Some(_) if Instant::now() > deadline => {
+                return Err(std::io::Error::other(format!(
+                    "{} of {} bytes could not be queued (the connection's buffers are full)",
+                    data.len() - off,
+                    data.len()
+                )))
+            }
+            Some(_) => {
+                poll_one(fd, libc::POLLOUT, 5);
+            }
+        }
+    }
 }
 
 pub(super) fn new_socket(family: i32, tcp: bool) -> std::result::Result<OwnedFd, String> {
@@ -220,11 +232,16 @@ pub(super) fn addr_for(family: i32, a: SocketAddr) -> SocketAddr {
     }
 }
 
-pub(super) fn bind(fd: &OwnedFd, a: SocketAddr) -> std::io::Result<()> {
+/// bind(2) or connect(2) `fd` to `a`.
+fn with_addr(
+    call: unsafe extern "C" fn(i32, *const libc::sockaddr, libc::socklen_t) -> i32,
+    fd: &OwnedFd,
+    a: SocketAddr,
+) -> std::io::Result<()> {
     let (ss, len) = to_sockaddr(a);
-    // SAFETY: bind with a valid socket address of length `len`.
+    // SAFETY: `call` is bind or connect, given a valid socket address of length `len`.
     let r = unsafe {
-        libc::bind(
+        call(
             fd.as_raw_fd(),
             (&ss as *const libc::sockaddr_storage).cast(),
             len,
@@ -237,21 +254,12 @@ pub(super) fn bind(fd: &OwnedFd, a: SocketAddr) -> std::io::Result<()> {
     }
 }
 
+pub(super) fn bind(fd: &OwnedFd, a: SocketAddr) -> std::io::Result<()> {
+    with_addr(libc::bind, fd, a)
+}
+
 pub(super) fn connect(fd: &OwnedFd, a: SocketAddr) -> std::io::Result<()> {
-    let (ss, len) = to_sockaddr(a);
-    // SAFETY: connect with a valid socket address of length `len`.
-    let r = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&ss as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    with_addr(libc::connect, fd, a)
 }
 
 pub(super) fn loopback(family: i32) -> IpAddr {

@@ -163,24 +163,11 @@ fn read(s: i32) -> std::io::Result<(TcpRepair, Vec<u8>)> {
     Ok((r, data))
 }
 
-/// Sends `data` into the queue selected with TCP_REPAIR_QUEUE.
+/// Sends `data` into the queue selected with TCP_REPAIR_QUEUE (64 KiB a call).
 fn fill(fd: i32, data: &[u8]) -> std::io::Result<()> {
     for chunk in data.chunks(64 << 10) {
-        let mut off = 0;
-        while off < chunk.len() {
-            // SAFETY: sending from a buffer we own.
-            let n = unsafe {
-                libc::send(
-                    fd,
-                    chunk[off..].as_ptr().cast(),
-                    chunk.len() - off,
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            if n <= 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            off += n as usize;
+        if let (_, Some(e)) = send_some(fd, chunk) {
+            return Err(e);
         }
     }
     Ok(())
@@ -293,7 +280,7 @@ pub(super) fn finish(
     // (SO_SNDBUFFORCE needs CAP_NET_ADMIN of the host), the buffer grows to the
     // largest an application may ask for; the options the application set are
     // applied afterwards.
-    let mut sent = send_some(f, unsent);
+    let mut sent = send_some(f, unsent).0;
     if sent < unsent.len() {
         let max = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
             .ok()
@@ -303,7 +290,7 @@ pub(super) fn finish(
         if setsockopt_int(f, libc::SOL_SOCKET, SO_SNDBUFFORCE, now.max(1) * 2).is_err() {
             let _ = setsockopt_int(f, libc::SOL_SOCKET, libc::SO_SNDBUF, max);
         }
-        sent += send_some(f, &unsent[sent..]);
+        sent += send_some(f, &unsent[sent..]).0;
     }
     send_all(f, &unsent[sent..], Instant::now() + Duration::from_secs(2)).map_err(|e| {
         format!(
@@ -311,25 +298,4 @@ pub(super) fn finish(
             s.local, s.remote
         )
     })
-}
-
-/// Sends what fits now of `data`; returns how much.
-fn send_some(fd: i32, data: &[u8]) -> usize {
-    let mut off = 0;
-    while off < data.len() {
-        // SAFETY: sending from a buffer we own.
-        let n = unsafe {
-            libc::send(
-                fd,
-                data[off..].as_ptr().cast(),
-                data.len() - off,
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if n <= 0 {
-            break;
-        }
-        off += n as usize;
-    }
-    off
 }

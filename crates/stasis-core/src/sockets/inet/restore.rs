@@ -9,7 +9,7 @@ use stasis_image::{CheckpointReader, InetSocket};
 use stasis_sys::inet_diag::canonical;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::io::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 /// How long refilling one connection may take.
@@ -98,23 +98,7 @@ fn accept_within(lfd: i32, what: &str) -> std::result::Result<OwnedFd, String> {
     if poll_one(lfd, libc::POLLIN, 2000) == 0 {
         return Err(format!("{what}: the connection did not arrive"));
     }
-    // SAFETY: accept on our listener; returns a new descriptor or -1.
-    let sfd = unsafe {
-        libc::accept4(
-            lfd,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            libc::SOCK_CLOEXEC,
-        )
-    };
-    if sfd < 0 {
-        return Err(format!(
-            "{what}: accept: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: sfd was just created and is owned here.
-    Ok(unsafe { OwnedFd::from_raw_fd(sfd) })
+    crate::sockets::accept(lfd).map_err(|e| format!("{what}: accept: {e}"))
 }
 
 /// Makes a connection from a socket like `client` to the address `server_at`, through
