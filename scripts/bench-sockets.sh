@@ -30,13 +30,6 @@ RUN_ARGS=${RUN_ARGS:-}
 PAUSE_BOUND=${PAUSE_BOUND:-100}
 RESTART_BOUND=${RESTART_BOUND:-1000}
 
-# `stasis restart` holds every socket of the image itself before handing them out
-# (2N + 1 descriptors) and does not raise its own soft RLIMIT_NOFILE: with the usual
-# soft limit of 1024 it fails with EMFILE ("socket: Too many open files").
-if [ "$(ulimit -Sn)" != unlimited ] && [ "$(ulimit -Sn)" -lt $(( 2 * N + 64 )) ]; then
-    echo "note: soft RLIMIT_NOFILE $(ulimit -Sn) raised to $(ulimit -Hn) (restart needs $(( 2 * N + 1 )) descriptors)"
-    ulimit -Sn "$(ulimit -Hn)"
-fi
 
 B=$(mktemp -d /dev/shm/stasis-bench-sockets.XXXXXX)
 cleanup() { # our supervisors still running (they pass SIGTERM on to the job)

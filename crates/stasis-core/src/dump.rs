@@ -234,7 +234,7 @@ fn checkpoint_locked(
         unix: sockets,
         inet: inet_sockets,
         mut ptys,
-    } = registry.finish()?;
+    } = registry.finish(&mut writer)?;
     mark_controlling_terminals(&tree, &mut ptys);
     let mut meta = Checkpoint {
         sequence: writer.sequence(),

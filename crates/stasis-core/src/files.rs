@@ -101,8 +101,8 @@ impl Registry {
 
     /// The pipes found (with their saved contents) and the sockets, checked to stay
     /// inside the checkpoint.
-    pub fn finish(self) -> Result<Found> {
-        let (unix, inet) = self.sockets.finish()?;
+    pub fn finish(self, writer: &mut CheckpointWriter) -> Result<Found> {
+        let (unix, inet) = self.sockets.finish(writer)?;
         Ok(Found {
             pipes: self.pipes,
             unix,

@@ -137,25 +137,44 @@ pub fn check_unchanged(id: &FileId) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// A copy of fd `fd` of process `pid` in this process (pidfd_getfd(2); needs ptrace
-/// access to it), to query its state without disturbing the process.
+/// A copy of fd `fd` of process `pid` (pidfd_getfd(2); needs ptrace access to it): the
+/// same open file description, to read its state from here without disturbing it. The pidfd of the last process asked
+/// about is kept (a checkpoint borrows many fds of one process in a row); a pidfd
+/// whose process has gone is replaced.
 pub fn borrow_fd(pid: i32, fd: i32) -> Result<std::os::unix::io::OwnedFd> {
-    use std::os::unix::io::FromRawFd;
-    // SAFETY: pidfd_open and pidfd_getfd return new descriptors or -1.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
+    use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
+    thread_local! {
+        static PIDFD: std::cell::RefCell<Option<(i32, OwnedFd)>> = const { std::cell::RefCell::new(None) };
+    }
+    let open = || -> Result<OwnedFd> {
+        // SAFETY: pidfd_open returns a new descriptor or -1.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
         if pidfd < 0 {
             return Err(stasis_sys::SysError::last("pidfd_open", pid))
                 .ctx(pid, || format!("borrowing fd {fd}"));
         }
-        let ours = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
-        libc::close(pidfd);
-        if ours < 0 {
-            return Err(stasis_sys::SysError::last("pidfd_getfd", pid))
-                .ctx(pid, || format!("borrowing fd {fd}"));
-        }
-        Ok(std::os::unix::io::OwnedFd::from_raw_fd(ours))
+        // SAFETY: pidfd was just created and is owned here.
+        Ok(unsafe { OwnedFd::from_raw_fd(pidfd) })
+    };
+    let getfd = |pidfd: &OwnedFd| {
+        // SAFETY: pidfd_getfd returns a new descriptor or -1.
+        let ours = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) } as i32;
+        // SAFETY: a new descriptor, owned here.
+        (ours >= 0).then(|| unsafe { OwnedFd::from_raw_fd(ours) })
+    };
+    let cached = PIDFD.with(|c| {
+        c.borrow()
+            .as_ref()
+            .filter(|(p, _)| *p == pid)
+            .and_then(|(_, pidfd)| getfd(pidfd))
+    });
+    if let Some(ours) = cached {
+        return Ok(ours);
     }
+    let pidfd = open()?;
+    let ours = getfd(&pidfd).ok_or_else(|| stasis_sys::SysError::last("pidfd_getfd", pid));
+    PIDFD.with(|c| *c.borrow_mut() = Some((pid, pidfd)));
+    ours.ctx(pid, || format!("borrowing fd {fd}"))
 }
 
 /// What thread `tid` is doing, for messages about a thread that does not stop or

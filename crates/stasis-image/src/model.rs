@@ -172,9 +172,13 @@ pub struct InetSocket {
     #[serde(default)]
     pub options: Vec<SocketOption>,
     /// Data file with the bytes waiting to be read (TCP: the receive queue and the
-    /// peer's unread send queue, in order; UDP: the datagrams, concatenated).
+    /// peer's unread send queue, in order; UDP: the datagrams, concatenated), at
+    /// `data_offset` in it (the sum of `messages` long). Every socket of a checkpoint
+    /// shares one file, `inet.img`.
     #[serde(default)]
     pub data_file: Option<String>,
+    #[serde(default)]
+    pub data_offset: u64,
     /// Length of each queued datagram (TCP: one entry, the bytes queued).
     #[serde(default)]
     pub messages: Vec<u64>,

@@ -106,7 +106,7 @@ impl Collector {
             libc::AF_INET | libc::AF_INET6 => {
                 let (owner, signal) = inet::owner_of(&sock);
                 Ok(FdKind::InetSocket {
-                    sock: self.inet.dump_fd(pid, fd, ino, &sock, writer)?,
+                    sock: self.inet.dump_fd(pid, fd, ino, &sock)?,
                     flags,
                     owner,
                     signal,
@@ -134,14 +134,33 @@ impl Collector {
 
     /// Checks that every connection stays inside the checkpoint (or may be reset) and
     /// returns the sockets.
-    pub fn finish(self) -> Result<(Vec<UnixSocket>, Vec<InetSocket>)> {
-        Ok((self.unix.finish()?, self.inet.finish()?))
+    pub fn finish(
+        self,
+        writer: &mut CheckpointWriter,
+    ) -> Result<(Vec<UnixSocket>, Vec<InetSocket>)> {
+        Ok((self.unix.finish()?, self.inet.finish(writer)?))
     }
 }
 
 /// Creates every socket of the image, connected as it was and with its queues
 /// refilled. Returns the restorer's descriptor of each, by id.
 pub fn create_all(image: &CheckpointReader) -> std::result::Result<HashMap<u64, OwnedFd>, String> {
+    let wanted = image.meta.sockets.len() + image.meta.inet_sockets.len();
+    if wanted > 256 {
+        // The restorer holds every socket at once: room for them (up to the hard limit;
+        // each restored process sets its own saved limits).
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit with a valid struct of ours.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+                r.rlim_cur = r.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+            }
+        }
+    }
     let mut out = unix::create_all(image)?;
     out.extend(inet::create_all(&image.meta.inet_sockets, image)?);
     Ok(out)

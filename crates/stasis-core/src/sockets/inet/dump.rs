@@ -13,6 +13,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+/// The data file holding every IP socket's queued bytes.
+const DATA_FILE: &str = "inet.img";
 const RCV_SHUTDOWN: u8 = 1;
 const SEND_SHUTDOWN: u8 = 2;
 const MAX_DATAGRAMS: usize = 1 << 16;
@@ -62,12 +64,14 @@ pub struct Collector {
     job: Vec<i32>,
     external: TcpExternal,
     /// Every socket inode the job's processes hold, with a first holder (pid, fd).
-    holders: Option<HashMap<u64, (i32, i32)>>,
+    holders: Option<std::rc::Rc<HashMap<u64, (i32, i32)>>>,
     diag: Option<Diag>,
     /// Option values of a new socket, by (family, type, protocol).
     defaults: HashMap<(i32, i32, i32), Vec<Option<i64>>>,
     socks: Vec<InetSocket>,
     saved: HashSet<u64>,
+    /// The bytes queued in every socket, in the order saved (`inet.img`).
+    blob: Vec<u8>,
     /// Sockets put in repair mode (dups of the job's), by inode, until `end_repair`.
     in_repair: Repairing,
     /// net.core.wmem_max and rmem_max: the largest buffers an application may ask for.
@@ -118,9 +122,10 @@ impl Collector {
         self.in_repair = Repairing::default();
     }
 
-    fn holders(&mut self) -> &HashMap<u64, (i32, i32)> {
+    /// Every socket the job holds (read once per checkpoint; shared, not copied).
+    fn holders(&mut self) -> std::rc::Rc<HashMap<u64, (i32, i32)>> {
         let job = &self.job;
-        self.holders.get_or_insert_with(|| {
+        let h = self.holders.get_or_insert_with(|| {
             let mut m = HashMap::new();
             for &pid in job {
                 let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
@@ -144,8 +149,9 @@ impl Collector {
                     }
                 }
             }
-            m
-        })
+            std::rc::Rc::new(m)
+        });
+        h.clone()
     }
 
     fn defaults(&mut self, family: i32, ty: i32, proto: i32) -> &Vec<Option<i64>> {
@@ -165,14 +171,7 @@ impl Collector {
     }
 
     /// Saves the TCP or UDP socket `sock` (fd `fd` of process `pid`, borrowed), once.
-    pub fn dump_fd(
-        &mut self,
-        pid: i32,
-        fd: i32,
-        ino: u64,
-        sock: &OwnedFd,
-        writer: &mut CheckpointWriter,
-    ) -> Result<u64> {
+    pub fn dump_fd(&mut self, pid: i32, fd: i32, ino: u64, sock: &OwnedFd) -> Result<u64> {
         if self.saved.contains(&ino) {
             return Ok(ino);
         }
@@ -253,6 +252,7 @@ impl Collector {
             messages: Vec::new(),
             sources: Vec::new(),
             repair: None,
+            data_offset: 0,
         };
         let data = if proto == libc::IPPROTO_TCP {
             self.dump_tcp(pid, fd, s, &mut entry)?
@@ -260,11 +260,11 @@ impl Collector {
             self.dump_udp(pid, fd, s, &mut entry)?
         };
         if !data.is_empty() {
-            let name = format!("inet-{ino}.img");
-            let mut w = writer.data_file(&name)?;
-            w.write_all(&data)?;
-            writer.finish_data(w)?;
-            entry.data_file = Some(name);
+            // Kept here and written once, with every other socket's, after the
+            // processes run again (`finish`).
+            entry.data_file = Some(DATA_FILE.to_string());
+            entry.data_offset = self.blob.len() as u64;
+            self.blob.extend_from_slice(&data);
             if entry.messages.is_empty() {
                 entry.messages.push(data.len() as u64);
             }
@@ -319,7 +319,7 @@ impl Collector {
             });
         };
         let own_shutdown = diag.as_ref().map_or(0, |d| d.shutdown);
-        let holders = self.holders().clone();
+        let holders = self.holders();
         let d = self.diag.as_ref().ok_or_else(|| Error::Unsupported {
             pid,
             what: "socket list".into(),
@@ -454,9 +454,15 @@ impl Collector {
         Ok(data)
     }
 
-    /// The sockets saved. A listener's pending connection from outside the checkpoint
-    /// cannot come back: refused (or dropped with `--tcp-external=reset`).
-    pub fn finish(self) -> Result<Vec<InetSocket>> {
+    /// The sockets saved, their queued bytes written into `inet.img`. A listener's
+    /// pending connection from outside the checkpoint cannot come back: refused (or
+    /// dropped with `--tcp-external=reset`).
+    pub fn finish(self, writer: &mut CheckpointWriter) -> Result<Vec<InetSocket>> {
+        if !self.blob.is_empty() {
+            let mut w = writer.data_file(DATA_FILE)?;
+            w.write_all(&self.blob)?;
+            writer.finish_data(w)?;
+        }
         if let Some(d) = &self.diag {
             let holders = self.holders.clone().unwrap_or_default();
             for l in self.socks.iter().filter(|s| s.state == "listening") {

@@ -190,13 +190,15 @@ pub(super) fn restore(
     let family = family_of(s);
     let fd = new_socket(family, true)?;
     let f = fd.as_raw_fd();
+    // Options first: SO_REUSEADDR would undo the forced reuse of the port that repair
+    // mode gives (the end shares its port with its listener).
+    early_options(&fd);
     tcp_set(f, TCP_REPAIR, 1).map_err(|e| {
         err(
             "TCP_REPAIR (needs CAP_NET_ADMIN over the job's network namespace)",
             e,
         )
     })?;
-    early_options(&fd);
     let sent = r.outq_len.saturating_sub(r.unsent_len) as usize;
     let inq = r.inq_len as usize;
     if data.len() != inq + r.outq_len as usize {

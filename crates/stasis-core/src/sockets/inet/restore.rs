@@ -160,20 +160,13 @@ fn connect_pair(
     Ok((s, c))
 }
 
-/// Restores the listeners' and sockets' own server-side addresses: the listener of the
-/// checkpoint a connection to `at` arrives on.
-fn listener_for<'a>(
-    socks: &'a [InetSocket],
-    out: &HashMap<u64, OwnedFd>,
-    at: SocketAddr,
-) -> Option<(&'a InetSocket, i32)> {
-    socks.iter().find_map(|l| {
-        let a = parse_addr(&l.local)?;
-        (l.state == "listening"
-            && a.port() == at.port()
-            && (a.ip().is_unspecified() || canonical(a).ip() == canonical(at).ip()))
-        .then(|| out.get(&l.id).map(|fd| (l, fd.as_raw_fd())))
-        .flatten()
+/// The restored listener (descriptor) a connection to `at` arrives on, among
+/// `listeners` (address, descriptor).
+fn listener_for(listeners: &[(SocketAddr, i32)], at: SocketAddr) -> Option<i32> {
+    listeners.iter().find_map(|(a, fd)| {
+        (a.port() == at.port()
+            && (a.ip().is_unspecified() || canonical(*a).ip() == canonical(at).ip()))
+        .then_some(*fd)
     })
 }
 
@@ -226,12 +219,32 @@ fn warm_up(sender: i32, receiver: i32, want: usize) {
     }
 }
 
-fn read_data(image: &CheckpointReader, s: &InetSocket) -> std::result::Result<Vec<u8>, String> {
-    let Some(name) = &s.data_file else {
-        return Ok(Vec::new());
-    };
-    let path = image.data_path(name).map_err(|e| e.to_string())?;
-    std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))
+/// The data files of the image's IP sockets, each read once.
+#[derive(Default)]
+struct DataFiles(HashMap<String, Vec<u8>>);
+
+impl DataFiles {
+    /// The bytes queued in socket `s`.
+    fn of(
+        &mut self,
+        image: &CheckpointReader,
+        s: &InetSocket,
+    ) -> std::result::Result<Vec<u8>, String> {
+        let Some(name) = &s.data_file else {
+            return Ok(Vec::new());
+        };
+        if !self.0.contains_key(name) {
+            let path = image.data_path(name).map_err(|e| e.to_string())?;
+            let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            self.0.insert(name.clone(), bytes);
+        }
+        let all = &self.0[name];
+        let len: u64 = s.messages.iter().sum();
+        let start = s.data_offset as usize;
+        all.get(start..start + len as usize)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| format!("socket {}: its {len} queued bytes lie beyond {name}", s.id))
+    }
 }
 
 /// Creates every TCP and UDP socket of the image, connected as it was and with its
@@ -242,6 +255,7 @@ pub fn create_all(
 ) -> std::result::Result<HashMap<u64, OwnedFd>, String> {
     let by_id: HashMap<u64, &InetSocket> = socks.iter().map(|s| (s.id, s)).collect();
     let mut out: HashMap<u64, OwnedFd> = HashMap::new();
+    let mut files = DataFiles::default();
     // The temporary peers that send a closed peer's last bytes (then close).
     let mut lonely_peers: HashMap<u64, OwnedFd> = HashMap::new();
     // 1. Listeners, and sockets bound or not but not connected.
@@ -268,6 +282,11 @@ pub fn create_all(
             _ => {}
         }
     }
+    let listeners: Vec<(SocketAddr, i32)> = socks
+        .iter()
+        .filter(|l| l.state == "listening")
+        .filter_map(|l| Some((parse_addr(&l.local)?, out.get(&l.id)?.as_raw_fd())))
+        .collect();
     // 2. Connections with both ends in the checkpoint: repaired exactly where they
     // were saved so, else made again.
     let mut repaired = Vec::new();
@@ -279,7 +298,7 @@ pub fn create_all(
             continue;
         }
         if let Some(r) = &s.repair {
-            let data = read_data(image, s)?;
+            let data = files.of(image, s)?;
             let fd = repair::restore(s, r, &data, |fd| apply_options(fd, s, true))?;
             out.insert(s.id, fd);
             repaired.push((s, r, data));
@@ -294,9 +313,9 @@ pub fn create_all(
         let (Some(sl), Some(pl)) = (parse_addr(&s.local), parse_addr(&p.local)) else {
             return Err(format!("TCP socket {}: connected without addresses", s.id));
         };
-        let (server, client, at, listener) = if let Some((_, l)) = listener_for(socks, &out, sl) {
+        let (server, client, at, listener) = if let Some(l) = listener_for(&listeners, sl) {
             (s, p, sl, Some(l))
-        } else if let Some((_, l)) = listener_for(socks, &out, pl) {
+        } else if let Some(l) = listener_for(&listeners, pl) {
             (p, s, pl, Some(l))
         } else if sl.port() <= pl.port() {
             (s, p, sl, None)
@@ -364,7 +383,7 @@ pub fn create_all(
     }
     // 5. Refill the queues.
     for s in socks {
-        let data = read_data(image, s)?;
+        let data = files.of(image, s)?;
         if is_tcp(s) {
             let Some(recv) = out.get(&s.id).map(|f| f.as_raw_fd()) else {
                 continue;
