@@ -732,8 +732,18 @@ fn check_tcpstate_image(meta: &Value, ready: &str, what: &str) {
 }
 
 fn tcp_state_cycles(name: &str, as_user: bool) {
+    tcp_state_cycles_on(name, as_user, false)
+}
+
+/// With `private`, under `stasis run --network private`: the established
+/// connections are saved with TCP_REPAIR (the half-closed one, not established, by
+/// reading and re-sending its bytes), every image says so.
+fn tcp_state_cycles_on(name: &str, as_user: bool, private: bool) {
     let t0 = Instant::now();
-    let (w, exes, uid) = work(name, as_user, &["tcpstate"]);
+    let (mut w, exes, uid) = work(name, as_user, &["tcpstate"]);
+    if private {
+        w.run_opts = vec!["--network".into(), "private".into()];
+    }
     let mut rng = Rng::new(name);
     let mut s = Session::start(&w, &[&exes[0]]);
     let ready = s.cur().lines()[0].clone();
@@ -747,7 +757,18 @@ fn tcp_state_cycles(name: &str, as_user: bool) {
         "recs",
         |_, _| {},
         |meta, i, kill| {
-            check_tcpstate_image(meta, &ready, &format!("checkpoint #{i} (kill={kill})"))
+            let what = format!("checkpoint #{i} (kill={kill})");
+            check_tcpstate_image(meta, &ready, &what);
+            assert_eq!(meta["private_network"].as_bool(), Some(private), "{what}");
+            if private {
+                // O/OA (established, SO_REUSEADDR inherited from their listener's
+                // port) are repaired; H/HA (half-closed) are not
+                let repaired = arr(meta, "inet_sockets")
+                    .iter()
+                    .filter(|s| s["repair"].is_object())
+                    .count();
+                assert_eq!(repaired, 2, "{what}: repaired sockets");
+            }
         },
         |s| assert_user(s.w, uid),
     );
@@ -756,6 +777,14 @@ fn tcp_state_cycles(name: &str, as_user: bool) {
     assert_eq!(field_num(&ok, "recs"), last["recs"] + 1, "{ok}: records");
     eprintln!("{name}: {ok}");
     elapsed(t0, name);
+}
+
+/// (2'') The same under `stasis run --network private`: the established
+/// connection with options goes the TCP_REPAIR way while the half-closed one and
+/// the pending ones are made again as on the host network; all come back the same.
+#[test]
+fn tcp_listeners_pending_half_closed_and_options_private_network() {
+    tcp_state_cycles_on("tcp_state_private", false, true);
 }
 
 /// (2) One process holding: a listener on 127.0.0.1 with two connections

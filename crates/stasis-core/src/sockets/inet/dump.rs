@@ -112,8 +112,9 @@ impl Collector {
             }
             None => crate::proc::borrow_fd(pid, fd)?,
         };
+        let reuse = sockopt(kept.as_raw_fd(), libc::SO_REUSEADDR);
         super::repair::enter(kept.as_raw_fd()).ctx(pid, || format!("fd {fd}: TCP_REPAIR"))?;
-        self.in_repair.0.insert(ino, kept);
+        self.in_repair.0.insert(ino, (kept, reuse));
         Ok(())
     }
 
@@ -214,7 +215,11 @@ impl Collector {
                 o.proto.is_none_or(|p| p == proto) && o.family.is_none_or(|f| f == family)
             })
             .filter_map(|(o, def)| {
-                let v = read_option(s, o)?;
+                let v = match self.in_repair.0.get(&ino) {
+                    // In repair mode (its peer was read first): as the application set it.
+                    Some((_, reuse)) if o.name == "SO_REUSEADDR" => i64::from(*reuse),
+                    _ => read_option(s, o)?,
+                };
                 // A buffer larger than an application may ask for grew by autotuning:
                 // left to grow again.
                 let autotuned = match o.name {
@@ -655,12 +660,15 @@ fn peek_datagrams(pid: i32, fd: i32, s: i32) -> Result<Datagrams> {
 /// Sockets in repair mode, by inode: taken out of it when dropped (on any error path
 /// too, before the processes run again).
 #[derive(Default)]
-struct Repairing(HashMap<u64, OwnedFd>);
+/// Each with its SO_REUSEADDR as the application left it (repair mode overrides it,
+/// leaving it clears it: it is set back).
+struct Repairing(HashMap<u64, (OwnedFd, i32)>);
 
 impl Drop for Repairing {
     fn drop(&mut self) {
-        for (_, fd) in self.0.drain() {
+        for (_, (fd, reuse)) in self.0.drain() {
             super::repair::leave(fd.as_raw_fd());
+            let _ = setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, reuse);
         }
     }
 }
