@@ -46,6 +46,18 @@ pub(crate) fn sockopt(fd: i32, opt: i32) -> i32 {
     getsockopt_int(fd, libc::SOL_SOCKET, opt).unwrap_or(0)
 }
 
+/// Applies saved shutdown(2) bits (1 = SHUT_RD, 2 = SHUT_WR) to our socket `fd`.
+pub(crate) fn shutdown(fd: &OwnedFd, bits: u8) {
+    let how = match bits & 3 {
+        1 => libc::SHUT_RD,
+        2 => libc::SHUT_WR,
+        3 => libc::SHUT_RDWR,
+        _ => return,
+    };
+    // SAFETY: shutdown on a socket we own.
+    unsafe { libc::shutdown(fd.as_raw_fd(), how) };
+}
+
 /// accept4(2) on our listener `lfd`, close-on-exec.
 pub(crate) fn accept(lfd: i32) -> std::io::Result<OwnedFd> {
     // SAFETY: accept on a listener we own; returns a new descriptor or -1.

@@ -502,28 +502,9 @@ pub fn create_all(image: &CheckpointReader) -> std::result::Result<HashMap<u64, 
     for s in socks {
         let Some(fd) = out.get(&s.id) else { continue };
         if s.passcred {
-            let one: i32 = 1;
-            // SAFETY: setsockopt with an int value on our socket.
-            unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_PASSCRED,
-                    (&one as *const i32).cast(),
-                    4,
-                )
-            };
+            let _ = super::setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PASSCRED, 1);
         }
-        let how = match s.shutdown & 3 {
-            1 => Some(libc::SHUT_RD),
-            2 => Some(libc::SHUT_WR),
-            3 => Some(libc::SHUT_RDWR),
-            _ => None,
-        };
-        if let Some(h) = how {
-            // SAFETY: shutdown on our socket.
-            unsafe { libc::shutdown(fd.as_raw_fd(), h) };
-        }
+        super::shutdown(fd, s.shutdown);
     }
     Ok(out)
 }

@@ -433,16 +433,7 @@ pub fn create_all(
                     .map_err(|e| format!("connecting UDP socket {} to {r}: {e}", s.local))?;
             }
         }
-        let how = match s.shutdown & 3 {
-            1 => Some(libc::SHUT_RD),
-            2 => Some(libc::SHUT_WR),
-            3 => Some(libc::SHUT_RDWR),
-            _ => None,
-        };
-        if let Some(h) = how {
-            // SAFETY: shutdown on our socket.
-            unsafe { libc::shutdown(fd.as_raw_fd(), h) };
-        }
+        crate::sockets::shutdown(fd, s.shutdown);
         reuse(
             fd,
             s.options
