@@ -478,7 +478,7 @@ pub fn open_descriptions(
                         format!("fd {}: shared memory {id} missing from the image", f.fd)
                     })?;
                     // A description of its own (flags, offset) on the same object.
-                    let fd = open(f.fd, &format!("/proc/self/fd/{}", obj.as_raw_fd()), *flags)?;
+                    let fd = reopen(f.fd, obj.as_raw_fd(), *flags)?;
                     seek(f.fd, fd, *pos, "memfd")?;
                     fd
                 }
@@ -763,6 +763,13 @@ fn open(num: i32, path: &str, flags: i32) -> std::result::Result<i32, String> {
     Ok(fd)
 }
 
+/// A new open file description of the file behind our fd `ours`, through
+/// /proc/self/fd (a symbolic link: O_NOFOLLOW, which the application may have opened
+/// the file with, would refuse it).
+fn reopen(num: i32, ours: i32, flags: i32) -> std::result::Result<i32, String> {
+    open(num, &format!("/proc/self/fd/{ours}"), flags & !libc::O_NOFOLLOW)
+}
+
 fn seek(num: i32, fd: i32, pos: u64, path: &str) -> std::result::Result<(), String> {
     // SAFETY: lseek on a descriptor we own.
     if pos > 0 && unsafe { libc::lseek(fd, pos as i64, libc::SEEK_SET) } < 0 {
@@ -815,7 +822,7 @@ fn recreate_deleted(
     // SAFETY: fchmod on a descriptor we own.
     unsafe { libc::fchmod(tmp.as_raw_fd(), mode) };
     // Reopen through /proc to get the saved access mode and flags.
-    let fd = open(num, &format!("/proc/self/fd/{}", tmp.as_raw_fd()), flags)?;
+    let fd = reopen(num, tmp.as_raw_fd(), flags)?;
     drop(tmp);
     seek(num, fd, pos, path)?;
     Ok(fd)

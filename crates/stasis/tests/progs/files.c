@@ -6,7 +6,7 @@
  *    "rec %011u\n" and positioned at record SKIP before the first tick: one
  *    record read per tick, each must be the next one;
  *  - fd `app` (O_WRONLY|O_APPEND) on app.txt: "app K" per tick;
- *  - fd `gone` (O_RDWR) on gone.txt that is unlinked while open, with 20000
+ *  - fd `gone` (O_RDWR|O_NOFOLLOW) on gone.txt that is unlinked while open, with 20000
  *    bytes of content.
  * Ticks (`tick K`) run every ~20 ms until `go`. Then: flags/offsets/fd numbers
  * are checked, out.txt must hold every line exactly once in order, a write
@@ -72,7 +72,8 @@ int main(void) {
     int out_fd = open("out.txt", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     int in_fd = open("in.txt", O_RDONLY);
     int app_fd = open("app.txt", O_WRONLY | O_CREAT | O_TRUNC | O_APPEND, 0644);
-    int gone_fd = open("gone.txt", O_RDWR | O_CREAT | O_TRUNC, 0600);
+    /* O_NOFOLLOW as OpenMPI opens its /dev/shm backing file (then unlinks it) */
+    int gone_fd = open("gone.txt", O_RDWR | O_CREAT | O_TRUNC | O_NOFOLLOW, 0600);
     if (out_fd < 0 || in_fd < 0 || app_fd < 0 || gone_fd < 0) die("open");
     if (lseek(in_fd, SKIP * 16, SEEK_SET) != SKIP * 16) die("lseek in");
     {
