@@ -767,7 +767,11 @@ fn open(num: i32, path: &str, flags: i32) -> std::result::Result<i32, String> {
 /// /proc/self/fd (a symbolic link: O_NOFOLLOW, which the application may have opened
 /// the file with, would refuse it).
 fn reopen(num: i32, ours: i32, flags: i32) -> std::result::Result<i32, String> {
-    open(num, &format!("/proc/self/fd/{ours}"), flags & !libc::O_NOFOLLOW)
+    open(
+        num,
+        &format!("/proc/self/fd/{ours}"),
+        flags & !libc::O_NOFOLLOW,
+    )
 }
 
 fn seek(num: i32, fd: i32, pos: u64, path: &str) -> std::result::Result<(), String> {
