@@ -14,6 +14,7 @@ command -v javac >/dev/null || need+=(default-jdk-headless)
 command -v make >/dev/null || need+=(make)
 command -v bash >/dev/null || need+=(bash)
 command -v redis-server >/dev/null || need+=(redis-server)
+command -v mpicc.openmpi >/dev/null || need+=(openmpi-bin libopenmpi-dev)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
         echo "installing test dependencies: ${need[*]}"
