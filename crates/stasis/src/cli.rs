@@ -55,9 +55,12 @@ pub enum Command {
     /// inherited file descriptors are not passed on.
     ///
     /// DIR is where checkpoints go (created with mode 0700 if missing) and names this
-    /// run for `stasis checkpoint DIR`. One run or restart at a time may use a DIR.
+    /// run for `stasis checkpoint DIR`. One run or restart at a time may use a DIR. If
+    /// DIR already holds a complete checkpoint, the job is resumed from the newest one
+    /// instead of starting CMD (unless --fresh). Checkpoints are taken on request
+    /// (`stasis checkpoint DIR`), every --interval, and on the --checkpoint-on signal.
     #[command(
-        after_help = "EXAMPLE\n    stasis run --dir $SCRATCH/ckpt -- mpirun-free-solver --steps 1e6"
+        after_help = "EXAMPLES\n    stasis run --dir $SCRATCH/ckpt -- ./solver --steps 1e6\n    stasis run --dir $SCRATCH/ckpt --interval 30m --incremental -- ./solver\n\n    # a Slurm job script that survives any number of requeues:\n    #SBATCH --signal=B:USR1@300 --requeue\n    exec stasis run --checkpoint-on USR1 --requeue --dir $SCRATCH/ckpt -- mpirun -np 4 ./app"
     )]
     Run {
         /// Checkpoint directory.
@@ -68,10 +71,40 @@ pub enum Command {
         /// loopback interface. A private network isolates the job's ports from other
         /// jobs on the node (two jobs may listen on the same port), and lets stasis save
         /// its TCP connections exactly (TCP_REPAIR: sequence numbers, unacknowledged
-        /// bytes, any amount in flight); the job cannot reach other machines. A restart
+        /// bytes); the job cannot reach other machines. A restart
         /// gives the job a private network again.
         #[arg(long, value_name = "NET", default_value = "host", value_parser = ["host", "private"])]
         network: String,
+        /// Checkpoint every DURATION while the job runs (e.g. 30m, 2h, 90s; a number
+        /// alone is seconds), keeping the newest --keep; the job is paused only while
+        /// each is taken. Each one's summary (or the error, the job running on) goes to
+        /// standard error.
+        #[arg(long, value_name = "DURATION", value_parser = crate::supervise::parse_duration)]
+        interval: Option<std::time::Duration>,
+        /// Periodic and signal-driven checkpoints store only the memory that changed
+        /// since the previous one (see `stasis checkpoint --incremental`).
+        #[arg(long)]
+        incremental: bool,
+        /// Checkpoints to keep in DIR after an automatic one.
+        #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        keep: u32,
+        /// On this signal (USR1, USR2, TERM, INT, HUP, QUIT), checkpoint the job, stop
+        /// it and exit with status 75, as after `stasis checkpoint --kill`, instead of
+        /// passing the signal on. With Slurm's `#SBATCH --signal=B:USR1@300` (five
+        /// minutes before the time limit, to the batch shell only) the job script's
+        /// line is `exec stasis run --checkpoint-on USR1 --requeue --dir DIR -- CMD`.
+        #[arg(long, value_name = "SIGNAL", value_parser = crate::supervise::parse_signal)]
+        checkpoint_on: Option<i32>,
+        /// After a --checkpoint-on checkpoint, requeue the Slurm job this runs in
+        /// (`scontrol requeue $SLURM_JOB_ID`): its next run resumes from it.
+        #[arg(long, requires = "checkpoint_on")]
+        requeue: bool,
+        /// Start CMD anew even though DIR holds checkpoints. Without it, `stasis run`
+        /// in a directory that holds a complete checkpoint resumes the job from the
+        /// newest one (a damaged one is passed over with a warning), so one unchanged
+        /// job script line survives any number of requeues.
+        #[arg(long)]
+        fresh: bool,
         /// The command and its arguments.
         #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
         cmd: Vec<String>,
@@ -201,7 +234,27 @@ pub enum Command {
 /// Runs the parsed command; returns the process exit code.
 pub fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Run { dir, network, cmd } => supervise::run(&dir, &cmd, network == "private"),
+        Command::Run {
+            dir,
+            network,
+            interval,
+            incremental,
+            keep,
+            checkpoint_on,
+            requeue,
+            fresh,
+            cmd,
+        } => {
+            let opts = supervise::JobOptions {
+                private_network: network == "private",
+                interval,
+                incremental,
+                keep: keep as usize,
+                checkpoint_on,
+                requeue,
+            };
+            supervise::run(&dir, &cmd, opts, fresh)
+        }
         Command::Checkpoint {
             target,
             pid,

@@ -13,16 +13,12 @@
 //! no privilege outside.
 
 use crate::cli::EXIT_CHECKPOINTED;
-use crate::control::{self, Reply};
+use crate::control;
 use anyhow::{anyhow, bail, Context, Result};
-use stasis_core::dump::{self, DumpOptions};
-use stasis_core::files;
-use stasis_image::{store, CheckpointReader, Origin};
+use stasis_image::store;
 use stasis_sys::clone::{fork_into_namespaces, Forked};
-use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::unix::io::{AsRawFd, FromRawFd};
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -37,20 +33,69 @@ const FORWARDED: &[i32] = &[
     libc::SIGWINCH,
 ];
 
+mod init;
+
+/// What a job is started from.
 enum Mode {
+    /// A command (`stasis run`).
     Run(Vec<String>),
-    Restart(PathBuf),
+    /// Checkpoints, newest first: the first that verifies is restored (a damaged one
+    /// is passed over with a warning).
+    Restart(Vec<PathBuf>),
 }
 
-/// `stasis run --dir DIR [--network private] -- CMD...`
-pub fn run(dir: &Path, cmd: &[String], private_network: bool) -> Result<ExitCode> {
+/// What `stasis run` asks of the job besides running it.
+#[derive(Debug, Clone)]
+pub struct JobOptions {
+    /// A network namespace of the job's own (`--network private`).
+    pub private_network: bool,
+    /// Checkpoint every so often while the job runs (`--interval`).
+    pub interval: Option<std::time::Duration>,
+    /// The automatic checkpoints store only what changed (`--incremental`).
+    pub incremental: bool,
+    /// Checkpoints to keep after an automatic one (`--keep`).
+    pub keep: usize,
+    /// On this signal: checkpoint, stop the job and exit 75 (`--checkpoint-on`).
+    pub checkpoint_on: Option<i32>,
+    /// After such a checkpoint, requeue the Slurm job (`--requeue`).
+    pub requeue: bool,
+}
+
+impl Default for JobOptions {
+    fn default() -> JobOptions {
+        JobOptions {
+            private_network: false,
+            interval: None,
+            incremental: false,
+            keep: 3,
+            checkpoint_on: None,
+            requeue: false,
+        }
+    }
+}
+
+/// `stasis run --dir DIR [options] -- CMD...`. When DIR holds a complete checkpoint
+/// (and not `fresh`), the job is resumed from the newest one instead.
+pub fn run(dir: &Path, cmd: &[String], mut opts: JobOptions, fresh: bool) -> Result<ExitCode> {
     store::ensure_dir(dir)?;
-    start(
-        &control::canonical(dir)?,
-        Mode::Run(cmd.to_vec()),
-        private_network,
-        None,
-    )
+    let dir = control::canonical(dir)?;
+    if !fresh {
+        let newest_first: Vec<PathBuf> = store::list_checkpoints(&dir)?
+            .into_iter()
+            .rev()
+            .map(|c| c.1)
+            .collect();
+        if let Some(newest) = newest_first.first() {
+            eprintln!(
+                "stasis: {} holds checkpoints: resuming from {} (`stasis run --fresh` starts the command anew)",
+                dir.display(),
+                newest.display()
+            );
+            opts.private_network = image_private_network(newest);
+            return start(&dir, Mode::Restart(newest_first), opts, None);
+        }
+    }
+    start(&dir, Mode::Run(cmd.to_vec()), opts, None)
 }
 
 /// Whether the checkpoint at `path` is of a job that had a network namespace of its
@@ -66,36 +111,6 @@ fn image_private_network(path: &Path) -> bool {
         .ok()
         .and_then(|b| serde_json::from_slice::<Network>(&b).ok())
         .is_some_and(|n| n.private_network)
-}
-
-/// Brings the loopback interface of a new network namespace up.
-fn loopback_up() -> Result<()> {
-    // SAFETY: a socket for the interface ioctls, closed below.
-    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if s < 0 {
-        bail!("socket: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: ifreq is plain data; zeroed is a valid empty value.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, c) in ifr.ifr_name.iter_mut().zip(b"lo") {
-        *d = *c as libc::c_char;
-    }
-    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the flags of `ifr`.
-    let r = unsafe {
-        if libc::ioctl(s, libc::SIOCGIFFLAGS, &mut ifr) != 0 {
-            -1
-        } else {
-            ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-            libc::ioctl(s, libc::SIOCSIFFLAGS, &ifr)
-        }
-    };
-    let e = std::io::Error::last_os_error();
-    // SAFETY: closing the socket created above.
-    unsafe { libc::close(s) };
-    if r != 0 {
-        bail!("bringing up the loopback interface of the job's network namespace: {e}");
-    }
-    Ok(())
 }
 
 /// `stasis restart DIR [--from N]`
@@ -119,8 +134,11 @@ pub fn restart(dir: &Path, from: Option<&str>, show_progress: bool) -> Result<Ex
         }
     };
     let progress = show_progress.then(|| format!("restarting from {}", path.display()));
-    let private_network = image_private_network(&path);
-    start(&dir, Mode::Restart(path), private_network, progress)
+    let opts = JobOptions {
+        private_network: image_private_network(&path),
+        ..JobOptions::default()
+    };
+    start(&dir, Mode::Restart(vec![path]), opts, progress)
 }
 
 fn sigset(signals: &[i32]) -> libc::sigset_t {
@@ -168,12 +186,7 @@ fn read_signal(f: &mut std::fs::File) -> Option<i32> {
 
 /// Starts the namespace init for `mode` and supervises it until it exits. With
 /// `progress`, a spinner says so on a terminal until the application runs.
-fn start(
-    dir: &Path,
-    mode: Mode,
-    private_network: bool,
-    progress: Option<String>,
-) -> Result<ExitCode> {
+fn start(dir: &Path, mode: Mode, opts: JobOptions, progress: Option<String>) -> Result<ExitCode> {
     let listener = control::listen(dir)?;
     let mut all = FORWARDED.to_vec();
     all.push(libc::SIGCHLD);
@@ -192,7 +205,7 @@ fn start(
     // namespace, so the init may repair TCP connections in it).
     let mut flags =
         (libc::CLONE_NEWUSER | libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC) as u64;
-    if private_network {
+    if opts.private_network {
         flags |= libc::CLONE_NEWNET as u64;
     }
     // SAFETY: stasis is single-threaded here; the child runs init_main and exits.
@@ -204,15 +217,7 @@ fn start(
             drop(status_r);
             drop(sync_w);
             drop(started_r);
-            let code = init_main(
-                dir,
-                mode,
-                private_network,
-                listener,
-                status_w,
-                sync_r,
-                started_w,
-            );
+            let code = init::init_main(dir, mode, &opts, listener, status_w, sync_r, started_w);
             // SAFETY: leaving the init without running the supervisor's destructors.
             unsafe { libc::_exit(code) }
         }
@@ -284,7 +289,73 @@ fn start(
     let mut msg = String::new();
     let mut status_r = status_r;
     let _ = status_r.read_to_string(&mut msg);
+    if opts.requeue && msg.trim() == "checkpointed" {
+        requeue();
+    }
     finish(msg.trim(), status)
+}
+
+/// `scontrol requeue $SLURM_JOB_ID`, once the job is checkpointed and stopped.
+fn requeue() {
+    let Ok(id) = std::env::var("SLURM_JOB_ID") else {
+        eprintln!("stasis: --requeue: not inside a Slurm job (no SLURM_JOB_ID): nothing requeued");
+        return;
+    };
+    match std::process::Command::new("scontrol")
+        .args(["requeue", &id])
+        .status()
+    {
+        Ok(st) if st.success() => eprintln!("stasis: Slurm job {id} requeued"),
+        Ok(st) => eprintln!("stasis: `scontrol requeue {id}` failed ({st})"),
+        Err(e) => eprintln!("stasis: cannot run `scontrol requeue {id}`: {e}"),
+    }
+}
+
+/// A signal named like `USR1`, `SIGUSR1` or `10`, one stasis passes on (and so can
+/// act upon): INT, TERM, HUP, QUIT, USR1, USR2.
+pub fn parse_signal(s: &str) -> std::result::Result<i32, String> {
+    let name = s.trim().to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    let sig = match name {
+        "INT" => libc::SIGINT,
+        "TERM" => libc::SIGTERM,
+        "HUP" => libc::SIGHUP,
+        "QUIT" => libc::SIGQUIT,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        n => n
+            .parse::<i32>()
+            .map_err(|_| format!("unknown signal {s:?}"))?,
+    };
+    if !FORWARDED.contains(&sig) || sig == libc::SIGWINCH {
+        return Err(format!(
+            "signal {s:?}: use one of INT, TERM, HUP, QUIT, USR1, USR2"
+        ));
+    }
+    Ok(sig)
+}
+
+/// A duration like `90`, `90s`, `30m`, `2h` or `1d` (no unit: seconds).
+pub fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, String> {
+    let t = s.trim();
+    let (num, unit) = t.split_at(
+        t.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(t.len()),
+    );
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 90s, 30m, 2h)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        u => return Err(format!("{s:?}: unknown unit {u:?} (s, m, h, d)")),
+    };
+    if !(secs >= 1.0 && secs.is_finite()) {
+        return Err(format!("{s:?}: at least one second"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
 }
 
 fn write_id_maps(pid: i32, uid: u32, gid: u32) -> Result<()> {
@@ -349,235 +420,4 @@ fn die_by_signal(sig: i32) {
         libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
         libc::raise(sig);
     }
-}
-
-/// The init: PID 1 of the namespaces. Returns its exit code.
-fn init_main(
-    dir: &Path,
-    mode: Mode,
-    private_network: bool,
-    listener: UnixListener,
-    mut status: std::fs::File,
-    mut sync: std::fs::File,
-    started: std::fs::File,
-) -> i32 {
-    // If the supervisor dies (even by SIGKILL), the init dies, and with it, as PID 1,
-    // every process of the namespace. Set before the handshake, so that a supervisor
-    // dying earlier is seen as EOF below.
-    // SAFETY: prctl(PR_SET_PDEATHSIG) has no memory-safety preconditions.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-    let mut b = [0u8; 1];
-    if sync.read_exact(&mut b).is_err() {
-        return 1;
-    }
-    drop(sync);
-    let report = |status: &mut std::fs::File, msg: &str| {
-        let _ = status.write_all(msg.as_bytes());
-    };
-    match init_inner(dir, mode, private_network, &listener, started) {
-        Ok(msg) => {
-            report(&mut status, &msg);
-            0
-        }
-        Err(e) => {
-            eprintln!("stasis: error: {e:#}");
-            report(&mut status, "error");
-            1
-        }
-    }
-}
-
-fn init_inner(
-    dir: &Path,
-    mode: Mode,
-    private_network: bool,
-    listener: &UnixListener,
-    mut started: std::fs::File,
-) -> Result<String> {
-    // SAFETY: setsid and mount with valid C strings.
-    unsafe {
-        // Out of the terminal's foreground group: terminal signals reach the supervisor,
-        // which forwards them once.
-        libc::setsid();
-        let proc_ = c"proc";
-        if libc::mount(
-            proc_.as_ptr(),
-            c"/proc".as_ptr(),
-            proc_.as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            std::ptr::null(),
-        ) != 0
-        {
-            bail!(
-                "mounting /proc for the new PID namespace: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-    if private_network {
-        loopback_up()?;
-    }
-    let mut all = FORWARDED.to_vec();
-    all.push(libc::SIGCHLD);
-    let set = sigset(&all);
-    let mut sfd = signalfd(&set)?;
-    let app = match mode {
-        Mode::Run(cmd) => spawn(&cmd)?,
-        Mode::Restart(path) => {
-            let t0 = std::time::Instant::now();
-            let image = CheckpointReader::open(&path)?;
-            let verified = t0.elapsed();
-            let pid = stasis_core::restore::restore(&image, [Some(0), Some(1), Some(2)])?;
-            let p = &image.meta.processes[0];
-            tracing::info!(
-                "restored process {pid} ({} threads) from {} in {:.1} ms (verify {:.1} ms, rebuild {:.1} ms)",
-                p.threads.len(),
-                path.display(),
-                t0.elapsed().as_secs_f64() * 1e3,
-                verified.as_secs_f64() * 1e3,
-                (t0.elapsed() - verified).as_secs_f64() * 1e3
-            );
-            pid
-        }
-    };
-    let _ = started.write_all(b"r");
-    drop(started);
-    listener.set_nonblocking(true).context("control socket")?;
-    let mut killed_by_checkpoint = false;
-    loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: sfd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: poll on an array of two initialized pollfds.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n < 0 {
-            continue;
-        }
-        if fds[0].revents & libc::POLLIN != 0 {
-            match read_signal(&mut sfd) {
-                Some(libc::SIGCHLD) => {
-                    if let Some(st) = reap(app) {
-                        return Ok(describe_exit(st, killed_by_checkpoint));
-                    }
-                }
-                // SAFETY: forwarding a signal to the application.
-                Some(sig) => unsafe {
-                    libc::kill(app, sig);
-                },
-                None => {}
-            }
-        }
-        if fds[1].revents & libc::POLLIN != 0 {
-            if let Ok((stream, _)) = listener.accept() {
-                let _ = stream.set_nonblocking(false);
-                control::serve_one(stream, |req| {
-                    let opts = DumpOptions {
-                        kill: req.kill,
-                        origin: Origin::Run,
-                        stdio: Some(files::own_stdio_ids()),
-                        keep: req.keep,
-                        incremental: req.incremental,
-                        compress: req.compress,
-                        own_ipc_namespace: true,
-                        own_network_namespace: private_network,
-                        tcp_external: req.tcp_external(),
-                    };
-                    match dump::checkpoint(dir, app, &opts) {
-                        Ok(r) => {
-                            killed_by_checkpoint |= r.killed;
-                            Reply {
-                                ok: true,
-                                error: String::new(),
-                                path: r.path.display().to_string(),
-                                summary: control::summarize(&r),
-                            }
-                        }
-                        Err(e) => Reply {
-                            ok: false,
-                            error: format!("checkpoint failed: {e}; the application keeps running"),
-                            path: String::new(),
-                            summary: String::new(),
-                        },
-                    }
-                });
-            }
-        }
-    }
-}
-
-/// Reaps children; returns the application's wait status once it has ended. Also
-/// sees our tracees (a thread a failed checkpoint could not resume because it had not
-/// stopped in time): those that stopped are resumed.
-fn reap(app: i32) -> Option<i32> {
-    stasis_core::freeze::settle();
-    let mut result = None;
-    loop {
-        let mut st = 0;
-        // SAFETY: waitpid with a valid out-pointer.
-        let r = unsafe { libc::waitpid(-1, &mut st, libc::WNOHANG) };
-        if r <= 0 {
-            return result;
-        }
-        if libc::WIFSTOPPED(st) {
-            // Only a tracee reports a stop to us (no WUNTRACED).
-            stasis_core::freeze::resume_reported(r, st);
-            continue;
-        }
-        stasis_core::snapshot::forget_reaped(r);
-        if r == app && (libc::WIFEXITED(st) || libc::WIFSIGNALED(st)) {
-            result = Some(st);
-        }
-    }
-}
-
-fn describe_exit(st: i32, killed_by_checkpoint: bool) -> String {
-    if libc::WIFEXITED(st) {
-        format!("exit {}", libc::WEXITSTATUS(st))
-    } else if killed_by_checkpoint && libc::WTERMSIG(st) == libc::SIGKILL {
-        "checkpointed".into()
-    } else {
-        format!("signal {}", libc::WTERMSIG(st))
-    }
-}
-
-/// Starts the application of `stasis run`.
-fn spawn(cmd: &[String]) -> Result<i32> {
-    let args: Vec<CString> = cmd
-        .iter()
-        .map(|a| CString::new(a.as_bytes()))
-        .collect::<std::result::Result<_, _>>()
-        .context("command contains a NUL byte")?;
-    let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
-    argv.push(std::ptr::null());
-    // SAFETY: the init is single-threaded; the child only calls async-signal-safe
-    // functions before exec (argv was built before the fork).
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        bail!("fork: {}", std::io::Error::last_os_error());
-    }
-    if pid == 0 {
-        // SAFETY: in the child: new session, clean signal mask, exec.
-        unsafe {
-            libc::setsid();
-            let empty = sigset(&[]);
-            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-            // Descriptors inherited from outside other than stdio are not passed on:
-            // they could not be given back on restart.
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            libc::execvp(argv[0], argv.as_ptr());
-            let msg = b"stasis: cannot execute the command\n";
-            libc::write(2, msg.as_ptr().cast(), msg.len());
-            libc::_exit(127);
-        }
-    }
-    Ok(pid)
 }

@@ -1,0 +1,399 @@
+//! The namespace init: PID 1 of the job's namespaces. It starts the application (or
+//! restores it from a checkpoint), reaps, passes signals on, answers `stasis
+//! checkpoint DIR` on the control socket, and takes the checkpoints `stasis run` asks
+//! for by itself: every `--interval`, and on the `--checkpoint-on` signal.
+
+use super::{read_signal, signalfd, sigset, JobOptions, Mode, FORWARDED};
+use crate::control::{self, Reply};
+use anyhow::{bail, Context, Result};
+use stasis_core::dump::{self, DumpOptions};
+use stasis_core::files;
+use stasis_image::{CheckpointReader, Origin};
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+
+/// Brings the loopback interface of a new network namespace up.
+fn loopback_up() -> Result<()> {
+    // SAFETY: a socket for the interface ioctls, closed below.
+    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if s < 0 {
+        bail!("socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: ifreq is plain data; zeroed is a valid empty value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, c) in ifr.ifr_name.iter_mut().zip(b"lo") {
+        *d = *c as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the flags of `ifr`.
+    let r = unsafe {
+        if libc::ioctl(s, libc::SIOCGIFFLAGS, &mut ifr) != 0 {
+            -1
+        } else {
+            ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            libc::ioctl(s, libc::SIOCSIFFLAGS, &ifr)
+        }
+    };
+    let e = std::io::Error::last_os_error();
+    // SAFETY: closing the socket created above.
+    unsafe { libc::close(s) };
+    if r != 0 {
+        bail!("bringing up the loopback interface of the job's network namespace: {e}");
+    }
+    Ok(())
+}
+
+/// How the init checkpoints its job.
+fn options(
+    job: &JobOptions,
+    kill: bool,
+    incremental: bool,
+    compress: stasis_image::Compression,
+    tcp_external: stasis_core::sockets::TcpExternal,
+) -> DumpOptions {
+    DumpOptions {
+        kill,
+        origin: Origin::Run,
+        stdio: Some(files::own_stdio_ids()),
+        keep: job.keep,
+        incremental,
+        compress,
+        own_ipc_namespace: true,
+        own_network_namespace: job.private_network,
+        tcp_external,
+    }
+}
+
+/// The first of `candidates` (newest first) that verifies; the others are passed over
+/// with a warning naming what is wrong.
+fn open_first_intact(candidates: &[PathBuf]) -> Result<(PathBuf, CheckpointReader)> {
+    let mut last = None;
+    for (i, path) in candidates.iter().enumerate() {
+        match CheckpointReader::open(path) {
+            Ok(image) => return Ok((path.clone(), image)),
+            Err(e) if i + 1 < candidates.len() => {
+                eprintln!(
+                    "stasis: warning: {} cannot be restored ({e}); trying the one before it",
+                    path.display()
+                );
+                last = Some(e);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    match last {
+        Some(e) => Err(e.into()),
+        None => bail!("no checkpoint to restart from"),
+    }
+}
+
+/// A periodic timer (timerfd).
+struct Timer {
+    fd: std::os::unix::io::OwnedFd,
+}
+
+impl Timer {
+    fn every(period: std::time::Duration) -> Result<Timer> {
+        use std::os::unix::io::FromRawFd;
+        // SAFETY: timerfd_create returns a new descriptor or -1.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
+            )
+        };
+        if fd < 0 {
+            bail!("timerfd_create: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: fd was just created and is owned here.
+        let fd = unsafe { std::os::unix::io::OwnedFd::from_raw_fd(fd) };
+        let ts = libc::timespec {
+            tv_sec: period.as_secs() as libc::time_t,
+            tv_nsec: period.subsec_nanos() as libc::c_long,
+        };
+        let spec = libc::itimerspec {
+            it_interval: ts,
+            it_value: ts,
+        };
+        // SAFETY: arming our timerfd with a valid itimerspec.
+        if unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) } != 0 {
+            bail!("timerfd_settime: {}", std::io::Error::last_os_error());
+        }
+        Ok(Timer { fd })
+    }
+
+    /// Consumes the expirations (a checkpoint longer than the period counts once).
+    fn expired(&self) {
+        let mut n = [0u8; 8];
+        // SAFETY: reading the 8-byte expiration count into a buffer we own.
+        unsafe { libc::read(self.fd.as_raw_fd(), n.as_mut_ptr().cast(), 8) };
+    }
+}
+
+/// The init: PID 1 of the namespaces. Returns its exit code.
+pub(super) fn init_main(
+    dir: &Path,
+    mode: Mode,
+    opts: &JobOptions,
+    listener: UnixListener,
+    mut status: std::fs::File,
+    mut sync: std::fs::File,
+    started: std::fs::File,
+) -> i32 {
+    // If the supervisor dies (even by SIGKILL), the init dies, and with it, as PID 1,
+    // every process of the namespace. Set before the handshake, so that a supervisor
+    // dying earlier is seen as EOF below.
+    // SAFETY: prctl(PR_SET_PDEATHSIG) has no memory-safety preconditions.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    let mut b = [0u8; 1];
+    if sync.read_exact(&mut b).is_err() {
+        return 1;
+    }
+    drop(sync);
+    let report = |status: &mut std::fs::File, msg: &str| {
+        let _ = status.write_all(msg.as_bytes());
+    };
+    match init_inner(dir, mode, opts, &listener, started) {
+        Ok(msg) => {
+            report(&mut status, &msg);
+            0
+        }
+        Err(e) => {
+            eprintln!("stasis: error: {e:#}");
+            report(&mut status, "error");
+            1
+        }
+    }
+}
+
+fn init_inner(
+    dir: &Path,
+    mode: Mode,
+    opts: &JobOptions,
+    listener: &UnixListener,
+    mut started: std::fs::File,
+) -> Result<String> {
+    let private_network = opts.private_network;
+    // SAFETY: setsid and mount with valid C strings.
+    unsafe {
+        // Out of the terminal's foreground group: terminal signals reach the supervisor,
+        // which forwards them once.
+        libc::setsid();
+        let proc_ = c"proc";
+        if libc::mount(
+            proc_.as_ptr(),
+            c"/proc".as_ptr(),
+            proc_.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        ) != 0
+        {
+            bail!(
+                "mounting /proc for the new PID namespace: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    if private_network {
+        loopback_up()?;
+    }
+    let mut all = FORWARDED.to_vec();
+    all.push(libc::SIGCHLD);
+    let set = sigset(&all);
+    let mut sfd = signalfd(&set)?;
+    let app = match mode {
+        Mode::Run(cmd) => spawn(&cmd)?,
+        Mode::Restart(candidates) => {
+            let t0 = std::time::Instant::now();
+            let (path, image) = open_first_intact(&candidates)?;
+            let verified = t0.elapsed();
+            let pid = stasis_core::restore::restore(&image, [Some(0), Some(1), Some(2)])?;
+            let p = &image.meta.processes[0];
+            tracing::info!(
+                "restored process {pid} ({} threads) from {} in {:.1} ms (verify {:.1} ms, rebuild {:.1} ms)",
+                p.threads.len(),
+                path.display(),
+                t0.elapsed().as_secs_f64() * 1e3,
+                verified.as_secs_f64() * 1e3,
+                (t0.elapsed() - verified).as_secs_f64() * 1e3
+            );
+            pid
+        }
+    };
+    let _ = started.write_all(b"r");
+    drop(started);
+    listener.set_nonblocking(true).context("control socket")?;
+    let timer = opts.interval.map(Timer::every).transpose()?;
+    let mut killed_by_checkpoint = false;
+    // The checkpoints stasis takes by itself (a timer, a signal) are reported on its
+    // standard error; those asked for with `stasis checkpoint` to the asker.
+    let auto = |kill: bool, why: &str| {
+        let o = options(
+            opts,
+            kill,
+            opts.incremental,
+            stasis_image::Compression::None,
+            Default::default(),
+        );
+        match dump::checkpoint(dir, app, &o) {
+            Ok(r) => {
+                eprintln!("{} ({why})", control::summarize(&r));
+                r.killed
+            }
+            Err(e) => {
+                eprintln!("stasis: {why}: checkpoint failed: {e}; the application keeps running");
+                false
+            }
+        }
+    };
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: sfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: timer.as_ref().map_or(-1, |t| t.fd.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: poll on an array of three initialized pollfds (a negative fd is
+        // ignored).
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
+        if n < 0 {
+            continue;
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            match read_signal(&mut sfd) {
+                Some(libc::SIGCHLD) => {
+                    if let Some(st) = reap(app) {
+                        return Ok(describe_exit(st, killed_by_checkpoint));
+                    }
+                }
+                Some(sig) if Some(sig) == opts.checkpoint_on => {
+                    killed_by_checkpoint |= auto(true, &format!("on signal {sig}"));
+                }
+                // SAFETY: forwarding a signal to the application.
+                Some(sig) => unsafe {
+                    libc::kill(app, sig);
+                },
+                None => {}
+            }
+        }
+        if fds[2].revents & libc::POLLIN != 0 {
+            if let Some(t) = &timer {
+                t.expired();
+                auto(false, "periodic");
+            }
+        }
+        if fds[1].revents & libc::POLLIN != 0 {
+            if let Ok((stream, _)) = listener.accept() {
+                let _ = stream.set_nonblocking(false);
+                control::serve_one(stream, |req| {
+                    let mut o = options(
+                        opts,
+                        req.kill,
+                        req.incremental,
+                        req.compress,
+                        req.tcp_external(),
+                    );
+                    o.keep = req.keep;
+                    match dump::checkpoint(dir, app, &o) {
+                        Ok(r) => {
+                            killed_by_checkpoint |= r.killed;
+                            Reply {
+                                ok: true,
+                                error: String::new(),
+                                path: r.path.display().to_string(),
+                                summary: control::summarize(&r),
+                            }
+                        }
+                        Err(e) => Reply {
+                            ok: false,
+                            error: format!("checkpoint failed: {e}; the application keeps running"),
+                            path: String::new(),
+                            summary: String::new(),
+                        },
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Reaps children; returns the application's wait status once it has ended. Also
+/// sees our tracees (a thread a failed checkpoint could not resume because it had not
+/// stopped in time): those that stopped are resumed.
+fn reap(app: i32) -> Option<i32> {
+    stasis_core::freeze::settle();
+    let mut result = None;
+    loop {
+        let mut st = 0;
+        // SAFETY: waitpid with a valid out-pointer.
+        let r = unsafe { libc::waitpid(-1, &mut st, libc::WNOHANG) };
+        if r <= 0 {
+            return result;
+        }
+        if libc::WIFSTOPPED(st) {
+            // Only a tracee reports a stop to us (no WUNTRACED).
+            stasis_core::freeze::resume_reported(r, st);
+            continue;
+        }
+        stasis_core::snapshot::forget_reaped(r);
+        if r == app && (libc::WIFEXITED(st) || libc::WIFSIGNALED(st)) {
+            result = Some(st);
+        }
+    }
+}
+
+fn describe_exit(st: i32, killed_by_checkpoint: bool) -> String {
+    if libc::WIFEXITED(st) {
+        format!("exit {}", libc::WEXITSTATUS(st))
+    } else if killed_by_checkpoint && libc::WTERMSIG(st) == libc::SIGKILL {
+        "checkpointed".into()
+    } else {
+        format!("signal {}", libc::WTERMSIG(st))
+    }
+}
+
+/// Starts the application of `stasis run`.
+fn spawn(cmd: &[String]) -> Result<i32> {
+    let args: Vec<CString> = cmd
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<std::result::Result<_, _>>()
+        .context("command contains a NUL byte")?;
+    let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    // SAFETY: the init is single-threaded; the child only calls async-signal-safe
+    // functions before exec (argv was built before the fork).
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        bail!("fork: {}", std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: in the child: new session, clean signal mask, exec.
+        unsafe {
+            libc::setsid();
+            let empty = sigset(&[]);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            // Descriptors inherited from outside other than stdio are not passed on:
+            // they could not be given back on restart.
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            libc::execvp(argv[0], argv.as_ptr());
+            let msg = b"stasis: cannot execute the command\n";
+            libc::write(2, msg.as_ptr().cast(), msg.len());
+            libc::_exit(127);
+        }
+    }
+    Ok(pid)
+}
