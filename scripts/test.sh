@@ -15,6 +15,7 @@ command -v make >/dev/null || need+=(make)
 command -v bash >/dev/null || need+=(bash)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v mpicc.openmpi >/dev/null || need+=(openmpi-bin libopenmpi-dev)
+command -v mpicc.mpich >/dev/null || need+=(mpich libmpich-dev)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
         echo "installing test dependencies: ${need[*]}"

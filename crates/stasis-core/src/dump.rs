@@ -692,6 +692,7 @@ fn dump_frozen(
             fds,
             signals: sigs,
             itimers: ts.itimers,
+            settings: ts.settings,
             threads,
         },
         layout,

@@ -56,6 +56,7 @@ fn attach_error(pid: i32, tid: i32, e: stasis_sys::SysError) -> Error {
     }
     let msg = match e.errno {
         libc::ESRCH => "no such process".to_string(),
+        libc::EPERM if crate::proc::looks_not_dumpable(tid) => "it is not dumpable (it called prctl(PR_SET_DUMPABLE, 0), or changed its user or group IDs): only a tracer privileged over it (root, or stasis run's own init) may checkpoint it".to_string(),
         libc::EPERM => "permission denied (it must belong to you and not be traced already, e.g. by a debugger; check kernel.yama.ptrace_scope)".to_string(),
         _ => e.to_string(),
     };

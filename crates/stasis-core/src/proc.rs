@@ -196,3 +196,21 @@ pub fn thread_state(tid: i32) -> String {
         format!("state {state}, in {wchan}")
     }
 }
+
+/// Whether process `pid` is not dumpable (PR_SET_DUMPABLE 0, or it changed its user or
+/// group IDs), as far as can be seen from outside without tracing it: the files of
+/// its /proc/PID (not the directory) then belong to root (of the user namespace of its
+/// memory), not to its effective user.
+pub fn looks_not_dumpable(pid: i32) -> bool {
+    let status = PathBuf::from(format!("/proc/{pid}/status"));
+    let (Ok(md), Ok(status)) = (std::fs::metadata(&status), std::fs::read_to_string(&status))
+    else {
+        return false;
+    };
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .and_then(|u| u.parse::<u32>().ok());
+    euid.is_some_and(|u| u != md.uid())
+}

@@ -1,12 +1,20 @@
 //! Process attributes that are neither memory, files, signals nor threads: cwd, umask,
-//! personality, resource limits, interval timers, command name, and the `mm` fields
-//! (code/data/brk/stack/arg/env boundaries, auxv, exe link) that PR_SET_MM_MAP restores.
+//! personality, resource limits, interval timers, command name, the process-wide prctl
+//! settings (child subreaper, THP disable, dumpable) and oom_score_adj, and the `mm`
+//! fields (code/data/brk/stack/arg/env boundaries, auxv, exe link) that PR_SET_MM_MAP
+//! restores.
 
 use crate::error::{Error, Result, SysContext};
 use crate::inject::{u64_at, Injector, Scratch};
 use crate::proc::{file_id, ProcDir};
-use stasis_image::{Itimer, MmFields, Rlimit};
+use stasis_image::{Itimer, MmFields, ProcessSettings, Rlimit};
 
+const PR_GET_DUMPABLE: u64 = 3;
+const PR_SET_DUMPABLE: u64 = 4;
+const PR_SET_CHILD_SUBREAPER: i32 = 36;
+const PR_GET_CHILD_SUBREAPER: u64 = 37;
+const PR_SET_THP_DISABLE: i32 = 41;
+const PR_GET_THP_DISABLE: u64 = 42;
 const PR_SET_MM: u64 = 35;
 const PR_SET_MM_MAP: u64 = 14;
 /// sizeof(struct prctl_mm_map).
@@ -23,6 +31,7 @@ pub struct TaskState {
     pub rlimits: Vec<Rlimit>,
     pub itimers: Vec<Itimer>,
     pub mm: MmFields,
+    pub settings: ProcessSettings,
     pub ppid: i32,
     pub pgid: i32,
     pub sid: i32,
@@ -121,6 +130,7 @@ pub fn dump(proc: &ProcDir, inj: &Injector, scratch: &Scratch) -> Result<TaskSta
             value_us: us(16),
         });
     }
+    let settings = dump_settings(proc, inj, scratch)?;
     let brk = inj.call("brk(0)", libc::SYS_brk, &[0])?;
     let auxv_bytes = proc.read_bytes("auxv")?;
     let auxv = auxv_bytes
@@ -150,15 +160,119 @@ pub fn dump(proc: &ProcDir, inj: &Injector, scratch: &Scratch) -> Result<TaskSta
         rlimits,
         itimers,
         mm,
+        settings,
         ppid: stat.ppid,
         pgid: stat.pgrp,
         sid: stat.session,
     })
 }
 
-/// Restores cwd, umask, personality, rlimits and timers in the calling (new)
-/// process. Hard limits above the current ones cannot be raised without privilege;
-/// they are capped and reported in the returned warnings.
+/// The process-wide prctl settings (injected PR_GET_* queries, which only the
+/// process can answer) and oom_score_adj of a stopped process.
+fn dump_settings(proc: &ProcDir, inj: &Injector, scratch: &Scratch) -> Result<ProcessSettings> {
+    let pid = proc.pid;
+    inj.call(
+        "prctl(PR_GET_CHILD_SUBREAPER)",
+        libc::SYS_prctl,
+        &[PR_GET_CHILD_SUBREAPER, scratch.addr],
+    )?;
+    let subreaper = u64_at(&scratch.read(8)?, 0) as u32;
+    let thp_disable = inj.call(
+        "prctl(PR_GET_THP_DISABLE)",
+        libc::SYS_prctl,
+        &[PR_GET_THP_DISABLE, 0, 0, 0, 0],
+    )? as u32;
+    let dumpable = inj.call(
+        "prctl(PR_GET_DUMPABLE)",
+        libc::SYS_prctl,
+        &[PR_GET_DUMPABLE, 0, 0, 0, 0],
+    )? as u32;
+    let adj = proc.read_string("oom_score_adj")?;
+    let oom_score_adj = adj.trim().parse().map_err(|_| Error::Unsupported {
+        pid,
+        what: format!("an unreadable /proc/PID/oom_score_adj ({:?})", adj.trim()),
+    })?;
+    Ok(ProcessSettings {
+        child_subreaper: subreaper != 0,
+        thp_disable,
+        dumpable,
+        oom_score_adj,
+    })
+}
+
+/// Gives the calling (new) process the saved child-subreaper and THP settings and
+/// oom_score_adj. Lowering oom_score_adj below what the restorer has needs privilege
+/// (CAP_SYS_RESOURCE): then it is left higher, with a warning. Dumpability is set
+/// last of all, by [`restore_dumpable`].
+fn restore_settings(
+    s: &ProcessSettings,
+    warnings: &mut Vec<String>,
+) -> std::result::Result<(), String> {
+    let prctl = |what: &str, op: i32, a: u64, b: u64| {
+        // SAFETY: prctl on ourselves with integer arguments only.
+        if unsafe { libc::prctl(op, a, b, 0u64, 0u64) } != 0 {
+            return Err(format!("{what}: {}", std::io::Error::last_os_error()));
+        }
+        Ok(())
+    };
+    prctl(
+        "prctl(PR_SET_CHILD_SUBREAPER)",
+        PR_SET_CHILD_SUBREAPER,
+        u64::from(s.child_subreaper),
+        0,
+    )?;
+    // 1: disabled; bit 1 (PR_THP_DISABLE_EXCEPT_ADVISED): except where advised.
+    let (off, flags) = if s.thp_disable & 1 != 0 {
+        (1, u64::from(s.thp_disable & 2))
+    } else {
+        (0, 0)
+    };
+    prctl("prctl(PR_SET_THP_DISABLE)", PR_SET_THP_DISABLE, off, flags)?;
+    let path = "/proc/self/oom_score_adj";
+    let now: i32 = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    if now != s.oom_score_adj {
+        if let Err(e) = std::fs::write(path, s.oom_score_adj.to_string()) {
+            warnings.push(format!(
+                "oom_score_adj {} not restored, left at {now} ({e}; lowering it needs privilege)",
+                s.oom_score_adj
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Makes a restored process non-dumpable again (PR_SET_DUMPABLE 0) by an injected
+/// prctl, once nothing else of the restore needs to read it through /proc. (A tracer
+/// then needs CAP_SYS_PTRACE in the user namespace of the process's memory: the
+/// namespace init's, into which it was executed.)
+pub fn restore_dumpable(inj: &Injector, s: &ProcessSettings) -> Result<()> {
+    match s.dumpable {
+        1 => Ok(()),
+        0 => inj
+            .call(
+                "prctl(PR_SET_DUMPABLE, 0)",
+                libc::SYS_prctl,
+                &[PR_SET_DUMPABLE, 0, 0, 0, 0],
+            )
+            .map(drop),
+        // SUID_DUMP_ROOT (2) cannot be set with prctl: dumpable for its owner instead.
+        other => {
+            tracing::warn!(
+                "process {}: dumpable mode {other} cannot be set again; it stays dumpable",
+                inj.tid()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Restores cwd, umask, personality, rlimits, timers, the child-subreaper and THP
+/// settings and oom_score_adj in the calling (new) process. Hard limits above the
+/// current ones cannot be raised without privilege; they are capped and reported in
+/// the returned warnings.
 pub fn restore_attrs(p: &stasis_image::Process) -> std::result::Result<Vec<String>, String> {
     let mut warnings = Vec::new();
     std::env::set_current_dir(&p.cwd)
@@ -218,6 +332,7 @@ pub fn restore_attrs(p: &stasis_image::Process) -> std::result::Result<Vec<Strin
             ));
         }
     }
+    restore_settings(&p.settings, &mut warnings)?;
     // The name is set per thread by `thread::restore_all`, leader included.
     Ok(warnings)
 }

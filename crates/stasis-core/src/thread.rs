@@ -1,5 +1,6 @@
 //! Threads: registers, extended state, signal mask and per-thread pending signals,
-//! rseq, clear_child_tid, robust futex list, alternate signal stack.
+//! rseq, clear_child_tid, robust futex list, alternate signal stack, parent-death
+//! signal.
 //!
 //! Restore creates the threads other than the leader with an injected `clone3`
 //! (CLONE_THREAD and friends, `set_tid` = the saved TID) once the address space is
@@ -15,10 +16,12 @@ use stasis_sys::clone::{clone_args_bytes, CLONE_ARGS_SIZE};
 use stasis_sys::{arch, ptrace};
 
 const PR_GET_TID_ADDRESS: u64 = 40;
+const PR_SET_PDEATHSIG: u64 = 1;
+const PR_GET_PDEATHSIG: u64 = 2;
 const RSEQ_FLAG_UNREGISTER: u64 = 1;
 
-/// Saves every stopped thread of a process. The two queries only a thread can answer
-/// about itself (its clear_child_tid and its sigaltstack) are injected into many
+/// Saves every stopped thread of a process. The queries only a thread can answer
+/// about itself (its clear_child_tid, sigaltstack and parent-death signal) are injected into many
 /// threads at once, each writing into its own slot of the scratch page, so that the
 /// threads run them side by side instead of one round trip after another.
 pub fn dump_all(
@@ -27,7 +30,7 @@ pub fn dump_all(
     insn: u64,
     scratch: &Scratch,
 ) -> Result<Vec<Thread>> {
-    const SLOT: u64 = 32;
+    const SLOT: u64 = 40;
     let per = (crate::inject::SCRATCH_LEN / SLOT) as usize;
     let mut out = Vec::with_capacity(threads.len());
     for batch in threads.chunks(per) {
@@ -50,6 +53,13 @@ pub fn dump_all(
             let r = inj.finish()?;
             inj.check("sigaltstack query", r)?;
         }
+        for (k, inj) in injs.iter().enumerate() {
+            inj.start(libc::SYS_prctl, &[PR_GET_PDEATHSIG, slot(k) + 32])?;
+        }
+        for inj in &injs {
+            let r = inj.finish()?;
+            inj.check("prctl(PR_GET_PDEATHSIG)", r)?;
+        }
         let answers = scratch.read(batch.len() * SLOT as usize)?;
         for (k, ft) in batch.iter().enumerate() {
             let at = k * SLOT as usize;
@@ -59,7 +69,9 @@ pub fn dump_all(
                 flags: u64_at(&answers, at + 16) as i32,
                 size: u64_at(&answers, at + 24),
             };
-            out.push(dump(proc, ft, clear_child_tid, altstack)?);
+            let mut t = dump(proc, ft, clear_child_tid, altstack)?;
+            t.pdeath_signal = u64_at(&answers, at + 32) as i32;
+            out.push(t);
         }
     }
     Ok(out)
@@ -113,6 +125,7 @@ fn dump(
         policy,
         rt_priority,
         nice,
+        pdeath_signal: 0,
     })
 }
 
@@ -290,8 +303,8 @@ pub fn drop_own_rseq(inj: &Injector, pid: i32) -> Result<()> {
 }
 
 /// Gives every restored thread back what only it can set about itself: its
-/// clear_child_tid (set_tid_address), robust list, rseq registration, sigaltstack
-/// and name (PR_SET_NAME), by injected syscalls. The threads run them side by side,
+/// clear_child_tid (set_tid_address), robust list, rseq registration, sigaltstack,
+/// name (PR_SET_NAME) and parent-death signal (PR_SET_PDEATHSIG), by injected syscalls. The threads run them side by side,
 /// 64 at a time, each reading its own slot of the scratch page (`gadget` is the
 /// address of a `syscall` instruction).
 pub fn restore_all(gadget: u64, threads: &[Thread], scratch: &Scratch) -> Result<()> {
@@ -339,6 +352,13 @@ pub fn restore_all(gadget: u64, threads: &[Thread], scratch: &Scratch) -> Result
                 libc::SYS_prctl,
                 vec![libc::PR_SET_NAME as u64, at + 32],
             ));
+            if t.pdeath_signal != 0 {
+                c.push((
+                    "prctl(PR_SET_PDEATHSIG)",
+                    libc::SYS_prctl,
+                    vec![PR_SET_PDEATHSIG, t.pdeath_signal as u64],
+                ));
+            }
             calls.push(c);
         }
         scratch.write(&data)?;

@@ -368,8 +368,38 @@ pub struct Process {
     pub signals: Signals,
     /// Interval timers (ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF).
     pub itimers: Vec<Itimer>,
+    /// Process-wide settings made with prctl(2) and /proc/PID files.
+    #[serde(default)]
+    pub settings: ProcessSettings,
     /// Threads; the first is the thread-group leader.
     pub threads: Vec<Thread>,
+}
+
+/// Process-wide settings a process makes about itself with prctl(2) or /proc/PID
+/// files. The defaults are those of a new process (an image without them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ProcessSettings {
+    /// PR_SET_CHILD_SUBREAPER: orphaned descendants are reparented to this process.
+    pub child_subreaper: bool,
+    /// PR_GET_THP_DISABLE: 0 (transparent huge pages allowed), 1 (disabled), 3
+    /// (disabled except where MADV_HUGEPAGE asks for them, PR_THP_DISABLE_EXCEPT_ADVISED).
+    pub thp_disable: u32,
+    /// PR_GET_DUMPABLE: 1 (dumpable), 0 (not: only a privileged tracer may attach), 2.
+    pub dumpable: u32,
+    /// /proc/PID/oom_score_adj (-1000..1000).
+    pub oom_score_adj: i32,
+}
+
+impl Default for ProcessSettings {
+    fn default() -> Self {
+        ProcessSettings {
+            child_subreaper: false,
+            thp_disable: 0,
+            dumpable: 1,
+            oom_score_adj: 0,
+        }
+    }
 }
 
 /// One resource limit.
@@ -807,6 +837,9 @@ pub struct Thread {
     /// Nice value, getpriority(2).
     #[serde(default)]
     pub nice: i32,
+    /// Signal this thread gets when its parent dies (PR_SET_PDEATHSIG; 0: none).
+    #[serde(default)]
+    pub pdeath_signal: i32,
 }
 
 /// Lower-case hex of bytes (used for xstate and siginfo in the JSON metadata).

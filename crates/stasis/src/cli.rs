@@ -222,6 +222,13 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+    /// The namespace init of `run` and `restart`, executed again by itself in the
+    /// namespaces (internal).
+    #[command(hide = true, name = "__init")]
+    Init {
+        /// What it is started with (JSON).
+        args: String,
+    },
     /// The built-in workload of `stasis demo` (prints a counter).
     #[command(hide = true)]
     DemoWorkload {
@@ -294,6 +301,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Inspect { dir, json } => inspect::inspect(&dir, json).map(|()| ExitCode::SUCCESS),
         Command::Verify { dir, latest } => inspect::verify(&dir, latest),
         Command::Demo { dir } => demo::demo(dir),
+        Command::Init { args } => Ok(supervise::init_resume(&args)),
         Command::DemoWorkload { ticks } => demo::workload(ticks),
     }
 }

@@ -1,17 +1,17 @@
 //! MPI on one node under stasis: an OpenMPI 4 job (mpirun, which is also the local
 //! daemon, and its ranks; loopback TCP and UNIX sockets, PMIx shared memory in the
 //! session directory, a backing file in /dev/shm deleted while open, ptys for the
-//! ranks' output) is checkpointed while it runs, killed, restarted twice, and ends
-//! with exactly the result of an uninterrupted run (`progs/mpiring.c`: every message
-//! of every step changes the result). On the host network, on a private one
-//! (`--network private`: the TCP connections go the TCP_REPAIR way), and as a plain
-//! user.
+//! ranks' output) and an MPICH 4 job (Hydra's mpiexec, its proxy, the ranks) are
+//! checkpointed while they run, killed, restarted twice, and end with exactly the
+//! result of an uninterrupted run (`progs/mpiring.c`: every message of every step
+//! changes the result). On the host network, on a private one (`--network private`:
+//! the TCP connections go the TCP_REPAIR way; OpenMPI), and as a plain user.
 //!
 //! Inside `stasis run` the job sees itself as uid 0 (the namespace's root), so
 //! mpirun is given OMPI_ALLOW_RUN_AS_ROOT (mapping the user to their own uid is the
-//! HPC-workflow issue's). Needs `mpicc.openmpi` and `mpirun.openmpi` (Debian's
-//! openmpi-bin and libopenmpi-dev; scripts/test.sh installs them): without them the
-//! tests say so and pass, except under CI, where that is a failure.
+//! HPC-workflow issue's). Needs Debian's openmpi-bin, libopenmpi-dev, mpich and
+//! libmpich-dev (scripts/test.sh installs them): without them the tests say so and
+//! pass, except under CI, where that is a failure.
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};
@@ -20,6 +20,31 @@ use std::sync::OnceLock;
 
 const RANKS: &str = "3";
 const STEPS: &str = "500";
+
+/// The MPI implementations tested (Debian's packages, side by side).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mpi {
+    /// OpenMPI 4: mpirun is also the node's daemon; PMIx; TCP and shared memory.
+    OpenMpi,
+    /// MPICH 4 (ch4): Hydra's mpiexec and its proxy, launched with fork.
+    Mpich,
+}
+
+impl Mpi {
+    fn cc(self) -> &'static str {
+        match self {
+            Mpi::OpenMpi => "mpicc.openmpi",
+            Mpi::Mpich => "mpicc.mpich",
+        }
+    }
+
+    fn launcher(self) -> &'static str {
+        match self {
+            Mpi::OpenMpi => "mpirun.openmpi",
+            Mpi::Mpich => "mpiexec.mpich",
+        }
+    }
+}
 
 fn which(cmd: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?
@@ -35,30 +60,33 @@ fn allow_root(cmd: &mut Command) {
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
 }
 
-/// mpiring built with mpicc.openmpi (once), or None without OpenMPI.
-fn mpiring() -> Option<PathBuf> {
-    static EXE: OnceLock<Option<PathBuf>> = OnceLock::new();
-    EXE.get_or_init(|| {
-        let (Some(cc), Some(_)) = (which("mpicc.openmpi"), which("mpirun.openmpi")) else {
+/// mpiring built with `mpi`'s compiler wrapper (once), or None without it.
+fn mpiring(mpi: Mpi) -> Option<PathBuf> {
+    static EXE: [OnceLock<Option<PathBuf>>; 2] = [OnceLock::new(), OnceLock::new()];
+    EXE[mpi as usize].get_or_init(|| {
+        let (Some(cc), Some(_)) = (which(mpi.cc()), which(mpi.launcher())) else {
             assert!(
                 std::env::var_os("CI").is_none(),
-                "no mpicc.openmpi/mpirun.openmpi under CI (scripts/test.sh installs openmpi-bin and libopenmpi-dev)"
+                "no {}/{} under CI (scripts/test.sh installs openmpi-bin, libopenmpi-dev, mpich, libmpich-dev)",
+                mpi.cc(),
+                mpi.launcher()
             );
-            eprintln!("SKIPPED: no OpenMPI (mpicc.openmpi, mpirun.openmpi) installed");
+            eprintln!("SKIPPED: no {} installed", mpi.launcher());
             return None;
         };
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("stasis-progs");
         std::fs::create_dir_all(&dir).unwrap();
-        let exe = dir.join(format!("mpiring-{}", std::process::id()));
+        let exe = dir.join(format!("mpiring-{mpi:?}-{}", std::process::id()));
         let out = Command::new(cc)
             .args(["-O1", "-o"])
             .arg(&exe)
             .arg(progs_src_dir().join("mpiring.c"))
             .output()
-            .expect("cannot run mpicc.openmpi");
+            .expect("cannot run the MPI compiler wrapper");
         assert!(
             out.status.success(),
-            "mpicc.openmpi failed:\n{}",
+            "{} failed:\n{}",
+            mpi.cc(),
             String::from_utf8_lossy(&out.stderr)
         );
         Some(exe)
@@ -72,7 +100,19 @@ fn mpiring() -> Option<PathBuf> {
 /// /dev/shm/vader_segment.* names: two jobs at once corrupt each other (seen: a rank
 /// dying of SIGSEGV, a job hanging at its first step). Giving each job a private /tmp
 /// and /dev/shm is the HPC-workflow issue's.
-fn mpirun(exe: &Path, tmp: &Path) -> Vec<String> {
+fn mpirun(mpi: Mpi, exe: &Path, tmp: &Path) -> Vec<String> {
+    if mpi == Mpi::Mpich {
+        // Started by fork (no ssh, no Slurm); its files are deleted while open.
+        return vec![
+            mpi.launcher().into(),
+            "-launcher".into(),
+            "fork".into(),
+            "-n".into(),
+            RANKS.into(),
+            exe.display().to_string(),
+            STEPS.into(),
+        ];
+    }
     vec![
         "mpirun.openmpi".into(),
         "--mca".into(),
@@ -90,38 +130,39 @@ fn mpirun(exe: &Path, tmp: &Path) -> Vec<String> {
 }
 
 /// The result of an uninterrupted run, outside stasis.
-fn reference(exe: &Path) -> String {
-    static R: OnceLock<String> = OnceLock::new();
-    R.get_or_init(|| {
-        let w = Work::new("mpi_reference");
-        std::fs::write(w.path("go"), b"").unwrap();
-        let argv = mpirun(exe, &w.dir);
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..]).current_dir(&w.dir);
-        allow_root(&mut cmd);
-        let out = cmd.output().expect("cannot run mpirun.openmpi");
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let ok = text
-            .lines()
-            .find(|l| l.starts_with("OK "))
-            .unwrap_or_else(|| {
-                panic!(
-                    "the reference run did not finish: {}\n{text}\n{}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr)
-                )
-            });
-        fields(ok)["result"].clone()
-    })
-    .clone()
+fn reference(mpi: Mpi, exe: &Path) -> String {
+    static R: [OnceLock<String>; 2] = [OnceLock::new(), OnceLock::new()];
+    R[mpi as usize]
+        .get_or_init(|| {
+            let w = Work::new("mpi_reference");
+            std::fs::write(w.path("go"), b"").unwrap();
+            let argv = mpirun(mpi, exe, &w.dir);
+            let mut cmd = Command::new(&argv[0]);
+            cmd.args(&argv[1..]).current_dir(&w.dir);
+            allow_root(&mut cmd);
+            let out = cmd.output().expect("cannot run mpirun.openmpi");
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let ok = text
+                .lines()
+                .find(|l| l.starts_with("OK "))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "the reference run did not finish: {}\n{text}\n{}",
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr)
+                    )
+                });
+            fields(ok)["result"].clone()
+        })
+        .clone()
 }
 
-fn mpi_cycles(name: &str, as_user: bool, private: bool) {
+fn mpi_cycles(mpi: Mpi, name: &str, as_user: bool, private: bool) {
     // One job at a time: 3 ranks and mpirun already oversubscribe the 2 cores.
     static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(exe) = mpiring() else { return };
-    let want = reference(&exe);
+    let Some(exe) = mpiring(mpi) else { return };
+    let want = reference(mpi, &exe);
     let mut w = Work::new(name);
     let mut exe_in = exe.clone();
     let mut owner = None;
@@ -147,7 +188,7 @@ fn mpi_cycles(name: &str, as_user: bool, private: bool) {
     if let Some((uid, gid)) = owner {
         std::os::unix::fs::chown(&tmp, Some(uid), Some(gid)).unwrap();
     }
-    let mut s = Session::start(&w, &mpirun(&exe_in, &tmp));
+    let mut s = Session::start(&w, &mpirun(mpi, &exe_in, &tmp));
     s.cur().wait_tick(20, T_READY);
     // A checkpoint that leaves the job running, then two kill/restart cycles.
     w.checkpoint_ok(false, s.cur());
@@ -171,7 +212,12 @@ fn mpi_cycles(name: &str, as_user: bool, private: bool) {
         .iter()
         .filter(|x| x["protocol"] == "tcp" && x["state"] == "connected")
         .count();
-    assert!(tcp > 0, "no TCP connection between mpirun and its ranks");
+    // OpenMPI's daemon talks to its ranks over loopback TCP (MPICH's fork launcher
+    // over inherited UNIX sockets).
+    assert!(
+        tcp > 0 || mpi == Mpi::Mpich,
+        "no TCP connection between mpirun and its ranks"
+    );
     if private {
         let repaired = meta["inet_sockets"]
             .as_array()
@@ -206,18 +252,30 @@ fn mpi_cycles(name: &str, as_user: bool, private: bool) {
 /// and the final result equals an uninterrupted run's.
 #[test]
 fn openmpi_job_host_network() {
-    mpi_cycles("mpi_host", false, false);
+    mpi_cycles(Mpi::OpenMpi, "mpi_host", false, false);
 }
 
 /// (2) The same with `stasis run --network private`: every TCP connection of the job
 /// is saved with TCP_REPAIR.
 #[test]
 fn openmpi_job_private_network() {
-    mpi_cycles("mpi_private", false, true);
+    mpi_cycles(Mpi::OpenMpi, "mpi_private", false, true);
 }
 
 /// (3) The same as a plain user (host network).
 #[test]
 fn openmpi_job_as_unprivileged_user() {
-    mpi_cycles("mpi_unpriv", true, false);
+    mpi_cycles(Mpi::OpenMpi, "mpi_unpriv", true, false);
+}
+
+/// (4) MPICH (Hydra's mpiexec, its proxy and 3 ranks), host network, as root.
+#[test]
+fn mpich_job_host_network() {
+    mpi_cycles(Mpi::Mpich, "mpich_host", false, false);
+}
+
+/// (5) MPICH as a plain user.
+#[test]
+fn mpich_job_as_unprivileged_user() {
+    mpi_cycles(Mpi::Mpich, "mpich_unpriv", true, false);
 }

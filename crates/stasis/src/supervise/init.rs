@@ -132,7 +132,9 @@ impl Timer {
     }
 }
 
-/// The init: PID 1 of the namespaces. Returns its exit code.
+/// The init: PID 1 of the namespaces. Waits until the supervisor has written its user
+/// and group ID maps, then executes stasis again as the init proper (see [`reexec`]);
+/// returns (an exit code) only if that fails.
 pub(super) fn init_main(
     dir: &Path,
     mode: Mode,
@@ -144,7 +146,7 @@ pub(super) fn init_main(
 ) -> i32 {
     // If the supervisor dies (even by SIGKILL), the init dies, and with it, as PID 1,
     // every process of the namespace. Set before the handshake, so that a supervisor
-    // dying earlier is seen as EOF below.
+    // dying earlier is seen as EOF below; kept across the execution.
     // SAFETY: prctl(PR_SET_PDEATHSIG) has no memory-safety preconditions.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     let mut b = [0u8; 1];
@@ -152,10 +154,132 @@ pub(super) fn init_main(
         return 1;
     }
     drop(sync);
+    let e = reexec(dir, mode, opts, &listener, &status, &started);
+    eprintln!("stasis: error: starting the namespace init: {e:#}");
+    let _ = status.write_all(b"error");
+    1
+}
+
+/// What the init is started with, passed over its execution (see [`reexec`]). Paths
+/// as bytes: they need not be UTF-8.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct InitArgs {
+    dir: Vec<u8>,
+    /// The command of `stasis run`, or
+    run: Option<Vec<String>>,
+    /// the checkpoints to restart from, newest first.
+    restart: Vec<Vec<u8>>,
+    opts: JobOptions,
+    /// Descriptors of the control socket, the status pipe and the started pipe.
+    fds: [i32; 3],
+}
+
+/// Executes stasis again (`stasis __init ARGS`, [`resume`]) in the namespaces, now that
+/// the init is root of its user namespace. The memory of a process belongs to the
+/// user namespace it was executed in, and a process that is not dumpable
+/// (PR_SET_DUMPABLE 0) may be traced, and its /proc files read, only by a holder of
+/// CAP_SYS_PTRACE there. Restored processes are forks of the init and keep its
+/// memory's namespace: this makes it the job's, where the init holds every capability,
+/// instead of the host's (the supervisor's memory, forked), where it holds none. The
+/// application of `stasis run` is executed in the namespace anyway.
+fn reexec(
+    dir: &Path,
+    mode: Mode,
+    opts: &JobOptions,
+    listener: &UnixListener,
+    status: &std::fs::File,
+    started: &std::fs::File,
+) -> anyhow::Error {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = |p: &Path| p.as_os_str().as_bytes().to_vec();
+    let (run, restart) = match mode {
+        Mode::Run(cmd) => (Some(cmd), Vec::new()),
+        Mode::Restart(paths) => (None, paths.iter().map(|p| bytes(p)).collect()),
+    };
+    let fds = [
+        listener.as_raw_fd(),
+        status.as_raw_fd(),
+        started.as_raw_fd(),
+    ];
+    let args = InitArgs {
+        dir: bytes(dir),
+        run,
+        restart,
+        opts: opts.clone(),
+        fds,
+    };
+    let json = match serde_json::to_string(&args) {
+        Ok(j) => j,
+        Err(e) => return anyhow::anyhow!("encoding its arguments: {e}"),
+    };
+    for fd in fds {
+        // SAFETY: clearing FD_CLOEXEC on descriptors we own, so that they are inherited.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
+            return anyhow::anyhow!("fcntl: {}", std::io::Error::last_os_error());
+        }
+    }
+    // The same verbosity (STASIS_LOG, if set, is inherited).
+    let level = tracing::level_filters::LevelFilter::current();
+    let verbosity = if level <= tracing::level_filters::LevelFilter::ERROR {
+        "-q"
+    } else if level >= tracing::level_filters::LevelFilter::DEBUG {
+        "-vv"
+    } else if level >= tracing::level_filters::LevelFilter::INFO {
+        "-v"
+    } else {
+        ""
+    };
+    let mut argv: Vec<CString> = vec![c"stasis".into()];
+    argv.extend(CString::new(verbosity).ok().filter(|v| !v.is_empty()));
+    argv.push(c"__init".into());
+    match CString::new(json) {
+        Ok(j) => argv.push(j),
+        Err(e) => return anyhow::anyhow!("encoding its arguments: {e}"),
+    }
+    let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+    // SAFETY: a NUL-terminated path and argument vector of valid C strings, alive
+    // across the call; the environment is ours.
+    unsafe { libc::execv(c"/proc/self/exe".as_ptr(), ptrs.as_ptr()) };
+    anyhow::anyhow!(
+        "executing /proc/self/exe: {}",
+        std::io::Error::last_os_error()
+    )
+}
+
+/// `stasis __init ARGS`: the init, executed again by [`init_main`]. Returns its exit
+/// code.
+pub fn resume(args: &str) -> i32 {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::io::FromRawFd;
+    let args: InitArgs = match serde_json::from_str(args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("stasis: error: `stasis __init` is stasis's own (bad arguments: {e})");
+            return 1;
+        }
+    };
+    let path = |b: &[u8]| PathBuf::from(std::ffi::OsStr::from_bytes(b));
+    for fd in args.fds {
+        // SAFETY: setting FD_CLOEXEC on descriptors passed to us; not inherited further.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    // SAFETY: the descriptors our pre-execution self passed on, open and ours alone.
+    let (listener, mut status, started) = unsafe {
+        (
+            UnixListener::from_raw_fd(args.fds[0]),
+            std::fs::File::from_raw_fd(args.fds[1]),
+            std::fs::File::from_raw_fd(args.fds[2]),
+        )
+    };
+    let mode = match args.run {
+        Some(cmd) => Mode::Run(cmd),
+        None => Mode::Restart(args.restart.iter().map(|p| path(p)).collect()),
+    };
     let report = |status: &mut std::fs::File, msg: &str| {
         let _ = status.write_all(msg.as_bytes());
     };
-    match init_inner(dir, mode, opts, &listener, started) {
+    match init_inner(&path(&args.dir), mode, &args.opts, &listener, started) {
         Ok(msg) => {
             report(&mut status, &msg);
             0

@@ -45,7 +45,7 @@ enum Mode {
 }
 
 /// What `stasis run` asks of the job besides running it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct JobOptions {
     /// A network namespace of the job's own (`--network private`).
     pub private_network: bool,
@@ -139,6 +139,11 @@ pub fn restart(dir: &Path, from: Option<&str>, show_progress: bool) -> Result<Ex
         ..JobOptions::default()
     };
     start(&dir, Mode::Restart(vec![path]), opts, progress)
+}
+
+/// `stasis __init ARGS` (internal): the namespace init, executed again by itself.
+pub fn init_resume(args: &str) -> ExitCode {
+    ExitCode::from(init::resume(args) as u8)
 }
 
 fn sigset(signals: &[i32]) -> libc::sigset_t {

@@ -1,0 +1,276 @@
+//! Process state that must come back (issue #11), each kind set up by a small program
+//! that checks its own state after `go`: the prctl settings and oom_score_adj of a
+//! tree (procflags.c: parent-death signals of two threads, a child subreaper, THP
+//! disabled, a non-dumpable process, raised oom_score_adj; after the restarts the
+//! parent-death signals fire and the subreaper adopts).
+//!
+//! Every program runs under `stasis run` through a checkpoint it survives, two
+//! `checkpoint --kill` / restart cycles at random moments (seed printed;
+//! STASIS_TEST_SEED repeats it) and a checkpoint of the restored job, as root and as a
+//! plain user; and started outside stasis through `checkpoint --pid P --dir D`,
+//! `--kill`, `stasis restart D` and a supervised cycle. The images are inspected for
+//! the saved state.
+mod common;
+use common::*;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+/// A work dir for the test; with `as_user`, every stasis command and the program run
+/// as the unprivileged test user (both copied into the work dir, which the user owns).
+/// Returns the work dir and the program's path.
+fn work_for(name: &str, program: &str, as_user: bool) -> (Work, PathBuf) {
+    if !as_user {
+        return (Work::new(name), prog(program));
+    }
+    let (uid, gid, prefix) = unprivileged_user();
+    let mut w = Work::new(name);
+    let bin = w.path("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    w.stasis = install(Path::new(STASIS), &bin, "stasis");
+    let exe = install(&prog(program), &bin, program);
+    w.give_to(uid, gid);
+    w.prefix = prefix;
+    (w, exe)
+}
+
+/// Whether a plain user may ptrace their own processes that are not their
+/// descendants (what `checkpoint --pid` of a user's process needs).
+fn user_may_ptrace() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
+        .map(|s| s.trim() == "0")
+        .unwrap_or(true)
+}
+
+/// Starts `exe ARGS` outside stasis (as the test user when `w` has a prefix), with
+/// the work dir as cwd, and waits for `ready`.
+fn spawn_direct(w: &Work, exe: &Path, args: &[&str]) -> Proc {
+    let mut cmd = if w.prefix.is_empty() {
+        Command::new(exe)
+    } else {
+        let mut c = Command::new(&w.prefix[0]);
+        c.args(&w.prefix[1..]).arg(exe);
+        c
+    };
+    cmd.args(args).current_dir(&w.dir).process_group(0);
+    let mut app = w.spawn("direct", cmd, Stdio::null());
+    app.wait_ready();
+    app
+}
+
+/// `stasis checkpoint --pid PID --dir ck [--kill]`.
+fn checkpoint_pid(w: &Work, pid: i32, kill: bool) -> CmdOut {
+    let pid = pid.to_string();
+    let mut args: Vec<&OsStr> = vec![
+        "checkpoint".as_ref(),
+        "--pid".as_ref(),
+        pid.as_ref(),
+        "--dir".as_ref(),
+        w.ck.as_os_str(),
+    ];
+    if kill {
+        args.push("--kill".as_ref());
+    }
+    w.stasis(if kill { "ckpt-pid-kill" } else { "ckpt-pid" }, &args)
+}
+
+/// pid -> process object of `stasis inspect --json` output.
+fn image_procs(meta: &Value) -> BTreeMap<i64, &Value> {
+    meta["processes"]
+        .as_array()
+        .expect("no processes array in inspect --json")
+        .iter()
+        .map(|p| (p["pid"].as_i64().expect("process without pid"), p))
+        .collect()
+}
+
+/// The process `pid` of an image.
+fn image_proc(meta: &Value, pid: i64) -> &Value {
+    image_procs(meta)
+        .remove(&pid)
+        .unwrap_or_else(|| panic!("process {pid} is not in the image"))
+}
+
+/// Checks an image; gets the image and the program's `ready` line.
+type ImageCheck = fn(&Value, &str, &str);
+
+/// The program under `stasis run`: a checkpoint it survives, two checkpoint --kill /
+/// restart cycles at random moments, a checkpoint of the restored job, then `go`.
+/// Every image is checked by `check`. Returns the OK line.
+fn run_cycles(name: &str, program: &str, args: &[&str], as_user: bool, check: ImageCheck) {
+    let t0 = Instant::now();
+    let (w, exe) = work_for(name, program, as_user);
+    let mut rng = Rng::new(name);
+    let mut argv: Vec<&OsStr> = vec![exe.as_os_str()];
+    argv.extend(args.iter().map(OsStr::new));
+    let mut s = Session::start(&w, &argv);
+    let ready = s.cur().lines()[0].clone();
+    if as_user {
+        let (uid, _, _) = unprivileged_user();
+        for pid in procs_in(&w.dir) {
+            let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let line = st.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
+            assert!(
+                line.split_whitespace()
+                    .skip(1)
+                    .all(|u| u == uid.to_string()),
+                "process {pid} runs as {line:?}, not the test user {uid}"
+            );
+        }
+    }
+    s.cur().wait_tick(3, T_READY);
+    w.checkpoint_ok(false, s.cur());
+    check(&w.inspect_json(), &ready, "checkpoint without --kill");
+    s.cur().wait_more_ticks(2, T_READY);
+    for i in 0..2 {
+        rng.sleep_ms(10, 200);
+        s.checkpoint_kill();
+        check(
+            &w.inspect_json(),
+            &ready,
+            &format!("checkpoint --kill #{i}"),
+        );
+        s.restart(Probe::Ticks);
+    }
+    // The restored job can be checkpointed again, and runs on.
+    w.checkpoint_ok(false, s.cur());
+    check(&w.inspect_json(), &ready, "checkpoint of the restored job");
+    s.cur().wait_more_ticks(2, T_READY);
+    let ok = s.finish();
+    s.assert_no_rerun();
+    assert_ticks_consecutive(&s.outputs(), Some(0));
+    eprintln!("{name}: {ok}");
+    elapsed(t0, name);
+}
+
+/// The program started outside stasis: `checkpoint --pid` (it runs on),
+/// `checkpoint --pid --kill`, `stasis restart`, a supervised kill/restart cycle, `go`.
+fn pid_cycles(name: &str, program: &str, args: &[&str], as_user: bool, check: ImageCheck) {
+    let t0 = Instant::now();
+    let (w, exe) = work_for(name, program, as_user);
+    let mut app = spawn_direct(&w, &exe, args);
+    let ready = app.lines()[0].clone();
+    app.wait_tick(3, T_READY);
+    let r = checkpoint_pid(&w, app.pid(), false);
+    assert!(r.status.success(), "{r}\n{}", app.diag());
+    check(&w.inspect_json(), &ready, "checkpoint --pid");
+    app.wait_more_ticks(2, T_READY);
+    let r = checkpoint_pid(&w, app.pid(), true);
+    assert!(r.status.success(), "{r}\n{}", app.diag());
+    let st = app.wait(T_CMD);
+    assert_eq!(
+        st.signal(),
+        Some(libc::SIGKILL),
+        "checkpoint --pid --kill should have killed the application: {}",
+        status_str(&st)
+    );
+    check(&w.inspect_json(), &ready, "checkpoint --pid --kill");
+    let mut s = Session::from_proc(&w, app);
+    s.restart(Probe::Ticks);
+    s.cycle(Probe::Ticks);
+    let ok = s.finish();
+    s.assert_no_rerun();
+    assert_ticks_consecutive(&s.outputs(), Some(0));
+    eprintln!("{name}: {ok}");
+    elapsed(t0, name);
+}
+
+// ---------------------------------------------------------------------------
+// procflags.c: prctl settings and oom_score_adj
+// ---------------------------------------------------------------------------
+
+/// R, M and G of procflags.c's image: R a subreaper with THP disabled and
+/// oom_score_adj 300; M with its THP mode, dumpability and 500; G with THP allowed,
+/// 500, and parent-death signals SIGUSR1 (main thread) and SIGUSR2 (its other thread).
+fn check_procflags(meta: &Value, ready: &str, what: &str) {
+    let f = fields(ready);
+    let id = |k: &str| -> i64 { f[k].parse().unwrap() };
+    let settings = |pid: i64| image_proc(meta, pid)["settings"].clone();
+    let r = settings(id("pid"));
+    assert_eq!(r["child_subreaper"], true, "{what}: R {r}");
+    assert_eq!(num(&r, "thp_disable"), 1, "{what}: R {r}");
+    assert_eq!(num(&r, "dumpable"), 1, "{what}: R {r}");
+    assert_eq!(num(&r, "oom_score_adj"), 300, "{what}: R {r}");
+    let m = settings(id("m"));
+    assert_eq!(m["child_subreaper"], false, "{what}: M {m}");
+    assert_eq!(num(&m, "thp_disable"), id("mthp"), "{what}: M {m}");
+    assert_eq!(num(&m, "dumpable"), id("mdumpable"), "{what}: M {m}");
+    assert_eq!(num(&m, "oom_score_adj"), 500, "{what}: M {m}");
+    let gp = image_proc(meta, id("g"));
+    let g = &gp["settings"];
+    assert_eq!(num(g, "thp_disable"), 0, "{what}: G {g}");
+    assert_eq!(num(g, "oom_score_adj"), 500, "{what}: G {g}");
+    let threads = gp["threads"].as_array().expect("G without threads");
+    let pdeath: Vec<i64> = threads.iter().map(|t| num(t, "pdeath_signal")).collect();
+    assert_eq!(
+        pdeath,
+        vec![libc::SIGUSR1 as i64, libc::SIGUSR2 as i64],
+        "{what}: G's threads' parent-death signals"
+    );
+}
+
+#[test]
+fn prctl_settings_under_run() {
+    run_cycles("ps2_flags", "procflags", &[], false, check_procflags);
+}
+
+#[test]
+fn prctl_settings_under_run_as_unprivileged_user() {
+    run_cycles("ps2_flags_user", "procflags", &[], true, check_procflags);
+}
+
+#[test]
+fn prctl_settings_by_pid() {
+    pid_cycles("ps2_flags_pid", "procflags", &[], false, check_procflags);
+}
+
+/// As a plain user, by `--pid`, with every process dumpable (a plain user cannot trace
+/// a non-dumpable process it did not start under stasis: see the next test).
+#[test]
+fn prctl_settings_by_pid_as_unprivileged_user() {
+    if !user_may_ptrace() {
+        eprintln!("skipped: kernel.yama.ptrace_scope forbids a user to trace a non-descendant");
+        return;
+    }
+    pid_cycles(
+        "ps2_flags_pid_user",
+        "procflags",
+        &["dumpable"],
+        true,
+        check_procflags,
+    );
+}
+
+/// A plain user's `checkpoint --pid` of a tree holding a non-dumpable process (M) is
+/// refused with an error naming M and why; nothing is published and the job runs on
+/// and ends well.
+#[test]
+fn non_dumpable_process_by_pid_as_unprivileged_user_is_refused() {
+    if !user_may_ptrace() {
+        eprintln!("skipped: kernel.yama.ptrace_scope forbids a user to trace a non-descendant");
+        return;
+    }
+    let (w, exe) = work_for("ps2_nodump_pid_user", "procflags", true);
+    let mut app = spawn_direct(&w, &exe, &[]);
+    let m = field_num(&app.lines()[0], "m") as i64;
+    app.wait_tick(3, T_READY);
+    for kill in [false, true] {
+        let r = checkpoint_pid(&w, app.pid(), kill);
+        assert!(!r.status.success(), "the checkpoint should fail: {r}");
+        assert!(
+            r.stderr.contains("not dumpable") && mentions_number(&r.stderr, m),
+            "the error should name process {m} and say it is not dumpable: {r}"
+        );
+        assert!(w.checkpoints().is_empty(), "{:?}", w.checkpoints());
+        app.wait_more_ticks(2, T_READY);
+    }
+    w.go();
+    app.expect_exit(0, T_CMD);
+    let last = app.lines().last().cloned().unwrap_or_default();
+    assert!(last.starts_with("OK"), "{last}\n{}", app.diag());
+}
