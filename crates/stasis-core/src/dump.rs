@@ -167,6 +167,8 @@ fn checkpoint_locked(
         )?);
     }
     registry.sockets.end_repair();
+    // File locks held through no fd of the job, read while everything is frozen.
+    registry.locks.check()?;
     // System V objects, read while everything is frozen.
     let sysv = sysv_of(opts, &parts, &mut writer)?;
     let snapshotted = parts.iter().any(|p| p.snapshot.is_some());
@@ -694,6 +696,7 @@ fn dump_frozen(
             itimers: ts.itimers,
             settings: ts.settings,
             threads,
+            locks: registry.locks.take(pid),
         },
         layout,
         plan: plan.unwrap_or_default(),

@@ -84,6 +84,8 @@ pub struct Registry {
     pub sockets: crate::sockets::Collector,
     /// Pseudo-terminal pairs found so far.
     pub ptys: Vec<stasis_image::Pty>,
+    /// File locks found so far.
+    pub locks: crate::locks::Collector,
     next: u64,
     /// (dev, ino, pid, fd, desc) of every fd seen so far.
     seen: Vec<(u64, u64, i32, i32, u64)>,
@@ -94,6 +96,7 @@ impl Registry {
     /// A registry for one checkpoint of the processes `job`.
     pub fn new(job: Vec<i32>, tcp_external: crate::sockets::TcpExternal, repair: bool) -> Registry {
         Registry {
+            locks: crate::locks::Collector::new(&job),
             sockets: crate::sockets::Collector::new(job, tcp_external, repair),
             ..Registry::default()
         }
@@ -253,6 +256,8 @@ impl Registry {
                 });
             };
             let desc = self.describe(pid, fd, &md);
+            self.locks
+                .add_fd(pid, fd, &target, &kind, desc, &info.text)?;
             out.push(Fd {
                 fd,
                 cloexec,

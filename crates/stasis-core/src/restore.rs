@@ -143,6 +143,8 @@ pub fn restore(image: &CheckpointReader, stdio: [Option<i32>; 3]) -> Result<i32>
     let descs = files::open_descriptions(meta, image, &stdio, &shm_objs, &mut socket_fds)
         .map_err(restore_err)?;
     drop(socket_fds);
+    // OFD and flock locks belong to the descriptions: taken once, here.
+    crate::locks::take_shared(meta, &descs)?;
     let mut socks = Vec::with_capacity(procs.len());
     for p in procs {
         let mut sv = [0i32; 2];
@@ -447,6 +449,9 @@ fn rebuild(
     }
     // The socket the process reported on.
     inj.raw(libc::SYS_close, &[prep.report_fd as u64])?;
+    // POSIX locks, by the process itself once it closes no fd any more (a close of
+    // any fd of a file drops them).
+    crate::locks::take_posix(&inj, child, p, &scratch)?;
     // Process group: leaders made theirs while preparing; the others join now that
     // every process exists.
     if p.pgid > 0 && p.pgid != p.pid {

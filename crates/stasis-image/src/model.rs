@@ -373,6 +373,38 @@ pub struct Process {
     pub settings: ProcessSettings,
     /// Threads; the first is the thread-group leader.
     pub threads: Vec<Thread>,
+    /// File locks this process holds (POSIX record locks), or that are held by an
+    /// open file description it has (OFD locks, flock), each recorded once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub locks: Vec<FileLock>,
+}
+
+/// One file lock, taken again at restore through fd `fd` of its process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileLock {
+    /// The fd it is held through (POSIX: the process owns it; OFD and flock: the fd's
+    /// open file description owns it).
+    pub fd: i32,
+    pub kind: LockKind,
+    /// A write (exclusive) lock, else a read (shared) lock.
+    pub write: bool,
+    /// First byte (0 for flock, which locks the whole file).
+    pub start: u64,
+    /// Last byte, inclusive; None: to the end of the file and beyond.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<u64>,
+}
+
+/// Which kind of file lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LockKind {
+    /// fcntl F_SETLK/F_SETLKW: owned by the process.
+    Posix,
+    /// fcntl F_OFD_SETLK: owned by the open file description.
+    Ofd,
+    /// flock(2): owned by the open file description.
+    Flock,
 }
 
 /// Process-wide settings a process makes about itself with prctl(2) or /proc/PID
@@ -389,6 +421,10 @@ pub struct ProcessSettings {
     pub dumpable: u32,
     /// /proc/PID/oom_score_adj (-1000..1000).
     pub oom_score_adj: i32,
+    /// membarrier(2) registrations, as MEMBARRIER_CMD_GET_REGISTRATIONS reports them:
+    /// the MEMBARRIER_CMD_REGISTER_* commands issued (GLOBAL_EXPEDITED 4,
+    /// PRIVATE_EXPEDITED 16, PRIVATE_EXPEDITED_SYNC_CORE 64, PRIVATE_EXPEDITED_RSEQ 256).
+    pub membarrier: u32,
 }
 
 impl Default for ProcessSettings {
@@ -398,6 +434,7 @@ impl Default for ProcessSettings {
             thp_disable: 0,
             dumpable: 1,
             oom_score_adj: 0,
+            membarrier: 0,
         }
     }
 }
