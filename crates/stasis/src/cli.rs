@@ -201,6 +201,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Say whether the job of DIR runs, and list its checkpoints.
+    ///
+    /// For each checkpoint: when it was taken, its size, how many processes it holds,
+    /// how long the job was paused for it, and the earlier checkpoints an incremental
+    /// one needs. Reads the files as they are (`stasis verify` checks them); --json
+    /// prints the same for scripts.
+    Status {
+        /// Checkpoint directory.
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check that checkpoints are intact, without restoring anything.
     ///
     /// Reads every file of every checkpoint in DIR (or only the newest with --latest) and
@@ -299,6 +313,9 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Restart { dir, from } => supervise::restart(&dir, from.as_deref(), !cli.quiet),
         Command::Inspect { dir, json } => inspect::inspect(&dir, json).map(|()| ExitCode::SUCCESS),
+        Command::Status { dir, json } => {
+            crate::status::status(&dir, json).map(|()| ExitCode::SUCCESS)
+        }
         Command::Verify { dir, latest } => inspect::verify(&dir, latest),
         Command::Demo { dir } => demo::demo(dir),
         Command::Init { args } => Ok(supervise::init_resume(&args)),

@@ -64,6 +64,11 @@ fn address(dir: &Path) -> Result<SocketAddr> {
     SocketAddr::from_abstract_name(name.as_bytes()).context("building the control socket address")
 }
 
+/// Whether a `stasis run`/`restart` supervises `dir` now (its control socket answers).
+pub fn is_supervised(dir: &Path) -> bool {
+    address(dir).is_ok_and(|a| UnixStream::connect_addr(&a).is_ok())
+}
+
 /// Binds the control socket of `dir`; fails if another stasis already supervises it.
 pub fn listen(dir: &Path) -> Result<UnixListener> {
     let addr = address(dir)?;

@@ -2,13 +2,15 @@
 //!
 //! This crate is the command line: argument parsing ([`cli`]), the supervisor and the
 //! namespace init that `run` and `restart` start ([`supervise`]), the control socket
-//! that `checkpoint` talks to ([`control`]), `inspect` ([`inspect`]) and the built-in
+//! that `checkpoint` talks to ([`control`]), `inspect` ([`inspect`]), `status`
+//! ([`status`]) and the built-in
 //! demonstration ([`demo`]). The engine is in the stasis-core crate.
 
 mod cli;
 mod control;
 mod demo;
 mod inspect;
+mod status;
 mod supervise;
 
 use clap::Parser;

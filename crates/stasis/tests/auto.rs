@@ -4,7 +4,7 @@
 //! system's warning signal asks), and `stasis run` in a directory that holds
 //! checkpoints (resumes from the newest; a damaged one is passed over with a warning;
 //! `--fresh` starts anew), also after the job was killed with SIGKILL between two
-//! checkpoints (a lost node). Every test runs counter.c, whose ticks carry a hash of
+//! checkpoints (a lost node); and `stasis status`. Every test runs counter.c, whose ticks carry a hash of
 //! its whole history, so a resumed run that is not exactly the saved state shows.
 mod common;
 use common::*;
@@ -64,6 +64,29 @@ fn periodic_checkpoints_keep_the_newest() {
     assert!(after > before + 5);
     let cks = w.checkpoints();
     assert_eq!(cks.len(), 2, "--keep 2: {cks:?}");
+    // `stasis status`: running, the checkpoints on disk, each with its pause.
+    let st = status_json(&w);
+    assert_eq!(st["running"].as_bool(), Some(true), "{st}");
+    let listed: Vec<String> = st["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
+    let on_disk = w.checkpoints();
+    assert!(
+        listed
+            .iter()
+            .all(|c| on_disk.contains(c) || c < &on_disk[0]),
+        "status lists {listed:?}, on disk {on_disk:?}"
+    );
+    for c in st["checkpoints"].as_array().unwrap() {
+        assert!(c["pause_ms"].as_f64().unwrap() > 0.0, "{c}");
+        assert!(c["bytes"].as_u64().unwrap() > 0, "{c}");
+        assert_eq!(c["processes"].as_u64(), Some(1), "{c}");
+        let age = now_ms().saturating_sub(c["created_unix_ms"].as_u64().unwrap());
+        assert!(age < 60_000, "checkpoint taken {age} ms ago: {c}");
+    }
     assert!(
         cks.iter().all(|c| c.as_str() >= "checkpoint-000002"),
         "the newest kept: {cks:?}"
@@ -71,6 +94,25 @@ fn periodic_checkpoints_keep_the_newest() {
     s.cycle(Probe::Ticks);
     s.finish();
     verify_counter(&s.outputs(), Some(0));
+    let st = status_json(&w);
+    assert_eq!(st["running"].as_bool(), Some(false), "{st}");
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// `stasis status --json DIR`.
+fn status_json(w: &Work) -> serde_json::Value {
+    let r = w.stasis(
+        "status",
+        &["status".as_ref(), "--json".as_ref(), w.ck.as_os_str()],
+    );
+    assert!(r.status.success(), "{r}");
+    serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("status --json: {e}: {r}"))
 }
 
 /// (2) `--checkpoint-on USR1`: the signal (what Slurm's `--signal=B:USR1@300` sends
