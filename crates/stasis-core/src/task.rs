@@ -1,8 +1,8 @@
 //! Process attributes that are neither memory, files, signals nor threads: cwd, umask,
 //! personality, resource limits, interval timers, command name, the process-wide prctl
-//! settings (child subreaper, THP disable, dumpable) and oom_score_adj, and the `mm`
-//! fields (code/data/brk/stack/arg/env boundaries, auxv, exe link) that PR_SET_MM_MAP
-//! restores.
+//! settings (child subreaper, THP disable, dumpable), oom_score_adj and membarrier
+//! registrations, and the `mm` fields (code/data/brk/stack/arg/env boundaries, auxv,
+//! exe link) that PR_SET_MM_MAP restores.
 
 use crate::error::{Error, Result, SysContext};
 use crate::inject::{u64_at, Injector, Scratch};
@@ -16,6 +16,17 @@ const PR_GET_CHILD_SUBREAPER: u64 = 37;
 const PR_SET_THP_DISABLE: i32 = 41;
 const PR_GET_THP_DISABLE: u64 = 42;
 const PR_SET_MM: u64 = 35;
+const MEMBARRIER_CMD_QUERY: u64 = 0;
+const MEMBARRIER_CMD_GET_REGISTRATIONS: u64 = 1 << 9;
+/// (command that fails with EPERM unless registered, its registration command), for
+/// kernels without MEMBARRIER_CMD_GET_REGISTRATIONS (before 6.3).
+const MEMBARRIER_PROBES: [(u64, u64); 3] = [
+    (1 << 3, 1 << 4), // PRIVATE_EXPEDITED
+    (1 << 5, 1 << 6), // PRIVATE_EXPEDITED_SYNC_CORE
+    (1 << 7, 1 << 8), // PRIVATE_EXPEDITED_RSEQ
+];
+/// The registration commands restore issues again (GLOBAL_EXPEDITED and the above).
+const MEMBARRIER_REGISTRATIONS: [u32; 4] = [1 << 2, 1 << 4, 1 << 6, 1 << 8];
 const PR_SET_MM_MAP: u64 = 14;
 /// sizeof(struct prctl_mm_map).
 const PRCTL_MM_MAP_SIZE: usize = 104;
@@ -187,6 +198,7 @@ fn dump_settings(proc: &ProcDir, inj: &Injector, scratch: &Scratch) -> Result<Pr
         libc::SYS_prctl,
         &[PR_GET_DUMPABLE, 0, 0, 0, 0],
     )? as u32;
+    let membarrier = membarrier_registrations(inj)?;
     let adj = proc.read_string("oom_score_adj")?;
     let oom_score_adj = adj.trim().parse().map_err(|_| Error::Unsupported {
         pid,
@@ -197,11 +209,64 @@ fn dump_settings(proc: &ProcDir, inj: &Injector, scratch: &Scratch) -> Result<Pr
         thp_disable,
         dumpable,
         oom_score_adj,
+        membarrier,
     })
 }
 
-/// Gives the calling (new) process the saved child-subreaper and THP settings and
-/// oom_score_adj. Lowering oom_score_adj below what the restorer has needs privilege
+/// The membarrier(2) registrations of the stopped process `inj` runs in (they belong
+/// to its memory; /proc does not show them): asked with an injected
+/// MEMBARRIER_CMD_GET_REGISTRATIONS, or, on kernels without it, probed by injecting
+/// each private expedited command, which fails with EPERM unless registered (a memory
+/// barrier on the frozen process's threads, otherwise without effect). A registration
+/// for GLOBAL_EXPEDITED cannot be probed so: on such kernels it is not saved.
+fn membarrier_registrations(inj: &Injector) -> Result<u32> {
+    let supported = inj.raw(libc::SYS_membarrier, &[MEMBARRIER_CMD_QUERY, 0, 0])?;
+    if supported < 0 {
+        return Ok(0); // no membarrier in this kernel
+    }
+    let supported = supported as u64;
+    if supported & MEMBARRIER_CMD_GET_REGISTRATIONS != 0 {
+        let r = inj.call(
+            "membarrier(MEMBARRIER_CMD_GET_REGISTRATIONS)",
+            libc::SYS_membarrier,
+            &[MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0],
+        )?;
+        return Ok(r as u32);
+    }
+    let mut mask = 0;
+    for (cmd, register) in MEMBARRIER_PROBES {
+        if supported & cmd != 0 && inj.raw(libc::SYS_membarrier, &[cmd, 0, 0])? == 0 {
+            mask |= register as u32;
+        }
+    }
+    Ok(mask)
+}
+
+/// Registers the calling (new) process for the membarrier commands of `mask` again.
+fn restore_membarrier(mask: u32, warnings: &mut Vec<String>) -> std::result::Result<(), String> {
+    for register in MEMBARRIER_REGISTRATIONS
+        .into_iter()
+        .filter(|r| mask & r != 0)
+    {
+        // SAFETY: membarrier registration of our own memory; integer arguments only.
+        if unsafe { libc::syscall(libc::SYS_membarrier, register, 0u32, 0i32) } != 0 {
+            return Err(format!(
+                "registering again for membarrier (MEMBARRIER_CMD_REGISTER_* {register}): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    let unknown = mask & !MEMBARRIER_REGISTRATIONS.iter().fold(0, |a, r| a | r);
+    if unknown != 0 {
+        warnings.push(format!(
+            "membarrier registrations {unknown:#x} unknown to this stasis: not restored"
+        ));
+    }
+    Ok(())
+}
+
+/// Gives the calling (new) process the saved child-subreaper and THP settings,
+/// membarrier registrations and oom_score_adj. Lowering oom_score_adj below what the restorer has needs privilege
 /// (CAP_SYS_RESOURCE): then it is left higher, with a warning. Dumpability is set
 /// last of all, by [`restore_dumpable`].
 fn restore_settings(
@@ -228,6 +293,7 @@ fn restore_settings(
         (0, 0)
     };
     prctl("prctl(PR_SET_THP_DISABLE)", PR_SET_THP_DISABLE, off, flags)?;
+    restore_membarrier(s.membarrier, warnings)?;
     let path = "/proc/self/oom_score_adj";
     let now: i32 = std::fs::read_to_string(path)
         .ok()
@@ -270,7 +336,7 @@ pub fn restore_dumpable(inj: &Injector, s: &ProcessSettings) -> Result<()> {
 }
 
 /// Restores cwd, umask, personality, rlimits, timers, the child-subreaper and THP
-/// settings and oom_score_adj in the calling (new) process. Hard limits above the
+/// settings, membarrier registrations and oom_score_adj in the calling (new) process. Hard limits above the
 /// current ones cannot be raised without privilege; they are capped and reported in
 /// the returned warnings.
 pub fn restore_attrs(p: &stasis_image::Process) -> std::result::Result<Vec<String>, String> {

@@ -2,7 +2,9 @@
 //! that checks its own state after `go`: the prctl settings and oom_score_adj of a
 //! tree (procflags.c: parent-death signals of two threads, a child subreaper, THP
 //! disabled, a non-dumpable process, raised oom_score_adj; after the restarts the
-//! parent-death signals fire and the subreaper adopts).
+//! parent-death signals fire and the subreaper adopts), membarrier registrations
+//! (membarrier.c: after the restarts the registered process's private expedited
+//! commands succeed, its unregistered child's still fail with EPERM).
 //!
 //! Every program runs under `stasis run` through a checkpoint it survives, two
 //! `checkpoint --kill` / restart cycles at random moments (seed printed;
@@ -273,4 +275,42 @@ fn non_dumpable_process_by_pid_as_unprivileged_user_is_refused() {
     app.expect_exit(0, T_CMD);
     let last = app.lines().last().cloned().unwrap_or_default();
     assert!(last.starts_with("OK"), "{last}\n{}", app.diag());
+}
+
+// ---------------------------------------------------------------------------
+// membarrier.c: membarrier registrations
+// ---------------------------------------------------------------------------
+
+/// The registered process has the registrations it made (`mask` of the ready line),
+/// its child none.
+fn check_membarrier(meta: &Value, ready: &str, what: &str) {
+    let f = fields(ready);
+    let id = |k: &str| -> i64 { f[k].parse().unwrap() };
+    let reg = |pid: i64| num(&image_proc(meta, pid)["settings"], "membarrier");
+    assert_eq!(reg(id("pid")), id("mask"), "{what}: the registrations");
+    assert_eq!(reg(id("child")), 0, "{what}: the child's registrations");
+}
+
+#[test]
+fn membarrier_registrations_under_run() {
+    run_cycles("ps2_mb", "membarrier", &[], false, check_membarrier);
+}
+
+#[test]
+fn membarrier_registrations_under_run_as_unprivileged_user() {
+    run_cycles("ps2_mb_user", "membarrier", &[], true, check_membarrier);
+}
+
+#[test]
+fn membarrier_registrations_by_pid() {
+    pid_cycles("ps2_mb_pid", "membarrier", &[], false, check_membarrier);
+}
+
+#[test]
+fn membarrier_registrations_by_pid_as_unprivileged_user() {
+    if !user_may_ptrace() {
+        eprintln!("skipped: kernel.yama.ptrace_scope forbids a user to trace a non-descendant");
+        return;
+    }
+    pid_cycles("ps2_mb_pid_user", "membarrier", &[], true, check_membarrier);
 }
