@@ -168,7 +168,11 @@ fn checkpoint_locked(
     }
     registry.sockets.end_repair();
     // File locks held through no fd of the job, read while everything is frozen.
-    registry.locks.check()?;
+    for (pid, lock) in registry.locks.check()? {
+        if let Some(part) = parts.iter_mut().find(|p| p.process.pid == pid) {
+            part.process.locks.push(lock);
+        }
+    }
     // System V objects, read while everything is frozen.
     let sysv = sysv_of(opts, &parts, &mut writer)?;
     let snapshotted = parts.iter().any(|p| p.snapshot.is_some());

@@ -226,6 +226,7 @@ impl Collector {
                 write: e.ty == "WRITE",
                 start: e.start,
                 end: e.end,
+                mapped: None,
             });
         }
         self.posix_done.insert((pid, desc));
@@ -239,14 +240,18 @@ impl Collector {
     }
 
     /// Reads `/proc/locks` (the job frozen) and refuses a lock a process of the job
-    /// holds through no fd of the job; see the module documentation.
-    pub fn check(&self) -> Result<()> {
+    /// holds through no fd of the job; see the module documentation. A flock or OFD
+    /// lock a process of the job took on a file the job maps, held through no fd, is
+    /// held through that mapping: it is returned, by process, to be taken again on the
+    /// restored mapping's file.
+    pub fn check(&self) -> Result<Vec<(i32, FileLock)>> {
+        let mut through_maps = Vec::new();
         let text = match std::fs::read_to_string("/proc/locks") {
             Ok(t) => t,
             Err(e) => {
                 // Without it the fds' own lock lines are all there is.
                 tracing::warn!("cannot read /proc/locks ({e}): locks held only through a mapping are not detected");
-                return Ok(());
+                return Ok(through_maps);
             }
         };
         let mut left = self.claimed.clone();
@@ -258,6 +263,25 @@ impl Collector {
             if let Some(n) = left.get_mut(&e.key()).filter(|n| **n > 0) {
                 *n -= 1;
                 continue;
+            }
+            // A flock a process of the job took (its pid is shown; an OFD lock shows
+            // none, and could be another program's) on a file the job maps.
+            if e.class == "FLOCK" && self.job.contains(&e.pid) {
+                let maps = maps.get_or_insert_with(|| self.mapped_files());
+                if let (Some((pid, path)), Some(kind)) = (maps.get(&e.file), e.kind()) {
+                    through_maps.push((
+                        *pid,
+                        FileLock {
+                            fd: -1,
+                            kind,
+                            write: e.ty == "WRITE",
+                            start: e.start,
+                            end: e.end,
+                            mapped: Some(path.clone()),
+                        },
+                    ));
+                    continue;
+                }
             }
             if self.job.contains(&e.pid) {
                 let maps = maps.get_or_insert_with(|| self.mapped_files());
@@ -289,7 +313,7 @@ impl Collector {
                 }
             }
         }
-        Ok(())
+        Ok(through_maps)
     }
 
     /// `MAJOR:MINOR:INODE` -> (process, path) of every file the job maps.
@@ -384,7 +408,11 @@ fn holder(fd: i32, l: &FileLock) -> String {
 /// `descs` (by description id), in the restorer.
 pub fn take_shared(meta: &Checkpoint, descs: &HashMap<u64, OwnedFd>) -> Result<()> {
     for p in &meta.processes {
-        for l in p.locks.iter().filter(|l| l.kind != LockKind::Posix) {
+        for l in p
+            .locks
+            .iter()
+            .filter(|l| l.kind != LockKind::Posix && l.mapped.is_none())
+        {
             let restore_err = |msg: String| Error::Restore {
                 pid: p.pid,
                 msg: format!("{}: {msg}", fd_name(p, l.fd)),
@@ -417,6 +445,47 @@ pub fn take_shared(meta: &Checkpoint, descs: &HashMap<u64, OwnedFd>) -> Result<(
                     holder(fd, l)
                 )));
             }
+        }
+    }
+    Ok(())
+}
+
+/// Takes the locks process `p` held through mappings (`FileLock::mapped`) on the files
+/// its mappings are about to be made from (`map_files`: path -> our fd), in the
+/// restoring process: the mappings keep those open file descriptions, and with them
+/// the locks, once the fds are closed.
+pub fn take_mapped(
+    p: &Process,
+    map_files: &HashMap<String, i32>,
+) -> std::result::Result<(), String> {
+    for l in &p.locks {
+        let Some(path) = &l.mapped else { continue };
+        let fd = *map_files.get(path).ok_or_else(|| {
+            format!(
+                "{path}: its {} is held through a mapping the image lacks",
+                lock_text(l)
+            )
+        })?;
+        let r = if l.kind == LockKind::Flock {
+            let op = if l.write {
+                libc::LOCK_EX
+            } else {
+                libc::LOCK_SH
+            };
+            // SAFETY: flock on a descriptor we own.
+            unsafe { libc::flock(fd, op | libc::LOCK_NB) }
+        } else {
+            let f = flock_struct(l);
+            // SAFETY: F_OFD_SETLK on a descriptor we own with a valid struct flock.
+            unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &f) }
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(format!(
+                "{path}: cannot take back the {} held through its mapping: {e}{}",
+                lock_text(l),
+                holder(fd, l)
+            ));
         }
     }
     Ok(())

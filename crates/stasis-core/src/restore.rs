@@ -766,6 +766,9 @@ fn prepare(
             }
         }
     }
+    // Locks held through a mapping: taken on the file the mapping is made from, which
+    // it then keeps (the fd is closed once mapped).
+    crate::locks::take_mapped(p, &map_files)?;
     signals::restore_actions(&p.signals)?;
     // SAFETY: maps two fresh pages at an address the restorer checked is free in both
     // layouts (NOREPLACE refuses anything else).

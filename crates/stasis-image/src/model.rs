@@ -393,6 +393,11 @@ pub struct FileLock {
     /// Last byte, inclusive; None: to the end of the file and beyond.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end: Option<u64>,
+    /// OFD and flock locks held through no fd but through a mapping of this file (the
+    /// JVM's perfdata file: flocked, mapped, closed): `fd` is -1 and the lock is taken
+    /// again on the file the restored mapping is made from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapped: Option<String>,
 }
 
 /// Which kind of file lock.

@@ -390,10 +390,47 @@ fn a_lease_is_refused_as_unprivileged_user() {
     refused("lease", "lease.dat", true);
 }
 
-/// (5) A flock whose description only a memory mapping keeps (the fd closed):
-/// no fd to take it back through at restart. Refused naming the process and
-/// the file; the job runs on with its lock.
+/// (5) A flock whose description only a memory mapping keeps (the fd closed), as
+/// the JVM does with its perfdata file: the image records it against the mapped
+/// file, the restore takes it on the file the mapping is made from; after a
+/// checkpoint and two checkpoint --kill/restart cycles another process still cannot
+/// take the file, and the mapping still carries the program's stamps.
+fn mapped_cycles(as_user: bool) {
+    let name = if as_user {
+        "locks_mapped_user"
+    } else {
+        "locks_mapped"
+    };
+    let (w, exes, _) = work(name, as_user, &["locks"]);
+    let mut s = Session::start(&w, &[exes[0].as_os_str(), "mapped".as_ref()]);
+    s.cur().wait_tick(3, T_READY);
+    w.checkpoint_ok(false, s.cur());
+    s.cur().wait_more_ticks(3, T_READY);
+    for _ in 0..2 {
+        s.checkpoint_kill();
+        let meta = w.inspect_json();
+        let held: Vec<&Value> = image_procs(&meta)
+            .values()
+            .flat_map(|p| p["locks"].as_array().into_iter().flatten())
+            .filter(|l| l["mapped"].as_str().is_some_and(|m| m.ends_with("/m.dat")))
+            .collect();
+        assert_eq!(
+            held.len(),
+            1,
+            "the flock held through the mapping of m.dat: {meta}"
+        );
+        assert_eq!(held[0]["kind"], "flock", "{}", held[0]);
+        s.restart(Probe::Ticks);
+    }
+    s.finish();
+}
+
 #[test]
-fn a_lock_held_only_through_a_mapping_is_refused() {
-    refused("mapped", "m.dat", false);
+fn a_lock_held_only_through_a_mapping_comes_back() {
+    mapped_cycles(false);
+}
+
+#[test]
+fn a_lock_held_only_through_a_mapping_comes_back_as_unprivileged_user() {
+    mapped_cycles(true);
 }

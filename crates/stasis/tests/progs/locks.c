@@ -19,8 +19,9 @@
  *
  * `locks lease`: fd 3 of lease.dat (O_RDONLY) holds a read lease (F_SETLEASE).
  * `locks mapped`: m.dat is flock(LOCK_EX)ed, mapped MAP_SHARED, and its fd
- * closed: the mapping alone keeps the locked description. Both print `ready
- * mode=M pid=P`, then tick; a checkpoint must refuse them (the job runs on).
+ * closed: the mapping alone keeps the locked description (restored). Both print
+ * `ready mode=M pid=P`, then tick; a checkpoint must refuse the lease (the job
+ * runs on).
  * At `go` they check the lease / lock is still held: `OK ticks=N` / `FAIL`. */
 #include "lockprobe.h"
 #include <sys/mman.h>
