@@ -99,6 +99,12 @@ pub enum Command {
         /// (`scontrol requeue $SLURM_JOB_ID`): its next run resumes from it.
         #[arg(long, requires = "checkpoint_on")]
         requeue: bool,
+        /// For the checkpoints taken by --interval and --checkpoint-on: what to do with
+        /// a TCP connection to a peer outside the job (see `stasis checkpoint
+        /// --tcp-external`): `refuse` (that checkpoint fails, the job runs on) or
+        /// `reset` (it comes back reset after a restart).
+        #[arg(long, value_name = "HOW", default_value = "refuse", value_parser = ["refuse", "reset"])]
+        tcp_external: String,
         /// Start CMD anew even though DIR holds checkpoints. Without it, `stasis run`
         /// in a directory that holds a complete checkpoint resumes the job from the
         /// newest one (a damaged one is passed over with a warning), so one unchanged
@@ -263,6 +269,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             keep,
             checkpoint_on,
             requeue,
+            tcp_external,
             fresh,
             cmd,
         } => {
@@ -273,6 +280,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 keep: keep as usize,
                 checkpoint_on,
                 requeue,
+                tcp_external_reset: tcp_external == "reset",
             };
             supervise::run(&dir, &cmd, opts, fresh)
         }

@@ -243,3 +243,54 @@ fn last_checkpoint_tick(w: &Work) -> u64 {
         .collect::<String>();
     ticks(&out).last().copied().unwrap_or(0)
 }
+
+/// (5) A job holding a TCP connection to a server outside it (here the test itself):
+/// its periodic checkpoints fail by default, each saying why, while the job runs on
+/// and nothing is published; with `stasis run --tcp-external reset` they succeed.
+#[test]
+fn periodic_checkpoints_and_an_outside_connection() {
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    // Accept and hold every connection until the test ends.
+    std::thread::spawn(move || {
+        let mut held = vec![];
+        for c in server.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    let client = format!(
+        "import socket, time\n\
+         s = socket.create_connection(('127.0.0.1', {port}))\n\
+         print('ready', flush=True)\n\
+         i = 0\n\
+         while True:\n    print('tick', i, flush=True); i += 1; time.sleep(0.05)\n"
+    );
+    for reset in [false, true] {
+        let mut w = Work::new(if reset { "auto_ext_reset" } else { "auto_ext" });
+        w.run_opts = vec!["--interval".into(), "1".into()];
+        if reset {
+            w.run_opts
+                .extend(["--tcp-external".to_string(), "reset".to_string()]);
+        }
+        let mut s = Session::start(&w, &["python3", "-c", client.as_str()]);
+        if reset {
+            wait_periodic(s.cur(), 2);
+            assert!(!w.checkpoints().is_empty());
+        } else {
+            let t0 = Instant::now();
+            while !s.cur().stderr().contains("periodic: checkpoint failed") {
+                assert!(t0.elapsed() < T_READY, "{}", s.diag());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let err = s.cur().stderr();
+            assert!(
+                err.contains(&format!("127.0.0.1:{port}"))
+                    && err.contains("outside the checkpoint"),
+                "the failure does not name the outside peer: {err}"
+            );
+            let t = s.cur().wait_more_ticks(5, T_READY);
+            assert!(t > 5 && s.cur().running(), "{}", s.diag());
+            assert!(w.checkpoints().is_empty(), "{:?}", w.checkpoints());
+        }
+    }
+}

@@ -359,7 +359,11 @@ fn init_inner(
             kill,
             opts.incremental,
             stasis_image::Compression::None,
-            Default::default(),
+            if opts.tcp_external_reset {
+                stasis_core::sockets::TcpExternal::Reset
+            } else {
+                stasis_core::sockets::TcpExternal::Refuse
+            },
         );
         match dump::checkpoint(dir, app, &o) {
             Ok(r) => {

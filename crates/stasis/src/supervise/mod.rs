@@ -59,6 +59,10 @@ pub struct JobOptions {
     pub checkpoint_on: Option<i32>,
     /// After such a checkpoint, requeue the Slurm job (`--requeue`).
     pub requeue: bool,
+    /// The automatic checkpoints save TCP connections to peers outside the job as
+    /// reset (`--tcp-external=reset`), else refuse them.
+    #[serde(default)]
+    pub tcp_external_reset: bool,
 }
 
 impl Default for JobOptions {
@@ -70,6 +74,7 @@ impl Default for JobOptions {
             keep: 3,
             checkpoint_on: None,
             requeue: false,
+            tcp_external_reset: false,
         }
     }
 }
