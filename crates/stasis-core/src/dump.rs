@@ -154,6 +154,11 @@ fn checkpoint_locked(
         prev_seq,
         prev_runs: prev.keys().copied().collect(),
         seq: writer.sequence(),
+        job_stopped: tree
+            .iter()
+            .filter(|(_, f)| f.job_stop.is_some())
+            .map(|(p, _)| p.pid)
+            .collect(),
     };
     for (proc, frozen) in tree.iter_mut() {
         parts.push(dump_frozen(
@@ -165,6 +170,15 @@ fn checkpoint_locked(
             &mut shm,
             &mut writer,
         )?);
+    }
+    let waited: HashMap<i32, bool> = parts
+        .iter()
+        .flat_map(|p| p.child_waits.iter().copied())
+        .collect();
+    for part in &mut parts {
+        if let Some(js) = part.process.job_stop.as_mut() {
+            js.waited = waited.get(&part.process.pid).copied().unwrap_or(true);
+        }
     }
     registry.sockets.end_repair();
     // File locks held through no fd of the job, read while everything is frozen.
@@ -549,6 +563,8 @@ struct Part {
     fresh_registrations: bool,
     /// A `syscall` instruction of the process (and of its snapshot).
     insn: u64,
+    /// Its children stopped by job control, and whether it has collected their stops.
+    child_waits: Vec<(i32, bool)>,
 }
 
 /// How the processes of one checkpoint are dumped: snapshot and dirty tracking.
@@ -568,6 +584,9 @@ struct Tracking {
     prev_runs: std::collections::HashSet<i32>,
     /// This checkpoint.
     seq: u64,
+    /// The processes stopped by job control: their parents are asked whether they
+    /// have collected the stops.
+    job_stopped: Vec<i32>,
 }
 
 fn dump_frozen(
@@ -594,6 +613,12 @@ fn dump_frozen(
     steps.done("layout");
     let sigs = signals::dump(&inj, pid, &scratch)?;
     let ts = task::dump(proc, &inj, &scratch)?;
+    let stopped_children: Vec<i32> = proc
+        .children()?
+        .into_iter()
+        .filter(|c| tracking.job_stopped.contains(c))
+        .collect();
+    let child_waits = crate::jobctl::probe_waited(&inj, &scratch, &stopped_children)?;
     let threads = thread::dump_all(proc, &frozen.threads, insn, &scratch)?;
     steps.done("threads and task");
     // With tracking armed at the previous checkpoint, pages not written since are
@@ -699,6 +724,10 @@ fn dump_frozen(
             signals: sigs,
             itimers: ts.itimers,
             settings: ts.settings,
+            job_stop: frozen.job_stop.map(|signal| stasis_image::JobStop {
+                signal,
+                waited: true,
+            }),
             threads,
             locks: registry.locks.take(pid),
         },
@@ -718,6 +747,7 @@ fn dump_frozen(
         frozen_flags,
         fresh_registrations,
         insn,
+        child_waits,
     })
 }
 

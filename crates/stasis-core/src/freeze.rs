@@ -41,6 +41,9 @@ pub struct Frozen {
     pub threads: Vec<FrozenThread>,
     /// Threads seized and told to stop whose stop was not seen (yet).
     pending: Vec<i32>,
+    /// Stopped by job control (SIGSTOP, SIGTSTP...): the stopping signal. It stays
+    /// stopped when released.
+    pub job_stop: Option<i32>,
     done: bool,
 }
 
@@ -63,9 +66,10 @@ fn attach_error(pid: i32, tid: i32, e: stasis_sys::SysError) -> Error {
     Error::Attach { pid, msg }
 }
 
-/// Waits until a seized and interrupted thread of process `pid` stops. Returns false
+/// Waits until a seized and interrupted thread of process `pid` stops. Returns the
+/// signal of its stop (SIGTRAP, or in a group stop the signal that stopped it), None
 /// if it exited; an error if it has not stopped by `deadline`.
-fn wait_stopped(pid: i32, tid: i32, deadline: Instant) -> Result<bool> {
+fn wait_stopped(pid: i32, tid: i32, deadline: Instant) -> Result<Option<i32>> {
     loop {
         let stop = ptrace::wait_until(tid, deadline)
             .ctx(tid, || "waiting for the thread to stop".into())?;
@@ -80,7 +84,7 @@ fn wait_stopped(pid: i32, tid: i32, deadline: Instant) -> Result<bool> {
                     ),
                 })
             }
-            Some(Stop::Event(ptrace::EVENT_STOP, _)) => return Ok(true),
+            Some(Stop::Event(ptrace::EVENT_STOP, sig)) => return Ok(Some(sig)),
             // A signal arrived first: let it be delivered, the stop follows.
             Some(Stop::Signal(sig)) => {
                 ptrace::cont(tid, sig).ctx(tid, || "delivering a signal".into())?
@@ -88,7 +92,7 @@ fn wait_stopped(pid: i32, tid: i32, deadline: Instant) -> Result<bool> {
             Some(Stop::Event(..) | Stop::Syscall) => {
                 ptrace::cont(tid, 0).ctx(tid, || "resuming".into())?
             }
-            Some(Stop::Exited(_) | Stop::Killed(_)) => return Ok(false),
+            Some(Stop::Exited(_) | Stop::Killed(_)) => return Ok(None),
         }
     }
 }
@@ -115,6 +119,7 @@ impl Frozen {
             pid,
             threads: Vec::new(),
             pending: Vec::new(),
+            job_stop: None,
             done: false,
         };
         let mut known: Vec<i32> = Vec::new();
@@ -142,7 +147,10 @@ impl Frozen {
             while let Some(&tid) = f.pending.first() {
                 let stopped = wait_stopped(pid, tid, deadline)?;
                 f.pending.remove(0);
-                if !stopped {
+                if let Some(sig) = stopped.filter(|&s| s != libc::SIGTRAP) {
+                    f.job_stop.get_or_insert(sig);
+                }
+                if stopped.is_none() {
                     if tid == pid {
                         return Err(Error::Gone { pid });
                     }

@@ -7,8 +7,8 @@
 //! rebuilds its address space and registers through injected syscalls.
 //!
 //! One module per kind of kernel object, each with its dump side and its restore side:
-//! [`memory`], [`shm`], [`sysv`], [`files`], [`locks`], [`sockets`], [`tty`], [`eventfds`], [`inotify`], [`signals`], [`thread`], [`task`] (everything else that belongs
-//! to a process: cwd, umask, rlimits, personality, timers, the mm fields). The
+//! [`memory`], [`shm`], [`sysv`], [`files`], [`locks`], [`sockets`], [`tty`], [`eventfds`], [`inotify`], [`signals`], [`jobctl`], [`thread`], [`task`] (everything else that belongs
+//! to a process: cwd, umask, rlimits, personality, timers, prctl settings, the mm fields). The
 //! orchestration is in [`dump`] and [`restore`]; [`inject`] runs syscalls inside a
 //! stopped tracee; [`proc`] reads `/proc`.
 
@@ -20,6 +20,7 @@ pub mod files;
 pub mod freeze;
 pub mod inject;
 pub mod inotify;
+pub mod jobctl;
 pub mod locks;
 pub mod memory;
 pub mod proc;

@@ -230,6 +230,10 @@ pub fn restore(image: &CheckpointReader, stdio: [Option<i32>; 3]) -> Result<i32>
     for p in procs {
         seize_stopped(p.pid)?;
     }
+    // Those stopped by job control stop again now, before their parents are rebuilt.
+    for p in procs {
+        crate::jobctl::stop_again(p, procs)?;
+    }
     for (i, p) in procs.iter().enumerate() {
         rebuild(p.pid, image, &deps, p, &prepared[i], &used_by[i])?;
     }
@@ -489,6 +493,7 @@ fn rebuild(
         }
     }
 
+    crate::jobctl::settle_parent(&inj, p, &image.meta.processes, &scratch)?;
     for t in &p.threads {
         signals::requeue(&inj, child, Some(t.tid), &t.pending, &scratch)?;
     }

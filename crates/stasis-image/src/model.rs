@@ -371,6 +371,9 @@ pub struct Process {
     /// Process-wide settings made with prctl(2) and /proc/PID files.
     #[serde(default)]
     pub settings: ProcessSettings,
+    /// Stopped by job control at checkpoint time; restored stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_stop: Option<JobStop>,
     /// Threads; the first is the thread-group leader.
     pub threads: Vec<Thread>,
     /// File locks this process holds (POSIX record locks), or that are held by an
@@ -410,6 +413,18 @@ pub enum LockKind {
     Ofd,
     /// flock(2): owned by the open file description.
     Flock,
+}
+
+/// A process stopped by job control (SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU): it is
+/// restored stopped and continues on SIGCONT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobStop {
+    /// The signal that stopped it (what its parent's waitpid reports as WSTOPSIG).
+    pub signal: i32,
+    /// Its parent had collected the stop (waitpid with WUNTRACED): waiting reports
+    /// nothing more until it continues. False: the stop is still to be collected. True
+    /// for a process whose parent is not in the image.
+    pub waited: bool,
 }
 
 /// Process-wide settings a process makes about itself with prctl(2) or /proc/PID

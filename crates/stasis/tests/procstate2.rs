@@ -4,7 +4,11 @@
 //! disabled, a non-dumpable process, raised oom_score_adj; after the restarts the
 //! parent-death signals fire and the subreaper adopts), membarrier registrations
 //! (membarrier.c: after the restarts the registered process's private expedited
-//! commands succeed, its unregistered child's still fail with EPERM).
+//! commands succeed, its unregistered child's still fail with EPERM), and processes
+//! stopped by job control (jobstop.c: a child stopped by SIGSTOP whose stop its parent
+//! collected, one stopped by SIGTSTP whose stop is still to be collected; after the
+//! restarts both are stopped, the parent's waitpid reports what it would have, no
+//! SIGCHLD more came, and both continue on SIGCONT).
 //!
 //! Every program runs under `stasis run` through a checkpoint it survives, two
 //! `checkpoint --kill` / restart cycles at random moments (seed printed;
@@ -313,4 +317,54 @@ fn membarrier_registrations_by_pid_as_unprivileged_user() {
         return;
     }
     pid_cycles("ps2_mb_pid_user", "membarrier", &[], true, check_membarrier);
+}
+
+// ---------------------------------------------------------------------------
+// jobstop.c: processes stopped by job control
+// ---------------------------------------------------------------------------
+
+/// C1 is saved stopped by SIGSTOP with its stop collected by its parent, C2 stopped by
+/// SIGTSTP with its stop still to be collected; the parent is not stopped.
+fn check_jobstop(meta: &Value, ready: &str, what: &str) {
+    let f = fields(ready);
+    let id = |k: &str| -> i64 { f[k].parse().unwrap() };
+    let stop = |pid: i64| image_proc(meta, pid)["job_stop"].clone();
+    assert_eq!(
+        stop(id("pid")),
+        Value::Null,
+        "{what}: the parent is not stopped"
+    );
+    let c1 = stop(id("c1"));
+    assert_eq!(num(&c1, "signal"), libc::SIGSTOP as i64, "{what}: C1 {c1}");
+    assert_eq!(c1["waited"], true, "{what}: C1's stop was collected: {c1}");
+    let c2 = stop(id("c2"));
+    assert_eq!(num(&c2, "signal"), libc::SIGTSTP as i64, "{what}: C2 {c2}");
+    assert_eq!(
+        c2["waited"], false,
+        "{what}: C2's stop was not collected: {c2}"
+    );
+}
+
+#[test]
+fn job_control_stops_under_run() {
+    run_cycles("ps2_stop", "jobstop", &[], false, check_jobstop);
+}
+
+#[test]
+fn job_control_stops_under_run_as_unprivileged_user() {
+    run_cycles("ps2_stop_user", "jobstop", &[], true, check_jobstop);
+}
+
+#[test]
+fn job_control_stops_by_pid() {
+    pid_cycles("ps2_stop_pid", "jobstop", &[], false, check_jobstop);
+}
+
+#[test]
+fn job_control_stops_by_pid_as_unprivileged_user() {
+    if !user_may_ptrace() {
+        eprintln!("skipped: kernel.yama.ptrace_scope forbids a user to trace a non-descendant");
+        return;
+    }
+    pid_cycles("ps2_stop_pid_user", "jobstop", &[], true, check_jobstop);
 }
