@@ -99,7 +99,13 @@ static void child_main(void) {
         CHECK((uint64_t)(uintptr_t)r == sh->count[i], "child: thread %d returned %llu, counted %llu", i,
               (unsigned long long)(uintptr_t)r, (unsigned long long)sh->count[i]);
     }
+    /* A joined thread can still be listed for a moment: pthread_join returns once
+     * the kernel clears its tid, before the thread is gone from /proc/self/task. */
     int left = task_count();
+    for (int i = 0; i < 200 && left != 1; i++) {
+        sleep_ms(10);
+        left = task_count();
+    }
     CHECK(left == 1, "child: %d threads left after the joins", left);
     if (g_failures) {
         out("FAIL %s\n", g_failbuf);
