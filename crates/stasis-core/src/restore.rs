@@ -593,11 +593,14 @@ impl Tree<'_> {
             let mut all: libc::sigset_t = std::mem::zeroed();
             libc::sigfillset(&mut all);
             libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
-            if p.sid == p.pid || p.sid <= 0 {
+            // A session or group id of 0 is one led from outside the checkpointing
+            // PID namespace (a container's `docker exec`): the process stays in the
+            // session and group it inherits, as its saved parent's did.
+            if p.sid == p.pid {
                 libc::setsid();
             } else if p.pgid == p.pid {
                 libc::setpgid(0, 0);
-            } else {
+            } else if p.pgid > 0 {
                 // Join now if the group's leader exists already (an ancestor or an
                 // earlier sibling); otherwise the rebuild does it.
                 libc::setpgid(0, p.pgid);
