@@ -611,8 +611,12 @@ fn dump_frozen(
     let inj = Injector::new(pid, insn)?;
     let scratch = Scratch::map(&inj, pid)?;
     steps.done("layout");
+    let dumpable = task::make_readable(&inj)?;
+    if dumpable == 0 {
+        frozen.undumpable_on_release(insn);
+    }
     let sigs = signals::dump(&inj, pid, &scratch)?;
-    let ts = task::dump(proc, &inj, &scratch)?;
+    let ts = task::dump(proc, &inj, &scratch, dumpable)?;
     let stopped_children: Vec<i32> = proc
         .children()?
         .into_iter()
@@ -730,6 +734,7 @@ fn dump_frozen(
             }),
             threads,
             locks: registry.locks.take(pid),
+            creds: Some(crate::creds::dump(pid)?),
         },
         layout,
         plan: plan.unwrap_or_default(),

@@ -6,6 +6,7 @@
 //! another one), and threads that exit meanwhile are dropped.
 
 use crate::error::{Error, Result, SysContext};
+use crate::inject::Injector;
 use crate::proc::{thread_state, ProcDir};
 use stasis_sys::arch::Regs;
 use stasis_sys::ptrace::{self, Stop};
@@ -44,6 +45,9 @@ pub struct Frozen {
     /// Stopped by job control (SIGSTOP, SIGTSTP...): the stopping signal. It stays
     /// stopped when released.
     pub job_stop: Option<i32>,
+    /// Made dumpable for the checkpoint (see `task::make_readable`): on release, made
+    /// non-dumpable again by a syscall injected at this `syscall` instruction.
+    undumpable_insn: Option<u64>,
     done: bool,
 }
 
@@ -120,6 +124,7 @@ impl Frozen {
             threads: Vec::new(),
             pending: Vec::new(),
             job_stop: None,
+            undumpable_insn: None,
             done: false,
         };
         let mut known: Vec<i32> = Vec::new();
@@ -189,6 +194,13 @@ impl Frozen {
         Ok(f)
     }
 
+    /// The process was made dumpable for the checkpoint: release makes it
+    /// non-dumpable again by a syscall injected at `insn` (its registers are put back
+    /// afterwards, as after every injection).
+    pub fn undumpable_on_release(&mut self, insn: u64) {
+        self.undumpable_insn = Some(insn);
+    }
+
     /// Blocks every signal in every thread (while syscalls are injected); the saved
     /// masks are put back on release.
     pub fn block_signals(&mut self) -> Result<()> {
@@ -209,6 +221,18 @@ impl Frozen {
         }
         self.done = true;
         let mut first_err = None;
+        if let Some(insn) = self.undumpable_insn.take() {
+            let r = Injector::new(self.pid, insn).and_then(|inj| {
+                inj.call(
+                    "prctl(PR_SET_DUMPABLE, 0) after the checkpoint",
+                    libc::SYS_prctl,
+                    &[libc::PR_SET_DUMPABLE as u64, 0, 0, 0, 0],
+                )
+            });
+            if let Err(e) = r {
+                first_err = Some(e);
+            }
+        }
         let grace = Instant::now() + RELEASE_GRACE;
         for t in &self.threads {
             let restore = t.touched.then_some((t.regs, t.sigmask));

@@ -12,6 +12,7 @@
 //! orchestration is in [`dump`] and [`restore`]; [`inject`] runs syscalls inside a
 //! stopped tracee; [`proc`] reads `/proc`.
 
+pub mod creds;
 pub mod dirty;
 pub mod dump;
 pub mod error;

@@ -498,6 +498,9 @@ fn rebuild(
         signals::requeue(&inj, child, Some(t.tid), &t.pending, &scratch)?;
     }
     signals::requeue(&inj, child, None, &p.signals.shared_pending, &scratch)?;
+    if let Some(c) = &p.creds {
+        crate::creds::restore(&inj, child, c, &scratch)?;
+    }
     task::restore_dumpable(&inj, &p.settings)?;
     // The last injected syscall removes the gadget itself; the thread is at that
     // syscall's exit stop and gets its own registers before it runs again.

@@ -87,7 +87,44 @@ fn seccomp_of(status: &str) -> (u32, u32) {
     (field("Seccomp:"), field("Seccomp_filters:"))
 }
 
-pub fn dump(proc: &ProcDir, inj: &Injector, scratch: &Scratch) -> Result<TaskState> {
+/// The resource limits of a process, from `/proc/PID/limits` (prlimit64 on another
+/// process needs CAP_SYS_RESOURCE unless all its IDs are the caller's).
+fn read_rlimits(proc: &ProcDir) -> Result<Vec<Rlimit>> {
+    let pid = proc.pid;
+    let text = proc.read_string("limits")?;
+    parse_limits(&text).ok_or_else(|| Error::Unsupported {
+        pid,
+        what: "an unreadable /proc/PID/limits".into(),
+    })
+}
+
+/// The `RLIMIT_COUNT` limits of a `/proc/PID/limits` text: after the header, one
+/// line per resource in number order, the name in 25 columns, then the soft and hard
+/// limits (a number or `unlimited`) and the unit.
+fn parse_limits(text: &str) -> Option<Vec<Rlimit>> {
+    let value = |w: &str| match w {
+        "unlimited" => Some(u64::MAX),
+        n => n.parse().ok(),
+    };
+    let limits: Vec<Rlimit> = text
+        .lines()
+        .skip(1)
+        .take(RLIMIT_COUNT as usize)
+        .enumerate()
+        .map(|(i, line)| {
+            let mut w = line.get(25..)?.split_whitespace();
+            Some(Rlimit {
+                resource: i as u32,
+                soft: value(w.next()?)?,
+                hard: value(w.next()?)?,
+            })
+        })
+        .collect::<Option<_>>()?;
+    (limits.len() == RLIMIT_COUNT as usize).then_some(limits)
+}
+
+/// `dumpable`: the process's PR_GET_DUMPABLE from before [`make_readable`].
+pub fn dump(proc: &ProcDir, inj: &Injector, scratch: &Scratch, dumpable: u32) -> Result<TaskState> {
     let pid = proc.pid;
     let p = proc.process()?;
     let stat = p
@@ -108,24 +145,7 @@ pub fn dump(proc: &ProcDir, inj: &Injector, scratch: &Scratch) -> Result<TaskSta
     let exe_md =
         std::fs::metadata(&exe_path).ctx(pid, || format!("stat of the executable {exe_path}"))?;
     let personality = u32::from_str_radix(proc.read_string("personality")?.trim(), 16).unwrap_or(0);
-    let mut rlimits = Vec::new();
-    for resource in 0..RLIMIT_COUNT {
-        let mut old = libc::rlimit64 {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: prlimit64 with a null new limit only writes `old`.
-        let r = unsafe { libc::prlimit64(pid, resource as _, std::ptr::null(), &mut old) };
-        if r != 0 {
-            return Err(stasis_sys::SysError::last("prlimit64", pid))
-                .ctx(pid, || format!("reading rlimit {resource}"));
-        }
-        rlimits.push(Rlimit {
-            resource,
-            soft: old.rlim_cur,
-            hard: old.rlim_max,
-        });
-    }
+    let rlimits = read_rlimits(proc)?;
     let mut itimers = Vec::new();
     for which in [libc::ITIMER_REAL, libc::ITIMER_VIRTUAL, libc::ITIMER_PROF] {
         inj.call(
@@ -141,7 +161,7 @@ pub fn dump(proc: &ProcDir, inj: &Injector, scratch: &Scratch) -> Result<TaskSta
             value_us: us(16),
         });
     }
-    let settings = dump_settings(proc, inj, scratch)?;
+    let settings = dump_settings(proc, inj, scratch, dumpable)?;
     let brk = inj.call("brk(0)", libc::SYS_brk, &[0])?;
     let auxv_bytes = proc.read_bytes("auxv")?;
     let auxv = auxv_bytes
@@ -180,7 +200,12 @@ pub fn dump(proc: &ProcDir, inj: &Injector, scratch: &Scratch) -> Result<TaskSta
 
 /// The process-wide prctl settings (injected PR_GET_* queries, which only the
 /// process can answer) and oom_score_adj of a stopped process.
-fn dump_settings(proc: &ProcDir, inj: &Injector, scratch: &Scratch) -> Result<ProcessSettings> {
+fn dump_settings(
+    proc: &ProcDir,
+    inj: &Injector,
+    scratch: &Scratch,
+    dumpable: u32,
+) -> Result<ProcessSettings> {
     let pid = proc.pid;
     inj.call(
         "prctl(PR_GET_CHILD_SUBREAPER)",
@@ -192,11 +217,6 @@ fn dump_settings(proc: &ProcDir, inj: &Injector, scratch: &Scratch) -> Result<Pr
         "prctl(PR_GET_THP_DISABLE)",
         libc::SYS_prctl,
         &[PR_GET_THP_DISABLE, 0, 0, 0, 0],
-    )? as u32;
-    let dumpable = inj.call(
-        "prctl(PR_GET_DUMPABLE)",
-        libc::SYS_prctl,
-        &[PR_GET_DUMPABLE, 0, 0, 0, 0],
     )? as u32;
     let membarrier = membarrier_registrations(inj)?;
     let adj = proc.read_string("oom_score_adj")?;
@@ -310,18 +330,41 @@ fn restore_settings(
     Ok(())
 }
 
-/// Makes a restored process non-dumpable again (PR_SET_DUMPABLE 0) by an injected
-/// prctl, once nothing else of the restore needs to read it through /proc. (A tracer
+/// Makes a stopped process dumpable for the time of its checkpoint when it is not
+/// (PR_SET_DUMPABLE 0), and returns its PR_GET_DUMPABLE. The /proc files of a
+/// process that is not dumpable belong to root of its memory's user namespace; under
+/// `stasis run` that ID is not mapped (the job runs as the user's own ID), so even the
+/// init, which holds every capability there, could not open the files of mode 0400
+/// (pagemap, auxv, fdinfo, ...). The release of the frozen process sets it back
+/// (`Frozen::undumpable_on_release`).
+pub fn make_readable(inj: &Injector) -> Result<u32> {
+    let dumpable = inj.call(
+        "prctl(PR_GET_DUMPABLE)",
+        libc::SYS_prctl,
+        &[PR_GET_DUMPABLE, 0, 0, 0, 0],
+    )? as u32;
+    if dumpable == 0 {
+        inj.call(
+            "prctl(PR_SET_DUMPABLE, 1) for the checkpoint",
+            libc::SYS_prctl,
+            &[PR_SET_DUMPABLE, 1, 0, 0, 0],
+        )?;
+    }
+    Ok(dumpable)
+}
+
+/// Gives a restored process its saved dumpable flag (PR_SET_DUMPABLE 0 or 1) by an
+/// injected prctl, once nothing else of the restore needs to read it through /proc. (A tracer
 /// then needs CAP_SYS_PTRACE in the user namespace of the process's memory: the
 /// namespace init's, into which it was executed.)
 pub fn restore_dumpable(inj: &Injector, s: &ProcessSettings) -> Result<()> {
     match s.dumpable {
-        1 => Ok(()),
-        0 => inj
+        // Set also when dumpable: a change of IDs (creds) may have cleared it.
+        d @ (0 | 1) => inj
             .call(
-                "prctl(PR_SET_DUMPABLE, 0)",
+                &format!("prctl(PR_SET_DUMPABLE, {d})"),
                 libc::SYS_prctl,
-                &[PR_SET_DUMPABLE, 0, 0, 0, 0],
+                &[PR_SET_DUMPABLE, d as u64, 0, 0, 0],
             )
             .map(drop),
         // SUID_DUMP_ROOT (2) cannot be set with prctl: dumpable for its owner instead.
@@ -455,4 +498,24 @@ pub fn restore_mm(
         ],
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_of_this_process_match_getrlimit() {
+        let text = std::fs::read_to_string("/proc/self/limits").unwrap();
+        let limits = parse_limits(&text).expect("parsing /proc/self/limits");
+        for l in limits {
+            let mut want = libc::rlimit64 {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit64 writes into `want`.
+            assert_eq!(unsafe { libc::getrlimit64(l.resource as _, &mut want) }, 0);
+            assert_eq!((l.soft, l.hard), (want.rlim_cur, want.rlim_max), "{l:?}");
+        }
+    }
 }

@@ -374,6 +374,11 @@ pub struct Process {
     /// Stopped by job control at checkpoint time; restored stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_stop: Option<JobStop>,
+    /// User and group IDs, capabilities and no_new_privs (as seen from the user
+    /// namespace stasis ran in). None in images made before they were saved: the
+    /// restored process then keeps the restorer's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creds: Option<Creds>,
     /// Threads; the first is the thread-group leader.
     pub threads: Vec<Thread>,
     /// File locks this process holds (POSIX record locks), or that are held by an
@@ -457,6 +462,27 @@ impl Default for ProcessSettings {
             membarrier: 0,
         }
     }
+}
+
+/// The credentials of a process (its thread-group leader's: threads that changed
+/// their own IDs with a raw syscall are not told apart).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Creds {
+    /// Real, effective, saved and filesystem user IDs.
+    pub uids: [u32; 4],
+    /// Real, effective, saved and filesystem group IDs.
+    pub gids: [u32; 4],
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+    /// Capability sets, one bit per capability (`CapInh`, `CapPrm`, `CapEff`, `CapBnd`,
+    /// `CapAmb` of /proc/PID/status).
+    pub cap_inheritable: u64,
+    pub cap_permitted: u64,
+    pub cap_effective: u64,
+    pub cap_bounding: u64,
+    pub cap_ambient: u64,
+    /// PR_SET_NO_NEW_PRIVS.
+    pub no_new_privs: bool,
 }
 
 /// One resource limit.

@@ -8,6 +8,7 @@
 //! that another architecture is one new file there.
 
 pub mod arch;
+pub mod caps;
 pub mod clone;
 pub mod dirty;
 pub mod inet_diag;

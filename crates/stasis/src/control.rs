@@ -138,7 +138,9 @@ pub fn request_checkpoint(dir: &Path, req: &Request, show_progress: bool) -> Res
 
 /// Server side: answers one connection with `handle`.
 pub fn serve_one(stream: UnixStream, handle: impl FnOnce(Request) -> Reply) {
-    let my_uid = 0; // the init is root of its user namespace, mapped to the invoking user
+    // The init runs as the invoking user's own ID in its user namespace (root's: 0).
+    // SAFETY: geteuid has no preconditions.
+    let my_uid = unsafe { libc::geteuid() };
     if peer_uid(&stream) != Some(my_uid) {
         let _ = reply(
             &stream,

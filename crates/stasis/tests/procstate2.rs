@@ -368,3 +368,98 @@ fn job_control_stops_by_pid_as_unprivileged_user() {
     }
     pid_cycles("ps2_stop_pid_user", "jobstop", &[], true, check_jobstop);
 }
+
+// ---------------------------------------------------------------------------
+// creds.c: user and group IDs, capabilities, no_new_privs
+// ---------------------------------------------------------------------------
+
+const CAP_KILL: i64 = 5;
+const CAP_NET_BIND_SERVICE: i64 = 10;
+const CAP_SYS_BOOT: i64 = 22;
+
+/// R and C of creds.c's image: the IDs R reported (the user's own, not 0, for a
+/// plain user), and for C its changed IDs, groups and capability sets (as root) or
+/// no_new_privs.
+fn check_creds(meta: &Value, ready: &str, what: &str) {
+    let f = fields(ready);
+    let id = |k: &str| -> i64 { f[k].parse().unwrap() };
+    let creds = |pid: i64| image_proc(meta, pid)["creds"].clone();
+    let r = creds(id("pid"));
+    let uids: Vec<i64> = r["uids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    assert_eq!(uids, vec![id("uid"); 4], "{what}: R {r}");
+    let c = creds(id("c"));
+    assert_eq!(c["no_new_privs"], true, "{what}: C {c}");
+    if id("root") == 1 {
+        let ids = |k: &str| -> Vec<i64> {
+            c[k].as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap())
+                .collect()
+        };
+        assert_eq!(ids("uids"), vec![1234, 1235, 1236, 1235], "{what}: C {c}");
+        assert_eq!(ids("gids"), vec![1234, 1235, 1236, 1235], "{what}: C {c}");
+        assert_eq!(ids("groups"), vec![1, 2], "{what}: C {c}");
+        let kill = 1i64 << CAP_KILL;
+        assert_eq!(num(&c, "cap_effective"), kill, "{what}: C {c}");
+        assert_eq!(num(&c, "cap_ambient"), kill, "{what}: C {c}");
+        assert_eq!(
+            num(&c, "cap_permitted"),
+            kill | 1i64 << CAP_NET_BIND_SERVICE,
+            "{what}: C {c}"
+        );
+        assert_eq!(
+            num(&c, "cap_bounding") & 1i64 << CAP_SYS_BOOT,
+            0,
+            "{what}: C {c}"
+        );
+    }
+}
+
+/// The job's own user: root's job as 0, a plain user's as their own ID (not 0).
+fn check_creds_user(meta: &Value, ready: &str, what: &str) {
+    let (uid, _, _) = unprivileged_user();
+    let f = fields(ready);
+    assert_eq!(f["uid"], uid.to_string(), "{what}: the job runs as {ready}");
+    assert_eq!(f["root"], "0", "{what}: {ready}");
+    check_creds(meta, ready, what);
+}
+
+fn check_creds_root(meta: &Value, ready: &str, what: &str) {
+    let f = fields(ready);
+    assert_eq!(
+        (f["uid"].as_str(), f["root"].as_str()),
+        ("0", "1"),
+        "{what}: {ready}"
+    );
+    check_creds(meta, ready, what);
+}
+
+#[test]
+fn credentials_under_run() {
+    run_cycles("ps2_creds", "creds", &[], false, check_creds_root);
+}
+
+#[test]
+fn credentials_under_run_as_unprivileged_user() {
+    run_cycles("ps2_creds_user", "creds", &[], true, check_creds_user);
+}
+
+#[test]
+fn credentials_by_pid() {
+    pid_cycles("ps2_creds_pid", "creds", &[], false, check_creds_root);
+}
+
+#[test]
+fn credentials_by_pid_as_unprivileged_user() {
+    if !user_may_ptrace() {
+        eprintln!("skipped: kernel.yama.ptrace_scope forbids a user to trace a non-descendant");
+        return;
+    }
+    pid_cycles("ps2_creds_pid_user", "creds", &[], true, check_creds_user);
+}

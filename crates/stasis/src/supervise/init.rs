@@ -154,6 +154,13 @@ pub(super) fn init_main(
         return 1;
     }
     drop(sync);
+    // The init runs as the user's own ID: its capabilities in the namespace must be
+    // made ambient to survive the execution.
+    if let Err(e) = stasis_sys::caps::keep_across_exec() {
+        eprintln!("stasis: error: keeping the namespace init's capabilities: {e}");
+        let _ = status.write_all(b"error");
+        return 1;
+    }
     let e = reexec(dir, mode, opts, &listener, &status, &started);
     eprintln!("stasis: error: starting the namespace init: {e:#}");
     let _ = status.write_all(b"error");
@@ -512,6 +519,9 @@ fn spawn(cmd: &[String]) -> Result<i32> {
         // SAFETY: in the child: new session, clean signal mask, exec.
         unsafe {
             libc::setsid();
+            // The application gets no capability the init holds (unless it runs as
+            // root of the namespace, as real root's job does).
+            let _ = stasis_sys::caps::drop_inheritable();
             let empty = sigset(&[]);
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
             // Descriptors inherited from outside other than stdio are not passed on:

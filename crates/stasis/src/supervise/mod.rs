@@ -8,9 +8,10 @@
 //!        └─ the application  (PID 2 on `run`, its saved PID on `restart`)
 //! ```
 //!
-//! The init runs as root of its user namespace, which is mapped to the invoking user
-//! (or, when that user is root, the whole UID range is mapped one to one), so it needs
-//! no privilege outside.
+//! The init runs as the invoking user's own ID in its user namespace, which maps only
+//! that user to itself (or, when that user is root, the whole UID range one to one),
+//! and holds the namespace's capabilities as its creator, so it needs no privilege
+//! outside.
 
 use crate::cli::EXIT_CHECKPOINTED;
 use crate::control;
@@ -376,7 +377,9 @@ fn write_id_maps(pid: i32, uid: u32, gid: u32) -> Result<()> {
     // Real root maps every ID one to one, so that files of other users keep their
     // owners. Where that is not allowed (root of a user namespace that maps only
     // itself, e.g. inside a container or `unshare -r`), and for everyone else, the
-    // invoking user alone becomes root of the new namespace.
+    // invoking user's own IDs alone are mapped, to themselves: the job sees the user
+    // it runs as (mpirun does not take itself for root, files are named after the
+    // right UID). The init holds the namespace's capabilities as its creator.
     if uid == 0
         && write("uid_map", "0 0 4294967295").is_ok()
         && write("gid_map", "0 0 4294967295").is_ok()
@@ -387,9 +390,9 @@ fn write_id_maps(pid: i32, uid: u32, gid: u32) -> Result<()> {
     // namespace; after a successful full uid_map the single gid line below still works.
     let _ = write("setgroups", "deny");
     if std::fs::read_to_string(format!("/proc/{pid}/uid_map")).is_ok_and(|m| m.trim().is_empty()) {
-        write("uid_map", &format!("0 {uid} 1"))?;
+        write("uid_map", &format!("{uid} {uid} 1"))?;
     }
-    write("gid_map", &format!("0 {gid} 1"))?;
+    write("gid_map", &format!("{gid} {gid} 1"))?;
     Ok(())
 }
 
