@@ -49,6 +49,9 @@ pub struct DumpOptions {
     pub own_network_namespace: bool,
     /// What to do with a TCP connection to a peer outside the checkpoint.
     pub tcp_external: crate::sockets::TcpExternal,
+    /// The job has a private /tmp and /dev/shm (`stasis run --tmp private`): their
+    /// content is saved with it (the caller sees them: the job's init).
+    pub private_tmp: bool,
 }
 
 /// Result of a successful checkpoint.
@@ -189,6 +192,12 @@ fn checkpoint_locked(
     }
     // System V objects, read while everything is frozen.
     let sysv = sysv_of(opts, &parts, &mut writer)?;
+    // The job's private /tmp and /dev/shm, read while everything is frozen.
+    let private_dirs = if opts.private_tmp {
+        crate::tmpdirs::save(&mut writer)?
+    } else {
+        Vec::new()
+    };
     let snapshotted = parts.iter().any(|p| p.snapshot.is_some());
     if snapshotted && !opts.kill {
         for (_, f) in tree.iter_mut() {
@@ -270,6 +279,7 @@ fn checkpoint_locked(
         sockets,
         inet_sockets,
         private_network: opts.own_network_namespace,
+        private_dirs,
         ptys,
         sysv,
         shared_memory,

@@ -47,6 +47,11 @@ pub struct Checkpoint {
     /// restart creates a new one, and TCP connections were saved with `repair` state.
     #[serde(default)]
     pub private_network: bool,
+    /// The job's private /tmp and /dev/shm (`stasis run --tmp private`, the default),
+    /// their whole content; restart mounts new ones and recreates it. Empty: the job
+    /// used the host's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub private_dirs: Vec<PrivateDir>,
     /// System V IPC objects of the job's own IPC namespace.
     #[serde(default)]
     pub sysv: Sysv,
@@ -55,6 +60,58 @@ pub struct Checkpoint {
     pub shared_memory: Vec<SharedObject>,
     /// Where the time went while checkpointing.
     pub timings: Timings,
+}
+
+/// A directory private to the job (a tmpfs mounted by the namespace init), with
+/// everything in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrivateDir {
+    /// Where it is mounted (`/tmp`, `/dev/shm`).
+    pub path: String,
+    /// Its entries, each directory before what it holds; the first is the directory
+    /// itself (path "").
+    pub entries: Vec<DirEntry>,
+    /// The data file holding the bytes of its regular files.
+    pub data_file: String,
+}
+
+/// One file, directory, symbolic link or FIFO in a [`PrivateDir`]. (Sockets are not
+/// saved: a listener of the job binds its name again at restore.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    /// Relative to the private directory.
+    pub path: String,
+    pub kind: DirEntryKind,
+    /// Permission bits (with setgid and sticky).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Modification time, seconds and nanoseconds.
+    pub mtime: (i64, u32),
+    /// Regular file: size in bytes.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub size: u64,
+    /// Regular file: the (offset, length) ranges holding data (the rest is holes),
+    /// stored one after another in the data file from `data_offset`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extents: Vec<(u64, u64)>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub data_offset: u64,
+    /// Symbolic link: its target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Regular file: another name (a hard link) of the entry at this index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_of: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DirEntryKind {
+    Dir,
+    File,
+    Symlink,
+    Fifo,
 }
 
 /// An exited, not yet reaped child.

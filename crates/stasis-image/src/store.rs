@@ -769,6 +769,7 @@ mod tests {
             sockets: vec![],
             inet_sockets: vec![],
             private_network: false,
+            private_dirs: Vec::new(),
             ptys: vec![],
             sysv: Default::default(),
             timings: Timings::default(),

@@ -75,6 +75,16 @@ pub enum Command {
         /// gives the job a private network again.
         #[arg(long, value_name = "NET", default_value = "host", value_parser = ["host", "private"])]
         network: String,
+        /// The job's /tmp and /dev/shm: `private` (the default: an empty tmpfs of the
+        /// job's own on each, as Slurm's job_container/tmpfs gives, saved with every
+        /// checkpoint and recreated on restart, also on another node) or `host` (the
+        /// machine's, shared with everyone; files there are not saved). Two jobs under
+        /// stasis use the same PIDs, so names built from PIDs (MPI session directories
+        /// and shared-memory segments) collide in the host's. With `private`, DIR,
+        /// the working directory and CMD may still be under /tmp: they are opened
+        /// before the job's own is mounted.
+        #[arg(long, value_name = "WHERE", default_value = "private", value_parser = ["private", "host"])]
+        tmp: String,
         /// Checkpoint every DURATION while the job runs (e.g. 30m, 2h, 90s; a number
         /// alone is seconds), keeping the newest --keep; the job is paused only while
         /// each is taken. Each one's summary (or the error, the job running on) goes to
@@ -264,6 +274,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Run {
             dir,
             network,
+            tmp,
             interval,
             incremental,
             keep,
@@ -275,6 +286,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         } => {
             let opts = supervise::JobOptions {
                 private_network: network == "private",
+                private_tmp: tmp == "private",
                 interval,
                 incremental,
                 keep: keep as usize,

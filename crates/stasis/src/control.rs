@@ -234,6 +234,7 @@ pub fn checkpoint_pid(dir: &Path, pid: i32, req: &Request, show_progress: bool) 
         compress: req.compress,
         own_ipc_namespace: false,
         own_network_namespace: false,
+        private_tmp: false,
         tcp_external: req.tcp_external(),
     };
     let progress = Progress::start(format!("checkpointing process {pid}"), show_progress);

@@ -66,6 +66,8 @@ pub fn demo(dir: Option<PathBuf>) -> Result<ExitCode> {
     let mut seen: Vec<u64> = Vec::new();
     let mut phase = start(
         Command::new(&exe)
+            // The job's /tmp is its own: a working directory there would be refused.
+            .current_dir("/")
             .arg("run")
             .arg("--dir")
             .arg(&dir)

@@ -7,9 +7,11 @@
 //! changes the result). On the host network, on a private one (`--network private`:
 //! the TCP connections go the TCP_REPAIR way; OpenMPI), and as a plain user.
 //!
-//! Inside `stasis run` the job sees itself as uid 0 (the namespace's root), so
-//! mpirun is given OMPI_ALLOW_RUN_AS_ROOT (mapping the user to their own uid is the
-//! HPC-workflow issue's). Needs Debian's openmpi-bin, libopenmpi-dev, mpich and
+//! No workaround in the job's command line: a plain user's job runs as the user's own
+//! uid inside `stasis run` (mpirun is started without OpenMPI's root allowance, which
+//! only root's job gets), and each job has a private /tmp and /dev/shm, where
+//! OpenMPI's session directory (saved in the image) and shared-memory segments go.
+//! Needs Debian's openmpi-bin, libopenmpi-dev, mpich and
 //! libmpich-dev (scripts/test.sh installs them): without them the tests say so and
 //! pass, except under CI, where that is a failure.
 mod common;
@@ -54,12 +56,6 @@ fn which(cmd: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// mpirun's environment for a job that sees uid 0 (see the module comment).
-fn allow_root(cmd: &mut Command) {
-    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
-}
-
 /// mpiring built with `mpi`'s compiler wrapper (once), or None without it.
 fn mpiring(mpi: Mpi) -> Option<PathBuf> {
     static EXE: [OnceLock<Option<PathBuf>>; 2] = [OnceLock::new(), OnceLock::new()];
@@ -94,13 +90,11 @@ fn mpiring(mpi: Mpi) -> Option<PathBuf> {
     .clone()
 }
 
-/// The mpirun command line for `exe`, its session directory and shared-memory
-/// segments under `tmp`. Every stasis job's mpirun is pid 2, so every job would use
-/// /tmp/ompi.HOST.UID/pid.2 and the same job id, hence the same
-/// /dev/shm/vader_segment.* names: two jobs at once corrupt each other (seen: a rank
-/// dying of SIGSEGV, a job hanging at its first step). Giving each job a private /tmp
-/// and /dev/shm is the HPC-workflow issue's.
-fn mpirun(mpi: Mpi, exe: &Path, tmp: &Path) -> Vec<String> {
+/// The launcher's command line for `exe`, as a user would write it. OpenMPI refuses
+/// root without `--allow-run-as-root`: given only to root's jobs; a plain user's runs
+/// with OpenMPI's root allowance removed from the environment, so that it would fail
+/// if the job saw itself as root.
+fn mpirun(mpi: Mpi, exe: &Path, as_user: bool) -> Vec<String> {
     if mpi == Mpi::Mpich {
         // Started by fork (no ssh, no Slurm); its files are deleted while open.
         return vec![
@@ -113,20 +107,30 @@ fn mpirun(mpi: Mpi, exe: &Path, tmp: &Path) -> Vec<String> {
             STEPS.into(),
         ];
     }
-    vec![
-        "mpirun.openmpi".into(),
-        "--mca".into(),
-        "orte_tmpdir_base".into(),
-        tmp.display().to_string(),
-        "--mca".into(),
-        "btl_vader_backing_directory".into(),
-        tmp.display().to_string(),
-        "--oversubscribe".into(),
-        "-np".into(),
-        RANKS.into(),
-        exe.display().to_string(),
-        STEPS.into(),
-    ]
+    let mut argv: Vec<String> = if as_user {
+        [
+            "env",
+            "-u",
+            "OMPI_ALLOW_RUN_AS_ROOT",
+            "-u",
+            "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM",
+        ]
+        .map(String::from)
+        .to_vec()
+    } else {
+        Vec::new()
+    };
+    argv.push("mpirun.openmpi".into());
+    if !as_user {
+        argv.push("--allow-run-as-root".into());
+    }
+    argv.extend(
+        ["--oversubscribe", "-np", RANKS]
+            .map(String::from)
+            .into_iter()
+            .chain([exe.display().to_string(), STEPS.into()]),
+    );
+    argv
 }
 
 /// The result of an uninterrupted run, outside stasis.
@@ -136,10 +140,9 @@ fn reference(mpi: Mpi, exe: &Path) -> String {
         .get_or_init(|| {
             let w = Work::new("mpi_reference");
             std::fs::write(w.path("go"), b"").unwrap();
-            let argv = mpirun(mpi, exe, &w.dir);
+            let argv = mpirun(mpi, exe, false);
             let mut cmd = Command::new(&argv[0]);
             cmd.args(&argv[1..]).current_dir(&w.dir);
-            allow_root(&mut cmd);
             let out = cmd.output().expect("cannot run mpirun.openmpi");
             let text = String::from_utf8_lossy(&out.stdout).to_string();
             let ok = text
@@ -165,10 +168,8 @@ fn mpi_cycles(mpi: Mpi, name: &str, as_user: bool, private: bool) {
     let want = reference(mpi, &exe);
     let mut w = Work::new(name);
     let mut exe_in = exe.clone();
-    let mut owner = None;
     if as_user {
         let (uid, gid, prefix) = unprivileged_user();
-        owner = Some((uid, gid));
         let bin = w.path("bin");
         std::fs::create_dir(&bin).unwrap();
         std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))
@@ -181,14 +182,7 @@ fn mpi_cycles(mpi: Mpi, name: &str, as_user: bool, private: bool) {
     if private {
         w.run_opts = vec!["--network".into(), "private".into()];
     }
-    std::env::set_var("OMPI_ALLOW_RUN_AS_ROOT", "1");
-    std::env::set_var("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
-    let tmp = w.path("tmp");
-    std::fs::create_dir(&tmp).unwrap();
-    if let Some((uid, gid)) = owner {
-        std::os::unix::fs::chown(&tmp, Some(uid), Some(gid)).unwrap();
-    }
-    let mut s = Session::start(&w, &mpirun(mpi, &exe_in, &tmp));
+    let mut s = Session::start(&w, &mpirun(mpi, &exe_in, as_user));
     s.cur().wait_tick(20, T_READY);
     // A checkpoint that leaves the job running, then two kill/restart cycles.
     w.checkpoint_ok(false, s.cur());
@@ -200,6 +194,23 @@ fn mpi_cycles(mpi: Mpi, name: &str, as_user: bool, private: bool) {
         Some(private),
         "private_network"
     );
+    if mpi == Mpi::OpenMpi {
+        // Its session directory, in the job's own /tmp, is saved with it.
+        let tmp = meta["private_dirs"]
+            .as_array()
+            .and_then(|d| d.iter().find(|d| d["path"] == "/tmp"))
+            .expect("no private /tmp in the image");
+        let session = tmp["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["path"].as_str())
+            .find(|p| p.starts_with("ompi."));
+        assert!(
+            session.is_some(),
+            "no OpenMPI session directory in the saved /tmp: {tmp}"
+        );
+    }
     let procs = meta["processes"].as_array().unwrap();
     assert!(
         procs.len() > RANKS.parse::<usize>().unwrap(),

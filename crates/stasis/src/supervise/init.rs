@@ -63,6 +63,7 @@ fn options(
         own_ipc_namespace: true,
         own_network_namespace: job.private_network,
         tcp_external,
+        private_tmp: job.private_tmp,
     }
 }
 
@@ -87,6 +88,83 @@ fn open_first_intact(candidates: &[PathBuf]) -> Result<(PathBuf, CheckpointReade
         Some(e) => Err(e.into()),
         None => bail!("no checkpoint to restart from"),
     }
+}
+
+/// The checkpoint directory as the init reaches it. With a private /tmp and /dev/shm
+/// mounted over the host's, a DIR under them is reached through a descriptor opened
+/// before (`/proc/self/fd/N/...`); messages show the real path.
+struct DirView {
+    real: PathBuf,
+    here: PathBuf,
+    _fd: Option<std::os::unix::io::OwnedFd>,
+}
+
+impl DirView {
+    fn open(dir: &Path, private_tmp: bool) -> Result<DirView> {
+        let hidden = private_tmp
+            && stasis_core::tmpdirs::DIRS
+                .iter()
+                .any(|d| dir.starts_with(d));
+        if !hidden {
+            return Ok(DirView {
+                real: dir.to_path_buf(),
+                here: dir.to_path_buf(),
+                _fd: None,
+            });
+        }
+        let f = std::fs::File::open(dir)
+            .with_context(|| format!("opening the checkpoint directory {}", dir.display()))?;
+        let fd: std::os::unix::io::OwnedFd = f.into();
+        Ok(DirView {
+            real: dir.to_path_buf(),
+            here: PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())),
+            _fd: Some(fd),
+        })
+    }
+
+    fn here(&self) -> &Path {
+        &self.here
+    }
+
+    /// `p` (under the real path) as the init reaches it.
+    fn to_here(&self, p: &Path) -> PathBuf {
+        p.strip_prefix(&self.real)
+            .map_or_else(|_| p.to_path_buf(), |rest| self.here.join(rest))
+    }
+
+    /// `p` (as the init reaches it) as the user knows it.
+    fn shown(&self, p: &Path) -> PathBuf {
+        p.strip_prefix(&self.here)
+            .map_or_else(|_| p.to_path_buf(), |rest| self.real.join(rest))
+    }
+
+    fn shown_text(&self, text: &str) -> String {
+        text.replace(&*self.here.to_string_lossy(), &self.real.to_string_lossy())
+    }
+}
+
+/// Mounts the job's own /tmp and /dev/shm (`--tmp private`). For `stasis run`, the
+/// working directory and the command must not be under them: the application would
+/// start with the host's, and a restart could not find them.
+fn private_tmp(mode: &Mode) -> Result<()> {
+    let under = |p: &Path| stasis_core::tmpdirs::DIRS.iter().find(|d| p.starts_with(d));
+    if let Mode::Run(cmd) = mode {
+        let cwd = std::env::current_dir().context("the working directory")?;
+        if let Some(d) = under(&cwd) {
+            bail!(
+                "the working directory {} is under {d}, which is private to the job (stasis run --tmp private, the default): start the job from another directory, or keep the host's {d} with --tmp host",
+                cwd.display()
+            );
+        }
+        if let Some(d) = cmd.first().and_then(|c| under(&cwd.join(c))) {
+            bail!(
+                "the command {} is under {d}, which is private to the job (stasis run --tmp private, the default): put it elsewhere, or keep the host's {d} with --tmp host",
+                cmd[0]
+            );
+        }
+    }
+    stasis_core::tmpdirs::mount_private()?;
+    Ok(())
 }
 
 /// A periodic timer (timerfd).
@@ -330,6 +408,11 @@ fn init_inner(
     if private_network {
         loopback_up()?;
     }
+    let view = DirView::open(dir, opts.private_tmp)?;
+    let dir = view.here();
+    if opts.private_tmp {
+        private_tmp(&mode)?;
+    }
     let mut all = FORWARDED.to_vec();
     all.push(libc::SIGCHLD);
     let set = sigset(&all);
@@ -338,8 +421,17 @@ fn init_inner(
         Mode::Run(cmd) => spawn(&cmd)?,
         Mode::Restart(candidates) => {
             let t0 = std::time::Instant::now();
+            let candidates: Vec<PathBuf> = candidates.iter().map(|c| view.to_here(c)).collect();
             let (path, image) = open_first_intact(&candidates)?;
+            let path = view.shown(&path);
             let verified = t0.elapsed();
+            let dirs = &image.meta.private_dirs;
+            if !dirs.is_empty() {
+                if !opts.private_tmp {
+                    bail!("{} was taken with a private /tmp and /dev/shm, which this restart did not mount", path.display());
+                }
+                stasis_core::tmpdirs::recreate(&image, dirs)?;
+            }
             let pid = stasis_core::restore::restore(&image, [Some(0), Some(1), Some(2)])?;
             let p = &image.meta.processes[0];
             tracing::info!(
@@ -373,12 +465,16 @@ fn init_inner(
             },
         );
         match dump::checkpoint(dir, app, &o) {
-            Ok(r) => {
+            Ok(mut r) => {
+                r.path = view.shown(&r.path);
                 eprintln!("{} ({why})", control::summarize(&r));
                 r.killed
             }
             Err(e) => {
-                eprintln!("stasis: {why}: checkpoint failed: {e}; the application keeps running");
+                eprintln!(
+                    "stasis: {why}: checkpoint failed: {}; the application keeps running",
+                    view.shown_text(&e.to_string())
+                );
                 false
             }
         }
@@ -443,7 +539,8 @@ fn init_inner(
                     );
                     o.keep = req.keep;
                     match dump::checkpoint(dir, app, &o) {
-                        Ok(r) => {
+                        Ok(mut r) => {
+                            r.path = view.shown(&r.path);
                             killed_by_checkpoint |= r.killed;
                             Reply {
                                 ok: true,
@@ -454,7 +551,10 @@ fn init_inner(
                         }
                         Err(e) => Reply {
                             ok: false,
-                            error: format!("checkpoint failed: {e}; the application keeps running"),
+                            error: format!(
+                                "checkpoint failed: {}; the application keeps running",
+                                view.shown_text(&e.to_string())
+                            ),
                             path: String::new(),
                             summary: String::new(),
                         },

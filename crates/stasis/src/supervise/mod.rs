@@ -50,6 +50,9 @@ enum Mode {
 pub struct JobOptions {
     /// A network namespace of the job's own (`--network private`).
     pub private_network: bool,
+    /// A /tmp and /dev/shm of the job's own (`--tmp private`).
+    #[serde(default)]
+    pub private_tmp: bool,
     /// Checkpoint every so often while the job runs (`--interval`).
     pub interval: Option<std::time::Duration>,
     /// The automatic checkpoints store only what changed (`--incremental`).
@@ -70,6 +73,7 @@ impl Default for JobOptions {
     fn default() -> JobOptions {
         JobOptions {
             private_network: false,
+            private_tmp: false,
             interval: None,
             incremental: false,
             keep: 3,
@@ -97,7 +101,9 @@ pub fn run(dir: &Path, cmd: &[String], mut opts: JobOptions, fresh: bool) -> Res
                 dir.display(),
                 newest.display()
             );
-            opts.private_network = image_private_network(newest);
+            let (net, tmp) = image_private(newest);
+            opts.private_network = net;
+            opts.private_tmp = tmp;
             return start(&dir, Mode::Restart(newest_first), opts, None);
         }
     }
@@ -105,18 +111,22 @@ pub fn run(dir: &Path, cmd: &[String], mut opts: JobOptions, fresh: bool) -> Res
 }
 
 /// Whether the checkpoint at `path` is of a job that had a network namespace of its
-/// own (read before the image is verified, only to create the namespaces: a damaged
-/// image is refused by the init all the same).
-fn image_private_network(path: &Path) -> bool {
+/// own, and a private /tmp and /dev/shm (read before the image is verified, only to
+/// set up the namespaces: a damaged image is refused by the init all the same).
+fn image_private(path: &Path) -> (bool, bool) {
     #[derive(serde::Deserialize)]
-    struct Network {
+    struct Private {
         #[serde(default)]
         private_network: bool,
+        #[serde(default)]
+        private_dirs: Vec<serde::de::IgnoredAny>,
     }
     std::fs::read(path.join("checkpoint.json"))
         .ok()
-        .and_then(|b| serde_json::from_slice::<Network>(&b).ok())
-        .is_some_and(|n| n.private_network)
+        .and_then(|b| serde_json::from_slice::<Private>(&b).ok())
+        .map_or((false, false), |p| {
+            (p.private_network, !p.private_dirs.is_empty())
+        })
 }
 
 /// `stasis restart DIR [--from N]`
@@ -140,8 +150,10 @@ pub fn restart(dir: &Path, from: Option<&str>, show_progress: bool) -> Result<Ex
         }
     };
     let progress = show_progress.then(|| format!("restarting from {}", path.display()));
+    let (private_network, private_tmp) = image_private(&path);
     let opts = JobOptions {
-        private_network: image_private_network(&path),
+        private_network,
+        private_tmp,
         ..JobOptions::default()
     };
     start(&dir, Mode::Restart(vec![path]), opts, progress)

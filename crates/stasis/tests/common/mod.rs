@@ -492,7 +492,7 @@ impl Work {
             .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
             .take(24)
             .collect();
-        let dir = std::env::temp_dir().join(format!(
+        let dir = test_base().join(format!(
             "st-{short}-{}-{}{suffix}",
             std::process::id(),
             SEQ.fetch_add(1, Ordering::SeqCst)
@@ -1036,6 +1036,13 @@ pub fn verify_counter(outputs: &[(String, String)], first: Option<u64>) -> Vec<u
 // ---------------------------------------------------------------------------
 
 pub const TEST_USER: &str = "stasis-test";
+
+/// Where work directories are made: not under /tmp, which a job under `stasis run`
+/// sees as its own private one (`--tmp private`, the default). STASIS_TEST_DIR
+/// overrides /var/tmp.
+pub fn test_base() -> PathBuf {
+    std::env::var_os("STASIS_TEST_DIR").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from)
+}
 
 fn lookup_user(name: &str) -> Option<(u32, u32)> {
     let f = fs::read_to_string("/etc/passwd").ok()?;
