@@ -15,15 +15,36 @@ use stasis_image::{CheckpointReader, CheckpointWriter, Sysv, SysvMsg, SysvSem, S
 
 const MSG_COPY: i32 = 0o40000;
 
-fn table(name: &str) -> Vec<Vec<i64>> {
-    std::fs::read_to_string(format!("/proc/sysvipc/{name}"))
-        .unwrap_or_default()
-        .lines()
+/// The rows of `/proc/sysvipc/NAME`: key, id and permissions (printed in octal),
+/// then the numeric column `fourth` (size, nsems, cbytes) and `fifth`.
+struct Row {
+    key: i32,
+    id: i32,
+    mode: u32,
+    fourth: u64,
+    fifth: u64,
+}
+
+fn table(name: &str) -> Result<Vec<Row>> {
+    let path = format!("/proc/sysvipc/{name}");
+    let text = std::fs::read_to_string(&path).ctx(0, || format!("reading {path}"))?;
+    text.lines()
         .skip(1)
         .map(|l| {
-            l.split_whitespace()
-                .filter_map(|w| w.parse().ok())
-                .collect()
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let row = (|| {
+                Some(Row {
+                    key: w.first()?.parse().ok()?,
+                    id: w.get(1)?.parse().ok()?,
+                    mode: u32::from_str_radix(w.get(2)?, 8).ok()?,
+                    fourth: w.get(3)?.parse().ok()?,
+                    fifth: w.get(4)?.parse().ok()?,
+                })
+            })();
+            row.ok_or_else(|| Error::Unsupported {
+                pid: 0,
+                what: format!("an unreadable line of {path}: {l:?}"),
+            })
         })
         .collect()
 }
@@ -31,9 +52,9 @@ fn table(name: &str) -> Vec<Vec<i64>> {
 /// Saves every System V object of our IPC namespace.
 pub fn dump(writer: &mut CheckpointWriter) -> Result<Sysv> {
     let mut out = Sysv::default();
-    for row in table("shm") {
+    for row in table("shm")? {
         // key shmid perms size ...
-        let (key, id, mode, size) = (row[0] as i32, row[1] as i32, row[2] as u32, row[3] as u64);
+        let (key, id, mode, size) = (row.key, row.id, row.mode, row.fourth);
         // SAFETY: attaching the segment read-only at an address the kernel picks.
         let addr = unsafe { libc::shmat(id, std::ptr::null(), libc::SHM_RDONLY) };
         if addr as isize == -1 {
@@ -56,9 +77,9 @@ pub fn dump(writer: &mut CheckpointWriter) -> Result<Sysv> {
             data_file: name,
         });
     }
-    for row in table("sem") {
+    for row in table("sem")? {
         // key semid perms nsems ...
-        let (key, id, mode, n) = (row[0] as i32, row[1] as i32, row[2] as u32, row[3] as usize);
+        let (key, id, mode, n) = (row.key, row.id, row.mode, row.fourth as usize);
         let mut values = vec![0u16; n];
         // SAFETY: GETALL writes nsems unsigned shorts into `values`.
         if unsafe { libc::semctl(id, 0, libc::GETALL, values.as_mut_ptr()) } != 0 {
@@ -72,9 +93,9 @@ pub fn dump(writer: &mut CheckpointWriter) -> Result<Sysv> {
             values,
         });
     }
-    for row in table("msg") {
+    for row in table("msg")? {
         // key msqid perms cbytes qnum ...
-        let (key, id, mode, qnum) = (row[0] as i32, row[1] as i32, row[2] as u32, row[4] as usize);
+        let (key, id, mode, qnum) = (row.key, row.id, row.mode, row.fifth as usize);
         let mut messages = Vec::new();
         let mut bytes = Vec::new();
         let mut buf = vec![0u8; 8 + (1 << 16)];
@@ -211,9 +232,14 @@ pub fn restore(image: &CheckpointReader) -> Result<()> {
         };
         let mut off = 0usize;
         for &(mtype, len) in &q.messages {
+            let bytes = data.get(off..off + len as usize).ok_or_else(|| {
+                err(format!(
+                    "message queue {id}: the saved messages are longer than their data file"
+                ))
+            })?;
             let mut buf = Vec::with_capacity(8 + len as usize);
             buf.extend_from_slice(&mtype.to_ne_bytes());
-            buf.extend_from_slice(&data[off..off + len as usize]);
+            buf.extend_from_slice(bytes);
             off += len as usize;
             // SAFETY: msgsnd reads an mtype followed by `len` bytes from buf.
             if unsafe { libc::msgsnd(id, buf.as_ptr().cast(), len as usize, libc::IPC_NOWAIT) } != 0

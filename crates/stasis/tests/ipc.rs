@@ -1188,6 +1188,11 @@ fn check_sysv_image(meta: &Value, ready: &str, what: &str) {
     );
     let msg = arr(sysv, "msg");
     assert_eq!(msg.len(), 1, "{what}: sysv.msg {msg:?}");
+    // Each was created with mode 0600 (the job holds no capability that would let it
+    // use them otherwise once they are recreated).
+    for (o, kind) in [(&shm[0], "shm"), (&sem[0], "sem"), (&msg[0], "msg")] {
+        assert_eq!(num(o, "mode"), 0o600, "{what}: {kind} mode {o}");
+    }
     assert_eq!(num(&msg[0], "id"), msqid, "{what}: queue id");
     assert_eq!(num(&msg[0], "key"), 0x53540001, "{what}: queue key");
     let msgs: Vec<(i64, u64)> = arr(&msg[0], "messages")
