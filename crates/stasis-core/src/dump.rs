@@ -627,6 +627,7 @@ fn dump_frozen(
     }
     let sigs = signals::dump(&inj, pid, &scratch)?;
     let ts = task::dump(proc, &inj, &scratch, dumpable)?;
+    let posix_timers = crate::timers::dump(proc, &inj, &scratch)?;
     let stopped_children: Vec<i32> = proc
         .children()?
         .into_iter()
@@ -737,6 +738,7 @@ fn dump_frozen(
             fds,
             signals: sigs,
             itimers: ts.itimers,
+            posix_timers,
             settings: ts.settings,
             job_stop: frozen.job_stop.map(|signal| stasis_image::JobStop {
                 signal,

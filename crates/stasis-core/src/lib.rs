@@ -33,6 +33,7 @@ pub mod sockets;
 pub mod sysv;
 pub mod task;
 pub mod thread;
+pub mod timers;
 pub mod tmpdirs;
 pub mod tty;
 

@@ -493,6 +493,7 @@ fn rebuild(
         }
     }
 
+    crate::timers::restore(&inj, child, &p.posix_timers, &scratch)?;
     crate::jobctl::settle_parent(&inj, p, &image.meta.processes, &scratch)?;
     for t in &p.threads {
         signals::requeue(&inj, child, Some(t.tid), &t.pending, &scratch)?;

@@ -425,6 +425,9 @@ pub struct Process {
     pub signals: Signals,
     /// Interval timers (ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF).
     pub itimers: Vec<Itimer>,
+    /// POSIX interval timers (timer_create(2)), by ID.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub posix_timers: Vec<PosixTimer>,
     /// Process-wide settings made with prctl(2) and /proc/PID files.
     #[serde(default)]
     pub settings: ProcessSettings,
@@ -540,6 +543,26 @@ pub struct Creds {
     pub cap_ambient: u64,
     /// PR_SET_NO_NEW_PRIVS.
     pub no_new_privs: bool,
+}
+
+/// A POSIX interval timer (timer_create(2)).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PosixTimer {
+    /// Its timer ID (what timer_create returned).
+    pub id: i32,
+    /// The clock (CLOCK_REALTIME 0, CLOCK_MONOTONIC 1, ...).
+    pub clock: i32,
+    /// `sigev_notify`: SIGEV_SIGNAL 0, SIGEV_NONE 1, with SIGEV_THREAD_ID (4) when it
+    /// signals the thread `thread`.
+    pub notify: u32,
+    pub signal: i32,
+    /// `sigev_value` (the pointer or integer the signal carries).
+    pub value: u64,
+    #[serde(default)]
+    pub thread: i32,
+    /// Period and time left, nanoseconds (0: not armed).
+    pub interval_ns: u64,
+    pub value_ns: u64,
 }
 
 /// One resource limit.

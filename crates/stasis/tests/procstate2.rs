@@ -463,3 +463,59 @@ fn credentials_by_pid_as_unprivileged_user() {
     }
     pid_cycles("ps2_creds_pid_user", "creds", &[], true, check_creds_user);
 }
+
+// ---------------------------------------------------------------------------
+// ptimers.c: POSIX interval timers
+// ---------------------------------------------------------------------------
+
+/// The process's timers in the image: A signalling SIGUSR1 every 20 ms with its
+/// value, B signalling thread T, N (SIGEV_NONE) with time left, D disarmed, and
+/// not the deleted one.
+fn check_ptimers(meta: &Value, ready: &str, what: &str) {
+    let f = fields(ready);
+    let id = |k: &str| -> i64 { f[k].parse().unwrap() };
+    let p = image_proc(meta, id("pid"));
+    let timers = p["posix_timers"].as_array().expect("no posix_timers");
+    let ids: Vec<i64> = timers.iter().map(|t| num(t, "id")).collect();
+    let mut want = vec![id("a"), id("b"), id("n"), id("d")];
+    want.sort();
+    assert_eq!(ids, want, "{what}: timer IDs");
+    let t = |k: &str| timers.iter().find(|t| num(t, "id") == id(k)).unwrap();
+    assert_eq!(
+        (
+            num(t("a"), "signal"),
+            num(t("a"), "value"),
+            num(t("a"), "interval_ns")
+        ),
+        (libc::SIGUSR1 as i64, 0xA11CE, 20_000_000),
+        "{what}: A {}",
+        t("a")
+    );
+    assert_eq!(
+        num(t("b"), "notify"),
+        4,
+        "{what}: B signals a thread: {}",
+        t("b")
+    );
+    assert!(
+        num(t("n"), "value_ns") > 900_000_000_000,
+        "{what}: N {}",
+        t("n")
+    );
+    assert_eq!(num(t("d"), "value_ns"), 0, "{what}: D {}", t("d"));
+}
+
+#[test]
+fn posix_timers_under_run() {
+    run_cycles("ps2_ptimers", "ptimers", &[], false, check_ptimers);
+}
+
+#[test]
+fn posix_timers_under_run_as_unprivileged_user() {
+    run_cycles("ps2_ptimers_user", "ptimers", &[], true, check_ptimers);
+}
+
+#[test]
+fn posix_timers_by_pid() {
+    pid_cycles("ps2_ptimers_pid", "ptimers", &[], false, check_ptimers);
+}
