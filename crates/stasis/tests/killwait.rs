@@ -200,7 +200,10 @@ fn pid_kill_after_thread_exit(name: &str, as_user: bool) {
         checkpoint_pid_kill(&w, &mut app);
         let tids = inspect_tids(&w.inspect_json());
         assert!(
-            (3..=9).contains(&tids.len()),
+            // main, 2 churners, 4 joinable and 2 detached ones, and up to 2 detached
+            // ones of the previous batch that posted their semaphore but have not
+            // exited yet.
+            (3..=11).contains(&tids.len()),
             "round {round}: {} threads in the image: {tids:?}",
             tids.len()
         );
