@@ -13,7 +13,8 @@
 # to export for sbatch, squeue, scontrol... `scripts/slurm/stop.sh DIR` stops it.
 #
 # Tuned for fast tests: a requeued job may start again after 10 s (cred_expire, the
-# least Slurm accepts), the scheduler runs every second. Slurm checks time limits and
+# least Slurm accepts), the scheduler runs every second, and up to 4 jobs share each
+# core (OverSubscribe=FORCE:4), so that several test jobs run at once on a small VM. Slurm checks time limits and
 # sends --signal warnings every 30 s (fixed in slurmctld): `--signal=B:USR1@N` comes
 # up to 30 s before `end - N`.
 set -euo pipefail
@@ -147,7 +148,7 @@ KillWait=5
 MinJobAge=300
 InactiveLimit=0
 $node NodeAddr=127.0.0.1 State=UNKNOWN
-PartitionName=test Nodes=$nodename Default=YES MaxTime=INFINITE State=UP
+PartitionName=test Nodes=$nodename Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 CONF
 }
 
