@@ -20,6 +20,8 @@
 set -euo pipefail
 
 die() { echo "slurm/start.sh: $*" >&2; exit 1; }
+# The daemons and mungekey are in sbin, which a plain user's PATH may lack.
+export PATH="$PATH:/usr/sbin:/sbin"
 
 [ $# -eq 1 ] || die "usage: $0 DIR"
 [ "$(id -u)" -eq 0 ] || die "must run as root (munged runs as the munge user, slurmd as root)"
