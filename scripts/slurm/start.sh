@@ -157,7 +157,7 @@ CONF
 # slurmctld and slurmd on free ports; a port taken between the choice and the bind
 # (by another program) makes a daemon exit: then both are tried again on others.
 started=
-for attempt in 1 2 3; do
+for _attempt in 1 2 3; do
     ctld_port="$(free_port)"
     slurmd_port="$(free_port)"
     [ "$ctld_port" != "$slurmd_port" ] || continue

@@ -7,10 +7,10 @@
 # What belongs to the cluster is found by its environment: start.sh gives munged,
 # slurmctld and slurmd STASIS_SLURM_CLUSTER=DIR (slurmstepd inherits it from slurmd),
 # and every job submitted to it carries SLURM_CONF=DIR/slurm.conf (sbatch passes the
-# submitter's environment on). Daemons get SIGTERM (their own helpers are left to them), everything else
-# SIGKILL; whatever
-# is still there after 10 s gets SIGKILL too. Nothing there: nothing done. Exits 0 once
-# nothing of the cluster runs, 1 if something survived.
+# submitter's environment on). The daemons get SIGTERM (their own helpers, such as
+# slurmctld's slurmscriptd, are left to them), everything else SIGKILL; what is still
+# there after 5 s gets SIGKILL too. Nothing there: nothing done. Exits 0 once nothing
+# of the cluster runs (within 10 s), 1 if something survived.
 set -uo pipefail
 
 [ $# -eq 1 ] || { echo "usage: $0 DIR" >&2; exit 2; }
@@ -29,8 +29,8 @@ done
 # Pids whose environment names this cluster.
 members() {
     local e p
-    for e in $(grep -lszxF -e "STASIS_SLURM_CLUSTER=$dir" -e "SLURM_CONF=$dir/slurm.conf" \
-        /proc/[0-9]*/environ); do
+    grep -lszxF -e "STASIS_SLURM_CLUSTER=$dir" -e "SLURM_CONF=$dir/slurm.conf" \
+        /proc/[0-9]*/environ | while read -r e; do
         p="${e#/proc/}"
         p="${p%/environ}"
         [[ "$ours" == *" $p "* ]] || echo "$p"
