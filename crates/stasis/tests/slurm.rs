@@ -227,6 +227,8 @@ struct Job<'a> {
     /// The job's standard output and error (appended to by every run).
     out: PathBuf,
     err: PathBuf,
+    /// When it was submitted.
+    t0: Instant,
 }
 
 impl Drop for Job<'_> {
@@ -293,6 +295,7 @@ impl Job<'_> {
             id,
             out: w.path("job.out"),
             err: w.path("job.err"),
+            t0: Instant::now(),
         }
     }
 
@@ -317,9 +320,10 @@ impl Job<'_> {
         )
     }
 
-    /// Poll the job until it has ended for good; returns its `scontrol show job`.
+    /// Poll the job until it has ended for good (at most T_JOB after its submission);
+    /// returns its `scontrol show job`.
     fn wait_end(&self) -> HashMap<String, String> {
-        let t0 = Instant::now();
+        let t0 = self.t0;
         let mut last_state = String::new();
         loop {
             let info = self
