@@ -16,6 +16,12 @@ command -v bash >/dev/null || need+=(bash)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v mpicc.openmpi >/dev/null || need+=(openmpi-bin libopenmpi-dev)
 command -v mpicc.mpich >/dev/null || need+=(mpich libmpich-dev)
+# A one-node Slurm for tests/slurm.rs (scripts/slurm/start.sh); the daemons live in sbin.
+have() { command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ]; }
+have munged || need+=(munge)
+have slurmctld || need+=(slurmctld)
+have slurmd || need+=(slurmd)
+command -v sbatch >/dev/null || need+=(slurm-client)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
         echo "installing test dependencies: ${need[*]}"
