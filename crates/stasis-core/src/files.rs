@@ -258,11 +258,17 @@ impl Registry {
             let desc = self.describe(pid, fd, &md);
             self.locks
                 .add_fd(pid, fd, &target, &kind, desc, &info.text)?;
+            let owner = if matches!(kind, FdKind::InetSocket { .. }) {
+                None
+            } else {
+                crate::fdowner::dump(pid, fd, flags)?
+            };
             out.push(Fd {
                 fd,
                 cloexec,
                 kind,
                 desc,
+                owner,
             });
         }
         Ok(out)
@@ -417,7 +423,13 @@ pub fn open_descriptions(
                     }
                     let fd = open(f.fd, path, (*flags & libc::O_ACCMODE) | libc::O_NONBLOCK)?;
                     // SAFETY: fcntl on the descriptor we just opened.
-                    unsafe { libc::fcntl(fd, libc::F_SETFL, *flags & libc::O_NONBLOCK) };
+                    unsafe {
+                        libc::fcntl(
+                            fd,
+                            libc::F_SETFL,
+                            *flags & (libc::O_NONBLOCK | libc::O_ASYNC),
+                        )
+                    };
                     fd
                 }
                 FdKind::Pty { pty, master, flags } => {
@@ -515,7 +527,7 @@ pub fn open_descriptions(
                         libc::fcntl(
                             fd,
                             libc::F_SETFL,
-                            *flags & (libc::O_NONBLOCK | libc::O_DIRECT),
+                            *flags & (libc::O_NONBLOCK | libc::O_DIRECT | libc::O_ASYNC),
                         )
                     };
                     fd

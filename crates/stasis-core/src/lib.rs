@@ -17,6 +17,7 @@ pub mod dirty;
 pub mod dump;
 pub mod error;
 pub mod eventfds;
+pub mod fdowner;
 pub mod files;
 pub mod freeze;
 pub mod inject;

@@ -494,6 +494,7 @@ fn rebuild(
     }
 
     crate::timers::restore(&inj, child, &p.posix_timers, &scratch)?;
+    crate::fdowner::restore(&inj, &p.fds, &scratch)?;
     crate::jobctl::settle_parent(&inj, p, &image.meta.processes, &scratch)?;
     for t in &p.threads {
         signals::requeue(&inj, child, Some(t.tid), &t.pending, &scratch)?;
@@ -767,7 +768,6 @@ fn prepare(
         }
     }
     crate::eventfds::register_epoll(&p.fds)?;
-    crate::sockets::inet::set_owners(&p.fds);
     let exe_fd = files::open_high(&p.exe.path, libc::O_RDONLY, hi)?;
     for m in &p.mappings {
         if let MappingKind::File { file, .. } = &m.kind {

@@ -826,6 +826,21 @@ pub struct Fd {
     /// description (offset, flags), as after dup(2) or fork(2).
     #[serde(default)]
     pub desc: u64,
+    /// Signal-driven I/O (O_ASYNC): who gets the signal and which (not for IP
+    /// sockets, whose kind holds it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<FdOwner>,
+}
+
+/// The owner of an fd's signal-driven I/O (F_GETOWN_EX) and its signal (F_GETSIG).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdOwner {
+    /// F_OWNER_TID 0, F_OWNER_PID 1, F_OWNER_PGRP 2.
+    pub kind: i32,
+    /// 0: none.
+    pub pid: i32,
+    /// 0: SIGIO.
+    pub signal: i32,
 }
 
 /// What an fd refers to.

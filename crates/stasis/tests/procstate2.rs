@@ -519,3 +519,50 @@ fn posix_timers_under_run_as_unprivileged_user() {
 fn posix_timers_by_pid() {
     pid_cycles("ps2_ptimers_pid", "ptimers", &[], false, check_ptimers);
 }
+
+// ---------------------------------------------------------------------------
+// asyncio.c: signal-driven I/O owners
+// ---------------------------------------------------------------------------
+
+/// The pipe's fd owned by the process with SIGUSR1, the socket's by thread T with
+/// SIGUSR2.
+fn check_asyncio(meta: &Value, ready: &str, what: &str) {
+    let f = fields(ready);
+    let id = |k: &str| -> i64 { f[k].parse().unwrap() };
+    let p = image_proc(meta, id("pid"));
+    let fd = |n: i64| {
+        p["fds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| num(x, "fd") == n)
+            .unwrap_or_else(|| panic!("{what}: no fd {n}"))["owner"]
+            .clone()
+    };
+    let (po, so) = (fd(id("p")), fd(id("s")));
+    assert_eq!(
+        (num(&po, "pid"), num(&po, "signal")),
+        (id("pid"), libc::SIGUSR1 as i64),
+        "{what}: pipe {po}"
+    );
+    assert_eq!(
+        (num(&so, "kind"), num(&so, "pid"), num(&so, "signal")),
+        (0, id("t"), libc::SIGUSR2 as i64),
+        "{what}: socket {so}"
+    );
+}
+
+#[test]
+fn async_io_owners_under_run() {
+    run_cycles("ps2_async", "asyncio", &[], false, check_asyncio);
+}
+
+#[test]
+fn async_io_owners_under_run_as_unprivileged_user() {
+    run_cycles("ps2_async_user", "asyncio", &[], true, check_asyncio);
+}
+
+#[test]
+fn async_io_owners_by_pid() {
+    pid_cycles("ps2_async_pid", "asyncio", &[], false, check_asyncio);
+}

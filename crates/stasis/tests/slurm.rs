@@ -646,16 +646,13 @@ impl Mpi {
 
     /// The launcher's command line for `ranks` ranks of `exe` inside a Slurm
     /// allocation under stasis, the launch kept on this node. OpenMPI: no Slurm
-    /// launcher, no slots asked from Slurm, its session directory and shared-memory
-    /// segments in `tmp` (every stasis job's mpirun is pid 2: see tests/mpi.rs), more
-    /// ranks than cores. MPICH: Hydra starts its proxy by fork, not srun, and takes
-    /// the ranks as given.
-    fn launch(self, tmp: &Path, ranks: u64, exe: &Path, steps: u64) -> String {
+    /// launcher, no slots asked from Slurm, more ranks than cores (its session
+    /// directory and segments go to the job's private /tmp and /dev/shm). MPICH:
+    /// Hydra starts its proxy by fork, not srun, and takes the ranks as given.
+    fn launch(self, ranks: u64, exe: &Path, steps: u64) -> String {
         match self {
             Mpi::OpenMpi => format!(
-                "mpirun.openmpi --mca plm isolated --mca ras ^slurm --mca orte_tmpdir_base {t} \
-                 --mca btl_vader_backing_directory {t} --oversubscribe -np {ranks} {e} {steps}",
-                t = tmp.display(),
+                "mpirun.openmpi --mca plm isolated --mca ras ^slurm --oversubscribe -np {ranks} {e} {steps}",
                 e = exe.display()
             ),
             Mpi::Mpich => format!(
@@ -701,10 +698,8 @@ fn mpiring(mpi: Mpi) -> PathBuf {
 fn check_model(mpi: Mpi) {
     let w = Work::new(&format!("slurm_model_{mpi:?}"));
     w.go();
-    let tmp = w.path("tmp");
-    fs::create_dir(&tmp).unwrap();
     let steps = 40;
-    let line = mpi.launch(&tmp, mpi.ranks(), &mpiring(mpi), steps);
+    let line = mpi.launch(mpi.ranks(), &mpiring(mpi), steps);
     let argv: Vec<&str> = line.split_whitespace().collect();
     let mut cmd = Command::new(argv[0]);
     cmd.args(&argv[1..])
@@ -720,9 +715,6 @@ fn check_model(mpi: Mpi) {
 /// --checkpoint-on USR1 --requeue` (`-n RANKS --overcommit`: the tasks on one core).
 fn submit_mpi_job<'a>(c: &'a Cluster, mpi: Mpi) -> (Work, u32, Job<'a>) {
     let (w, uid) = job_work(&format!("slurm_{mpi:?}"), &[(&mpiring(mpi), "mpiring")]);
-    let tmp = w.path("tmp");
-    fs::create_dir(&tmp).unwrap();
-    std::os::unix::fs::chown(&tmp, Some(uid), None).unwrap();
     // mpiring waits for `go` after its last step: there from the start.
     w.go();
     let script = job_script(
@@ -732,9 +724,9 @@ fn submit_mpi_job<'a>(c: &'a Cluster, mpi: Mpi) -> (Work, u32, Job<'a>) {
             &format!("-n {}", mpi.ranks()),
             "--overcommit",
         ],
-        // Inside stasis run the job sees uid 0 (see docs/SLURM.md).
-        &["export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1"],
-        &mpi.launch(&tmp, mpi.ranks(), &w.path("bin/mpiring"), STEPS),
+        // Nothing for stasis: the plain user's job sees the user's own uid.
+        &[],
+        &mpi.launch(mpi.ranks(), &w.path("bin/mpiring"), STEPS),
     );
     let job = Job::submit(c, &w, &script);
     (w, uid, job)

@@ -324,14 +324,16 @@ fn requeue() {
         eprintln!("stasis: --requeue: not inside a Slurm job (no SLURM_JOB_ID): nothing requeued");
         return;
     };
-    match std::process::Command::new("scontrol")
+    let msg = match std::process::Command::new("scontrol")
         .args(["requeue", &id])
         .status()
     {
-        Ok(st) if st.success() => eprintln!("stasis: Slurm job {id} requeued"),
-        Ok(st) => eprintln!("stasis: `scontrol requeue {id}` failed ({st})"),
-        Err(e) => eprintln!("stasis: cannot run `scontrol requeue {id}`: {e}"),
-    }
+        Ok(st) if st.success() => format!("stasis: Slurm job {id} requeued\n"),
+        Ok(st) => format!("stasis: `scontrol requeue {id}` failed ({st})\n"),
+        Err(e) => format!("stasis: cannot run `scontrol requeue {id}`: {e}\n"),
+    };
+    // One write: Slurm appends its own line to the same file at this moment.
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), msg.as_bytes());
 }
 
 /// A signal named like `USR1`, `SIGUSR1` or `10`, one stasis passes on (and so can

@@ -42,8 +42,8 @@ mod repair;
 mod restore;
 
 pub use dump::Collector;
+pub use options::owner_of;
 pub(crate) use options::F_SETSIG;
-pub use options::{owner_of, set_owners};
 pub use restore::create_all;
 
 /// What to do with a TCP connection whose peer is outside the checkpoint.

@@ -7,7 +7,6 @@ use std::os::unix::io::{AsRawFd, OwnedFd};
 /// fcntl(2) commands the libc crate lacks on this target.
 const F_GETOWN_EX: i32 = 16;
 const F_GETSIG: i32 = 11;
-const F_SETOWN_EX: i32 = 15;
 /// fcntl(2) F_SETSIG.
 pub(crate) const F_SETSIG: i32 = 10;
 
@@ -198,36 +197,4 @@ pub fn owner_of(sock: &OwnedFd) -> (Option<(i32, i32)>, i32) {
         (r == 0 && o.pid != 0).then_some((o.kind, o.pid)),
         sig.max(0),
     )
-}
-
-/// Gives the sockets among `fds` (this process's, in place) their saved owner
-/// (F_SETOWN_EX), from the process that holds them: the owner must exist, so a
-/// process or group not made yet keeps none (logged).
-pub fn set_owners(fds: &[stasis_image::Fd]) {
-    #[repr(C)]
-    struct FOwnerEx {
-        kind: i32,
-        pid: i32,
-    }
-    for f in fds {
-        let stasis_image::FdKind::InetSocket {
-            owner: Some((kind, pid)),
-            ..
-        } = &f.kind
-        else {
-            continue;
-        };
-        let o = FOwnerEx {
-            kind: *kind,
-            pid: *pid,
-        };
-        // SAFETY: F_SETOWN_EX reads a struct f_owner_ex from `o`.
-        if unsafe { libc::fcntl(f.fd, F_SETOWN_EX, &o as *const FOwnerEx) } != 0 {
-            tracing::warn!(
-                "fd {}: owner {pid} not restored: {}",
-                f.fd,
-                std::io::Error::last_os_error()
-            );
-        }
-    }
 }
