@@ -213,3 +213,123 @@ fn verify_reports_damage_without_restoring() {
     assert_eq!(latest.status.code(), Some(1), "{latest}");
     assert!(first.exists(), "the intact checkpoint must stay");
 }
+
+/// Copies every file of checkpoint `from` into directory `to` (emptied first).
+fn copy_checkpoint(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).unwrap();
+    for (f, _) in files_under(from) {
+        let rel = f.strip_prefix(from).unwrap();
+        if let Some(parent) = rel.parent() {
+            std::fs::create_dir_all(to.join(parent)).unwrap();
+        }
+        std::fs::copy(&f, to.join(rel)).unwrap();
+    }
+}
+
+/// 100 damaged images, each made from an intact one by one to three random changes
+/// (a byte flipped, a file truncated at a random length, garbage appended, a file
+/// removed, a file emptied, a digit of the metadata changed, bytes of one file copied
+/// over another's): every restart is refused with an error, and nothing runs. Then the
+/// intact image restarts and continues exactly.
+#[test]
+fn hundred_random_damaged_images_are_refused() {
+    let w = Work::new("integrity_random");
+    let mut rng = Rng::new("integrity_random");
+    let mut s = checkpointed_counter(&w);
+    let good = w.newest_checkpoint();
+    let name = good.file_name().unwrap().to_owned();
+    let keep = w.path("intact");
+    copy_checkpoint(&good, &keep);
+    let mut kinds = std::collections::BTreeMap::<&str, usize>::new();
+    for round in 0..100 {
+        copy_checkpoint(&keep, &good);
+        let files: Vec<(PathBuf, u64)> = files_under(&good);
+        let mut what = Vec::new();
+        for _ in 0..1 + rng.next() % 3 {
+            let (f, _) = &files[(rng.next() % files.len() as u64) as usize];
+            let mut bytes = std::fs::read(f).unwrap_or_default();
+            let kind = match rng.next() % 7 {
+                0 if !bytes.is_empty() => {
+                    let i = (rng.next() % bytes.len() as u64) as usize;
+                    bytes[i] ^= 1 << (rng.next() % 8);
+                    "flipped"
+                }
+                1 if !bytes.is_empty() => {
+                    bytes.truncate((rng.next() % bytes.len() as u64) as usize);
+                    "truncated"
+                }
+                2 => {
+                    bytes.extend((0..1 + rng.next() % 64).map(|_| rng.next() as u8));
+                    "appended"
+                }
+                3 => {
+                    let _ = std::fs::remove_file(f);
+                    what.push(format!("removed {}", f.display()));
+                    *kinds.entry("removed").or_default() += 1;
+                    continue;
+                }
+                4 => {
+                    bytes.clear();
+                    "emptied"
+                }
+                5 if bytes.iter().any(u8::is_ascii_digit) => {
+                    let digits: Vec<usize> = (0..bytes.len())
+                        .filter(|&i| bytes[i].is_ascii_digit())
+                        .collect();
+                    let i = digits[(rng.next() % digits.len() as u64) as usize];
+                    bytes[i] = b'0' + ((bytes[i] - b'0' + 1 + (rng.next() % 9) as u8) % 10);
+                    "digit changed"
+                }
+                _ => {
+                    let (g, _) = &files[(rng.next() % files.len() as u64) as usize];
+                    if g == f {
+                        bytes.push(0);
+                        "appended"
+                    } else {
+                        std::fs::read(g).unwrap_or_default().clone_into(&mut bytes);
+                        "replaced by another file"
+                    }
+                }
+            };
+            std::fs::write(f, &bytes).unwrap();
+            what.push(format!("{kind}: {}", f.display()));
+            *kinds.entry(kind).or_default() += 1;
+        }
+        // Changes can cancel out (appended to an empty file, then emptied): the image
+        // must differ from the intact one.
+        let same = files_under(&keep).iter().all(|(f, _)| {
+            let g = good.join(f.strip_prefix(&keep).unwrap());
+            std::fs::read(&g).ok() == std::fs::read(f).ok()
+        });
+        if same {
+            let f = good.join("checkpoint.json");
+            let mut bytes = std::fs::read(&f).unwrap();
+            bytes[0] ^= 0x20;
+            std::fs::write(&f, &bytes).unwrap();
+            what.push(format!("flipped: {}", f.display()));
+        }
+        eprintln!("round {round}: {}", what.join(", "));
+        expect_refused(
+            &w,
+            &format!("round {round}: {}", what.join(", ")),
+            &[
+                "checksum",
+                "corrupt",
+                "truncat",
+                "missing",
+                "no such",
+                "damaged",
+                "not a checkpoint",
+                "no complete checkpoint",
+                "size",
+            ],
+        );
+    }
+    eprintln!("100 damaged images refused; changes made: {kinds:?}");
+    copy_checkpoint(&keep, &good);
+    assert_eq!(w.newest_checkpoint().file_name().unwrap(), name);
+    s.restart(Probe::Ticks);
+    s.finish();
+    verify_counter(&s.outputs(), Some(0));
+}
