@@ -49,6 +49,9 @@ pub struct DumpOptions {
     pub own_network_namespace: bool,
     /// What to do with a TCP connection to a peer outside the checkpoint.
     pub tcp_external: crate::sockets::TcpExternal,
+    /// The supervising init's side of the application interface: connections to it
+    /// are saved as such (None: none is, as under `checkpoint --pid`).
+    pub app_api: Option<crate::sockets::ApiPeers>,
 }
 
 /// Result of a successful checkpoint.
@@ -138,6 +141,7 @@ fn checkpoint_locked(
         opts.tcp_external,
         opts.own_network_namespace,
     );
+    registry.sockets.set_app_api(opts.app_api.clone());
     let mut shm = crate::shm::Collector::new();
     // A snapshot child is given the process's parent (CLONE_PARENT): only when that
     // parent is us (stasis init), who reaps it, and for a single process. Otherwise
