@@ -23,11 +23,12 @@
 //! use the interface has no connection and no thread.
 //!
 //! The first call connects (one connection per process) and starts one thread that
-//! reads it and runs the hooks, with every signal blocked. Requests wait for their
-//! answer; one is sent at a time. The hooks must not call [`checkpoint`] or
-//! [`set_hooks`] (that would wait for the thread running them: refused with
+//! reads it and runs the hooks, with every signal blocked. Calls may come from any
+//! thread and wait for their answer. A hook may call [`getenv`] (a post-restart hook
+//! reads the new environment), not [`checkpoint`] or [`set_hooks`] (refused with
 //! `ErrorKind::WouldBlock`). A child process made by `fork` gets a connection of its
-//! own at its first call. The protocol is in [`protocol`] and docs/API.md; the C
+//! own at its first call (not from a thread that forked while another held the
+//! interface's lock). The protocol is in [`protocol`] and docs/API.md; the C
 //! library (`include/stasis.h`) speaks the same.
 
 pub mod protocol;
@@ -105,12 +106,13 @@ fn hello(pre_checkpoint: bool) -> Request {
     }
 }
 
-/// What a request waits for.
+/// What a request waits for. One request of each kind may wait at a time: stasis
+/// answers each kind in order (a checkpoint long after a getenv sent later).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    Hello,
-    Checkpoint,
-    Getenv,
+    Hello = 0,
+    Checkpoint = 1,
+    Getenv = 2,
 }
 
 /// The answer to a request.
@@ -121,21 +123,20 @@ enum Answer {
     Getenv(Result<Vec<u8>, String>),
 }
 
-/// The request waiting for its answer.
-struct Pending {
-    req: Request,
-    kind: Kind,
+/// A request waiting for its answer.
+#[derive(Default)]
+struct Slot {
+    req: Option<Request>,
     /// Written (on whichever connection the process had then).
     sent: bool,
     /// After a restart: the `sync` that tells whether it was lost.
     sync: Option<u64>,
+    answer: Option<Answer>,
 }
 
 #[derive(Default)]
 struct State {
-    pending: Option<Pending>,
-    /// The answer to `pending`, once it came.
-    answer: Option<Answer>,
+    slots: [Option<Slot>; 3],
     /// Why the connection ended.
     broken: Option<String>,
     pre: Option<Arc<dyn Fn() + Send + Sync>>,
@@ -144,12 +145,20 @@ struct State {
     syncs: u64,
 }
 
+/// What has been read, not yet handled: the interface's thread's alone (also while
+/// it runs a hook that asks something).
+struct Input {
+    stream: UnixStream,
+    buf: Vec<u8>,
+}
+
 /// The connection of this process.
 struct Client {
     /// The process that made it (a forked child makes its own).
     owner: u32,
     /// Writes, one line at a time. Taken before `state` when both are held.
     out: Mutex<UnixStream>,
+    input: Mutex<Input>,
     state: Mutex<State>,
     cond: Condvar,
 }
@@ -160,6 +169,13 @@ static CLIENT: Mutex<Option<Arc<Client>>> = Mutex::new(None);
 thread_local! {
     /// Set while a hook runs on the interface's thread.
     static IN_HOOK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// While the post-restart hook runs on the interface's thread: whether a
+    /// checkpoint request was found lost meanwhile (answered once the hook returned).
+    static RESTARTING: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+fn in_hook() -> bool {
+    IN_HOOK.with(|h| h.get())
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -181,15 +197,18 @@ fn client() -> io::Result<Arc<Client>> {
         )
     })?;
     let stream = connect(&addr)?;
-    let reader = stream.try_clone()?;
     let c = Arc::new(Client {
         owner: std::process::id(),
+        input: Mutex::new(Input {
+            stream: stream.try_clone()?,
+            buf: Vec::new(),
+        }),
         out: Mutex::new(stream),
         state: Mutex::new(State::default()),
         cond: Condvar::new(),
     });
     let for_thread = c.clone();
-    spawn_unsignalled(move || for_thread.read_loop(reader))?;
+    spawn_unsignalled(move || for_thread.read_loop())?;
     let said = match c.request(hello(false)) {
         Ok(Answer::Hello(Ok(()))) => Ok(()),
         Ok(Answer::Hello(Err(e))) => Err(io::Error::other(e)),
@@ -239,105 +258,155 @@ fn spawn_unsignalled(f: impl FnOnce() + Send + 'static) -> io::Result<()> {
     r.map(|_| ())
 }
 
+fn broken_pipe(why: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, why.to_string())
+}
+
 impl Client {
-    /// Sends `req` and waits for its answer (one request at a time).
+    /// Sends `req` and waits for its answer.
     fn request(&self, req: Request) -> io::Result<Answer> {
-        if IN_HOOK.with(|h| h.get()) {
-            return Err(io::Error::new(
-                io::ErrorKind::WouldBlock,
-                "called from a stasis hook (it would wait for the thread running the hook)",
-            ));
-        }
         let kind = match req {
             Request::Hello { .. } => Kind::Hello,
             Request::Checkpoint => Kind::Checkpoint,
             Request::Getenv(_) => Kind::Getenv,
             _ => return Err(io::Error::other("not a request")),
         };
+        if in_hook() && kind != Kind::Getenv {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "called from a stasis hook (only getenv may be)",
+            ));
+        }
+        let k = kind as usize;
         let mut st = lock(&self.state);
-        while st.pending.is_some() && st.broken.is_none() {
+        loop {
+            // Free, or answered (its owner takes the answer without needing us).
+            st = self.wait_for(st, |st| {
+                st.slots[k].as_ref().is_none_or(|s| s.answer.is_some())
+            });
+            if st.broken.is_some() || st.slots[k].is_none() {
+                break;
+            }
             st = self.cond.wait(st).unwrap_or_else(|e| e.into_inner());
         }
         if let Some(e) = &st.broken {
-            return Err(io::Error::new(io::ErrorKind::BrokenPipe, e.clone()));
+            return Err(broken_pipe(e));
         }
-        st.pending = Some(Pending {
-            req: req.clone(),
-            kind,
-            sent: false,
-            sync: None,
+        st.slots[k] = Some(Slot {
+            req: Some(req.clone()),
+            ..Slot::default()
         });
-        st.answer = None;
         drop(st);
         let sent = {
             // `sent` changes with `out` held: a restart seen meanwhile by the reading
             // thread knows whether this line went before its `sync` or not at all yet.
             let mut out = lock(&self.out);
             let r = out.write_all(req.line().as_bytes());
-            if let Some(p) = lock(&self.state).pending.as_mut() {
-                p.sent = true;
+            if let Some(s) = lock(&self.state).slots[k].as_mut() {
+                s.sent = true;
             }
             r
         };
         let mut st = lock(&self.state);
-        let result = loop {
-            if let Err(e) = &sent {
-                break Err(io::Error::new(e.kind(), e.to_string()));
-            }
-            if let Some(a) = st.answer.take() {
-                break Ok(a);
-            }
-            if let Some(e) = &st.broken {
-                break Err(io::Error::new(io::ErrorKind::BrokenPipe, e.clone()));
-            }
-            st = self.cond.wait(st).unwrap_or_else(|e| e.into_inner());
-        };
-        st.pending = None;
+        if sent.is_ok() {
+            st = self.wait_for(st, |st| {
+                st.slots[k].as_ref().is_some_and(|s| s.answer.is_some())
+            });
+        }
+        let answer = st.slots[k].take().and_then(|s| s.answer);
         self.cond.notify_all();
-        result
+        let broken = st.broken.clone();
+        drop(st);
+        match (sent, answer, broken) {
+            (Err(e), _, _) => Err(e),
+            (Ok(()), Some(a), _) => Ok(a),
+            (Ok(()), None, why) => Err(broken_pipe(why.as_deref().unwrap_or("no answer"))),
+        }
+    }
+
+    /// Waits until `done` or the connection ends: on the interface's thread (a hook
+    /// asking something) by reading and handling lines itself, elsewhere by waiting
+    /// for that thread.
+    fn wait_for<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        done: impl Fn(&State) -> bool,
+    ) -> MutexGuard<'a, State> {
+        while !done(&st) && st.broken.is_none() {
+            if !in_hook() {
+                st = self.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            drop(st);
+            let r = self.step();
+            st = lock(&self.state);
+            if let Err(why) = r {
+                st.broken = Some(why);
+                self.cond.notify_all();
+            }
+        }
+        st
     }
 
     fn send(&self, req: &Request) -> io::Result<()> {
         lock(&self.out).write_all(req.line().as_bytes())
     }
 
-    /// The interface's thread: reads every line from stasis until the connection ends.
-    fn read_loop(&self, mut stream: UnixStream) {
-        let mut buf = Vec::new();
-        let mut chunk = vec![0u8; 16384];
-        let why = loop {
-            match stream.read(&mut chunk) {
-                Ok(0) => break "stasis closed the interface's connection".to_string(),
-                Ok(n) => {
-                    buf.extend_from_slice(&chunk[..n]);
-                    for line in protocol::take_lines(&mut buf) {
-                        self.handle(Reply::parse(&line));
-                    }
+    /// Handles the next line read, or reads more. Err once the connection ended.
+    fn step(&self) -> Result<(), String> {
+        let line = {
+            let mut input = lock(&self.input);
+            match protocol::take_line(&mut input.buf) {
+                Some(l) => Some(l),
+                None => {
+                    let mut chunk = [0u8; 16384];
+                    let n = loop {
+                        match input.stream.read(&mut chunk) {
+                            Ok(0) => return Err("stasis closed the interface's connection".into()),
+                            Ok(n) => break n,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(format!("reading the stasis interface: {e}")),
+                        }
+                    };
+                    input.buf.extend_from_slice(&chunk[..n]);
+                    None
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => break format!("reading the stasis interface: {e}"),
+            }
+        };
+        if let Some(l) = line {
+            self.handle(Reply::parse(&l));
+        }
+        Ok(())
+    }
+
+    /// The interface's thread: reads every line from stasis until the connection ends.
+    fn read_loop(&self) {
+        let why = loop {
+            if let Err(why) = self.step() {
+                break why;
             }
         };
         lock(&self.state).broken = Some(why);
         self.cond.notify_all();
     }
 
-    /// Gives the answer of the pending request of `kind`, if that is what waits.
+    /// Gives the answer of the pending request of `kind`, if one waits.
     fn answer(&self, kind: Kind, a: Answer) {
         let mut st = lock(&self.state);
-        if st.pending.as_ref().is_some_and(|p| p.kind == kind) && st.answer.is_none() {
-            st.answer = Some(a);
-            self.cond.notify_all();
+        if let Some(s) = st.slots[kind as usize].as_mut() {
+            if s.answer.is_none() {
+                s.answer = Some(a);
+                self.cond.notify_all();
+            }
         }
     }
 
     fn handle(&self, reply: Reply) {
         match reply {
             Reply::Hello { .. } => self.answer(Kind::Hello, Answer::Hello(Ok(()))),
-            Reply::Checkpointed { .. } => self.answer(
-                Kind::Checkpoint,
-                Answer::Checkpoint(Ok(Resumed::Continued)),
-            ),
+            Reply::Checkpointed { .. } => {
+                self.answer(Kind::Checkpoint, Answer::Checkpoint(Ok(Resumed::Continued)))
+            }
             Reply::Value(v) => self.answer(Kind::Getenv, Answer::Getenv(Ok(v))),
             Reply::Error { verb, message } => match verb.as_str() {
                 "hello" => self.answer(Kind::Hello, Answer::Hello(Err(message))),
@@ -349,44 +418,67 @@ impl Client {
                 let hook = lock(&self.state).pre.clone();
                 run_hook(hook);
                 // An ack that cannot be sent: the connection is ending, which the
-                // read loop sees.
+                // reading sees.
                 let _ = self.send(&Request::Ack(seq));
             }
             Reply::Restarted { .. } => {
                 // A request sent and not answered went either to the previous stasis
-                // (lost) or, just now, to the new one: a `sync` tells which.
+                // (lost) or, since the restart, to the new one: a `sync` tells which.
                 {
                     let mut out = lock(&self.out);
                     let mut st = lock(&self.state);
-                    let unanswered = st.answer.is_none();
                     st.syncs += 1;
                     let seq = st.syncs;
-                    if let Some(p) = st.pending.as_mut().filter(|p| p.sent && unanswered) {
-                        p.sync = Some(seq);
-                        drop(st);
+                    let mut any = false;
+                    for s in st.slots.iter_mut().flatten() {
+                        if s.sent && s.answer.is_none() {
+                            s.sync = Some(seq);
+                            any = true;
+                        }
+                    }
+                    drop(st);
+                    if any {
                         let _ = out.write_all(Request::Sync(seq).line().as_bytes());
                     }
                 }
+                // A waiting `checkpoint` returns `Restarted` after the hook.
                 let hook = lock(&self.state).post.clone();
+                RESTARTING.with(|r| r.set(Some(false)));
                 run_hook(hook);
+                let lost = RESTARTING.with(|r| r.take()) == Some(true);
+                if lost {
+                    self.answer(Kind::Checkpoint, Answer::Checkpoint(Ok(Resumed::Restarted)));
+                }
             }
             Reply::Synced(seq) => {
-                let mut st = lock(&self.state);
-                let lost = st.answer.is_none()
-                    && st.pending.as_ref().is_some_and(|p| p.sync == Some(seq));
-                let Some(p) = st.pending.as_mut().filter(|_| lost) else {
-                    return;
-                };
-                p.sync = None;
-                if p.kind == Kind::Checkpoint {
-                    // It was taken: this is the restart of it (or of a later one).
-                    st.answer = Some(Answer::Checkpoint(Ok(Resumed::Restarted)));
-                    self.cond.notify_all();
-                } else {
-                    // Asked again, of the new stasis.
-                    let again = p.req.clone();
-                    drop(st);
-                    let _ = self.send(&again);
+                let mut again = Vec::new();
+                let mut lost_checkpoint = false;
+                {
+                    let mut st = lock(&self.state);
+                    for (k, slot) in st.slots.iter_mut().enumerate() {
+                        let Some(s) = slot.as_mut() else { continue };
+                        if s.answer.is_some() || s.sync != Some(seq) {
+                            continue;
+                        }
+                        s.sync = None;
+                        if k == Kind::Checkpoint as usize {
+                            lost_checkpoint = true;
+                        } else if let Some(r) = &s.req {
+                            // Asked again, of the new stasis.
+                            again.push(r.clone());
+                        }
+                    }
+                }
+                for r in again {
+                    let _ = self.send(&r);
+                }
+                // Lost with the previous stasis: it was taken, and this is the restart
+                // of it (or of a later one); answered now, or after the post-restart
+                // hook that is running.
+                if lost_checkpoint && RESTARTING.with(|r| r.get()).is_some() {
+                    RESTARTING.with(|r| r.set(Some(true)));
+                } else if lost_checkpoint {
+                    self.answer(Kind::Checkpoint, Answer::Checkpoint(Ok(Resumed::Restarted)));
                 }
             }
             Reply::Unknown(_) => {}
@@ -396,10 +488,10 @@ impl Client {
 
 fn run_hook(hook: Option<Arc<dyn Fn() + Send + Sync>>) {
     let Some(h) = hook else { return };
-    IN_HOOK.with(|f| f.set(true));
+    let was = IN_HOOK.with(|f| f.replace(true));
     // A panicking hook is reported by the panic hook; the interface goes on.
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h()));
-    IN_HOOK.with(|f| f.set(false));
+    IN_HOOK.with(|f| f.set(was));
 }
 
 /// The calling thread's signal mask, through the C library (std has no interface to it).

@@ -151,10 +151,7 @@ impl Reply {
                         path: arg.to_string(),
                     },
                     "getenv" => Reply::Value(decode(arg)),
-                    "sync" => arg
-                        .parse()
-                        .map(Reply::Synced)
-                        .unwrap_or_else(|_| unknown()),
+                    "sync" => arg.parse().map(Reply::Synced).unwrap_or_else(|_| unknown()),
                     _ => unknown(),
                 }
             }
@@ -222,22 +219,25 @@ pub fn decode(s: &str) -> Vec<u8> {
     out
 }
 
-/// Splits complete lines off the front of `buf` (bytes read so far), leaving an
-/// unfinished one. Empty lines are dropped; a line too long for the protocol is cut
-/// at [`MAX_LINE`] (and will not parse).
-pub fn take_lines(buf: &mut Vec<u8>) -> Vec<String> {
-    let mut out = Vec::new();
+/// Takes the first complete, non-empty line off the front of `buf` (bytes read so
+/// far), if there is one. A line too long for the protocol is cut at [`MAX_LINE`]
+/// (and will not parse); bytes beyond [`MAX_LINE`] without a line end are dropped.
+pub fn take_line(buf: &mut Vec<u8>) -> Option<String> {
     while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
         let line: Vec<u8> = buf.drain(..=nl).take(nl.min(MAX_LINE)).collect();
         if !line.is_empty() {
-            out.push(String::from_utf8_lossy(&line).into_owned());
+            return Some(String::from_utf8_lossy(&line).into_owned());
         }
     }
-    if buf.len() > MAX_LINE {
-        // A line without end: dropped, the next one is read normally.
+    if buf.len() >= MAX_LINE {
         buf.clear();
     }
-    out
+    None
+}
+
+/// Every complete line of `buf` (see [`take_line`]).
+pub fn take_lines(buf: &mut Vec<u8>) -> Vec<String> {
+    std::iter::from_fn(|| take_line(buf)).collect()
 }
 
 #[cfg(test)]

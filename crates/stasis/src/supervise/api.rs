@@ -85,8 +85,7 @@ impl Conn {
         };
         if n != line.len() as isize {
             let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EPIPE) && e.raw_os_error() != Some(libc::ECONNRESET)
-            {
+            if e.raw_os_error() != Some(libc::EPIPE) && e.raw_os_error() != Some(libc::ECONNRESET) {
                 eprintln!(
                     "stasis: warning: process {} does not read its connection to the stasis interface ({e}): closed",
                     self.pid
@@ -302,7 +301,10 @@ impl Server {
 
     /// A process that asked for a checkpoint, if one waits.
     pub fn requested(&self) -> Option<i32> {
-        self.conns.iter().find(|c| c.wants_checkpoint).map(|c| c.pid)
+        self.conns
+            .iter()
+            .find(|c| c.wants_checkpoint)
+            .map(|c| c.pid)
     }
 
     /// Sends `pre-checkpoint` to every process that wants it and waits for their
@@ -312,7 +314,11 @@ impl Server {
         self.service();
         self.events += 1;
         let n = self.events;
-        for c in self.conns.iter_mut().filter(|c| c.hello && c.pre_checkpoint) {
+        for c in self
+            .conns
+            .iter_mut()
+            .filter(|c| c.hello && c.pre_checkpoint)
+        {
             c.event = n;
             c.send(&Reply::PreCheckpoint(n));
         }
