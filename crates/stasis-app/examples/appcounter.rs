@@ -2,10 +2,10 @@
 //! program progs/appapi.c (stasis's tests/appapi.rs runs it under stasis).
 //!
 //! Prints `ready pid=P`, then `tick N H` every 20 ms (H a hash of 0..N kept in
-//! memory). Its pre-checkpoint hook prints `pre n=K` (K hooks so far), its
-//! post-restart hook `post n=K pre=J phase=P` (K restarts, J pre-checkpoint hooks
-//! so far, P the STASIS_TEST_PHASE of the stasis that restarted it, read with
-//! `stasis_app::getenv`). A file `self-ckpt` in the current directory makes it ask
+//! memory). Its pre-checkpoint hook (slow: 100 ms) prints `pre n=K` (K hooks so
+//! far), its post-restart hook `post n=K pre=J phase=P` (K restarts, J
+//! pre-checkpoint hooks so far, P the STASIS_TEST_PHASE of the stasis that
+//! restarted it, read with `stasis_app::getenv`). A file `self-ckpt` in the current directory makes it ask
 //! for a checkpoint: `self r=continued|restarted tick=N pre=J post=K`. A file `ping`
 //! is answered `pong`. At a file `go` it prints `stats pre=J post=K` and
 //! `OK ticks=N hash=H`.
@@ -40,6 +40,8 @@ fn main() {
     }
     let hooks = stasis_app::set_hooks(
         Some(Box::new(|| {
+            // Slow: a checkpoint that did not wait for the hook shows in the count.
+            std::thread::sleep(Duration::from_millis(100));
             let n = PRE.fetch_add(1, Ordering::SeqCst) + 1;
             say(format!("pre n={n}"));
         })),

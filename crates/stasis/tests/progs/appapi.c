@@ -3,8 +3,9 @@
  *
  * Counts like counter.c (`tick N H`, H a hash of 0..N kept in memory) and writes
  * one record `rec N H` per tick into data.txt through a fully buffered stream (1 MiB:
- * never written out by itself). Its pre-checkpoint hook writes the buffer out, so
- * that the file holds every record the checkpointed memory knows of, and prints
+ * never written out by itself). Its pre-checkpoint hook (slow: 100 ms) writes the
+ * buffer out, so that the file holds every record the checkpointed memory knows of,
+ * and prints
  * `pre n=K records=R` (K hooks so far, R records in the file). Its post-restart hook
  * prints `post n=K pre=J phase=P`: K restarts, J pre-checkpoint hooks so far (those
  * of the checkpoints it was restarted from included: they ran before the freeze),
@@ -42,6 +43,7 @@ static void pre_checkpoint(void *arg) {
         out("pre-waiting\n");
         while (access("release", F_OK) != 0) sleep_ms(10);
     }
+    sleep_ms(100); /* a slow flush: a checkpoint that did not wait for it shows */
     flockfile(g_data);
     if (fflush_unlocked(g_data) != 0) g_errors++;
     long r = g_records;
