@@ -219,10 +219,12 @@ fn lineage(s: &Session, cut: Option<(usize, &str)>) -> Vec<(String, String)> {
     outputs
 }
 
-/// The C program through every kind of checkpoint and two restarts.
-fn c_program(name: &str, as_user: bool) {
+/// The C program through every kind of checkpoint and two restarts, under `stasis run
+/// RUN_OPTS`.
+fn c_program(name: &str, as_user: bool, run_opts: &[&str]) {
     let t0 = Instant::now();
-    let (w, exe) = work_for(name, &prog("appapi"), as_user);
+    let (mut w, exe) = work_for(name, &prog("appapi"), as_user);
+    w.run_opts = run_opts.iter().map(|o| o.to_string()).collect();
     let mut s = Session::start(&w, &[&exe]);
     let pid: i64 = s.ready_field("pid").parse().unwrap();
     assert_eq!(s.ready_field("phase"), phase_of(&s.phases[0]));
@@ -312,12 +314,18 @@ fn c_program(name: &str, as_user: bool) {
 
 #[test]
 fn c_library_hooks_and_requests() {
-    c_program("api_c", false);
+    c_program("api_c", false, &[]);
 }
 
 #[test]
 fn c_library_hooks_and_requests_as_unprivileged_user() {
-    c_program("api_c_user", true);
+    c_program("api_c_user", true, &[]);
+}
+
+/// With a network namespace of the job's own, where the interface's socket then is.
+#[test]
+fn c_library_hooks_and_requests_in_a_private_network() {
+    c_program("api_c_net", false, &["--network", "private"]);
 }
 
 /// The Rust crate: a checkpoint it asks for, the job lost and restarted from it, a
@@ -377,6 +385,51 @@ fn rust_crate_hooks_and_requests() {
 #[test]
 fn rust_crate_hooks_and_requests_as_unprivileged_user() {
     rust_program("api_rust_user", true);
+}
+
+/// Two processes, each with its own connection (a forked child has none until it
+/// makes one): both hooks run before every checkpoint, both post-restart hooks once.
+#[test]
+fn two_processes_each_with_hooks() {
+    let t0 = Instant::now();
+    let w = Work::new("api_fork");
+    let mut s = Session::start(&w, &[prog("appfork")]);
+    let parent: i64 = s.ready_field("pid").parse().unwrap();
+    let child: i64 = s.ready_field("child").parse().unwrap();
+    s.cur()
+        .wait_line("child ready", T_READY, |l| l == "child ready");
+    s.cur().wait_tick(3, T_READY);
+    let hooks = |p: &Proc, what: &str, who: &str| -> Vec<String> {
+        lines_with(p, &format!("{what} who={who} "))
+    };
+    w.checkpoint_ok(false, s.cur());
+    for who in ["parent", "child"] {
+        assert_eq!(
+            hooks(s.cur(), "pre", who),
+            vec![format!("pre who={who} n=1")]
+        );
+    }
+    assert!(image_api_fd(&w, parent) && image_api_fd(&w, child));
+    s.checkpoint_kill();
+    for who in ["parent", "child"] {
+        assert_eq!(hooks(&s.phases[0], "pre", who).len(), 2, "{who}");
+    }
+    s.restart(Probe::Ticks);
+    for who in ["parent", "child"] {
+        let post = wait_new(s.cur(), &format!("post who={who} "), 0);
+        assert_eq!(post, format!("post who={who} n=1 pre=2"));
+    }
+    w.checkpoint_ok(false, s.cur());
+    for who in ["parent", "child"] {
+        assert_eq!(
+            hooks(s.cur(), "pre", who),
+            vec![format!("pre who={who} n=3")]
+        );
+        assert_eq!(hooks(s.cur(), "post", who).len(), 1, "{who}");
+    }
+    s.finish();
+    verify_counter(&s.outputs(), Some(0));
+    elapsed(t0, "api_fork");
 }
 
 /// The warning of a checkpoint whose pre-checkpoint event `pid` did not answer.

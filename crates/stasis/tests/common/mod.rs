@@ -48,7 +48,8 @@ pub fn progs_src_dir() -> PathBuf {
 /// the executable (rebuilt when the source or a header in tests/progs
 /// changes). `avx` and `avx512` are both built from `avx.c`; `pthreads`,
 /// `churn` and `forkthread` are linked with -pthread, `openmp` is built with -fopenmp,
-/// `appapi` with the stasis application interface's C library (include/, lib/).
+/// `appapi` and `appfork` with the stasis application interface's C library
+/// (include/, lib/).
 pub fn prog(name: &str) -> PathBuf {
     static CACHE: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
@@ -61,13 +62,13 @@ pub fn prog(name: &str) -> PathBuf {
         "avx512" => ("avx.c".into(), vec!["-mavx2", "-mavx512f"]),
         "pthreads" | "churn" | "forkthread" => (format!("{name}.c"), vec!["-pthread"]),
         "openmp" => ("openmp.c".into(), vec!["-fopenmp", "-pthread"]),
-        "appapi" => ("appapi.c".into(), vec!["-pthread"]),
+        "appapi" | "appfork" => (format!("{name}.c"), vec!["-pthread"]),
         other => (format!("{other}.c"), vec![]),
     };
     // Sources compiled in besides the program, and their headers' directories.
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let (extra, includes): (Vec<PathBuf>, Vec<PathBuf>) = match name {
-        "appapi" => (vec![repo.join("lib/stasis.c")], vec![repo.join("include")]),
+        "appapi" | "appfork" => (vec![repo.join("lib/stasis.c")], vec![repo.join("include")]),
         _ => (vec![], vec![]),
     };
     let srcdir = progs_src_dir();
