@@ -14,10 +14,9 @@
  * Nothing happens before the first call: no connection, no thread. The first call
  * connects (one connection per process) and starts one thread, with every signal
  * blocked, that reads the connection and runs the hooks. Calls may come from any
- * thread; one request is sent at a time. A hook must not call stasis_checkpoint(),
- * stasis_set_hooks() or stasis_getenv() (they would wait for the thread running the
- * hook: they fail with EDEADLK). After fork() the child has no connection and no
- * hooks; its first call makes its own. */
+ * thread. A hook may call stasis_getenv() (a post-restart hook typically does), not
+ * stasis_checkpoint() or stasis_set_hooks() (they fail with EDEADLK). After fork()
+ * the child has no connection and no hooks; its first call makes its own. */
 #ifndef STASIS_H
 #define STASIS_H
 

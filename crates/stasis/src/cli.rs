@@ -51,7 +51,9 @@ pub enum Command {
     /// stasis exits with CMD's exit status (or dies of the same signal). If CMD is stopped
     /// by `stasis checkpoint --kill`, stasis exits with status 75.
     ///
-    /// CMD gets stasis's standard input, output and error and its environment; other
+    /// CMD gets stasis's standard input, output and error and its environment, plus
+    /// STASIS_API, the address of the application interface through which a program
+    /// may ask for checkpoints and have hooks run around them (docs/API.md); other
     /// inherited file descriptors are not passed on.
     ///
     /// DIR is where checkpoints go (created with mode 0700 if missing) and names this
