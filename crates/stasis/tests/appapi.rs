@@ -15,6 +15,8 @@
 //! * A program whose pre-checkpoint hook does not return: each checkpoint is taken
 //!   after `--hook-timeout` with a warning naming the process; once the hook returns,
 //!   in the restarted job, everything goes on.
+//! * A process stopped by job control is not waited for.
+//! * Two processes, each with its own connection.
 //! * `--interval` checkpoints run the hooks too.
 mod common;
 use common::*;
@@ -498,7 +500,44 @@ fn unanswered_pre_checkpoint_event_times_out() {
     elapsed(t0, "api_hang");
 }
 
-/// The checkpoints `stasis run --interval` takes run the hooks too.
+/// A process stopped by job control cannot run its hook: the checkpoint does not wait
+/// for it (the default timeout is 10 s), says so, and the process runs its hooks
+/// again once continued.
+#[test]
+fn stopped_process_is_not_waited_for() {
+    let t0 = Instant::now();
+    let w = Work::new("api_stopped");
+    let exe = prog("appapi");
+    let mut s = Session::start(&w, &[&exe]);
+    let pid: i64 = s.ready_field("pid").parse().unwrap();
+    s.cur().wait_tick(3, T_READY);
+    let host = pids_of_exe(&w.dir, &exe);
+    assert_eq!(host.len(), 1, "{host:?}");
+    // SAFETY: stopping and continuing the test's own application process.
+    unsafe { libc::kill(host[0], libc::SIGSTOP) };
+    let t = Instant::now();
+    let r = w.checkpoint(false);
+    assert!(r.status.success(), "{r}\n{}", s.diag());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "the checkpoint took {:?}",
+        t.elapsed()
+    );
+    let warning = format!("process {pid} is stopped: its pre-checkpoint hook cannot run");
+    assert!(r.stderr.contains(&warning), "{r}");
+    assert!(lines_with(s.cur(), "pre ").is_empty());
+    // SAFETY: as above.
+    unsafe { libc::kill(host[0], libc::SIGCONT) };
+    s.cur().wait_more_ticks(3, T_READY);
+    let r = w.checkpoint(false);
+    assert!(r.status.success() && !r.stderr.contains("warning"), "{r}");
+    assert_eq!(field(&wait_new(s.cur(), "pre ", 0), "n"), "1");
+    s.finish();
+    verify_counter(&s.outputs(), Some(0));
+    elapsed(t0, "api_stopped");
+}
+
+/// The checkpoints `stasis run --interval` take run the hooks too.
 #[test]
 fn interval_checkpoints_run_the_hooks() {
     let t0 = Instant::now();

@@ -145,8 +145,10 @@ impl Conn {
                 return;
             }
             Ok(Request::Ack(n)) => {
-                if n <= self.event {
-                    self.acked = self.acked.max(n);
+                // Only the event sent last counts (an earlier stasis's events have
+                // other numbers).
+                if n == self.event {
+                    self.acked = n;
                 }
                 return;
             }
@@ -213,8 +215,21 @@ pub(super) struct Server {
     conns: Vec<Conn>,
     /// How long a pre-checkpoint event is waited for.
     timeout: Duration,
-    /// The number of the last pre-checkpoint event.
+    /// The number of the last pre-checkpoint event: they start at the time the
+    /// server did (in microseconds), so that a late ack for the event of the stasis
+    /// before a restart is not taken for one of ours.
     events: u64,
+}
+
+/// Whether process `pid` is stopped (by job control, or traced): its hook cannot run.
+fn is_stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+        })
+        .is_some_and(|state| state == 'T' || state == 't')
 }
 
 impl Server {
@@ -239,7 +254,9 @@ impl Server {
             address: format!("@{name}"),
             conns: Vec::new(),
             timeout,
-            events: 0,
+            events: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_micros() as u64),
         })
     }
 
@@ -314,11 +331,19 @@ impl Server {
         self.service();
         self.events += 1;
         let n = self.events;
+        let mut warnings = Vec::new();
         for c in self
             .conns
             .iter_mut()
             .filter(|c| c.hello && c.pre_checkpoint)
         {
+            if is_stopped(c.pid) {
+                warnings.push(format!(
+                    "process {} is stopped: its pre-checkpoint hook cannot run before this checkpoint",
+                    c.pid
+                ));
+                continue;
+            }
             c.event = n;
             c.send(&Reply::PreCheckpoint(n));
         }
@@ -348,16 +373,18 @@ impl Server {
             self.service();
         }
         let secs = self.timeout.as_secs_f64();
-        self.conns
-            .iter()
-            .filter(|c| c.event == n && c.acked < n && !c.closed)
-            .map(|c| {
-                format!(
-                    "process {} did not acknowledge the pre-checkpoint event within {secs:.0} s (its pre-checkpoint hook had not returned; see --hook-timeout): checkpointed anyway",
-                    c.pid
-                )
-            })
-            .collect()
+        warnings.extend(
+            self.conns
+                .iter()
+                .filter(|c| c.event == n && c.acked < n && !c.closed)
+                .map(|c| {
+                    format!(
+                        "process {} did not acknowledge the pre-checkpoint event within {secs:.0} s (its pre-checkpoint hook had not returned; see --hook-timeout): checkpointed anyway",
+                        c.pid
+                    )
+                }),
+        );
+        warnings
     }
 
     /// Our side of the interface, for the checkpoint.
