@@ -95,16 +95,21 @@ impl Conn {
         }
     }
 
-    /// Reads what has come; returns the whole lines.
+    /// Reads what has come; returns the whole lines (an endless line is dropped as
+    /// it comes).
     fn read(&mut self) -> Vec<String> {
         let mut chunk = [0u8; 16384];
+        let mut lines = Vec::new();
         loop {
             match self.stream.read(&mut chunk) {
                 Ok(0) => {
                     self.closed = true;
                     break;
                 }
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    lines.extend(protocol::take_lines(&mut self.buf));
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(_) => {
@@ -113,7 +118,7 @@ impl Conn {
                 }
             }
         }
-        protocol::take_lines(&mut self.buf)
+        lines
     }
 
     fn handle(&mut self, line: &str) {
