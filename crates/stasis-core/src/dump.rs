@@ -52,6 +52,9 @@ pub struct DumpOptions {
     /// The job has a private /tmp and /dev/shm (`stasis run --tmp private`): their
     /// content is saved with it (the caller sees them: the job's init).
     pub private_tmp: bool,
+    /// The supervising init's side of the application interface: connections to it
+    /// are saved as such (None: none is, as under `checkpoint --pid`).
+    pub app_api: Option<crate::sockets::ApiPeers>,
 }
 
 /// Result of a successful checkpoint.
@@ -141,6 +144,7 @@ fn checkpoint_locked(
         opts.tcp_external,
         opts.own_network_namespace,
     );
+    registry.sockets.set_app_api(opts.app_api.clone());
     let mut shm = crate::shm::Collector::new();
     // A snapshot child is given the process's parent (CLONE_PARENT): only when that
     // parent is us (stasis init), who reaps it, and for a single process. Otherwise

@@ -378,13 +378,15 @@ fn save_content(
 }
 
 /// Opens every open file description of the image once, in the restorer. `stdio` are
-/// the restorer's own streams, bound to the saved outside stdio.
+/// the restorer's own streams, bound to the saved outside stdio; the restorer's ends of
+/// re-made connections to the application interface go to `api`.
 pub fn open_descriptions(
     meta: &Checkpoint,
     image: &CheckpointReader,
     stdio: &[Option<i32>; 3],
     shm: &HashMap<u64, OwnedFd>,
     sockets: &mut HashMap<u64, OwnedFd>,
+    api: &mut Vec<crate::sockets::appapi::Remade>,
 ) -> std::result::Result<HashMap<u64, OwnedFd>, String> {
     let mut descs: HashMap<u64, OwnedFd> = HashMap::new();
     let mut pipes: HashMap<u64, (Option<OwnedFd>, Option<OwnedFd>)> = HashMap::new();
@@ -482,6 +484,17 @@ pub fn open_descriptions(
                     }
                     fd
                 }
+                FdKind::AppApi {
+                    flags,
+                    pre_checkpoint,
+                } => crate::sockets::appapi::remake(
+                    f.fd,
+                    p.pid,
+                    *flags,
+                    *pre_checkpoint,
+                    image.path(),
+                    api,
+                )?,
                 FdKind::Inotify { flags, watches } => crate::inotify::create(*flags, watches)
                     .map_err(|e| format!("fd {}: {e}", f.fd))?,
                 k @ (FdKind::EventFd { .. }

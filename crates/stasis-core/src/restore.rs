@@ -126,8 +126,14 @@ fn precheck_process(image: &CheckpointReader, p: &Process) -> Result<()> {
 /// Restores the processes of `image` (a tree, or several trees whose roots become
 /// children of the caller), which must be able to choose PIDs (PID 1 of a PID
 /// namespace owned by its user namespace). `stdio` are the caller's descriptors to bind
-/// the saved outside stdio to. Returns the PID of the root process, running.
-pub fn restore(image: &CheckpointReader, stdio: [Option<i32>; 3]) -> Result<i32> {
+/// the saved outside stdio to; the caller's ends of the processes' re-made connections
+/// to the application interface (each with its `restarted` event queued) go to `api`.
+/// Returns the PID of the root process, running.
+pub fn restore(
+    image: &CheckpointReader,
+    stdio: [Option<i32>; 3],
+    api: &mut Vec<crate::sockets::appapi::Remade>,
+) -> Result<i32> {
     precheck(image)?;
     let deps = open_dependencies(image)?;
     let meta = &image.meta;
@@ -140,7 +146,7 @@ pub fn restore(image: &CheckpointReader, stdio: [Option<i32>; 3]) -> Result<i32>
     crate::sysv::restore(image)?;
     let shm_objs = crate::shm::create_objects(image).map_err(restore_err)?;
     let mut socket_fds = crate::sockets::create_all(image).map_err(restore_err)?;
-    let descs = files::open_descriptions(meta, image, &stdio, &shm_objs, &mut socket_fds)
+    let descs = files::open_descriptions(meta, image, &stdio, &shm_objs, &mut socket_fds, api)
         .map_err(restore_err)?;
     drop(socket_fds);
     // OFD and flock locks belong to the descriptions: taken once, here.

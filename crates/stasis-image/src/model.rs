@@ -921,6 +921,18 @@ pub enum FdKind {
         write: bool,
         flags: i32,
     },
+    /// The application's connection to the stasis application interface (docs/API.md),
+    /// whose other end was the supervising stasis: on restore a new connection to the
+    /// restoring stasis, whose first line is the `restarted` event. Bytes queued in
+    /// either direction are not saved.
+    AppApi {
+        /// File status flags (O_NONBLOCK...).
+        #[serde(default)]
+        flags: i32,
+        /// The application had asked for `pre-checkpoint` events.
+        #[serde(default)]
+        pre_checkpoint: bool,
+    },
 }
 
 /// One inotify watch: its number, event mask, and a path to the watched inode.

@@ -51,7 +51,9 @@ pub enum Command {
     /// stasis exits with CMD's exit status (or dies of the same signal). If CMD is stopped
     /// by `stasis checkpoint --kill`, stasis exits with status 75.
     ///
-    /// CMD gets stasis's standard input, output and error and its environment; other
+    /// CMD gets stasis's standard input, output and error and its environment, plus
+    /// STASIS_API, the address of the application interface through which a program
+    /// may ask for checkpoints and have hooks run around them (docs/API.md); other
     /// inherited file descriptors are not passed on.
     ///
     /// DIR is where checkpoints go (created with mode 0700 if missing) and names this
@@ -115,6 +117,11 @@ pub enum Command {
         /// `reset` (it comes back reset after a restart).
         #[arg(long, value_name = "HOW", default_value = "refuse", value_parser = ["refuse", "reset"])]
         tcp_external: String,
+        /// How long a checkpoint waits for the pre-checkpoint hooks of the programs
+        /// that use the stasis application interface (docs/API.md) to return; one that
+        /// has not returned by then is checkpointed anyway, with a warning.
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::supervise::parse_duration)]
+        hook_timeout: std::time::Duration,
         /// Start CMD anew even though DIR holds checkpoints. Without it, `stasis run`
         /// in a directory that holds a complete checkpoint resumes the job from the
         /// newest one (a damaged one is passed over with a warning), so one unchanged
@@ -204,6 +211,11 @@ pub enum Command {
         /// instead of the newest.
         #[arg(long, value_name = "N")]
         from: Option<String>,
+        /// How long a checkpoint waits for the pre-checkpoint hooks of the programs
+        /// that use the stasis application interface (docs/API.md) to return; one that
+        /// has not returned by then is checkpointed anyway, with a warning.
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::supervise::parse_duration)]
+        hook_timeout: std::time::Duration,
     },
     /// Show what the newest checkpoint in DIR holds.
     ///
@@ -281,6 +293,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             checkpoint_on,
             requeue,
             tcp_external,
+            hook_timeout,
             fresh,
             cmd,
         } => {
@@ -293,6 +306,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 checkpoint_on,
                 requeue,
                 tcp_external_reset: tcp_external == "reset",
+                hook_timeout,
             };
             supervise::run(&dir, &cmd, opts, fresh)
         }
@@ -331,7 +345,11 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Restart { dir, from } => supervise::restart(&dir, from.as_deref(), !cli.quiet),
+        Command::Restart {
+            dir,
+            from,
+            hook_timeout,
+        } => supervise::restart(&dir, from.as_deref(), hook_timeout, !cli.quiet),
         Command::Inspect { dir, json } => inspect::inspect(&dir, json).map(|()| ExitCode::SUCCESS),
         Command::Status { dir, json } => {
             crate::status::status(&dir, json).map(|()| ExitCode::SUCCESS)

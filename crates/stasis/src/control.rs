@@ -236,6 +236,7 @@ pub fn checkpoint_pid(dir: &Path, pid: i32, req: &Request, show_progress: bool) 
         own_network_namespace: false,
         private_tmp: false,
         tcp_external: req.tcp_external(),
+        app_api: None,
     };
     let progress = Progress::start(format!("checkpointing process {pid}"), show_progress);
     let report = dump::checkpoint(&canonical(dir)?, pid, &opts);

@@ -182,6 +182,14 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
                         None => format!("socket {sock}"),
                     }
                 }
+                FdKind::AppApi { pre_checkpoint, .. } => format!(
+                    "connection to the stasis application interface{} (made again on restart)",
+                    if *pre_checkpoint {
+                        ", pre-checkpoint hook"
+                    } else {
+                        ""
+                    }
+                ),
                 FdKind::EventFd { count, .. } => format!("eventfd (count {count})"),
                 FdKind::TimerFd {
                     value_ns,

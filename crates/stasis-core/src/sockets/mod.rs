@@ -1,5 +1,6 @@
 //! Sockets, one module per address family, dump and restore side by side:
-//! [`unix`] (UNIX domain sockets) and [`inet`] (TCP and UDP over IPv4 and IPv6).
+//! [`unix`] (UNIX domain sockets) and [`inet`] (TCP and UDP over IPv4 and IPv6), and
+//! [`appapi`], an application's connection to the stasis application interface.
 //!
 //! Dump: each socket fd is borrowed with `pidfd_getfd(2)` (the same open file
 //! description: queues can be read without consuming them and options read), its
@@ -11,9 +12,11 @@
 //! the processes exist, connected as they were and with their queues refilled; the
 //! fds are then handed out like any other open file description.
 
+pub mod appapi;
 pub mod inet;
 pub mod unix;
 
+pub use appapi::ApiPeers;
 pub use inet::TcpExternal;
 
 use crate::error::{Error, Result};
@@ -81,6 +84,8 @@ pub(crate) fn accept(lfd: i32) -> std::io::Result<OwnedFd> {
 pub struct Collector {
     unix: unix::Collector,
     inet: inet::Collector,
+    /// The supervising init's side of the application interface, if any.
+    api: Option<ApiPeers>,
 }
 
 impl Collector {
@@ -92,7 +97,14 @@ impl Collector {
         Collector {
             unix: unix::Collector::new(),
             inet: inet::Collector::new(job, external, repair),
+            api: None,
         }
+    }
+
+    /// Connections to these sockets of the supervising init are the application
+    /// interface's, saved as such (see [`appapi`]).
+    pub fn set_app_api(&mut self, api: Option<ApiPeers>) {
+        self.api = api;
     }
 
     /// Saves the socket behind fd `fd` of process `pid` (inode `ino`), once per
@@ -111,10 +123,18 @@ impl Collector {
         let sock = crate::proc::borrow_fd(pid, fd)?;
         let domain = sockopt(sock.as_raw_fd(), libc::SO_DOMAIN);
         match domain {
-            libc::AF_UNIX => Ok(FdKind::UnixSocket {
-                sock: self.unix.dump_fd(pid, fd, ino, &sock, writer)?,
-                flags,
-            }),
+            libc::AF_UNIX => {
+                if let Some(api) = &self.api {
+                    let diag = self.unix.diag(pid)?;
+                    if let Some(kind) = appapi::classify(api, diag, ino, flags) {
+                        return Ok(kind);
+                    }
+                }
+                Ok(FdKind::UnixSocket {
+                    sock: self.unix.dump_fd(pid, fd, ino, &sock, writer)?,
+                    flags,
+                })
+            }
             libc::AF_INET | libc::AF_INET6 => {
                 let (owner, signal) = inet::owner_of(&sock);
                 Ok(FdKind::InetSocket {

@@ -44,6 +44,16 @@ impl Collector {
         self.holders.contains_key(&ino)
     }
 
+    /// Every UNIX socket of the network namespace, by inode (listed once per
+    /// checkpoint, for process `pid`'s first socket).
+    pub fn diag(&mut self, pid: i32) -> Result<&HashMap<u64, UnixSock>> {
+        let diag = match self.diag.take() {
+            Some(d) => d,
+            None => unix_diag::dump().ctx(pid, || "listing UNIX sockets (sock_diag)".into())?,
+        };
+        Ok(self.diag.insert(diag))
+    }
+
     /// Saves the UNIX socket `sock` (fd `fd` of process `pid`, borrowed), once per
     /// socket.
     pub fn dump_fd(
@@ -58,14 +68,9 @@ impl Collector {
             return Ok(ino);
         }
         let s = sock.as_raw_fd();
-        if self.diag.is_none() {
-            self.diag =
-                Some(unix_diag::dump().ctx(pid, || "listing UNIX sockets (sock_diag)".into())?);
-        }
         let d = self
-            .diag
-            .as_ref()
-            .and_then(|m| m.get(&ino))
+            .diag(pid)?
+            .get(&ino)
             .cloned()
             .ok_or_else(|| Error::Unsupported {
                 pid,

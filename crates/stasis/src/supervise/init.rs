@@ -1,12 +1,14 @@
 //! The namespace init: PID 1 of the job's namespaces. It starts the application (or
 //! restores it from a checkpoint), reaps, passes signals on, answers `stasis
-//! checkpoint DIR` on the control socket, and takes the checkpoints `stasis run` asks
-//! for by itself: every `--interval`, and on the `--checkpoint-on` signal.
+//! checkpoint DIR` on the control socket and the applications on the application
+//! interface ([`super::api`]), and takes the checkpoints `stasis run` asks for by
+//! itself: every `--interval`, and on the `--checkpoint-on` signal. Every checkpoint
+//! runs the applications' pre-checkpoint hooks first.
 
-use super::{read_signal, signalfd, sigset, JobOptions, Mode, FORWARDED};
+use super::{api, read_signal, signalfd, sigset, JobOptions, Mode, FORWARDED};
 use crate::control::{self, Reply};
 use anyhow::{bail, Context, Result};
-use stasis_core::dump::{self, DumpOptions};
+use stasis_core::dump::{self, DumpOptions, DumpReport};
 use stasis_core::files;
 use stasis_image::{CheckpointReader, Origin};
 use std::ffi::CString;
@@ -64,7 +66,37 @@ fn options(
         own_network_namespace: job.private_network,
         tcp_external,
         private_tmp: job.private_tmp,
+        app_api: None,
     }
+}
+
+/// Takes a checkpoint of the job `app` into `dir`: the applications' pre-checkpoint
+/// hooks run first (a warning, on our standard error and returned, for each that does
+/// not return in time), then those that asked for it get the result.
+fn take(
+    api: &mut api::Server,
+    view: &DirView,
+    dir: &Path,
+    app: i32,
+    mut o: DumpOptions,
+) -> (stasis_core::Result<DumpReport>, Vec<String>) {
+    let warnings = api.before_checkpoint();
+    for w in &warnings {
+        eprintln!("stasis: warning: {w}");
+    }
+    o.app_api = Some(api.peers());
+    let r = dump::checkpoint(dir, app, &o).map(|mut r| {
+        r.path = view.shown(&r.path);
+        r
+    });
+    api.after_checkpoint(match &r {
+        Ok(r) => Ok(r.path.as_path()),
+        Err(e) => Err(format!(
+            "checkpoint failed: {}",
+            view.shown_text(&e.to_string())
+        )),
+    });
+    (r, warnings)
 }
 
 /// The first of `candidates` (newest first) that verifies; the others are passed over
@@ -417,6 +449,10 @@ fn init_inner(
     all.push(libc::SIGCHLD);
     let set = sigset(&all);
     let mut sfd = signalfd(&set)?;
+    let mut api = api::Server::listen(&view.real, opts.hook_timeout)?;
+    // The application finds the interface in its environment (and so do restored
+    // processes started under an earlier stasis of the same directory).
+    std::env::set_var(stasis_app::protocol::ENV, api.address());
     let app = match mode {
         Mode::Run(cmd) => spawn(&cmd)?,
         Mode::Restart(candidates) => {
@@ -432,7 +468,10 @@ fn init_inner(
                 }
                 stasis_core::tmpdirs::recreate(&image, dirs)?;
             }
-            let pid = stasis_core::restore::restore(&image, [Some(0), Some(1), Some(2)])?;
+            let mut remade = Vec::new();
+            let pid =
+                stasis_core::restore::restore(&image, [Some(0), Some(1), Some(2)], &mut remade)?;
+            api.adopt(remade);
             let p = &image.meta.processes[0];
             tracing::info!(
                 "restored process {pid} ({} threads) from {} in {:.1} ms (verify {:.1} ms, rebuild {:.1} ms)",
@@ -450,9 +489,10 @@ fn init_inner(
     listener.set_nonblocking(true).context("control socket")?;
     let timer = opts.interval.map(Timer::every).transpose()?;
     let mut killed_by_checkpoint = false;
-    // The checkpoints stasis takes by itself (a timer, a signal) are reported on its
-    // standard error; those asked for with `stasis checkpoint` to the asker.
-    let auto = |kill: bool, why: &str| {
+    // The checkpoints stasis takes by itself (a timer, a signal, an application's
+    // request) are reported on its standard error; those asked for with `stasis
+    // checkpoint` to the asker.
+    let auto = |api: &mut api::Server, kill: bool, why: &str| {
         let o = options(
             opts,
             kill,
@@ -464,13 +504,12 @@ fn init_inner(
                 stasis_core::sockets::TcpExternal::Refuse
             },
         );
-        match dump::checkpoint(dir, app, &o) {
-            Ok(mut r) => {
-                r.path = view.shown(&r.path);
+        match take(api, &view, dir, app, o) {
+            (Ok(r), _) => {
                 eprintln!("{} ({why})", control::summarize(&r));
                 r.killed
             }
-            Err(e) => {
+            (Err(e), _) => {
                 eprintln!(
                     "stasis: {why}: checkpoint failed: {}; the application keeps running",
                     view.shown_text(&e.to_string())
@@ -480,26 +519,21 @@ fn init_inner(
         }
     };
     loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: sfd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: timer.as_ref().map_or(-1, |t| t.fd.as_raw_fd()),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: poll on an array of three initialized pollfds (a negative fd is
-        // ignored).
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
+        let mut fds: Vec<libc::pollfd> = [
+            sfd.as_raw_fd(),
+            listener.as_raw_fd(),
+            timer.as_ref().map_or(-1, |t| t.fd.as_raw_fd()),
+        ]
+        .into_iter()
+        .chain(api.fds())
+        .map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+        // SAFETY: poll on an array of initialized pollfds (a negative fd is ignored).
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         if n < 0 {
             continue;
         }
@@ -511,7 +545,7 @@ fn init_inner(
                     }
                 }
                 Some(sig) if Some(sig) == opts.checkpoint_on => {
-                    killed_by_checkpoint |= auto(true, &format!("on signal {sig}"));
+                    killed_by_checkpoint |= auto(&mut api, true, &format!("on signal {sig}"));
                 }
                 // SAFETY: forwarding a signal to the application.
                 Some(sig) => unsafe {
@@ -523,7 +557,7 @@ fn init_inner(
         if fds[2].revents & libc::POLLIN != 0 {
             if let Some(t) = &timer {
                 t.expired();
-                auto(false, "periodic");
+                auto(&mut api, false, "periodic");
             }
         }
         if fds[1].revents & libc::POLLIN != 0 {
@@ -538,18 +572,22 @@ fn init_inner(
                         req.tcp_external(),
                     );
                     o.keep = req.keep;
-                    match dump::checkpoint(dir, app, &o) {
-                        Ok(mut r) => {
-                            r.path = view.shown(&r.path);
+                    match take(&mut api, &view, dir, app, o) {
+                        (Ok(r), warnings) => {
                             killed_by_checkpoint |= r.killed;
+                            let mut summary: String = warnings
+                                .iter()
+                                .map(|w| format!("stasis: warning: {w}\n"))
+                                .collect();
+                            summary.push_str(&control::summarize(&r));
                             Reply {
                                 ok: true,
                                 error: String::new(),
                                 path: r.path.display().to_string(),
-                                summary: control::summarize(&r),
+                                summary,
                             }
                         }
-                        Err(e) => Reply {
+                        (Err(e), _) => Reply {
                             ok: false,
                             error: format!(
                                 "checkpoint failed: {}; the application keeps running",
@@ -561,6 +599,12 @@ fn init_inner(
                     }
                 });
             }
+        }
+        if fds[3..].iter().any(|f| f.revents != 0) {
+            api.service();
+        }
+        if let Some(pid) = api.requested() {
+            killed_by_checkpoint |= auto(&mut api, false, &format!("asked for by process {pid}"));
         }
     }
 }

@@ -3,7 +3,8 @@
 //! ```text
 //! stasis (supervisor, your shell's child)         forwards signals, relays exit status
 //!   └─ stasis init  PID 1 of a new user+PID+mount namespace, mounts its own /proc,
-//!        │          answers `stasis checkpoint DIR` on the control socket, checkpoints
+//!        │          answers `stasis checkpoint DIR` on the control socket and the
+//!        │          application interface (api.rs), checkpoints
 //!        │          and restores (it may choose PIDs in its namespace), reaps
 //!        └─ the application  (PID 2 on `run`, its saved PID on `restart`)
 //! ```
@@ -34,6 +35,7 @@ const FORWARDED: &[i32] = &[
     libc::SIGWINCH,
 ];
 
+mod api;
 mod init;
 
 /// What a job is started from.
@@ -67,6 +69,17 @@ pub struct JobOptions {
     /// reset (`--tcp-external=reset`), else refuse them.
     #[serde(default)]
     pub tcp_external_reset: bool,
+    /// How long a checkpoint waits for the applications' pre-checkpoint hooks
+    /// (`--hook-timeout`).
+    #[serde(default = "default_hook_timeout")]
+    pub hook_timeout: std::time::Duration,
+}
+
+/// The default of `--hook-timeout`.
+pub const DEFAULT_HOOK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn default_hook_timeout() -> std::time::Duration {
+    DEFAULT_HOOK_TIMEOUT
 }
 
 impl Default for JobOptions {
@@ -80,6 +93,7 @@ impl Default for JobOptions {
             checkpoint_on: None,
             requeue: false,
             tcp_external_reset: false,
+            hook_timeout: DEFAULT_HOOK_TIMEOUT,
         }
     }
 }
@@ -129,8 +143,13 @@ fn image_private(path: &Path) -> (bool, bool) {
         })
 }
 
-/// `stasis restart DIR [--from N]`
-pub fn restart(dir: &Path, from: Option<&str>, show_progress: bool) -> Result<ExitCode> {
+/// `stasis restart DIR [--from N] [--hook-timeout D]`
+pub fn restart(
+    dir: &Path,
+    from: Option<&str>,
+    hook_timeout: std::time::Duration,
+    show_progress: bool,
+) -> Result<ExitCode> {
     let dir = control::canonical(dir)?;
     let all = store::list_checkpoints(&dir)?;
     let path = match from {
@@ -154,6 +173,7 @@ pub fn restart(dir: &Path, from: Option<&str>, show_progress: bool) -> Result<Ex
     let opts = JobOptions {
         private_network,
         private_tmp,
+        hook_timeout,
         ..JobOptions::default()
     };
     start(&dir, Mode::Restart(vec![path]), opts, progress)

@@ -47,7 +47,9 @@ pub fn progs_src_dir() -> PathBuf {
 /// on disk keyed by a hash of the sources and flags) and return the path of
 /// the executable (rebuilt when the source or a header in tests/progs
 /// changes). `avx` and `avx512` are both built from `avx.c`; `pthreads`,
-/// `churn` and `forkthread` are linked with -pthread, `openmp` is built with -fopenmp.
+/// `churn` and `forkthread` are linked with -pthread, `openmp` is built with -fopenmp,
+/// `appapi` and `appfork` with the stasis application interface's C library
+/// (include/, lib/).
 pub fn prog(name: &str) -> PathBuf {
     static CACHE: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
@@ -60,14 +62,34 @@ pub fn prog(name: &str) -> PathBuf {
         "avx512" => ("avx.c".into(), vec!["-mavx2", "-mavx512f"]),
         "pthreads" | "churn" | "forkthread" => (format!("{name}.c"), vec!["-pthread"]),
         "openmp" => ("openmp.c".into(), vec!["-fopenmp", "-pthread"]),
+        "appapi" | "appfork" => (format!("{name}.c"), vec!["-pthread"]),
         other => (format!("{other}.c"), vec![]),
+    };
+    // Sources compiled in besides the program, and their headers' directories.
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let (extra, includes): (Vec<PathBuf>, Vec<PathBuf>) = match name {
+        "appapi" | "appfork" => (vec![repo.join("lib/stasis.c")], vec![repo.join("include")]),
+        _ => (vec![], vec![]),
     };
     let srcdir = progs_src_dir();
     let src_path = srcdir.join(&src);
+    let mut hashed = vec![src_path.clone()];
+    hashed.extend(extra.iter().cloned());
+    for d in &includes {
+        let mut headers: Vec<PathBuf> = fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        headers.sort();
+        hashed.extend(headers);
+    }
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    fs::read(&src_path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", src_path.display()))
-        .hash(&mut h);
+    for p in &hashed {
+        fs::read(p)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()))
+            .hash(&mut h);
+    }
     // every header of the programs (util.h, inet.h, ...): a changed header
     // rebuilds the programs
     let mut headers: Vec<PathBuf> = fs::read_dir(&srcdir)
@@ -91,9 +113,15 @@ pub fn prog(name: &str) -> PathBuf {
             .args(&flags)
             .arg("-I")
             .arg(&srcdir)
+            .args(
+                includes
+                    .iter()
+                    .flat_map(|d| [OsStr::new("-I"), d.as_os_str()]),
+            )
             .arg("-o")
             .arg(&tmp)
             .arg(&src_path)
+            .args(&extra)
             .arg("-lm")
             .output()
             .expect("cannot run cc");
