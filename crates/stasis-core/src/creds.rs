@@ -138,7 +138,11 @@ pub fn restore(inj: &Injector, pid: i32, saved: &Creds, scratch: &Scratch) -> Re
         let [r, e, s, _] = saved.gids;
         let res = inj.raw(libc::SYS_setresgid, &[r as u64, e as u64, s as u64])?;
         if res < 0 {
-            return Err(fail(format!("it ran as gid {r}/{e}/{s}"), res));
+            let [u, eu, su, _] = saved.uids;
+            return Err(fail(
+                format!("it ran as uid {u}/{eu}/{su}, gid {r}/{e}/{s}"),
+                res,
+            ));
         }
         inj.raw(libc::SYS_setfsgid, &[saved.gids[3] as u64])?;
     }
@@ -146,7 +150,11 @@ pub fn restore(inj: &Injector, pid: i32, saved: &Creds, scratch: &Scratch) -> Re
         let [r, e, s, _] = saved.uids;
         let res = inj.raw(libc::SYS_setresuid, &[r as u64, e as u64, s as u64])?;
         if res < 0 {
-            return Err(fail(format!("it ran as uid {r}/{e}/{s}"), res));
+            let [g, eg, sg, _] = saved.gids;
+            return Err(fail(
+                format!("it ran as uid {r}/{e}/{s}, gid {g}/{eg}/{sg}"),
+                res,
+            ));
         }
         inj.raw(libc::SYS_setfsuid, &[saved.uids[3] as u64])?;
     }

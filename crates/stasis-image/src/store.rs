@@ -16,7 +16,7 @@ use crate::{CHUNK_SIZE, FORMAT_NAME, FORMAT_VERSION};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use xxhash_rust::xxh3::Xxh3;
@@ -44,6 +44,47 @@ pub enum ImageError {
     Version { path: PathBuf, found: u32 },
     #[error("another checkpoint of {0} is in progress (the lock {0}/.lock is held); try again when it has finished")]
     Busy(PathBuf),
+    /// A checkpoint directory or image file that someone else could have planted or
+    /// changed: refused.
+    #[error("{path}: {msg}; refused")]
+    Untrusted { path: PathBuf, msg: String },
+}
+
+/// Checks that `path` is safe to read an image from or write one into: not a
+/// symbolic link (unless `follow`: the checkpoint directory as the user named it),
+/// owned by the caller (any owner for root), and, for a directory, not writable by
+/// other users (who could plant files in it).
+fn check_trusted(path: &Path, follow: bool) -> ImageResult<()> {
+    let md = if follow {
+        fs::metadata(path)
+    } else {
+        fs::symlink_metadata(path)
+    }
+    .map_err(io_err(path))?;
+    let untrusted = |msg: String| ImageError::Untrusted {
+        path: path.to_path_buf(),
+        msg,
+    };
+    if md.file_type().is_symlink() {
+        return Err(untrusted(
+            "is a symbolic link, which stasis never creates in a checkpoint".into(),
+        ));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if me != 0 && md.uid() != me {
+        return Err(untrusted(format!(
+            "belongs to uid {}, not to you (uid {me})",
+            md.uid()
+        )));
+    }
+    if md.is_dir() && md.mode() & 0o022 != 0 && md.mode() & 0o1000 == 0 {
+        return Err(untrusted(format!(
+            "is writable by other users (mode {:o}), who could plant files in it: `chmod go-w` it",
+            md.mode() & 0o7777
+        )));
+    }
+    Ok(())
 }
 
 /// Result type of the store.
@@ -118,16 +159,15 @@ fn hash_hex(h: u64) -> String {
     format!("{h:016x}")
 }
 
-/// Creates `dir` (mode 0700) if missing.
+/// Creates `dir` (mode 0700) if missing, and checks that it is the caller's and not
+/// writable by others.
 pub fn ensure_dir(dir: &Path) -> ImageResult<()> {
-    match fs::DirBuilder::new()
+    fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-    {
-        Ok(()) => Ok(()),
-        Err(e) => Err(io_err(dir)(e)),
-    }
+        .map_err(io_err(dir))?;
+    check_trusted(dir, true)
 }
 
 fn fsync_dir(dir: &Path) -> ImageResult<()> {
@@ -186,6 +226,7 @@ pub fn list_checkpoints(root: &Path) -> ImageResult<Vec<(u64, PathBuf)>> {
         let Some(name) = name.to_str() else { continue };
         if let Some(num) = name.strip_prefix(PREFIX) {
             if let Ok(seq) = num.parse::<u64>() {
+                check_trusted(&ent.path(), false)?;
                 out.push((seq, ent.path()));
             }
         }
@@ -600,6 +641,7 @@ impl CheckpointReader {
     /// Opens and fully verifies one checkpoint directory: the manifest's own checksum,
     /// then every file's size and every chunk's checksum.
     pub fn open(path: &Path) -> ImageResult<CheckpointReader> {
+        check_trusted(path, false)?;
         let manifest = Self::read_manifest(path)?;
         for entry in &manifest.files {
             verify_file(&path.join(&entry.name), entry, manifest.chunk_size)?;
@@ -658,6 +700,7 @@ impl CheckpointReader {
 
     fn read_manifest(path: &Path) -> ImageResult<Manifest> {
         let mpath = path.join(MANIFEST);
+        check_trusted(&mpath, false)?;
         let text = fs::read(&mpath).map_err(io_err(&mpath))?;
         let corrupt = |msg: String| ImageError::Corrupt {
             path: mpath.clone(),
@@ -715,6 +758,7 @@ impl CheckpointReader {
 }
 
 fn verify_file(path: &Path, entry: &FileEntry, chunk: u64) -> ImageResult<()> {
+    check_trusted(path, false)?;
     let f = File::open(path).map_err(io_err(path))?;
     let found = f.metadata().map_err(io_err(path))?.len();
     if found != entry.size {
