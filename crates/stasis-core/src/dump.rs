@@ -57,6 +57,9 @@ pub struct DumpOptions {
     pub app_api: Option<crate::sockets::ApiPeers>,
 }
 
+/// How long a checkpoint waits for one in progress in the same directory.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Result of a successful checkpoint.
 #[derive(Debug, Clone)]
 pub struct DumpReport {
@@ -70,7 +73,14 @@ pub struct DumpReport {
 /// Checkpoints process `pid` and all its descendants into the checkpoint directory
 /// `dir`. `pid` is as seen in this process's PID namespace and /proc.
 pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
-    let lock = DirLock::acquire(dir)?;
+    // Checkpoints of one directory are taken one after the other: one asked for while
+    // another is still being written waits for it (a stuck one for at most LOCK_WAIT).
+    let lock = DirLock::acquire_waiting(dir, LOCK_WAIT, || {
+        tracing::info!(
+            "waiting for the checkpoint in progress in {}",
+            dir.display()
+        )
+    })?;
     // Threads an earlier attempt could not resume (they had not stopped in time)
     // are resumed now if they have stopped since.
     crate::freeze::settle();

@@ -210,6 +210,31 @@ impl DirLock {
         })
     }
 
+    /// Takes the lock, waiting up to `timeout` while another checkpoint holds it
+    /// (`waiting` is called once if it has to); [`ImageError::Busy`] after that.
+    pub fn acquire_waiting(
+        root: &Path,
+        timeout: std::time::Duration,
+        waiting: impl FnOnce(),
+    ) -> ImageResult<DirLock> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut waiting = Some(waiting);
+        loop {
+            match DirLock::acquire(root) {
+                Err(ImageError::Busy(p)) => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(ImageError::Busy(p));
+                    }
+                    if let Some(w) = waiting.take() {
+                        w();
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// The locked checkpoint directory.
     pub fn root(&self) -> &Path {
         &self.root

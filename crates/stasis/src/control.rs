@@ -108,9 +108,20 @@ pub fn peer_uid(s: &UnixStream) -> Option<u32> {
 /// Client side: asks the supervisor of `dir` for a checkpoint.
 pub fn request_checkpoint(dir: &Path, req: &Request, show_progress: bool) -> Result<String> {
     let addr = address(dir)?;
-    // A checkpoint already being written holds the directory lock: say so at once
-    // instead of queueing behind it.
-    drop(stasis_image::DirLock::acquire(dir)?);
+    // A checkpoint already being written holds the directory lock: this one is taken
+    // after it (the supervisor also waits, for a request that slips in between).
+    drop(stasis_image::DirLock::acquire_waiting(
+        dir,
+        stasis_core::dump::LOCK_WAIT,
+        || {
+            if show_progress {
+                eprintln!(
+                    "stasis: a checkpoint of {} is in progress: waiting for it",
+                    dir.display()
+                );
+            }
+        },
+    )?);
     let mut s = UnixStream::connect_addr(&addr).map_err(|e| {
         anyhow!(
             "no `stasis run` or `stasis restart` is supervising {} ({e}); to checkpoint a process not started by stasis use --pid PID --dir DIR",
