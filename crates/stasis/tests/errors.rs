@@ -8,7 +8,6 @@ mod common;
 use common::*;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::time::Duration;
 
 /// The app holds `kind`; checkpoint and checkpoint --kill are refused with an
 /// error naming it, nothing is published, the app keeps ticking; once it
