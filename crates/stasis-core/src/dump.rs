@@ -49,6 +49,9 @@ pub struct DumpOptions {
     pub own_network_namespace: bool,
     /// What to do with a TCP connection to a peer outside the checkpoint.
     pub tcp_external: crate::sockets::TcpExternal,
+    /// Standard streams of the job's processes that are regular files reopened from a
+    /// `--pid` image (see `files::stdio_ids_of`): kept marked as such.
+    pub stdio_files: files::StdioIds,
     /// The job has a private /tmp and /dev/shm (`stasis run --tmp private`): their
     /// content is saved with it (the caller sees them: the job's init).
     pub private_tmp: bool,
@@ -145,15 +148,16 @@ fn checkpoint_locked(
     let freeze_us = t0.elapsed().as_micros() as u64;
 
     let mut writer = CheckpointWriter::begin(lock)?;
-    let stdio = opts
-        .stdio
-        .clone()
-        .unwrap_or_else(|| files::stdio_ids_of(&root));
+    let (stdio, stdio_files) = match &opts.stdio {
+        Some(ids) => (ids.clone(), opts.stdio_files.clone()),
+        None => files::stdio_ids_of(&root),
+    };
     let mut registry = files::Registry::new(
         tree.iter().map(|(p, _)| p.pid).collect(),
         opts.tcp_external,
         opts.own_network_namespace,
     );
+    registry.stdio_files = stdio_files;
     registry.sockets.set_app_api(opts.app_api.clone());
     let mut shm = crate::shm::Collector::new();
     // A snapshot child is given the process's parent (CLONE_PARENT): only when that

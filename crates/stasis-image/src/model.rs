@@ -857,6 +857,11 @@ pub enum FdKind {
         flags: i32,
         /// File offset.
         pos: u64,
+        /// The standard stream (0, 1, 2) of a process checkpointed with `--pid` that
+        /// this file was (`nohup ./sim >out.log`): reopened like any file, or, with
+        /// `stasis restart --stdio inherit`, bound to the restart's own stream.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stdio: Option<u8>,
     },
     /// A regular file deleted while open: its content is in `data_file`.
     Deleted {

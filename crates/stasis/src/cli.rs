@@ -216,6 +216,14 @@ pub enum Command {
         /// has not returned by then is checkpointed anyway, with a warning.
         #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::supervise::parse_duration)]
         hook_timeout: std::time::Duration,
+        /// For a process checkpointed with --pid whose standard streams were regular
+        /// files (`nohup ./sim >out.log &`): `restore` (the default) reopens them at
+        /// their offsets, so it writes on into its log; `inherit` binds them to this
+        /// command's standard input, output and error instead. Streams that cannot be
+        /// reopened (a terminal, a pipe from outside) and those of a job started by
+        /// `stasis run` are always bound to this command's.
+        #[arg(long, value_name = "HOW", default_value = "restore", value_parser = ["restore", "inherit"])]
+        stdio: String,
     },
     /// Show what the newest checkpoint in DIR holds.
     ///
@@ -300,6 +308,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             let opts = supervise::JobOptions {
                 private_network: network == "private",
                 private_tmp: tmp == "private",
+                stdio_inherit: false,
                 interval,
                 incremental,
                 keep: keep as usize,
@@ -349,7 +358,14 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             dir,
             from,
             hook_timeout,
-        } => supervise::restart(&dir, from.as_deref(), hook_timeout, !cli.quiet),
+            stdio,
+        } => supervise::restart(
+            &dir,
+            from.as_deref(),
+            hook_timeout,
+            stdio == "inherit",
+            !cli.quiet,
+        ),
         Command::Inspect { dir, json } => inspect::inspect(&dir, json).map(|()| ExitCode::SUCCESS),
         Command::Status { dir, json } => {
             crate::status::status(&dir, json).map(|()| ExitCode::SUCCESS)

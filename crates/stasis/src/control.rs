@@ -248,6 +248,7 @@ pub fn checkpoint_pid(dir: &Path, pid: i32, req: &Request, show_progress: bool) 
         private_tmp: false,
         tcp_external: req.tcp_external(),
         app_api: None,
+        stdio_files: Vec::new(),
     };
     let progress = Progress::start(format!("checkpointing process {pid}"), show_progress);
     let report = dump::checkpoint(&canonical(dir)?, pid, &opts);

@@ -121,8 +121,16 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
                 FdKind::Stdio { index } => {
                     format!("stdio {index} (rebound to the restarting stasis's)")
                 }
-                FdKind::File { file, pos, flags } => {
-                    format!("{} offset {pos} flags {flags:#o}", file.path)
+                FdKind::File {
+                    file,
+                    pos,
+                    flags,
+                    stdio,
+                } => {
+                    let s = stdio.map_or(String::new(), |i| {
+                        format!(" (its standard stream {i}; `restart --stdio inherit` binds it to the restart's)")
+                    });
+                    format!("{} offset {pos} flags {flags:#o}{s}", file.path)
                 }
                 FdKind::Deleted {
                     path, pos, size, ..

@@ -157,7 +157,7 @@ fn checkpoint_by_pid() {
     let w = Work::new("bypid");
     let mut cmd = Command::new(prog("counter"));
     cmd.current_dir(&w.dir).process_group(0);
-    let mut app = w.spawn("direct", cmd, Stdio::null());
+    let mut app = w.spawn_io("direct", cmd, Stdio::null(), true);
     app.wait_ready();
     app.wait_tick(5, T_READY);
     let pid = app.pid().to_string();
@@ -187,6 +187,93 @@ fn checkpoint_by_pid() {
     s.finish();
     s.assert_no_rerun();
     verify_counter(&s.outputs(), Some(0));
+}
+
+/// A process started outside stasis with its output in a file (`nohup ./sim >out.log
+/// &`), checkpointed with `--pid --kill`: `stasis restart` reopens the file at its
+/// offset, so the output goes on in out.log (every tick once, in order) and nothing
+/// lands on the restart's own stdout; with `restart --stdio inherit`, the output
+/// comes to the restart's stdout instead.
+#[test]
+fn pid_output_to_a_file_goes_on_in_it() {
+    let w = Work::new("bypid_log");
+    let log = w.path("out.log");
+    let mut cmd = Command::new(prog("counter"));
+    cmd.current_dir(&w.dir)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let pid = child.id() as i32;
+    let ticks_in = |min: usize| {
+        let t0 = std::time::Instant::now();
+        loop {
+            let n = ticks(&read_lossy(&log)).len();
+            if n >= min {
+                return n;
+            }
+            assert!(
+                t0.elapsed() < T_READY,
+                "{n} ticks in out.log, waiting for {min}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    ticks_in(5);
+    let pid_s = pid.to_string();
+    let ck = |label: &str| {
+        let r = w.stasis(
+            label,
+            &[
+                "checkpoint".as_ref(),
+                "--pid".as_ref(),
+                pid_s.as_ref(),
+                "--dir".as_ref(),
+                w.ck.as_os_str(),
+                "--kill".as_ref(),
+            ],
+        );
+        assert!(r.status.success(), "{r}");
+    };
+    ck("ckpt-pid");
+    let _ = child.wait();
+    let before = ticks(&read_lossy(&log)).len();
+    // Default: the file is reopened; the restart's stdout stays empty.
+    let mut r = w.restart("restart-restore");
+    ticks_in(before + 5);
+    assert!(
+        ticks(&r.stdout()).is_empty(),
+        "output on the restart's stdout: {}",
+        r.stdout()
+    );
+    let c = w.checkpoint(true);
+    assert!(c.status.success(), "{c}");
+    r.wait(T_CMD);
+    let in_log = ticks(&read_lossy(&log));
+    assert_eq!(
+        in_log,
+        (0..in_log.len() as u64).collect::<Vec<_>>(),
+        "out.log does not hold every tick once, in order"
+    );
+    // --stdio inherit: the output comes to the restart's stdout.
+    let mut cmd = w.stasis_cmd(&[
+        "restart".as_ref(),
+        "--stdio".as_ref(),
+        "inherit".as_ref(),
+        w.ck.as_os_str(),
+    ]);
+    cmd.current_dir(w.path("elsewhere"));
+    let mut r = w.spawn("restart-inherit", cmd, Stdio::null());
+    r.wait_tick(in_log.len() as u64 + 3, T_READY);
+    assert_eq!(
+        ticks(&read_lossy(&log)).len(),
+        in_log.len(),
+        "out.log grew with --stdio inherit"
+    );
+    w.go();
+    let st = r.wait(T_CMD);
+    assert!(st.success(), "{}", r.diag());
 }
 
 /// Exit status and death by signal are propagated by run and restart.

@@ -301,7 +301,7 @@ fn locks_through_checkpoint_pid() {
     let w = Work::new(name);
     let mut cmd = Command::new(prog("locks"));
     cmd.current_dir(&w.dir).process_group(0);
-    let app = w.spawn("direct", cmd, Stdio::null());
+    let app = w.spawn_io("direct", cmd, Stdio::null(), true);
     let mut s = Session::from_proc(&w, app);
     s.cur().wait_ready();
     let ready = s.cur().lines()[0].clone();

@@ -64,7 +64,7 @@ fn spawn_direct(w: &Work, exe: &Path, args: &[&str]) -> Proc {
         c
     };
     cmd.args(args).current_dir(&w.dir).process_group(0);
-    let mut app = w.spawn("direct", cmd, Stdio::null());
+    let mut app = w.spawn_io("direct", cmd, Stdio::null(), true);
     app.wait_ready();
     app
 }

@@ -67,6 +67,7 @@ fn options(
         tcp_external,
         private_tmp: job.private_tmp,
         app_api: None,
+        stdio_files: Vec::new(),
     }
 }
 
@@ -453,12 +454,20 @@ fn init_inner(
     // The application finds the interface in its environment (and so do restored
     // processes started under an earlier stasis of the same directory).
     std::env::set_var(stasis_app::protocol::ENV, api.address());
+    let mut stdio_files = Vec::new();
     let app = match mode {
         Mode::Run(cmd) => spawn(&cmd)?,
         Mode::Restart(candidates) => {
             let t0 = std::time::Instant::now();
             let candidates: Vec<PathBuf> = candidates.iter().map(|c| view.to_here(c)).collect();
-            let (path, image) = open_first_intact(&candidates)?;
+            let (path, mut image) = open_first_intact(&candidates)?;
+            if opts.stdio_inherit {
+                files::inherit_stdio(&mut image.meta);
+            }
+            for w in files::inherit_unopenable_stdio(&mut image.meta) {
+                eprintln!("stasis: warning: {w}");
+            }
+            stdio_files = files::stdio_files_of(&image.meta);
             let path = view.shown(&path);
             let verified = t0.elapsed();
             let dirs = &image.meta.private_dirs;
@@ -493,7 +502,7 @@ fn init_inner(
     // request) are reported on its standard error; those asked for with `stasis
     // checkpoint` to the asker.
     let auto = |api: &mut api::Server, kill: bool, why: &str| {
-        let o = options(
+        let mut o = options(
             opts,
             kill,
             opts.incremental,
@@ -504,6 +513,7 @@ fn init_inner(
                 stasis_core::sockets::TcpExternal::Refuse
             },
         );
+        o.stdio_files = stdio_files.clone();
         match take(api, &view, dir, app, o) {
             (Ok(r), _) => {
                 eprintln!("{} ({why})", control::summarize(&r));
@@ -572,6 +582,7 @@ fn init_inner(
                         req.tcp_external(),
                     );
                     o.keep = req.keep;
+                    o.stdio_files = stdio_files.clone();
                     match take(&mut api, &view, dir, app, o) {
                         (Ok(r), warnings) => {
                             killed_by_checkpoint |= r.killed;

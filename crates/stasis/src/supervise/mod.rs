@@ -55,6 +55,10 @@ pub struct JobOptions {
     /// A /tmp and /dev/shm of the job's own (`--tmp private`).
     #[serde(default)]
     pub private_tmp: bool,
+    /// `restart --stdio inherit`: standard streams saved as files are bound to the
+    /// restart's own.
+    #[serde(default)]
+    pub stdio_inherit: bool,
     /// Checkpoint every so often while the job runs (`--interval`).
     pub interval: Option<std::time::Duration>,
     /// The automatic checkpoints store only what changed (`--incremental`).
@@ -87,6 +91,7 @@ impl Default for JobOptions {
         JobOptions {
             private_network: false,
             private_tmp: false,
+            stdio_inherit: false,
             interval: None,
             incremental: false,
             keep: 3,
@@ -148,6 +153,7 @@ pub fn restart(
     dir: &Path,
     from: Option<&str>,
     hook_timeout: std::time::Duration,
+    stdio_inherit: bool,
     show_progress: bool,
 ) -> Result<ExitCode> {
     let dir = control::canonical(dir)?;
@@ -174,6 +180,7 @@ pub fn restart(
         private_network,
         private_tmp,
         hook_timeout,
+        stdio_inherit,
         ..JobOptions::default()
     };
     start(&dir, Mode::Restart(vec![path]), opts, progress)
