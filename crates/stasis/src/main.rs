@@ -8,6 +8,7 @@
 
 mod cli;
 mod control;
+mod coord;
 mod demo;
 mod inspect;
 mod status;
