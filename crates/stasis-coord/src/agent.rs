@@ -202,7 +202,10 @@ impl Connection {
                 Ok(Some(m)) => m,
                 Ok(None) => {
                     release(part, local, &me);
-                    return Outcome::CoordinatorGone(format!("{} closed the connection", self.peer));
+                    return Outcome::CoordinatorGone(format!(
+                        "{} closed the connection",
+                        self.peer
+                    ));
                 }
                 Err(e) => {
                     let timed_out = e.chain().any(|c| {
@@ -332,7 +335,11 @@ impl Connection {
                     Msg::Aborted { ckpt }
                 }
                 other => {
-                    warn!("{me}: unexpected {} from {}; ignored", other.kind(), self.peer);
+                    warn!(
+                        "{me}: unexpected {} from {}; ignored",
+                        other.kind(),
+                        self.peer
+                    );
                     continue;
                 }
             };

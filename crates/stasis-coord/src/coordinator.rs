@@ -97,7 +97,10 @@ impl Coordinator {
             let name = e.file_name();
             let name = name.to_string_lossy();
             if name.starts_with(".checkpoint-") && name.ends_with(".partial") {
-                warn!("removing {}, left by an abandoned checkpoint", e.path().display());
+                warn!(
+                    "removing {}, left by an abandoned checkpoint",
+                    e.path().display()
+                );
                 fs::remove_dir_all(e.path())
                     .with_context(|| format!("cannot remove {}", e.path().display()))?;
             }
@@ -466,7 +469,10 @@ impl State {
         };
         if let Msg::Checkpoint { kill } = msg {
             if role != Role::Client {
-                warn!("coordinator: {} asked for a checkpoint; ignored", self.name(conn));
+                warn!(
+                    "coordinator: {} asked for a checkpoint; ignored",
+                    self.name(conn)
+                );
                 return;
             }
             self.queue.push_back((conn, kill));
@@ -474,7 +480,10 @@ impl State {
         }
         let name = self.name(conn);
         let Some(r) = self.round.as_mut() else {
-            debug!("coordinator: {} from {name} outside a checkpoint; ignored", msg.kind());
+            debug!(
+                "coordinator: {} from {name} outside a checkpoint; ignored",
+                msg.kind()
+            );
             return;
         };
         if msg.ckpt() != Some(r.ckpt) || !r.members.contains(&conn) {
@@ -494,7 +503,9 @@ impl State {
             (Phase::Freezing | Phase::Dumping, Msg::Failed { error, .. }) => {
                 let verb = r.phase.verb();
                 let ckpt = r.ckpt;
-                self.abort(format!("{name} could not {verb} for checkpoint {ckpt}: {error}"));
+                self.abort(format!(
+                    "{name} could not {verb} for checkpoint {ckpt}: {error}"
+                ));
                 return;
             }
             (Phase::Finishing, Msg::Failed { error, .. }) => {
@@ -546,8 +557,7 @@ impl State {
             self.reply(
                 client,
                 &Msg::Error {
-                    reason: "no agent holding a part of the job has joined this coordinator"
-                        .into(),
+                    reason: "no agent holding a part of the job has joined this coordinator".into(),
                 },
             );
             return;
@@ -555,7 +565,12 @@ impl State {
         let ckpt = match self.next_number() {
             Ok(n) => n,
             Err(e) => {
-                self.reply(client, &Msg::Error { reason: format!("{e:#}") });
+                self.reply(
+                    client,
+                    &Msg::Error {
+                        reason: format!("{e:#}"),
+                    },
+                );
                 return;
             }
         };
@@ -639,7 +654,10 @@ impl State {
                 match publish(&self.config.dir, r) {
                     Ok(path) => {
                         r.published_at = Some(Instant::now());
-                        info!("coordinator: checkpoint {ckpt}: published {}", path.display());
+                        info!(
+                            "coordinator: checkpoint {ckpt}: published {}",
+                            path.display()
+                        );
                         r.published = Some(path);
                     }
                     Err(e) => {
@@ -661,7 +679,8 @@ impl State {
                         let name = self.name(c);
                         if let Some(r) = self.round.as_mut() {
                             r.waiting.remove(&c);
-                            r.warnings.push(format!("cannot send {} to {name}", msg.kind()));
+                            r.warnings
+                                .push(format!("cannot send {} to {name}", msg.kind()));
                         }
                     }
                 }
@@ -808,19 +827,26 @@ fn publish(dir: &Path, r: &Round) -> Result<PathBuf> {
     for k in 0..r.members.len() {
         let part = r.staging.join(format!("node-{k}"));
         if !part.is_dir() {
-            anyhow::bail!("{} is missing although its agent said it was written", part.display());
+            anyhow::bail!(
+                "{} is missing although its agent said it was written",
+                part.display()
+            );
         }
     }
     let path = r.staging.join("global.json");
-    let mut f = fs::File::create(&path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
+    let mut f =
+        fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
     f.write_all(serde_json::to_string_pretty(&manifest)?.as_bytes())
         .and_then(|()| f.sync_all())
         .with_context(|| format!("cannot write {}", path.display()))?;
     sync_dir(&r.staging)?;
     let final_path = dir.join(checkpoint_name(r.ckpt));
     fs::rename(&r.staging, &final_path).with_context(|| {
-        format!("cannot rename {} to {}", r.staging.display(), final_path.display())
+        format!(
+            "cannot rename {} to {}",
+            r.staging.display(),
+            final_path.display()
+        )
     })?;
     sync_dir(dir)?;
     Ok(final_path)

@@ -237,6 +237,9 @@ mod tests {
         assert_eq!(negotiate((1, 3), (1, 1), "a"), Ok(1));
         assert_eq!(negotiate((2, 2), (1, 3), "a"), Ok(2));
         let e = negotiate((2, 2), (1, 1), "agent on n1").unwrap_err();
-        assert!(e.contains("version mismatch") && e.contains("agent on n1 speaks version 2"), "{e}");
+        assert!(
+            e.contains("version mismatch") && e.contains("agent on n1 speaks version 2"),
+            "{e}"
+        );
     }
 }

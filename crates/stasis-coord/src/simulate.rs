@@ -29,7 +29,11 @@ impl std::str::FromStr for Phase {
             "resume" => Phase::Resume,
             "kill" => Phase::Kill,
             "abort" => Phase::Abort,
-            _ => return Err(format!("unknown phase {s:?} (freeze, dump, resume, kill, abort)")),
+            _ => {
+                return Err(format!(
+                    "unknown phase {s:?} (freeze, dump, resume, kill, abort)"
+                ))
+            }
         })
     }
 }

@@ -163,7 +163,10 @@ pub fn agent(
                 let status = status.with_context(|| format!("waiting for {}", cmd[0]))?;
                 if let Some(n) = killed_after {
                     if !quiet {
-                        eprintln!("stasis agent: node {node}: {} stopped after checkpoint {n}", cmd[0]);
+                        eprintln!(
+                            "stasis agent: node {node}: {} stopped after checkpoint {n}",
+                            cmd[0]
+                        );
                     }
                     return Ok(ExitCode::from(crate::cli::EXIT_CHECKPOINTED));
                 }
@@ -197,7 +200,12 @@ pub fn checkpoint(coordinator: &str, kill: bool, quiet: bool) -> Result<ExitCode
 }
 
 /// `stasis coord-bench`: prints one table row per agent count.
-pub fn bench(agents: &[usize], rounds: usize, write: bool, dir: Option<PathBuf>) -> Result<ExitCode> {
+pub fn bench(
+    agents: &[usize],
+    rounds: usize,
+    write: bool,
+    dir: Option<PathBuf>,
+) -> Result<ExitCode> {
     let base = match dir {
         Some(d) => d,
         None => std::env::temp_dir().join(format!("stasis-coord-bench-{}", std::process::id())),
@@ -206,7 +214,11 @@ pub fn bench(agents: &[usize], rounds: usize, write: bool, dir: Option<PathBuf>)
         "protocol {}, {} rounds each, part: {}",
         protocol::VERSION,
         rounds,
-        if write { "writes and syncs 4 KiB" } else { "does nothing" }
+        if write {
+            "writes and syncs 4 KiB"
+        } else {
+            "does nothing"
+        }
     );
     println!(
         "{:>7} {:>10} {:>12} {:>10} {:>10} {:>11} {:>9} {:>11}",
@@ -218,7 +230,14 @@ pub fn bench(agents: &[usize], rounds: usize, write: bool, dir: Option<PathBuf>)
             .with_context(|| format!("benchmark with {n} agents"))?;
         println!(
             "{:>7} {:>10.1} {:>12.2} {:>10.2} {:>10.2} {:>11.2} {:>9.2} {:>11.2}",
-            s.agents, s.join_ms, s.median_ms, s.p95_ms, s.max_ms, s.freeze_ms, s.dump_ms, s.publish_ms
+            s.agents,
+            s.join_ms,
+            s.median_ms,
+            s.p95_ms,
+            s.max_ms,
+            s.freeze_ms,
+            s.dump_ms,
+            s.publish_ms
         );
     }
     std::fs::remove_dir_all(&base).with_context(|| format!("cannot remove {}", base.display()))?;

@@ -44,7 +44,11 @@ fn coordinator(w: &Work, timeout: &str) -> Coord {
             break a.to_string();
         }
         assert!(proc.running(), "the coordinator exited\n{}", proc.diag());
-        assert!(t0.elapsed() < T_CMD, "the coordinator did not start\n{}", proc.diag());
+        assert!(
+            t0.elapsed() < T_CMD,
+            "the coordinator did not start\n{}",
+            proc.diag()
+        );
         std::thread::sleep(Duration::from_millis(10));
     };
     Coord { proc, addr }
@@ -70,7 +74,11 @@ impl Agent {
         while self.state() != want {
             if t0.elapsed() > timeout {
                 let d = self.proc.diag();
-                panic!("agent {} is {:?}, not {want:?} after {timeout:?}\n{d}", self.node, self.state());
+                panic!(
+                    "agent {} is {:?}, not {want:?} after {timeout:?}\n{d}",
+                    self.node,
+                    self.state()
+                );
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -112,7 +120,10 @@ impl ErrLine for Proc {
         while !self.stderr().contains(what) {
             if !self.running() || t0.elapsed() > timeout {
                 let d = self.diag();
-                panic!("{} did not say {what:?} (within {timeout:?})\n{d}", self.label);
+                panic!(
+                    "{} did not say {what:?} (within {timeout:?})\n{d}",
+                    self.label
+                );
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -121,8 +132,11 @@ impl ErrLine for Proc {
 
 /// `stasis checkpoint --coordinator ADDR [--kill]`, started (not waited for).
 fn request(w: &Work, c: &Coord, kill: bool) -> Proc {
-    let mut args: Vec<&std::ffi::OsStr> =
-        vec!["checkpoint".as_ref(), "--coordinator".as_ref(), c.addr.as_ref()];
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "checkpoint".as_ref(),
+        "--coordinator".as_ref(),
+        c.addr.as_ref(),
+    ];
     if kill {
         args.push("--kill".as_ref());
     }
@@ -178,14 +192,20 @@ fn global_checkpoint_has_one_part_per_agent_and_kill_stops_all() {
         let mut r = request(&w, &c, false);
         r.expect_exit(0, T_CMD);
         assert!(
-            r.stderr().contains(&format!("checkpoint {round} of 4 nodes published")),
+            r.stderr()
+                .contains(&format!("checkpoint {round} of 4 nodes published")),
             "{}",
             r.diag()
         );
         assert_eq!(entries(&w.ck).last().unwrap(), name);
         assert_parts(&w, name, &nodes);
         for a in &mut agents {
-            assert_eq!(a.state(), "running", "agent {} after checkpoint {round}", a.node);
+            assert_eq!(
+                a.state(),
+                "running",
+                "agent {} after checkpoint {round}",
+                a.node
+            );
             assert!(a.proc.running(), "{}", a.proc.diag());
         }
     }
@@ -193,7 +213,11 @@ fn global_checkpoint_has_one_part_per_agent_and_kill_stops_all() {
     r.expect_exit(0, T_CMD);
     assert_eq!(
         entries(&w.ck),
-        ["checkpoint-000001", "checkpoint-000002", "checkpoint-000003"]
+        [
+            "checkpoint-000001",
+            "checkpoint-000002",
+            "checkpoint-000003"
+        ]
     );
     assert_parts(&w, "checkpoint-000003", &nodes);
     for a in &mut agents {
@@ -222,12 +246,23 @@ fn agent_lost(phase: &str, delay: &str) {
     assert!(
         err.contains("checkpoint 2 abandoned, nothing published")
             && err.contains("agent 2 (node slow")
-            && err.contains(&format!("was lost during {}", if verb == "freez" { "freeze" } else { "dump" })),
+            && err.contains(&format!(
+                "was lost during {}",
+                if verb == "freez" { "freeze" } else { "dump" }
+            )),
         "{err}"
     );
     // Abandoned at once (not after the delay or a timeout).
-    assert!(t0.elapsed() < Duration::from_secs(4), "took {:?}", t0.elapsed());
-    assert_eq!(entries(&w.ck), ["checkpoint-000001"], "nothing published, no partial left");
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        entries(&w.ck),
+        ["checkpoint-000001"],
+        "nothing published, no partial left"
+    );
     for x in [&mut a, &mut b] {
         assert_eq!(x.state(), "running", "agent {} resumed", x.node);
         assert!(x.proc.running(), "{}", x.proc.diag());

@@ -34,8 +34,7 @@ impl Bed {
         // SAFETY: geteuid takes nothing and cannot fail.
         let euid = unsafe { libc::geteuid() };
         assert_eq!(
-            euid,
-            0,
+            euid, 0,
             "tests/multinode.rs needs root (network namespaces); CI runs as root"
         );
         let name = format!("{tag}{}", std::process::id() % 100_000);
@@ -104,10 +103,18 @@ impl Bed {
             String::from_utf8_lossy(&out.stderr)
         );
         let netns: Vec<String> = std::fs::read_dir("/run/netns")
-            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         for k in 1..=n {
-            assert!(!netns.contains(&self.node(k)), "netns {} left", self.node(k));
+            assert!(
+                !netns.contains(&self.node(k)),
+                "netns {} left",
+                self.node(k)
+            );
         }
         assert!(!Path::new("/run/stasis-nodes").join(&self.name).exists());
         let link = Command::new("ip")
@@ -131,14 +138,19 @@ impl Bed {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|f| f.starts_with(&prefix))
             .collect();
-        assert!(left.is_empty(), "OpenMPI session directories left: {left:?}");
+        assert!(
+            left.is_empty(),
+            "OpenMPI session directories left: {left:?}"
+        );
     }
 }
 
 impl Drop for Bed {
     fn drop(&mut self) {
         if self.n > 0 {
-            let _ = Command::new(scripts().join("down.sh")).arg(&self.name).status();
+            let _ = Command::new(scripts().join("down.sh"))
+                .arg(&self.name)
+                .status();
         }
     }
 }
@@ -153,7 +165,11 @@ fn mpiring() -> PathBuf {
         .arg(progs_src_dir().join("mpiring.c"))
         .output()
         .expect("no mpicc.openmpi (scripts/test.sh installs openmpi-bin libopenmpi-dev)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     exe
 }
 
@@ -186,7 +202,9 @@ fn openmpi_job_across_three_nodes_through_the_launch_agent() {
     let hostfile = w.path("hosts");
     std::fs::write(
         &hostfile,
-        (1..=3).map(|k| format!("{} slots=1\n", bed.node(k))).collect::<String>(),
+        (1..=3)
+            .map(|k| format!("{} slots=1\n", bed.node(k)))
+            .collect::<String>(),
     )
     .unwrap();
     let rsh = scripts().join("rsh");
@@ -227,39 +245,69 @@ fn openmpi_job_across_three_nodes_through_the_launch_agent() {
     let mpirun_pid = bed
         .pids(1)
         .into_iter()
-        .find(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "mpirun.openmpi" || c.trim() == "mpirun"))
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.trim() == "mpirun.openmpi" || c.trim() == "mpirun")
+        })
         .unwrap_or_else(|| panic!("no mpirun on node 1: {:?}", bed.comms(1)));
     for k in 1..=3 {
         let comms = bed.comms(k);
         let ranks = comms.iter().filter(|c| c.starts_with("mpiring")).count();
         assert_eq!(ranks, 1, "node {k} runs {comms:?}");
         if k > 1 {
-            assert!(comms.iter().any(|c| c == "orted"), "node {k} runs {comms:?}");
+            assert!(
+                comms.iter().any(|c| c == "orted"),
+                "node {k} runs {comms:?}"
+            );
             for p in bed.pids(k) {
                 let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
                 let fields: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split(' ').collect();
-                assert_ne!(fields.get(1), Some(&mpirun_pid.to_string().as_str()), "{p} on node {k} is mpirun's child");
-                assert_ne!(fields.get(3), Some(&fields_session(mpirun_pid).as_str()), "{p} on node {k} is in mpirun's session");
+                assert_ne!(
+                    fields.get(1),
+                    Some(&mpirun_pid.to_string().as_str()),
+                    "{p} on node {k} is mpirun's child"
+                );
+                assert_ne!(
+                    fields.get(3),
+                    Some(&fields_session(mpirun_pid).as_str()),
+                    "{p} on node {k} is in mpirun's session"
+                );
             }
         }
         // Its own hostname, and /etc/hosts naming every node.
-        let out = bed.on(k, &["sh", "-c", "hostname; cat /etc/hosts"]).output().unwrap();
+        let out = bed
+            .on(k, &["sh", "-c", "hostname; cat /etc/hosts"])
+            .output()
+            .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert_eq!(text.lines().next(), Some(bed.node(k).as_str()));
         for j in 1..=3 {
-            assert!(text.contains(&format!("{} {}", bed.addr(j), bed.node(j))), "{text}");
+            assert!(
+                text.contains(&format!("{} {}", bed.addr(j), bed.node(j))),
+                "{text}"
+            );
         }
     }
     w.go();
     job.expect_exit(0, Duration::from_secs(30));
-    assert_eq!(ok_line(&job.stdout()), want, "the 3-node result differs from one node's");
+    assert_eq!(
+        ok_line(&job.stdout()),
+        want,
+        "the 3-node result differs from one node's"
+    );
     bed.down();
 }
 
 /// The session id of a process.
 fn fields_session(pid: i32) -> String {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    stat.rsplit(") ").next().unwrap_or("").split(' ').nth(3).unwrap_or("").to_string()
+    stat.rsplit(") ")
+        .next()
+        .unwrap_or("")
+        .split(' ')
+        .nth(3)
+        .unwrap_or("")
+        .to_string()
 }
 
 #[test]
@@ -270,7 +318,19 @@ fn coordinator_and_agents_across_nodes() {
     let ck = w.ck.to_str().unwrap().to_string();
     let mut coord = w.spawn(
         "coordinator",
-        bed.on(1, &[STASIS, "coordinator", "--listen", &addr, "--dir", &ck, "--timeout", "10s"]),
+        bed.on(
+            1,
+            &[
+                STASIS,
+                "coordinator",
+                "--listen",
+                &addr,
+                "--dir",
+                &ck,
+                "--timeout",
+                "10s",
+            ],
+        ),
         Stdio::null(),
     );
     // One agent per node; those of nodes 2 and 3 started through the stand-in.
@@ -295,7 +355,12 @@ fn coordinator_and_agents_across_nodes() {
     while !(2..=3).all(|k| w.read(&format!("agent-{k}.err")).contains("joined"))
         || !local.stderr().contains("joined")
     {
-        assert!(t0.elapsed() < T_CMD, "agents did not join\n{}\n{}", coord.diag(), local.diag());
+        assert!(
+            t0.elapsed() < T_CMD,
+            "agents did not join\n{}\n{}",
+            coord.diag(),
+            local.diag()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let mut r = w.spawn(
@@ -315,12 +380,20 @@ fn coordinator_and_agents_across_nodes() {
         .map(|p| p["node"].as_str().unwrap().to_string())
         .collect();
     nodes.sort();
-    assert_eq!(nodes, (1..=3).map(|k| bed.node(k)).collect::<Vec<_>>(), "{global}");
+    assert_eq!(
+        nodes,
+        (1..=3).map(|k| bed.node(k)).collect::<Vec<_>>(),
+        "{global}"
+    );
     local.expect_exit(EXIT_CHECKPOINTED, T_CMD);
     for k in 2..=3 {
         let t0 = Instant::now();
         while w.read(&format!("agent-{k}.state")).trim() != "killed 1" {
-            assert!(t0.elapsed() < T_CMD, "agent on node {k}: {}", w.read(&format!("agent-{k}.err")));
+            assert!(
+                t0.elapsed() < T_CMD,
+                "agent on node {k}: {}",
+                w.read(&format!("agent-{k}.err"))
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
