@@ -437,6 +437,8 @@ impl State {
         if peer.role != Role::Client {
             info!("coordinator: {name} left: {why}");
         }
+        // A client that went away before its turn asked for nothing.
+        self.queue.retain(|(c, _)| *c != conn);
         let Some(r) = self.round.as_mut() else {
             return;
         };
