@@ -1,6 +1,6 @@
 //! Command-line interface.
 
-use crate::{control, demo, inspect, supervise};
+use crate::{control, coord, demo, inspect, supervise};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -153,8 +153,13 @@ pub enum Command {
     )]
     Checkpoint {
         /// Checkpoint directory of a `stasis run`/`restart` (or with --pid, --dir).
-        #[arg(value_name = "DIR", required_unless_present = "pid")]
+        #[arg(value_name = "DIR", required_unless_present_any = ["pid", "coordinator"])]
         target: Option<PathBuf>,
+        /// Take a global checkpoint of the job of the `stasis coordinator` at ADDR:PORT
+        /// (every agent's part, published as one checkpoint in the coordinator's DIR);
+        /// of the other options only --kill applies.
+        #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["target", "pid", "dir"])]
+        coordinator: Option<String>,
         /// Checkpoint this process instead (not started by stasis).
         #[arg(long, value_name = "PID", requires = "dir")]
         pid: Option<i32>,
@@ -272,6 +277,82 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+    /// Coordinate the checkpoints of a job that spans several nodes.
+    ///
+    /// Agents (`stasis agent --coordinator ADDR:PORT`, one per node) connect to it;
+    /// `stasis checkpoint --coordinator ADDR:PORT` asks it for a global checkpoint:
+    /// every agent freezes its part, then every agent writes it into
+    /// DIR/checkpoint-NNNNNN/node-K and syncs it, and only then is the checkpoint
+    /// published (one rename) and the job resumed (or killed with --kill). If an agent
+    /// fails, is lost or does not answer within --timeout in any phase, the checkpoint
+    /// is abandoned: every part runs on and nothing is published. The protocol is
+    /// docs/PROTOCOL.md. It serves until killed.
+    #[command(
+        after_help = "EXAMPLES\n    stasis coordinator --listen 0.0.0.0:7070 --dir $SCRATCH/ckpt &\n    stasis agent --coordinator head:7070 --simulate &      # on each node\n    stasis checkpoint --coordinator head:7070"
+    )]
+    Coordinator {
+        /// Address and port to listen on (port 0 picks a free one; the address is printed).
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: String,
+        /// Where global checkpoints go (created with mode 0700 if missing); it must be
+        /// on a file system every agent writes to.
+        #[arg(long, short = 'd', value_name = "DIR")]
+        dir: PathBuf,
+        /// How long every agent has for each phase of a checkpoint.
+        #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = crate::supervise::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Take part in the checkpoints of a job that spans several nodes, for this node.
+    ///
+    /// Connects to the coordinator (retrying for 30 s while it is not listening yet).
+    /// With CMD, runs CMD as its child and exits with its status (75 after `checkpoint
+    /// --kill`). Not yet done: the checkpoint engine is not plugged into agents, so a
+    /// checkpoint of an agent's part fails with an error saying so, unless --simulate
+    /// simulates the part (a short file written per checkpoint). Without CMD and
+    /// without --simulate the agent only offers its node, and takes no part in
+    /// checkpoints.
+    Agent {
+        /// The coordinator's address.
+        #[arg(long, value_name = "ADDR:PORT")]
+        coordinator: String,
+        /// The node's name (default: the host name).
+        #[arg(long, value_name = "NAME")]
+        node: Option<String>,
+        /// Simulate this node's part of the job.
+        #[arg(long)]
+        simulate: bool,
+        /// (tests) Make a simulated phase (freeze, dump, resume, kill, abort) take this long.
+        #[arg(long, hide = true, value_name = "PHASE=DURATION")]
+        simulate_delay: Vec<String>,
+        /// (tests) Make a simulated phase fail.
+        #[arg(long, hide = true, value_name = "PHASE")]
+        simulate_fail: Option<String>,
+        /// (tests) Write the simulated part's state to this file.
+        #[arg(long, hide = true, value_name = "FILE")]
+        simulate_state: Option<PathBuf>,
+        /// (tests) Speak only this protocol version.
+        #[arg(long, hide = true, value_name = "N")]
+        protocol_version: Option<u32>,
+        /// The command and its arguments.
+        #[arg(trailing_var_arg = true, value_name = "CMD")]
+        cmd: Vec<String>,
+    },
+    /// The coordinator benchmark (scripts/bench-coord.sh).
+    #[command(hide = true, name = "coord-bench")]
+    CoordBench {
+        /// Numbers of agents, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+        agents: Vec<usize>,
+        /// Global checkpoints per number of agents.
+        #[arg(long, default_value_t = 30)]
+        rounds: usize,
+        /// Each agent writes and syncs a 4 KiB part instead of nothing.
+        #[arg(long)]
+        write: bool,
+        /// Scratch directory (default: one in $TMPDIR, removed after).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// The namespace init of `run` and `restart`, executed again by itself in the
     /// namespaces (internal).
     #[command(hide = true, name = "__init")]
@@ -328,7 +409,11 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             incremental,
             compress,
             tcp_external,
+            coordinator,
         } => {
+            if let Some(addr) = coordinator {
+                return coord::checkpoint(&addr, kill, cli.quiet);
+            }
             let req = control::Request {
                 kill,
                 keep: keep as usize,
@@ -372,6 +457,39 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Verify { dir, latest } => inspect::verify(&dir, latest),
         Command::Demo { dir } => demo::demo(dir),
+        Command::Coordinator {
+            listen,
+            dir,
+            timeout,
+        } => coord::coordinator(&listen, &dir, timeout, cli.quiet),
+        Command::Agent {
+            coordinator,
+            node,
+            simulate,
+            simulate_delay,
+            simulate_fail,
+            simulate_state,
+            protocol_version,
+            cmd,
+        } => coord::agent(
+            &coordinator,
+            node,
+            coord::Simulation {
+                enabled: simulate,
+                delays: simulate_delay,
+                fail: simulate_fail,
+                state_file: simulate_state,
+            },
+            protocol_version,
+            &cmd,
+            cli.quiet,
+        ),
+        Command::CoordBench {
+            agents,
+            rounds,
+            write,
+            dir,
+        } => coord::bench(&agents, rounds, write, dir),
         Command::Init { args } => Ok(supervise::init_resume(&args)),
         Command::DemoWorkload { ticks } => demo::workload(ticks),
     }

@@ -4,10 +4,12 @@
 //! namespace init that `run` and `restart` start ([`supervise`]), the control socket
 //! that `checkpoint` talks to ([`control`]), `inspect` ([`inspect`]), `status`
 //! ([`status`]) and the built-in
-//! demonstration ([`demo`]). The engine is in the stasis-core crate.
+//! demonstration ([`demo`]), and the multi-node coordinator, agent and global checkpoint
+//! client ([`coord`], over the stasis-coord crate). The engine is in the stasis-core crate.
 
 mod cli;
 mod control;
+mod coord;
 mod demo;
 mod inspect;
 mod status;

@@ -1,0 +1,855 @@
+//! The coordinator: accepts agents and checkpoint clients, and runs each global
+//! checkpoint as a two-phase commit (freeze everywhere, then dump everywhere, then
+//! publish by one rename, then resume or kill; abort on any failure or timeout).
+//!
+//! One thread accepts connections, one thread per connection reads its messages, and
+//! one thread (the caller of [`Coordinator::serve`]) owns all state and all writing:
+//! every message and every closed connection arrives on one channel, so the state
+//! machine below is plain sequential code.
+
+use crate::protocol::{self, Msg, Role};
+use anyhow::{Context, Result};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fs;
+use std::io::BufReader;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+/// How the coordinator runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where global checkpoints go (DIR/checkpoint-NNNNNN/node-K).
+    pub dir: PathBuf,
+    /// How long every agent has for each phase (freeze, dump, resume/kill, abort).
+    pub timeout: Duration,
+    /// How long a new connection has to send its `hello`.
+    pub hello_timeout: Duration,
+}
+
+impl Config {
+    pub fn new(dir: impl Into<PathBuf>) -> Config {
+        Config {
+            dir: dir.into(),
+            timeout: Duration::from_secs(120),
+            hello_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A bound coordinator, not yet serving.
+pub struct Coordinator {
+    listener: TcpListener,
+    config: Config,
+}
+
+/// The name of checkpoint `n` in the checkpoint directory.
+pub fn checkpoint_name(n: u64) -> String {
+    format!("checkpoint-{n:06}")
+}
+
+fn partial_name(n: u64) -> String {
+    format!(".{}.partial", checkpoint_name(n))
+}
+
+/// The numbers of the published checkpoints in `dir`, oldest first.
+pub fn published(dir: &Path) -> Result<Vec<u64>> {
+    let mut v = Vec::new();
+    for e in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let e = e.with_context(|| format!("cannot list {}", dir.display()))?;
+        if let Some(n) = e
+            .file_name()
+            .to_str()
+            .and_then(|s| s.strip_prefix("checkpoint-"))
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            v.push(n);
+        }
+    }
+    v.sort_unstable();
+    Ok(v)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("cannot sync directory {}", dir.display()))
+}
+
+impl Coordinator {
+    /// Binds `addr` (e.g. `0.0.0.0:7070`; port 0 picks one) and prepares the checkpoint
+    /// directory: created (mode 0700) if missing; partial checkpoints left by a
+    /// coordinator that died are removed.
+    pub fn bind(addr: &str, config: Config) -> Result<Coordinator> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = &config.dir;
+        if !dir.is_dir() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
+        }
+        for e in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+            let e = e.with_context(|| format!("cannot list {}", dir.display()))?;
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".checkpoint-") && name.ends_with(".partial") {
+                warn!(
+                    "removing {}, left by an abandoned checkpoint",
+                    e.path().display()
+                );
+                fs::remove_dir_all(e.path())
+                    .with_context(|| format!("cannot remove {}", e.path().display()))?;
+            }
+        }
+        let listener =
+            TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+        Ok(Coordinator { listener, config })
+    }
+
+    /// The address agents and clients connect to.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.listener.local_addr().context("listening socket")
+    }
+
+    /// Serves until the process ends (or the listener fails).
+    pub fn serve(self) -> Result<()> {
+        let (tx, rx) = channel();
+        let listener = self.listener;
+        let hello_timeout = self.config.hello_timeout;
+        std::thread::Builder::new()
+            .name("coord-accept".into())
+            .spawn(move || accept_loop(listener, tx, hello_timeout))
+            .context("cannot start the coordinator's accepting thread")?;
+        State::new(self.config).run(rx);
+        Ok(())
+    }
+
+    /// Serves in a thread of its own (for tests and the benchmark).
+    pub fn spawn(self) -> Result<SocketAddr> {
+        let addr = self.local_addr()?;
+        std::thread::Builder::new()
+            .name("coordinator".into())
+            .spawn(move || {
+                if let Err(e) = self.serve() {
+                    warn!("coordinator: {e:#}");
+                }
+            })
+            .context("cannot start the coordinator thread")?;
+        Ok(addr)
+    }
+}
+
+enum Event {
+    Joined {
+        conn: u64,
+        role: Role,
+        node: String,
+        pid: u32,
+        version: u32,
+        writer: TcpStream,
+    },
+    Msg {
+        conn: u64,
+        msg: Msg,
+    },
+    Closed {
+        conn: u64,
+        why: String,
+    },
+}
+
+fn accept_loop(listener: TcpListener, tx: Sender<Event>, hello_timeout: Duration) {
+    let mut next = 0u64;
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("coordinator: accept: {e}");
+                continue;
+            }
+        };
+        next += 1;
+        let conn = next;
+        let tx = tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("coord-conn-{conn}"))
+            .spawn(move || connection(conn, stream, tx, hello_timeout));
+        if let Err(e) = spawned {
+            warn!("coordinator: cannot start a thread for a new connection: {e}");
+        }
+    }
+}
+
+/// Reads one connection: the handshake (answered here when refused), then every
+/// message, forwarded to the state machine.
+fn connection(conn: u64, stream: TcpStream, tx: Sender<Event>, hello_timeout: Duration) {
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let _ = stream.set_nodelay(true);
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(e) => {
+            warn!("coordinator: connection from {peer}: {e}");
+            return;
+        }
+    };
+    let _ = writer.set_write_timeout(Some(Duration::from_secs(10)));
+    let _ = stream.set_read_timeout(Some(hello_timeout));
+    let mut reader = BufReader::new(stream);
+    let hello = match protocol::recv(&mut reader, &format!("connection from {peer}")) {
+        Ok(Some(h)) => h,
+        Ok(None) => return,
+        Err(e) => {
+            warn!("coordinator: {e:#}");
+            return;
+        }
+    };
+    let Msg::Hello {
+        version,
+        min_version,
+        role,
+        node,
+        pid,
+    } = hello
+    else {
+        let reason = format!("the first message must be hello, not {}", hello.kind());
+        warn!("coordinator: connection from {peer}: {reason}");
+        let _ = protocol::send(&mut writer, &Msg::Refused { reason });
+        return;
+    };
+    let who = format!("the {role:?} on node {node} (pid {pid}, {peer})").to_lowercase();
+    let version = match protocol::negotiate(
+        (min_version, version),
+        (protocol::MIN_VERSION, protocol::VERSION),
+        &who,
+    ) {
+        Ok(v) => v,
+        Err(reason) => {
+            warn!("coordinator: {reason}");
+            let _ = protocol::send(&mut writer, &Msg::Refused { reason });
+            return;
+        }
+    };
+    let _ = reader.get_ref().set_read_timeout(None);
+    if tx
+        .send(Event::Joined {
+            conn,
+            role,
+            node,
+            pid,
+            version,
+            writer,
+        })
+        .is_err()
+    {
+        return;
+    }
+    let why = loop {
+        match protocol::recv(&mut reader, &who) {
+            Ok(Some(msg)) => {
+                if tx.send(Event::Msg { conn, msg }).is_err() {
+                    return;
+                }
+            }
+            Ok(None) => break "closed the connection".to_string(),
+            Err(e) => break format!("{e:#}"),
+        }
+    };
+    let _ = tx.send(Event::Closed { conn, why });
+}
+
+struct Peer {
+    role: Role,
+    /// "agent 3 (node n1, pid 1234)"
+    name: String,
+    node: String,
+    index: u32,
+    writer: TcpStream,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    Freezing,
+    Dumping,
+    Finishing,
+    Aborting,
+}
+
+impl Phase {
+    fn verb(self) -> &'static str {
+        match self {
+            Phase::Freezing => "freeze",
+            Phase::Dumping => "dump",
+            Phase::Finishing => "resume",
+            Phase::Aborting => "abort",
+        }
+    }
+}
+
+struct Round {
+    ckpt: u64,
+    kill: bool,
+    client: u64,
+    /// The agents of this checkpoint, in part order (node-0, node-1, ...).
+    members: Vec<u64>,
+    nodes: Vec<String>,
+    phase: Phase,
+    waiting: BTreeSet<u64>,
+    deadline: Instant,
+    started: Instant,
+    frozen_at: Option<Instant>,
+    dumped_at: Option<Instant>,
+    published_at: Option<Instant>,
+    staging: PathBuf,
+    published: Option<PathBuf>,
+    bytes: BTreeMap<u64, u64>,
+    /// Why it is being abandoned.
+    reason: Option<String>,
+    warnings: Vec<String>,
+}
+
+struct State {
+    config: Config,
+    peers: BTreeMap<u64, Peer>,
+    next_index: u32,
+    queue: VecDeque<(u64, bool)>,
+    round: Option<Round>,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+impl State {
+    fn new(config: Config) -> State {
+        State {
+            config,
+            peers: BTreeMap::new(),
+            next_index: 0,
+            queue: VecDeque::new(),
+            round: None,
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Event>) {
+        loop {
+            if self.round.is_none() {
+                if let Some((client, kill)) = self.queue.pop_front() {
+                    self.start(client, kill);
+                    continue;
+                }
+            }
+            let wait = self
+                .round
+                .as_ref()
+                .map(|r| r.deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_secs(3600));
+            match rx.recv_timeout(wait) {
+                Ok(ev) => self.event(ev),
+                Err(RecvTimeoutError::Timeout) => self.check_deadline(),
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn send(&mut self, conn: u64, msg: &Msg) -> bool {
+        let Some(p) = self.peers.get_mut(&conn) else {
+            return false;
+        };
+        match protocol::send(&mut p.writer, msg) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!("coordinator: cannot send {} to {}: {e}", msg.kind(), p.name);
+                false
+            }
+        }
+    }
+
+    fn name(&self, conn: u64) -> String {
+        self.peers
+            .get(&conn)
+            .map(|p| p.name.clone())
+            .unwrap_or_else(|| format!("connection {conn}"))
+    }
+
+    fn event(&mut self, ev: Event) {
+        match ev {
+            Event::Joined {
+                conn,
+                role,
+                node,
+                pid,
+                version,
+                writer,
+            } => {
+                let index = if role == Role::Client {
+                    0
+                } else {
+                    self.next_index += 1;
+                    self.next_index - 1
+                };
+                let name = match role {
+                    Role::Agent => format!("agent {index} (node {node}, pid {pid})"),
+                    Role::Spare => format!("spare agent {index} (node {node}, pid {pid})"),
+                    Role::Client => format!("client (node {node}, pid {pid})"),
+                };
+                if role != Role::Client {
+                    info!("coordinator: {name} joined");
+                }
+                self.peers.insert(
+                    conn,
+                    Peer {
+                        role,
+                        name,
+                        node,
+                        index,
+                        writer,
+                    },
+                );
+                let timeout_ms = self.config.timeout.as_millis() as u64;
+                if !self.send(
+                    conn,
+                    &Msg::Welcome {
+                        version,
+                        agent: index,
+                        timeout_ms,
+                    },
+                ) {
+                    self.closed(conn, "could not be welcomed".into());
+                }
+            }
+            Event::Msg { conn, msg } => self.message(conn, msg),
+            Event::Closed { conn, why } => self.closed(conn, why),
+        }
+    }
+
+    fn closed(&mut self, conn: u64, why: String) {
+        let name = self.name(conn);
+        let Some(peer) = self.peers.remove(&conn) else {
+            return;
+        };
+        if peer.role != Role::Client {
+            info!("coordinator: {name} left: {why}");
+        }
+        // A client that went away before its turn asked for nothing.
+        self.queue.retain(|(c, _)| *c != conn);
+        let Some(r) = self.round.as_mut() else {
+            return;
+        };
+        if !r.members.contains(&conn) {
+            return;
+        }
+        match r.phase {
+            Phase::Freezing | Phase::Dumping => {
+                let verb = r.phase.verb();
+                self.abort(format!(
+                    "{name} was lost during {verb} ({why}); has its agent or node died?"
+                ));
+            }
+            Phase::Finishing | Phase::Aborting => {
+                if r.waiting.remove(&conn) {
+                    r.warnings.push(format!(
+                        "{name} was lost before confirming {} ({why})",
+                        r.phase.verb()
+                    ));
+                }
+                self.progress();
+            }
+        }
+    }
+
+    fn message(&mut self, conn: u64, msg: Msg) {
+        let role = match self.peers.get(&conn) {
+            Some(p) => p.role,
+            None => return,
+        };
+        if let Msg::Checkpoint { kill } = msg {
+            if role != Role::Client {
+                warn!(
+                    "coordinator: {} asked for a checkpoint; ignored",
+                    self.name(conn)
+                );
+                return;
+            }
+            self.queue.push_back((conn, kill));
+            return;
+        }
+        let name = self.name(conn);
+        let Some(r) = self.round.as_mut() else {
+            debug!(
+                "coordinator: {} from {name} outside a checkpoint; ignored",
+                msg.kind()
+            );
+            return;
+        };
+        if msg.ckpt() != Some(r.ckpt) || !r.members.contains(&conn) {
+            debug!("coordinator: stale {} from {name}; ignored", msg.kind());
+            return;
+        }
+        match (r.phase, &msg) {
+            (Phase::Freezing, Msg::Frozen { .. })
+            | (Phase::Finishing, Msg::Resumed { .. } | Msg::Killed { .. })
+            | (Phase::Aborting, Msg::Aborted { .. } | Msg::Failed { .. }) => {
+                r.waiting.remove(&conn);
+            }
+            (Phase::Dumping, Msg::Dumped { bytes, .. }) => {
+                r.bytes.insert(conn, *bytes);
+                r.waiting.remove(&conn);
+            }
+            (Phase::Freezing | Phase::Dumping, Msg::Failed { error, .. }) => {
+                let verb = r.phase.verb();
+                let ckpt = r.ckpt;
+                self.abort(format!(
+                    "{name} could not {verb} for checkpoint {ckpt}: {error}"
+                ));
+                return;
+            }
+            (Phase::Finishing, Msg::Failed { error, .. }) => {
+                r.warnings.push(format!("{name}: {error}"));
+                r.waiting.remove(&conn);
+            }
+            _ => {
+                warn!(
+                    "coordinator: unexpected {} from {name} during {}; ignored",
+                    msg.kind(),
+                    r.phase.verb()
+                );
+                return;
+            }
+        }
+        self.progress();
+    }
+
+    fn next_number(&self) -> Result<u64> {
+        let dir = &self.config.dir;
+        let mut n = published(dir)?.last().copied().unwrap_or(0);
+        // Numbers are never reused, even of abandoned ones still being removed.
+        for e in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+            let name = e
+                .with_context(|| format!("cannot list {}", dir.display()))?
+                .file_name();
+            if let Some(m) = name
+                .to_str()
+                .and_then(|s| s.strip_prefix(".checkpoint-"))
+                .and_then(|s| s.strip_suffix(".partial"))
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                n = n.max(m);
+            }
+        }
+        Ok(n + 1)
+    }
+
+    fn start(&mut self, client: u64, kill: bool) {
+        let mut members: Vec<(u32, u64)> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.role == Role::Agent)
+            .map(|(c, p)| (p.index, *c))
+            .collect();
+        members.sort_unstable();
+        let members: Vec<u64> = members.into_iter().map(|(_, c)| c).collect();
+        if members.is_empty() {
+            self.reply(
+                client,
+                &Msg::Error {
+                    reason: "no agent holding a part of the job has joined this coordinator".into(),
+                },
+            );
+            return;
+        }
+        let ckpt = match self.next_number() {
+            Ok(n) => n,
+            Err(e) => {
+                self.reply(
+                    client,
+                    &Msg::Error {
+                        reason: format!("{e:#}"),
+                    },
+                );
+                return;
+            }
+        };
+        let staging = self.config.dir.join(partial_name(ckpt));
+        if let Err(e) = fs::create_dir(&staging) {
+            let reason = format!("cannot create {}: {e}", staging.display());
+            self.reply(client, &Msg::Error { reason });
+            return;
+        }
+        let nodes = members.iter().map(|c| self.peers[c].node.clone()).collect();
+        info!(
+            "coordinator: checkpoint {ckpt}: freezing {} agents{}",
+            members.len(),
+            if kill { " (then killing)" } else { "" }
+        );
+        let now = Instant::now();
+        self.round = Some(Round {
+            ckpt,
+            kill,
+            client,
+            waiting: members.iter().copied().collect(),
+            members: members.clone(),
+            nodes,
+            phase: Phase::Freezing,
+            deadline: now + self.config.timeout,
+            started: now,
+            frozen_at: None,
+            dumped_at: None,
+            published_at: None,
+            staging,
+            published: None,
+            bytes: BTreeMap::new(),
+            reason: None,
+            warnings: Vec::new(),
+        });
+        for c in members {
+            if !self.send(c, &Msg::Freeze { ckpt }) {
+                let name = self.name(c);
+                self.abort(format!("cannot send freeze to {name}"));
+                return;
+            }
+        }
+    }
+
+    /// Moves the round on once nobody is waited for.
+    fn progress(&mut self) {
+        let Some(r) = self.round.as_mut() else {
+            return;
+        };
+        if !r.waiting.is_empty() {
+            return;
+        }
+        let ckpt = r.ckpt;
+        match r.phase {
+            Phase::Freezing => {
+                r.frozen_at = Some(Instant::now());
+                r.phase = Phase::Dumping;
+                r.waiting = r.members.iter().copied().collect();
+                r.deadline = Instant::now() + self.config.timeout;
+                let sends: Vec<(u64, Msg)> = r
+                    .members
+                    .iter()
+                    .enumerate()
+                    .map(|(k, c)| {
+                        let dir = r.staging.join(format!("node-{k}"));
+                        let dir = dir.to_string_lossy().into_owned();
+                        (*c, Msg::Dump { ckpt, dir })
+                    })
+                    .collect();
+                info!("coordinator: checkpoint {ckpt}: all frozen, dumping");
+                for (c, m) in sends {
+                    if !self.send(c, &m) {
+                        let name = self.name(c);
+                        self.abort(format!("cannot send dump to {name}"));
+                        return;
+                    }
+                }
+            }
+            Phase::Dumping => {
+                r.dumped_at = Some(Instant::now());
+                match publish(&self.config.dir, r) {
+                    Ok(path) => {
+                        r.published_at = Some(Instant::now());
+                        info!(
+                            "coordinator: checkpoint {ckpt}: published {}",
+                            path.display()
+                        );
+                        r.published = Some(path);
+                    }
+                    Err(e) => {
+                        self.abort(format!("cannot publish checkpoint {ckpt}: {e:#}"));
+                        return;
+                    }
+                }
+                r.phase = Phase::Finishing;
+                r.waiting = r.members.iter().copied().collect();
+                r.deadline = Instant::now() + self.config.timeout;
+                let msg = if r.kill {
+                    Msg::Kill { ckpt }
+                } else {
+                    Msg::Resume { ckpt }
+                };
+                let members = r.members.clone();
+                for c in members {
+                    if !self.send(c, &msg) {
+                        let name = self.name(c);
+                        if let Some(r) = self.round.as_mut() {
+                            r.waiting.remove(&c);
+                            r.warnings
+                                .push(format!("cannot send {} to {name}", msg.kind()));
+                        }
+                    }
+                }
+                self.progress();
+            }
+            Phase::Finishing | Phase::Aborting => self.finish(),
+        }
+    }
+
+    fn check_deadline(&mut self) {
+        let Some(r) = self.round.as_ref() else {
+            return;
+        };
+        if Instant::now() < r.deadline {
+            return;
+        }
+        let waiting: Vec<u64> = r.waiting.iter().copied().collect();
+        let late: Vec<String> = waiting.iter().map(|c| self.name(*c)).collect();
+        let late = late.join(", ");
+        let secs = self.config.timeout.as_secs_f64();
+        let r = self.round.as_mut().expect("round checked above");
+        match r.phase {
+            Phase::Freezing | Phase::Dumping => {
+                let verb = r.phase.verb();
+                let ckpt = r.ckpt;
+                self.abort(format!(
+                    "{late} did not {verb} for checkpoint {ckpt} within {secs:.1} s (the coordinator's --timeout)"
+                ));
+            }
+            Phase::Finishing | Phase::Aborting => {
+                r.warnings.push(format!(
+                    "{late} did not confirm {} within {secs:.1} s",
+                    r.phase.verb()
+                ));
+                r.waiting.clear();
+                self.finish();
+            }
+        }
+    }
+
+    /// Abandons the current round: every member still there is told to abort (and
+    /// resumes), the partial checkpoint is removed, the client is answered once the
+    /// aborts are confirmed (or timed out).
+    fn abort(&mut self, reason: String) {
+        let Some(r) = self.round.as_mut() else {
+            return;
+        };
+        let ckpt = r.ckpt;
+        warn!("coordinator: checkpoint {ckpt} abandoned: {reason}");
+        r.reason = Some(reason);
+        r.phase = Phase::Aborting;
+        r.deadline = Instant::now() + self.config.timeout;
+        r.waiting.clear();
+        if let Err(e) = fs::remove_dir_all(&r.staging) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                r.warnings
+                    .push(format!("cannot remove {}: {e}", r.staging.display()));
+            }
+        }
+        let members = r.members.clone();
+        for c in members {
+            if self.peers.contains_key(&c) && self.send(c, &Msg::Abort { ckpt }) {
+                if let Some(r) = self.round.as_mut() {
+                    r.waiting.insert(c);
+                }
+            }
+        }
+        self.progress();
+    }
+
+    fn finish(&mut self) {
+        let Some(r) = self.round.take() else {
+            return;
+        };
+        let msg = match (&r.reason, &r.published) {
+            (None, Some(path)) => {
+                let frozen = r.frozen_at.unwrap_or(r.started);
+                let dumped = r.dumped_at.unwrap_or(frozen);
+                let published = r.published_at.unwrap_or(dumped);
+                for w in &r.warnings {
+                    warn!("coordinator: checkpoint {}: {w}", r.ckpt);
+                }
+                Msg::Done {
+                    ckpt: r.ckpt,
+                    path: path.to_string_lossy().into_owned(),
+                    nodes: r.nodes.clone(),
+                    freeze_ms: ms(frozen - r.started),
+                    dump_ms: ms(dumped - frozen),
+                    publish_ms: ms(published - dumped),
+                    total_ms: ms(r.started.elapsed()),
+                    warnings: r.warnings.clone(),
+                }
+            }
+            (reason, _) => {
+                let mut reason = format!(
+                    "checkpoint {} abandoned, nothing published, the job runs on: {}",
+                    r.ckpt,
+                    reason.as_deref().unwrap_or("unknown reason")
+                );
+                for w in &r.warnings {
+                    reason.push_str(&format!("; {w}"));
+                }
+                Msg::Error { reason }
+            }
+        };
+        self.reply(r.client, &msg);
+    }
+
+    fn reply(&mut self, client: u64, msg: &Msg) {
+        if !self.send(client, msg) {
+            debug!("coordinator: the client that asked for the checkpoint is gone");
+        }
+    }
+}
+
+/// Writes the manifest, syncs, and renames the partial checkpoint into place (the
+/// commit point of the checkpoint).
+fn publish(dir: &Path, r: &Round) -> Result<PathBuf> {
+    use std::io::Write;
+    let parts: Vec<serde_json::Value> = r
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(k, node)| {
+            serde_json::json!({
+                "part": format!("node-{k}"),
+                "node": node,
+                "bytes": r.bytes.get(&r.members[k]).copied().unwrap_or(0),
+            })
+        })
+        .collect();
+    let taken = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let manifest = serde_json::json!({
+        "format": 1,
+        "protocol_version": protocol::VERSION,
+        "checkpoint": r.ckpt,
+        "taken_at_unix": taken,
+        "killed": r.kill,
+        "parts": parts,
+    });
+    for k in 0..r.members.len() {
+        let part = r.staging.join(format!("node-{k}"));
+        if !part.is_dir() {
+            anyhow::bail!(
+                "{} is missing although its agent said it was written",
+                part.display()
+            );
+        }
+    }
+    let path = r.staging.join("global.json");
+    let mut f =
+        fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(serde_json::to_string_pretty(&manifest)?.as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    sync_dir(&r.staging)?;
+    let final_path = dir.join(checkpoint_name(r.ckpt));
+    fs::rename(&r.staging, &final_path).with_context(|| {
+        format!(
+            "cannot rename {} to {}",
+            r.staging.display(),
+            final_path.display()
+        )
+    })?;
+    sync_dir(dir)?;
+    Ok(final_path)
+}

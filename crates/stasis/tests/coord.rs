@@ -1,0 +1,357 @@
+//! The multi-node coordinator (issue #13, first phase) with simulated agents: real
+//! `stasis coordinator`, `stasis agent --simulate` and `stasis checkpoint --coordinator`
+//! processes over real TCP sockets on this machine.
+//!
+//! * A global checkpoint is published with one part per agent, then another, then one
+//!   with `--kill` (every agent exits 75).
+//! * An agent killed during freeze, and one killed during dump: the checkpoint is
+//!   abandoned, nothing is published, the previous one stays the newest, the other
+//!   agents resume and the next checkpoint succeeds without the dead one.
+//! * An agent that does not answer within the coordinator's timeout, and one whose dump
+//!   fails: likewise, and the late one resumes when it gets the abort.
+//! * An agent speaking another protocol version is refused with a clear error.
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+struct Coord {
+    proc: Proc,
+    addr: String,
+}
+
+/// Starts `stasis coordinator` on a free loopback port, checkpoints in w.ck.
+fn coordinator(w: &Work, timeout: &str) -> Coord {
+    let cmd = w.stasis_cmd(&[
+        "coordinator".as_ref(),
+        "--listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--dir".as_ref(),
+        w.ck.as_os_str(),
+        "--timeout".as_ref(),
+        timeout.as_ref(),
+    ]);
+    let mut proc = w.spawn("coordinator", cmd, Stdio::null());
+    let t0 = Instant::now();
+    let addr = loop {
+        if let Some(a) = proc
+            .stderr()
+            .lines()
+            .find_map(|l| l.split("listening on ").nth(1))
+            .and_then(|rest| rest.split(',').next())
+        {
+            break a.to_string();
+        }
+        assert!(proc.running(), "the coordinator exited\n{}", proc.diag());
+        assert!(
+            t0.elapsed() < T_CMD,
+            "the coordinator did not start\n{}",
+            proc.diag()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Coord { proc, addr }
+}
+
+struct Agent {
+    proc: Proc,
+    state: PathBuf,
+    node: String,
+}
+
+impl Agent {
+    fn state(&self) -> String {
+        std::fs::read_to_string(&self.state)
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+
+    /// Waits until the simulated part's state is `want`.
+    fn wait_state(&mut self, want: &str, timeout: Duration) {
+        let t0 = Instant::now();
+        while self.state() != want {
+            if t0.elapsed() > timeout {
+                let d = self.proc.diag();
+                panic!(
+                    "agent {} is {:?}, not {want:?} after {timeout:?}\n{d}",
+                    self.node,
+                    self.state()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Starts `stasis agent --simulate` as node `node`, with extra (hidden test) options,
+/// and waits until the coordinator has taken it in.
+fn agent(w: &Work, c: &Coord, node: &str, extra: &[&str]) -> Agent {
+    let state = w.path(&format!("{node}.state"));
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "agent".as_ref(),
+        "--coordinator".as_ref(),
+        c.addr.as_ref(),
+        "--node".as_ref(),
+        node.as_ref(),
+        "--simulate".as_ref(),
+        "--simulate-state".as_ref(),
+        state.as_os_str(),
+    ];
+    args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+    let mut proc = w.spawn(&format!("agent-{node}"), w.stasis_cmd(&args), Stdio::null());
+    proc.wait_line_err("joined", T_CMD);
+    Agent {
+        proc,
+        state,
+        node: node.into(),
+    }
+}
+
+trait ErrLine {
+    fn wait_line_err(&mut self, what: &str, timeout: Duration);
+}
+
+impl ErrLine for Proc {
+    /// Waits until stderr contains `what`.
+    fn wait_line_err(&mut self, what: &str, timeout: Duration) {
+        let t0 = Instant::now();
+        while !self.stderr().contains(what) {
+            if !self.running() || t0.elapsed() > timeout {
+                let d = self.diag();
+                panic!(
+                    "{} did not say {what:?} (within {timeout:?})\n{d}",
+                    self.label
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// `stasis checkpoint --coordinator ADDR [--kill]`, started (not waited for).
+fn request(w: &Work, c: &Coord, kill: bool) -> Proc {
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "checkpoint".as_ref(),
+        "--coordinator".as_ref(),
+        c.addr.as_ref(),
+    ];
+    if kill {
+        args.push("--kill".as_ref());
+    }
+    w.spawn("checkpoint", w.stasis_cmd(&args), Stdio::null())
+}
+
+/// Entries of the checkpoint directory (sorted).
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Checks that published checkpoint `name` holds one part per node of `nodes`, in order.
+fn assert_parts(w: &Work, name: &str, nodes: &[&str]) {
+    let dir = w.ck.join(name);
+    let global: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("global.json")).unwrap()).unwrap();
+    let parts = global["parts"].as_array().unwrap();
+    assert_eq!(parts.len(), nodes.len(), "{global}");
+    let mut listed: Vec<String> = entries(&dir);
+    listed.retain(|e| e != "global.json");
+    let want: Vec<String> = (0..nodes.len()).map(|k| format!("node-{k}")).collect();
+    assert_eq!(listed, want, "parts of {name}");
+    for (k, node) in nodes.iter().enumerate() {
+        assert_eq!(parts[k]["node"], *node, "{global}");
+        let part: serde_json::Value = serde_json::from_str(
+            std::fs::read_to_string(dir.join(format!("node-{k}/part.json")))
+                .unwrap()
+                .lines()
+                .next()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(part["node"], *node);
+        assert_eq!(part["checkpoint"], global["checkpoint"]);
+    }
+}
+
+#[test]
+fn global_checkpoint_has_one_part_per_agent_and_kill_stops_all() {
+    let w = Work::new("coord_publish");
+    let c = coordinator(&w, "10s");
+    let nodes = ["n1", "n2", "n3", "n4"];
+    let mut agents: Vec<Agent> = nodes.iter().map(|n| agent(&w, &c, n, &[])).collect();
+    for a in &mut agents {
+        a.wait_state("running", T_CMD);
+    }
+    for (round, name) in [(1, "checkpoint-000001"), (2, "checkpoint-000002")] {
+        let mut r = request(&w, &c, false);
+        r.expect_exit(0, T_CMD);
+        assert!(
+            r.stderr()
+                .contains(&format!("checkpoint {round} of 4 nodes published")),
+            "{}",
+            r.diag()
+        );
+        assert_eq!(entries(&w.ck).last().unwrap(), name);
+        assert_parts(&w, name, &nodes);
+        for a in &mut agents {
+            assert_eq!(
+                a.state(),
+                "running",
+                "agent {} after checkpoint {round}",
+                a.node
+            );
+            assert!(a.proc.running(), "{}", a.proc.diag());
+        }
+    }
+    let mut r = request(&w, &c, true);
+    r.expect_exit(0, T_CMD);
+    assert_eq!(
+        entries(&w.ck),
+        [
+            "checkpoint-000001",
+            "checkpoint-000002",
+            "checkpoint-000003"
+        ]
+    );
+    assert_parts(&w, "checkpoint-000003", &nodes);
+    for a in &mut agents {
+        a.proc.expect_exit(EXIT_CHECKPOINTED, T_CMD);
+        assert_eq!(a.state(), "killed 3");
+    }
+    drop(c);
+}
+
+/// An agent killed in `phase` ("freezing" or "dumping") of checkpoint 2.
+fn agent_lost(phase: &str, delay: &str) {
+    let w = Work::new(&format!("coord_lost_{phase}"));
+    let c = coordinator(&w, "10s");
+    let mut a = agent(&w, &c, "a", &[]);
+    let mut b = agent(&w, &c, "b", &[]);
+    request(&w, &c, false).expect_exit(0, T_CMD);
+    let mut slow = agent(&w, &c, "slow", &["--simulate-delay", delay]);
+    let t0 = Instant::now();
+    let mut r = request(&w, &c, false);
+    slow.wait_state(&format!("{phase} 2"), T_CMD);
+    slow.proc.kill();
+    let status = r.wait(T_CMD);
+    let err = r.stderr();
+    assert_eq!(status.code(), Some(1), "{}", r.diag());
+    let verb = &phase[..phase.len() - 3]; // freezing -> freez(e), dumping -> dump
+    assert!(
+        err.contains("checkpoint 2 abandoned, nothing published")
+            && err.contains("agent 2 (node slow")
+            && err.contains(&format!(
+                "was lost during {}",
+                if verb == "freez" { "freeze" } else { "dump" }
+            )),
+        "{err}"
+    );
+    // Abandoned at once (not after the delay or a timeout).
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        entries(&w.ck),
+        ["checkpoint-000001"],
+        "nothing published, no partial left"
+    );
+    for x in [&mut a, &mut b] {
+        assert_eq!(x.state(), "running", "agent {} resumed", x.node);
+        assert!(x.proc.running(), "{}", x.proc.diag());
+    }
+    // The job goes on: the next checkpoint has the two agents left.
+    let mut r = request(&w, &c, false);
+    r.expect_exit(0, T_CMD);
+    assert_eq!(entries(&w.ck), ["checkpoint-000001", "checkpoint-000002"]);
+    assert_parts(&w, "checkpoint-000002", &["a", "b"]);
+}
+
+#[test]
+fn agent_killed_during_freeze_abandons_the_checkpoint() {
+    agent_lost("freezing", "freeze=20s");
+}
+
+#[test]
+fn agent_killed_during_dump_abandons_the_checkpoint() {
+    agent_lost("dumping", "dump=20s");
+}
+
+#[test]
+fn agent_timing_out_or_failing_abandons_the_checkpoint() {
+    let w = Work::new("coord_timeout");
+    let c = coordinator(&w, "1s");
+    let mut a = agent(&w, &c, "a", &[]);
+    let mut slow = agent(&w, &c, "slow", &["--simulate-delay", "freeze=2500ms"]);
+    let mut r = request(&w, &c, false);
+    r.expect_exit(1, T_CMD);
+    let err = r.stderr();
+    assert!(
+        err.contains("checkpoint 1 abandoned, nothing published")
+            && err.contains("agent 1 (node slow")
+            && err.contains("did not freeze for checkpoint 1 within 1.0 s"),
+        "{err}"
+    );
+    assert_eq!(entries(&w.ck), Vec::<String>::new(), "nothing published");
+    assert_eq!(a.state(), "running");
+    // The late agent finishes freezing, then obeys the abort: it runs on, and stays.
+    slow.wait_state("running", T_CMD);
+    assert!(slow.proc.running(), "{}", slow.proc.diag());
+    assert!(a.proc.running(), "{}", a.proc.diag());
+    drop(slow);
+
+    // An agent whose dump fails: abandoned with its error.
+    let _bad = agent(&w, &c, "bad", &["--simulate-fail", "dump"]);
+    let mut r = request(&w, &c, false);
+    r.expect_exit(1, T_CMD);
+    let err = r.stderr();
+    assert!(
+        err.contains("abandoned, nothing published")
+            && err.contains("(node bad")
+            && err.contains("could not dump")
+            && err.contains("fails Dump"),
+        "{err}"
+    );
+    assert_eq!(entries(&w.ck), Vec::<String>::new(), "nothing published");
+    a.wait_state("running", T_CMD);
+}
+
+#[test]
+fn protocol_version_mismatch_is_refused_clearly() {
+    let w = Work::new("coord_version");
+    let mut c = coordinator(&w, "10s");
+    let state = w.path("v9.state");
+    let cmd = w.stasis_cmd(&[
+        "agent".as_ref(),
+        "--coordinator".as_ref(),
+        c.addr.as_ref(),
+        "--node".as_ref(),
+        "v9".as_ref(),
+        "--simulate".as_ref(),
+        "--simulate-state".as_ref(),
+        state.as_os_str(),
+        "--protocol-version".as_ref(),
+        "9".as_ref(),
+    ]);
+    let mut old = w.spawn("agent-v9", cmd, Stdio::null());
+    old.expect_exit(1, T_CMD);
+    let err = old.stderr();
+    assert!(
+        err.contains("refused this agent: protocol version mismatch: the agent on node v9")
+            && err.contains("speaks version 9 and this coordinator 1")
+            && err.contains("use the same stasis release on every node"),
+        "{err}"
+    );
+    // The coordinator serves on; the refused agent is not part of checkpoints.
+    let _a = agent(&w, &c, "a", &[]);
+    request(&w, &c, false).expect_exit(0, T_CMD);
+    assert_parts(&w, "checkpoint-000001", &["a"]);
+    assert!(c.proc.running(), "{}", c.proc.diag());
+}

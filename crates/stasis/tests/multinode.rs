@@ -1,0 +1,403 @@
+//! Several "nodes" on one machine (scripts/nodes/: network namespaces on a bridge, each
+//! with its own address, hostname, IPC namespace, /etc/hosts and /dev/shm; `rsh`, a
+//! remote-shell stand-in that starts commands detached on another node as sshd would):
+//!
+//! * an OpenMPI job (`progs/mpiring.c`, 3 ranks, one per node, launched through the
+//!   stand-in as `--mca plm_rsh_agent`, TCP between the nodes' addresses) runs WITHOUT
+//!   stasis and gives exactly the result of an uninterrupted run on one node;
+//! * a coordinator on one node and simulated agents started on the others through the
+//!   stand-in take a global checkpoint over the bridge (parts named by the nodes'
+//!   hostnames) and stop with `--kill`;
+//! * tearing the test bed down leaves no namespace, bridge, process, state directory
+//!   or OpenMPI session directory behind.
+//!
+//! Needs root (network namespaces; CI runs as root), iproute2 and util-linux, and
+//! OpenMPI (scripts/test.sh installs them); never skipped.
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn scripts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/nodes")
+}
+
+/// A test bed of `n` nodes, torn down (and checked to be gone) when dropped.
+struct Bed {
+    name: String,
+    n: usize,
+}
+
+impl Bed {
+    fn up(tag: &str, n: usize) -> Bed {
+        // SAFETY: geteuid takes nothing and cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "tests/multinode.rs needs root (network namespaces); CI runs as root"
+        );
+        let name = format!("{tag}{}", std::process::id() % 100_000);
+        let out = Command::new(scripts().join("up.sh"))
+            .args([&name, &n.to_string()])
+            .output()
+            .expect("cannot run scripts/nodes/up.sh");
+        assert!(
+            out.status.success(),
+            "up.sh {name} {n} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Bed { name, n }
+    }
+
+    fn node(&self, k: usize) -> String {
+        format!("{}-{k}", self.name)
+    }
+
+    fn addr(&self, k: usize) -> String {
+        format!("198.18.0.{k}")
+    }
+
+    /// `on.sh NODE ARGV...` as a Command.
+    fn on(&self, k: usize, argv: &[&str]) -> Command {
+        let mut c = Command::new(scripts().join("on.sh"));
+        c.arg(self.node(k)).args(argv);
+        c
+    }
+
+    /// The processes in node k's network namespace.
+    fn pids(&self, k: usize) -> Vec<i32> {
+        let out = Command::new("ip")
+            .args(["netns", "pids", &self.node(k)])
+            .output()
+            .expect("ip netns pids");
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+
+    fn comms(&self, k: usize) -> Vec<String> {
+        self.pids(k)
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).ok())
+            .map(|s| s.trim().to_string())
+            .collect()
+    }
+
+    /// Tears down and checks that nothing is left.
+    fn down(&mut self) {
+        if self.n == 0 {
+            return;
+        }
+        let pids: Vec<i32> = (1..=self.n).flat_map(|k| self.pids(k)).collect();
+        let out = Command::new(scripts().join("down.sh"))
+            .arg(&self.name)
+            .output()
+            .expect("cannot run scripts/nodes/down.sh");
+        let n = std::mem::take(&mut self.n);
+        assert!(
+            out.status.success(),
+            "down.sh {} failed: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let netns: Vec<String> = std::fs::read_dir("/run/netns")
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for k in 1..=n {
+            assert!(
+                !netns.contains(&self.node(k)),
+                "netns {} left",
+                self.node(k)
+            );
+        }
+        assert!(!Path::new("/run/stasis-nodes").join(&self.name).exists());
+        let link = Command::new("ip")
+            .args(["link", "show", &format!("{}-br", self.name)])
+            .output()
+            .unwrap();
+        assert!(!link.status.success(), "bridge {}-br left", self.name);
+        for p in pids {
+            assert!(
+                !Path::new(&format!("/proc/{p}")).exists()
+                    || std::fs::read_to_string(format!("/proc/{p}/stat"))
+                        .map(|s| s.contains(") Z "))
+                        .unwrap_or(true),
+                "process {p} of the test bed is still alive"
+            );
+        }
+        let prefix = format!("ompi.{}-", self.name);
+        let left: Vec<String> = std::fs::read_dir("/tmp")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|f| f.starts_with(&prefix))
+            .collect();
+        assert!(
+            left.is_empty(),
+            "OpenMPI session directories left: {left:?}"
+        );
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        if self.n > 0 {
+            let _ = Command::new(scripts().join("down.sh"))
+                .arg(&self.name)
+                .status();
+        }
+    }
+}
+
+fn mpiring() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("stasis-progs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join(format!("mpiring-multinode-{}", std::process::id()));
+    let out = Command::new("mpicc.openmpi")
+        .args(["-O1", "-o"])
+        .arg(&exe)
+        .arg(progs_src_dir().join("mpiring.c"))
+        .output()
+        .expect("no mpicc.openmpi (scripts/test.sh installs openmpi-bin libopenmpi-dev)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    exe
+}
+
+const STEPS: &str = "40";
+
+fn ok_line(text: &str) -> String {
+    text.lines()
+        .find(|l| l.starts_with("OK "))
+        .unwrap_or_else(|| panic!("no OK line in:\n{text}"))
+        .to_string()
+}
+
+#[test]
+fn openmpi_job_across_three_nodes_through_the_launch_agent() {
+    let exe = mpiring();
+    let w = Work::new("multinode_mpi");
+    // The reference: an uninterrupted run on one node.
+    std::fs::write(w.path("go"), b"").unwrap();
+    let out = Command::new("mpirun.openmpi")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "3"])
+        .arg(&exe)
+        .arg(STEPS)
+        .current_dir(&w.dir)
+        .output()
+        .expect("cannot run mpirun.openmpi");
+    let want = ok_line(&String::from_utf8_lossy(&out.stdout));
+    std::fs::remove_file(w.path("go")).unwrap();
+
+    let mut bed = Bed::up("mn", 3);
+    let hostfile = w.path("hosts");
+    std::fs::write(
+        &hostfile,
+        (1..=3)
+            .map(|k| format!("{} slots=1\n", bed.node(k)))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let rsh = scripts().join("rsh");
+    let mut cmd = bed.on(
+        1,
+        &[
+            "mpirun.openmpi",
+            "--allow-run-as-root",
+            "--map-by",
+            "node",
+            "--hostfile",
+            hostfile.to_str().unwrap(),
+            "-np",
+            "3",
+            "--mca",
+            "plm_rsh_agent",
+            rsh.to_str().unwrap(),
+            "--mca",
+            "btl",
+            "tcp,self",
+            "--mca",
+            "btl_tcp_if_include",
+            "198.18.0.0/24",
+            "--mca",
+            "oob_tcp_if_include",
+            "198.18.0.0/24",
+            exe.to_str().unwrap(),
+            STEPS,
+        ],
+    );
+    cmd.current_dir(&w.dir).env("STASIS_NODES", &bed.name);
+    let mut job = w.spawn("mpirun", cmd, Stdio::null());
+    job.wait_line("the last step", Duration::from_secs(60), |l| {
+        l.starts_with(&format!("tick {} ", STEPS.parse::<u64>().unwrap() - 1))
+    });
+    // Every node runs one rank; nodes 2 and 3 an orted started through the stand-in,
+    // not a descendant of mpirun (it runs in a session of its own).
+    let mpirun_pid = bed
+        .pids(1)
+        .into_iter()
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.trim() == "mpirun.openmpi" || c.trim() == "mpirun")
+        })
+        .unwrap_or_else(|| panic!("no mpirun on node 1: {:?}", bed.comms(1)));
+    for k in 1..=3 {
+        let comms = bed.comms(k);
+        let ranks = comms.iter().filter(|c| c.starts_with("mpiring")).count();
+        assert_eq!(ranks, 1, "node {k} runs {comms:?}");
+        if k > 1 {
+            assert!(
+                comms.iter().any(|c| c == "orted"),
+                "node {k} runs {comms:?}"
+            );
+            for p in bed.pids(k) {
+                let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+                let fields: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split(' ').collect();
+                assert_ne!(
+                    fields.get(1),
+                    Some(&mpirun_pid.to_string().as_str()),
+                    "{p} on node {k} is mpirun's child"
+                );
+                assert_ne!(
+                    fields.get(3),
+                    Some(&fields_session(mpirun_pid).as_str()),
+                    "{p} on node {k} is in mpirun's session"
+                );
+            }
+        }
+        // Its own hostname, and /etc/hosts naming every node.
+        let out = bed
+            .on(k, &["sh", "-c", "hostname; cat /etc/hosts"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.lines().next(), Some(bed.node(k).as_str()));
+        for j in 1..=3 {
+            assert!(
+                text.contains(&format!("{} {}", bed.addr(j), bed.node(j))),
+                "{text}"
+            );
+        }
+    }
+    w.go();
+    job.expect_exit(0, Duration::from_secs(30));
+    assert_eq!(
+        ok_line(&job.stdout()),
+        want,
+        "the 3-node result differs from one node's"
+    );
+    bed.down();
+}
+
+/// The session id of a process.
+fn fields_session(pid: i32) -> String {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit(") ")
+        .next()
+        .unwrap_or("")
+        .split(' ')
+        .nth(3)
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn coordinator_and_agents_across_nodes() {
+    let w = Work::new("multinode_coord");
+    let mut bed = Bed::up("mc", 3);
+    let addr = format!("{}:7070", bed.addr(1));
+    let ck = w.ck.to_str().unwrap().to_string();
+    let mut coord = w.spawn(
+        "coordinator",
+        bed.on(
+            1,
+            &[
+                STASIS,
+                "coordinator",
+                "--listen",
+                &addr,
+                "--dir",
+                &ck,
+                "--timeout",
+                "10s",
+            ],
+        ),
+        Stdio::null(),
+    );
+    // One agent per node; those of nodes 2 and 3 started through the stand-in.
+    let mut local = w.spawn(
+        "agent-1",
+        bed.on(1, &[STASIS, "agent", "--coordinator", &addr, "--simulate"]),
+        Stdio::null(),
+    );
+    for k in 2..=3 {
+        let line = format!(
+            "exec {STASIS} agent --coordinator {addr} --simulate --simulate-state {} 2>{}",
+            w.path(&format!("agent-{k}.state")).display(),
+            w.path(&format!("agent-{k}.err")).display()
+        );
+        let st = Command::new(scripts().join("rsh"))
+            .args(["-x", &bed.node(k), &line])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let t0 = Instant::now();
+    while !(2..=3).all(|k| w.read(&format!("agent-{k}.err")).contains("joined"))
+        || !local.stderr().contains("joined")
+    {
+        assert!(
+            t0.elapsed() < T_CMD,
+            "agents did not join\n{}\n{}",
+            coord.diag(),
+            local.diag()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut r = w.spawn(
+        "checkpoint",
+        bed.on(3, &[STASIS, "checkpoint", "--coordinator", &addr, "--kill"]),
+        Stdio::null(),
+    );
+    r.expect_exit(0, T_CMD);
+    let global: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(w.ck.join("checkpoint-000001/global.json")).unwrap(),
+    )
+    .unwrap();
+    let mut nodes: Vec<String> = global["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["node"].as_str().unwrap().to_string())
+        .collect();
+    nodes.sort();
+    assert_eq!(
+        nodes,
+        (1..=3).map(|k| bed.node(k)).collect::<Vec<_>>(),
+        "{global}"
+    );
+    local.expect_exit(EXIT_CHECKPOINTED, T_CMD);
+    for k in 2..=3 {
+        let t0 = Instant::now();
+        while w.read(&format!("agent-{k}.state")).trim() != "killed 1" {
+            assert!(
+                t0.elapsed() < T_CMD,
+                "agent on node {k}: {}",
+                w.read(&format!("agent-{k}.err"))
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    assert!(coord.running(), "{}", coord.diag());
+    bed.down();
+    coord.wait(T_CMD);
+}
