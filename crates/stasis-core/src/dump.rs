@@ -10,7 +10,7 @@
 use crate::error::{Error, Result, SysContext};
 use crate::files::{self, StdioIds};
 use crate::freeze::Frozen;
-use crate::inject::{find_syscall_insn, Injector, Scratch};
+use crate::inject::{find_syscall_insn, Injection};
 use crate::memory;
 use crate::proc::ProcDir;
 use crate::snapshot::{PartFiles, Snapshot, WriteProgress};
@@ -49,6 +49,9 @@ pub struct DumpOptions {
     pub own_network_namespace: bool,
     /// What to do with a TCP connection to a peer outside the checkpoint.
     pub tcp_external: crate::sockets::TcpExternal,
+    /// Faults injected for a test (see `stasis_sys::fault`); None: this process's
+    /// environment says.
+    pub fault: Option<stasis_sys::fault::Plan>,
 }
 
 /// Result of a successful checkpoint.
@@ -64,6 +67,13 @@ pub struct DumpReport {
 /// Checkpoints process `pid` and all its descendants into the checkpoint directory
 /// `dir`. `pid` is as seen in this process's PID namespace and /proc.
 pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
+    stasis_sys::fault::begin(opts.fault.clone());
+    let r = checkpoint_with_retries(dir, pid, opts);
+    stasis_sys::fault::end();
+    r
+}
+
+fn checkpoint_with_retries(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
     let lock = DirLock::acquire(dir)?;
     // Threads an earlier attempt could not resume (they had not stopped in time)
     // are resumed now if they have stopped since.
@@ -133,10 +143,13 @@ fn checkpoint_locked(
         .stdio
         .clone()
         .unwrap_or_else(|| files::stdio_ids_of(&root));
+    // Bytes stuck in a TCP sender's queue are moved through our memory only where our
+    // death ends the job anyway (stasis init), never by `checkpoint --pid`.
     let mut registry = files::Registry::new(
         tree.iter().map(|(p, _)| p.pid).collect(),
         opts.tcp_external,
         opts.own_network_namespace,
+        opts.origin != Origin::Attached,
     );
     let mut shm = crate::shm::Collector::new();
     // A snapshot child is given the process's parent (CLONE_PARENT): only when that
@@ -151,6 +164,7 @@ fn checkpoint_locked(
         early_flags: early_flags.filter(|_| snapshot_ok),
         late_flags: snapshot_ok && late_flags,
         incremental: opts.incremental,
+        keeps_tracking: opts.origin != Origin::Attached,
         prev_seq,
         prev_runs: prev.keys().copied().collect(),
         seq: writer.sequence(),
@@ -577,6 +591,9 @@ struct Tracking {
     /// (snapshot without dirty tracking, whose registrations a fork does not show).
     late_flags: bool,
     incremental: bool,
+    /// This process lives on after the checkpoint (stasis init, not `checkpoint
+    /// --pid`): dirty tracking it arms is there for the next checkpoint.
+    keeps_tracking: bool,
     /// The newest checkpoint before this one.
     prev_seq: Option<u64>,
     /// The processes whose page runs in it were read (an unreadable or damaged one
@@ -607,19 +624,18 @@ fn dump_frozen(
         memory::read_layout(proc, tracking.early_flags.as_ref())?
     };
     let insn = find_syscall_insn(pid, &memory::exec_ranges(&layout))?;
-    frozen.block_signals()?;
-    let inj = Injector::new(pid, insn)?;
-    let scratch = Scratch::map(&inj, pid)?;
+    let injection = Injection::prepare(frozen, &layout, insn)?;
+    let (inj, scratch) = injection.leader();
     steps.done("layout");
-    let sigs = signals::dump(&inj, pid, &scratch)?;
-    let ts = task::dump(proc, &inj, &scratch)?;
+    let sigs = signals::dump(inj, pid, scratch)?;
+    let ts = task::dump(proc, inj, scratch)?;
     let stopped_children: Vec<i32> = proc
         .children()?
         .into_iter()
         .filter(|c| tracking.job_stopped.contains(c))
         .collect();
-    let child_waits = crate::jobctl::probe_waited(&inj, &scratch, &stopped_children)?;
-    let threads = thread::dump_all(proc, &frozen.threads, insn, &scratch)?;
+    let child_waits = crate::jobctl::probe_waited(inj, scratch, &stopped_children)?;
+    let threads = thread::dump_all(proc, &frozen.threads, &injection.slots(thread::DUMP_SLOT))?;
     steps.done("threads and task");
     // With tracking armed at the previous checkpoint, pages not written since are
     // not even read; then (re)arm it for the next one.
@@ -662,7 +678,7 @@ fn dump_frozen(
     let mut snapshot_us = 0;
     if snapshot_ok && tracking.late_flags {
         let t_snap = Instant::now();
-        let snap = Snapshot::take(&inj, pid, &scratch)?;
+        let snap = Snapshot::take(inj, scratch)?;
         snapshot_us = t_snap.elapsed().as_micros() as u64;
         memory::mark_invisible(proc, &ProcDir::new(snap.pid), &mut layout)?;
         snapshot = Some(snap);
@@ -676,11 +692,13 @@ fn dump_frozen(
         (Some(all), memory::Plan::default())
     };
     steps.done("pagemap");
-    let fresh_registrations =
-        tracking.incremental && crate::dirty::arm(proc, &layout, &inj, tracking.seq, tracked);
+    // Only a tracer that lives on (stasis init) keeps the tracking it arms.
+    let fresh_registrations = tracking.incremental
+        && tracking.keeps_tracking
+        && crate::dirty::arm(proc, &layout, inj, tracking.seq, tracked)?;
     steps.done("dirty arm");
     memory::save_shared_files(pid, &mut layout, writer)?;
-    shm.save_mappings(proc, &layout, &inj, &scratch, writer)?;
+    shm.save_mappings(proc, &layout, inj, scratch, writer)?;
     let mut hidden_buf = vec![0u8; hidden_plan.bytes as usize];
     memory::copy_pages(
         pid,
@@ -692,14 +710,14 @@ fn dump_frozen(
     steps.done("shared and hidden memory");
     if snapshot_ok && snapshot.is_none() {
         let t_snap = Instant::now();
-        snapshot = Some(Snapshot::take(&inj, pid, &scratch)?);
+        snapshot = Some(Snapshot::take(inj, scratch)?);
         snapshot_us = t_snap.elapsed().as_micros() as u64;
     }
     if snapshot.is_some() {
         crate::snapshot::note_fork(pid, rss, snapshot_us * 1000);
     }
     steps.done("snapshot");
-    scratch.unmap(&inj)?;
+    injection.finish()?;
     let fds = registry.dump_fds(proc, stdio, shm, writer)?;
     steps.done("fds");
     tracing::debug!("process {pid} frozen: {}", steps.report());

@@ -94,10 +94,15 @@ pub struct Registry {
 
 impl Registry {
     /// A registry for one checkpoint of the processes `job`.
-    pub fn new(job: Vec<i32>, tcp_external: crate::sockets::TcpExternal, repair: bool) -> Registry {
+    pub fn new(
+        job: Vec<i32>,
+        tcp_external: crate::sockets::TcpExternal,
+        repair: bool,
+        drain: bool,
+    ) -> Registry {
         Registry {
             locks: crate::locks::Collector::new(&job),
-            sockets: crate::sockets::Collector::new(job, tcp_external, repair),
+            sockets: crate::sockets::Collector::new(job, tcp_external, repair, drain),
             ..Registry::default()
         }
     }

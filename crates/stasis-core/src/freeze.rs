@@ -6,8 +6,10 @@
 //! another one), and threads that exit meanwhile are dropped.
 
 use crate::error::{Error, Result, SysContext};
+use crate::inject::{Gadget, Injector, Scratch};
 use crate::proc::{thread_state, ProcDir};
 use stasis_sys::arch::Regs;
+use stasis_sys::fault;
 use stasis_sys::ptrace::{self, Stop};
 use std::time::{Duration, Instant};
 
@@ -31,6 +33,9 @@ pub struct FrozenThread {
     pub regs: Regs,
     /// Blocked signals as stopped.
     pub sigmask: u64,
+    /// Extended registers as stopped (read when the thread is parked).
+    pub xstate: Option<Vec<u8>>,
+    /// Its registers or mask were changed: they are put back on release.
     touched: bool,
 }
 
@@ -134,6 +139,7 @@ impl Frozen {
             }
             for tid in fresh {
                 known.push(tid);
+                fault::step("seizing a thread")?;
                 match ptrace::seize(tid, ptrace::O_TRACESYSGOOD) {
                     Ok(()) => {}
                     Err(e) if e.errno == libc::ESRCH && tid != pid => continue, // exited
@@ -175,6 +181,7 @@ impl Frozen {
                     tid,
                     regs,
                     sigmask,
+                    xstate: None,
                     touched: false,
                 });
             }
@@ -189,14 +196,83 @@ impl Frozen {
         Ok(f)
     }
 
-    /// Blocks every signal in every thread (while syscalls are injected); the saved
-    /// masks are put back on release.
+    /// Blocks every signal in every thread (while syscalls are injected without return
+    /// frames); the saved masks are put back on release.
     pub fn block_signals(&mut self) -> Result<()> {
         for t in &mut self.threads {
             t.touched = true;
             ptrace::set_sigmask(t.tid, !0).ctx(t.tid, || "blocking signals".into())?;
         }
         Ok(())
+    }
+
+    /// Parks every thread on a return frame (see [`crate::inject`]) with `gadget`, the
+    /// leader with `scratch_len` bytes of scratch, the others with `thread_scratch`,
+    /// and returns an injector and the scratch of each, in the order of `threads`.
+    /// None, with nothing changed, when a thread's stack has no room for its frame
+    /// below the stack pointer (or its extended state cannot go into one): the caller
+    /// then injects without frames.
+    pub fn park_all(
+        &mut self,
+        gadget: &Gadget,
+        layout: &[crate::memory::Vma],
+        scratch_len: u64,
+        thread_scratch: u64,
+    ) -> Result<Option<Vec<(Injector, Scratch)>>> {
+        let xsize = stasis_sys::arch::xstate_size();
+        let mut berths = Vec::with_capacity(self.threads.len());
+        for t in &mut self.threads {
+            let xstate = match t.xstate.take() {
+                Some(x) => x,
+                None => ptrace::get_xstate(t.tid, xsize)
+                    .ctx(t.tid, || "reading extended registers".into())?,
+            };
+            let len = if t.tid == self.pid {
+                scratch_len
+            } else {
+                thread_scratch
+            };
+            let b = crate::inject::berth(layout, &t.regs, t.sigmask, &xstate, len);
+            t.xstate = Some(xstate);
+            match b {
+                Ok(Some(b)) => berths.push((b, len)),
+                Ok(None) => {
+                    tracing::warn!(
+                        "process {}: thread {} has no room below its stack pointer ({:x}) for a return frame: syscalls are injected without one (a kill of stasis during this checkpoint could harm the process)",
+                        self.pid, t.tid, t.regs.rsp
+                    );
+                    return Ok(None);
+                }
+                Err(why) => {
+                    tracing::warn!(
+                        "process {}: thread {}: {why}: syscalls are injected without return frames",
+                        self.pid,
+                        t.tid
+                    );
+                    return Ok(None);
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(self.threads.len());
+        for (t, (b, len)) in self.threads.iter_mut().zip(berths) {
+            let tid = t.tid;
+            fault::step("writing a return frame")?;
+            stasis_sys::vm::write(tid, b.frame.addr, &b.frame.bytes).ctx(tid, || {
+                "writing a return frame below the stack pointer".into()
+            })?;
+            // From here on, left alone, the thread returns to its saved state by itself.
+            let parked = t.regs.parked(gadget.ret, b.frame.sp);
+            fault::step("parking a thread")?;
+            t.touched = true;
+            ptrace::set_regs(tid, &parked).ctx(tid, || "parking the thread".into())?;
+            fault::step("blocking signals")?;
+            ptrace::set_sigmask(tid, !0).ctx(tid, || "blocking signals".into())?;
+            out.push((
+                Injector::parked(tid, gadget, parked),
+                Scratch::at(tid, b.scratch_addr, len),
+            ));
+        }
+        Ok(Some(out))
     }
 
     /// Resumes every thread exactly where it was stopped (once; later calls do nothing).
@@ -208,9 +284,14 @@ impl Frozen {
             return Ok(());
         }
         self.done = true;
-        let mut first_err = None;
+        // A fault injected here is reported once every thread is resumed (in kill mode
+        // the process dies at that step, its threads as they are).
+        let mut first_err: Option<Error> = fault::step("resuming a process").err().map(Into::into);
         let grace = Instant::now() + RELEASE_GRACE;
         for t in &self.threads {
+            if let Err(e) = fault::step("resuming a thread") {
+                first_err.get_or_insert(e.into());
+            }
             let restore = t.touched.then_some((t.regs, t.sigmask));
             let r = match resume_stopped(t.tid, restore.as_ref(), 0) {
                 // ESRCH: not in a stop (or gone).
@@ -288,12 +369,14 @@ impl Drop for Frozen {
     }
 }
 
-/// Puts the registers and mask of a thread in a stop back (`restore`) and detaches
-/// it, delivering `sig`.
+/// Puts the mask and registers of a thread in a stop back (`restore`) and detaches
+/// it, delivering `sig`. The mask first: a parked thread (see [`crate::inject`]) whose
+/// tracer dies in between still returns to its saved state through its frame, mask
+/// included.
 fn resume_stopped(tid: i32, restore: Option<&(Regs, u64)>, sig: i32) -> Result<()> {
     if let Some((regs, sigmask)) = restore {
-        ptrace::set_regs(tid, &regs.for_restore()).ctx(tid, || "restoring registers".into())?;
         ptrace::set_sigmask(tid, *sigmask).ctx(tid, || "restoring the signal mask".into())?;
+        ptrace::set_regs(tid, &regs.for_restore()).ctx(tid, || "restoring registers".into())?;
     }
     ptrace::detach(tid, sig).ctx(tid, || "detaching".into())
 }

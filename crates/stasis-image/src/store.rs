@@ -42,6 +42,9 @@ pub enum ImageError {
     Corrupt { path: PathBuf, msg: String },
     #[error("{path}: image format version {found} is not supported (this stasis reads version {FORMAT_VERSION})")]
     Version { path: PathBuf, found: u32 },
+    /// A fault injected for a test (`STASIS_FAULT_AT`), or the checkpoint was abandoned.
+    #[error(transparent)]
+    Fault(#[from] stasis_sys::fault::Fault),
     #[error("another checkpoint of {0} is in progress (the lock {0}/.lock is held); try again when it has finished")]
     Busy(PathBuf),
 }

@@ -10,6 +10,7 @@
 pub mod arch;
 pub mod clone;
 pub mod dirty;
+pub mod fault;
 pub mod inet_diag;
 pub mod ptrace;
 mod sock_diag;

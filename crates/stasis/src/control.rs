@@ -233,6 +233,7 @@ pub fn checkpoint_pid(dir: &Path, pid: i32, req: &Request, show_progress: bool) 
         own_ipc_namespace: false,
         own_network_namespace: false,
         tcp_external: req.tcp_external(),
+        fault: None,
     };
     let progress = Progress::start(format!("checkpointing process {pid}"), show_progress);
     let report = dump::checkpoint(&canonical(dir)?, pid, &opts);

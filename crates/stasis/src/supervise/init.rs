@@ -63,6 +63,7 @@ fn options(
         own_ipc_namespace: true,
         own_network_namespace: job.private_network,
         tcp_external,
+        fault: None,
     }
 }
 
