@@ -175,6 +175,7 @@ fn checkpoint_locked(
             .collect(),
     };
     for (proc, frozen) in tree.iter_mut() {
+        stasis_sys::fault::step("reading a frozen process")?;
         parts.push(dump_frozen(
             &tracking,
             proc,
@@ -262,6 +263,7 @@ fn checkpoint_locked(
     };
 
     let t2 = Instant::now();
+    stasis_sys::fault::step("writing the metadata")?;
     let shared_memory = shm.finish(&mut writer)?;
     let files::Found {
         pipes,
@@ -709,6 +711,7 @@ fn dump_frozen(
     )?;
     steps.done("shared and hidden memory");
     if snapshot_ok && snapshot.is_none() {
+        stasis_sys::fault::step("taking the snapshot")?;
         let t_snap = Instant::now();
         snapshot = Some(Snapshot::take(inj, scratch)?);
         snapshot_us = t_snap.elapsed().as_micros() as u64;

@@ -151,6 +151,7 @@ impl Registry {
         nums.sort();
         let mut out = Vec::new();
         for fd in nums {
+            stasis_sys::fault::step("saving an fd")?;
             let link = proc.file(&format!("fd/{fd}"));
             let target = match std::fs::read_link(&link) {
                 Ok(t) => t.to_string_lossy().into_owned(),

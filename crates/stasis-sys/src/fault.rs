@@ -122,13 +122,26 @@ pub fn step(what: &'static str) -> Result<(), Fault> {
     slow_step(what)
 }
 
+/// A step after which failing is no longer possible (the checkpoint is published):
+/// counted, logged, and a kill there in kill mode; in error mode nothing happens.
+#[inline]
+pub fn kill_point(what: &'static str) {
+    if ARMED.load(Ordering::Relaxed) {
+        let _ = slow_step_inner(what, false);
+    }
+}
+
 #[cold]
 fn slow_step(what: &'static str) -> Result<(), Fault> {
+    slow_step_inner(what, true)
+}
+
+fn slow_step_inner(what: &'static str, may_fail: bool) -> Result<(), Fault> {
     let Ok(s) = STATE.lock() else {
         return Ok(());
     };
     let n = COUNTER.fetch_add(1, Ordering::SeqCst) + 1;
-    if let Some(why) = &s.cancelled {
+    if let (Some(why), true) = (&s.cancelled, may_fail) {
         return Err(Fault::Cancelled {
             step: n,
             what,
@@ -147,7 +160,7 @@ fn slow_step(what: &'static str) -> Result<(), Fault> {
             let _ = writeln!(f, "{n} {what}");
         }
     }
-    if plan.at != n {
+    if plan.at != n || (plan.mode == Mode::Error && !may_fail) {
         return Ok(());
     }
     match plan.mode {

@@ -340,6 +340,50 @@ mod tests {
     }
 
     #[test]
+    fn return_frame_layout() {
+        // An XSAVE area with only the legacy state in use.
+        let mut xs = vec![0u8; 1024];
+        xs[24..28].copy_from_slice(&0x1f80u32.to_le_bytes()); // MXCSR
+        xs[512..520].copy_from_slice(&3u64.to_le_bytes());
+        let regs = Regs {
+            rsp: 0x7fff_0000_1238,
+            rip: 0x1002,
+            orig_rax: libc::SYS_nanosleep as u64,
+            rax: (-ERESTART_RESTARTBLOCK) as u64,
+            rbx: 7,
+            ..Default::default()
+        };
+        let f = return_frame(&regs, 0x4000, &xs).unwrap();
+        assert_eq!(f.sp, f.addr + 8);
+        assert_eq!(f.sp % 16, 0, "sp as after a call");
+        let end = f.addr + f.bytes.len() as u64;
+        assert!(end <= regs.rsp - RED_ZONE, "the red zone is left alone");
+        let word = |off: u64| {
+            u64::from_le_bytes(f.bytes[off as usize..off as usize + 8].try_into().unwrap())
+        };
+        // sigcontext at +48: rbx, rip (restart applied), rax, rsp, the mask.
+        assert_eq!(word(48 + 88), 7);
+        assert_eq!(word(48 + 128), 0x1000);
+        assert_eq!(word(48 + 104), libc::SYS_nanosleep as u64);
+        assert_eq!(word(48 + 120), regs.rsp);
+        assert_eq!(word(304), 0x4000);
+        let fp = word(48 + 184);
+        assert_eq!(fp % 64, 0);
+        let at = fp - f.addr;
+        assert_eq!(word(at + 464) as u32, FP_XSTATE_MAGIC1);
+        assert_eq!((word(at + 480) & 0xffff_ffff) as usize, XSAVE_MIN);
+        let m2 = (at as usize) + XSAVE_MIN;
+        assert_eq!(f.bytes.len(), m2 + 4);
+        assert_eq!(
+            u32::from_le_bytes(f.bytes[m2..].try_into().unwrap()),
+            FP_XSTATE_MAGIC2
+        );
+        // A compacted area cannot go into a frame.
+        xs[520..528].copy_from_slice(&(1u64 << 63).to_le_bytes());
+        assert!(return_frame(&regs, 0, &xs).is_err());
+    }
+
+    #[test]
     fn xstate_is_sane() {
         let n = xstate_size();
         assert!(n == 0 || (512..=64 * 1024).contains(&n));

@@ -436,6 +436,7 @@ fn init_inner(
                         req.tcp_external(),
                     );
                     o.keep = req.keep;
+                    o.fault = req.fault.clone();
                     match dump::checkpoint(dir, app, &o) {
                         Ok(r) => {
                             killed_by_checkpoint |= r.killed;
