@@ -158,10 +158,15 @@ fn try_arm(
 /// the syscall) and write-protects its memory while it runs, so that the checkpoint's
 /// pause does not include write-protecting the whole address space. Pages written
 /// between now and the checkpoint's snapshot count as written: a superset, harmless.
-/// Best effort, like [`arm`].
-pub fn prearm(proc: &ProcDir) {
-    if let Err(e) = try_prearm(proc) {
-        tracing::debug!("process {}: no early write-protection: {e}", proc.pid);
+/// Best effort, like [`arm`] (errs only for a fault injected for a test).
+pub fn prearm(proc: &ProcDir) -> Result<()> {
+    match try_prearm(proc) {
+        Err(e @ crate::Error::Fault(_)) => Err(e),
+        Err(e) => {
+            tracing::debug!("process {}: no early write-protection: {e}", proc.pid);
+            Ok(())
+        }
+        Ok(()) => Ok(()),
     }
 }
 

@@ -130,7 +130,7 @@ fn checkpoint_locked(
     // at all before the freeze.
     let late_flags = !opts.incremental && !crate::dirty::is_tracked(pid);
     let early_flags = if parent_is_us && roots.len() == 1 && !late_flags {
-        flags_before_freeze(&root, opts)
+        flags_before_freeze(&root, opts)?
     } else {
         None
     };
@@ -394,11 +394,11 @@ impl Job {
 /// while its mappings keep their bounds, else read from smaps now, before the freeze
 /// (slow); they are checked on the snapshot. Arms the tracking first for a first
 /// `--incremental` checkpoint (not for a process about to be killed).
-fn flags_before_freeze(root: &ProcDir, opts: &DumpOptions) -> Option<memory::FlagCache> {
+fn flags_before_freeze(root: &ProcDir, opts: &DumpOptions) -> Result<Option<memory::FlagCache>> {
     if opts.incremental && !opts.kill {
-        crate::dirty::prearm(root);
+        crate::dirty::prearm(root)?;
     }
-    memory::remembered_flags(root).or_else(|| memory::read_flags(root).ok())
+    Ok(memory::remembered_flags(root).or_else(|| memory::read_flags(root).ok()))
 }
 
 /// System V objects of the job's own IPC namespace; outside one, a process
@@ -854,7 +854,7 @@ impl Part {
                     &|_| false,
                     None,
                 )
-                .map_err(|e| name_process(e, pid))?
+                .map_err(|e| blame(e, pid, self.snapshot.as_ref().map(|s| s.pid)))?
             }
         };
         steps.done("checked and completed");
@@ -912,7 +912,7 @@ impl Part {
             self.written.as_deref(),
             |v| !memory::invisible_to_fork(v),
         )
-        .map_err(|e| name_process(e, pid))?;
+        .map_err(|e| blame(e, pid, Some(snap.pid)))?;
         self.hidden_index = memory::append(&mut plan, &self.hidden_plan);
         self.plan = plan;
         Ok(())
@@ -998,8 +998,8 @@ impl Part {
             });
             (written, checked)
         });
-        if written.map_err(|e| name_process(e, pid))? {
-            Ok(Some(checked.map_err(|e| name_process(e, pid))?))
+        if written.map_err(|e| blame(e, pid, Some(src)))? {
+            Ok(Some(checked.map_err(|e| blame(e, pid, Some(src)))?))
         } else {
             part_files.empty(pid)?;
             Ok(None)
@@ -1212,6 +1212,19 @@ fn resident_bytes(proc: &ProcDir) -> u64 {
     match (f.get(1), f.get(2)) {
         (Some(res), Some(shared)) => res.saturating_sub(*shared) * stasis_image::PAGE_SIZE,
         _ => 0,
+    }
+}
+
+/// An error of the page writer of process `pid`: when its snapshot `snap` has died
+/// (killed by someone), that process is gone and the checkpoint starts over; else the
+/// process is named (not its snapshot).
+fn blame(e: Error, pid: i32, snap: Option<i32>) -> Error {
+    match snap {
+        Some(s) if !matches!(e, Error::Fault(_)) && crate::snapshot::is_dead(s) => {
+            tracing::debug!("snapshot {s} of process {pid} died ({e})");
+            Error::Gone { pid: s }
+        }
+        _ => name_process(e, pid),
     }
 }
 

@@ -703,6 +703,16 @@ impl Drop for Snapshot {
     }
 }
 
+/// Whether snapshot `pid` has died (it is a zombie, ours to reap, or gone).
+pub fn is_dead(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    stat.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next())
+        .is_none_or(|state| matches!(state, 'Z' | 'X'))
+}
+
 /// `pid` was reaped: if it was one of our snapshots, it is no longer.
 pub fn forget_reaped(pid: i32) {
     if let Ok(mut ours) = SNAPSHOTS.lock() {
