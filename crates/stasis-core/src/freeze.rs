@@ -209,9 +209,11 @@ impl Frozen {
     /// Parks every thread on a return frame (see [`crate::inject`]) with `gadget`, the
     /// leader with `scratch_len` bytes of scratch, the others with `thread_scratch`,
     /// and returns an injector and the scratch of each, in the order of `threads`.
-    /// None, with nothing changed, when a thread's stack has no room for its frame
-    /// below the stack pointer (or its extended state cannot go into one): the caller
-    /// then injects without frames.
+    /// A thread whose stack is the main one (it grows down) and has no room below its
+    /// stack pointer has it grown first, by a syscall another thread, parked already,
+    /// makes write there. None when a thread still has no room (or its extended state
+    /// cannot go into a frame): nothing was changed then but threads parked and a
+    /// stack grown, and the caller injects without frames.
     pub fn park_all(
         &mut self,
         gadget: &Gadget,
@@ -219,60 +221,124 @@ impl Frozen {
         scratch_len: u64,
         thread_scratch: u64,
     ) -> Result<Option<Vec<(Injector, Scratch)>>> {
+        let pid = self.pid;
         let xsize = stasis_sys::arch::xstate_size();
+        let len_of = |tid: i32| {
+            if tid == pid {
+                scratch_len
+            } else {
+                thread_scratch
+            }
+        };
+        let no_room = |t: &FrozenThread, why: &str| {
+            tracing::warn!(
+                "process {pid}: thread {} ({why}): syscalls are injected without return frames (a kill of stasis during this checkpoint could harm the process)",
+                t.tid
+            );
+        };
         let mut berths = Vec::with_capacity(self.threads.len());
-        for t in &mut self.threads {
+        let mut short = Vec::new();
+        for (k, t) in self.threads.iter_mut().enumerate() {
             let xstate = match t.xstate.take() {
                 Some(x) => x,
                 None => ptrace::get_xstate(t.tid, xsize)
                     .ctx(t.tid, || "reading extended registers".into())?,
             };
-            let len = if t.tid == self.pid {
-                scratch_len
-            } else {
-                thread_scratch
-            };
-            let b = crate::inject::berth(layout, &t.regs, t.sigmask, &xstate, len);
+            let b = crate::inject::berth(layout, &t.regs, t.sigmask, &xstate, len_of(t.tid));
             t.xstate = Some(xstate);
             match b {
-                Ok(Some(b)) => berths.push((b, len)),
+                Ok(Some(b)) => berths.push(Some(b)),
+                Ok(None) if on_main_stack(layout, t.regs.rsp) => {
+                    berths.push(None);
+                    short.push(k);
+                }
                 Ok(None) => {
-                    tracing::warn!(
-                        "process {}: thread {} has no room below its stack pointer ({:x}) for a return frame: syscalls are injected without one (a kill of stasis during this checkpoint could harm the process)",
-                        self.pid, t.tid, t.regs.rsp
-                    );
+                    no_room(t, "no room below its stack pointer for a return frame");
                     return Ok(None);
                 }
                 Err(why) => {
-                    tracing::warn!(
-                        "process {}: thread {}: {why}: syscalls are injected without return frames",
-                        self.pid,
-                        t.tid
-                    );
+                    no_room(t, &why);
                     return Ok(None);
                 }
             }
         }
-        let mut out = Vec::with_capacity(self.threads.len());
-        for (t, (b, len)) in self.threads.iter_mut().zip(berths) {
-            let tid = t.tid;
-            fault::step("writing a return frame")?;
-            stasis_sys::vm::write(tid, b.frame.addr, &b.frame.bytes).ctx(tid, || {
-                "writing a return frame below the stack pointer".into()
-            })?;
-            // From here on, left alone, the thread returns to its saved state by itself.
-            let parked = t.regs.parked(gadget.ret, b.frame.sp);
-            fault::step("parking a thread")?;
-            t.touched = true;
-            ptrace::set_regs(tid, &parked).ctx(tid, || "parking the thread".into())?;
-            fault::step("blocking signals")?;
-            ptrace::set_sigmask(tid, !0).ctx(tid, || "blocking signals".into())?;
-            out.push((
-                Injector::parked(tid, gadget, parked),
-                Scratch::at(tid, b.scratch_addr, len),
-            ));
+        if berths.iter().all(Option::is_none) {
+            if let Some(t) = self.threads.first() {
+                no_room(
+                    t,
+                    "its stack is at its deepest point so far, and no other thread can grow it",
+                );
+            }
+            return Ok(None);
         }
-        Ok(Some(out))
+        let mut out: Vec<Option<(Injector, Scratch)>> = Vec::with_capacity(self.threads.len());
+        for (k, b) in berths.into_iter().enumerate() {
+            out.push(match b {
+                Some(b) => Some(self.park(k, gadget, b, len_of(self.threads[k].tid))?),
+                None => None,
+            });
+        }
+        for k in short {
+            let t = &self.threads[k];
+            let len = len_of(t.tid);
+            let xstate = t.xstate.as_deref().unwrap_or_default();
+            // The lowest byte its frame and scratch need, written by a parked thread:
+            // the kernel grows the stack to it (memory below a red zone is free).
+            let need = match stasis_sys::arch::return_frame(&t.regs, t.sigmask, xstate) {
+                Ok(f) => f.addr.wrapping_sub(len) & !63,
+                Err(why) => {
+                    no_room(t, &why);
+                    return Ok(None);
+                }
+            };
+            let Some((helper, _)) = out.iter().flatten().next() else {
+                return Ok(None);
+            };
+            let r = helper.raw(
+                libc::SYS_clock_gettime,
+                &[libc::CLOCK_MONOTONIC as u64, need],
+            )?;
+            let layout = crate::memory::read_layout_unflagged(&ProcDir::new(pid))?;
+            let b = crate::inject::berth(&layout, &t.regs, t.sigmask, xstate, len);
+            match b {
+                Ok(Some(b)) => {
+                    tracing::debug!("process {pid}: stack of thread {} grown to {need:x}", t.tid);
+                    out[k] = Some(self.park(k, gadget, b, len)?);
+                }
+                _ => {
+                    no_room(t, &format!("its stack could not grow to {need:x}: {r}"));
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    /// Parks thread `k` on berth `b` (see [`Frozen::park_all`]).
+    fn park(
+        &mut self,
+        k: usize,
+        gadget: &Gadget,
+        b: crate::inject::Berth,
+        len: u64,
+    ) -> Result<(Injector, Scratch)> {
+        let t = &mut self.threads[k];
+        let tid = t.tid;
+        fault::step("writing a return frame")?;
+        stasis_sys::vm::write(tid, b.frame.addr, &b.frame.bytes).ctx(tid, || {
+            "writing a return frame below the stack pointer".into()
+        })?;
+        // From here on, left alone, the thread returns to its saved state by itself.
+        let parked = t.regs.parked(gadget.ret, b.frame.sp);
+        fault::step("parking a thread")?;
+        t.touched = true;
+        ptrace::set_regs(tid, &parked).ctx(tid, || "parking the thread".into())?;
+        fault::step("blocking signals")?;
+        ptrace::set_sigmask(tid, !0).ctx(tid, || "blocking signals".into())?;
+        Ok((
+            Injector::parked(tid, gadget, parked),
+            Scratch::at(tid, b.scratch_addr, len),
+        ))
     }
 
     /// Resumes every thread exactly where it was stopped (once; later calls do nothing).
@@ -367,6 +433,13 @@ impl Drop for Frozen {
             tracing::warn!("could not resume process {}: {e}", self.pid);
         }
     }
+}
+
+/// Whether `sp` is in the process's main stack, which the kernel grows down.
+fn on_main_stack(layout: &[crate::memory::Vma], sp: u64) -> bool {
+    layout.iter().any(|v| {
+        (v.map.growsdown || v.map.name == "[stack]") && v.map.start < sp && sp <= v.map.end
+    })
 }
 
 /// Puts the mask and registers of a thread in a stop back (`restore`) and detaches

@@ -280,9 +280,9 @@ fn sweep(w: &Work, app: &mut App, ask: Ask, extra: &[&str], mode: &str, points: 
     reached
 }
 
-fn spawn_outside(w: &Work, exe: &Path, mib: &str) -> App {
+fn spawn_outside(w: &Work, exe: &Path, args: &[&str]) -> App {
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg(mib).current_dir(&w.dir);
+    cmd.args(args).current_dir(&w.dir);
     let p = w.spawn("faultapp", cmd, Stdio::null());
     let pid = p.pid();
     App::new(p, pid)
@@ -295,7 +295,7 @@ fn faultkill_pid_sweep() {
     let t0 = Instant::now();
     let w = Work::new("faultkill_pid");
     let exe = prog("faultapp");
-    let mut app = spawn_outside(&w, &exe, "4");
+    let mut app = spawn_outside(&w, &exe, &["4"]);
     let ask = Ask::Pid(app.pid);
     let (ok, err) = checkpoint(&w, ask, &[], &[]);
     assert!(ok, "first checkpoint failed: {err}");
@@ -332,7 +332,7 @@ fn faultkill_pid_big() {
     let t0 = Instant::now();
     let w = Work::new("faultkill_big");
     let exe = prog("faultapp");
-    let mut app = spawn_outside(&w, &exe, "128");
+    let mut app = spawn_outside(&w, &exe, &["128"]);
     let ask = Ask::Pid(app.pid);
     let (ok, err) = checkpoint(&w, ask, &[], &[]);
     assert!(ok, "first checkpoint failed: {err}");
@@ -361,6 +361,28 @@ fn faultkill_pid_big() {
     app.check(&w, "restart");
     eprintln!("restarted: {}", app.finish(&w));
     elapsed(t0, "faultkill_pid_big");
+}
+
+/// The main thread asleep at the deepest point its stack ever reached: its stack is
+/// grown (by another thread) to make room for its frame, and a kill at any of 20
+/// points leaves it unharmed.
+#[test]
+fn faultkill_deep_stack() {
+    let w = Work::new("faultkill_deep");
+    let exe = prog("faultapp");
+    let mut app = spawn_outside(&w, &exe, &["4", "deep"]);
+    let ask = Ask::Pid(app.pid);
+    let (ok, err) = checkpoint(&w, ask, &[], &[("STASIS_LOG", "debug".into())]);
+    assert!(ok, "first checkpoint failed: {err}");
+    assert!(
+        err.contains("grown to") && !err.contains("without return frames"),
+        "the main thread's stack was not grown for its frame:\n{err}"
+    );
+    app.check(&w, "first checkpoint");
+    let n = count_steps(&w, ask, &[]);
+    let killed = sweep(&w, &mut app, ask, &[], "kill", &spread(n, 20));
+    eprintln!("killed at {killed} points of {n} steps");
+    eprintln!("{}", app.finish(&w));
 }
 
 /// Under `stasis run`: the init's checkpoint made to fail at about 60 points (also

@@ -10,6 +10,9 @@
  * the queues, SO_PEEK_OFF, the memory map): the first failure prints `FAIL ...` and
  * exits 1, a worker's at once.
  *
+ * `faultapp MIB deep`: the main thread runs one MiB down its stack and sleeps at the
+ * deepest point its stack ever reached (no room below it until the stack grows).
+ *
  * Protocol: prints `ready pid=P`; on a file `ping` it verifies everything (the
  * whole memory too) and prints `pong calc=N sys=N usr1=N` (the workers' iteration
  * counts and the SIGUSR1 handled); on `go` the same, then `OK ...` and exit 0. */
@@ -166,6 +169,47 @@ static void check_memory(size_t from, size_t to) {
         if (g_mem[i] != pattern(i)) fail_now("memory word", (unsigned long long)i, (unsigned long long)g_mem[i]);
 }
 
+/* Sleeps at the deepest point of the stack: the pad is below every other frame. */
+static __attribute__((noinline)) void nap(void) {
+    char pad[16384];
+    memset(pad, 0, sizeof pad);
+    __asm__ volatile("" : : "r"(pad) : "memory");
+    sleep_ms(1);
+}
+
+static int g_deep;
+
+static __attribute__((noinline)) void main_loop(void) {
+    size_t at = 0, slice = 1 << 15;
+    for (unsigned round = 0;; round++) {
+        size_t end = at + slice < g_words ? at + slice : g_words;
+        check_memory(at, end);
+        at = end == g_words ? 0 : end;
+        if (round % 16 == 0) check_state();
+        int go = go_exists();
+        if (go || access("ping", F_OK) == 0) {
+            check_memory(0, g_words);
+            check_state();
+            if (go) finish("calc=%llu sys=%llu usr1=%d", (unsigned long long)g_calc, (unsigned long long)g_sys, (int)g_usr1);
+            unlink("ping");
+            out("pong calc=%llu sys=%llu usr1=%d\n", (unsigned long long)g_calc, (unsigned long long)g_sys, (int)g_usr1);
+        }
+        if (g_deep)
+            nap();
+        else
+            sleep_ms(1);
+    }
+}
+
+/* Runs the main loop one MiB down the stack, sleeping at its deepest point. */
+static __attribute__((noinline)) void deep(void) {
+    char big[1 << 20];
+    memset(big, 1, sizeof big);
+    __asm__ volatile("" : : "r"(big) : "memory");
+    g_deep = 1;
+    main_loop();
+}
+
 int main(int argc, char **argv) {
     setup();
     size_t mib = argc > 1 ? (size_t)atol(argv[1]) : 16;
@@ -207,20 +251,9 @@ int main(int argc, char **argv) {
     g_maps = maps_now();
     out("ready pid=%d\n", getpid());
 
-    size_t at = 0, slice = 1 << 15;
-    for (unsigned round = 0;; round++) {
-        size_t end = at + slice < g_words ? at + slice : g_words;
-        check_memory(at, end);
-        at = end == g_words ? 0 : end;
-        if (round % 16 == 0) check_state();
-        int go = go_exists();
-        if (go || access("ping", F_OK) == 0) {
-            check_memory(0, g_words);
-            check_state();
-            if (go) finish("calc=%llu sys=%llu usr1=%d", (unsigned long long)g_calc, (unsigned long long)g_sys, (int)g_usr1);
-            unlink("ping");
-            out("pong calc=%llu sys=%llu usr1=%d\n", (unsigned long long)g_calc, (unsigned long long)g_sys, (int)g_usr1);
-        }
-        sleep_ms(1);
-    }
+    if (argc > 2 && strcmp(argv[2], "deep") == 0)
+        deep();
+    else
+        main_loop();
+    return 0;
 }
