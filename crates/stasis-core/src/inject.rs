@@ -367,7 +367,7 @@ impl Gadget {
         let mut want = GADGET_TAG.to_vec();
         want.extend_from_slice(&arch::GADGET_CODE);
         // Whole words (PTRACE_POKEDATA writes eight bytes).
-        while want.len() % 8 != 0 {
+        while !want.len().is_multiple_of(8) {
             want.push(0);
         }
         let region = image

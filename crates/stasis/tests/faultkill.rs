@@ -242,7 +242,8 @@ fn sweep(w: &Work, app: &mut App, ask: Ask, extra: &[&str], mode: &str, points: 
     let mut reached = 0;
     for &at in points {
         let before = w.checkpoints();
-        let log = w.path(&format!("steps-{mode}-{at}.log"));
+        let log = w.path(&format!("steps-{mode}{}-{at}.log", extra.join("")));
+        let _ = std::fs::remove_file(&log);
         let (ok, err) = checkpoint(
             w,
             ask,
@@ -372,11 +373,24 @@ fn faultkill_deep_stack() {
     let exe = prog("faultapp");
     let mut app = spawn_outside(&w, &exe, &["4", "deep"]);
     let ask = Ask::Pid(app.pid);
-    let (ok, err) = checkpoint(&w, ask, &[], &[("STASIS_LOG", "debug".into())]);
-    assert!(ok, "first checkpoint failed: {err}");
+    // The main thread is asleep at its deepest point most of the time, not always:
+    // a few checkpoints catch it there.
+    let mut grown = 0;
+    for _ in 0..10 {
+        let (ok, err) = checkpoint(&w, ask, &[], &[("STASIS_LOG", "debug".into())]);
+        assert!(ok, "checkpoint failed: {err}");
+        assert!(
+            !err.contains("without return frames"),
+            "injected without return frames:\n{err}"
+        );
+        grown += usize::from(err.contains("grown to"));
+        if grown == 2 {
+            break;
+        }
+    }
     assert!(
-        err.contains("grown to") && !err.contains("without return frames"),
-        "the main thread's stack was not grown for its frame:\n{err}"
+        grown > 0,
+        "the main thread's stack was never grown for its frame"
     );
     app.check(&w, "first checkpoint");
     let n = count_steps(&w, ask, &[]);
@@ -385,8 +399,8 @@ fn faultkill_deep_stack() {
     eprintln!("{}", app.finish(&w));
 }
 
-/// Under `stasis run`: the init's checkpoint made to fail at about 60 points (also
-/// with --incremental), the `stasis checkpoint DIR` client killed at several moments,
+/// Under `stasis run`: the init's checkpoint made to fail at 32 points (and, with
+/// --incremental, at 16), the `stasis checkpoint DIR` client killed at 6 moments,
 /// and the snapshot killed while it writes.
 #[test]
 fn faultkill_run() {
@@ -400,7 +414,7 @@ fn faultkill_run() {
     assert!(ok, "first checkpoint failed: {err}");
     app.check(&w, "first checkpoint");
     let n = count_steps(&w, Ask::Dir, &[]);
-    let points = spread(n, 40);
+    let points = spread(n, 32);
     let failed = sweep(&w, &mut app, Ask::Dir, &[], "error", &points);
     eprintln!("errors at {failed} points of {n} steps");
     assert!(
@@ -411,7 +425,7 @@ fn faultkill_run() {
     // counted.
     count_steps(&w, Ask::Dir, &["--incremental"]);
     let n = count_steps(&w, Ask::Dir, &["--incremental"]);
-    let points = spread(n, 20);
+    let points = spread(n, 16);
     let failed = sweep(&w, &mut app, Ask::Dir, &["--incremental"], "error", &points);
     eprintln!("--incremental: errors at {failed} points of {n} steps");
     assert!(
@@ -421,7 +435,7 @@ fn faultkill_run() {
 
     // The client killed at various moments: the init abandons the checkpoint (or had
     // published it already).
-    for delay in [0u64, 5, 10, 20, 40, 80, 150] {
+    for delay in [0u64, 10, 20, 40, 80, 150] {
         let before = w.checkpoints();
         let cmd = w.stasis_cmd(&["checkpoint".as_ref(), w.ck.as_os_str()]);
         let mut c = w.spawn("ckpt-client", cmd, Stdio::null());

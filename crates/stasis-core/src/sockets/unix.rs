@@ -220,10 +220,7 @@ fn peek_queue(pid: i32, fd: i32, s: i32, sock_type: i32) -> Result<(Vec<u8>, Vec
     let mut messages = Vec::new();
     let walk = || -> Result<()> {
         for _ in 0..MAX_MESSAGES {
-            let n = match peek_one(pid, fd, s, &mut buf, &mut cbuf).ctx(pid, ctx)? {
-                Ok(n) => n,
-                Err(e) => return Err(e),
-            };
+            let n = peek_one(pid, fd, s, &mut buf, &mut cbuf).ctx(pid, ctx)??;
             if n == usize::MAX {
                 break; // nothing more queued
             }
