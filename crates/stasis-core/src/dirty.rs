@@ -89,15 +89,28 @@ pub fn written(proc: &ProcDir, vmas: &[Vma], prev_seq: u64) -> Option<Vec<(u64, 
 /// just write-protected again every page written in the tracked mappings.
 /// Returns whether mappings were registered that `vmas` does not show as registered
 /// (their VmFlags lack `uw`): flags remembered from `vmas` would then be stale.
-pub fn arm(proc: &ProcDir, vmas: &[Vma], inj: &Injector, seq: u64, rescanned: bool) -> bool {
+/// Errs only for a fault injected for a test (see `stasis_sys::fault`).
+pub fn arm(
+    proc: &ProcDir,
+    vmas: &[Vma],
+    inj: &Injector,
+    seq: u64,
+    rescanned: bool,
+) -> Result<bool> {
     match try_arm(proc, vmas, inj, seq, rescanned) {
-        Ok(fresh) => fresh,
+        Ok(fresh) => Ok(fresh),
+        Err(e @ crate::Error::Fault(_)) => {
+            if let Ok(mut t) = TRACKERS.lock() {
+                t.remove(&proc.pid);
+            }
+            Err(e)
+        }
         Err(e) => {
             tracing::debug!("process {}: no dirty-page tracking: {e}", proc.pid);
             if let Ok(mut t) = TRACKERS.lock() {
                 t.remove(&proc.pid);
             }
-            false
+            Ok(false)
         }
     }
 }
@@ -145,10 +158,15 @@ fn try_arm(
 /// the syscall) and write-protects its memory while it runs, so that the checkpoint's
 /// pause does not include write-protecting the whole address space. Pages written
 /// between now and the checkpoint's snapshot count as written: a superset, harmless.
-/// Best effort, like [`arm`].
-pub fn prearm(proc: &ProcDir) {
-    if let Err(e) = try_prearm(proc) {
-        tracing::debug!("process {}: no early write-protection: {e}", proc.pid);
+/// Best effort, like [`arm`] (errs only for a fault injected for a test).
+pub fn prearm(proc: &ProcDir) -> Result<()> {
+    match try_prearm(proc) {
+        Err(e @ crate::Error::Fault(_)) => Err(e),
+        Err(e) => {
+            tracing::debug!("process {}: no early write-protection: {e}", proc.pid);
+            Ok(())
+        }
+        Ok(()) => Ok(()),
     }
 }
 
@@ -165,9 +183,9 @@ fn try_prearm(proc: &ProcDir) -> Result<()> {
     // The flags do not matter here: the cheap /proc/PID/maps will do.
     let layout = crate::memory::read_layout_unflagged(proc)?;
     let insn = crate::inject::find_syscall_insn(pid, &crate::memory::exec_ranges(&layout))?;
-    frozen.block_signals()?;
-    let inj = Injector::new(pid, insn)?;
-    let uffd = create_uffd(pid, &inj)?;
+    let injection = crate::inject::Injection::prepare(&mut frozen, &layout, insn)?;
+    let uffd = create_uffd(pid, injection.leader().0)?;
+    injection.finish()?;
     frozen.release()?;
     drop(frozen);
     for v in layout.iter().filter(|v| v.saves_pages()) {
@@ -194,14 +212,9 @@ fn try_prearm(proc: &ProcDir) -> Result<()> {
 /// created by an injected userfaultfd(2), taken with pidfd_getfd, closed there again.
 fn create_uffd(pid: i32, inj: &Injector) -> Result<OwnedFd> {
     let flags = (libc::O_CLOEXEC as u64) | dirty::UFFD_USER_MODE_ONLY;
-    let theirs = inj.call("userfaultfd", libc::SYS_userfaultfd, &[flags])? as i32;
-    let borrowed = crate::proc::borrow_fd(pid, theirs);
-    inj.call(
-        "close of the userfaultfd",
-        libc::SYS_close,
-        &[theirs as u64],
-    )?;
-    let uffd = borrowed?;
+    let uffd = inj.call_closing("userfaultfd", libc::SYS_userfaultfd, &[flags], |theirs| {
+        crate::proc::borrow_fd(pid, theirs)
+    })?;
     dirty::uffd_enable_wp_async(uffd.as_raw_fd())
         .ctx(pid, || "enabling asynchronous write-protection".into())?;
     Ok(uffd)

@@ -10,7 +10,7 @@
 use crate::error::{Error, Result, SysContext};
 use crate::files::{self, StdioIds};
 use crate::freeze::Frozen;
-use crate::inject::{find_syscall_insn, Injector, Scratch};
+use crate::inject::{find_syscall_insn, Injection};
 use crate::memory;
 use crate::proc::ProcDir;
 use crate::snapshot::{PartFiles, Snapshot, WriteProgress};
@@ -58,6 +58,9 @@ pub struct DumpOptions {
     /// The supervising init's side of the application interface: connections to it
     /// are saved as such (None: none is, as under `checkpoint --pid`).
     pub app_api: Option<crate::sockets::ApiPeers>,
+    /// Faults injected for a test (see `stasis_sys::fault`); None: this process's
+    /// environment says.
+    pub fault: Option<stasis_sys::fault::Plan>,
 }
 
 /// How long a checkpoint waits for one in progress in the same directory.
@@ -76,6 +79,13 @@ pub struct DumpReport {
 /// Checkpoints process `pid` and all its descendants into the checkpoint directory
 /// `dir`. `pid` is as seen in this process's PID namespace and /proc.
 pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
+    stasis_sys::fault::begin(opts.fault.clone());
+    let r = checkpoint_with_retries(dir, pid, opts);
+    stasis_sys::fault::end();
+    r
+}
+
+fn checkpoint_with_retries(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
     // Checkpoints of one directory are taken one after the other: one asked for while
     // another is still being written waits for it (a stuck one for at most LOCK_WAIT).
     let lock = DirLock::acquire_waiting(dir, LOCK_WAIT, || {
@@ -139,7 +149,7 @@ fn checkpoint_locked(
     // at all before the freeze.
     let late_flags = !opts.incremental && !crate::dirty::is_tracked(pid);
     let early_flags = if parent_is_us && roots.len() == 1 && !late_flags {
-        flags_before_freeze(&root, opts)
+        flags_before_freeze(&root, opts)?
     } else {
         None
     };
@@ -152,10 +162,13 @@ fn checkpoint_locked(
         Some(ids) => (ids.clone(), opts.stdio_files.clone()),
         None => files::stdio_ids_of(&root),
     };
+    // Bytes stuck in a TCP sender's queue are moved through our memory only where our
+    // death ends the job anyway (stasis init), never by `checkpoint --pid`.
     let mut registry = files::Registry::new(
         tree.iter().map(|(p, _)| p.pid).collect(),
         opts.tcp_external,
         opts.own_network_namespace,
+        opts.origin != Origin::Attached,
     );
     registry.stdio_files = stdio_files;
     registry.sockets.set_app_api(opts.app_api.clone());
@@ -172,6 +185,7 @@ fn checkpoint_locked(
         early_flags: early_flags.filter(|_| snapshot_ok),
         late_flags: snapshot_ok && late_flags,
         incremental: opts.incremental,
+        keeps_tracking: opts.origin != Origin::Attached,
         prev_seq,
         prev_runs: prev.keys().copied().collect(),
         seq: writer.sequence(),
@@ -182,6 +196,7 @@ fn checkpoint_locked(
             .collect(),
     };
     for (proc, frozen) in tree.iter_mut() {
+        stasis_sys::fault::step("reading a frozen process")?;
         parts.push(dump_frozen(
             &tracking,
             proc,
@@ -275,6 +290,7 @@ fn checkpoint_locked(
     };
 
     let t2 = Instant::now();
+    stasis_sys::fault::step("writing the metadata")?;
     let shared_memory = shm.finish(&mut writer)?;
     let files::Found {
         pipes,
@@ -406,11 +422,11 @@ impl Job {
 /// while its mappings keep their bounds, else read from smaps now, before the freeze
 /// (slow); they are checked on the snapshot. Arms the tracking first for a first
 /// `--incremental` checkpoint (not for a process about to be killed).
-fn flags_before_freeze(root: &ProcDir, opts: &DumpOptions) -> Option<memory::FlagCache> {
+fn flags_before_freeze(root: &ProcDir, opts: &DumpOptions) -> Result<Option<memory::FlagCache>> {
     if opts.incremental && !opts.kill {
-        crate::dirty::prearm(root);
+        crate::dirty::prearm(root)?;
     }
-    memory::remembered_flags(root).or_else(|| memory::read_flags(root).ok())
+    Ok(memory::remembered_flags(root).or_else(|| memory::read_flags(root).ok()))
 }
 
 /// System V objects of the job's own IPC namespace; outside one, a process
@@ -605,6 +621,9 @@ struct Tracking {
     /// (snapshot without dirty tracking, whose registrations a fork does not show).
     late_flags: bool,
     incremental: bool,
+    /// This process lives on after the checkpoint (stasis init, not `checkpoint
+    /// --pid`): dirty tracking it arms is there for the next checkpoint.
+    keeps_tracking: bool,
     /// The newest checkpoint before this one.
     prev_seq: Option<u64>,
     /// The processes whose page runs in it were read (an unreadable or damaged one
@@ -635,24 +654,20 @@ fn dump_frozen(
         memory::read_layout(proc, tracking.early_flags.as_ref())?
     };
     let insn = find_syscall_insn(pid, &memory::exec_ranges(&layout))?;
-    frozen.block_signals()?;
-    let inj = Injector::new(pid, insn)?;
-    let scratch = Scratch::map(&inj, pid)?;
+    let injection = Injection::prepare(frozen, &layout, insn)?;
+    let (inj, scratch) = injection.leader();
     steps.done("layout");
-    let dumpable = task::make_readable(&inj)?;
-    if dumpable == 0 {
-        frozen.undumpable_on_release(insn);
-    }
-    let sigs = signals::dump(&inj, pid, &scratch)?;
-    let ts = task::dump(proc, &inj, &scratch, dumpable)?;
-    let posix_timers = crate::timers::dump(proc, &inj, &scratch)?;
+    let dumpable = task::make_readable(inj)?;
+    let sigs = signals::dump(inj, pid, scratch)?;
+    let ts = task::dump(proc, inj, scratch, dumpable)?;
+    let posix_timers = crate::timers::dump(proc, inj, scratch)?;
     let stopped_children: Vec<i32> = proc
         .children()?
         .into_iter()
         .filter(|c| tracking.job_stopped.contains(c))
         .collect();
-    let child_waits = crate::jobctl::probe_waited(&inj, &scratch, &stopped_children)?;
-    let threads = thread::dump_all(proc, &frozen.threads, insn, &scratch)?;
+    let child_waits = crate::jobctl::probe_waited(inj, scratch, &stopped_children)?;
+    let threads = thread::dump_all(proc, &frozen.threads, &injection.slots(thread::DUMP_SLOT))?;
     steps.done("threads and task");
     // With tracking armed at the previous checkpoint, pages not written since are
     // not even read; then (re)arm it for the next one.
@@ -695,7 +710,7 @@ fn dump_frozen(
     let mut snapshot_us = 0;
     if snapshot_ok && tracking.late_flags {
         let t_snap = Instant::now();
-        let snap = Snapshot::take(&inj, pid, &scratch)?;
+        let snap = Snapshot::take(inj, scratch)?;
         snapshot_us = t_snap.elapsed().as_micros() as u64;
         memory::mark_invisible(proc, &ProcDir::new(snap.pid), &mut layout)?;
         snapshot = Some(snap);
@@ -709,11 +724,13 @@ fn dump_frozen(
         (Some(all), memory::Plan::default())
     };
     steps.done("pagemap");
-    let fresh_registrations =
-        tracking.incremental && crate::dirty::arm(proc, &layout, &inj, tracking.seq, tracked);
+    // Only a tracer that lives on (stasis init) keeps the tracking it arms.
+    let fresh_registrations = tracking.incremental
+        && tracking.keeps_tracking
+        && crate::dirty::arm(proc, &layout, inj, tracking.seq, tracked)?;
     steps.done("dirty arm");
     memory::save_shared_files(pid, &mut layout, writer)?;
-    shm.save_mappings(proc, &layout, &inj, &scratch, writer)?;
+    shm.save_mappings(proc, &layout, inj, scratch, writer)?;
     let mut hidden_buf = vec![0u8; hidden_plan.bytes as usize];
     memory::copy_pages(
         pid,
@@ -724,17 +741,21 @@ fn dump_frozen(
     )?;
     steps.done("shared and hidden memory");
     if snapshot_ok && snapshot.is_none() {
+        stasis_sys::fault::step("taking the snapshot")?;
         let t_snap = Instant::now();
-        snapshot = Some(Snapshot::take(&inj, pid, &scratch)?);
+        snapshot = Some(Snapshot::take(inj, scratch)?);
         snapshot_us = t_snap.elapsed().as_micros() as u64;
     }
     if snapshot.is_some() {
         crate::snapshot::note_fork(pid, rss, snapshot_us * 1000);
     }
     steps.done("snapshot");
-    scratch.unmap(&inj)?;
     let fds = registry.dump_fds(proc, stdio, shm, writer)?;
     steps.done("fds");
+    // Its /proc files are not read any more (pages of a process without a snapshot
+    // are copied with process_vm_readv).
+    task::restore_readable(inj, dumpable)?;
+    injection.finish()?;
     tracing::debug!("process {pid} frozen: {}", steps.report());
     Ok(Part {
         process: Process {
@@ -868,7 +889,7 @@ impl Part {
                     &|_| false,
                     None,
                 )
-                .map_err(|e| name_process(e, pid))?
+                .map_err(|e| blame(e, pid, self.snapshot.as_ref().map(|s| s.pid)))?
             }
         };
         steps.done("checked and completed");
@@ -926,7 +947,7 @@ impl Part {
             self.written.as_deref(),
             |v| !memory::invisible_to_fork(v),
         )
-        .map_err(|e| name_process(e, pid))?;
+        .map_err(|e| blame(e, pid, Some(snap.pid)))?;
         self.hidden_index = memory::append(&mut plan, &self.hidden_plan);
         self.plan = plan;
         Ok(())
@@ -1012,8 +1033,8 @@ impl Part {
             });
             (written, checked)
         });
-        if written.map_err(|e| name_process(e, pid))? {
-            Ok(Some(checked.map_err(|e| name_process(e, pid))?))
+        if written.map_err(|e| blame(e, pid, Some(src)))? {
+            Ok(Some(checked.map_err(|e| blame(e, pid, Some(src)))?))
         } else {
             part_files.empty(pid)?;
             Ok(None)
@@ -1226,6 +1247,19 @@ fn resident_bytes(proc: &ProcDir) -> u64 {
     match (f.get(1), f.get(2)) {
         (Some(res), Some(shared)) => res.saturating_sub(*shared) * stasis_image::PAGE_SIZE,
         _ => 0,
+    }
+}
+
+/// An error of the page writer of process `pid`: when its snapshot `snap` has died
+/// (killed by someone), that process is gone and the checkpoint starts over; else the
+/// process is named (not its snapshot).
+fn blame(e: Error, pid: i32, snap: Option<i32>) -> Error {
+    match snap {
+        Some(s) if !matches!(e, Error::Fault(_)) && crate::snapshot::is_dead(s) => {
+            tracing::debug!("snapshot {s} of process {pid} died ({e})");
+            Error::Gone { pid: s }
+        }
+        _ => name_process(e, pid),
     }
 }
 

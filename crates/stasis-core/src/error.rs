@@ -42,6 +42,10 @@ pub enum Error {
     /// not exit); `what` says which thread and what it is doing.
     #[error("process {pid}: {what}")]
     Timeout { pid: i32, what: String },
+    /// A fault injected for a test (`STASIS_FAULT_AT`), or the checkpoint was abandoned
+    /// (its requester went away).
+    #[error(transparent)]
+    Fault(#[from] stasis_sys::fault::Fault),
     /// The process refused to be traced.
     #[error("cannot attach to process {pid}: {msg}")]
     Attach { pid: i32, msg: String },

@@ -174,10 +174,15 @@ pub struct Registry {
 
 impl Registry {
     /// A registry for one checkpoint of the processes `job`.
-    pub fn new(job: Vec<i32>, tcp_external: crate::sockets::TcpExternal, repair: bool) -> Registry {
+    pub fn new(
+        job: Vec<i32>,
+        tcp_external: crate::sockets::TcpExternal,
+        repair: bool,
+        drain: bool,
+    ) -> Registry {
         Registry {
             locks: crate::locks::Collector::new(&job),
-            sockets: crate::sockets::Collector::new(job, tcp_external, repair),
+            sockets: crate::sockets::Collector::new(job, tcp_external, repair, drain),
             ..Registry::default()
         }
     }
@@ -226,6 +231,7 @@ impl Registry {
         nums.sort();
         let mut out = Vec::new();
         for fd in nums {
+            stasis_sys::fault::step("saving an fd")?;
             let link = proc.file(&format!("fd/{fd}"));
             let target = match std::fs::read_link(&link) {
                 Ok(t) => t.to_string_lossy().into_owned(),

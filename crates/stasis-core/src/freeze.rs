@@ -6,9 +6,10 @@
 //! another one), and threads that exit meanwhile are dropped.
 
 use crate::error::{Error, Result, SysContext};
-use crate::inject::Injector;
+use crate::inject::{Gadget, Injector, Scratch};
 use crate::proc::{thread_state, ProcDir};
 use stasis_sys::arch::Regs;
+use stasis_sys::fault;
 use stasis_sys::ptrace::{self, Stop};
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,9 @@ pub struct FrozenThread {
     pub regs: Regs,
     /// Blocked signals as stopped.
     pub sigmask: u64,
+    /// Extended registers as stopped (read when the thread is parked).
+    pub xstate: Option<Vec<u8>>,
+    /// Its registers or mask were changed: they are put back on release.
     touched: bool,
 }
 
@@ -45,9 +49,6 @@ pub struct Frozen {
     /// Stopped by job control (SIGSTOP, SIGTSTP...): the stopping signal. It stays
     /// stopped when released.
     pub job_stop: Option<i32>,
-    /// Made dumpable for the checkpoint (see `task::make_readable`): on release, made
-    /// non-dumpable again by a syscall injected at this `syscall` instruction.
-    undumpable_insn: Option<u64>,
     done: bool,
 }
 
@@ -124,7 +125,6 @@ impl Frozen {
             threads: Vec::new(),
             pending: Vec::new(),
             job_stop: None,
-            undumpable_insn: None,
             done: false,
         };
         let mut known: Vec<i32> = Vec::new();
@@ -139,6 +139,7 @@ impl Frozen {
             }
             for tid in fresh {
                 known.push(tid);
+                fault::step("seizing a thread")?;
                 match ptrace::seize(tid, ptrace::O_TRACESYSGOOD) {
                     Ok(()) => {}
                     Err(e) if e.errno == libc::ESRCH && tid != pid => continue, // exited
@@ -180,6 +181,7 @@ impl Frozen {
                     tid,
                     regs,
                     sigmask,
+                    xstate: None,
                     touched: false,
                 });
             }
@@ -194,21 +196,149 @@ impl Frozen {
         Ok(f)
     }
 
-    /// The process was made dumpable for the checkpoint: release makes it
-    /// non-dumpable again by a syscall injected at `insn` (its registers are put back
-    /// afterwards, as after every injection).
-    pub fn undumpable_on_release(&mut self, insn: u64) {
-        self.undumpable_insn = Some(insn);
-    }
-
-    /// Blocks every signal in every thread (while syscalls are injected); the saved
-    /// masks are put back on release.
+    /// Blocks every signal in every thread (while syscalls are injected without return
+    /// frames); the saved masks are put back on release.
     pub fn block_signals(&mut self) -> Result<()> {
         for t in &mut self.threads {
             t.touched = true;
             ptrace::set_sigmask(t.tid, !0).ctx(t.tid, || "blocking signals".into())?;
         }
         Ok(())
+    }
+
+    /// Parks every thread on a return frame (see [`crate::inject`]) with `gadget`, the
+    /// leader with `scratch_len` bytes of scratch, the others with `thread_scratch`,
+    /// and returns an injector and the scratch of each, in the order of `threads`.
+    /// A thread whose stack is the main one (it grows down) and has no room below its
+    /// stack pointer has it grown first, by a syscall another thread, parked already,
+    /// makes write there. None when a thread still has no room (or its extended state
+    /// cannot go into a frame): nothing was changed then but threads parked and a
+    /// stack grown, and the caller injects without frames.
+    pub fn park_all(
+        &mut self,
+        gadget: &Gadget,
+        layout: &[crate::memory::Vma],
+        scratch_len: u64,
+        thread_scratch: u64,
+    ) -> Result<Option<Vec<(Injector, Scratch)>>> {
+        let pid = self.pid;
+        let xsize = stasis_sys::arch::xstate_size();
+        let len_of = |tid: i32| {
+            if tid == pid {
+                scratch_len
+            } else {
+                thread_scratch
+            }
+        };
+        let no_room = |t: &FrozenThread, why: &str| {
+            tracing::warn!(
+                "process {pid}: thread {} ({why}): syscalls are injected without return frames (a kill of stasis during this checkpoint could harm the process)",
+                t.tid
+            );
+        };
+        let mut berths = Vec::with_capacity(self.threads.len());
+        let mut short = Vec::new();
+        for (k, t) in self.threads.iter_mut().enumerate() {
+            let xstate = match t.xstate.take() {
+                Some(x) => x,
+                None => ptrace::get_xstate(t.tid, xsize)
+                    .ctx(t.tid, || "reading extended registers".into())?,
+            };
+            let b = crate::inject::berth(layout, &t.regs, t.sigmask, &xstate, len_of(t.tid));
+            t.xstate = Some(xstate);
+            match b {
+                Ok(Some(b)) => berths.push(Some(b)),
+                Ok(None) if on_main_stack(layout, t.regs.rsp) => {
+                    berths.push(None);
+                    short.push(k);
+                }
+                Ok(None) => {
+                    no_room(t, "no room below its stack pointer for a return frame");
+                    return Ok(None);
+                }
+                Err(why) => {
+                    no_room(t, &why);
+                    return Ok(None);
+                }
+            }
+        }
+        if berths.iter().all(Option::is_none) {
+            if let Some(t) = self.threads.first() {
+                no_room(
+                    t,
+                    "its stack is at its deepest point so far, and no other thread can grow it",
+                );
+            }
+            return Ok(None);
+        }
+        let mut out: Vec<Option<(Injector, Scratch)>> = Vec::with_capacity(self.threads.len());
+        for (k, b) in berths.into_iter().enumerate() {
+            out.push(match b {
+                Some(b) => Some(self.park(k, gadget, b, len_of(self.threads[k].tid))?),
+                None => None,
+            });
+        }
+        for k in short {
+            let t = &self.threads[k];
+            let len = len_of(t.tid);
+            let xstate = t.xstate.as_deref().unwrap_or_default();
+            // The lowest byte its frame and scratch need, written by a parked thread:
+            // the kernel grows the stack to it (memory below a red zone is free).
+            let need = match stasis_sys::arch::return_frame(&t.regs, t.sigmask, xstate) {
+                Ok(f) => f.addr.wrapping_sub(len) & !63,
+                Err(why) => {
+                    no_room(t, &why);
+                    return Ok(None);
+                }
+            };
+            let Some((helper, _)) = out.iter().flatten().next() else {
+                return Ok(None);
+            };
+            let r = helper.raw(
+                libc::SYS_clock_gettime,
+                &[libc::CLOCK_MONOTONIC as u64, need],
+            )?;
+            let layout = crate::memory::read_layout_unflagged(&ProcDir::new(pid))?;
+            let b = crate::inject::berth(&layout, &t.regs, t.sigmask, xstate, len);
+            match b {
+                Ok(Some(b)) => {
+                    tracing::debug!("process {pid}: stack of thread {} grown to {need:x}", t.tid);
+                    out[k] = Some(self.park(k, gadget, b, len)?);
+                }
+                _ => {
+                    no_room(t, &format!("its stack could not grow to {need:x}: {r}"));
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    /// Parks thread `k` on berth `b` (see [`Frozen::park_all`]).
+    fn park(
+        &mut self,
+        k: usize,
+        gadget: &Gadget,
+        b: crate::inject::Berth,
+        len: u64,
+    ) -> Result<(Injector, Scratch)> {
+        let t = &mut self.threads[k];
+        let tid = t.tid;
+        fault::step("writing a return frame")?;
+        stasis_sys::vm::write(tid, b.frame.addr, &b.frame.bytes).ctx(tid, || {
+            "writing a return frame below the stack pointer".into()
+        })?;
+        // From here on, left alone, the thread returns to its saved state by itself.
+        let parked = t.regs.parked(gadget.ret, b.frame.sp);
+        fault::step("parking a thread")?;
+        t.touched = true;
+        ptrace::set_regs(tid, &parked).ctx(tid, || "parking the thread".into())?;
+        fault::step("blocking signals")?;
+        ptrace::set_sigmask(tid, !0).ctx(tid, || "blocking signals".into())?;
+        Ok((
+            Injector::parked(tid, gadget, parked),
+            Scratch::at(tid, b.scratch_addr, len),
+        ))
     }
 
     /// Resumes every thread exactly where it was stopped (once; later calls do nothing).
@@ -220,21 +350,14 @@ impl Frozen {
             return Ok(());
         }
         self.done = true;
-        let mut first_err = None;
-        if let Some(insn) = self.undumpable_insn.take() {
-            let r = Injector::new(self.pid, insn).and_then(|inj| {
-                inj.call(
-                    "prctl(PR_SET_DUMPABLE, 0) after the checkpoint",
-                    libc::SYS_prctl,
-                    &[libc::PR_SET_DUMPABLE as u64, 0, 0, 0, 0],
-                )
-            });
-            if let Err(e) = r {
-                first_err = Some(e);
-            }
-        }
+        // A fault injected here is reported once every thread is resumed (in kill mode
+        // the process dies at that step, its threads as they are).
+        let mut first_err: Option<Error> = fault::step("resuming a process").err().map(Into::into);
         let grace = Instant::now() + RELEASE_GRACE;
         for t in &self.threads {
+            if let Err(e) = fault::step("resuming a thread") {
+                first_err.get_or_insert(e.into());
+            }
             let restore = t.touched.then_some((t.regs, t.sigmask));
             let r = match resume_stopped(t.tid, restore.as_ref(), 0) {
                 // ESRCH: not in a stop (or gone).
@@ -312,12 +435,21 @@ impl Drop for Frozen {
     }
 }
 
-/// Puts the registers and mask of a thread in a stop back (`restore`) and detaches
-/// it, delivering `sig`.
+/// Whether `sp` is in the process's main stack, which the kernel grows down.
+fn on_main_stack(layout: &[crate::memory::Vma], sp: u64) -> bool {
+    layout.iter().any(|v| {
+        (v.map.growsdown || v.map.name == "[stack]") && v.map.start < sp && sp <= v.map.end
+    })
+}
+
+/// Puts the mask and registers of a thread in a stop back (`restore`) and detaches
+/// it, delivering `sig`. The mask first: a parked thread (see [`crate::inject`]) whose
+/// tracer dies in between still returns to its saved state through its frame, mask
+/// included.
 fn resume_stopped(tid: i32, restore: Option<&(Regs, u64)>, sig: i32) -> Result<()> {
     if let Some((regs, sigmask)) = restore {
-        ptrace::set_regs(tid, &regs.for_restore()).ctx(tid, || "restoring registers".into())?;
         ptrace::set_sigmask(tid, *sigmask).ctx(tid, || "restoring the signal mask".into())?;
+        ptrace::set_regs(tid, &regs.for_restore()).ctx(tid, || "restoring registers".into())?;
     }
     ptrace::detach(tid, sig).ctx(tid, || "detaching".into())
 }

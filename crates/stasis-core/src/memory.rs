@@ -1140,6 +1140,7 @@ impl RangeJob<'_> {
             if r.offset >= hi {
                 break;
             }
+            stasis_sys::fault::step("copying pages")?;
             let piece = self.read_piece(&mut k, &mut within, &mut buf)?;
             self.absorb(&mut sink, &piece, &buf[..piece.len as usize])?;
         }

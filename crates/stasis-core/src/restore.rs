@@ -438,7 +438,7 @@ fn rebuild(
         })
         .collect();
     memory::restore_mappings(&inj, child, &p.mappings, &fds, &sources)?;
-    let scratch = Scratch::at(child, prep.gadget + PAGE_SIZE);
+    let scratch = Scratch::at(child, prep.gadget + PAGE_SIZE, PAGE_SIZE);
     task::restore_mm(&inj, child, &p.mm, prep.exe_fd, &scratch)?;
     // The other threads, created by the leader, stopped before their first instruction.
     for t in &p.threads[1..] {

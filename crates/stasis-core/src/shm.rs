@@ -12,7 +12,7 @@
 //! the memory again; the kernel name of an anonymous region becomes "/memfd:stasis-shm".
 
 use crate::error::{Error, Result, SysContext};
-use crate::inject::{Injector, Scratch, SCRATCH_LEN};
+use crate::inject::{Injector, Scratch};
 use crate::memory::Vma;
 use crate::proc::ProcDir;
 use stasis_image::{
@@ -95,7 +95,7 @@ impl Collector {
             let npages = v.map.len() / PAGE_SIZE;
             let mut first = 0u64;
             while first < npages {
-                let n = (npages - first).min(SCRATCH_LEN);
+                let n = (npages - first).min(scratch.len);
                 let addr = v.map.start + first * PAGE_SIZE;
                 inj.call(
                     "mincore",

@@ -164,8 +164,15 @@ pub struct PartFiles<'a> {
 }
 
 impl Snapshot {
-    /// Forks the snapshot of the frozen process `leader` through its injector.
-    pub fn take(inj: &Injector, leader: i32, scratch: &Scratch) -> Result<Snapshot> {
+    /// Forks the snapshot of a frozen process through the injector of one of its
+    /// threads (the copy is of that thread), with `scratch` for the arguments.
+    ///
+    /// The snapshot is traced with PTRACE_O_EXITKILL as soon as it exists: should we
+    /// die, it dies too instead of running on as a copy of the application. (It is only
+    /// ever taken by stasis init, as the application's parent: the init's death ends
+    /// the whole job anyway.)
+    pub fn take(inj: &Injector, scratch: &Scratch) -> Result<Snapshot> {
+        let leader = inj.tid();
         let flags = (libc::CLONE_PARENT | libc::CLONE_FILES) as u64;
         scratch.write(&clone_args_bytes(flags, 0, 0))?;
         ptrace::set_options(leader, ptrace::O_TRACESYSGOOD | ptrace::O_TRACECLONE)
@@ -186,6 +193,8 @@ impl Snapshot {
             threads: Vec::new(),
         };
         crate::thread::wait_created(pid)?;
+        ptrace::set_options(pid, ptrace::O_TRACESYSGOOD | ptrace::O_EXITKILL)
+            .ctx(pid, || "tracing the snapshot".into())?;
         Ok(snap)
     }
 
@@ -255,7 +264,11 @@ impl Snapshot {
             // outside cannot do better.
             // Nor can it when a write hangs (and the writer may still be in it).
             Err(e)
-                if is_disk_error(&e) || matches!(e, Error::Gone { .. } | Error::Timeout { .. }) =>
+                if is_disk_error(&e)
+                    || matches!(
+                        e,
+                        Error::Gone { .. } | Error::Timeout { .. } | Error::Fault(_)
+                    ) =>
             {
                 Err(e)
             }
@@ -688,6 +701,16 @@ impl Drop for Snapshot {
         }
         forget_reaped(self.pid);
     }
+}
+
+/// Whether snapshot `pid` has died (it is a zombie, ours to reap, or gone).
+pub fn is_dead(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    stat.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next())
+        .is_none_or(|state| matches!(state, 'Z' | 'X'))
 }
 
 /// `pid` was reaped: if it was one of our snapshots, it is no longer.

@@ -335,8 +335,7 @@ fn restore_settings(
 /// process that is not dumpable belong to root of its memory's user namespace; under
 /// `stasis run` that ID is not mapped (the job runs as the user's own ID), so even the
 /// init, which holds every capability there, could not open the files of mode 0400
-/// (pagemap, auxv, fdinfo, ...). The release of the frozen process sets it back
-/// (`Frozen::undumpable_on_release`).
+/// (pagemap, auxv, fdinfo, ...). [`restore_readable`] sets it back.
 pub fn make_readable(inj: &Injector) -> Result<u32> {
     let dumpable = inj.call(
         "prctl(PR_GET_DUMPABLE)",
@@ -351,6 +350,20 @@ pub fn make_readable(inj: &Injector) -> Result<u32> {
         )?;
     }
     Ok(dumpable)
+}
+
+/// Makes the process non-dumpable again once its checkpoint no longer reads its /proc
+/// files (see [`make_readable`]). A stasis killed in between leaves it dumpable: the
+/// one setting a killed checkpoint does not put back.
+pub fn restore_readable(inj: &Injector, dumpable: u32) -> Result<()> {
+    if dumpable == 0 {
+        inj.call(
+            "prctl(PR_SET_DUMPABLE, 0) after the checkpoint",
+            libc::SYS_prctl,
+            &[PR_SET_DUMPABLE, 0, 0, 0, 0],
+        )?;
+    }
+    Ok(())
 }
 
 /// Gives a restored process its saved dumpable flag (PR_SET_DUMPABLE 0 or 1) by an

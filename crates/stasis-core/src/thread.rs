@@ -20,57 +20,54 @@ const PR_SET_PDEATHSIG: u64 = 1;
 const PR_GET_PDEATHSIG: u64 = 2;
 const RSEQ_FLAG_UNREGISTER: u64 = 1;
 
+/// Bytes of scratch each thread needs for [`dump_all`].
+pub const DUMP_SLOT: u64 = 40;
+
 /// Saves every stopped thread of a process. The queries only a thread can answer
 /// about itself (its clear_child_tid, sigaltstack and parent-death signal) are injected into many
-/// threads at once, each writing into its own slot of the scratch page, so that the
-/// threads run them side by side instead of one round trip after another.
+/// threads at once, each writing into its own slot (`slots`: an injector for each
+/// thread of `threads` and the address of its [`DUMP_SLOT`] bytes), so that the threads
+/// run them side by side instead of one round trip after another.
 pub fn dump_all(
     proc: &ProcDir,
     threads: &[FrozenThread],
-    insn: u64,
-    scratch: &Scratch,
+    slots: &[(&Injector, u64)],
 ) -> Result<Vec<Thread>> {
-    const SLOT: u64 = 40;
-    let per = (crate::inject::SCRATCH_LEN / SLOT) as usize;
     let mut out = Vec::with_capacity(threads.len());
-    for batch in threads.chunks(per) {
-        let injs = batch
-            .iter()
-            .map(|ft| Injector::new(ft.tid, insn))
-            .collect::<Result<Vec<_>>>()?;
-        let slot = |k: usize| scratch.addr + k as u64 * SLOT;
-        for (k, inj) in injs.iter().enumerate() {
-            inj.start(libc::SYS_prctl, &[PR_GET_TID_ADDRESS, slot(k)])?;
+    for (batch, injs) in threads.chunks(64).zip(slots.chunks(64)) {
+        for (inj, slot) in injs {
+            inj.start(libc::SYS_prctl, &[PR_GET_TID_ADDRESS, *slot])?;
         }
-        for inj in &injs {
+        for (inj, _) in injs {
             let r = inj.finish()?;
             inj.check("prctl(PR_GET_TID_ADDRESS)", r)?;
         }
-        for (k, inj) in injs.iter().enumerate() {
-            inj.start(libc::SYS_sigaltstack, &[0, slot(k) + 8])?;
+        for (inj, slot) in injs {
+            inj.start(libc::SYS_sigaltstack, &[0, slot + 8])?;
         }
-        for inj in &injs {
+        for (inj, _) in injs {
             let r = inj.finish()?;
             inj.check("sigaltstack query", r)?;
         }
-        for (k, inj) in injs.iter().enumerate() {
-            inj.start(libc::SYS_prctl, &[PR_GET_PDEATHSIG, slot(k) + 32])?;
+        for (inj, slot) in injs {
+            inj.start(libc::SYS_prctl, &[PR_GET_PDEATHSIG, slot + 32])?;
         }
-        for inj in &injs {
+        for (inj, _) in injs {
             let r = inj.finish()?;
             inj.check("prctl(PR_GET_PDEATHSIG)", r)?;
         }
-        let answers = scratch.read(batch.len() * SLOT as usize)?;
-        for (k, ft) in batch.iter().enumerate() {
-            let at = k * SLOT as usize;
-            let clear_child_tid = u64_at(&answers, at);
+        for (ft, (inj, slot)) in batch.iter().zip(injs) {
+            let mut answers = [0u8; DUMP_SLOT as usize];
+            stasis_sys::vm::read(inj.tid(), *slot, &mut answers)
+                .ctx(ft.tid, || "reading what the thread answered".into())?;
+            let clear_child_tid = u64_at(&answers, 0);
             let altstack = AltStack {
-                sp: u64_at(&answers, at + 8),
-                flags: u64_at(&answers, at + 16) as i32,
-                size: u64_at(&answers, at + 24),
+                sp: u64_at(&answers, 8),
+                flags: u64_at(&answers, 16) as i32,
+                size: u64_at(&answers, 24),
             };
             let mut t = dump(proc, ft, clear_child_tid, altstack)?;
-            t.pdeath_signal = u64_at(&answers, at + 32) as i32;
+            t.pdeath_signal = u64_at(&answers, 32) as i32;
             out.push(t);
         }
     }
@@ -91,8 +88,11 @@ fn dump(
         .map(|c| c.trim_end().to_string())
         .unwrap_or_default();
     let (affinity, policy, rt_priority, nice) = sched_of(tid)?;
-    let xstate = ptrace::get_xstate(tid, arch::xstate_size())
-        .ctx(tid, || "reading extended registers".into())?;
+    let xstate = match &ft.xstate {
+        Some(x) => x.clone(),
+        None => ptrace::get_xstate(tid, arch::xstate_size())
+            .ctx(tid, || "reading extended registers".into())?,
+    };
     let pending = ptrace::peek_siginfo(tid, false)
         .ctx(tid, || "reading pending signals".into())?
         .iter()

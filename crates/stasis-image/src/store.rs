@@ -42,6 +42,9 @@ pub enum ImageError {
     Corrupt { path: PathBuf, msg: String },
     #[error("{path}: image format version {found} is not supported (this stasis reads version {FORMAT_VERSION})")]
     Version { path: PathBuf, found: u32 },
+    /// A fault injected for a test (`STASIS_FAULT_AT`), or the checkpoint was abandoned.
+    #[error(transparent)]
+    Fault(#[from] stasis_sys::fault::Fault),
     #[error("another checkpoint of {0} is in progress (the lock {0}/.lock is held); try again when it has finished")]
     Busy(PathBuf),
     /// A checkpoint directory or image file that someone else could have planted or
@@ -277,7 +280,12 @@ pub fn prune(lock: &DirLock, keep: usize) -> ImageResult<Vec<PathBuf>> {
         if needed.contains(&seq) {
             continue;
         }
-        fs::remove_dir_all(&path).map_err(io_err(&path))?;
+        // Out of the list at once (a leftover of an interrupted removal is removed
+        // with the other leftovers), then removed.
+        stasis_sys::fault::kill_point("removing an old checkpoint");
+        let gone = root.join(format!(".{PREFIX}{seq:06}.removed.tmp"));
+        fs::rename(&path, &gone).map_err(io_err(&path))?;
+        fs::remove_dir_all(&gone).map_err(io_err(&gone))?;
         removed.push(path);
     }
     removed.extend(remove_stale_tmp(root)?);
@@ -498,6 +506,7 @@ impl CheckpointWriter {
 
     /// Creates a data file (mode 0600) in the checkpoint.
     pub fn data_file(&self, name: &str) -> ImageResult<DataWriter> {
+        stasis_sys::fault::step("creating an image file")?;
         let path = self.tmp.join(name);
         let file = OpenOptions::new()
             .create_new(true)
@@ -517,6 +526,7 @@ impl CheckpointWriter {
 
     /// Creates a data file of `size` bytes (mode 0600) to be written at offsets.
     pub fn positioned_file(&self, name: &str, size: u64) -> ImageResult<PositionedFile> {
+        stasis_sys::fault::step("creating an image file")?;
         let path = self.tmp.join(name);
         let file = OpenOptions::new()
             .create_new(true)
@@ -549,6 +559,7 @@ impl CheckpointWriter {
                 msg: "chunk checksums do not cover the file".into(),
             });
         }
+        stasis_sys::fault::step("finishing an image file")?;
         f.file.sync_all().map_err(io_err(&f.path))?;
         self.files.push(FileEntry {
             name: f.name,
@@ -572,6 +583,7 @@ impl CheckpointWriter {
 
     /// Completes a data file: synced and listed in the manifest.
     pub fn finish_data(&mut self, w: DataWriter) -> ImageResult<()> {
+        stasis_sys::fault::step("finishing an image file")?;
         let entry = w.finish()?;
         self.files.push(entry);
         Ok(())
@@ -628,10 +640,12 @@ impl CheckpointWriter {
         f.write_all(&text).map_err(io_err(&mpath))?;
         f.sync_all().map_err(io_err(&mpath))?;
         fsync_dir(&self.tmp)?;
+        stasis_sys::fault::step("publishing the checkpoint")?;
         let fin = self.root.join(format!("{PREFIX}{:06}", self.seq));
         fs::rename(&self.tmp, &fin).map_err(io_err(&fin))?;
-        fsync_dir(&self.root)?;
         self.committed = true;
+        stasis_sys::fault::kill_point("checkpoint published");
+        fsync_dir(&self.root)?;
         Ok(fin)
     }
 }

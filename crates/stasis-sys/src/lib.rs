@@ -11,6 +11,7 @@ pub mod arch;
 pub mod caps;
 pub mod clone;
 pub mod dirty;
+pub mod fault;
 pub mod inet_diag;
 pub mod ptrace;
 mod sock_diag;

@@ -88,6 +88,20 @@ pub fn detach(pid: i32, sig: i32) -> Result<()> {
     req("PTRACE_DETACH", libc::PTRACE_DETACH, pid, 0, sig as usize).map(drop)
 }
 
+/// PTRACE_POKEDATA: writes the word `data` at `addr` of a stopped tracee, also into a
+/// mapping it cannot write itself (a private copy of the page is made, as a debugger's
+/// breakpoint does).
+pub fn poke(pid: i32, addr: u64, data: u64) -> Result<()> {
+    req(
+        "PTRACE_POKEDATA",
+        libc::PTRACE_POKEDATA,
+        pid,
+        addr as usize,
+        data as usize,
+    )
+    .map(drop)
+}
+
 /// PTRACE_GETREGS.
 pub fn get_regs(pid: i32) -> Result<Regs> {
     let mut regs = Regs::default();

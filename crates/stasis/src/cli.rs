@@ -420,6 +420,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 incremental,
                 compress: compress.parse().map_err(anyhow::Error::msg)?,
                 tcp_external_reset: tcp_external == "reset",
+                fault: stasis_sys::fault::Plan::from_env(),
             };
             let report = match pid {
                 Some(pid) => {

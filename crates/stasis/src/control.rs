@@ -27,6 +27,10 @@ pub struct Request {
     /// Save TCP connections to peers outside the job as reset (else refuse them).
     #[serde(default)]
     pub tcp_external_reset: bool,
+    /// Faults to inject into this checkpoint, for tests: the asker's
+    /// `STASIS_FAULT_*` environment (see `stasis_sys::fault`).
+    #[serde(default)]
+    pub fault: Option<stasis_sys::fault::Plan>,
 }
 
 impl Request {
@@ -169,7 +173,21 @@ pub fn serve_one(stream: UnixStream, handle: impl FnOnce(Request) -> Reply) {
         return;
     }
     let r = match serde_json::from_str::<Request>(&line) {
-        Ok(req) => handle(req),
+        Ok(req) => {
+            // A checkpoint whose asker goes away (killed, interrupted) is abandoned at
+            // its next step, unless already published.
+            let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let watcher = stream.try_clone().ok().map(|s| {
+                let done = done.clone();
+                std::thread::spawn(move || watch_hangup(&s, &done))
+            });
+            let r = handle(req);
+            done.store(true, std::sync::atomic::Ordering::Release);
+            if let Some(w) = watcher {
+                let _ = w.join();
+            }
+            r
+        }
         Err(e) => Reply {
             ok: false,
             error: format!("bad request: {e}"),
@@ -178,6 +196,26 @@ pub fn serve_one(stream: UnixStream, handle: impl FnOnce(Request) -> Reply) {
         },
     };
     let _ = reply(&stream, &r);
+}
+
+/// Until `done`: when the peer of `s` hangs up, the checkpoint in progress is
+/// cancelled (see `stasis_sys::fault::cancel`).
+fn watch_hangup(s: &UnixStream, done: &std::sync::atomic::AtomicBool) {
+    while !done.load(std::sync::atomic::Ordering::Acquire) {
+        let mut p = libc::pollfd {
+            fd: s.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: poll on one initialized pollfd.
+        let n = unsafe { libc::poll(&mut p, 1, 50) };
+        if n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            stasis_sys::fault::cancel(
+                "the `stasis checkpoint` that asked for it went away".to_string(),
+            );
+            return;
+        }
+    }
 }
 
 fn reply(mut s: &UnixStream, r: &Reply) -> std::io::Result<()> {
@@ -249,6 +287,7 @@ pub fn checkpoint_pid(dir: &Path, pid: i32, req: &Request, show_progress: bool) 
         tcp_external: req.tcp_external(),
         app_api: None,
         stdio_files: Vec::new(),
+        fault: req.fault.clone(),
     };
     let progress = Progress::start(format!("checkpointing process {pid}"), show_progress);
     let report = dump::checkpoint(&canonical(dir)?, pid, &opts);

@@ -34,6 +34,18 @@ pub(crate) fn getsockopt_int(fd: i32, level: i32, opt: i32) -> Option<i32> {
 }
 
 /// Sets an int socket option.
+/// Runs `peek` (reads of a socket's queue with MSG_PEEK) with SO_PEEK_OFF enabled
+/// from 0, then puts the socket's own peek offset back (SO_PEEK_OFF belongs to the
+/// socket, shared with the application). Err when the socket has no peek offset.
+pub(crate) fn with_peek_offset<T>(s: i32, peek: impl FnOnce() -> T) -> std::io::Result<T> {
+    let own = getsockopt_int(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF).unwrap_or(-1);
+    setsockopt_int(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0)?;
+    let r = peek();
+    let _ = setsockopt_int(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF, own);
+    Ok(r)
+}
+
+/// Sets an int socket option.
 pub(crate) fn setsockopt_int(fd: i32, level: i32, opt: i32, v: i32) -> std::io::Result<()> {
     // SAFETY: setsockopt reads an int from `v`.
     let r = unsafe { libc::setsockopt(fd, level, opt, (&v as *const i32).cast(), 4) };
@@ -92,11 +104,13 @@ impl Collector {
     /// A collector for one checkpoint of the processes `job` (every process whose
     /// fds are saved: a connection between two of them is inside the checkpoint).
     /// With `repair`, established TCP connections are saved with TCP_REPAIR (the job
-    /// has a network namespace of its own, where we hold CAP_NET_ADMIN).
-    pub fn new(job: Vec<i32>, external: TcpExternal, repair: bool) -> Collector {
+    /// has a network namespace of its own, where we hold CAP_NET_ADMIN). With
+    /// `drain`, bytes stuck in a sender's queue may be moved through our memory (see
+    /// `inet::Collector::new`).
+    pub fn new(job: Vec<i32>, external: TcpExternal, repair: bool, drain: bool) -> Collector {
         Collector {
             unix: unix::Collector::new(),
-            inet: inet::Collector::new(job, external, repair),
+            inet: inet::Collector::new(job, external, repair, drain),
             api: None,
         }
     }

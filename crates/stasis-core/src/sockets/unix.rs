@@ -197,71 +197,42 @@ impl Collector {
 }
 
 /// Reads a socket's receive queue without consuming it: (bytes, message lengths).
+/// A stream is read with one MSG_PEEK, which reads across its whole queue; datagrams,
+/// and a stream that comes back short, are walked with SO_PEEK_OFF (the socket's own,
+/// shared with the application, put back after).
 fn peek_queue(pid: i32, fd: i32, s: i32, sock_type: i32) -> Result<(Vec<u8>, Vec<u64>)> {
-    let set_peek = |v: i32| {
-        // SAFETY: setsockopt with an int value.
-        unsafe {
-            libc::setsockopt(
-                s,
-                libc::SOL_SOCKET,
-                libc::SO_PEEK_OFF,
-                (&v as *const i32).cast(),
-                4,
-            )
+    let ctx = || format!("reading the queue of socket fd {fd}");
+    let mut buf = vec![0u8; 1 << 18];
+    let mut cbuf = [0u64; 64];
+    if sock_type == libc::SOCK_STREAM {
+        let mut want = 0i32;
+        // SAFETY: FIONREAD writes an int.
+        if unsafe { libc::ioctl(s, libc::FIONREAD, &mut want) } == 0 {
+            let want = want.max(0) as usize;
+            if want == 0 {
+                return Ok((Vec::new(), Vec::new()));
+            }
+            if buf.len() < want {
+                buf.resize(want, 0);
+            }
+            let n = peek_one(pid, fd, s, &mut buf[..want], &mut cbuf).ctx(pid, ctx)??;
+            if n == want {
+                return Ok((buf[..n].to_vec(), vec![n as u64]));
+            }
         }
-    };
-    if set_peek(0) != 0 {
-        return Err(std::io::Error::last_os_error())
-            .ctx(pid, || format!("reading the queue of socket fd {fd}"));
     }
     let mut data = Vec::new();
     let mut messages = Vec::new();
-    let mut buf = vec![0u8; 1 << 18];
-    let mut cbuf = [0u64; 64];
-    let result = (|| {
+    let walk = || -> Result<()> {
         for _ in 0..MAX_MESSAGES {
-            let mut iov = libc::iovec {
-                iov_base: buf.as_mut_ptr().cast(),
-                iov_len: buf.len(),
-            };
-            // SAFETY: msghdr is plain data; zeroed is a valid empty value.
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = cbuf.as_mut_ptr().cast();
-            msg.msg_controllen = std::mem::size_of_val(&cbuf);
-            // SAFETY: msg points to live buffers of the sizes given.
-            let n = unsafe { libc::recvmsg(s, &mut msg, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::EAGAIN) {
-                    break;
-                }
-                return Err(e).ctx(pid, || format!("reading the queue of socket fd {fd}"));
-            }
-            // SAFETY: walking the control messages the kernel wrote into cbuf.
-            let passes_fds = unsafe {
-                let mut c = libc::CMSG_FIRSTHDR(&msg);
-                let mut found = false;
-                while !c.is_null() {
-                    found |=
-                        (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS;
-                    c = libc::CMSG_NXTHDR(&msg, c);
-                }
-                found
-            };
-            if passes_fds {
-                return Err(Error::Unsupported {
-                    pid,
-                    what: format!(
-                        "fd {fd}, a UNIX socket with file descriptors in flight (SCM_RIGHTS)"
-                    ),
-                });
+            let n = peek_one(pid, fd, s, &mut buf, &mut cbuf).ctx(pid, ctx)??;
+            if n == usize::MAX {
+                break; // nothing more queued
             }
             if n == 0 && sock_type == libc::SOCK_STREAM {
                 break;
             }
-            data.extend_from_slice(&buf[..n as usize]);
+            data.extend_from_slice(&buf[..n]);
             if sock_type == libc::SOCK_STREAM {
                 if let Some(last) = messages.last_mut() {
                     *last += n as u64;
@@ -273,9 +244,56 @@ fn peek_queue(pid: i32, fd: i32, s: i32, sock_type: i32) -> Result<(Vec<u8>, Vec
             }
         }
         Ok(())
-    })();
-    set_peek(-1);
-    result.map(|()| (data, messages))
+    };
+    crate::sockets::with_peek_offset(s, walk).ctx(pid, ctx)??;
+    Ok((data, messages))
+}
+
+/// One MSG_PEEK into `buf`: the bytes read (`usize::MAX` when nothing is queued), or
+/// an error for a message carrying descriptors (SCM_RIGHTS), which cannot be saved.
+fn peek_one(
+    pid: i32,
+    fd: i32,
+    s: i32,
+    buf: &mut [u8],
+    cbuf: &mut [u64; 64],
+) -> std::io::Result<Result<usize>> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; zeroed is a valid empty value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(cbuf);
+    // SAFETY: msg points to live buffers of the sizes given.
+    let n = unsafe { libc::recvmsg(s, &mut msg, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EAGAIN) {
+            return Ok(Ok(usize::MAX));
+        }
+        return Err(e);
+    }
+    // SAFETY: walking the control messages the kernel wrote into cbuf.
+    let passes_fds = unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        let mut found = false;
+        while !c.is_null() {
+            found |= (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS;
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+        found
+    };
+    if passes_fds {
+        return Ok(Err(Error::Unsupported {
+            pid,
+            what: format!("fd {fd}, a UNIX socket with file descriptors in flight (SCM_RIGHTS)"),
+        }));
+    }
+    Ok(Ok(n as usize))
 }
 
 fn new_socket(sock_type: i32) -> std::result::Result<OwnedFd, String> {

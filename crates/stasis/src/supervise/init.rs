@@ -68,6 +68,7 @@ fn options(
         private_tmp: job.private_tmp,
         app_api: None,
         stdio_files: Vec::new(),
+        fault: None,
     }
 }
 
@@ -583,6 +584,7 @@ fn init_inner(
                     );
                     o.keep = req.keep;
                     o.stdio_files = stdio_files.clone();
+                    o.fault = req.fault.clone();
                     match take(&mut api, &view, dir, app, o) {
                         (Ok(r), warnings) => {
                             killed_by_checkpoint |= r.killed;

@@ -60,7 +60,7 @@ pub fn prog(name: &str) -> PathBuf {
     let (src, flags): (String, Vec<&str>) = match name {
         "avx" => ("avx.c".into(), vec!["-mavx2"]),
         "avx512" => ("avx.c".into(), vec!["-mavx2", "-mavx512f"]),
-        "pthreads" | "churn" | "forkthread" => (format!("{name}.c"), vec!["-pthread"]),
+        "pthreads" | "churn" | "forkthread" | "faultapp" => (format!("{name}.c"), vec!["-pthread"]),
         "openmp" => ("openmp.c".into(), vec!["-fopenmp", "-pthread"]),
         "appapi" | "appfork" => (format!("{name}.c"), vec!["-pthread"]),
         other => (format!("{other}.c"), vec![]),

@@ -79,15 +79,22 @@ pub struct Collector {
     /// Established connections are read with TCP_REPAIR (the job's own network
     /// namespace).
     repair: bool,
+    /// Bytes a receiver cannot take in yet may be drained through our memory.
+    drain: bool,
 }
 
 impl Collector {
-    /// A collector for one checkpoint of the processes `job`.
-    pub fn new(job: Vec<i32>, external: TcpExternal, repair: bool) -> Collector {
+    /// A collector for one checkpoint of the processes `job`. `drain`: a connection
+    /// whose sender still holds bytes the receiver cannot take in yet may be saved by
+    /// draining the receiver through our memory and sending everything back (see
+    /// `settle`). Only where our death ends the job anyway (stasis init): killed in
+    /// between, we would take the drained bytes with us.
+    pub fn new(job: Vec<i32>, external: TcpExternal, repair: bool, drain: bool) -> Collector {
         Collector {
             job,
             external,
             repair,
+            drain,
             ..Collector::default()
         }
     }
@@ -391,6 +398,14 @@ impl Collector {
                         ),
                     });
                 }
+                if !self.drain {
+                    return Err(Error::Transient {
+                        pid,
+                        what: format!(
+                            "fd {fd}, a TCP connection from {remote} whose sender holds bytes the receiver cannot take in yet (`checkpoint --pid` does not move them through its own memory, where a kill of stasis would lose them; under `stasis run` they are saved)"
+                        ),
+                    });
+                }
                 let (hpid, hfd) = holders[&p.ino];
                 let sender = crate::proc::borrow_fd(hpid, hfd)?;
                 settle(pid, fd, s, sender.as_raw_fd())
@@ -519,16 +534,16 @@ fn sysctl(path: &str, i: usize, default: i64) -> i64 {
         .unwrap_or(default)
 }
 
-/// Reads a TCP receive queue without consuming it.
+/// Reads a TCP receive queue without consuming it: one MSG_PEEK reads across all of
+/// it; SO_PEEK_OFF (the socket's, shared with the application) is used only should
+/// that come back short.
 fn peek_stream(pid: i32, fd: i32, s: i32) -> Result<Vec<u8>> {
     let want = ioctl_int(s, SIOCINQ).max(0) as usize;
     if want == 0 {
         return Ok(Vec::new());
     }
     let mut data = vec![0u8; want];
-    let peek_off = setsockopt_int(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0).is_ok();
-    let mut got = 0;
-    let result = loop {
+    let recv_at = |data: &mut [u8], got: usize| {
         // SAFETY: receiving into the part of `data` not yet filled.
         let n = unsafe {
             libc::recv(
@@ -539,19 +554,33 @@ fn peek_stream(pid: i32, fd: i32, s: i32) -> Result<Vec<u8>> {
             )
         };
         if n < 0 {
-            break Err(std::io::Error::last_os_error());
-        }
-        got += n as usize;
-        if n == 0 || got >= want || !peek_off {
-            break Ok(());
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
         }
     };
-    if peek_off {
-        let _ = setsockopt_int(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF, -1);
+    let ctx = || format!("reading the receive queue of TCP socket fd {fd}");
+    let mut got = recv_at(&mut data, 0).ctx(pid, ctx)?;
+    if got < want {
+        got = 0;
+        let walked = crate::sockets::with_peek_offset(s, || loop {
+            match recv_at(&mut data, got) {
+                Ok(0) => break Ok(()),
+                Ok(n) => {
+                    got += n;
+                    if got >= want {
+                        break Ok(());
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+        });
+        match walked {
+            Ok(r) => r.ctx(pid, ctx)?,
+            // No peek offset: what the one peek read is all there is.
+            Err(_) => got = recv_at(&mut data, 0).ctx(pid, ctx)?,
+        }
     }
-    result.ctx(pid, || {
-        format!("reading the receive queue of TCP socket fd {fd}")
-    })?;
     if got != want {
         return Err(Error::Transient {
             pid,
@@ -615,13 +644,22 @@ fn settle(pid: i32, fd: i32, s: i32, sender: i32) -> Result<Vec<u8>> {
 type Datagrams = (Vec<u8>, Vec<u64>, Vec<SocketAddr>);
 
 fn peek_datagrams(pid: i32, fd: i32, s: i32) -> Result<Datagrams> {
-    if setsockopt_int(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0).is_err() {
-        return Err(std::io::Error::last_os_error())
-            .ctx(pid, || format!("reading the queue of UDP socket fd {fd}"));
+    // Nothing queued: the socket's peek offset is not touched.
+    // SAFETY: peeking zero bytes into no buffer.
+    let any = unsafe {
+        libc::recv(
+            s,
+            std::ptr::null_mut(),
+            0,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if any < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN) {
+        return Ok((Vec::new(), Vec::new(), Vec::new()));
     }
     let mut out: Datagrams = (Vec::new(), Vec::new(), Vec::new());
     let mut buf = vec![0u8; 1 << 16];
-    let result = (|| {
+    let walk = || {
         for _ in 0..MAX_DATAGRAMS {
             // SAFETY: sockaddr_storage is plain data; zeroed is a valid empty value.
             let mut from: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
@@ -652,9 +690,10 @@ fn peek_datagrams(pid: i32, fd: i32, s: i32) -> Result<Datagrams> {
             );
         }
         Ok(())
-    })();
-    let _ = setsockopt_int(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF, -1);
-    result.map(|()| out)
+    };
+    crate::sockets::with_peek_offset(s, walk)
+        .ctx(pid, || format!("reading the queue of UDP socket fd {fd}"))??;
+    Ok(out)
 }
 
 /// Sockets in repair mode, by inode: taken out of it when dropped (on any error path
