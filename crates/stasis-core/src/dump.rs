@@ -603,6 +603,9 @@ struct Part {
     /// A snapshot could have been taken, but the pages written since the previous
     /// checkpoint were copied while frozen (see `snapshot::worth_taking`).
     frozen_copy: bool,
+    /// /proc/PID/mem of a process that is not dumpable, opened while it was made
+    /// dumpable for the checkpoint (its pages are copied afterwards).
+    mem: Option<std::fs::File>,
     /// Dirty tracking registered mappings the layout's flags do not show as such.
     fresh_registrations: bool,
     /// A `syscall` instruction of the process (and of its snapshot).
@@ -754,6 +757,11 @@ fn dump_frozen(
     steps.done("fds");
     // Its /proc files are not read any more (pages of a process without a snapshot
     // are copied with process_vm_readv).
+    let mem = if dumpable == 0 && snapshot.is_none() {
+        Some(std::fs::File::open(proc.file("mem")).ctx(pid, || "opening /proc/PID/mem".into())?)
+    } else {
+        None
+    };
     task::restore_readable(inj, dumpable)?;
     injection.finish()?;
     tracing::debug!("process {pid} frozen: {}", steps.report());
@@ -800,6 +808,7 @@ fn dump_frozen(
         early_flags: tracking.early_flags.is_some(),
         late_flags: tracking.late_flags && snapshot_ok,
         frozen_copy,
+        mem,
         frozen_flags,
         fresh_registrations,
         insn,
@@ -888,6 +897,7 @@ impl Part {
                     prev,
                     &|_| false,
                     None,
+                    self.mem.as_ref(),
                 )
                 .map_err(|e| blame(e, pid, self.snapshot.as_ref().map(|s| s.pid)))?
             }
@@ -1013,6 +1023,7 @@ impl Part {
                     prev,
                     &|i| chosen.get(i).copied().unwrap_or(false),
                     Some(&progress),
+                    None,
                 )
             });
             let ready = || {

@@ -1031,9 +1031,15 @@ pub fn write_pages(
     prev: Option<&PrevPages>,
     in_file: &(dyn Fn(usize) -> bool + Sync),
     progress: Option<&crate::snapshot::WriteProgress>,
+    opened: Option<&std::fs::File>,
 ) -> Result<(ZeroMap, Vec<PartDone>)> {
-    let mem = std::fs::File::open(format!("/proc/{src}/mem"))
-        .ctx(src, || "opening /proc/PID/mem".into())?;
+    // `opened`: /proc/PID/mem opened earlier (a process not dumpable is made dumpable
+    // only while its state is read).
+    let mem = match opened {
+        Some(f) => f.try_clone(),
+        None => std::fs::File::open(format!("/proc/{src}/mem")),
+    }
+    .ctx(src, || "opening /proc/PID/mem".into())?;
     // Pages not written since the previous checkpoint (clean runs) are not read at
     // all: finish_pages refers to the previous checkpoint for them.
     let mut zeros: ZeroMap = Vec::new();

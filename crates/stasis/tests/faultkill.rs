@@ -284,7 +284,7 @@ fn sweep(w: &Work, app: &mut App, ask: Ask, extra: &[&str], mode: &str, points: 
 fn spawn_outside(w: &Work, exe: &Path, args: &[&str]) -> App {
     let mut cmd = std::process::Command::new(exe);
     cmd.args(args).current_dir(&w.dir);
-    let p = w.spawn("faultapp", cmd, Stdio::null());
+    let p = w.spawn_io("faultapp", cmd, Stdio::null(), true);
     let pid = p.pid();
     App::new(p, pid)
 }
