@@ -173,12 +173,14 @@ fn checkpoint_locked(
     registry.stdio_files = stdio_files;
     registry.sockets.set_app_api(opts.app_api.clone());
     let mut shm = crate::shm::Collector::new();
-    // A snapshot child is given the process's parent (CLONE_PARENT): only when that
-    // parent is us (stasis init), who reaps it, and for a single process. Otherwise
-    // the processes stay frozen while their memory is copied.
-    // With --kill too: the process then stays frozen while its snapshot writes (one
-    // copy, on every core), until it is killed.
-    let snapshot_ok = parent_is_us && tree.len() == 1;
+    // Under stasis init (whose death ends the job, so no snapshot outlives a dying
+    // tracer), every process gets a snapshot child (CLONE_PARENT: the process's
+    // parent's; see `Snapshot::take` for the ones whose parent is in the job), and the
+    // tree runs on as soon as all are forked. With --kill a single process too: it
+    // then stays frozen while its snapshot writes (one copy, on every core), until it
+    // is killed; a tree to be killed is copied while frozen. `checkpoint --pid` copies
+    // while frozen.
+    let snapshot_ok = parent_is_us && (tree.len() == 1 || !opts.kill);
     let mut parts = Vec::with_capacity(tree.len());
     let tracking = Tracking {
         snapshot_ok,
@@ -515,12 +517,12 @@ fn freeze_tree(roots: &[i32], adopter: Option<i32>) -> Result<(FrozenTree, Vec<Z
                 }
                 Err(e) => return Err(e),
             };
-            queue.extend(proc.children()?);
+            queue.extend(job_children(&proc)?);
             tree.push((proc, frozen));
         }
         // Everything known is stopped now; children forked meanwhile are caught here.
         for (proc, _) in &tree {
-            queue.extend(proc.children()?.into_iter().filter(|c| !known.contains(c)));
+            queue.extend(job_children(proc)?.into_iter().filter(|c| !known.contains(c)));
         }
         // The children of a process that exited while we froze are reparented to
         // the namespace init (us): they belong to the job as well.
@@ -532,6 +534,14 @@ fn freeze_tree(roots: &[i32], adopter: Option<i32>) -> Result<(FrozenTree, Vec<Z
             return Ok((tree, zombies));
         }
     }
+}
+
+/// The children of a process of the job, not counting our snapshots (alive, or
+/// zombies left to it).
+fn job_children(proc: &ProcDir) -> Result<Vec<i32>> {
+    let mut kids = proc.children()?;
+    kids.retain(|&c| !crate::snapshot::is_snapshot(c));
+    Ok(kids)
 }
 
 /// The children of the namespace init `me` (the application and the orphans it
@@ -659,6 +669,8 @@ fn dump_frozen(
     let insn = find_syscall_insn(pid, &memory::exec_ranges(&layout))?;
     let injection = Injection::prepare(frozen, &layout, insn)?;
     let (inj, scratch) = injection.leader();
+    // Zombies that the snapshots of its children left it (see `Snapshot::take`).
+    crate::snapshot::reap_left(inj)?;
     steps.done("layout");
     let dumpable = task::make_readable(inj)?;
     let sigs = signals::dump(inj, pid, scratch)?;

@@ -1,12 +1,17 @@
 //! The copy-on-write snapshot a running process is checkpointed from, and the
 //! one-copy page writer that runs inside it.
 //!
-//! The snapshot is a child forked by an injected `clone3(CLONE_PARENT | CLONE_FILES)`
-//! while the process is frozen, stopped before its first instruction: its memory is the
+//! The snapshot is a child forked by an injected `clone3(CLONE_FILES)` while the
+//! process is frozen, stopped before its first instruction: its memory is the
 //! process's memory at that instant, shared copy-on-write, so the process resumes at
-//! once and runs on while its pages are saved. With CLONE_PARENT the snapshot is our
-//! child (not the application's, whose wait() never sees it); CLONE_FILES adds no
-//! reference to any open file (a pipe's reader still sees EOF when the writer closes).
+//! once and runs on while its pages are saved. Every process of a tree under stasis
+//! init gets one, all forked while the tree is frozen, so the tree is paused only for
+//! the forks. For a process whose parent is us (the init), CLONE_PARENT makes the
+//! snapshot our child; for the others (whose parent is in the job) the snapshot is the
+//! process's own child with exit signal 0, which its wait(2) never sees and no SIGCHLD
+//! announces, reaped by us as its tracer and, as a zombie, by an injected wait4 in
+//! the process at its next checkpoint. CLONE_FILES adds no reference to any open file
+//! (a pipe's reader still sees EOF when the writer closes).
 //!
 //! Reading a snapshot from outside costs two copies per page: /proc/PID/mem copies
 //! through a kernel bounce page, and process_vm_readv would pin the pages, which makes
@@ -114,6 +119,9 @@ pub struct Snapshot {
     pub pid: i32,
     /// Threads created in it to write pages (besides `pid` itself).
     threads: Vec<i32>,
+    /// Its parent when not us (the process it is a snapshot of, in a tree): it has
+    /// to reap it (see [`reap_left`]).
+    foster: Option<i32>,
 }
 
 /// Most iovecs of one injected pwritev (IOV_MAX).
@@ -171,9 +179,30 @@ impl Snapshot {
     /// die, it dies too instead of running on as a copy of the application. (It is only
     /// ever taken by stasis init, as the application's parent: the init's death ends
     /// the whole job anyway.)
+    ///
+    /// A process of a tree whose parent is a process of the job gets a snapshot that
+    /// is its own child, with exit signal 0: its wait(2) does not see it (only
+    /// `__WALL` waits do) and no SIGCHLD tells it; once dead and reaped by us as its
+    /// tracer it stays a zombie of that process, reaped by an injected wait4 at its
+    /// next checkpoint ([`reap_left`]) or by us if it exits.
     pub fn take(inj: &Injector, scratch: &Scratch) -> Result<Snapshot> {
         let leader = inj.tid();
-        let flags = (libc::CLONE_PARENT | libc::CLONE_FILES) as u64;
+        let parent = procfs::process::Process::new(leader)
+            .and_then(|p| p.stat())
+            .map(|st| st.ppid)
+            .map_err(std::io::Error::other)
+            .ctx(leader, || "reading /proc/PID/stat".into())?;
+        // SAFETY: getpid has no preconditions.
+        let ours = parent == unsafe { libc::getpid() };
+        // CLONE_PARENT gives the child its parent's exit signal (SIGCHLD), whatever
+        // clone_args says: only where the parent is us. Otherwise the snapshot is the
+        // process's own child, with exit signal 0.
+        let foster = (!ours).then_some(leader);
+        let flags = if ours {
+            (libc::CLONE_PARENT | libc::CLONE_FILES) as u64
+        } else {
+            libc::CLONE_FILES as u64
+        };
         scratch.write(&clone_args_bytes(flags, 0, 0))?;
         ptrace::set_options(leader, ptrace::O_TRACESYSGOOD | ptrace::O_TRACECLONE)
             .ctx(leader, || "tracing the snapshot fork".into())?;
@@ -191,6 +220,7 @@ impl Snapshot {
         let snap = Snapshot {
             pid,
             threads: Vec::new(),
+            foster,
         };
         crate::thread::wait_created(pid)?;
         ptrace::set_options(pid, ptrace::O_TRACESYSGOOD | ptrace::O_EXITKILL)
@@ -700,7 +730,41 @@ impl Drop for Snapshot {
             return;
         }
         forget_reaped(self.pid);
+        if let Some(parent) = self.foster {
+            // A zombie of the job's process `parent` now.
+            if let Ok(mut left) = LEFT.lock() {
+                left.insert(self.pid, parent);
+            }
+        }
     }
+}
+
+/// Snapshots of tree processes, dead and reaped by us as their tracer, left as
+/// zombies of their parent in the job: snapshot -> parent.
+static LEFT: std::sync::Mutex<std::collections::BTreeMap<i32, i32>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// In the frozen process `inj` runs in: reaps the zombies our snapshots left as its
+/// children (an injected `wait4(pid, WNOHANG | __WALL)` each).
+pub fn reap_left(inj: &Injector) -> Result<()> {
+    let pid = inj.tid();
+    let mine: Vec<i32> = LEFT
+        .lock()
+        .map(|l| l.iter().filter(|e| *e.1 == pid).map(|e| *e.0).collect())
+        .unwrap_or_default();
+    for s in mine {
+        let r = inj.raw(
+            libc::SYS_wait4,
+            &[s as u64, 0, (libc::WNOHANG | libc::__WALL) as u64, 0],
+        )?;
+        // ECHILD: not its child any more (reaped by us after its parent died).
+        if r == s as i64 || r == -(libc::ECHILD as i64) {
+            if let Ok(mut left) = LEFT.lock() {
+                left.remove(&s);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether snapshot `pid` has died (it is a zombie, ours to reap, or gone).
@@ -720,6 +784,13 @@ pub fn forget_reaped(pid: i32) {
     }
 }
 
+/// A left snapshot zombie reaped by us (its parent in the job exited).
+pub fn forget_left(pid: i32) {
+    if let Ok(mut left) = LEFT.lock() {
+        left.remove(&pid);
+    }
+}
+
 /// The snapshots not reaped yet (a dying one takes a while to tear down, and is our
 /// child like the job's orphans).
 static SNAPSHOTS: std::sync::Mutex<std::collections::BTreeSet<i32>> =
@@ -728,4 +799,5 @@ static SNAPSHOTS: std::sync::Mutex<std::collections::BTreeSet<i32>> =
 /// Whether `pid` is one of our snapshots (not part of any job).
 pub fn is_snapshot(pid: i32) -> bool {
     SNAPSHOTS.lock().is_ok_and(|s| s.contains(&pid))
+        || LEFT.lock().is_ok_and(|l| l.contains_key(&pid))
 }

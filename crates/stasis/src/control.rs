@@ -267,7 +267,7 @@ pub fn copy_summary(t: &stasis_image::Timings) -> String {
             "the {:.1} MiB written since the last checkpoint copied while frozen (sooner than forking a snapshot)",
             t.pages_bytes as f64 / 1048576.0
         ),
-        (false, _) => "pages copied while frozen (a copy-on-write snapshot is taken only for a single process under `stasis run`/`restart`)".to_string(),
+        (false, _) => "pages copied while frozen (copy-on-write snapshots are taken only under `stasis run`/`restart`, and not for a tree that is to be killed)".to_string(),
     }
 }
 

@@ -641,6 +641,7 @@ fn reap(app: i32) -> Option<i32> {
             continue;
         }
         stasis_core::snapshot::forget_reaped(r);
+        stasis_core::snapshot::forget_left(r);
         if r == app && (libc::WIFEXITED(st) || libc::WIFSIGNALED(st)) {
             result = Some(st);
         }
