@@ -522,7 +522,11 @@ fn freeze_tree(roots: &[i32], adopter: Option<i32>) -> Result<(FrozenTree, Vec<Z
         }
         // Everything known is stopped now; children forked meanwhile are caught here.
         for (proc, _) in &tree {
-            queue.extend(job_children(proc)?.into_iter().filter(|c| !known.contains(c)));
+            queue.extend(
+                job_children(proc)?
+                    .into_iter()
+                    .filter(|c| !known.contains(c)),
+            );
         }
         // The children of a process that exited while we froze are reparented to
         // the namespace init (us): they belong to the job as well.

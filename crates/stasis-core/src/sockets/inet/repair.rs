@@ -132,7 +132,29 @@ pub(super) fn dump(pid: i32, fd: i32, s: i32) -> Result<(TcpRepair, Vec<u8>)> {
     })
 }
 
+/// Reads a socket in repair mode until two readings agree: a segment its peer sent
+/// before it entered repair mode may still be on its way through the loopback, and
+/// one arriving between the reads of the receive queue and of the window would leave
+/// them inconsistent (bytes lost, or a window the restore refuses).
 fn read(s: i32) -> std::io::Result<(TcpRepair, Vec<u8>)> {
+    let mut last = read_once(s)?;
+    for _ in 0..50 {
+        let now = read_once(s)?;
+        if now.0.rcv_seq == last.0.rcv_seq
+            && now.0.inq_len == last.0.inq_len
+            && now.0.window == last.0.window
+        {
+            return Ok(now);
+        }
+        last = now;
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    Err(std::io::Error::other(
+        "its receive queue kept changing while in repair mode",
+    ))
+}
+
+fn read_once(s: i32) -> std::io::Result<(TcpRepair, Vec<u8>)> {
     let mut r = TcpRepair {
         inq_len: ioctl_int(s, SIOCINQ).max(0) as u32,
         outq_len: ioctl_int(s, SIOCOUTQ).max(0) as u32,
