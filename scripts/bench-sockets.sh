@@ -69,7 +69,7 @@ ok=1
 for round in $(seq "$ROUNDS"); do
     for n in 0 "$N"; do
         W=$B/w-$n-$round; D=$B/ck-$n-$round; mkdir -p "$W"
-        (cd "$W" && exec "$S" run $RUN_ARGS --dir "$D" -- "$B/tcpconns" "$n" "$MIB" "$BYTES" >"$W/out" 2>"$W/err") &
+        (cd "$W" && exec "$S" run --tmp host $RUN_ARGS --dir "$D" -- "$B/tcpconns" "$n" "$MIB" "$BYTES" >"$W/out" 2>"$W/err") &
         sup=$!
         wait_for "$W/out" ready 120 "$sup" "$W/err"
         sleep 0.2

@@ -47,7 +47,7 @@ for size in $SIZES; do
     for kind in $KINDS; do
         W=$B/w-$kind-$size; D=$B/ck-$kind-$size; mkdir -p "$W"
         bytes=$(( size << 20 ))
-        (cd "$W" && exec "$S" run --dir "$D" -- "$B/memload" "$size" "$kind" 5 >"$W/out" 2>"$W/err") &
+        (cd "$W" && exec "$S" run --tmp host --dir "$D" -- "$B/memload" "$size" "$kind" 5 >"$W/out" 2>"$W/err") &
         run=$!
         wait_for "$W/out" ready 300
         # A plain full checkpoint.
@@ -95,7 +95,7 @@ done
 
 for n in $THREADS; do
     W=$B/t-$n; D=$B/ck-t-$n; mkdir -p "$W"
-    (cd "$W" && exec "$S" run --dir "$D" -- "$B/threads" "$n" >"$W/out" 2>"$W/err") &
+    (cd "$W" && exec "$S" run --tmp host --dir "$D" -- "$B/threads" "$n" >"$W/out" 2>"$W/err") &
     run=$!
     wait_for "$W/out" ready 120
     "$S" checkpoint --kill "$D" 2>"$W/ck"; wait "$run" || true

@@ -23,7 +23,7 @@ W=$B/w; D=$B/ck
 eval "set -- ${ARGS:-'--incremental' CHANGE '--incremental'}"
 for size in ${SIZES:-1024 4096}; do
     mkdir -p "$W"
-    (cd "$W" && STASIS_LOG=stasis_core=debug exec "$S" run --dir "$D" -- "$M" "$size" random "${PCT:-5}" >"$W/out" 2>"$W/err") &
+    (cd "$W" && STASIS_LOG=stasis_core=debug exec "$S" run --tmp host --dir "$D" -- "$M" "$size" random "${PCT:-5}" >"$W/out" 2>"$W/err") &
     until grep -q ready "$W/out" 2>/dev/null; do sleep 0.05; done
     for a in "$@"; do
         if [ "$a" = CHANGE ]; then
