@@ -159,3 +159,27 @@ fn second_run_on_one_directory_is_refused() {
     s.finish();
     verify_counter(&s.outputs(), Some(0));
 }
+
+/// A checkpoint asked for while a restart is still restoring the job (memory.c: 80
+/// MiB and more to map and fill) waits until the job runs, then is taken: both
+/// succeed, the job goes on and finishes right.
+#[test]
+fn checkpoint_during_restart_waits() {
+    let w = Work::new("fail_during_restart");
+    let mut s = Session::start(&w, &[prog("memory")]);
+    s.checkpoint_kill();
+    let restart = w.restart("restart-busy");
+    // At once, while the restart verifies and restores.
+    let t0 = std::time::Instant::now();
+    let c = w.checkpoint(false);
+    assert!(c.status.success(), "{c}");
+    assert_eq!(w.checkpoints().len(), 2, "{:?}", w.checkpoints());
+    eprintln!(
+        "checkpoint asked for as the restart began, answered after {:.0} ms: {}",
+        t0.elapsed().as_secs_f64() * 1e3,
+        c.stderr.trim()
+    );
+    let mut s = Session::from_proc(&w, restart);
+    let ok = s.finish();
+    eprintln!("{ok}");
+}
