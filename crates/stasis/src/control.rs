@@ -88,8 +88,9 @@ pub fn listen(dir: &Path) -> Result<UnixListener> {
     })
 }
 
-/// UID of the peer of a connected socket, as seen in our user namespace.
-pub fn peer_uid(s: &UnixStream) -> Option<u32> {
+/// The credentials (pid, uid, gid) of the peer of a connected socket, as seen in our
+/// namespaces (SO_PEERCRED).
+pub fn peer_cred(s: &UnixStream) -> Option<libc::ucred> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
@@ -102,11 +103,16 @@ pub fn peer_uid(s: &UnixStream) -> Option<u32> {
             s.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_PEERCRED,
-            &mut cred as *mut _ as *mut libc::c_void,
+            (&mut cred as *mut libc::ucred).cast(),
             &mut len,
         )
     };
-    (r == 0).then_some(cred.uid)
+    (r == 0).then_some(cred)
+}
+
+/// UID of the peer of a connected socket, as seen in our user namespace.
+pub fn peer_uid(s: &UnixStream) -> Option<u32> {
+    peer_cred(s).map(|c| c.uid)
 }
 
 /// Client side: asks the supervisor of `dir` for a checkpoint.

@@ -189,27 +189,7 @@ fn getenv(name: &[u8]) -> Reply {
 
 /// The process (in our PID namespace) at the other end of `s`, 0 if it is outside it.
 fn peer_pid(s: &UnixStream) -> i32 {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if r == 0 {
-        cred.pid
-    } else {
-        0
-    }
+    crate::control::peer_cred(s).map_or(0, |c| c.pid)
 }
 
 /// The server.
