@@ -140,12 +140,16 @@ pub fn request_checkpoint(dir: &Path, req: &Request, show_progress: bool) -> Res
     })?;
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
-    s.write_all(line.as_bytes())
-        .context("sending the checkpoint request")?;
+    // A supervisor that refuses us (another user's job) answers and closes without
+    // reading: its answer is read even when sending failed.
+    let sent = s.write_all(line.as_bytes());
     let progress = Progress::start(format!("checkpointing {}", dir.display()), show_progress);
     let mut reply = String::new();
     let read = BufReader::new(&s).read_line(&mut reply);
     progress.finish();
+    if reply.is_empty() {
+        sent.context("sending the checkpoint request")?;
+    }
     read.context("reading the checkpoint reply")?;
     if reply.is_empty() {
         bail!("the supervisor closed the connection without answering (did the application exit?)");
