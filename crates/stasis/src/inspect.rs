@@ -333,6 +333,10 @@ pub fn verify(dir: &Path, latest: bool) -> Result<ExitCode> {
                 );
                 newest_ok = Some(*seq);
             }
+            // Pruned by a checkpoint taken meanwhile (--keep): not damage.
+            Err(_) if !path.exists() => {
+                println!("removed  {} (pruned while it was checked)", path.display());
+            }
             Err(e) => {
                 bad += 1;
                 println!("CORRUPT  {}: {e}", path.display());
