@@ -197,17 +197,28 @@ fn checkpoint_locked(
             .map(|(p, _)| p.pid)
             .collect(),
     };
+    // A snapshot left as a zombie of its process is reparented, with SIGCHLD, to the
+    // nearest child subreaper when that process exits: one in the job would reap a
+    // child it never made. Below a subreaper of the job, processes are copied while
+    // frozen (and so is the whole tree: see `all_snapshotted`).
+    let mut below_subreaper: std::collections::HashSet<i32> = Default::default();
     for (proc, frozen) in tree.iter_mut() {
         stasis_sys::fault::step("reading a frozen process")?;
-        parts.push(dump_frozen(
+        let allow = !below_subreaper.contains(&proc.pid);
+        let part = dump_frozen(
             &tracking,
+            allow,
             proc,
             frozen,
             &stdio,
             &mut registry,
             &mut shm,
             &mut writer,
-        )?);
+        )?;
+        if part.process.settings.child_subreaper || !allow {
+            below_subreaper.extend(job_children(proc)?);
+        }
+        parts.push(part);
     }
     let waited: HashMap<i32, bool> = parts
         .iter()
@@ -233,7 +244,9 @@ fn checkpoint_locked(
     } else {
         Vec::new()
     };
-    let snapshotted = parts.iter().any(|p| p.snapshot.is_some());
+    // The job runs on before its pages are copied only when every process has its
+    // snapshot; one copied from the process itself keeps the tree frozen.
+    let snapshotted = parts.iter().all(|p| p.snapshot.is_some());
     if snapshotted && !opts.kill {
         for (_, f) in tree.iter_mut() {
             f.release()?;
@@ -653,8 +666,12 @@ struct Tracking {
     job_stopped: Vec<i32>,
 }
 
+/// `allow_snapshot`: false for a process whose snapshot could be reaped by the job
+/// (see the caller).
+#[allow(clippy::too_many_arguments)]
 fn dump_frozen(
     tracking: &Tracking,
+    allow_snapshot: bool,
     proc: &ProcDir,
     frozen: &mut Frozen,
     stdio: &files::StdioIds,
@@ -664,8 +681,10 @@ fn dump_frozen(
 ) -> Result<Part> {
     let pid = proc.pid;
     let mut steps = Steps::new();
+    let tracking_snapshot_ok = tracking.snapshot_ok && allow_snapshot;
+    let tracking_late_flags = tracking.late_flags && allow_snapshot;
     task::check_supported(proc)?;
-    let mut layout = if tracking.late_flags {
+    let mut layout = if tracking_late_flags {
         memory::read_layout_unflagged(proc)?
     } else {
         memory::read_layout(proc, tracking.early_flags.as_ref())?
@@ -702,17 +721,17 @@ fn dump_frozen(
     // When few pages were written since the last checkpoint, copying them while the
     // process stays frozen pauses it no longer than forking a snapshot would, and
     // the checkpoint is done sooner (no fork, no writer threads, nothing read back).
-    let rss = if tracking.snapshot_ok {
+    let rss = if tracking_snapshot_ok {
         resident_bytes(proc)
     } else {
         0
     };
-    let frozen_copy = tracking.snapshot_ok
+    let frozen_copy = tracking_snapshot_ok
         && written.as_deref().is_some_and(|w| {
             let dirty = w.iter().map(|(a, b)| b - a).sum();
             !crate::snapshot::worth_taking(pid, rss, dirty)
         });
-    let snapshot_ok = tracking.snapshot_ok && !frozen_copy;
+    let snapshot_ok = tracking_snapshot_ok && !frozen_copy;
     // A frozen copy reads the exact flags while it copies (the layout's were read
     // before the freeze or remembered, and there is no snapshot to check them on).
     let frozen_flags = (frozen_copy && tracking.early_flags.is_some()).then(|| {
@@ -727,7 +746,7 @@ fn dump_frozen(
     // fork does not copy is seen on it.
     let mut snapshot = None;
     let mut snapshot_us = 0;
-    if snapshot_ok && tracking.late_flags {
+    if snapshot_ok && tracking_late_flags {
         let t_snap = Instant::now();
         let snap = Snapshot::take(inj, scratch)?;
         snapshot_us = t_snap.elapsed().as_micros() as u64;
@@ -822,7 +841,7 @@ fn dump_frozen(
         snapshot_us,
         tracked,
         early_flags: tracking.early_flags.is_some(),
-        late_flags: tracking.late_flags && snapshot_ok,
+        late_flags: tracking_late_flags && snapshot_ok,
         frozen_copy,
         mem,
         frozen_flags,
