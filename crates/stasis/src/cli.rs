@@ -82,9 +82,10 @@ pub enum Command {
         /// checkpoint and recreated on restart, also on another node) or `host` (the
         /// machine's, shared with everyone; files there are not saved). Two jobs under
         /// stasis use the same PIDs, so names built from PIDs (MPI session directories
-        /// and shared-memory segments) collide in the host's. With `private`, DIR,
-        /// the working directory and CMD may still be under /tmp: they are opened
-        /// before the job's own is mounted.
+        /// and shared-memory segments) collide in the host's. With `private`, DIR may
+        /// still be under the host's /tmp (it is opened before the job's own is
+        /// mounted); the working directory and CMD may not (refused: start the job from
+        /// elsewhere, or use `--tmp host`).
         #[arg(long, value_name = "WHERE", default_value = "private", value_parser = ["private", "host"])]
         tmp: String,
         /// Checkpoint every DURATION while the job runs (e.g. 30m, 2h, 90s; a number
