@@ -169,7 +169,21 @@ fn checkpoint_during_restart_waits() {
     let mut s = Session::start(&w, &[prog("memory")]);
     s.checkpoint_kill();
     let restart = w.restart("restart-busy");
-    // At once, while the restart verifies and restores.
+    // As soon as the restart listens (its supervisor binds the control socket before
+    // the init verifies and restores the image), not before: a request before that
+    // is refused clearly ("no `stasis run` or `stasis restart` is supervising").
+    let t0 = std::time::Instant::now();
+    loop {
+        let st = w.stasis(
+            "status",
+            &["status".as_ref(), "--json".as_ref(), w.ck.as_os_str()],
+        );
+        if st.stdout.contains("\"running\": true") {
+            break;
+        }
+        assert!(t0.elapsed() < T_READY, "the restart never listened: {st}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let t0 = std::time::Instant::now();
     let c = w.checkpoint(false);
     assert!(c.status.success(), "{c}");
