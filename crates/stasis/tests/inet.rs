@@ -1510,7 +1510,7 @@ fn raw_and_packet_sockets_are_refused() {
         let w = Work::new(&format!("rawsock_{kind}"));
         let mut cmd = Command::new(prog("rawsock"));
         cmd.arg(kind).current_dir(&w.dir).process_group(0);
-        let mut app = w.spawn_io("direct", cmd, Stdio::null(), true);
+        let mut app = w.spawn("direct", cmd, Stdio::null());
         let first = app.wait_line("`ready` or `unavailable`", T_READY, |l| {
             l.starts_with("ready") || l.starts_with("unavailable")
         });

@@ -360,12 +360,17 @@ impl Proc {
         pred: impl Fn(&str) -> bool,
     ) -> String {
         let t0 = Instant::now();
+        let mut exited_at: Option<Instant> = None;
         loop {
             let exited = self.try_status().is_some();
             if let Some(l) = self.lines().into_iter().find(|l| pred(l)) {
                 return l;
             }
-            if exited {
+            // With a pipe as stdout, a thread copies it into the file: give it a
+            // moment after the exit.
+            if exited
+                && exited_at.get_or_insert_with(Instant::now).elapsed() > Duration::from_millis(500)
+            {
                 let d = self.diag();
                 panic!("{} exited before printing {what}\n{d}", self.label);
             }
