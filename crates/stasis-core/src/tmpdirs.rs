@@ -15,7 +15,7 @@
 //! ([`recreate`]) before any process is restored, so that files the processes had
 //! open, mapped or as working directory are there, on this node or another.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SysContext};
 use stasis_image::{CheckpointReader, CheckpointWriter, DirEntry, DirEntryKind, PrivateDir};
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -28,14 +28,6 @@ use std::path::{Path, PathBuf};
 /// The directories a job gets its own of.
 pub const DIRS: [&str; 2] = ["/tmp", "/dev/shm"];
 const DATA_FILE: &str = "tmpdirs.img";
-
-fn io(context: String) -> impl FnOnce(std::io::Error) -> Error {
-    move |source| Error::Io {
-        pid: 0,
-        context,
-        source,
-    }
-}
 
 fn cstr(p: &Path) -> Result<CString> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Restore {
@@ -60,9 +52,8 @@ pub fn mount_private() -> Result<()> {
             )
         };
         if r != 0 {
-            return Err(io(format!("mounting the job's private {dir} (a tmpfs)"))(
-                std::io::Error::last_os_error(),
-            ));
+            return Err(std::io::Error::last_os_error())
+                .ctx(0, || format!("mounting the job's private {dir} (a tmpfs)"));
         }
     }
     Ok(())
@@ -83,7 +74,7 @@ pub fn save(writer: &mut CheckpointWriter) -> Result<Vec<PrivateDir>> {
         while let Some(rel) = stack.pop() {
             let path = root.join(&rel);
             let md = std::fs::symlink_metadata(&path)
-                .map_err(io(format!("reading {} of the job", path.display())))?;
+                .ctx(0, || format!("reading {} of the job", path.display()))?;
             let ft = md.file_type();
             let name = rel.to_str().ok_or_else(|| Error::Unsupported {
                 pid: 0,
@@ -107,7 +98,7 @@ pub fn save(writer: &mut CheckpointWriter) -> Result<Vec<PrivateDir>> {
             };
             if ft.is_dir() {
                 let mut children: Vec<PathBuf> = std::fs::read_dir(&path)
-                    .map_err(io(format!("listing {} of the job", path.display())))?
+                    .ctx(0, || format!("listing {} of the job", path.display()))?
                     .filter_map(|c| c.ok())
                     .map(|c| rel.join(c.file_name()))
                     .collect();
@@ -116,7 +107,7 @@ pub fn save(writer: &mut CheckpointWriter) -> Result<Vec<PrivateDir>> {
                 stack.extend(children);
             } else if ft.is_symlink() {
                 let t = std::fs::read_link(&path)
-                    .map_err(io(format!("reading the link {}", path.display())))?;
+                    .ctx(0, || format!("reading the link {}", path.display()))?;
                 e.kind = DirEntryKind::Symlink;
                 e.target = Some(
                     t.to_str()
@@ -141,20 +132,22 @@ pub fn save(writer: &mut CheckpointWriter) -> Result<Vec<PrivateDir>> {
                     links.insert(key, entries.len());
                 }
                 let mut f = File::open(&path)
-                    .map_err(io(format!("opening {} of the job", path.display())))?;
+                    .ctx(0, || format!("opening {} of the job", path.display()))?;
                 e.data_offset = offset;
                 e.extents = data_ranges(&mut f, md.len())
-                    .map_err(io(format!("finding the data of {}", path.display())))?;
+                    .ctx(0, || format!("finding the data of {}", path.display()))?;
                 for &(start, len) in &e.extents {
                     f.seek(SeekFrom::Start(start))
-                        .map_err(io(format!("reading {}", path.display())))?;
+                        .ctx(0, || format!("reading {}", path.display()))?;
                     let mut left = len;
                     while left > 0 {
                         let n = buf.len().min(left as usize);
-                        f.read_exact(&mut buf[..n]).map_err(io(format!(
-                            "reading {} (changed while the job was frozen?)",
-                            path.display()
-                        )))?;
+                        f.read_exact(&mut buf[..n]).ctx(0, || {
+                            format!(
+                                "reading {} (changed while the job was frozen?)",
+                                path.display()
+                            )
+                        })?;
                         data.write_all(&buf[..n])?;
                         left -= n as u64;
                     }
@@ -216,7 +209,7 @@ pub fn recreate(image: &CheckpointReader, dirs: &[PrivateDir]) -> Result<()> {
     for d in dirs {
         let root = PathBuf::from(&d.path);
         let data = image.data_path(&d.data_file)?;
-        let mut data = File::open(&data).map_err(io(format!("opening {}", data.display())))?;
+        let mut data = File::open(&data).ctx(0, || format!("opening {}", data.display()))?;
         let mut paths: Vec<PathBuf> = Vec::with_capacity(d.entries.len());
         for e in &d.entries {
             let path = root.join(&e.path);
@@ -247,18 +240,18 @@ fn recreate_one(path: &Path, e: &DirEntry, earlier: &[PathBuf], data: &mut File)
     match e.kind {
         DirEntryKind::Dir => {
             if !e.path.is_empty() {
-                std::fs::create_dir(path).map_err(io(what()))?;
+                std::fs::create_dir(path).ctx(0, what)?;
             }
         }
         DirEntryKind::Symlink => {
             let t = e.target.as_deref().unwrap_or_default();
-            std::os::unix::fs::symlink(t, path).map_err(io(what()))?;
+            std::os::unix::fs::symlink(t, path).ctx(0, what)?;
         }
         DirEntryKind::Fifo => {
             let c = cstr(path)?;
             // SAFETY: mkfifo with a valid path.
             if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
-                return Err(io(what())(std::io::Error::last_os_error()));
+                return Err(std::io::Error::last_os_error()).ctx(0, what);
             }
         }
         DirEntryKind::File => {
@@ -267,14 +260,14 @@ fn recreate_one(path: &Path, e: &DirEntry, earlier: &[PathBuf], data: &mut File)
                     pid: 0,
                     msg: format!("a damaged image links {} to a later entry", e.path),
                 })?;
-                return std::fs::hard_link(src, path).map_err(io(what()));
+                return std::fs::hard_link(src, path).ctx(0, what);
             }
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .open(path)
-                .map_err(io(what()))?;
-            f.set_len(e.size).map_err(io(what()))?;
+                .ctx(0, what)?;
+            f.set_len(e.size).ctx(0, what)?;
             let mut src = e.data_offset;
             let mut buf = vec![0u8; 1 << 20];
             for &(start, len) in &e.extents {
@@ -283,9 +276,8 @@ fn recreate_one(path: &Path, e: &DirEntry, earlier: &[PathBuf], data: &mut File)
                     use std::os::unix::fs::FileExt;
                     let n = buf.len().min((len - done) as usize);
                     data.read_exact_at(&mut buf[..n], src)
-                        .map_err(io(format!("reading the saved content of {}", e.path)))?;
-                    f.write_all_at(&buf[..n], start + done)
-                        .map_err(io(what()))?;
+                        .ctx(0, || format!("reading the saved content of {}", e.path))?;
+                    f.write_all_at(&buf[..n], start + done).ctx(0, what)?;
                     done += n as u64;
                     src += n as u64;
                 }
@@ -305,9 +297,8 @@ fn finish_one(path: &Path, e: &DirEntry) -> Result<()> {
             && e.link_of.is_none()
             && libc::chmod(c.as_ptr(), e.mode) != 0
         {
-            return Err(io(format!("setting the mode of {}", path.display()))(
-                std::io::Error::last_os_error(),
-            ));
+            return Err(std::io::Error::last_os_error())
+                .ctx(0, || format!("setting the mode of {}", path.display()));
         }
         let t = libc::timespec {
             tv_sec: e.mtime.0,
