@@ -202,23 +202,27 @@ fn checkpoint_locked(
     // child it never made. Below a subreaper of the job, processes are copied while
     // frozen (and so is the whole tree: see `all_snapshotted`).
     let mut below_subreaper: std::collections::HashSet<i32> = Default::default();
+    // Each process is read up to the start of its snapshot fork, then (once every
+    // fork is under way) the rest: the forks run at once (see `Begun`).
+    let mut begun = Vec::with_capacity(tree.len());
     for (proc, frozen) in tree.iter_mut() {
         stasis_sys::fault::step("reading a frozen process")?;
         let allow = !below_subreaper.contains(&proc.pid);
-        let part = dump_frozen(
+        let b = dump_frozen(&tracking, allow, proc, frozen, &mut shm, &mut writer)?;
+        if b.ts.settings.child_subreaper || !allow {
+            below_subreaper.extend(job_children(proc)?);
+        }
+        begun.push(b);
+    }
+    for (b, (proc, _)) in begun.into_iter().zip(tree.iter()) {
+        parts.push(b.end(
             &tracking,
-            allow,
             proc,
-            frozen,
             &stdio,
             &mut registry,
             &mut shm,
             &mut writer,
-        )?;
-        if part.process.settings.child_subreaper || !allow {
-            below_subreaper.extend(job_children(proc)?);
-        }
-        parts.push(part);
+        )?);
     }
     let waited: HashMap<i32, bool> = parts
         .iter()
@@ -666,19 +670,108 @@ struct Tracking {
     job_stopped: Vec<i32>,
 }
 
-/// `allow_snapshot`: false for a process whose snapshot could be reaped by the job
-/// (see the caller).
+/// A process's dump up to the start of its snapshot fork ([`dump_frozen`]); the rest
+/// is done by [`Begun::end`] once the forks of the whole tree are under way, so that
+/// the kernel copies their page tables at once, on every core (the tree's pause is
+/// about the longest fork, not their sum).
+struct Begun {
+    pid: i32,
+    steps: Steps,
+    late_flags: bool,
+    layout: Vec<memory::Vma>,
+    insn: u64,
+    injection: Injection,
+    dumpable: u32,
+    ts: task::TaskState,
+    sigs: stasis_image::Signals,
+    posix_timers: Vec<stasis_image::PosixTimer>,
+    child_waits: Vec<(i32, bool)>,
+    threads: Vec<stasis_image::Thread>,
+    job_stop: Option<i32>,
+    written: Option<Vec<(u64, u64)>>,
+    tracked: bool,
+    rss: u64,
+    frozen_copy: bool,
+    snapshot_ok: bool,
+    frozen_flags: Option<FlagsJob>,
+    /// The memory planned and copied while frozen, once done (before the fork, or
+    /// after it when the fork has to show what it does not copy).
+    memory: Option<FrozenMemory>,
+    forking: Option<crate::snapshot::Forking>,
+    early_flags: bool,
+}
+
+/// What of a process's memory is planned and copied while it is frozen.
+struct FrozenMemory {
+    plan: Option<memory::Plan>,
+    hidden_plan: memory::Plan,
+    hidden_buf: Vec<u8>,
+    fresh_registrations: bool,
+}
+
+/// Plans the process's pages (all of them, or with a snapshot only what a fork does
+/// not copy, the rest being planned from the snapshot's own pagemap once the process
+/// runs again: see Part::write_pages), arms dirty tracking, saves its shared
+/// mappings and copies the pages a fork does not.
+#[allow(clippy::too_many_arguments)]
+fn frozen_memory(
+    tracking: &Tracking,
+    proc: &ProcDir,
+    layout: &mut [memory::Vma],
+    injection: &Injection,
+    written: Option<&[(u64, u64)]>,
+    tracked: bool,
+    snapshot_ok: bool,
+    steps: &mut Steps,
+    shm: &mut crate::shm::Collector,
+    writer: &mut CheckpointWriter,
+) -> Result<FrozenMemory> {
+    let pid = proc.pid;
+    let (inj, scratch) = injection.leader();
+    let (plan, hidden_plan) = if snapshot_ok {
+        let hidden = memory::plan(proc, layout, written, memory::invisible_to_fork)?;
+        (None, hidden)
+    } else {
+        let all = memory::plan(proc, layout, written, |_| true)?;
+        (Some(all), memory::Plan::default())
+    };
+    steps.done("pagemap");
+    // Only a tracer that lives on (stasis init) keeps the tracking it arms.
+    let fresh_registrations = tracking.incremental
+        && tracking.keeps_tracking
+        && crate::dirty::arm(proc, layout, inj, tracking.seq, tracked)?;
+    steps.done("dirty arm");
+    memory::save_shared_files(pid, layout, writer)?;
+    shm.save_mappings(proc, layout, inj, scratch, writer)?;
+    let mut hidden_buf = vec![0u8; hidden_plan.bytes as usize];
+    memory::copy_pages(
+        pid,
+        memory::Source::Process,
+        &hidden_plan,
+        |_| true,
+        &mut hidden_buf,
+    )?;
+    steps.done("shared and hidden memory");
+    Ok(FrozenMemory {
+        plan,
+        hidden_plan,
+        hidden_buf,
+        fresh_registrations,
+    })
+}
+
+/// Reads a frozen process's state up to the start of its snapshot fork (see
+/// [`Begun`]). `allow_snapshot`: false for a process whose snapshot could be reaped
+/// by the job (see the caller).
 #[allow(clippy::too_many_arguments)]
 fn dump_frozen(
     tracking: &Tracking,
     allow_snapshot: bool,
     proc: &ProcDir,
     frozen: &mut Frozen,
-    stdio: &files::StdioIds,
-    registry: &mut files::Registry,
     shm: &mut crate::shm::Collector,
     writer: &mut CheckpointWriter,
-) -> Result<Part> {
+) -> Result<Begun> {
     let pid = proc.pid;
     let mut steps = Steps::new();
     let tracking_snapshot_ok = tracking.snapshot_ok && allow_snapshot;
@@ -739,116 +832,170 @@ fn dump_frozen(
         std::thread::spawn(move || memory::read_flags(&proc).map(Some))
     });
     steps.done("dirty scan");
-    // With a snapshot, only what a fork does not copy is planned and copied now, into
-    // a buffer; the rest is planned from the snapshot's own pagemap once the process
-    // runs again (see Part::write_pages).
-    // Without flags (see Tracking::late_flags), the snapshot is taken first: what a
-    // fork does not copy is seen on it.
-    let mut snapshot = None;
-    let mut snapshot_us = 0;
-    if snapshot_ok && tracking_late_flags {
-        let t_snap = Instant::now();
-        let snap = Snapshot::take(inj, scratch)?;
-        snapshot_us = t_snap.elapsed().as_micros() as u64;
-        memory::mark_invisible(proc, &ProcDir::new(snap.pid), &mut layout)?;
-        snapshot = Some(snap);
-    }
-    steps.done("early snapshot");
-    let (plan, hidden_plan) = if snapshot_ok {
-        let hidden = memory::plan(proc, &layout, written.as_deref(), memory::invisible_to_fork)?;
-        (None, hidden)
+    // Without flags (see Tracking::late_flags), the snapshot is forked first: what a
+    // fork does not copy is seen on it (in `Begun::end`).
+    let late = snapshot_ok && tracking_late_flags;
+    let memory = if late {
+        None
     } else {
-        let all = memory::plan(proc, &layout, written.as_deref(), |_| true)?;
-        (Some(all), memory::Plan::default())
+        Some(frozen_memory(
+            tracking,
+            proc,
+            &mut layout,
+            &injection,
+            written.as_deref(),
+            tracked,
+            snapshot_ok,
+            &mut steps,
+            shm,
+            writer,
+        )?)
     };
-    steps.done("pagemap");
-    // Only a tracer that lives on (stasis init) keeps the tracking it arms.
-    let fresh_registrations = tracking.incremental
-        && tracking.keeps_tracking
-        && crate::dirty::arm(proc, &layout, inj, tracking.seq, tracked)?;
-    steps.done("dirty arm");
-    memory::save_shared_files(pid, &mut layout, writer)?;
-    shm.save_mappings(proc, &layout, inj, scratch, writer)?;
-    let mut hidden_buf = vec![0u8; hidden_plan.bytes as usize];
-    memory::copy_pages(
-        pid,
-        memory::Source::Process,
-        &hidden_plan,
-        |_| true,
-        &mut hidden_buf,
-    )?;
-    steps.done("shared and hidden memory");
-    if snapshot_ok && snapshot.is_none() {
+    let forking = if snapshot_ok {
         stasis_sys::fault::step("taking the snapshot")?;
-        let t_snap = Instant::now();
-        snapshot = Some(Snapshot::take(inj, scratch)?);
-        snapshot_us = t_snap.elapsed().as_micros() as u64;
-    }
-    if snapshot.is_some() {
-        crate::snapshot::note_fork(pid, rss, snapshot_us * 1000);
-    }
-    steps.done("snapshot");
-    let fds = registry.dump_fds(proc, stdio, shm, writer)?;
-    steps.done("fds");
-    // Its /proc files are not read any more (pages of a process without a snapshot
-    // are copied with process_vm_readv).
-    let mem = if dumpable == 0 && snapshot.is_none() {
-        Some(std::fs::File::open(proc.file("mem")).ctx(pid, || "opening /proc/PID/mem".into())?)
+        let (inj, scratch) = injection.leader();
+        Some(Snapshot::start(inj, scratch)?)
     } else {
         None
     };
-    task::restore_readable(inj, dumpable)?;
-    injection.finish()?;
-    tracing::debug!("process {pid} frozen: {}", steps.report());
-    Ok(Part {
-        process: Process {
-            pid,
-            ppid: ts.ppid,
-            pgid: ts.pgid,
-            sid: ts.sid,
-            comm: ts.comm,
-            exe: ts.exe,
-            cwd: ts.cwd,
-            umask: ts.umask,
-            personality: ts.personality,
-            rlimits: ts.rlimits,
-            mm: ts.mm,
-            mappings: Vec::new(),
-            pages: Default::default(),
-            page_hashes: None,
-            runs_file: None,
-            fds,
-            signals: sigs,
-            itimers: ts.itimers,
-            posix_timers,
-            settings: ts.settings,
-            job_stop: frozen.job_stop.map(|signal| stasis_image::JobStop {
-                signal,
-                waited: true,
-            }),
-            threads,
-            locks: registry.locks.take(pid),
-            creds: Some(crate::creds::dump(pid)?),
-        },
+    Ok(Begun {
+        pid,
+        steps,
+        late_flags: tracking_late_flags,
         layout,
-        plan: plan.unwrap_or_default(),
-        plan_later: snapshot_ok,
-        written,
-        hidden_plan,
-        hidden_index: Vec::new(),
-        hidden_buf,
-        snapshot,
-        snapshot_us,
-        tracked,
-        early_flags: tracking.early_flags.is_some(),
-        late_flags: tracking_late_flags && snapshot_ok,
-        frozen_copy,
-        mem,
-        frozen_flags,
-        fresh_registrations,
         insn,
+        injection,
+        dumpable,
+        ts,
+        sigs,
+        posix_timers,
         child_waits,
+        threads,
+        job_stop: frozen.job_stop,
+        written,
+        tracked,
+        rss,
+        frozen_copy,
+        snapshot_ok,
+        frozen_flags,
+        memory,
+        forking,
+        early_flags: tracking.early_flags.is_some(),
     })
+}
+
+impl Begun {
+    /// Waits for the snapshot fork, then reads the rest of the process's state (its
+    /// descriptors) while it is still frozen.
+    fn end(
+        mut self,
+        tracking: &Tracking,
+        proc: &ProcDir,
+        stdio: &files::StdioIds,
+        registry: &mut files::Registry,
+        shm: &mut crate::shm::Collector,
+        writer: &mut CheckpointWriter,
+    ) -> Result<Part> {
+        let pid = self.pid;
+        let mut snapshot = None;
+        let mut snapshot_us = 0;
+        if let Some(forking) = self.forking.take() {
+            let t_wait = Instant::now();
+            let took = forking.elapsed();
+            snapshot = Some(forking.finish()?);
+            snapshot_us = (took + t_wait.elapsed()).as_micros() as u64;
+            self.steps.done("snapshot");
+        }
+        let memory = match self.memory.take() {
+            Some(m) => m,
+            None => {
+                if let Some(snap) = &snapshot {
+                    memory::mark_invisible(proc, &ProcDir::new(snap.pid), &mut self.layout)?;
+                }
+                frozen_memory(
+                    tracking,
+                    proc,
+                    &mut self.layout,
+                    &self.injection,
+                    self.written.as_deref(),
+                    self.tracked,
+                    self.snapshot_ok,
+                    &mut self.steps,
+                    shm,
+                    writer,
+                )?
+            }
+        };
+        if snapshot.is_some() {
+            crate::snapshot::note_fork(pid, self.rss, snapshot_us * 1000);
+        }
+        let fds = registry.dump_fds(proc, stdio, shm, writer)?;
+        self.steps.done("fds");
+        // Its /proc files are not read any more (pages of a process without a snapshot
+        // are copied with process_vm_readv).
+        let mem = if self.dumpable == 0 && snapshot.is_none() {
+            Some(
+                std::fs::File::open(proc.file("mem"))
+                    .ctx(pid, || "opening /proc/PID/mem".into())?,
+            )
+        } else {
+            None
+        };
+        let (inj, _) = self.injection.leader();
+        task::restore_readable(inj, self.dumpable)?;
+        self.injection.finish()?;
+        tracing::debug!("process {pid} frozen: {}", self.steps.report());
+        let ts = self.ts;
+        Ok(Part {
+            process: Process {
+                pid,
+                ppid: ts.ppid,
+                pgid: ts.pgid,
+                sid: ts.sid,
+                comm: ts.comm,
+                exe: ts.exe,
+                cwd: ts.cwd,
+                umask: ts.umask,
+                personality: ts.personality,
+                rlimits: ts.rlimits,
+                mm: ts.mm,
+                mappings: Vec::new(),
+                pages: Default::default(),
+                page_hashes: None,
+                runs_file: None,
+                fds,
+                signals: self.sigs,
+                itimers: ts.itimers,
+                posix_timers: self.posix_timers,
+                settings: ts.settings,
+                job_stop: self.job_stop.map(|signal| stasis_image::JobStop {
+                    signal,
+                    waited: true,
+                }),
+                threads: self.threads,
+                locks: registry.locks.take(pid),
+                creds: Some(crate::creds::dump(pid)?),
+            },
+            layout: self.layout,
+            plan: memory.plan.unwrap_or_default(),
+            plan_later: self.snapshot_ok,
+            written: self.written,
+            hidden_plan: memory.hidden_plan,
+            hidden_index: Vec::new(),
+            hidden_buf: memory.hidden_buf,
+            snapshot,
+            snapshot_us,
+            tracked: self.tracked,
+            early_flags: self.early_flags,
+            late_flags: self.late_flags && self.snapshot_ok,
+            frozen_copy: self.frozen_copy,
+            mem,
+            frozen_flags: self.frozen_flags,
+            fresh_registrations: memory.fresh_registrations,
+            insn: self.insn,
+            child_waits: self.child_waits,
+        })
+    }
 }
 
 impl Part {

@@ -43,7 +43,9 @@ use stasis_sys::ptrace::{self, Stop};
 /// blocks; the snapshot's page writes are followed by [`Injector::poll`] instead.
 pub const SYSCALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Executes syscalls in a stopped, seized thread.
+/// Executes syscalls in a stopped, seized thread. A clone injects into the same
+/// thread (e.g. to collect a syscall started through another).
+#[derive(Clone)]
 pub struct Injector {
     pid: i32,
     insn: u64,

@@ -124,6 +124,72 @@ pub struct Snapshot {
     foster: Option<i32>,
 }
 
+/// A snapshot fork under way in a frozen process (see [`Snapshot::start`]). Dropped
+/// before [`Forking::finish`] (a checkpoint failing meanwhile), it waits for the fork
+/// and kills the snapshot.
+pub struct Forking {
+    /// The injector of the thread forking.
+    inj: Injector,
+    foster: Option<i32>,
+    started: std::time::Instant,
+    /// The clone3 has not been collected yet.
+    pending: bool,
+}
+
+impl Forking {
+    /// Waits for the fork to end; the snapshot, traced and stopped before its first
+    /// instruction.
+    pub fn finish(mut self) -> Result<Snapshot> {
+        self.pending = false;
+        let leader = self.inj.tid();
+        let r = self.inj.finish();
+        ptrace::set_options(leader, ptrace::O_TRACESYSGOOD)
+            .ctx(leader, || "resetting ptrace options".into())?;
+        let pid = self.inj.check("clone3 (copy-on-write snapshot)", r?)? as i32;
+        if let Ok(mut ours) = SNAPSHOTS.lock() {
+            ours.insert(pid);
+        }
+        let snap = Snapshot {
+            pid,
+            threads: Vec::new(),
+            foster: self.foster,
+        };
+        crate::thread::wait_created(pid)?;
+        ptrace::set_options(pid, ptrace::O_TRACESYSGOOD | ptrace::O_EXITKILL)
+            .ctx(pid, || "tracing the snapshot".into())?;
+        Ok(snap)
+    }
+
+    /// How long since the fork started.
+    pub fn elapsed(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+}
+
+impl Drop for Forking {
+    fn drop(&mut self) {
+        if !self.pending {
+            return;
+        }
+        let leader = self.inj.tid();
+        let r = self.inj.finish();
+        let _ = ptrace::set_options(leader, ptrace::O_TRACESYSGOOD);
+        if let Ok(pid) = r {
+            if pid > 0 {
+                if let Ok(mut ours) = SNAPSHOTS.lock() {
+                    ours.insert(pid as i32);
+                }
+                // Killed and reaped (it is traced by us from its creation on).
+                drop(Snapshot {
+                    pid: pid as i32,
+                    threads: Vec::new(),
+                    foster: self.foster,
+                });
+            }
+        }
+    }
+}
+
 /// Most iovecs of one injected pwritev (IOV_MAX).
 const MAX_IOVECS: usize = 1024;
 /// Most bytes of one injected pwritev: small enough to spread the work evenly and
@@ -186,6 +252,14 @@ impl Snapshot {
     /// tracer it stays a zombie of that process, reaped by an injected wait4 at its
     /// next checkpoint ([`reap_left`]) or by us if it exits.
     pub fn take(inj: &Injector, scratch: &Scratch) -> Result<Snapshot> {
+        Snapshot::start(inj, scratch)?.finish()
+    }
+
+    /// Starts forking the snapshot (see [`Snapshot::take`]) and returns while the
+    /// kernel copies the page tables: the forks of several processes of a tree run at
+    /// once, on every core. Nothing else may be injected into the process until
+    /// [`Forking::finish`].
+    pub fn start(inj: &Injector, scratch: &Scratch) -> Result<Forking> {
         let leader = inj.tid();
         let parent = procfs::process::Process::new(leader)
             .and_then(|p| p.stat())
@@ -206,26 +280,15 @@ impl Snapshot {
         scratch.write(&clone_args_bytes(flags, 0, 0))?;
         ptrace::set_options(leader, ptrace::O_TRACESYSGOOD | ptrace::O_TRACECLONE)
             .ctx(leader, || "tracing the snapshot fork".into())?;
-        let r = inj.call(
-            "clone3 (copy-on-write snapshot)",
-            libc::SYS_clone3,
-            &[scratch.addr, CLONE_ARGS_SIZE],
-        );
-        ptrace::set_options(leader, ptrace::O_TRACESYSGOOD)
-            .ctx(leader, || "resetting ptrace options".into())?;
-        let pid = r? as i32;
-        if let Ok(mut ours) = SNAPSHOTS.lock() {
-            ours.insert(pid);
-        }
-        let snap = Snapshot {
-            pid,
-            threads: Vec::new(),
+        let started = inj.start(libc::SYS_clone3, &[scratch.addr, CLONE_ARGS_SIZE]);
+        let forking = Forking {
+            inj: inj.clone(),
             foster,
+            started: std::time::Instant::now(),
+            pending: started.is_ok(),
         };
-        crate::thread::wait_created(pid)?;
-        ptrace::set_options(pid, ptrace::O_TRACESYSGOOD | ptrace::O_EXITKILL)
-            .ctx(pid, || "tracing the snapshot".into())?;
-        Ok(snap)
+        started?;
+        Ok(forking)
     }
 
     /// Plans the writes of the runs selected by `want` (see [`Snapshot::write`]);
