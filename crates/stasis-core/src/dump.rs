@@ -61,6 +61,23 @@ pub struct DumpOptions {
     /// Faults injected for a test (see `stasis_sys::fault`); None: this process's
     /// environment says.
     pub fault: Option<stasis_sys::fault::Plan>,
+    /// A checkpoint of one node's part of a multi-node job (see [`Barrier`]): the
+    /// part stays frozen until every node has written its own, and is written into the
+    /// directory the barrier names.
+    pub barrier: Option<std::sync::Arc<dyn Barrier>>,
+}
+
+/// The two points where a checkpoint of one node's part of a multi-node job waits for
+/// the other nodes (through the agent that speaks for the node to the coordinator):
+/// nothing of the job anywhere is saved before every part is frozen, and no part runs
+/// again (or is killed) before every part is written.
+pub trait Barrier: std::fmt::Debug + Send + Sync {
+    /// The part is frozen. Returns the directory to write it into (created if
+    /// needed); an error abandons the checkpoint and the part runs on.
+    fn frozen(&self) -> Result<PathBuf>;
+    /// The part is written into `path` and synced. Returns whether to kill it (else
+    /// it runs on); an error abandons the checkpoint and the part runs on.
+    fn written(&self, path: &Path) -> Result<bool>;
 }
 
 /// How long a checkpoint waits for one in progress in the same directory.
@@ -105,6 +122,11 @@ fn checkpoint_with_retries(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<D
         if r.is_err() {
             // The flags remembered from the last checkpoint may be what went wrong.
             memory::forget_flags(pid);
+        }
+        // A coordinated checkpoint is not retried here: the other nodes froze for
+        // this attempt (the coordinator asks again).
+        if opts.barrier.is_some() {
+            return r;
         }
         match r {
             Err(Error::Transient { pid, what }) if attempt < 50 => {
@@ -156,6 +178,23 @@ fn checkpoint_locked(
     let t0 = Instant::now();
     let (mut tree, zombies) = freeze_tree(&roots, parent_is_us.then_some(me))?;
     let freeze_us = t0.elapsed().as_micros() as u64;
+    // A node's part of a multi-node job waits for every other part to be frozen; it
+    // is then written where the coordinator says, into a directory of its own.
+    let (target_lock, target);
+    let (lock, dir) = match &opts.barrier {
+        None => (lock, dir),
+        Some(b) => {
+            target = b.frozen()?;
+            std::fs::create_dir_all(&target).map_err(|e| Error::Io {
+                pid,
+                context: format!("creating {}", target.display()),
+                source: e,
+            })?;
+            target_lock = DirLock::acquire(&target)?;
+            (&target_lock, target.as_path())
+        }
+    };
+    let hold = opts.barrier.is_some();
 
     let mut writer = CheckpointWriter::begin(lock)?;
     let (stdio, stdio_files) = match &opts.stdio {
@@ -180,7 +219,9 @@ fn checkpoint_locked(
     // then stays frozen while its snapshot writes (one copy, on every core), until it
     // is killed; a tree to be killed is copied while frozen. `checkpoint --pid` copies
     // while frozen.
-    let snapshot_ok = parent_is_us && (tree.len() == 1 || !opts.kill);
+    // A part of a multi-node job stays frozen until every part is written: no
+    // snapshot would shorten its pause.
+    let snapshot_ok = parent_is_us && (tree.len() == 1 || !opts.kill) && !hold;
     let mut parts = Vec::with_capacity(tree.len());
     let tracking = Tracking {
         snapshot_ok,
@@ -280,8 +321,9 @@ fn checkpoint_locked(
         let prev_pages = prev.get(&part.process.pid);
         copied.push(part.write_pages(&mut writer, prev_pages, opts.compress)?);
     }
-    // Every page is copied: the processes may run on (unless they are to die).
-    if !opts.kill {
+    // Every page is copied: the processes may run on (unless they are to die, or
+    // wait for the other nodes' parts).
+    if !opts.kill && !hold {
         for (_, f) in tree.iter_mut() {
             f.release()?;
         }
@@ -363,7 +405,26 @@ fn checkpoint_locked(
         // checkpoint is complete.
         std::thread::spawn(move || drop(dead_snapshots));
     }
-    if opts.kill {
+    let kill = match &opts.barrier {
+        None => opts.kill,
+        Some(b) => match b.written(&path) {
+            Ok(kill) => kill,
+            Err(e) => {
+                // Abandoned: the other parts run on, and so does this one (the
+                // coordinator removes what was written).
+                for (_, f) in tree.iter_mut() {
+                    f.release()?;
+                }
+                return Err(e);
+            }
+        },
+    };
+    if hold && !kill {
+        for (_, f) in tree.iter_mut() {
+            f.release()?;
+        }
+    }
+    if kill {
         // Their TCP connections end with a reset, not a FIN: nothing of the job waits
         // out TIME_WAIT on the ports a restart binds again.
         crate::sockets::inet::abort_on_close(&meta);
@@ -382,7 +443,9 @@ fn checkpoint_locked(
             crate::snapshot::forget_costs(proc.pid);
         }
     }
-    if let Err(e) = store::prune(lock, opts.keep) {
+    if hold {
+        // One checkpoint per directory: the coordinator keeps the global ones.
+    } else if let Err(e) = store::prune(lock, opts.keep) {
         tracing::warn!(
             "checkpoint {} written, but removing old checkpoints failed: {e}",
             path.display()
@@ -392,7 +455,7 @@ fn checkpoint_locked(
         path,
         sequence,
         timings: meta.timings,
-        killed: opts.kill,
+        killed: kill,
     })
 }
 

@@ -46,6 +46,10 @@ pub enum Error {
     /// (its requester went away).
     #[error(transparent)]
     Fault(#[from] stasis_sys::fault::Fault),
+    /// A coordinated checkpoint was abandoned (by its coordinator, or because the
+    /// agent speaking for it went away); the job runs on.
+    #[error("checkpoint abandoned: {why}")]
+    Abandoned { why: String },
     /// The process refused to be traced.
     #[error("cannot attach to process {pid}: {msg}")]
     Attach { pid: i32, msg: String },

@@ -306,12 +306,24 @@ pub enum Command {
     /// Take part in the checkpoints of a job that spans several nodes, for this node.
     ///
     /// Connects to the coordinator (retrying for 30 s while it is not listening yet).
-    /// With CMD, runs CMD as its child and exits with its status (75 after `checkpoint
-    /// --kill`). Not yet done: the checkpoint engine is not plugged into agents, so a
-    /// checkpoint of an agent's part fails with an error saying so, unless --simulate
-    /// simulates the part (a short file written per checkpoint). Without CMD and
-    /// without --simulate the agent only offers its node, and takes no part in
-    /// checkpoints.
+    /// With CMD, runs CMD under stasis as this node's part of the job (as `stasis run`
+    /// would: its own PID, IPC and user namespaces, private /tmp and /dev/shm unless
+    /// `--tmp host`) and exits with its status (75 after `checkpoint --coordinator ...
+    /// --kill`). At each global checkpoint the part is frozen, waits until every
+    /// node's part is frozen, is written into the node's directory of the global
+    /// checkpoint (which must not be under /tmp or /dev/shm with `--tmp private`: the
+    /// job sees its own there), waits until every part is written, then runs on or is
+    /// killed. --simulate simulates the part instead (a short file written per
+    /// checkpoint). Without CMD and without --simulate the agent only offers its node,
+    /// and takes no part in checkpoints.
+    ///
+    /// Not yet done: TCP connections between nodes (an MPI job across nodes) are
+    /// refused at checkpoint time like any connection to outside the job, and a
+    /// global checkpoint cannot be restarted by one command yet: each node's part
+    /// (DIR/checkpoint-N/node-K) restarts with `stasis restart`.
+    #[command(
+        after_help = "EXAMPLES\n    stasis coordinator --listen 0.0.0.0:7070 --dir $SCRATCH/ckpt &\n    srun stasis agent --coordinator head:7070 -- ./solver   # one part per node\n    stasis checkpoint --coordinator head:7070 --kill\n    stasis restart $SCRATCH/ckpt/checkpoint-000001/node-0   # on the node of your choice"
+    )]
     Agent {
         /// The coordinator's address.
         #[arg(long, value_name = "ADDR:PORT")]
@@ -334,6 +346,9 @@ pub enum Command {
         /// (tests) Speak only this protocol version.
         #[arg(long, hide = true, value_name = "N")]
         protocol_version: Option<u32>,
+        /// The part's /tmp and /dev/shm, as `stasis run --tmp`.
+        #[arg(long, value_name = "WHERE", default_value = "private", value_parser = ["private", "host"])]
+        tmp: String,
         /// The command and its arguments.
         #[arg(trailing_var_arg = true, value_name = "CMD")]
         cmd: Vec<String>,
@@ -422,6 +437,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 compress: compress.parse().map_err(anyhow::Error::msg)?,
                 tcp_external_reset: tcp_external == "reset",
                 fault: stasis_sys::fault::Plan::from_env(),
+                coordinated: false,
             };
             let report = match pid {
                 Some(pid) => {
@@ -472,10 +488,12 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             simulate_fail,
             simulate_state,
             protocol_version,
+            tmp,
             cmd,
         } => coord::agent(
             &coordinator,
             node,
+            tmp == "private",
             coord::Simulation {
                 enabled: simulate,
                 delays: simulate_delay,

@@ -31,6 +31,183 @@ pub struct Request {
     /// `STASIS_FAULT_*` environment (see `stasis_sys::fault`).
     #[serde(default)]
     pub fault: Option<stasis_sys::fault::Plan>,
+    /// A checkpoint of this node's part of a multi-node job, driven step by step by
+    /// the node's `stasis agent` (see [`Step`] and [`Go`]).
+    #[serde(default)]
+    pub coordinated: bool,
+}
+
+/// What the init tells the agent during a coordinated checkpoint (a line of JSON each,
+/// before the final [`Reply`]).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum Step {
+    /// The job is frozen: the init waits for [`Go::Dump`] or [`Go::Abort`].
+    Frozen,
+    /// The job is written into `path` and synced: the init waits for [`Go::Resume`],
+    /// [`Go::Kill`] or [`Go::Abort`].
+    Written { path: String },
+}
+
+/// What the agent answers to a [`Step`].
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "go", rename_all = "snake_case")]
+pub enum Go {
+    /// Write the part into `dir`.
+    Dump {
+        dir: String,
+    },
+    Resume,
+    Kill,
+    /// The checkpoint is abandoned: the job runs on.
+    Abort,
+}
+
+/// The init's side of a coordinated checkpoint: the two waits of
+/// [`stasis_core::dump::Barrier`] spoken over the control connection.
+#[derive(Debug)]
+pub struct StreamBarrier {
+    stream: UnixStream,
+    reader: std::sync::Mutex<BufReader<UnixStream>>,
+}
+
+impl StreamBarrier {
+    pub fn new(stream: &UnixStream) -> std::io::Result<StreamBarrier> {
+        Ok(StreamBarrier {
+            stream: stream.try_clone()?,
+            reader: std::sync::Mutex::new(BufReader::new(stream.try_clone()?)),
+        })
+    }
+
+    fn ask(&self, step: &Step) -> stasis_core::Result<Go> {
+        let abandoned = |why: String| stasis_core::Error::Abandoned { why };
+        let mut line = serde_json::to_string(step).map_err(|e| abandoned(e.to_string()))?;
+        line.push('\n');
+        (&self.stream)
+            .write_all(line.as_bytes())
+            .map_err(|e| abandoned(format!("the node's agent went away ({e})")))?;
+        let mut answer = String::new();
+        let mut reader = self
+            .reader
+            .lock()
+            .map_err(|_| abandoned("internal: control reader poisoned".into()))?;
+        match reader.read_line(&mut answer) {
+            Ok(0) => Err(abandoned("the node's agent went away".into())),
+            Err(e) => Err(abandoned(format!("the node's agent went away ({e})"))),
+            Ok(_) => serde_json::from_str::<Go>(&answer)
+                .map_err(|e| abandoned(format!("bad answer from the node's agent: {e}"))),
+        }
+    }
+}
+
+impl stasis_core::dump::Barrier for StreamBarrier {
+    fn frozen(&self) -> stasis_core::Result<PathBuf> {
+        match self.ask(&Step::Frozen)? {
+            Go::Dump { dir } => Ok(PathBuf::from(dir)),
+            Go::Abort => Err(stasis_core::Error::Abandoned {
+                why: "by the coordinator".into(),
+            }),
+            other => Err(stasis_core::Error::Abandoned {
+                why: format!("the node's agent answered {other:?} to frozen"),
+            }),
+        }
+    }
+
+    fn written(&self, path: &Path) -> stasis_core::Result<bool> {
+        let step = Step::Written {
+            path: path.display().to_string(),
+        };
+        match self.ask(&step)? {
+            Go::Resume => Ok(false),
+            Go::Kill => Ok(true),
+            Go::Abort => Err(stasis_core::Error::Abandoned {
+                why: "by the coordinator".into(),
+            }),
+            other => Err(stasis_core::Error::Abandoned {
+                why: format!("the node's agent answered {other:?} to written"),
+            }),
+        }
+    }
+}
+
+/// The agent's side of a coordinated checkpoint of the job supervised in a
+/// directory (see [`Step`]).
+pub struct Coordinated {
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+/// One line from the init during a coordinated checkpoint: a step, or the final reply.
+pub enum Heard {
+    Step(Step),
+    Reply(Reply),
+}
+
+impl Coordinated {
+    /// Asks the supervisor of `dir` to freeze its job for a coordinated checkpoint;
+    /// returns once it is frozen.
+    pub fn freeze(dir: &Path) -> Result<Coordinated> {
+        let addr = address(dir)?;
+        let stream = UnixStream::connect_addr(&addr).map_err(|e| {
+            anyhow!(
+                "no `stasis run` is supervising {} ({e}): did the node's part exit?",
+                dir.display()
+            )
+        })?;
+        let reader = BufReader::new(stream.try_clone().context("control socket")?);
+        let mut c = Coordinated { stream, reader };
+        let req = Request {
+            kill: false,
+            keep: 0,
+            incremental: false,
+            compress: stasis_image::Compression::None,
+            tcp_external_reset: false,
+            fault: None,
+            coordinated: true,
+        };
+        c.send(&req)?;
+        match c.hear()? {
+            Heard::Step(Step::Frozen) => Ok(c),
+            Heard::Step(s) => bail!("unexpected {s:?} from the job's init while freezing"),
+            Heard::Reply(r) => bail!("{}", r.error),
+        }
+    }
+
+    /// Sends one line.
+    pub fn send(&mut self, what: &impl Serialize) -> Result<()> {
+        let mut line = serde_json::to_string(what)?;
+        line.push('\n');
+        self.stream
+            .write_all(line.as_bytes())
+            .context("the job's init went away")
+    }
+
+    /// Reads one line.
+    pub fn hear(&mut self) -> Result<Heard> {
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .context("reading from the job's init")?;
+        if n == 0 {
+            bail!("the job's init closed the connection (did the application exit?)");
+        }
+        if let Ok(step) = serde_json::from_str::<Step>(&line) {
+            return Ok(Heard::Step(step));
+        }
+        let r: Reply = serde_json::from_str(&line).context("parsing the init's answer")?;
+        Ok(Heard::Reply(r))
+    }
+
+    /// Sends `go` and waits for the final reply (an error if the checkpoint failed).
+    pub fn finish(mut self, go: Go) -> Result<Reply> {
+        self.send(&go)?;
+        match self.hear()? {
+            Heard::Reply(r) if r.ok => Ok(r),
+            Heard::Reply(r) => bail!("{}", r.error),
+            Heard::Step(s) => bail!("unexpected {s:?} from the job's init"),
+        }
+    }
 }
 
 impl Request {
@@ -162,7 +339,7 @@ pub fn request_checkpoint(dir: &Path, req: &Request, show_progress: bool) -> Res
 }
 
 /// Server side: answers one connection with `handle`.
-pub fn serve_one(stream: UnixStream, handle: impl FnOnce(Request) -> Reply) {
+pub fn serve_one(stream: UnixStream, handle: impl FnOnce(Request, &UnixStream) -> Reply) {
     // The init runs as the invoking user's own ID in its user namespace (root's: 0).
     // SAFETY: geteuid has no preconditions.
     let my_uid = unsafe { libc::geteuid() };
@@ -191,7 +368,7 @@ pub fn serve_one(stream: UnixStream, handle: impl FnOnce(Request) -> Reply) {
                 let done = done.clone();
                 std::thread::spawn(move || watch_hangup(&s, &done))
             });
-            let r = handle(req);
+            let r = handle(req, &stream);
             done.store(true, std::sync::atomic::Ordering::Release);
             if let Some(w) = watcher {
                 let _ = w.join();
@@ -298,6 +475,7 @@ pub fn checkpoint_pid(dir: &Path, pid: i32, req: &Request, show_progress: bool) 
         app_api: None,
         stdio_files: Vec::new(),
         fault: req.fault.clone(),
+        barrier: None,
     };
     let progress = Progress::start(format!("checkpointing process {pid}"), show_progress);
     let report = dump::checkpoint(&canonical(dir)?, pid, &opts);

@@ -2,8 +2,11 @@
 //! `stasis agent`, `stasis checkpoint --coordinator` and the hidden benchmark
 //! `stasis coord-bench`, on top of the stasis-coord crate.
 //!
-//! The checkpoint engine is not plugged into agents yet: an agent's local part is either
-//! simulated (`--simulate`) or refuses to be checkpointed, with an error saying so.
+//! An agent with a command runs it under `stasis run` (its own init, in a fresh local
+//! directory) and speaks for it to the coordinator: each phase of a global checkpoint
+//! is a step of one coordinated checkpoint on the init's control socket
+//! ([`EnginePart`], `control::Coordinated`). An agent's part can also be simulated
+//! (`--simulate`).
 
 use anyhow::{bail, Context, Result};
 use stasis_coord::agent::{self, LocalPart, Outcome, Unplugged};
@@ -83,10 +86,112 @@ fn exit_code_of(status: std::process::ExitStatus) -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
+/// A node's part of the job, run under `stasis run --dir RUN_DIR` by the agent: each
+/// phase of a global checkpoint is a step of a coordinated checkpoint of that job.
+struct EnginePart {
+    node: String,
+    run_dir: PathBuf,
+    private_tmp: bool,
+    /// The coordinated checkpoint in progress.
+    current: Option<crate::control::Coordinated>,
+}
+
+impl EnginePart {
+    fn end(&mut self, go: crate::control::Go) -> Result<()> {
+        let c = self
+            .current
+            .take()
+            .with_context(|| format!("node {}: no checkpoint in progress", self.node))?;
+        c.finish(go).map(drop)
+    }
+}
+
+impl LocalPart for EnginePart {
+    fn freeze(&mut self, _ckpt: u64) -> Result<()> {
+        self.current = None;
+        self.current = Some(crate::control::Coordinated::freeze(&self.run_dir)?);
+        Ok(())
+    }
+
+    fn dump(&mut self, _ckpt: u64, dir: &Path) -> Result<u64> {
+        use crate::control::{Go, Heard, Step};
+        if self.private_tmp && (dir.starts_with("/tmp") || dir.starts_with("/dev/shm")) {
+            bail!(
+                "{} is under /tmp or /dev/shm, which the job on node {} sees as its own private ones: give the coordinator a directory elsewhere, or the agent --tmp host",
+                dir.display(),
+                self.node
+            );
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let c = self
+            .current
+            .as_mut()
+            .with_context(|| format!("node {}: not frozen", self.node))?;
+        c.send(&Go::Dump {
+            dir: dir.display().to_string(),
+        })?;
+        match c.hear()? {
+            Heard::Step(Step::Written { .. }) => Ok(dir_bytes(dir)),
+            Heard::Step(s) => bail!("unexpected {s:?} from the job's init"),
+            Heard::Reply(r) => {
+                self.current = None;
+                bail!("{}", r.error)
+            }
+        }
+    }
+
+    fn resume(&mut self, _ckpt: u64) -> Result<()> {
+        self.end(crate::control::Go::Resume)
+    }
+
+    fn kill(&mut self, _ckpt: u64) -> Result<()> {
+        self.end(crate::control::Go::Kill)
+    }
+
+    fn abort(&mut self, _ckpt: u64) -> Result<()> {
+        match self.current.take() {
+            // The init releases the job (and, after a failure, has already).
+            Some(c) => c.finish(crate::control::Go::Abort).map(drop).or(Ok(())),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(_) => e.metadata().map_or(0, |m| m.len()),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// A fresh local directory for the supervisor of the node's part (its control
+/// socket is named after it; its checkpoints go to the coordinator's directory).
+fn run_dir(node: &str) -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let base = std::env::var_os("STASIS_AGENT_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    let d = base.join(format!("stasis-agent.{node}.{}", std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&d)
+        .with_context(|| format!("creating {}", d.display()))?;
+    Ok(d)
+}
+
 /// `stasis agent`.
+#[allow(clippy::too_many_arguments)]
 pub fn agent(
     coordinator: &str,
     node: Option<String>,
+    private_tmp: bool,
     sim: Simulation,
     protocol_version: Option<u32>,
     cmd: &[String],
@@ -105,15 +210,62 @@ pub fn agent(
         opts.versions = (v, v);
     }
     let node = opts.node.clone();
+    // With CMD, it runs under `stasis run`, which the agent waits for before joining.
+    let mut engine = None;
     let mut part: Box<dyn LocalPart + Send> = if sim.enabled {
         Box::new(simulated(&node, &sim)?)
+    } else if !cmd.is_empty() {
+        let dir = run_dir(&node)?;
+        let exe = std::env::current_exe().context("finding the stasis executable")?;
+        let mut run = std::process::Command::new(exe);
+        run.arg("run")
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--tmp")
+            .arg(if private_tmp { "private" } else { "host" });
+        if quiet {
+            run.arg("--quiet");
+        }
+        run.arg("--").args(cmd);
+        let child = run
+            .spawn()
+            .with_context(|| format!("cannot run {} under stasis", cmd[0]))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut child = child;
+        while !crate::control::is_supervised(&dir) {
+            if let Some(st) = child.try_wait().context("waiting for stasis run")? {
+                let _ = std::fs::remove_dir(&dir);
+                bail!("node {node}: {} ended before it could join ({st})", cmd[0]);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("node {node}: stasis run did not start within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        engine = Some((child, dir.clone()));
+        Box::new(EnginePart {
+            node: node.clone(),
+            run_dir: dir,
+            private_tmp,
+            current: None,
+        })
     } else {
         Box::new(Unplugged(format!(
-            "node {node}: the checkpoint engine is not plugged into `stasis agent` yet \
-             (issue #13, phase 2); `stasis agent --simulate` simulates the node's part"
+            "node {node}: a spare agent (no CMD) holds no part of the job"
         )))
     };
-    let conn = agent::connect(coordinator, &opts)?;
+    let conn = match agent::connect(coordinator, &opts) {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some((mut child, dir)) = engine {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            return Err(e);
+        }
+    };
     if !quiet {
         eprintln!(
             "stasis agent: node {node} joined the coordinator at {coordinator} as agent {} (protocol {})",
@@ -132,11 +284,20 @@ pub fn agent(
         };
     }
 
-    // With CMD: it runs as a plain child; the protocol is served beside it.
-    let mut child = std::process::Command::new(&cmd[0])
-        .args(&cmd[1..])
-        .spawn()
-        .with_context(|| format!("cannot run {}", cmd[0]))?;
+    // With CMD: it runs as our child (under `stasis run`, or plainly beside a
+    // simulated part); the protocol is served beside it.
+    let (mut child, run_dir) = match engine {
+        Some((child, dir)) => (child, Some(dir)),
+        None => (
+            std::process::Command::new(&cmd[0])
+                .args(&cmd[1..])
+                .spawn()
+                .with_context(|| format!("cannot run {}", cmd[0]))?,
+            None,
+        ),
+    };
+    let supervised = run_dir.is_some();
+    let _cleanup = run_dir.map(RemoveOnDrop);
     let pid = child.id();
     enum Ev {
         Exited(std::io::Result<std::process::ExitStatus>),
@@ -172,6 +333,10 @@ pub fn agent(
                 }
                 return Ok(exit_code_of(status));
             }
+            Ok(Ev::Served(Outcome::Killed(n))) if supervised => {
+                // The init killed the job: `stasis run` exits with 75.
+                killed_after = Some(n);
+            }
             Ok(Ev::Served(Outcome::Killed(n))) => {
                 killed_after = Some(n);
                 // SAFETY: kill(2) takes plain integers and touches no memory of ours;
@@ -187,6 +352,15 @@ pub fn agent(
             }
             Err(_) => bail!("node {node}: lost track of {}", cmd[0]),
         }
+    }
+}
+
+/// Removes a directory when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -401,3 +401,244 @@ fn coordinator_and_agents_across_nodes() {
     bed.down();
     coord.wait(T_CMD);
 }
+
+/// `bed.on(k, argv)` run in directory `dir`.
+fn on_in(bed: &Bed, k: usize, dir: &Path, argv: &[&str]) -> Command {
+    let mut c = bed.on(k, argv);
+    c.current_dir(dir);
+    c
+}
+
+/// Waits for an agent to say it joined its coordinator.
+fn wait_joined(a: &mut Proc) {
+    let t0 = Instant::now();
+    while !a.stderr().contains("joined") {
+        assert!(t0.elapsed() < T_CMD, "the agent did not join\n{}", a.diag());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The node whose part the global checkpoint `n` holds as `node-K`, for each K.
+fn parts_of(ck: &Path, n: u32) -> Vec<String> {
+    let g: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(ck.join(format!("checkpoint-{n:06}/global.json"))).unwrap(),
+    )
+    .unwrap();
+    g["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["node"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Real parts (not simulated): a counter on each of nodes 1 and 2, each under its
+/// node's agent (`stasis agent -- counter`, which runs it under `stasis run`). A global
+/// checkpoint leaves both running; a second with --kill stops both (agents exit 75);
+/// each node's part is then restarted on another node (1's on 3, 2's on 1) and both
+/// counters continue from their saved state: ticks consecutive across the restart,
+/// their in-memory hash and pid checked by the counters themselves.
+#[test]
+fn real_parts_checkpointed_together_and_restarted_on_other_nodes() {
+    let w = Work::new("multinode_parts");
+    let mut bed = Bed::up("mp", 3);
+    let addr = format!("{}:7071", bed.addr(1));
+    let ck = w.ck.to_str().unwrap().to_string();
+    let mut coord = w.spawn(
+        "coordinator",
+        bed.on(
+            1,
+            &[
+                STASIS,
+                "coordinator",
+                "--listen",
+                &addr,
+                "--dir",
+                &ck,
+                "--timeout",
+                "30s",
+            ],
+        ),
+        Stdio::null(),
+    );
+    let counter = prog("counter");
+    let counter = counter.to_str().unwrap();
+    let mut agents: Vec<Proc> = (1..=2)
+        .map(|k| {
+            w.spawn_io(
+                &format!("agent-{k}"),
+                on_in(
+                    &bed,
+                    k,
+                    &w.dir,
+                    &[STASIS, "agent", "--coordinator", &addr, "--", counter],
+                ),
+                Stdio::null(),
+                true,
+            )
+        })
+        .collect();
+    for a in agents.iter_mut() {
+        a.wait_tick(3, T_READY);
+        wait_joined(a);
+    }
+    let mut r = w.spawn(
+        "checkpoint-1",
+        bed.on(2, &[STASIS, "checkpoint", "--coordinator", &addr]),
+        Stdio::null(),
+    );
+    r.expect_exit(0, T_CMD);
+    for a in agents.iter_mut() {
+        let t = a.last_tick().unwrap();
+        a.wait_tick(t + 3, T_CMD);
+    }
+    let mut r = w.spawn(
+        "checkpoint-2",
+        bed.on(3, &[STASIS, "checkpoint", "--coordinator", &addr, "--kill"]),
+        Stdio::null(),
+    );
+    r.expect_exit(0, T_CMD);
+    for a in agents.iter_mut() {
+        a.expect_exit(EXIT_CHECKPOINTED, T_CMD);
+    }
+    let parts = parts_of(&w.ck, 2);
+    assert_eq!(parts.len(), 2, "{parts:?}");
+    // Each node's part is a checkpoint directory of its own.
+    for k in 0..2 {
+        let d =
+            w.ck.join(format!("checkpoint-000002/node-{k}/checkpoint-000001"));
+        assert!(
+            d.join("meta.json").exists() || d.is_dir(),
+            "{} missing",
+            d.display()
+        );
+    }
+    // Node 1's part goes to node 3, node 2's to node 1.
+    let mut restarted = Vec::new();
+    for (from, to) in [(1usize, 3usize), (2, 1)] {
+        let k = parts.iter().position(|n| *n == bed.node(from)).unwrap();
+        let dir = format!("{ck}/checkpoint-000002/node-{k}");
+        let mut p = w.spawn_io(
+            &format!("restart-{from}-on-{to}"),
+            on_in(&bed, to, &w.path("elsewhere"), &[STASIS, "restart", &dir]),
+            Stdio::null(),
+            true,
+        );
+        let before = agents[from - 1].last_tick().unwrap();
+        p.wait_tick(before + 3, T_READY);
+        restarted.push((from, p));
+    }
+    w.go();
+    for (from, p) in restarted.iter_mut() {
+        p.expect_exit(0, T_CMD);
+        let outs = vec![
+            (format!("agent {from}"), agents[*from - 1].stdout()),
+            (format!("restart of {from}"), p.stdout()),
+        ];
+        let t = assert_ticks_consecutive(&outs, Some(0));
+        let ok = p
+            .lines()
+            .into_iter()
+            .find(|l| l.starts_with("OK"))
+            .unwrap_or_default();
+        assert!(
+            ok.starts_with(&format!("OK ticks={}", t.last().unwrap() + 1)),
+            "part of node {from}: {ok:?}\n{}",
+            p.diag()
+        );
+    }
+    assert!(coord.running(), "{}", coord.diag());
+    coord.kill();
+    bed.down();
+}
+
+/// A part that cannot be saved (a seccomp filter installed by the program) makes the
+/// whole global checkpoint fail: nothing is published, and both parts run on.
+#[test]
+fn a_part_that_cannot_be_saved_abandons_the_global_checkpoint() {
+    let w = Work::new("multinode_refused");
+    let mut bed = Bed::up("mr", 2);
+    let addr = format!("{}:7072", bed.addr(1));
+    let ck = w.ck.to_str().unwrap().to_string();
+    let mut coord = w.spawn(
+        "coordinator",
+        bed.on(
+            1,
+            &[
+                STASIS,
+                "coordinator",
+                "--listen",
+                &addr,
+                "--dir",
+                &ck,
+                "--timeout",
+                "30s",
+            ],
+        ),
+        Stdio::null(),
+    );
+    let counter = prog("counter");
+    let unsupported = prog("unsupported");
+    let mut good = w.spawn_io(
+        "agent-1",
+        bed.on(
+            1,
+            &[
+                STASIS,
+                "agent",
+                "--coordinator",
+                &addr,
+                "--",
+                counter.to_str().unwrap(),
+            ],
+        ),
+        Stdio::null(),
+        true,
+    );
+    let mut bad = w.spawn_io(
+        "agent-2",
+        on_in(
+            &bed,
+            2,
+            &w.dir,
+            &[
+                STASIS,
+                "agent",
+                "--coordinator",
+                &addr,
+                "--",
+                unsupported.to_str().unwrap(),
+                "seccomp",
+            ],
+        ),
+        Stdio::null(),
+        true,
+    );
+    good.wait_tick(3, T_READY);
+    bad.wait_tick(3, T_READY);
+    wait_joined(&mut good);
+    wait_joined(&mut bad);
+    let r = bed
+        .on(1, &[STASIS, "checkpoint", "--coordinator", &addr, "--kill"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success(), "the checkpoint succeeded: {err}");
+    assert!(
+        err.contains("seccomp"),
+        "the error does not name what could not be saved: {err}"
+    );
+    assert!(
+        !w.ck.join("checkpoint-000001").exists(),
+        "a failed global checkpoint was published"
+    );
+    for p in [&mut good, &mut bad] {
+        let t = p.last_tick().unwrap();
+        p.wait_tick(t + 5, T_CMD);
+        assert!(p.running(), "{}", p.diag());
+    }
+    coord.kill();
+    good.kill();
+    bad.kill();
+    bed.down();
+}

@@ -69,6 +69,7 @@ fn options(
         app_api: None,
         stdio_files: Vec::new(),
         fault: None,
+        barrier: None,
     }
 }
 
@@ -574,7 +575,7 @@ fn init_inner(
         if fds[1].revents & libc::POLLIN != 0 {
             if let Ok((stream, _)) = listener.accept() {
                 let _ = stream.set_nonblocking(false);
-                control::serve_one(stream, |req| {
+                control::serve_one(stream, |req, stream| {
                     let mut o = options(
                         opts,
                         req.kill,
@@ -585,6 +586,19 @@ fn init_inner(
                     o.keep = req.keep;
                     o.stdio_files = stdio_files.clone();
                     o.fault = req.fault.clone();
+                    if req.coordinated {
+                        match control::StreamBarrier::new(stream) {
+                            Ok(b) => o.barrier = Some(std::sync::Arc::new(b)),
+                            Err(e) => {
+                                return Reply {
+                                    ok: false,
+                                    error: format!("control socket: {e}"),
+                                    path: String::new(),
+                                    summary: String::new(),
+                                }
+                            }
+                        }
+                    }
                     match take(&mut api, &view, dir, app, o) {
                         (Ok(r), warnings) => {
                             killed_by_checkpoint |= r.killed;
