@@ -30,6 +30,14 @@ pub trait LocalPart {
     /// coordinator went silent): let the part run on, whatever phase it is in; what
     /// `dump` wrote may be left (the coordinator removes the partial checkpoint).
     fn abort(&mut self, ckpt: u64) -> Result<()>;
+    /// A spare agent's node is given the node part in `dir` to restart (protocol 2):
+    /// once it runs, the agent takes part in checkpoints.
+    fn restore(&mut self, dir: &Path) -> Result<()> {
+        bail!(
+            "cannot restart {} here: this agent has no engine",
+            dir.display()
+        )
+    }
 }
 
 /// A part that refuses to be checkpointed (an agent without an engine).
@@ -333,6 +341,23 @@ impl Connection {
                         local = Local::Running;
                     }
                     Msg::Aborted { ckpt }
+                }
+                Msg::Restore { dir } => {
+                    if local != Local::Running {
+                        Msg::RestoreFailed {
+                            dir,
+                            error: format!("{me} is in a checkpoint ({local:?})"),
+                        }
+                    } else {
+                        info!("{me}: restarting the part in {dir}");
+                        match part.restore(Path::new(&dir)) {
+                            Ok(()) => Msg::Restored { dir },
+                            Err(e) => Msg::RestoreFailed {
+                                dir,
+                                error: format!("{e:#}"),
+                            },
+                        }
+                    }
                 }
                 other => {
                     warn!(

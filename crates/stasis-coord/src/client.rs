@@ -119,4 +119,22 @@ impl Client {
             None => bail!("{} closed the connection before answering", self.peer),
         }
     }
+
+    /// Has the spare agent of `node` restart the node part in `dir` (protocol 2).
+    pub fn place(&mut self, node: &str, dir: &str) -> Result<()> {
+        protocol::send(
+            &mut self.writer,
+            &Msg::Place {
+                node: node.to_string(),
+                dir: dir.to_string(),
+            },
+        )
+        .with_context(|| format!("cannot send the request to {}", self.peer))?;
+        match protocol::recv(&mut self.reader, &self.peer)? {
+            Some(Msg::Placed { .. }) => Ok(()),
+            Some(Msg::Error { reason }) => bail!("{reason}"),
+            Some(m) => bail!("{} answered the request with {}", self.peer, m.kind()),
+            None => bail!("{} closed the connection before answering", self.peer),
+        }
+    }
 }

@@ -266,6 +266,8 @@ fn connection(conn: u64, stream: TcpStream, tx: Sender<Event>, hello_timeout: Du
 
 struct Peer {
     role: Role,
+    /// The protocol version it speaks.
+    version: u32,
     /// "agent 3 (node n1, pid 1234)"
     name: String,
     node: String,
@@ -320,6 +322,8 @@ struct State {
     next_index: u32,
     queue: VecDeque<(u64, bool)>,
     round: Option<Round>,
+    /// Spare agents restarting a node part, and the client that asked for it.
+    placing: BTreeMap<u64, u64>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -334,6 +338,7 @@ impl State {
             next_index: 0,
             queue: VecDeque::new(),
             round: None,
+            placing: BTreeMap::new(),
         }
     }
 
@@ -406,6 +411,7 @@ impl State {
                     conn,
                     Peer {
                         role,
+                        version,
                         name,
                         node,
                         index,
@@ -439,6 +445,14 @@ impl State {
         }
         // A client that went away before its turn asked for nothing.
         self.queue.retain(|(c, _)| *c != conn);
+        if let Some(client) = self.placing.remove(&conn) {
+            self.reply(
+                client,
+                &Msg::Error {
+                    reason: format!("{name} was lost while restarting its part ({why})"),
+                },
+            );
+        }
         let Some(r) = self.round.as_mut() else {
             return;
         };
@@ -478,6 +492,35 @@ impl State {
                 return;
             }
             self.queue.push_back((conn, kill));
+            return;
+        }
+        if let Msg::Place { node, dir } = msg {
+            if role == Role::Client {
+                self.place(conn, node, dir);
+            }
+            return;
+        }
+        if let Msg::Restored { dir } | Msg::RestoreFailed { dir, .. } = &msg {
+            let Some(client) = self.placing.remove(&conn) else {
+                return;
+            };
+            let reply = match &msg {
+                Msg::RestoreFailed { error, .. } => Msg::Error {
+                    reason: format!("{}: restarting {dir}: {error}", self.name(conn)),
+                },
+                _ => {
+                    let Some(p) = self.peers.get_mut(&conn) else {
+                        return;
+                    };
+                    p.role = Role::Agent;
+                    p.name = p.name.replacen("spare agent", "agent", 1);
+                    info!("coordinator: {} runs the part of {dir} now", p.name);
+                    Msg::Placed {
+                        node: p.node.clone(),
+                    }
+                }
+            };
+            self.reply(client, &reply);
             return;
         }
         let name = self.name(conn);
@@ -524,6 +567,52 @@ impl State {
             }
         }
         self.progress();
+    }
+
+    /// A client asks for the node part in `dir` to be restarted on `node`, by the
+    /// spare agent there.
+    fn place(&mut self, client: u64, node: String, dir: String) {
+        if self.round.is_some() || !self.queue.is_empty() {
+            self.reply(
+                client,
+                &Msg::Error {
+                    reason: "a checkpoint is in progress; restart once it is done".into(),
+                },
+            );
+            return;
+        }
+        let spare = self
+            .peers
+            .iter()
+            .find(|(c, p)| p.role == Role::Spare && p.node == node && !self.placing.contains_key(c))
+            .map(|(c, p)| (*c, p.version));
+        let reason = match spare {
+            None => Some(format!(
+                "no spare agent on node {node}: start `stasis agent --coordinator ADDR` there first (as a batch system's prolog or srun would)"
+            )),
+            Some((_, v)) if v < 2 => Some(format!(
+                "the agent on node {node} speaks protocol version {v}, which cannot restart parts; use the same stasis release on every node"
+            )),
+            Some(_) => None,
+        };
+        if let Some(reason) = reason {
+            self.reply(client, &Msg::Error { reason });
+            return;
+        }
+        let Some((spare, _)) = spare else {
+            return;
+        };
+        info!("coordinator: restarting {dir} on node {node}");
+        if self.send(spare, &Msg::Restore { dir: dir.clone() }) {
+            self.placing.insert(spare, client);
+        } else {
+            self.reply(
+                client,
+                &Msg::Error {
+                    reason: format!("cannot reach the spare agent on node {node}"),
+                },
+            );
+        }
     }
 
     fn next_number(&self) -> Result<u64> {

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{BufRead, Write};
 
 /// The newest protocol version this build speaks.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The oldest protocol version this build speaks.
 pub const MIN_VERSION: u32 = 1;
 /// The longest line accepted (a message larger than this is a protocol error).
@@ -93,8 +93,22 @@ pub enum Msg {
         /// Agents that did not confirm resume/kill in time (the checkpoint stands).
         warnings: Vec<String>,
     },
-    /// Coordinator to client: the checkpoint was abandoned (nothing published).
+    /// Coordinator to client: the checkpoint was abandoned (nothing published), or a
+    /// placement failed.
     Error { reason: String },
+
+    /// Client to coordinator (version 2): have the spare agent of `node` restart the
+    /// node part in `dir` (one `node-K` of a global checkpoint) as its part of the job.
+    Place { node: String, dir: String },
+    /// Coordinator to spare agent (version 2): restart the node part in `dir`; the
+    /// agent then takes part in checkpoints as an agent.
+    Restore { dir: String },
+    /// Spare agent to coordinator (version 2): the part in `dir` runs here now.
+    Restored { dir: String },
+    /// Spare agent to coordinator (version 2): restarting the part failed.
+    RestoreFailed { dir: String, error: String },
+    /// Coordinator to client (version 2): the part runs on `node` now.
+    Placed { node: String },
 }
 
 impl Msg {
@@ -118,6 +132,11 @@ impl Msg {
             Msg::Checkpoint { .. } => "checkpoint",
             Msg::Done { .. } => "done",
             Msg::Error { .. } => "error",
+            Msg::Place { .. } => "place",
+            Msg::Restore { .. } => "restore",
+            Msg::Restored { .. } => "restored",
+            Msg::RestoreFailed { .. } => "restore_failed",
+            Msg::Placed { .. } => "placed",
         }
     }
 

@@ -103,6 +103,12 @@ pub fn checkpoint(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport
 }
 
 fn checkpoint_with_retries(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
+    // A node's part of a multi-node job is written where its barrier says (the
+    // directory it was restarted from, part of a global checkpoint, is not touched).
+    if opts.barrier.is_some() {
+        crate::freeze::settle();
+        return checkpoint_locked(None, dir, pid, opts);
+    }
     // Checkpoints of one directory are taken one after the other: one asked for while
     // another is still being written waits for it (a stuck one for at most LOCK_WAIT).
     let lock = DirLock::acquire_waiting(dir, LOCK_WAIT, || {
@@ -118,15 +124,10 @@ fn checkpoint_with_retries(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<D
     // between attempts.
     let mut attempt = 0;
     loop {
-        let r = checkpoint_locked(&lock, dir, pid, opts);
+        let r = checkpoint_locked(Some(&lock), dir, pid, opts);
         if r.is_err() {
             // The flags remembered from the last checkpoint may be what went wrong.
             memory::forget_flags(pid);
-        }
-        // A coordinated checkpoint is not retried here: the other nodes froze for
-        // this attempt (the coordinator asks again).
-        if opts.barrier.is_some() {
-            return r;
         }
         match r {
             Err(Error::Transient { pid, what }) if attempt < 50 => {
@@ -146,8 +147,10 @@ fn checkpoint_with_retries(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<D
     }
 }
 
+/// `lock`: that of `dir`, None for a node's part of a multi-node job (see
+/// [`Barrier`]), written elsewhere.
 fn checkpoint_locked(
-    lock: &DirLock,
+    lock: Option<&DirLock>,
     dir: &Path,
     pid: i32,
     opts: &DumpOptions,
@@ -161,7 +164,10 @@ fn checkpoint_locked(
     } = Job::find(pid)?;
     // Read before the freeze: the previous checkpoint's page runs (an incremental
     // checkpoint refers to them), and the mapping flags where they are needed early.
-    let prev_seq = store::list_checkpoints(dir)?.last().map(|c| c.0);
+    let prev_seq = match lock {
+        Some(_) => store::list_checkpoints(dir)?.last().map(|c| c.0),
+        None => None,
+    };
     let mut prev = if opts.incremental {
         previous_pages(dir, prev_seq)
     } else {
@@ -181,9 +187,14 @@ fn checkpoint_locked(
     // A node's part of a multi-node job waits for every other part to be frozen; it
     // is then written where the coordinator says, into a directory of its own.
     let (target_lock, target);
-    let (lock, dir) = match &opts.barrier {
-        None => (lock, dir),
-        Some(b) => {
+    let (lock, dir) = match (&opts.barrier, lock) {
+        (None, Some(lock)) => (lock, dir),
+        (None, None) => {
+            return Err(Error::Abandoned {
+                why: "internal: a checkpoint without its directory's lock".into(),
+            })
+        }
+        (Some(b), _) => {
             target = b.frozen()?;
             std::fs::create_dir_all(&target).map_err(|e| Error::Io {
                 pid,

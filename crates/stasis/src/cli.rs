@@ -230,6 +230,24 @@ pub enum Command {
         /// `stasis run` are always bound to this command's.
         #[arg(long, value_name = "HOW", default_value = "restore", value_parser = ["restore", "inherit"])]
         stdio: String,
+        /// Restart a global checkpoint of a job that spans several nodes (DIR: the
+        /// coordinator's directory, whose newest checkpoint is taken, or one
+        /// checkpoint-NNNNNN in it) through the coordinator at ADDR:PORT: the K-th node
+        /// part goes to the K-th node of --nodes, restarted there by the spare agent
+        /// (`stasis agent --coordinator ADDR:PORT` without a command) that must run on
+        /// it; the first node's part is restarted by this command itself, which must run
+        /// on the first node, and whose output is that part's.
+        #[arg(long, value_name = "ADDR:PORT", requires = "nodes")]
+        coordinator: Option<String>,
+        /// The nodes of a multi-node restart, comma-separated, one per node part of
+        /// the checkpoint, in part order (see --coordinator).
+        #[arg(
+            long,
+            value_name = "HOST,HOST,...",
+            value_delimiter = ',',
+            requires = "coordinator"
+        )]
+        nodes: Vec<String>,
     },
     /// Show what the newest checkpoint in DIR holds.
     ///
@@ -460,8 +478,16 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Restart {
             dir,
             from,
+            coordinator: Some(addr),
+            nodes,
+            ..
+        } => coord::restart(&addr, &nodes, &dir, from.as_deref(), cli.quiet),
+        Command::Restart {
+            dir,
+            from,
             hook_timeout,
             stdio,
+            ..
         } => supervise::restart(
             &dir,
             from.as_deref(),
@@ -501,7 +527,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 state_file: simulate_state,
             },
             protocol_version,
-            &cmd,
+            (!cmd.is_empty()).then_some(coord::Launch::Run(cmd)),
             cli.quiet,
         ),
         Command::CoordBench {

@@ -9,7 +9,7 @@
 //! (`--simulate`).
 
 use anyhow::{bail, Context, Result};
-use stasis_coord::agent::{self, LocalPart, Outcome, Unplugged};
+use stasis_coord::agent::{self, LocalPart, Outcome};
 use stasis_coord::client::Client;
 use stasis_coord::coordinator::{Config, Coordinator};
 use stasis_coord::protocol::{self, Role};
@@ -86,14 +86,112 @@ fn exit_code_of(status: std::process::ExitStatus) -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
-/// A node's part of the job, run under `stasis run --dir RUN_DIR` by the agent: each
-/// phase of a global checkpoint is a step of a coordinated checkpoint of that job.
+/// How an agent's part of the job is started.
+pub enum Launch {
+    /// `stasis run` of a command (in a fresh local directory).
+    Run(Vec<String>),
+    /// `stasis restart` of a node part of a global checkpoint.
+    Restart(PathBuf),
+}
+
+/// What the agent's threads tell its main thread.
+enum Ev {
+    /// The part's process (`stasis run`/`restart`, or the plain command beside a
+    /// simulated part) exited.
+    Exited(std::io::Result<std::process::ExitStatus>),
+    /// The part started (after a restore the coordinator asked for).
+    Started,
+    Served(Outcome),
+}
+
+/// Starts a part under stasis and waits until its supervisor answers on its control
+/// socket. Returns its process, the directory it supervises (its control socket is
+/// named after it) and, for `Run`, the fresh directory to remove at the end.
+fn start_part(
+    node: &str,
+    launch: &Launch,
+    private_tmp: bool,
+    quiet: bool,
+) -> Result<(std::process::Child, PathBuf, Option<PathBuf>)> {
+    let exe = std::env::current_exe().context("finding the stasis executable")?;
+    let mut c = std::process::Command::new(exe);
+    if quiet {
+        c.arg("--quiet");
+    }
+    let (control, fresh, what) = match launch {
+        Launch::Run(cmd) => {
+            let dir = run_dir(node)?;
+            c.arg("run")
+                .arg("--dir")
+                .arg(&dir)
+                .arg("--tmp")
+                .arg(if private_tmp { "private" } else { "host" })
+                .arg("--")
+                .args(cmd);
+            (dir.clone(), Some(dir), cmd[0].clone())
+        }
+        Launch::Restart(dir) => {
+            c.arg("restart").arg(dir);
+            (
+                dir.clone(),
+                None,
+                format!("the restart of {}", dir.display()),
+            )
+        }
+    };
+    let cleanup = || {
+        if let Some(d) = &fresh {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    };
+    let mut child = match c.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            cleanup();
+            return Err(e).with_context(|| format!("node {node}: cannot start {what}"));
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !crate::control::is_supervised(&control) {
+        if let Ok(Some(st)) = child.try_wait() {
+            cleanup();
+            bail!("node {node}: {what} ended before it could take part ({st})");
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            cleanup();
+            bail!("node {node}: {what} did not start within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((child, control, fresh))
+}
+
+/// Tells the main thread when `child` exits.
+fn watch(child: std::process::Child, tx: mpsc::Sender<Ev>) -> Result<()> {
+    let mut child = child;
+    std::thread::Builder::new()
+        .name("agent-child".into())
+        .spawn(move || {
+            let _ = tx.send(Ev::Exited(child.wait()));
+        })
+        .context("cannot start a thread")?;
+    Ok(())
+}
+
+/// A node's part of the job under stasis (`stasis run` or `stasis restart`, our
+/// child): each phase of a global checkpoint is a step of a coordinated checkpoint of
+/// that job. A spare agent's part starts empty and gets its job from a restore.
 struct EnginePart {
     node: String,
-    run_dir: PathBuf,
+    /// The directory its supervisor is named after; None while the agent is spare.
+    control: Option<PathBuf>,
     private_tmp: bool,
+    quiet: bool,
     /// The coordinated checkpoint in progress.
     current: Option<crate::control::Coordinated>,
+    events: mpsc::Sender<Ev>,
 }
 
 impl EnginePart {
@@ -109,7 +207,11 @@ impl EnginePart {
 impl LocalPart for EnginePart {
     fn freeze(&mut self, _ckpt: u64) -> Result<()> {
         self.current = None;
-        self.current = Some(crate::control::Coordinated::freeze(&self.run_dir)?);
+        let control = self
+            .control
+            .as_ref()
+            .with_context(|| format!("node {}: no part of the job runs here", self.node))?;
+        self.current = Some(crate::control::Coordinated::freeze(control)?);
         Ok(())
     }
 
@@ -155,6 +257,21 @@ impl LocalPart for EnginePart {
             None => Ok(()),
         }
     }
+
+    fn restore(&mut self, dir: &Path) -> Result<()> {
+        if let Some(c) = &self.control {
+            bail!(
+                "node {} already runs a part of the job (supervised as {})",
+                self.node,
+                c.display()
+            );
+        }
+        let launch = Launch::Restart(dir.to_path_buf());
+        let (child, control, _) = start_part(&self.node, &launch, self.private_tmp, self.quiet)?;
+        self.control = Some(control);
+        let _ = self.events.send(Ev::Started);
+        watch(child, self.events.clone())
+    }
 }
 
 /// Bytes of the files under `dir`.
@@ -186,7 +303,7 @@ fn run_dir(node: &str) -> Result<PathBuf> {
     Ok(d)
 }
 
-/// `stasis agent`.
+/// `stasis agent` (and the local part of `stasis restart --coordinator`).
 #[allow(clippy::too_many_arguments)]
 pub fn agent(
     coordinator: &str,
@@ -194,10 +311,10 @@ pub fn agent(
     private_tmp: bool,
     sim: Simulation,
     protocol_version: Option<u32>,
-    cmd: &[String],
+    launch: Option<Launch>,
     quiet: bool,
 ) -> Result<ExitCode> {
-    let role = if cmd.is_empty() && !sim.enabled {
+    let role = if launch.is_none() && !sim.enabled {
         Role::Spare
     } else {
         Role::Agent
@@ -210,149 +327,233 @@ pub fn agent(
         opts.versions = (v, v);
     }
     let node = opts.node.clone();
-    // With CMD, it runs under `stasis run`, which the agent waits for before joining.
-    let mut engine = None;
+    let (tx, rx) = mpsc::channel();
+    // The part's process: under stasis (waited for before joining), or a plain
+    // command beside a simulated part.
+    let mut child = None;
+    let mut supervised = false;
+    let mut _cleanup = None;
     let mut part: Box<dyn LocalPart + Send> = if sim.enabled {
+        if let Some(Launch::Run(cmd)) = &launch {
+            child = Some(
+                std::process::Command::new(&cmd[0])
+                    .args(&cmd[1..])
+                    .spawn()
+                    .with_context(|| format!("cannot run {}", cmd[0]))?,
+            );
+        }
         Box::new(simulated(&node, &sim)?)
-    } else if !cmd.is_empty() {
-        let dir = run_dir(&node)?;
-        let exe = std::env::current_exe().context("finding the stasis executable")?;
-        let mut run = std::process::Command::new(exe);
-        run.arg("run")
-            .arg("--dir")
-            .arg(&dir)
-            .arg("--tmp")
-            .arg(if private_tmp { "private" } else { "host" });
-        if quiet {
-            run.arg("--quiet");
+    } else {
+        let mut control = None;
+        if let Some(l) = &launch {
+            let (c, dir, fresh) = start_part(&node, l, private_tmp, quiet)?;
+            child = Some(c);
+            control = Some(dir);
+            supervised = true;
+            _cleanup = fresh.map(RemoveOnDrop);
         }
-        run.arg("--").args(cmd);
-        let child = run
-            .spawn()
-            .with_context(|| format!("cannot run {} under stasis", cmd[0]))?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        let mut child = child;
-        while !crate::control::is_supervised(&dir) {
-            if let Some(st) = child.try_wait().context("waiting for stasis run")? {
-                let _ = std::fs::remove_dir(&dir);
-                bail!("node {node}: {} ended before it could join ({st})", cmd[0]);
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                bail!("node {node}: stasis run did not start within 60 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        engine = Some((child, dir.clone()));
         Box::new(EnginePart {
             node: node.clone(),
-            run_dir: dir,
+            control,
             private_tmp,
+            quiet,
             current: None,
+            events: tx.clone(),
         })
-    } else {
-        Box::new(Unplugged(format!(
-            "node {node}: a spare agent (no CMD) holds no part of the job"
-        )))
     };
+    let pid = child.as_ref().map(|c| c.id());
     let conn = match agent::connect(coordinator, &opts) {
         Ok(c) => c,
         Err(e) => {
-            if let Some((mut child, dir)) = engine {
-                let _ = child.kill();
-                let _ = child.wait();
-                let _ = std::fs::remove_dir_all(dir);
+            if let Some(mut c) = child {
+                let _ = c.kill();
+                let _ = c.wait();
             }
             return Err(e);
         }
     };
     if !quiet {
         eprintln!(
-            "stasis agent: node {node} joined the coordinator at {coordinator} as agent {} (protocol {})",
-            conn.agent, conn.version
+            "stasis agent: node {node} joined the coordinator at {coordinator} as {}agent {} (protocol {})",
+            if role == Role::Spare { "spare " } else { "" },
+            conn.agent,
+            conn.version
         );
     }
-    if cmd.is_empty() {
-        return match conn.serve(part.as_mut()) {
-            Outcome::Killed(n) => {
-                if !quiet {
-                    eprintln!("stasis agent: node {node}: stopped after checkpoint {n}");
-                }
-                Ok(ExitCode::from(crate::cli::EXIT_CHECKPOINTED))
-            }
-            Outcome::CoordinatorGone(why) => bail!("node {node}: {why}"),
-        };
+    let mut running = child.is_some();
+    if let Some(c) = child {
+        watch(c, tx.clone())?;
     }
-
-    // With CMD: it runs as our child (under `stasis run`, or plainly beside a
-    // simulated part); the protocol is served beside it.
-    let (mut child, run_dir) = match engine {
-        Some((child, dir)) => (child, Some(dir)),
-        None => (
-            std::process::Command::new(&cmd[0])
-                .args(&cmd[1..])
-                .spawn()
-                .with_context(|| format!("cannot run {}", cmd[0]))?,
-            None,
-        ),
-    };
-    let supervised = run_dir.is_some();
-    let _cleanup = run_dir.map(RemoveOnDrop);
-    let pid = child.id();
-    enum Ev {
-        Exited(std::io::Result<std::process::ExitStatus>),
-        Served(Outcome),
-    }
-    let (tx, rx) = mpsc::channel();
     let tx2 = tx.clone();
-    std::thread::Builder::new()
-        .name("agent-child".into())
-        .spawn(move || {
-            let _ = tx.send(Ev::Exited(child.wait()));
-        })
-        .context("cannot start a thread")?;
     std::thread::Builder::new()
         .name("agent-serve".into())
         .spawn(move || {
             let _ = tx2.send(Ev::Served(conn.serve(part.as_mut())));
         })
         .context("cannot start a thread")?;
+    drop(tx);
+    let what = match &launch {
+        Some(Launch::Run(cmd)) => cmd[0].clone(),
+        Some(Launch::Restart(d)) => format!("the part restarted from {}", d.display()),
+        None => "the restarted part".into(),
+    };
     let mut killed_after = None;
     loop {
         match rx.recv() {
+            Ok(Ev::Started) => {
+                running = true;
+                supervised = true;
+            }
             Ok(Ev::Exited(status)) => {
-                let status = status.with_context(|| format!("waiting for {}", cmd[0]))?;
+                let status = status.with_context(|| format!("waiting for {what}"))?;
                 if let Some(n) = killed_after {
                     if !quiet {
-                        eprintln!(
-                            "stasis agent: node {node}: {} stopped after checkpoint {n}",
-                            cmd[0]
-                        );
+                        eprintln!("stasis agent: node {node}: {what} stopped after checkpoint {n}");
                     }
                     return Ok(ExitCode::from(crate::cli::EXIT_CHECKPOINTED));
                 }
                 return Ok(exit_code_of(status));
             }
-            Ok(Ev::Served(Outcome::Killed(n))) if supervised => {
-                // The init killed the job: `stasis run` exits with 75.
+            Ok(Ev::Served(Outcome::Killed(n))) if running => {
                 killed_after = Some(n);
+                if !supervised {
+                    // A plain command beside a simulated part.
+                    if let Some(pid) = pid {
+                        // SAFETY: kill(2) takes plain integers and touches no memory
+                        // of ours; the child is not reaped yet (its waiter has not
+                        // reported), so the pid is still its own.
+                        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                    }
+                }
+                // Under stasis the init killed the job: `stasis run` exits with 75.
             }
             Ok(Ev::Served(Outcome::Killed(n))) => {
-                killed_after = Some(n);
-                // SAFETY: kill(2) takes plain integers and touches no memory of ours;
-                // the child is not reaped yet (its waiter has not reported), so the pid
-                // is still its own.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                if !quiet {
+                    eprintln!("stasis agent: node {node}: stopped after checkpoint {n}");
+                }
+                return Ok(ExitCode::from(crate::cli::EXIT_CHECKPOINTED));
             }
-            Ok(Ev::Served(Outcome::CoordinatorGone(why))) => {
+            Ok(Ev::Served(Outcome::CoordinatorGone(why))) if running => {
                 eprintln!(
-                    "stasis agent: warning: node {node}: {why}; {} runs on without checkpoints",
-                    cmd[0]
+                    "stasis agent: warning: node {node}: {why}; {what} runs on without checkpoints"
                 );
             }
-            Err(_) => bail!("node {node}: lost track of {}", cmd[0]),
+            Ok(Ev::Served(Outcome::CoordinatorGone(why))) => bail!("node {node}: {why}"),
+            Err(_) => bail!("node {node}: lost track of {what}"),
         }
     }
+}
+
+/// The global checkpoint `dir` names (one checkpoint-NNNNNN, or the newest in a
+/// coordinator's directory, or the one `from` names there).
+fn global_checkpoint(dir: &Path, from: Option<&str>) -> Result<PathBuf> {
+    if dir.join("global.json").is_file() {
+        if from.is_some() {
+            bail!("--from picks a checkpoint in a coordinator's directory; {} is one checkpoint already", dir.display());
+        }
+        return Ok(dir.to_path_buf());
+    }
+    let n = match from {
+        Some(f) => f
+            .trim_start_matches("checkpoint-")
+            .parse::<u64>()
+            .with_context(|| format!("--from {f}: not a checkpoint number"))?,
+        None => *stasis_coord::coordinator::published(dir)?
+            .last()
+            .with_context(|| format!("{} holds no global checkpoint", dir.display()))?,
+    };
+    let g = dir.join(stasis_coord::coordinator::checkpoint_name(n));
+    if !g.join("global.json").is_file() {
+        bail!("{} is not a published global checkpoint", g.display());
+    }
+    Ok(g)
+}
+
+/// `stasis restart --coordinator ADDR --nodes H0,H1,... DIR`: node part K of the global
+/// checkpoint goes to node HK; part 0 is restarted here.
+pub fn restart(
+    coordinator: &str,
+    nodes: &[String],
+    dir: &Path,
+    from: Option<&str>,
+    quiet: bool,
+) -> Result<ExitCode> {
+    let g = global_checkpoint(dir, from)?;
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(g.join("global.json"))
+            .with_context(|| format!("reading {}/global.json", g.display()))?,
+    )
+    .with_context(|| format!("{}/global.json is damaged", g.display()))?;
+    let old: Vec<String> = manifest["parts"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| p["node"].as_str().unwrap_or("?").to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    if old.len() != nodes.len() {
+        bail!(
+            "{} holds {} node part(s) (taken on {}), but --nodes names {}: give one node per part, in order",
+            g.display(),
+            old.len(),
+            old.join(", "),
+            nodes.len()
+        );
+    }
+    let parts: Vec<PathBuf> = (0..old.len())
+        .map(|k| g.join(format!("node-{k}")))
+        .collect();
+    if let Some(missing) = parts.iter().find(|p| !p.is_dir()) {
+        bail!("{} is missing", missing.display());
+    }
+    let here = agent::hostname();
+    let short = |h: &str| h.split('.').next().unwrap_or(h).to_string();
+    if short(&here) != short(&nodes[0]) {
+        bail!(
+            "run this command on {}, the first node of --nodes (its part's output comes out here); this is {here}",
+            nodes[0]
+        );
+    }
+    let mut client = Client::connect(coordinator)?;
+    for k in 1..parts.len() {
+        client
+            .place(&nodes[k], &parts[k].display().to_string())
+            .with_context(|| {
+                format!(
+                    "restarting part {k} (from node {}) on node {}{}",
+                    old[k],
+                    nodes[k],
+                    if k > 1 {
+                        "; the parts restarted before it run on: stop them with `stasis checkpoint --coordinator ADDR --kill`"
+                    } else {
+                        ""
+                    }
+                )
+            })?;
+        if !quiet {
+            eprintln!(
+                "stasis: part {k} (from node {}) restarted on node {}",
+                old[k], nodes[k]
+            );
+        }
+    }
+    drop(client);
+    let sim = Simulation {
+        enabled: false,
+        delays: Vec::new(),
+        fail: None,
+        state_file: None,
+    };
+    agent(
+        coordinator,
+        Some(nodes[0].clone()),
+        true,
+        sim,
+        None,
+        Some(Launch::Restart(parts[0].clone())),
+        quiet,
+    )
 }
 
 /// Removes a directory when dropped.

@@ -435,9 +435,12 @@ fn parts_of(ck: &Path, n: u32) -> Vec<String> {
 /// Real parts (not simulated): a counter on each of nodes 1 and 2, each under its
 /// node's agent (`stasis agent -- counter`, which runs it under `stasis run`). A global
 /// checkpoint leaves both running; a second with --kill stops both (agents exit 75);
-/// each node's part is then restarted on another node (1's on 3, 2's on 1) and both
-/// counters continue from their saved state: ticks consecutive across the restart,
-/// their in-memory hash and pid checked by the counters themselves.
+/// `stasis restart --coordinator --nodes` then puts the parts on other nodes (part 0
+/// on node 3, where the command runs, part 1 on node 1 through the spare agent there;
+/// a missing node and a wrong count are refused clearly first), a third global
+/// checkpoint includes the restarted parts, and both counters continue from their
+/// saved state: ticks consecutive across the restart, their in-memory hash and pid
+/// checked by the counters themselves.
 #[test]
 fn real_parts_checkpointed_together_and_restarted_on_other_nodes() {
     let w = Work::new("multinode_parts");
@@ -513,27 +516,115 @@ fn real_parts_checkpointed_together_and_restarted_on_other_nodes() {
             d.display()
         );
     }
-    // Node 1's part goes to node 3, node 2's to node 1.
-    let mut restarted = Vec::new();
-    for (from, to) in [(1usize, 3usize), (2, 1)] {
-        let k = parts.iter().position(|n| *n == bed.node(from)).unwrap();
-        let dir = format!("{ck}/checkpoint-000002/node-{k}");
-        let mut p = w.spawn_io(
-            &format!("restart-{from}-on-{to}"),
-            on_in(&bed, to, &w.path("elsewhere"), &[STASIS, "restart", &dir]),
-            Stdio::null(),
-            true,
-        );
-        let before = agents[from - 1].last_tick().unwrap();
-        p.wait_tick(before + 3, T_READY);
-        restarted.push((from, p));
-    }
+    // The parts go elsewhere: part 0 to node 3 (restarted by `stasis restart
+    // --coordinator` itself, run there), part 1 to node 1 (by the spare agent there).
+    let mut spare = w.spawn_io(
+        "spare-1",
+        on_in(
+            &bed,
+            1,
+            &w.path("elsewhere"),
+            &[STASIS, "agent", "--coordinator", &addr],
+        ),
+        Stdio::null(),
+        true,
+    );
+    wait_joined(&mut spare);
+    // A node without a spare agent: a clear error, nothing restarted.
+    let nodes_bad = format!("{},{}-9", bed.node(3), bed.name);
+    let out = on_in(
+        &bed,
+        3,
+        &w.path("elsewhere"),
+        &[
+            STASIS,
+            "restart",
+            "--coordinator",
+            &addr,
+            "--nodes",
+            &nodes_bad,
+            &ck,
+        ],
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "restart onto a missing node succeeded: {err}"
+    );
+    assert!(err.contains("no spare agent on node"), "{err}");
+    // The right count of nodes is asked for.
+    let out = on_in(
+        &bed,
+        3,
+        &w.path("elsewhere"),
+        &[
+            STASIS,
+            "restart",
+            "--coordinator",
+            &addr,
+            "--nodes",
+            &bed.node(3),
+            &ck,
+        ],
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("2 node part(s)"),
+        "{err}"
+    );
+    let nodes = format!("{},{}", bed.node(3), bed.node(1));
+    let mut first = w.spawn_io(
+        "restart-coordinated",
+        on_in(
+            &bed,
+            3,
+            &w.path("elsewhere"),
+            &[
+                STASIS,
+                "restart",
+                "--coordinator",
+                &addr,
+                "--nodes",
+                &nodes,
+                &ck,
+            ],
+        ),
+        Stdio::null(),
+        true,
+    );
+    // Which agent each part came from.
+    let from: Vec<usize> = (0..2)
+        .map(|k| (1..=2).find(|&n| parts[k] == bed.node(n)).unwrap())
+        .collect();
+    let before: Vec<u64> = from
+        .iter()
+        .map(|&n| agents[n - 1].last_tick().unwrap())
+        .collect();
+    first.wait_tick(before[0] + 3, T_READY);
+    spare.wait_tick(before[1] + 3, T_READY);
+    wait_joined(&mut first);
+    // The restarted parts take part in the next global checkpoint.
+    let mut r = w.spawn(
+        "checkpoint-3",
+        bed.on(2, &[STASIS, "checkpoint", "--coordinator", &addr]),
+        Stdio::null(),
+    );
+    r.expect_exit(0, T_CMD);
+    let mut now = parts_of(&w.ck, 3);
+    now.sort();
+    assert_eq!(now, vec![bed.node(1), bed.node(3)]);
+    let t = first.last_tick().unwrap();
+    first.wait_tick(t + 3, T_CMD);
     w.go();
-    for (from, p) in restarted.iter_mut() {
+    for (k, p) in [&mut first, &mut spare].into_iter().enumerate() {
         p.expect_exit(0, T_CMD);
         let outs = vec![
-            (format!("agent {from}"), agents[*from - 1].stdout()),
-            (format!("restart of {from}"), p.stdout()),
+            (format!("agent {}", from[k]), agents[from[k] - 1].stdout()),
+            (format!("part {k} restarted"), p.stdout()),
         ];
         let t = assert_ticks_consecutive(&outs, Some(0));
         let ok = p
@@ -543,7 +634,7 @@ fn real_parts_checkpointed_together_and_restarted_on_other_nodes() {
             .unwrap_or_default();
         assert!(
             ok.starts_with(&format!("OK ticks={}", t.last().unwrap() + 1)),
-            "part of node {from}: {ok:?}\n{}",
+            "part {k}: {ok:?}\n{}",
             p.diag()
         );
     }
