@@ -1835,9 +1835,12 @@ pub fn special_areas(mappings: &[Mapping]) -> Vec<(MappingKind, u64, u64)> {
         .collect()
 }
 
-/// Moves the vdso block (`[vvar]`, `[vvar_vclock]`, `[vdso]`) of the restored process
-/// from `current` to where `target` says, keeping the order and gaps the vdso code
-/// relies on. `free_at` is an address with room for the block that neither layout uses.
+/// Puts the kernel's special mappings (`[vvar]`, `[vvar_vclock]`, `[vdso]`) of the
+/// restored process, at `current`, where `target` (the image) says: each moved to its
+/// saved address (a process may have moved them, together or apart), and those the
+/// process had unmapped unmapped. `free_at` is an address with room for the current
+/// block that neither layout uses (the moves go through it, so that none overlaps a
+/// range still occupied).
 pub fn move_vdso(
     inj: &Injector,
     pid: i32,
@@ -1855,22 +1858,26 @@ pub fn move_vdso(
         ),
     }
     };
-    if current.len() != target.len() {
-        return Err(mismatch());
-    }
-    let cbase = current.iter().map(|c| c.1).min().unwrap_or(0);
-    let tbase = target.iter().map(|c| c.1).min().unwrap_or(0);
-    let mut pairs = Vec::new();
+    let mut moves = Vec::new();
     for t in target {
         let c = current.iter().find(|c| c.0 == t.0).ok_or_else(mismatch)?;
-        if c.2 - c.1 != t.2 - t.1 || c.1 - cbase != t.1 - tbase {
+        if c.2 - c.1 != t.2 - t.1 {
             return Err(mismatch());
         }
-        pairs.push((c.1, t.1, t.2 - t.1));
+        if c.1 != t.1 {
+            moves.push((c.1, t.1, t.2 - t.1));
+        }
     }
-    if cbase == tbase {
+    for c in current.iter().filter(|c| !target.iter().any(|t| t.0 == c.0)) {
+        inj.call(
+            &format!("munmap of the {:?} the process had unmapped", c.0),
+            libc::SYS_munmap,
+            &[c.1, c.2 - c.1],
+        )?;
+    }
+    let Some(cbase) = moves.iter().map(|m| m.0).min() else {
         return Ok(());
-    }
+    };
     let mremap = |from: u64, to: u64, len: u64| -> Result<()> {
         let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
         let got = inj.call(
@@ -1886,11 +1893,10 @@ pub fn move_vdso(
         }
         Ok(())
     };
-    // Through a free spot first, so that no move overlaps a range still occupied.
-    for &(c, _, len) in &pairs {
+    for &(c, _, len) in &moves {
         mremap(c, free_at + (c - cbase), len)?;
     }
-    for &(c, t, len) in &pairs {
+    for &(c, t, len) in &moves {
         mremap(free_at + (c - cbase), t, len)?;
     }
     Ok(())

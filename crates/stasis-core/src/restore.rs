@@ -382,8 +382,9 @@ fn rebuild(
         }
     }
     let target = memory::special_areas(&p.mappings);
-    let span = target.iter().map(|t| t.2).max().unwrap_or(0)
-        - target.iter().map(|t| t.1).min().unwrap_or(0);
+    // Room for the current block, which is staged there when moved.
+    let span = specials.iter().map(|t| t.2).max().unwrap_or(0)
+        - specials.iter().map(|t| t.1).min().unwrap_or(0);
     let mut avoid = used.to_vec();
     avoid.extend(specials.iter().map(|s| (s.1, s.2)));
     let free_at =

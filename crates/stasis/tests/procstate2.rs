@@ -566,3 +566,54 @@ fn async_io_owners_under_run_as_unprivileged_user() {
 fn async_io_owners_by_pid() {
     pid_cycles("ps2_async_pid", "asyncio", &[], false, check_asyncio);
 }
+
+// ---------------------------------------------------------------------------
+// vdsomove.c: a vdso and vvar moved or unmapped by the process
+// ---------------------------------------------------------------------------
+
+/// The image holds the vdso where the program put it (`vdso` of the ready line), or
+/// none when it unmapped it.
+fn check_vdso(meta: &Value, ready: &str, what: &str) {
+    let f = fields(ready);
+    let want = u64::from_str_radix(&f["vdso"], 16).unwrap();
+    let maps = meta["processes"][0]["mappings"].as_array().unwrap();
+    let vdso: Vec<u64> = maps
+        .iter()
+        .filter(|m| m["kind"]["type"] == "vdso")
+        .map(|m| m["start"].as_u64().unwrap())
+        .collect();
+    if want == 0 {
+        assert!(vdso.is_empty(), "{what}: a vdso in the image at {vdso:x?}");
+    } else {
+        assert_eq!(vdso, vec![want], "{what}: the vdso's address");
+    }
+}
+
+#[test]
+fn moved_vdso_under_run() {
+    run_cycles("ps2_vdso_move", "vdsomove", &["move"], false, check_vdso);
+}
+
+#[test]
+fn moved_vdso_under_run_as_unprivileged_user() {
+    run_cycles("ps2_vdso_move_user", "vdsomove", &["move"], true, check_vdso);
+}
+
+#[test]
+fn unmapped_vdso_under_run() {
+    run_cycles("ps2_vdso_unmap", "vdsomove", &["unmap"], false, check_vdso);
+}
+
+#[test]
+fn moved_vdso_by_pid() {
+    pid_cycles("ps2_vdso_move_pid", "vdsomove", &["move"], false, check_vdso);
+}
+
+#[test]
+fn unmapped_vdso_by_pid_as_unprivileged_user() {
+    if !user_may_ptrace() {
+        eprintln!("skipped: kernel.yama.ptrace_scope forbids a user to trace a non-descendant");
+        return;
+    }
+    pid_cycles("ps2_vdso_unmap_pid_user", "vdsomove", &["unmap"], true, check_vdso);
+}
