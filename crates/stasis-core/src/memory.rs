@@ -1868,7 +1868,10 @@ pub fn move_vdso(
             moves.push((c.1, t.1, t.2 - t.1));
         }
     }
-    for c in current.iter().filter(|c| !target.iter().any(|t| t.0 == c.0)) {
+    for c in current
+        .iter()
+        .filter(|c| !target.iter().any(|t| t.0 == c.0))
+    {
         inj.call(
             &format!("munmap of the {:?} the process had unmapped", c.0),
             libc::SYS_munmap,

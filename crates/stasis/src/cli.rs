@@ -129,6 +129,12 @@ pub enum Command {
         /// job script line survives any number of requeues.
         #[arg(long)]
         fresh: bool,
+        /// Run CMD as this node's part of a job that spans several nodes, checkpointed
+        /// only together with the other nodes' parts by the coordinator at ADDR:PORT
+        /// (see `stasis agent`, which this is with DIR as the part's local directory):
+        /// its checkpoints go to the coordinator's directory, not DIR.
+        #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["interval", "incremental", "checkpoint_on", "requeue", "fresh", "network"])]
+        coordinator: Option<String>,
         /// The command and its arguments.
         #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
         cmd: Vec<String>,
@@ -418,8 +424,30 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             tcp_external,
             hook_timeout,
             fresh,
+            coordinator,
             cmd,
         } => {
+            if let Some(addr) = coordinator {
+                let sim = coord::Simulation {
+                    enabled: false,
+                    delays: Vec::new(),
+                    fail: None,
+                    state_file: None,
+                };
+                let launch = coord::Launch::Run {
+                    cmd,
+                    dir: Some(dir),
+                };
+                return coord::agent(
+                    &addr,
+                    None,
+                    tmp == "private",
+                    sim,
+                    None,
+                    Some(launch),
+                    cli.quiet,
+                );
+            }
             let opts = supervise::JobOptions {
                 private_network: network == "private",
                 private_tmp: tmp == "private",
@@ -527,7 +555,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 state_file: simulate_state,
             },
             protocol_version,
-            (!cmd.is_empty()).then_some(coord::Launch::Run(cmd)),
+            (!cmd.is_empty()).then_some(coord::Launch::Run { cmd, dir: None }),
             cli.quiet,
         ),
         Command::CoordBench {

@@ -88,8 +88,12 @@ fn exit_code_of(status: std::process::ExitStatus) -> ExitCode {
 
 /// How an agent's part of the job is started.
 pub enum Launch {
-    /// `stasis run` of a command (in a fresh local directory).
-    Run(Vec<String>),
+    /// `stasis run` of a command, in `dir` (by default a fresh local directory,
+    /// removed at the end).
+    Run {
+        cmd: Vec<String>,
+        dir: Option<PathBuf>,
+    },
     /// `stasis restart` of a node part of a global checkpoint.
     Restart(PathBuf),
 }
@@ -119,16 +123,24 @@ fn start_part(
         c.arg("--quiet");
     }
     let (control, fresh, what) = match launch {
-        Launch::Run(cmd) => {
-            let dir = run_dir(node)?;
+        Launch::Run { cmd, dir } => {
+            let (dir, fresh) = match dir {
+                Some(d) => (d.clone(), None),
+                None => {
+                    let d = run_dir(node)?;
+                    (d.clone(), Some(d))
+                }
+            };
+            // Always CMD anew: the part's checkpoints are the coordinator's.
             c.arg("run")
+                .arg("--fresh")
                 .arg("--dir")
                 .arg(&dir)
                 .arg("--tmp")
                 .arg(if private_tmp { "private" } else { "host" })
                 .arg("--")
                 .args(cmd);
-            (dir.clone(), Some(dir), cmd[0].clone())
+            (dir, fresh, cmd[0].clone())
         }
         Launch::Restart(dir) => {
             c.arg("restart").arg(dir);
@@ -334,7 +346,7 @@ pub fn agent(
     let mut supervised = false;
     let mut _cleanup = None;
     let mut part: Box<dyn LocalPart + Send> = if sim.enabled {
-        if let Some(Launch::Run(cmd)) = &launch {
+        if let Some(Launch::Run { cmd, .. }) = &launch {
             child = Some(
                 std::process::Command::new(&cmd[0])
                     .args(&cmd[1..])
@@ -393,7 +405,7 @@ pub fn agent(
         .context("cannot start a thread")?;
     drop(tx);
     let what = match &launch {
-        Some(Launch::Run(cmd)) => cmd[0].clone(),
+        Some(Launch::Run { cmd, .. }) => cmd[0].clone(),
         Some(Launch::Restart(d)) => format!("the part restarted from {}", d.display()),
         None => "the restarted part".into(),
     };

@@ -644,7 +644,8 @@ fn real_parts_checkpointed_together_and_restarted_on_other_nodes() {
 }
 
 /// A part that cannot be saved (a seccomp filter installed by the program) makes the
-/// whole global checkpoint fail: nothing is published, and both parts run on.
+/// whole global checkpoint fail: nothing is published, and both parts run on (one
+/// started by `stasis agent`, the other by `stasis run --coordinator --dir`).
 #[test]
 fn a_part_that_cannot_be_saved_abandons_the_global_checkpoint() {
     let w = Work::new("multinode_refused");
@@ -670,15 +671,22 @@ fn a_part_that_cannot_be_saved_abandons_the_global_checkpoint() {
     );
     let counter = prog("counter");
     let unsupported = prog("unsupported");
+    // The first node's part through `stasis run --coordinator` (an agent with a local
+    // directory of the user's choice).
+    let local = w.path("part-1");
     let mut good = w.spawn_io(
-        "agent-1",
-        bed.on(
+        "run-1",
+        on_in(
+            &bed,
             1,
+            &w.dir,
             &[
                 STASIS,
-                "agent",
+                "run",
                 "--coordinator",
                 &addr,
+                "--dir",
+                local.to_str().unwrap(),
                 "--",
                 counter.to_str().unwrap(),
             ],

@@ -596,7 +596,13 @@ fn moved_vdso_under_run() {
 
 #[test]
 fn moved_vdso_under_run_as_unprivileged_user() {
-    run_cycles("ps2_vdso_move_user", "vdsomove", &["move"], true, check_vdso);
+    run_cycles(
+        "ps2_vdso_move_user",
+        "vdsomove",
+        &["move"],
+        true,
+        check_vdso,
+    );
 }
 
 #[test]
@@ -606,7 +612,13 @@ fn unmapped_vdso_under_run() {
 
 #[test]
 fn moved_vdso_by_pid() {
-    pid_cycles("ps2_vdso_move_pid", "vdsomove", &["move"], false, check_vdso);
+    pid_cycles(
+        "ps2_vdso_move_pid",
+        "vdsomove",
+        &["move"],
+        false,
+        check_vdso,
+    );
 }
 
 #[test]
@@ -615,5 +627,11 @@ fn unmapped_vdso_by_pid_as_unprivileged_user() {
         eprintln!("skipped: kernel.yama.ptrace_scope forbids a user to trace a non-descendant");
         return;
     }
-    pid_cycles("ps2_vdso_unmap_pid_user", "vdsomove", &["unmap"], true, check_vdso);
+    pid_cycles(
+        "ps2_vdso_unmap_pid_user",
+        "vdsomove",
+        &["unmap"],
+        true,
+        check_vdso,
+    );
 }
