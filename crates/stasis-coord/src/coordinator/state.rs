@@ -1,268 +1,20 @@
-//! The coordinator: accepts agents and checkpoint clients, and runs each global
-//! checkpoint as a two-phase commit (freeze everywhere, then dump everywhere, then
-//! publish by one rename, then resume or kill; abort on any failure or timeout).
-//!
-//! One thread accepts connections, one thread per connection reads its messages, and
-//! one thread (the caller of [`Coordinator::serve`]) owns all state and all writing:
-//! every message and every closed connection arrives on one channel, so the state
-//! machine below is plain sequential code.
+//! The coordinator's state machine: the agents and clients, the global checkpoint in
+//! progress (its round: freeze, dump, publish, resume/kill, or abort) and the
+//! placements of a multi-node restart. One thread runs it; everything arrives as an
+//! [`Event`](super::net::Event).
 
+use super::net::Event;
+use super::publish::{partial_name, publish, published};
+use super::Config;
 use crate::protocol::{self, Msg, Role};
 use anyhow::{Context, Result};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs;
-use std::io::BufReader;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
-
-/// How the coordinator runs.
-#[derive(Clone, Debug)]
-pub struct Config {
-    /// Where global checkpoints go (DIR/checkpoint-NNNNNN/node-K).
-    pub dir: PathBuf,
-    /// How long every agent has for each phase (freeze, dump, resume/kill, abort).
-    pub timeout: Duration,
-    /// How long a new connection has to send its `hello`.
-    pub hello_timeout: Duration,
-}
-
-impl Config {
-    pub fn new(dir: impl Into<PathBuf>) -> Config {
-        Config {
-            dir: dir.into(),
-            timeout: Duration::from_secs(120),
-            hello_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-/// A bound coordinator, not yet serving.
-pub struct Coordinator {
-    listener: TcpListener,
-    config: Config,
-}
-
-/// The name of checkpoint `n` in the checkpoint directory.
-pub fn checkpoint_name(n: u64) -> String {
-    format!("checkpoint-{n:06}")
-}
-
-fn partial_name(n: u64) -> String {
-    format!(".{}.partial", checkpoint_name(n))
-}
-
-/// The numbers of the published checkpoints in `dir`, oldest first.
-pub fn published(dir: &Path) -> Result<Vec<u64>> {
-    let mut v = Vec::new();
-    for e in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-        let e = e.with_context(|| format!("cannot list {}", dir.display()))?;
-        if let Some(n) = e
-            .file_name()
-            .to_str()
-            .and_then(|s| s.strip_prefix("checkpoint-"))
-            .and_then(|s| s.parse::<u64>().ok())
-        {
-            v.push(n);
-        }
-    }
-    v.sort_unstable();
-    Ok(v)
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("cannot sync directory {}", dir.display()))
-}
-
-impl Coordinator {
-    /// Binds `addr` (e.g. `0.0.0.0:7070`; port 0 picks one) and prepares the checkpoint
-    /// directory: created (mode 0700) if missing; partial checkpoints left by a
-    /// coordinator that died are removed.
-    pub fn bind(addr: &str, config: Config) -> Result<Coordinator> {
-        use std::os::unix::fs::DirBuilderExt;
-        let dir = &config.dir;
-        if !dir.is_dir() {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
-        }
-        for e in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-            let e = e.with_context(|| format!("cannot list {}", dir.display()))?;
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with(".checkpoint-") && name.ends_with(".partial") {
-                warn!(
-                    "removing {}, left by an abandoned checkpoint",
-                    e.path().display()
-                );
-                fs::remove_dir_all(e.path())
-                    .with_context(|| format!("cannot remove {}", e.path().display()))?;
-            }
-        }
-        let listener =
-            TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
-        Ok(Coordinator { listener, config })
-    }
-
-    /// The address agents and clients connect to.
-    pub fn local_addr(&self) -> Result<SocketAddr> {
-        self.listener.local_addr().context("listening socket")
-    }
-
-    /// Serves until the process ends (or the listener fails).
-    pub fn serve(self) -> Result<()> {
-        let (tx, rx) = channel();
-        let listener = self.listener;
-        let hello_timeout = self.config.hello_timeout;
-        std::thread::Builder::new()
-            .name("coord-accept".into())
-            .spawn(move || accept_loop(listener, tx, hello_timeout))
-            .context("cannot start the coordinator's accepting thread")?;
-        State::new(self.config).run(rx);
-        Ok(())
-    }
-
-    /// Serves in a thread of its own (for tests and the benchmark).
-    pub fn spawn(self) -> Result<SocketAddr> {
-        let addr = self.local_addr()?;
-        std::thread::Builder::new()
-            .name("coordinator".into())
-            .spawn(move || {
-                if let Err(e) = self.serve() {
-                    warn!("coordinator: {e:#}");
-                }
-            })
-            .context("cannot start the coordinator thread")?;
-        Ok(addr)
-    }
-}
-
-enum Event {
-    Joined {
-        conn: u64,
-        role: Role,
-        node: String,
-        pid: u32,
-        version: u32,
-        writer: TcpStream,
-    },
-    Msg {
-        conn: u64,
-        msg: Msg,
-    },
-    Closed {
-        conn: u64,
-        why: String,
-    },
-}
-
-fn accept_loop(listener: TcpListener, tx: Sender<Event>, hello_timeout: Duration) {
-    let mut next = 0u64;
-    for stream in listener.incoming() {
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                warn!("coordinator: accept: {e}");
-                continue;
-            }
-        };
-        next += 1;
-        let conn = next;
-        let tx = tx.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("coord-conn-{conn}"))
-            .spawn(move || connection(conn, stream, tx, hello_timeout));
-        if let Err(e) = spawned {
-            warn!("coordinator: cannot start a thread for a new connection: {e}");
-        }
-    }
-}
-
-/// Reads one connection: the handshake (answered here when refused), then every
-/// message, forwarded to the state machine.
-fn connection(conn: u64, stream: TcpStream, tx: Sender<Event>, hello_timeout: Duration) {
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| "?".into());
-    let _ = stream.set_nodelay(true);
-    let mut writer = match stream.try_clone() {
-        Ok(w) => w,
-        Err(e) => {
-            warn!("coordinator: connection from {peer}: {e}");
-            return;
-        }
-    };
-    let _ = writer.set_write_timeout(Some(Duration::from_secs(10)));
-    let _ = stream.set_read_timeout(Some(hello_timeout));
-    let mut reader = BufReader::new(stream);
-    let hello = match protocol::recv(&mut reader, &format!("connection from {peer}")) {
-        Ok(Some(h)) => h,
-        Ok(None) => return,
-        Err(e) => {
-            warn!("coordinator: {e:#}");
-            return;
-        }
-    };
-    let Msg::Hello {
-        version,
-        min_version,
-        role,
-        node,
-        pid,
-    } = hello
-    else {
-        let reason = format!("the first message must be hello, not {}", hello.kind());
-        warn!("coordinator: connection from {peer}: {reason}");
-        let _ = protocol::send(&mut writer, &Msg::Refused { reason });
-        return;
-    };
-    let who = format!("the {role:?} on node {node} (pid {pid}, {peer})").to_lowercase();
-    let version = match protocol::negotiate(
-        (min_version, version),
-        (protocol::MIN_VERSION, protocol::VERSION),
-        &who,
-    ) {
-        Ok(v) => v,
-        Err(reason) => {
-            warn!("coordinator: {reason}");
-            let _ = protocol::send(&mut writer, &Msg::Refused { reason });
-            return;
-        }
-    };
-    let _ = reader.get_ref().set_read_timeout(None);
-    if tx
-        .send(Event::Joined {
-            conn,
-            role,
-            node,
-            pid,
-            version,
-            writer,
-        })
-        .is_err()
-    {
-        return;
-    }
-    let why = loop {
-        match protocol::recv(&mut reader, &who) {
-            Ok(Some(msg)) => {
-                if tx.send(Event::Msg { conn, msg }).is_err() {
-                    return;
-                }
-            }
-            Ok(None) => break "closed the connection".to_string(),
-            Err(e) => break format!("{e:#}"),
-        }
-    };
-    let _ = tx.send(Event::Closed { conn, why });
-}
 
 struct Peer {
     role: Role,
@@ -294,13 +46,13 @@ impl Phase {
     }
 }
 
-struct Round {
-    ckpt: u64,
-    kill: bool,
+pub(super) struct Round {
+    pub(super) ckpt: u64,
+    pub(super) kill: bool,
     client: u64,
     /// The agents of this checkpoint, in part order (node-0, node-1, ...).
-    members: Vec<u64>,
-    nodes: Vec<String>,
+    pub(super) members: Vec<u64>,
+    pub(super) nodes: Vec<String>,
     phase: Phase,
     waiting: BTreeSet<u64>,
     deadline: Instant,
@@ -308,15 +60,15 @@ struct Round {
     frozen_at: Option<Instant>,
     dumped_at: Option<Instant>,
     published_at: Option<Instant>,
-    staging: PathBuf,
+    pub(super) staging: PathBuf,
     published: Option<PathBuf>,
-    bytes: BTreeMap<u64, u64>,
+    pub(super) bytes: BTreeMap<u64, u64>,
     /// Why it is being abandoned.
     reason: Option<String>,
     warnings: Vec<String>,
 }
 
-struct State {
+pub(super) struct State {
     config: Config,
     peers: BTreeMap<u64, Peer>,
     next_index: u32,
@@ -331,7 +83,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 impl State {
-    fn new(config: Config) -> State {
+    pub(super) fn new(config: Config) -> State {
         State {
             config,
             peers: BTreeMap::new(),
@@ -342,7 +94,7 @@ impl State {
         }
     }
 
-    fn run(mut self, rx: Receiver<Event>) {
+    pub(super) fn run(mut self, rx: Receiver<Event>) {
         loop {
             if self.round.is_none() {
                 if let Some((client, kill)) = self.queue.pop_front() {
@@ -885,60 +637,4 @@ impl State {
             debug!("coordinator: the client that asked for the checkpoint is gone");
         }
     }
-}
-
-/// Writes the manifest, syncs, and renames the partial checkpoint into place (the
-/// commit point of the checkpoint).
-fn publish(dir: &Path, r: &Round) -> Result<PathBuf> {
-    use std::io::Write;
-    let parts: Vec<serde_json::Value> = r
-        .nodes
-        .iter()
-        .enumerate()
-        .map(|(k, node)| {
-            serde_json::json!({
-                "part": format!("node-{k}"),
-                "node": node,
-                "bytes": r.bytes.get(&r.members[k]).copied().unwrap_or(0),
-            })
-        })
-        .collect();
-    let taken = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let manifest = serde_json::json!({
-        "format": 1,
-        "protocol_version": protocol::VERSION,
-        "checkpoint": r.ckpt,
-        "taken_at_unix": taken,
-        "killed": r.kill,
-        "parts": parts,
-    });
-    for k in 0..r.members.len() {
-        let part = r.staging.join(format!("node-{k}"));
-        if !part.is_dir() {
-            anyhow::bail!(
-                "{} is missing although its agent said it was written",
-                part.display()
-            );
-        }
-    }
-    let path = r.staging.join("global.json");
-    let mut f =
-        fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(serde_json::to_string_pretty(&manifest)?.as_bytes())
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    sync_dir(&r.staging)?;
-    let final_path = dir.join(checkpoint_name(r.ckpt));
-    fs::rename(&r.staging, &final_path).with_context(|| {
-        format!(
-            "cannot rename {} to {}",
-            r.staging.display(),
-            final_path.display()
-        )
-    })?;
-    sync_dir(dir)?;
-    Ok(final_path)
 }
