@@ -171,6 +171,7 @@ fn checkpoint_locked(
         opts.origin != Origin::Attached,
     );
     registry.stdio_files = stdio_files;
+    registry.zombies = zombies.iter().map(|z| z.pid).collect();
     registry.sockets.set_app_api(opts.app_api.clone());
     let mut shm = crate::shm::Collector::new();
     // Under stasis init (whose death ends the job, so no snapshot outlives a dying
@@ -220,6 +221,7 @@ fn checkpoint_locked(
         }
         parts.push(part);
     }
+    files::mark_shared_tables(parts.iter_mut().map(|p| &mut p.process))?;
     let waited: HashMap<i32, bool> = parts
         .iter()
         .flat_map(|p| p.child_waits.iter().copied())
@@ -818,6 +820,7 @@ fn dump_frozen(
             page_hashes: None,
             runs_file: None,
             fds,
+            fd_table_of: None,
             signals: sigs,
             itimers: ts.itimers,
             posix_timers,

@@ -215,10 +215,15 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
                     "epoll watching fds {}",
                     items
                         .iter()
-                        .map(|i| i.fd.to_string())
+                        .map(|i| match i.desc {
+                            Some(_) => format!("{} (closed or reused; its file kept)", i.fd),
+                            None => i.fd.to_string(),
+                        })
                         .collect::<Vec<_>>()
                         .join(",")
                 ),
+                FdKind::Pidfd { pid, .. } => format!("pidfd of process {pid}"),
+                FdKind::ProcFile { path, pos, .. } => format!("{path} offset {pos}"),
                 FdKind::SharedMemory { id, pos, .. } => {
                     format!("memfd (shared memory {id}) offset {pos}")
                 }
