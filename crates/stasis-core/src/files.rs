@@ -6,15 +6,23 @@
 //! from `/proc/PID/fdinfo`), files deleted while open (content saved), harmless
 //! character devices (/dev/null...), and pipes (the bytes in flight are read without
 //! consuming them: the pipe is reopened through /proc and `tee(2)`d into a pipe of
-//! ours). Fds that share one open file description, in one process (dup) or across
-//! processes (fork), are found with `kcmp(2)` and get the same description id.
-//! Anything else refuses the checkpoint with an error naming the fd.
+//! ours), pidfds and files under /proc/PID of processes of the checkpoint (the
+//! target process must be one of the job's). Fds that share one open file
+//! description, in one process (dup) or across processes (fork), are found with
+//! `kcmp(2)` and get the same description id; so are the files epoll sets watch under
+//! an fd number that no longer holds them (KCMP_EPOLL_TFD), and the processes that
+//! share a whole fd table (KCMP_FILES, [`mark_shared_tables`]). Anything else refuses
+//! the checkpoint with an error naming the fd.
 //!
 //! Restore: the restorer opens every description once ([`open_descriptions`]: files
-//! reopened and positioned, pipes created, refilled and resized) and passes each
-//! process its fds over a UNIX socket with SCM_RIGHTS ([`send_fds`]); the process puts
-//! them at their numbers ([`receive_fds`]). Sharing is preserved because the very same
-//! descriptions are passed.
+//! reopened and positioned, pipes created, refilled and resized, a pipe end with
+//! several descriptions reopened through /proc for each) and passes each process its
+//! fds over a UNIX socket with SCM_RIGHTS ([`send_fds`]); the process puts them at
+//! their numbers ([`receive_fds`]). Sharing is preserved because the very same
+//! descriptions are passed. Pidfds and /proc files need their processes to exist: the
+//! process opens them itself ([`open_late`]) and positions /proc files at the end of its
+//! rebuild ([`seek_proc_files`]). A process sharing its parent's table receives nothing:
+//! it is forked with CLONE_FILES once the parent's fds are in place.
 
 use crate::error::{Error, Result, SysContext};
 use crate::proc::{fdinfo, file_id, ProcDir};

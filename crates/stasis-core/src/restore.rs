@@ -2,8 +2,11 @@
 //!
 //! 1. Verify the image (checksums) and the environment (mapped files unchanged, same
 //!    architecture) before anything is created.
-//! 2. Fork a child with the saved PID (`clone3` + `set_tid`). In ordinary Rust it
-//!    recreates its fds, cwd, umask, rlimits, timers and signal dispositions, opens the
+//! 2. Fork a child with the saved PID (`clone3` + `set_tid`; with CLONE_FILES, once
+//!    the parent's fds are in place, for a child that shared its parent's fd table).
+//!    In ordinary Rust it recreates its fds (received from the restorer; pidfds and
+//!    /proc files opened by itself once their processes exist; epoll sets registered),
+//!    cwd, umask, rlimits, timers and signal dispositions, opens the
 //!    page file and mapped files at high fd numbers, maps a two-page "gadget" (one
 //!    `syscall` instruction plus a scratch page) where the saved layout has a hole, and
 //!    waits, all signals blocked.
