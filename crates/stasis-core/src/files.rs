@@ -579,7 +579,20 @@ impl Registry {
                     ),
                 });
             };
-            let md = std::fs::metadata(format!("/proc/{q}/fd/{n}")).ctx(q, || {
+            let link = format!("/proc/{q}/fd/{n}");
+            let late = std::fs::read_link(&link).is_ok_and(|t| {
+                let t = t.to_string_lossy();
+                t == "anon_inode:[pidfd]" || t.starts_with("pidfd:") || t.starts_with("/proc/")
+            });
+            if late {
+                return Err(Error::Unsupported {
+                    pid,
+                    what: format!(
+                        "fd {epfd}, an epoll set watching a pidfd or /proc file registered as fd {tfd}, a number that no longer holds it"
+                    ),
+                });
+            }
+            let md = std::fs::metadata(&link).ctx(q, || {
                 format!("stat of fd {n} (watched by epoll fd {epfd} of process {pid})")
             })?;
             item.desc = Some(self.describe(q, n, &md));

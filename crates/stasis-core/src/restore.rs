@@ -741,8 +741,15 @@ impl Tree<'_> {
                 match fork_retry_flags(procs[i].pid, libc::CLONE_FILES as u64) {
                     Ok(Forked::Child) => self.child_main(i, socks.clone()),
                     Ok(Forked::Parent(_)) => {}
-                    // Reported by the child's missing report.
-                    Err(e) => tracing::debug!("{e}"),
+                    Err(e) => {
+                        // The restorer learns it from the missing reports: the sockets
+                        // kept for them go.
+                        tracing::debug!("{e}");
+                        for j in subtree(procs, i) {
+                            // SAFETY: closing a kept copy of a socket end in our table.
+                            unsafe { libc::close(socks[j]) };
+                        }
+                    }
                 }
             }
         }
