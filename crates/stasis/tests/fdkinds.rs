@@ -7,7 +7,8 @@
 //! checkpoint time, the job running on), epoll sets (epollx.c: files whose fd number
 //! was closed, reused, or held only by a child, and a nested set), /proc files
 //! (procfiles.c: /proc/self/status at an offset, /proc/self, a child's /proc/PID/stat
-//! and /proc/PID, and a pipe opened again through /proc/self/fd) and shared fd
+//! and /proc/PID, and a pipe opened again through /proc/self/fd; a /proc file of a
+//! process outside the job is refused at checkpoint time) and shared fd
 //! tables (sharedfiles.c: a child made with clone CLONE_FILES still shares its
 //! parent's table, a forked one does not).
 //!
@@ -281,17 +282,20 @@ four_ways!(
     pidfds_by_pid_as_unprivileged_user
 );
 
-/// A pidfd of a process outside the job (the job's parent) cannot be opened again
-/// after a restart: the checkpoint is refused with an error naming the fd, nothing is
-/// published, and the job runs on and ends well.
-fn pidfd_outside_refused(as_user: bool, by_pid: bool) {
-    let name = format!("fdk_pidfd_refused_{as_user}_{by_pid}");
-    let (w, exe) = work_for(&name, "pidfds", as_user);
+/// `program parent` holds a pidfd or /proc file of a process outside the job (the
+/// job's parent), which cannot be opened again after a restart: the checkpoint is
+/// refused with an error naming the fd (`what`), nothing is published, and the job
+/// runs on and ends well.
+fn outside_refused(program: &str, what: &str, as_user: bool, by_pid: bool) {
+    let name = format!("fdk_{program}_refused_{as_user}_{by_pid}");
+    let (w, exe) = work_for(&name, program, as_user);
     let check = |r: &CmdOut| {
         assert!(!r.status.success(), "the checkpoint should fail: {r}");
         assert!(
-            r.stderr.contains("pidfd") && r.stderr.contains("not a process of the checkpoint"),
-            "the error should name the pidfd and why: {r}"
+            r.stderr.contains(what)
+                && r.stderr.contains("fd ")
+                && r.stderr.contains("not a process of the checkpoint"),
+            "the error should name the fd ({what}) and why: {r}"
         );
         assert!(w.checkpoints().is_empty(), "{:?}", w.checkpoints());
     };
@@ -321,17 +325,17 @@ fn pidfd_outside_refused(as_user: bool, by_pid: bool) {
 
 #[test]
 fn pidfd_of_outside_process_is_refused_under_run() {
-    pidfd_outside_refused(false, false);
+    outside_refused("pidfds", "pidfd", false, false);
 }
 
 #[test]
 fn pidfd_of_outside_process_is_refused_under_run_as_unprivileged_user() {
-    pidfd_outside_refused(true, false);
+    outside_refused("pidfds", "pidfd", true, false);
 }
 
 #[test]
 fn pidfd_of_outside_process_is_refused_by_pid() {
-    pidfd_outside_refused(false, true);
+    outside_refused("pidfds", "pidfd", false, true);
 }
 
 // ---------------------------------------------------------------------------
@@ -414,6 +418,20 @@ fn check_procfiles(meta: &Value, ready: &str, what: &str) {
     let descs: std::collections::BTreeSet<i64> = pipes.iter().map(|x| num(x, "desc")).collect();
     assert_eq!(pipes.len(), 5, "{what}: {pipes:?}");
     assert_eq!(descs.len(), 5, "{what}: one description each: {pipes:?}");
+}
+
+#[test]
+fn proc_file_of_outside_process_is_refused_under_run() {
+    outside_refused("procfiles", "/status", false, false);
+}
+
+#[test]
+fn proc_file_of_outside_process_is_refused_by_pid_as_unprivileged_user() {
+    if !user_may_ptrace() {
+        eprintln!("skipped: kernel.yama.ptrace_scope forbids a user to trace a non-descendant");
+        return;
+    }
+    outside_refused("procfiles", "/status", true, true);
 }
 
 four_ways!(

@@ -11,7 +11,9 @@
  * name, and S holds P's Pid line; D opens "status" of P; KS (from offset 0) shows
  * K's pid; KD opens K's "comm"; the pipe: r, R2, W2, RW are one pipe (same inode),
  * R2 alone is O_NONBLOCK (its own description), "def" written through W2 and "x"
- * through RW are read, after "abc", through R2 and r. Output `OK ticks=N`. */
+ * through RW are read, after "abc", through R2 and r. Output `OK ticks=N`.
+ * With the argument `parent`, P also holds /proc/PPID/status of its parent (outside
+ * the job: the checkpoint must be refused). */
 #include "util.h"
 #include <signal.h>
 #include <sys/wait.h>
@@ -27,7 +29,6 @@ static int read_file_at(int dirfd, const char *name, char *buf, size_t cap) {
 }
 
 int main(int argc, char **argv) {
-    (void)argc;
     setup();
     pid_t k = fork();
     if (k < 0) die("fork");
@@ -56,6 +57,10 @@ int main(int argc, char **argv) {
     int w2 = open(path, O_WRONLY);
     if (r2 < 0 || rw < 0 || w2 < 0) die("reopening the pipe through /proc");
     write_all(p[1], "abc", 3);
+    if (argc > 1 && strcmp(argv[1], "parent") == 0) {
+        snprintf(path, sizeof path, "/proc/%d/status", (int)getppid());
+        if (open(path, O_RDONLY) < 0) die("open the parent's status");
+    }
     out("ready pid=%d child=%d s=%d d=%d ks=%d kd=%d r2=%d w2=%d rw=%d\n", (int)getpid(), (int)k, s, d, ks, kd, r2,
         w2, rw);
     unsigned n = 0;
