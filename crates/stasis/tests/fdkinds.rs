@@ -1,7 +1,7 @@
 //! File descriptor kinds that must come back (issue #11), each set up by a small
 //! program that checks its own state after `go`: pidfds (pidfds.c: of a child from
 //! pidfd_open with PIDFD_NONBLOCK and a dup of it, of a child from clone CLONE_PIDFD,
-//! of the process itself; after the restarts the flags are the same,
+//! of the process itself, of a zombie child; after the restarts the flags are the same,
 //! pidfd_send_signal reaches the right processes, poll reports a child's exit and
 //! waitid(P_PIDFD) reaps it; a pidfd of a process outside the job is refused at
 //! checkpoint time, the job running on), epoll sets (epollx.c: files whose fd number
@@ -248,7 +248,7 @@ macro_rules! four_ways {
 // pidfds.c
 // ---------------------------------------------------------------------------
 
-/// P holds pidfds of A (twice, non-blocking), B and itself.
+/// P holds pidfds of A (twice, non-blocking), B, the zombie Z and itself.
 fn check_pidfds(meta: &Value, ready: &str, what: &str) {
     let f = fields(ready);
     let id = |k: &str| -> i64 { f[k].parse().unwrap() };
@@ -262,6 +262,11 @@ fn check_pidfds(meta: &Value, ready: &str, what: &str) {
     assert_eq!(to(id("a")), 2, "{what}: pidfds of A in {pidfds:?}");
     assert_eq!(to(id("b")), 1, "{what}: pidfds of B in {pidfds:?}");
     assert_eq!(to(id("pid")), 1, "{what}: pidfds of P in {pidfds:?}");
+    assert_eq!(
+        to(id("z")),
+        1,
+        "{what}: pidfds of the zombie Z in {pidfds:?}"
+    );
     let fa = pidfds
         .iter()
         .find(|x| x["fd"].as_i64() == Some(id("fa")))

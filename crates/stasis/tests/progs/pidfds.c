@@ -3,17 +3,19 @@
  * The parent P forks child A (pidfd_open(A, PIDFD_NONBLOCK) -> fa, and a dup of
  * it, fa2) and creates child B with clone(CLONE_PIDFD) (-> fb, blocking), and opens
  * a pidfd of itself (fs). Both children wait (pause) for a signal: SIGUSR1 makes A
- * exit 7; B dies of SIGTERM. With the argument `parent`, P also holds a pidfd of its
+ * exit 7; B dies of SIGTERM. Child Z exits 5 at once and stays a zombie, P holding
+ * a pidfd of it (fz). With the argument `parent`, P also holds a pidfd of its
  * own parent (outside the job: the checkpoint must be refused).
  *
- * Prints `ready pid=P a=A b=B fa=N fb=N fs=N`, then `tick N` every 20 ms. At `go`
+ * Prints `ready pid=P a=A b=B z=Z fa=N fb=N fs=N fz=N`, then `tick N` every 20 ms. At `go`
  * checks: fa and fa2 are O_NONBLOCK and share their description, fb and fs are not
  * O_NONBLOCK; fdinfo of each shows the right Pid; waitid(P_PIDFD, fa, WEXITED)
  * fails with EAGAIN while A runs (non-blocking pidfd) and WNOHANG reports nothing;
  * pidfd_send_signal(fs, SIGUSR2) reaches P itself; pidfd_send_signal(fa, SIGUSR1)
  * ends A: poll on fa reports POLLIN, waitid(P_PIDFD, fa) reports A exited 7;
  * pidfd_send_signal(fb, SIGTERM) ends B: waitid(P_PIDFD, fb) reports B killed by
- * SIGTERM. Output `OK ticks=N` / `FAIL ...`. */
+ * SIGTERM; poll on fz reports POLLIN and waitid(P_PIDFD, fz) reaps Z's exit 5.
+ * Output `OK ticks=N` / `FAIL ...`. */
 #include "util.h"
 #include <poll.h>
 #include <sched.h>
@@ -72,10 +74,18 @@ int main(int argc, char **argv) {
     if (b < 0) die("clone(CLONE_PIDFD)");
     int fs = pidfd_open(getpid(), 0);
     if (fs < 0) die("pidfd_open(self)");
+    pid_t z = fork();
+    if (z < 0) die("fork");
+    if (z == 0) _exit(5);
+    int fz = pidfd_open(z, 0);
+    if (fz < 0) die("pidfd_open(Z)");
+    siginfo_t zi;
+    if (waitid(P_PID, (id_t)z, &zi, WEXITED | WNOWAIT)) die("waitid(Z, WNOWAIT)");
     if (argc > 1 && strcmp(argv[1], "parent") == 0) {
         if (pidfd_open(getppid(), 0) < 0) die("pidfd_open(parent)");
     }
-    out("ready pid=%d a=%d b=%d fa=%d fb=%d fs=%d\n", (int)getpid(), (int)a, (int)b, fa, fb, fs);
+    out("ready pid=%d a=%d b=%d z=%d fa=%d fb=%d fs=%d fz=%d\n", (int)getpid(), (int)a, (int)b, (int)z, fa, fb,
+        fs, fz);
     unsigned n = 0;
     for (; !go_exists(); n++) {
         answer_ping();
@@ -120,5 +130,13 @@ int main(int argc, char **argv) {
     CHECK(si.si_pid == b && si.si_code == CLD_KILLED && si.si_status == SIGTERM,
           "B: waitid reported pid %d code %d status %d, not killed by SIGTERM", (int)si.si_pid, si.si_code,
           si.si_status);
+    CHECK(fdinfo_pid(fz) == z, "fz refers to %d, not Z %d", (int)fdinfo_pid(fz), (int)z);
+    struct pollfd pz = {fz, POLLIN, 0};
+    CHECK(poll(&pz, 1, 0) == 1 && (pz.revents & POLLIN), "poll on the zombie Z's pidfd reports nothing");
+    memset(&si, 0, sizeof si);
+    CHECK(waitid((idtype_t)P_PIDFD, (id_t)fz, &si, WEXITED) == 0, "waitid(P_PIDFD, fz): %s", strerror(errno));
+    CHECK(si.si_pid == z && si.si_code == CLD_EXITED && si.si_status == 5,
+          "Z: waitid reported pid %d code %d status %d, not exit 5 of %d", (int)si.si_pid, si.si_code, si.si_status,
+          (int)z);
     finish("ticks=%u", n);
 }
