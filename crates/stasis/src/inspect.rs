@@ -115,7 +115,13 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
                 human(m.saved_pages() * meta.page_size)
             );
         }
-        println!("  fds        {}", p.fds.len());
+        match p.fd_table_of {
+            Some(parent) => println!(
+                "  fds        {} (the table of process {parent}, shared with it)",
+                p.fds.len()
+            ),
+            None => println!("  fds        {}", p.fds.len()),
+        }
         for f in &p.fds {
             let what = match &f.kind {
                 FdKind::Stdio { index } => {
