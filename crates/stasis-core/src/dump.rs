@@ -221,6 +221,7 @@ fn checkpoint_locked(
         opts.origin != Origin::Attached,
     );
     registry.stdio_files = stdio_files;
+    registry.zombies = zombies.iter().map(|z| z.pid).collect();
     registry.sockets.set_app_api(opts.app_api.clone());
     let mut shm = crate::shm::Collector::new();
     // Under stasis init (whose death ends the job, so no snapshot outlives a dying
@@ -276,6 +277,7 @@ fn checkpoint_locked(
             &mut writer,
         )?);
     }
+    files::mark_shared_tables(parts.iter_mut().map(|p| &mut p.process))?;
     let waited: HashMap<i32, bool> = parts
         .iter()
         .flat_map(|p| p.child_waits.iter().copied())
@@ -1038,6 +1040,7 @@ impl Begun {
                 page_hashes: None,
                 runs_file: None,
                 fds,
+                fd_table_of: None,
                 signals: self.sigs,
                 itimers: ts.itimers,
                 posix_timers: self.posix_timers,

@@ -5,9 +5,14 @@
 //! Restore: the restorer creates each description with that state (a timer restarts
 //! its remaining time when the process is restored; pending expirations are set back
 //! with TFD_IOC_SET_TICKS); epoll registrations are added by the process itself once
-//! its fds are in place, so that they are keyed by the right fd numbers.
+//! its fds are in place, so that they are keyed by the right fd numbers. A watched
+//! file whose fd number was closed or reused since its registration (the dump finds it
+//! in another fd of the checkpoint with kcmp KCMP_EPOLL_TFD) is put at that number
+//! just for the registration. Nested sets (an epoll fd watching another) are
+//! registered like any fd.
 
 use stasis_image::{EpollItem, Fd, FdKind};
+use std::collections::HashMap;
 
 const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
 
@@ -55,7 +60,12 @@ pub fn dump(kind: &str, flags: i32, info: &str) -> Option<FdKind> {
                     let events = u32::from_str_radix(w.next()?, 16).ok()?;
                     w.next(); // "data:"
                     let data = u64::from_str_radix(w.next()?, 16).ok()?;
-                    Some(EpollItem { fd, events, data })
+                    Some(EpollItem {
+                        fd,
+                        events,
+                        data,
+                        desc: None,
+                    })
                 })
                 .collect();
             Some(FdKind::Epoll { flags, items })
@@ -150,24 +160,91 @@ pub fn create(kind: &FdKind) -> std::result::Result<i32, String> {
 }
 
 /// In the new process, once its fds are in place: re-registers the fds of its epoll
-/// instances (an instance shared with another process is registered once; EEXIST
-/// is expected then).
-pub fn register_epoll(fds: &[Fd]) -> std::result::Result<(), String> {
+/// instances. An instance shared with other processes is registered by one of them
+/// only: `registers(desc)` says whether this process does. A watched file that its
+/// fd number no longer holds (see [`EpollItem::desc`]) is registered through that
+/// number all the same: `temps` (by index in [`crate::files::epoll_temps`]) holds it,
+/// it is put at that number for the registration, and what the number held is put
+/// back (or the number closed). `hi` is above every fd of the process.
+pub fn register_epoll(
+    fds: &[Fd],
+    registers: impl Fn(u64) -> bool,
+    temps: &HashMap<usize, i32>,
+    hi: i32,
+) -> std::result::Result<(), String> {
+    let order = crate::files::epoll_temps(fds);
     for f in fds {
         let FdKind::Epoll { items, .. } = &f.kind else {
             continue;
         };
+        if !registers(f.desc) {
+            continue;
+        }
         for it in items {
             let mut ev = libc::epoll_event {
                 events: it.events,
                 u64: it.data,
             };
-            // SAFETY: epoll_ctl on our own descriptors with a valid event.
-            let r = unsafe { libc::epoll_ctl(f.fd, libc::EPOLL_CTL_ADD, it.fd, &mut ev) };
-            if r != 0 {
+            let Some(desc) = it.desc else {
+                // SAFETY: epoll_ctl on our own descriptors with a valid event.
+                let r = unsafe { libc::epoll_ctl(f.fd, libc::EPOLL_CTL_ADD, it.fd, &mut ev) };
+                if r != 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.raw_os_error() != Some(libc::EEXIST) {
+                        return Err(format!("epoll fd {}: registering fd {}: {e}", f.fd, it.fd));
+                    }
+                }
+                continue;
+            };
+            let temp = order
+                .iter()
+                .position(|d| *d == desc)
+                .and_then(|k| temps.get(&k))
+                .copied()
+                .ok_or_else(|| {
+                    format!(
+                        "epoll fd {}: the file registered as fd {} was not received",
+                        f.fd, it.fd
+                    )
+                })?;
+            // SAFETY: fcntl, dup3, epoll_ctl and close on descriptors of our own
+            // process; every number replaced is put back before the next item.
+            unsafe {
+                let ep = if it.fd == f.fd {
+                    libc::fcntl(f.fd, libc::F_DUPFD_CLOEXEC, hi)
+                } else {
+                    f.fd
+                };
+                let prev = libc::fcntl(it.fd, libc::F_GETFD);
+                let saved = if prev >= 0 {
+                    libc::fcntl(it.fd, libc::F_DUPFD_CLOEXEC, hi)
+                } else {
+                    -1
+                };
+                let mut r = libc::dup3(temp, it.fd, libc::O_CLOEXEC);
+                if r >= 0 {
+                    r = libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, it.fd, &mut ev);
+                }
                 let e = std::io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::EEXIST) {
-                    return Err(format!("epoll fd {}: registering fd {}: {e}", f.fd, it.fd));
+                if saved >= 0 {
+                    let cloexec = if prev & libc::FD_CLOEXEC != 0 {
+                        libc::O_CLOEXEC
+                    } else {
+                        0
+                    };
+                    libc::dup3(saved, it.fd, cloexec);
+                    libc::close(saved);
+                } else {
+                    libc::close(it.fd);
+                }
+                if ep != f.fd {
+                    libc::close(ep);
+                }
+                if r < 0 {
+                    return Err(format!(
+                        "epoll fd {}: registering the file once at fd {}: {e}",
+                        f.fd, it.fd
+                    ));
                 }
             }
         }

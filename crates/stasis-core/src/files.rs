@@ -6,15 +6,23 @@
 //! from `/proc/PID/fdinfo`), files deleted while open (content saved), harmless
 //! character devices (/dev/null...), and pipes (the bytes in flight are read without
 //! consuming them: the pipe is reopened through /proc and `tee(2)`d into a pipe of
-//! ours). Fds that share one open file description, in one process (dup) or across
-//! processes (fork), are found with `kcmp(2)` and get the same description id.
-//! Anything else refuses the checkpoint with an error naming the fd.
+//! ours), pidfds and files under /proc/PID of processes of the checkpoint (the
+//! target process must be one of the job's). Fds that share one open file
+//! description, in one process (dup) or across processes (fork), are found with
+//! `kcmp(2)` and get the same description id; so are the files epoll sets watch under
+//! an fd number that no longer holds them (KCMP_EPOLL_TFD), and the processes that
+//! share a whole fd table (KCMP_FILES, [`mark_shared_tables`]). Anything else refuses
+//! the checkpoint with an error naming the fd.
 //!
 //! Restore: the restorer opens every description once ([`open_descriptions`]: files
-//! reopened and positioned, pipes created, refilled and resized) and passes each
-//! process its fds over a UNIX socket with SCM_RIGHTS ([`send_fds`]); the process puts
-//! them at their numbers ([`receive_fds`]). Sharing is preserved because the very same
-//! descriptions are passed.
+//! reopened and positioned, pipes created, refilled and resized, a pipe end with
+//! several descriptions reopened through /proc for each) and passes each process its
+//! fds over a UNIX socket with SCM_RIGHTS ([`send_fds`]); the process puts them at
+//! their numbers ([`receive_fds`]). Sharing is preserved because the very same
+//! descriptions are passed. Pidfds and /proc files need their processes to exist: the
+//! process opens them itself ([`open_late`]) and positions /proc files at the end of its
+//! rebuild ([`seek_proc_files`]). A process sharing its parent's table receives nothing:
+//! it is forked with CLONE_FILES once the parent's fds are in place.
 
 use crate::error::{Error, Result, SysContext};
 use crate::proc::{fdinfo, file_id, ProcDir};
@@ -35,6 +43,17 @@ const SIMPLE_DEVICES: &[(u32, u32, &str)] = &[
 ];
 
 const KCMP_FILE: i32 = 0;
+const KCMP_FILES: i32 = 2;
+const KCMP_EPOLL_TFD: i32 = 7;
+const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+
+/// `struct kcmp_epoll_slot` (include/uapi/linux/kcmp.h).
+#[repr(C)]
+struct KcmpEpollSlot {
+    efd: u32,
+    tfd: u32,
+    toff: u32,
+}
 
 /// Identity (device, inode) of the stdio streams that came from outside stasis, by
 /// index 0, 1, 2.
@@ -145,6 +164,58 @@ fn same_description(pa: i32, a: i32, pb: i32, b: i32) -> bool {
     unsafe { libc::syscall(libc::SYS_kcmp, pa, pb, KCMP_FILE, a, b) == 0 }
 }
 
+/// True when fd `fd` of `p` is the file that epoll `slot` of `epoll_pid` watches.
+fn same_watched(p: i32, fd: i32, epoll_pid: i32, slot: &KcmpEpollSlot) -> bool {
+    // SAFETY: kcmp reads the slot struct we pass and compares kernel objects.
+    unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            p,
+            epoll_pid,
+            KCMP_EPOLL_TFD,
+            fd as libc::c_ulong,
+            slot as *const KcmpEpollSlot as libc::c_ulong,
+        ) == 0
+    }
+}
+
+/// Marks the processes that share their file descriptor table with their parent
+/// (clone(2) with CLONE_FILES; found with kcmp KCMP_FILES): restored sharing it again.
+/// A table shared with a process other than the parent is refused.
+pub fn mark_shared_tables<'a>(
+    procs: impl Iterator<Item = &'a mut stasis_image::Process>,
+) -> Result<()> {
+    let mut procs: Vec<&mut stasis_image::Process> = procs.collect();
+    let pids: Vec<(i32, i32)> = procs.iter().map(|p| (p.pid, p.ppid)).collect();
+    for p in procs.iter_mut() {
+        let sharing: Vec<i32> = pids
+            .iter()
+            .map(|x| x.0)
+            .filter(|&q| q != p.pid)
+            // SAFETY: kcmp only compares kernel objects; no memory is passed.
+            .filter(|&q| unsafe { libc::syscall(libc::SYS_kcmp, q, p.pid, KCMP_FILES, 0, 0) } == 0)
+            .collect();
+        if sharing.is_empty() {
+            continue;
+        }
+        if sharing.contains(&p.ppid) {
+            p.fd_table_of = Some(p.ppid);
+        } else if !sharing
+            .iter()
+            .any(|q| pids.iter().any(|x| x.0 == *q && x.1 == p.pid))
+        {
+            return Err(Error::Unsupported {
+                pid: p.pid,
+                what: format!(
+                    "its file descriptor table, shared (clone CLONE_FILES) with process {}, which is neither its parent nor its child",
+                    sharing[0]
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// What a checkpoint's fds hold besides files: pipes, sockets, pseudo-terminals.
 pub struct Found {
     pub pipes: Vec<Pipe>,
@@ -163,6 +234,10 @@ pub struct Registry {
     pub ptys: Vec<stasis_image::Pty>,
     /// File locks found so far.
     pub locks: crate::locks::Collector,
+    /// The processes of the checkpoint.
+    job: Vec<i32>,
+    /// Its zombies (pidfds and /proc files may refer to them).
+    pub zombies: Vec<i32>,
     next: u64,
     /// (dev, ino, pid, fd, desc) of every fd seen so far.
     seen: Vec<(u64, u64, i32, i32, u64)>,
@@ -182,7 +257,8 @@ impl Registry {
     ) -> Registry {
         Registry {
             locks: crate::locks::Collector::new(&job),
-            sockets: crate::sockets::Collector::new(job, tcp_external, repair, drain),
+            sockets: crate::sockets::Collector::new(job.clone(), tcp_external, repair, drain),
+            job,
             ..Registry::default()
         }
     }
@@ -270,6 +346,11 @@ impl Registry {
                     flags,
                     pos: info.pos,
                 }
+            } else if target == "anon_inode:[pidfd]" || target.starts_with("pidfd:") {
+                FdKind::Pidfd {
+                    pid: self.pidfd_target(pid, fd, &info.text)?,
+                    flags,
+                }
             } else if target == "anon_inode:inotify" {
                 crate::inotify::dump(proc, fd, flags, &info.text)?
             } else if let Some(k) = target
@@ -282,6 +363,13 @@ impl Registry {
                     pid,
                     what: format!("fd {fd}, a {kind} ({target})"),
                 });
+            } else if let Some(pid_of) = self.proc_file_of(pid, fd, &link, &target)? {
+                FdKind::ProcFile {
+                    path: target.clone(),
+                    pid: pid_of,
+                    flags,
+                    pos: info.pos,
+                }
             } else if md.is_file() && md.nlink() == 0 {
                 let path = target
                     .strip_suffix(" (deleted)")
@@ -346,6 +434,10 @@ impl Registry {
                     what: format!("fd {fd} ({target})"),
                 });
             };
+            let mut kind = kind;
+            if let FdKind::Epoll { items, .. } = &mut kind {
+                self.find_watched(pid, fd, items)?;
+            }
             let desc = self.describe(pid, fd, &md);
             self.locks
                 .add_fd(pid, fd, &target, &kind, desc, &info.text)?;
@@ -363,6 +455,149 @@ impl Registry {
             });
         }
         Ok(out)
+    }
+
+    /// The process a pidfd (fd `fd` of `pid`, fdinfo `info`) refers to: one of the
+    /// checkpoint's processes (or zombies), else the checkpoint is refused.
+    fn pidfd_target(&self, pid: i32, fd: i32, info: &str) -> Result<i32> {
+        let target: i32 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("Pid:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(-1);
+        if target <= 0 {
+            return Err(Error::Unsupported {
+                pid,
+                what: format!("fd {fd}, a pidfd of a process that is gone"),
+            });
+        }
+        if !self.job.contains(&target) && !self.zombies.contains(&target) {
+            return Err(Error::Unsupported {
+                pid,
+                what: format!(
+                    "fd {fd}, a pidfd of process {target}, which is not a process of the checkpoint (a thread, or outside the job)"
+                ),
+            });
+        }
+        Ok(target)
+    }
+
+    /// For an fd under /proc/PID (PID of the checkpoint: its own /proc/self/...,
+    /// a child's...): that PID. None: not a per-process /proc file (a regular
+    /// file, or /proc/meminfo and the like, reopened by path). Refused: a /proc
+    /// file of a process outside the checkpoint or of another thread.
+    fn proc_file_of(
+        &self,
+        pid: i32,
+        fd: i32,
+        link: &std::path::Path,
+        target: &str,
+    ) -> Result<Option<i32>> {
+        let Some(rest) = target.strip_prefix("/proc/") else {
+            return Ok(None);
+        };
+        let Ok(c) = CString::new(link.as_os_str().as_encoded_bytes()) else {
+            return Ok(None);
+        };
+        // SAFETY: statfs with a valid C string and a zeroed out-struct.
+        let is_proc = unsafe {
+            let mut sf: libc::statfs = std::mem::zeroed();
+            libc::statfs(c.as_ptr(), &mut sf) == 0 && sf.f_type as i64 == PROC_SUPER_MAGIC
+        };
+        let mut parts = rest.split('/');
+        let Some(of) = parts.next().and_then(|p| p.parse::<i32>().ok()) else {
+            return Ok(None);
+        };
+        if !is_proc {
+            return Ok(None);
+        }
+        let refuse = |why: String| Error::Unsupported {
+            pid,
+            what: format!("fd {fd}, {target}: {why}"),
+        };
+        if !self.job.contains(&of) && !self.zombies.contains(&of) {
+            return Err(refuse(format!(
+                "process {of} is not a process of the checkpoint"
+            )));
+        }
+        if parts.next() == Some("task") {
+            if let Some(tid) = parts.next().and_then(|t| t.parse::<i32>().ok()) {
+                if tid != of {
+                    return Err(refuse(format!(
+                        "a file of thread {tid}, which is not recreated before the fds"
+                    )));
+                }
+            }
+        }
+        Ok(Some(of))
+    }
+
+    /// Finds the file each item of epoll fd `epfd` of `pid` watches, where fd
+    /// `item.fd` of `pid` no longer holds it (closed, or reused for another file): in
+    /// any fd of the checkpoint's processes (kcmp KCMP_EPOLL_TFD), whose description
+    /// it records. A file no fd holds any more is refused.
+    fn find_watched(
+        &mut self,
+        pid: i32,
+        epfd: i32,
+        items: &mut [stasis_image::EpollItem],
+    ) -> Result<()> {
+        let mut seen_fds: HashMap<i32, u32> = HashMap::new();
+        for item in items.iter_mut() {
+            let tfd = item.fd;
+            let toff = seen_fds.entry(tfd).or_insert(0);
+            let slot = KcmpEpollSlot {
+                efd: epfd as u32,
+                tfd: tfd as u32,
+                toff: *toff,
+            };
+            *toff += 1;
+            if same_watched(pid, tfd, pid, &slot) {
+                continue;
+            }
+            let mut found = None;
+            'search: for &q in std::iter::once(&pid).chain(self.job.iter().filter(|&&q| q != pid)) {
+                let Ok(rd) = std::fs::read_dir(format!("/proc/{q}/fd")) else {
+                    continue;
+                };
+                let mut nums: Vec<i32> = rd
+                    .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                    .collect();
+                nums.sort();
+                for n in nums {
+                    if same_watched(q, n, pid, &slot) {
+                        found = Some((q, n));
+                        break 'search;
+                    }
+                }
+            }
+            let Some((q, n)) = found else {
+                return Err(Error::Unsupported {
+                    pid,
+                    what: format!(
+                        "fd {epfd}, an epoll set watching a file registered as fd {tfd} that no fd of the checkpoint holds any more"
+                    ),
+                });
+            };
+            let link = format!("/proc/{q}/fd/{n}");
+            let late = std::fs::read_link(&link).is_ok_and(|t| {
+                let t = t.to_string_lossy();
+                t == "anon_inode:[pidfd]" || t.starts_with("pidfd:") || t.starts_with("/proc/")
+            });
+            if late {
+                return Err(Error::Unsupported {
+                    pid,
+                    what: format!(
+                        "fd {epfd}, an epoll set watching a pidfd or /proc file registered as fd {tfd}, a number that no longer holds it"
+                    ),
+                });
+            }
+            let md = std::fs::metadata(&link).ctx(q, || {
+                format!("stat of fd {n} (watched by epoll fd {epfd} of process {pid})")
+            })?;
+            item.desc = Some(self.describe(q, n, &md));
+        }
+        Ok(())
     }
 
     /// Saves the bytes in flight in a pipe, once per pipe, without consuming them.
@@ -480,7 +715,8 @@ pub fn open_descriptions(
     api: &mut Vec<crate::sockets::appapi::Remade>,
 ) -> std::result::Result<HashMap<u64, OwnedFd>, String> {
     let mut descs: HashMap<u64, OwnedFd> = HashMap::new();
-    let mut pipes: HashMap<u64, (Option<OwnedFd>, Option<OwnedFd>)> = HashMap::new();
+    // Each pipe's two ends, and whether each was handed out already.
+    let mut pipes: HashMap<u64, (OwnedFd, OwnedFd, bool, bool)> = HashMap::new();
     // One read-write opening of each FIFO, so that opening either end never blocks;
     // dropped once every description exists.
     let mut fifo_keepers: HashMap<u64, OwnedFd> = HashMap::new();
@@ -494,7 +730,7 @@ pub fn open_descriptions(
                     f.fd
                 ));
             }
-            if descs.contains_key(&f.desc) {
+            if descs.contains_key(&f.desc) || is_late(&f.kind) {
                 continue;
             }
             let fd = match &f.kind {
@@ -588,6 +824,7 @@ pub fn open_descriptions(
                     image.path(),
                     api,
                 )?,
+                FdKind::Pidfd { .. } | FdKind::ProcFile { .. } => continue,
                 FdKind::Inotify { flags, watches } => crate::inotify::create(*flags, watches)
                     .map_err(|e| format!("fd {}: {e}", f.fd))?,
                 k @ (FdKind::EventFd { .. }
@@ -623,11 +860,23 @@ pub fn open_descriptions(
                             v.insert(new_pipe(info, image)?)
                         }
                     };
-                    let end = if *write { &mut ends.1 } else { &mut ends.0 };
-                    let fd = end
-                        .take()
-                        .ok_or_else(|| format!("fd {}: a pipe end opened twice (through /proc) is not supported yet", f.fd))?
-                        .into_raw_fd();
+                    // The first description of each end is the end itself; another one
+                    // (the pipe opened again through /proc/PID/fd, or read-write) is
+                    // opened the same way, through /proc.
+                    let rdwr = *flags & libc::O_ACCMODE == libc::O_RDWR;
+                    let (end, used) = if *write {
+                        (&ends.1, &mut ends.3)
+                    } else {
+                        (&ends.0, &mut ends.2)
+                    };
+                    let fd = if *used || rdwr {
+                        reopen(f.fd, end.as_raw_fd(), *flags | libc::O_NONBLOCK)?
+                    } else {
+                        *used = true;
+                        end.try_clone()
+                            .map_err(|e| format!("fd {}: {e}", f.fd))?
+                            .into_raw_fd()
+                    };
                     // SAFETY: fcntl on the descriptor we just created.
                     unsafe {
                         libc::fcntl(
@@ -684,11 +933,12 @@ fn open_fifo(
     Ok(keeper)
 }
 
-/// A new pipe with the saved capacity and contents: (read end, write end).
+/// A new pipe with the saved capacity and contents: (read end, write end, neither
+/// handed out yet).
 fn new_pipe(
     info: &Pipe,
     image: &CheckpointReader,
-) -> std::result::Result<(Option<OwnedFd>, Option<OwnedFd>), String> {
+) -> std::result::Result<(OwnedFd, OwnedFd, bool, bool), String> {
     let mut p = [0i32; 2];
     // SAFETY: pipe2 fills the array with two new descriptors.
     if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -711,7 +961,7 @@ fn new_pipe(
         wf.write_all(&data)
             .map_err(|e| format!("refilling pipe {}: {e}", info.id))?;
     }
-    Ok((Some(r), Some(w)))
+    Ok((r, w, false, false))
 }
 
 /// One entry of the fd-passing protocol: target fd number and FD_CLOEXEC.
@@ -719,19 +969,49 @@ const ENTRY: usize = 8;
 /// Fds per message (SCM_MAX_FD is 253).
 const BATCH: usize = 200;
 
+/// Kinds of fd that the restored process opens itself once every process exists
+/// ([`open_late`]): pidfds and /proc files.
+pub fn is_late(kind: &FdKind) -> bool {
+    matches!(kind, FdKind::Pidfd { .. } | FdKind::ProcFile { .. })
+}
+
+/// The descriptions of the files that `fds`' epoll sets watch and hold under no fd
+/// number of their own (see [`stasis_image::EpollItem::desc`]), in a fixed order: sent
+/// to the process beside its fds, for the registration only.
+pub fn epoll_temps(fds: &[Fd]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for f in fds {
+        if let FdKind::Epoll { items, .. } = &f.kind {
+            for d in items.iter().filter_map(|i| i.desc) {
+                if !out.contains(&d) {
+                    out.push(d);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Sends process `fds` over the SOCK_SEQPACKET socket `sock`: batches of (number,
-/// cloexec) entries with the descriptions as SCM_RIGHTS, then an empty message.
+/// cloexec) entries with the descriptions as SCM_RIGHTS, then an empty message. The
+/// files of [`epoll_temps`] go with them, numbered -1, -2...
 pub fn send_fds(
     sock: i32,
     fds: &[Fd],
     descs: &HashMap<u64, OwnedFd>,
 ) -> std::result::Result<(), String> {
     let mut items: Vec<(i32, bool, i32)> = Vec::new();
-    for f in fds {
+    for f in fds.iter().filter(|f| !is_late(&f.kind)) {
         let d = descs
             .get(&f.desc)
             .ok_or_else(|| format!("fd {}: no description", f.fd))?;
         items.push((f.fd, f.cloexec, d.as_raw_fd()));
+    }
+    for (k, desc) in epoll_temps(fds).into_iter().enumerate() {
+        let d = descs
+            .get(&desc)
+            .ok_or_else(|| format!("a file watched by epoll (description {desc}) is missing"))?;
+        items.push((-(k as i32) - 1, true, d.as_raw_fd()));
     }
     for batch in items.chunks(BATCH) {
         let mut payload = Vec::with_capacity(batch.len() * ENTRY);
@@ -789,8 +1069,10 @@ fn send_with_fds(sock: i32, payload: &[u8], fds: &[i32]) -> std::result::Result<
 
 /// In the new process: receives its fds from `sock` and puts them at their numbers.
 /// Received descriptors are first moved to numbers >= `hi`, so that placing one never
-/// overwrites another not yet placed.
-pub fn receive_fds(sock: i32, hi: i32) -> std::result::Result<(), String> {
+/// overwrites another not yet placed. Returns the files of [`epoll_temps`], by their
+/// index there, left at numbers >= `hi` (for the caller to close).
+pub fn receive_fds(sock: i32, hi: i32) -> std::result::Result<HashMap<usize, i32>, String> {
+    let mut temps = HashMap::new();
     let mut pending: Vec<(i32, bool, i32)> = Vec::new();
     loop {
         let mut data = vec![0u8; BATCH * ENTRY];
@@ -851,7 +1133,11 @@ pub fn receive_fds(sock: i32, hi: i32) -> std::result::Result<(), String> {
             if high < 0 {
                 return Err(format!("fd {num}: {}", std::io::Error::last_os_error()));
             }
-            pending.push((num, e[4] != 0, high));
+            if num < 0 {
+                temps.insert((-num - 1) as usize, high);
+            } else {
+                pending.push((num, e[4] != 0, high));
+            }
         }
     }
     for (num, cloexec, high) in pending.iter().copied() {
@@ -867,6 +1153,76 @@ pub fn receive_fds(sock: i32, hi: i32) -> std::result::Result<(), String> {
     for (_, _, high) in pending {
         // SAFETY: closing our temporary high copies.
         unsafe { libc::close(high) };
+    }
+    Ok(temps)
+}
+
+/// In the new process, once its other fds are in place: opens its pidfds and /proc
+/// files (whose processes must exist: those not created yet are waited for, up to
+/// `wait`) and puts them at their numbers. Fds of one description share one again.
+/// A /proc file is positioned later ([`seek_proc_files`]): its content is made when
+/// it is first read or positioned, which must be once the process is itself again.
+pub fn open_late(fds: &[Fd], wait: std::time::Duration) -> std::result::Result<(), String> {
+    let mut done: HashMap<u64, i32> = HashMap::new();
+    let deadline = std::time::Instant::now() + wait;
+    for f in fds.iter().filter(|f| is_late(&f.kind)) {
+        let fd = match done.get(&f.desc) {
+            // SAFETY: dup of a descriptor we just placed.
+            Some(&first) => unsafe { libc::fcntl(first, libc::F_DUPFD_CLOEXEC, 0) },
+            None => loop {
+                let (fd, what) = match &f.kind {
+                    FdKind::Pidfd { pid, flags } => (
+                        // SAFETY: pidfd_open takes plain values.
+                        unsafe {
+                            libc::syscall(
+                                libc::SYS_pidfd_open,
+                                *pid,
+                                (*flags & (libc::O_NONBLOCK | libc::O_EXCL)) as libc::c_uint,
+                            ) as i32
+                        },
+                        format!("a pidfd of process {pid}"),
+                    ),
+                    FdKind::ProcFile { path, flags, .. } => {
+                        let c = CString::new(path.as_str())
+                            .map_err(|_| format!("fd {}: bad path {path:?}", f.fd))?;
+                        let flags = (*flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC))
+                            | libc::O_CLOEXEC
+                            | libc::O_NOCTTY;
+                        // SAFETY: `c` is a valid C string.
+                        (unsafe { libc::open(c.as_ptr(), flags) }, path.clone())
+                    }
+                    _ => return Err(format!("fd {}: not a late fd", f.fd)),
+                };
+                if fd >= 0 {
+                    break fd;
+                }
+                let e = std::io::Error::last_os_error();
+                let absent = matches!(e.raw_os_error(), Some(libc::ESRCH | libc::ENOENT));
+                if !absent || std::time::Instant::now() > deadline {
+                    return Err(format!("fd {}: cannot open {what} again: {e}", f.fd));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            },
+        };
+        if fd < 0 {
+            return Err(format!("fd {}: {}", f.fd, std::io::Error::last_os_error()));
+        }
+        if fd == f.fd {
+            let cloexec = if f.cloexec { libc::FD_CLOEXEC } else { 0 };
+            // SAFETY: fcntl on the descriptor we just opened.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, cloexec) };
+        } else {
+            let cloexec = if f.cloexec { libc::O_CLOEXEC } else { 0 };
+            // SAFETY: dup3 onto the saved number, free (it was not sent) or ours.
+            let r = unsafe { libc::dup3(fd, f.fd, cloexec) };
+            let e = std::io::Error::last_os_error();
+            // SAFETY: closing our temporary descriptor.
+            unsafe { libc::close(fd) };
+            if r < 0 {
+                return Err(format!("fd {}: dup3: {e}", f.fd));
+            }
+        }
+        done.entry(f.desc).or_insert(f.fd);
     }
     Ok(())
 }
@@ -974,4 +1330,28 @@ pub fn open_high(path: &str, flags: i32, min: i32) -> std::result::Result<i32, S
         ));
     }
     Ok(high)
+}
+
+/// At the end of the rebuild of process `p` (its name, credentials and memory are
+/// back): positions its /proc files at their saved offsets (`lseek` by the process
+/// itself: the content of a /proc file is made when it is first read or positioned).
+pub fn seek_proc_files(inj: &crate::inject::Injector, p: &stasis_image::Process) -> Result<()> {
+    if p.fd_table_of.is_some() {
+        return Ok(());
+    }
+    let mut done = Vec::new();
+    for f in &p.fds {
+        if let FdKind::ProcFile { pos, path, .. } = &f.kind {
+            if *pos == 0 || done.contains(&f.desc) {
+                continue;
+            }
+            done.push(f.desc);
+            inj.call(
+                &format!("lseek of fd {} ({path}) to {pos}", f.fd),
+                libc::SYS_lseek,
+                &[f.fd as u64, *pos, libc::SEEK_SET as u64],
+            )?;
+        }
+    }
+    Ok(())
 }

@@ -2,8 +2,11 @@
 //!
 //! 1. Verify the image (checksums) and the environment (mapped files unchanged, same
 //!    architecture) before anything is created.
-//! 2. Fork a child with the saved PID (`clone3` + `set_tid`). In ordinary Rust it
-//!    recreates its fds, cwd, umask, rlimits, timers and signal dispositions, opens the
+//! 2. Fork a child with the saved PID (`clone3` + `set_tid`; with CLONE_FILES, once
+//!    the parent's fds are in place, for a child that shared its parent's fd table).
+//!    In ordinary Rust it recreates its fds (received from the restorer; pidfds and
+//!    /proc files opened by itself once their processes exist; epoll sets registered),
+//!    cwd, umask, rlimits, timers and signal dispositions, opens the
 //!    page file and mapped files at high fd numbers, maps a two-page "gadget" (one
 //!    `syscall` instruction plus a scratch page) where the saved layout has a hole, and
 //!    waits, all signals blocked.
@@ -23,7 +26,7 @@ use crate::{files, signals, task, thread};
 use procfs::process::MMapPath;
 use serde::{Deserialize, Serialize};
 use stasis_image::{CheckpointReader, MappingKind, Process, PAGE_SIZE};
-use stasis_sys::clone::{fork_with_pid, Forked};
+use stasis_sys::clone::{fork_with_pid_flags, Forked};
 use stasis_sys::ptrace::{self, Stop};
 use std::collections::HashMap;
 
@@ -214,13 +217,17 @@ pub fn restore(
             continue;
         }
         match fork_retry(p.pid)? {
-            Forked::Child => tree.child_main(i),
+            Forked::Child => tree.child_main(i, tree.socks.clone()),
             Forked::Parent(c) => guards.push(KillOnDrop(c)),
         }
     }
     // Our copies of the processes' ends close here.
     let parent_ends: Vec<OwnedFd> = socks.into_iter().map(|(ours, _theirs)| ours).collect();
+    // A process sharing its parent's fd table gets none: its parent's are its own.
     for (i, p) in procs.iter().enumerate() {
+        if p.fd_table_of.is_some() {
+            continue;
+        }
         files::send_fds(parent_ends[i].as_raw_fd(), &p.fds, &descs)
             .map_err(|msg| Error::Restore { pid: p.pid, msg })?;
     }
@@ -279,11 +286,16 @@ fn open_dependencies(image: &CheckpointReader) -> Result<Vec<(u64, CheckpointRea
 /// fork_with_pid, retrying while the PID is still held for a moment by an exiting
 /// thread of ours (the checksum workers).
 fn fork_retry(pid: i32) -> Result<Forked> {
+    fork_retry_flags(pid, 0)
+}
+
+/// [`fork_retry`] with clone flags (CLONE_FILES).
+fn fork_retry_flags(pid: i32, flags: u64) -> Result<Forked> {
     let mut tries = 0;
     loop {
         // SAFETY: the caller is single-threaded at this point (worker threads have
         // been joined); a child only runs `Tree::child_main`, which never returns.
-        match unsafe { fork_with_pid(pid) } {
+        match unsafe { fork_with_pid_flags(pid, flags) } {
             Err(e) if e.errno == libc::EEXIST && tries < PID_RETRIES => {
                 tries += 1;
                 std::thread::sleep(std::time::Duration::from_millis(10));
@@ -511,6 +523,7 @@ fn rebuild(
         crate::creds::restore(&inj, child, c, &scratch)?;
     }
     task::restore_dumpable(&inj, &p.settings)?;
+    files::seek_proc_files(&inj, p)?;
     // The last injected syscall removes the gadget itself; the thread is at that
     // syscall's exit stop and gets its own registers before it runs again.
     inj.call(
@@ -595,10 +608,16 @@ struct Tree<'a> {
 impl Tree<'_> {
     /// Runs in new process `idx`: forks its children and zombies, prepares, reports,
     /// and waits to be rebuilt.
-    fn child_main(&self, idx: usize) -> ! {
+    ///
+    /// `socks` are the numbers of the processes' sockets here: the inherited ones, or
+    /// copies above `hi` kept for processes created later that share our table (a
+    /// child sharing its parent's table, clone CLONE_FILES, is forked once the
+    /// parent's fds are in place, and sets up no fds of its own).
+    fn child_main(&self, idx: usize, mut socks: Vec<i32>) -> ! {
         let procs = &self.image.meta.processes;
         let p = &procs[idx];
-        let mut sock = self.socks[idx];
+        let follower = p.fd_table_of.is_some();
+        let mut sock = socks[idx];
         // SAFETY: plain libc calls on our own process; the set is initialized by
         // sigfillset.
         unsafe {
@@ -655,32 +674,89 @@ impl Tree<'_> {
                 while libc::sigtimedwait(&set, std::ptr::null_mut(), &zero) > 0 {}
             }
         }
-        for (i, c) in procs.iter().enumerate() {
-            if c.ppid == p.pid && i != idx {
-                match fork_retry(c.pid) {
-                    Ok(Forked::Child) => self.child_main(i),
+        let children: Vec<usize> = procs
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| c.ppid == p.pid && *i != idx)
+            .map(|(i, _)| i)
+            .collect();
+        let (sharing, own): (Vec<usize>, Vec<usize>) = children
+            .iter()
+            .partition(|&&i| procs[i].fd_table_of == Some(p.pid));
+        for &i in &own {
+            match fork_retry(procs[i].pid) {
+                Ok(Forked::Child) => self.child_main(i, socks.clone()),
+                Ok(Forked::Parent(_)) => {}
+                Err(e) => result = Err(e.to_string()),
+            }
+        }
+        if follower {
+            // Our table is our parent's, which closed every socket but those of the
+            // processes below us (kept above `hi`): those of the children just forked
+            // are theirs now.
+            for &i in &own {
+                for j in subtree(procs, i) {
+                    // SAFETY: closing a kept copy of a socket end in our table.
+                    unsafe { libc::close(socks[j]) };
+                }
+            }
+        } else {
+            // The sockets of the processes below the children that will share our
+            // table are kept above `hi` (our fds go below it); the other processes'
+            // ends are not ours to keep.
+            let mut kept: HashMap<usize, i32> = HashMap::new();
+            for &i in &sharing {
+                for j in subtree(procs, i) {
+                    // SAFETY: F_DUPFD of an inherited descriptor.
+                    let k = unsafe { libc::fcntl(socks[j], libc::F_DUPFD_CLOEXEC, self.hi) };
+                    if k < 0 {
+                        result = Err(format!(
+                            "keeping the restore socket of process {}: {}",
+                            procs[j].pid,
+                            std::io::Error::last_os_error()
+                        ));
+                    }
+                    kept.insert(j, k);
+                }
+            }
+            for (i, &s) in socks.iter().enumerate() {
+                if i != idx {
+                    // SAFETY: closing other processes' socket ends inherited from our parent.
+                    unsafe { libc::close(s) };
+                }
+            }
+            for (j, k) in kept {
+                socks[j] = k;
+            }
+        }
+        let for_sharing: Vec<i32> = sharing
+            .iter()
+            .flat_map(|&i| subtree(procs, i))
+            .map(|j| socks[j])
+            .collect();
+        let fds_ready = result.and_then(|()| {
+            prepare_fds(self.image, idx, self.hi, &self.shm, &mut sock, &for_sharing)
+        });
+        if fds_ready.is_ok() {
+            for &i in &sharing {
+                match fork_retry_flags(procs[i].pid, libc::CLONE_FILES as u64) {
+                    Ok(Forked::Child) => self.child_main(i, socks.clone()),
                     Ok(Forked::Parent(_)) => {}
-                    Err(e) => result = Err(e.to_string()),
+                    Err(e) => {
+                        // The restorer learns it from the missing reports: the sockets
+                        // kept for them go.
+                        tracing::debug!("{e}");
+                        for j in subtree(procs, i) {
+                            // SAFETY: closing a kept copy of a socket end in our table.
+                            unsafe { libc::close(socks[j]) };
+                        }
+                    }
                 }
             }
         }
-        // Our children have their sockets now; the others' ends are not ours to keep.
-        for (i, &s) in self.socks.iter().enumerate() {
-            if i != idx {
-                // SAFETY: closing other processes' socket ends inherited from our parent.
-                unsafe { libc::close(s) };
-            }
-        }
-        let msg = match result.and_then(|()| {
-            prepare(
-                self.image,
-                p,
-                self.hi,
-                self.gadgets[idx],
-                &self.shm,
-                &mut sock,
-            )
-        }) {
+        let msg = match fds_ready
+            .and_then(|map_files| prepare(p, self.hi, self.gadgets[idx], &mut sock, map_files))
+        {
             Ok(prep) => format!("OK {}", serde_json::to_string(&prep).unwrap_or_default()),
             Err(e) => format!("ERR {e}"),
         };
@@ -718,14 +794,53 @@ fn become_zombie(status: i32) -> ! {
     }
 }
 
-fn prepare(
+/// Process `idx` and the processes below it.
+fn subtree(procs: &[Process], idx: usize) -> Vec<usize> {
+    let mut out = vec![idx];
+    let mut k = 0;
+    while k < out.len() {
+        let pid = procs[out[k]].pid;
+        out.extend(
+            procs
+                .iter()
+                .enumerate()
+                .filter(|(i, c)| c.ppid == pid && !out.contains(i))
+                .map(|(i, _)| i)
+                .collect::<Vec<_>>(),
+        );
+        k += 1;
+    }
+    out
+}
+
+/// How long a restored process waits for the processes its pidfds and /proc files
+/// refer to to be created.
+const LATE_FD_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// The fd part of preparing process `idx`: receives its fds, opens its pidfds and
+/// /proc files, registers its epoll sets. Returns the shared memory objects it maps,
+/// by key, at numbers above `hi`. `for_sharing` are the sockets, above `hi`, of the
+/// processes that will share our table. A process that shares its parent's fd table
+/// ([`Process::fd_table_of`]) has them already and does nothing here.
+fn prepare_fds(
     image: &CheckpointReader,
-    p: &Process,
+    idx: usize,
     hi: i32,
-    gadget: u64,
     shm: &HashMap<u64, i32>,
     sock: &mut i32,
-) -> std::result::Result<Prepared, String> {
+    for_sharing: &[i32],
+) -> std::result::Result<HashMap<String, i32>, String> {
+    let procs = &image.meta.processes;
+    let p = &procs[idx];
+    if p.fd_table_of.is_some() {
+        if p.mappings
+            .iter()
+            .any(|m| matches!(m.kind, MappingKind::SharedMemory { .. }))
+        {
+            return Err("a process sharing its parent's fd table (clone CLONE_FILES) and mapping a memfd is not supported".into());
+        }
+        return Ok(HashMap::new());
+    }
     // The shared memory objects this process maps, moved above `hi` before the
     // low descriptors go.
     let mut map_files = HashMap::new();
@@ -762,9 +877,25 @@ fn prepare(
     // SAFETY: closing the original copy, replaced by `moved`.
     unsafe { libc::close(*sock) };
     *sock = moved;
-    // SAFETY: closes every descriptor below `hi`; ours are all at or above it.
-    unsafe { libc::syscall(libc::SYS_close_range, 0u32, (hi - 1) as u32, 0u32) };
-    files::receive_fds(*sock, hi)?;
+    // Every other descriptor goes: those below `hi`, and those above it that a
+    // parent sharing its table with another child kept for it, but the sockets kept
+    // for the children that will share ours (`for_sharing`).
+    let mut keep: Vec<i32> = map_files.values().copied().collect();
+    keep.push(*sock);
+    keep.extend_from_slice(for_sharing);
+    keep.sort_unstable();
+    let mut from = 0u32;
+    for k in keep {
+        if k as u32 > from {
+            // SAFETY: closes descriptors of ours that nothing here uses.
+            unsafe { libc::syscall(libc::SYS_close_range, from, k as u32 - 1, 0u32) };
+        }
+        from = k as u32 + 1;
+    }
+    // SAFETY: as above, up to the highest possible number.
+    unsafe { libc::syscall(libc::SYS_close_range, from, u32::MAX, 0u32) };
+    let temps = files::receive_fds(*sock, hi)?;
+    files::open_late(&p.fds, LATE_FD_WAIT)?;
     // A session leader takes its controlling terminal back.
     for t in image.meta.ptys.iter().filter(|t| t.session == p.pid) {
         if let Some(f) = p.fds.iter().find(|f| matches!(f.kind, stasis_image::FdKind::Pty { pty, master: false, .. } if pty == t.id)) {
@@ -774,7 +905,31 @@ fn prepare(
             }
         }
     }
-    crate::eventfds::register_epoll(&p.fds)?;
+    // An epoll set shared by several processes is registered by the first of them
+    // that has its own fd table.
+    let registers = |desc: u64| {
+        !procs[..idx]
+            .iter()
+            .any(|q| q.fd_table_of.is_none() && q.fds.iter().any(|f| f.desc == desc))
+    };
+    let registered = crate::eventfds::register_epoll(&p.fds, registers, &temps, hi);
+    for t in temps.values() {
+        // SAFETY: closing the temporary descriptors of watched files.
+        unsafe { libc::close(*t) };
+    }
+    registered?;
+    Ok(map_files)
+}
+
+/// The rest of preparing a process, once its fds are in place (`map_files`: the
+/// shared memory objects it maps, from [`prepare_fds`]).
+fn prepare(
+    p: &Process,
+    hi: i32,
+    gadget: u64,
+    sock: &mut i32,
+    mut map_files: HashMap<String, i32>,
+) -> std::result::Result<Prepared, String> {
     let exe_fd = files::open_high(&p.exe.path, libc::O_RDONLY, hi)?;
     for m in &p.mappings {
         if let MappingKind::File { file, .. } = &m.kind {

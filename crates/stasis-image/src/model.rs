@@ -421,6 +421,10 @@ pub struct Process {
     pub runs_file: Option<String>,
     /// Open file descriptors.
     pub fds: Vec<Fd>,
+    /// The parent whose file descriptor table this process shares (clone(2) with
+    /// CLONE_FILES): restored sharing it again; `fds` are then the parent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd_table_of: Option<i32>,
     /// Process-wide signal state.
     pub signals: Signals,
     /// Interval timers (ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF).
@@ -901,6 +905,21 @@ pub enum FdKind {
     },
     /// epoll_create(2) with its registered fds (numbers in the owning process).
     Epoll { flags: i32, items: Vec<EpollItem> },
+    /// A pidfd (pidfd_open(2), clone(2) with CLONE_PIDFD) of process `pid` of the
+    /// checkpoint (PIDs are kept); `flags` hold O_NONBLOCK (PIDFD_NONBLOCK). Opened
+    /// again by the restored process itself once `pid` exists; one description per
+    /// process (fds of one process that shared it still share it).
+    Pidfd { pid: i32, flags: i32 },
+    /// A file under /proc/PID of a process of the checkpoint (its own /proc/self/...,
+    /// a child's /proc/PID/stat, the directory /proc/PID...): reopened at the same
+    /// path by the restored process itself once `pid` exists, and positioned at `pos`.
+    /// One description per process, as for pidfds.
+    ProcFile {
+        path: String,
+        pid: i32,
+        flags: i32,
+        pos: u64,
+    },
     /// A pseudo-terminal end (of `Checkpoint::ptys`): the master (/dev/ptmx) or the
     /// slave (/dev/pts/N).
     Pty { pty: u64, master: bool, flags: i32 },
@@ -954,6 +973,11 @@ pub struct EpollItem {
     pub fd: i32,
     pub events: u32,
     pub data: u64,
+    /// The open file description (`Fd::desc`) of the watched file when fd `fd` of the
+    /// process no longer holds it (closed or reused since it was registered; the
+    /// file is held by another fd of the checkpoint). None: fd `fd` holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desc: Option<u64>,
 }
 
 /// Disposition of one signal (`struct sigaction` as the kernel keeps it).

@@ -69,8 +69,19 @@ pub enum Forked {
 /// Same rules as fork(2): the caller must be single-threaded, and the child should only
 /// use code that is safe after fork.
 pub unsafe fn fork_with_pid(pid: i32) -> Result<Forked> {
+    // SAFETY: the caller keeps fork_with_pid's rules, which are this one's.
+    unsafe { fork_with_pid_flags(pid, 0) }
+}
+
+/// [`fork_with_pid`] with clone flags `flags` (CLONE_FILES: the child shares the
+/// caller's file descriptor table).
+///
+/// # Safety
+/// As for [`fork_with_pid`]; `flags` must not include CLONE_VM or thread flags.
+pub unsafe fn fork_with_pid_flags(pid: i32, flags: u64) -> Result<Forked> {
     let tid = [pid as libc::pid_t];
     let args = CloneArgs {
+        flags,
         exit_signal: libc::SIGCHLD as u64,
         set_tid: if pid > 0 { tid.as_ptr() as u64 } else { 0 },
         set_tid_size: u64::from(pid > 0),

@@ -115,7 +115,13 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
                 human(m.saved_pages() * meta.page_size)
             );
         }
-        println!("  fds        {}", p.fds.len());
+        match p.fd_table_of {
+            Some(parent) => println!(
+                "  fds        {} (the table of process {parent}, shared with it)",
+                p.fds.len()
+            ),
+            None => println!("  fds        {}", p.fds.len()),
+        }
         for f in &p.fds {
             let what = match &f.kind {
                 FdKind::Stdio { index } => {
@@ -215,10 +221,15 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
                     "epoll watching fds {}",
                     items
                         .iter()
-                        .map(|i| i.fd.to_string())
+                        .map(|i| match i.desc {
+                            Some(_) => format!("{} (closed or reused; its file kept)", i.fd),
+                            None => i.fd.to_string(),
+                        })
                         .collect::<Vec<_>>()
                         .join(",")
                 ),
+                FdKind::Pidfd { pid, .. } => format!("pidfd of process {pid}"),
+                FdKind::ProcFile { path, pos, .. } => format!("{path} offset {pos}"),
                 FdKind::SharedMemory { id, pos, .. } => {
                     format!("memfd (shared memory {id}) offset {pos}")
                 }
