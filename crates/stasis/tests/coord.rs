@@ -355,3 +355,77 @@ fn protocol_version_mismatch_is_refused_clearly() {
     assert_parts(&w, "checkpoint-000001", &["a"]);
     assert!(c.proc.running(), "{}", c.proc.diag());
 }
+
+/// A real part (a counter under `stasis agent -- counter`) whose agent is killed while
+/// the part is written and held frozen for the others (a simulated agent slow to
+/// dump): the checkpoint is abandoned, nothing is published, the previous checkpoint
+/// stays the newest, and the part (its init saw the agent go) runs on: its ticks go on
+/// and it ends with its own checks passed.
+#[test]
+fn real_part_runs_on_when_its_agent_dies_mid_checkpoint() {
+    let w = Work::new("coord_real_agent_lost");
+    let c = coordinator(&w, "10s");
+    let counter = prog("counter");
+    let mut cmd = w.stasis_cmd(&[
+        "agent".as_ref(),
+        "--coordinator".as_ref(),
+        c.addr.as_ref(),
+        "--node".as_ref(),
+        "real".as_ref(),
+        "--".as_ref(),
+        counter.as_os_str(),
+    ]);
+    cmd.current_dir(&w.dir);
+    let mut real = w.spawn_io("agent-real", cmd, Stdio::null(), true);
+    real.wait_tick(3, T_READY);
+    real.wait_line_err("joined", T_CMD);
+    let _slow = agent(&w, &c, "slow", &["--simulate-delay", "dump=4s"]);
+    request(&w, &c, false).expect_exit(0, T_CMD);
+    assert_eq!(entries(&w.ck), ["checkpoint-000001"]);
+    let t = real.last_tick().unwrap();
+    real.wait_tick(t + 3, T_CMD);
+    let mut r = request(&w, &c, false);
+    // The real part is frozen once its ticks stop; the slow agent is still dumping.
+    let t0 = Instant::now();
+    loop {
+        let a = real.last_tick();
+        std::thread::sleep(Duration::from_millis(300));
+        if real.last_tick() == a {
+            break;
+        }
+        assert!(t0.elapsed() < T_CMD, "the real part was never frozen");
+    }
+    // SAFETY: kill(2) of the agent process we started.
+    unsafe { libc::kill(real.pid(), libc::SIGKILL) };
+    let status = r.wait(T_CMD);
+    let err = r.stderr();
+    assert_eq!(status.code(), Some(1), "{}", r.diag());
+    assert!(
+        err.contains("checkpoint 2 abandoned, nothing published") && err.contains("node real"),
+        "{err}"
+    );
+    assert_eq!(entries(&w.ck), ["checkpoint-000001"], "nothing published");
+    // The part runs on without its agent.
+    let t = real.last_tick().unwrap();
+    let t0 = Instant::now();
+    while real.last_tick().unwrap() < t + 5 {
+        assert!(
+            t0.elapsed() < T_CMD,
+            "the part stayed frozen after its agent died\n{}",
+            real.diag()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    w.go();
+    let t0 = Instant::now();
+    while !real.stdout().contains("OK ticks=") {
+        assert!(
+            !real.stdout().contains("FAIL") && t0.elapsed() < T_CMD,
+            "{}",
+            real.diag()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_ticks_consecutive(&[("real part".into(), real.stdout())], Some(0));
+    drop(c);
+}
