@@ -3,7 +3,8 @@
 //! Dump: each entry of `/proc/PID/fd` is classified by its link target and `stat`:
 //! stdio that came from outside stasis (matched by device and inode against the
 //! streams stasis itself was given), regular files and directories (path, flags, offset
-//! from `/proc/PID/fdinfo`), files deleted while open (content saved), harmless
+//! from `/proc/PID/fdinfo`), files deleted while open (saved once per inode as an
+//! object of [`crate::shm`], with memfds and anonymous shared memory), harmless
 //! character devices (/dev/null...), and pipes (the bytes in flight are read without
 //! consuming them: the pipe is reopened through /proc and `tee(2)`d into a pipe of
 //! ours). Fds that share one open file description, in one process (dup) or across
@@ -11,7 +12,8 @@
 //! Anything else refuses the checkpoint with an error naming the fd.
 //!
 //! Restore: the restorer opens every description once ([`open_descriptions`]: files
-//! reopened and positioned, pipes created, refilled and resized) and passes each
+//! reopened and positioned, deleted files and memfds reopened through the one object
+//! [`crate::shm`] recreated for their inode, pipes created, refilled and resized) and passes each
 //! process its fds over a UNIX socket with SCM_RIGHTS ([`send_fds`]); the process puts
 //! them at their numbers ([`receive_fds`]). Sharing is preserved because the very same
 //! descriptions are passed.
@@ -214,8 +216,8 @@ impl Registry {
         desc
     }
 
-    /// Saves the fds of a stopped process. Contents of deleted files and pipes go
-    /// into `writer`.
+    /// Saves the fds of a stopped process. Contents of pipes go into `writer`, those
+    /// of deleted files and memfds into `shm`.
     pub fn dump_fds(
         &mut self,
         proc: &ProcDir,
@@ -287,15 +289,15 @@ impl Registry {
                     .strip_suffix(" (deleted)")
                     .unwrap_or(&target)
                     .to_string();
-                let data_file = format!("file-{pid}-{fd}.img");
-                save_content(pid, fd, &link, &data_file, writer)?;
+                let object = shm.save_deleted(pid, fd, &link, &path, &md, writer)?;
                 FdKind::Deleted {
                     path,
                     flags,
                     pos: info.pos,
                     mode: md.mode() & 0o7777,
-                    data_file,
+                    data_file: String::new(),
                     size: md.size(),
+                    object: Some(object),
                 }
             } else if md.is_file() || md.is_dir() {
                 FdKind::File {
@@ -444,30 +446,6 @@ fn classify_special(target: &str) -> Option<String> {
         None
     }
 }
-fn save_content(
-    pid: i32,
-    fd: i32,
-    link: &std::path::Path,
-    name: &str,
-    writer: &mut CheckpointWriter,
-) -> Result<()> {
-    let mut src =
-        std::fs::File::open(link).ctx(pid, || format!("opening deleted file of fd {fd}"))?;
-    let mut w = writer.data_file(name)?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = src
-            .read(&mut buf)
-            .ctx(pid, || format!("reading deleted file of fd {fd}"))?;
-        if n == 0 {
-            break;
-        }
-        w.write_all(&buf[..n])?;
-    }
-    writer.finish_data(w)?;
-    Ok(())
-}
-
 /// Opens every open file description of the image once, in the restorer. `stdio` are
 /// the restorer's own streams, bound to the saved outside stdio; the restorer's ends of
 /// re-made connections to the application interface go to `api`.
@@ -486,6 +464,8 @@ pub fn open_descriptions(
     let mut fifo_keepers: HashMap<u64, OwnedFd> = HashMap::new();
     // New pty pairs, by saved index: (master not yet handed out, slave path).
     let mut ptys: HashMap<u64, (Option<OwnedFd>, String)> = HashMap::new();
+    // Memfds whose own (memfd_create'd) description was handed out.
+    let mut memfds_given: std::collections::HashSet<u64> = std::collections::HashSet::new();
     for p in &meta.processes {
         for f in &p.fds {
             if f.desc == 0 {
@@ -600,9 +580,42 @@ pub fn open_descriptions(
                     let obj = shm.get(id).ok_or_else(|| {
                         format!("fd {}: shared memory {id} missing from the image", f.fd)
                     })?;
-                    // A description of its own (flags, offset) on the same object.
-                    let fd = reopen(f.fd, obj.as_raw_fd(), *flags)?;
+                    // A description of its own (flags, offset) on the same object. The
+                    // first read-write one is the memfd_create'd description itself:
+                    // one reopened for writing through /proc counts as a writer, and
+                    // exec of the memfd (fexecve) would fail with ETXTBSY.
+                    let fd = if *flags & libc::O_ACCMODE == libc::O_RDWR && memfds_given.insert(*id)
+                    {
+                        // SAFETY: dup of a descriptor of ours; its status flags are
+                        // then set to the saved ones.
+                        let fd = unsafe { libc::fcntl(obj.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+                        if fd >= 0 {
+                            // SAFETY: fcntl on the descriptor just made.
+                            unsafe { libc::fcntl(fd, libc::F_SETFL, *flags) };
+                        }
+                        fd
+                    } else {
+                        reopen(f.fd, obj.as_raw_fd(), *flags)?
+                    };
                     seek(f.fd, fd, *pos, "memfd")?;
+                    fd
+                }
+                FdKind::Deleted {
+                    path,
+                    flags,
+                    pos,
+                    object: Some(id),
+                    ..
+                } => {
+                    let obj = shm.get(id).ok_or_else(|| {
+                        format!(
+                            "fd {}: deleted file {path} (object {id}) missing from the image",
+                            f.fd
+                        )
+                    })?;
+                    // A description of its own (flags, offset) on the one inode.
+                    let fd = reopen(f.fd, obj.as_raw_fd(), *flags)?;
+                    seek(f.fd, fd, *pos, path)?;
                     fd
                 }
                 FdKind::Deleted {
@@ -611,6 +624,7 @@ pub fn open_descriptions(
                     pos,
                     mode,
                     data_file,
+                    object: None,
                     ..
                 } => recreate_deleted(f.fd, path, *flags, *pos, *mode, data_file, image)?,
                 FdKind::Pipe { pipe, write, flags } => {
@@ -908,6 +922,7 @@ fn seek(num: i32, fd: i32, pos: u64, path: &str) -> std::result::Result<(), Stri
     Ok(())
 }
 
+/// A deleted file of an image from an older stasis (its content saved per fd).
 fn recreate_deleted(
     num: i32,
     path: &str,

@@ -5,8 +5,9 @@
 //! `/proc/PID/smaps`, which is slow to read) are read before the process is frozen
 //! ([`read_flags`]), remembered from its last checkpoint ([`remembered_flags`]) or read
 //! on its snapshot afterwards ([`fill_flags`]), and always checked against the
-//! snapshot ([`check_flags`]). Mappings that cannot be saved (device memory, files
-//! that are gone or were replaced) are refused here; the content of small shared
+//! snapshot ([`check_flags`]). Mappings of objects without a name (memfds, shared
+//! anonymous memory, deleted files) refer to the objects of [`crate::shm`]. Mappings
+//! that cannot be saved (device memory, files replaced on disk) are refused here; the content of small shared
 //! file mappings is saved with the image ([`save_shared_files`]).
 
 use crate::error::{Error, Result, SysContext};
@@ -312,18 +313,18 @@ fn layout_of(pid: i32, maps: Vec<procfs::process::MemoryMap>) -> Result<Vec<Vma>
                             path,
                         )
                     } else {
-                        let shmem = path.starts_with("/memfd:")
-                            || path.starts_with("/dev/zero")
-                            || path.starts_with("/dev/shm/");
-                        if !shared || !shmem {
-                            return Err(unsupported(
-                                pid,
-                                format!("mapping {range} of a deleted file ({path})"),
-                            ));
-                        }
+                        // A memfd or MAP_SHARED|MAP_ANONYMOUS region keeps its inode
+                        // number as id; a deleted regular file (also in /dev/shm) has
+                        // its device folded in (the same id as its fds get).
+                        let id = if crate::shm::is_internal(&path) {
+                            m.inode
+                        } else {
+                            let dev = libc::makedev(m.dev.0 as u32, m.dev.1 as u32);
+                            crate::shm::deleted_id(dev, m.inode)
+                        };
                         (
                             MappingKind::SharedMemory {
-                                id: m.inode,
+                                id,
                                 offset: m.offset,
                             },
                             path,
@@ -443,7 +444,8 @@ pub fn exec_ranges(vmas: &[Vma]) -> Vec<(u64, u64)> {
 pub(super) fn saves_pages(v: &Vma) -> bool {
     match v.map.kind {
         MappingKind::Anonymous => true,
-        MappingKind::File { .. } => !v.map.shared,
+        // A private mapping of a file, memfd or deleted file: its copied-on-write pages.
+        MappingKind::File { .. } | MappingKind::SharedMemory { .. } => !v.map.shared,
         _ => false,
     }
 }

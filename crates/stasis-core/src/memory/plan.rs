@@ -132,7 +132,10 @@ fn plan_scanned(
         let map = &vmas[vi].map;
         // Asking whether pages are file pages costs a lookup per page: only for file
         // mappings, whose copied-on-write pages are the anonymous ones.
-        let file_backed = matches!(map.kind, MappingKind::File { .. });
+        let file_backed = matches!(
+            map.kind,
+            MappingKind::File { .. } | MappingKind::SharedMemory { .. }
+        );
         let forced = map.prot & libc::PROT_READ as u32 == 0;
         let masks = ScanMasks {
             any: c::PRESENT | swapped,
@@ -243,7 +246,10 @@ fn plan_pieces(
     let swap = if has_swap() { PM_SWAP } else { 0 };
     for &(vi, from, to) in pieces {
         let map = &vmas[vi].map;
-        let file_backed = matches!(map.kind, MappingKind::File { .. });
+        let file_backed = matches!(
+            map.kind,
+            MappingKind::File { .. } | MappingKind::SharedMemory { .. }
+        );
         let forced = map.prot & libc::PROT_READ as u32 == 0;
         let mut idx = from;
         while idx < to {
