@@ -809,6 +809,7 @@ fn dump_frozen(
             comm: ts.comm,
             exe: ts.exe,
             cwd: ts.cwd,
+            cwd_removed: ts.cwd_removed,
             umask: ts.umask,
             personality: ts.personality,
             rlimits: ts.rlimits,

@@ -428,6 +428,11 @@ pub struct Process {
     pub exe: FileId,
     /// Current working directory.
     pub cwd: String,
+    /// The working directory had been removed (`cwd` then ends with " (deleted)"): the
+    /// process gets a new, empty directory that is removed again, made next to where
+    /// it was (or in the nearest ancestor left).
+    #[serde(default)]
+    pub cwd_removed: bool,
     /// File mode creation mask.
     pub umask: u32,
     /// Execution domain (personality(2)).
@@ -912,6 +917,10 @@ pub enum FdKind {
         #[serde(default)]
         object: Option<u64>,
     },
+    /// A directory removed while open (`path` without " (deleted)"): always empty,
+    /// nothing can be created in it. Restored as a new directory made next to where
+    /// it was (or in the nearest ancestor left), opened with `flags` and removed.
+    RemovedDir { path: String, flags: i32, mode: u32 },
     /// A character device reopened by path (/dev/null, /dev/zero, /dev/urandom...).
     Device { path: String, flags: i32 },
     /// A memfd (an object of `Checkpoint::shared_memory`).

@@ -136,6 +136,7 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
                     path, pos, size, ..
                 } => format!("{path} (deleted; {size} bytes saved) offset {pos}"),
                 FdKind::Device { path, .. } => path.clone(),
+                FdKind::RemovedDir { path, .. } => format!("{path} (a removed directory)"),
                 FdKind::Inotify { watches, .. } => format!(
                     "inotify watching {}",
                     watches

@@ -7,7 +7,10 @@
 //! deleted file held as an fd, and of deleted files only mapped: content, sharing
 //! with the fd, private copied-on-write pages) and memfdx.c (memfds: name, mode,
 //! seals, content, MAP_SHARED and MAP_PRIVATE mappings, and fexecve of a memfd
-//! holding a program).
+//! holding a program), delmisc.c (a file unlinked while another hard link remains
+//! is the inode of that link, also mapped; a file whose directory was removed; a
+//! directory opened and removed; a removed working directory; and, with its other
+//! link beyond what stasis searches, a refused checkpoint).
 //!
 //! Every program runs under `stasis run` through a checkpoint it survives, two
 //! `checkpoint --kill` / restart cycles at random moments (seed printed;
@@ -382,4 +385,107 @@ fn memfds_by_pid_as_unprivileged_user() {
         return;
     }
     pid_cycles("del_memfd_pid_user", "memfdx", &[], true, check_memfdx);
+}
+
+// ---------------------------------------------------------------------------
+// delmisc.c: removed names whose files or directories live on
+// ---------------------------------------------------------------------------
+
+/// R's fd of H is saved as a file under its remaining name misc/deep/er/h2, and so is
+/// its mapping; D is a removed directory; C's working directory was removed.
+fn check_delmisc(meta: &Value, ready: &str, what: &str) {
+    let f = fields(ready);
+    let id = |k: &str| -> i64 { f[k].parse().unwrap() };
+    let r = image_proc(meta, id("pid"));
+    let fds = r["fds"].as_array().expect("no fds");
+    assert!(
+        fds.iter().any(|fd| fd["kind"]["type"] == "file"
+            && fd["kind"]["file"]["path"]
+                .as_str()
+                .is_some_and(|p| p.ends_with("misc/deep/er/h2"))),
+        "{what}: no fd of misc/deep/er/h2: {fds:?}"
+    );
+    assert!(
+        fds.iter().any(|fd| fd["kind"]["type"] == "removed_dir"),
+        "{what}: no removed directory fd: {fds:?}"
+    );
+    let maps = r["mappings"].as_array().expect("no mappings");
+    assert!(
+        maps.iter().any(|m| m["kind"]["type"] == "file"
+            && m["name"]
+                .as_str()
+                .is_some_and(|p| p.ends_with("misc/deep/er/h2"))),
+        "{what}: no mapping of misc/deep/er/h2"
+    );
+    let c = image_proc(meta, id("child"));
+    assert_eq!(c["cwd_removed"], true, "{what}: C's cwd {}", c["cwd"]);
+}
+
+#[test]
+fn removed_names_under_run() {
+    run_cycles("del_misc", "delmisc", &[], false, check_delmisc);
+}
+
+#[test]
+fn removed_names_under_run_as_unprivileged_user() {
+    run_cycles("del_misc_user", "delmisc", &[], true, check_delmisc);
+}
+
+#[test]
+fn removed_names_by_pid() {
+    pid_cycles("del_misc_pid", "delmisc", &[], false, check_delmisc);
+}
+
+#[test]
+fn removed_names_by_pid_as_unprivileged_user() {
+    if !user_may_ptrace() {
+        eprintln!("skipped: kernel.yama.ptrace_scope forbids a user to trace a non-descendant");
+        return;
+    }
+    pid_cycles("del_misc_pid_user", "delmisc", &[], true, check_delmisc);
+}
+
+/// A file unlinked while open whose other link stasis does not find (beyond the
+/// entries it searches) is refused at checkpoint time, with and without --kill, with
+/// an error naming it and its fd; nothing is published, the job runs on and ends
+/// well.
+fn far_link_refused(name: &str, as_user: bool) {
+    let (w, exe) = work_for(name, "delmisc", as_user);
+    let mut s = Session::start(&w, &[exe.as_os_str(), OsStr::new("far")]);
+    let ready = s.cur().lines()[0].clone();
+    let hf = field_num(&ready, "hf") as i64;
+    s.cur().wait_tick(3, T_READY);
+    for kill in [false, true] {
+        let before = s.cur().last_tick().unwrap();
+        let r = w.checkpoint(kill);
+        eprintln!("{name} (kill={kill}): {}", r.stderr.trim());
+        assert!(!r.status.success(), "checkpoint succeeded: {r}");
+        assert!(
+            r.stderr.contains("other link") && r.stderr.contains("misc/h1"),
+            "the error does not name misc/h1 and its other link: {r}"
+        );
+        assert!(
+            r.stderr.contains("mapping") || mentions_number(&r.stderr, hf),
+            "the error names neither the mapping nor fd {hf}: {r}"
+        );
+        assert!(
+            w.checkpoints().is_empty(),
+            "a checkpoint was published: {:?}",
+            w.checkpoints()
+        );
+        let after = s.cur().wait_more_ticks(3, T_READY);
+        assert!(after > before);
+    }
+    let ok = s.finish();
+    eprintln!("{name}: {ok}");
+}
+
+#[test]
+fn unlinked_file_with_unfound_link_is_refused() {
+    far_link_refused("del_far", false);
+}
+
+#[test]
+fn unlinked_file_with_unfound_link_is_refused_as_unprivileged_user() {
+    far_link_refused("del_far_user", true);
 }

@@ -145,7 +145,7 @@ pub fn check_flags(snapshot: &ProcDir, layout: &[Vma]) -> Result<()> {
 /// mapping flags (smaps, which is slow, is read later on the process's snapshot:
 /// see [`mark_invisible`] and [`fill_flags`]).
 pub fn read_layout_unflagged(proc: &ProcDir) -> Result<Vec<Vma>> {
-    layout_of(proc.pid, read_maps(proc)?)
+    layout_of(proc, read_maps(proc)?)
 }
 
 /// For a layout read without flags, marks the mappings whose content the snapshot
@@ -252,7 +252,7 @@ pub fn read_layout(proc: &ProcDir, cache: Option<&FlagCache>) -> Result<Vec<Vma>
             None => false,
         });
         if complete && !all.is_empty() {
-            return layout_of(pid, all);
+            return layout_of(proc, all);
         }
     }
     let maps = proc
@@ -262,7 +262,7 @@ pub fn read_layout(proc: &ProcDir, cache: Option<&FlagCache>) -> Result<Vec<Vma>
         .ctx(pid, || "reading /proc/PID/smaps".into())?
         .into_iter()
         .collect();
-    layout_of(pid, maps)
+    layout_of(proc, maps)
 }
 
 /// The mappings of `/proc/PID/maps` (cheap; no flags).
@@ -277,7 +277,8 @@ fn read_maps(proc: &ProcDir) -> Result<Vec<procfs::process::MemoryMap>> {
 }
 
 /// The layout made of mappings read from maps or smaps (with their flags, if any).
-fn layout_of(pid: i32, maps: Vec<procfs::process::MemoryMap>) -> Result<Vec<Vma>> {
+fn layout_of(proc: &ProcDir, maps: Vec<procfs::process::MemoryMap>) -> Result<Vec<Vma>> {
+    let pid = proc.pid;
     let mut out = Vec::new();
     for m in maps {
         let (start, end) = m.address;
@@ -316,19 +317,35 @@ fn layout_of(pid: i32, maps: Vec<procfs::process::MemoryMap>) -> Result<Vec<Vma>
                         // A memfd or MAP_SHARED|MAP_ANONYMOUS region keeps its inode
                         // number as id; a deleted regular file (also in /dev/shm) has
                         // its device folded in (the same id as its fds get).
-                        let id = if crate::shm::is_internal(&path) {
-                            m.inode
+                        let dev = libc::makedev(m.dev.0 as u32, m.dev.1 as u32);
+                        let relinked = if crate::shm::is_internal(&path) {
+                            None
                         } else {
-                            let dev = libc::makedev(m.dev.0 as u32, m.dev.1 as u32);
-                            crate::shm::deleted_id(dev, m.inode)
+                            other_link(proc, &m, dev, &path)?
                         };
-                        (
-                            MappingKind::SharedMemory {
-                                id,
-                                offset: m.offset,
-                            },
-                            path,
-                        )
+                        if let Some((file, other)) = relinked {
+                            // Unlinked under this name, still linked under another.
+                            (
+                                MappingKind::File {
+                                    file,
+                                    offset: m.offset,
+                                },
+                                other,
+                            )
+                        } else {
+                            let id = if crate::shm::is_internal(&path) {
+                                m.inode
+                            } else {
+                                crate::shm::deleted_id(dev, m.inode)
+                            };
+                            (
+                                MappingKind::SharedMemory {
+                                    id,
+                                    offset: m.offset,
+                                },
+                                path,
+                            )
+                        }
                     }
                 } else {
                     let md = std::fs::metadata(&path)
@@ -381,6 +398,43 @@ fn layout_of(pid: i32, maps: Vec<procfs::process::MemoryMap>) -> Result<Vec<Vma>
         out.push(v);
     }
     Ok(out)
+}
+
+/// For a mapping of a file marked " (deleted)" (`path`): its other name when the file
+/// still has hard links (unlinked only under this name), found by
+/// [`crate::files::find_other_link`]; None when it has no links left. The link count
+/// is read through /proc/PID/map_files where stasis may (privileged); where it may
+/// not, the other name is searched all the same, and a file not found counts as
+/// deleted. Refused when the file has links that are not found.
+fn other_link(
+    proc: &ProcDir,
+    m: &procfs::process::MemoryMap,
+    dev: u64,
+    path: &str,
+) -> Result<Option<(stasis_image::FileId, String)>> {
+    use std::os::unix::fs::MetadataExt;
+    let (start, end) = m.address;
+    let gone = path.strip_suffix(" (deleted)").unwrap_or(path);
+    let nlink = std::fs::metadata(proc.file(&format!("map_files/{start:x}-{end:x}")))
+        .ok()
+        .map(|md| md.nlink());
+    if nlink == Some(0) {
+        return Ok(None);
+    }
+    let Some(other) = crate::files::find_other_link(gone, dev, m.inode) else {
+        return match nlink {
+            Some(n) => Err(unsupported(
+                proc.pid,
+                format!(
+                    "mapping {start:x}-{end:x} of {gone}, unlinked but with {n} other link(s) that stasis did not find (searched {} entries around its directory on the same filesystem)",
+                    crate::files::LINK_SEARCH_LIMIT
+                ),
+            )),
+            None => Ok(None),
+        };
+    };
+    let md = std::fs::metadata(&other).ctx(proc.pid, || format!("stat of mapped file {other}"))?;
+    Ok(Some((file_id(&other, &md), other)))
 }
 
 fn unsupported(pid: i32, what: String) -> Error {

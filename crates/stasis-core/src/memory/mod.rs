@@ -2,7 +2,7 @@
 //!
 //! - [`layout`]: the mappings of a process at dump time and their VM flags, and what
 //!   is refused;
-//! - [`plan`]: which pages are saved (from pagemap), as runs placed in the page file;
+//! - [`plan`](mod@plan): which pages are saved (from pagemap), as runs placed in the page file;
 //! - [`pages`]: copying those pages out of the process and writing the page file;
 //! - [`restore`]: recreating the mappings in the restored process and filling their
 //!   pages, and moving its vdso block.
