@@ -280,6 +280,7 @@ fn read_maps(proc: &ProcDir) -> Result<Vec<procfs::process::MemoryMap>> {
 fn layout_of(proc: &ProcDir, maps: Vec<procfs::process::MemoryMap>) -> Result<Vec<Vma>> {
     let pid = proc.pid;
     let mut out = Vec::new();
+    let mut relinks: HashMap<(u64, u64), Option<(stasis_image::FileId, String)>> = HashMap::new();
     for m in maps {
         let (start, end) = m.address;
         let shared = m.perms.contains(MMPermissions::SHARED);
@@ -321,7 +322,15 @@ fn layout_of(proc: &ProcDir, maps: Vec<procfs::process::MemoryMap>) -> Result<Ve
                         let relinked = if crate::shm::is_internal(&path) {
                             None
                         } else {
-                            other_link(proc, &m, dev, &path)?
+                            // Searched once per file, however many mappings it has.
+                            match relinks.get(&(dev, m.inode)) {
+                                Some(found) => found.clone(),
+                                None => {
+                                    let found = other_link(proc, &m, dev, &path)?;
+                                    relinks.insert((dev, m.inode), found.clone());
+                                    found
+                                }
+                            }
                         };
                         if let Some((file, other)) = relinked {
                             // Unlinked under this name, still linked under another.
