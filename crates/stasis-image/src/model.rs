@@ -1216,6 +1216,33 @@ mod tests {
         assert_eq!(direct, bytes);
     }
 
+    /// Records of deleted files, memfds and cwds from images of older versions (without
+    /// the fields added since) still load, meaning what they meant.
+    #[test]
+    fn older_deleted_file_records_load() {
+        let fd: FdKind = serde_json::from_value(serde_json::json!({
+            "type": "deleted", "path": "/tmp/x", "flags": 2, "pos": 5, "mode": 420,
+            "data_file": "file-2-3.img", "size": 10
+        }))
+        .unwrap();
+        assert!(
+            matches!(fd, FdKind::Deleted { object: None, ref data_file, .. } if data_file == "file-2-3.img")
+        );
+        let o: SharedObject = serde_json::from_value(serde_json::json!({
+            "id": 7, "name": "m", "size": 4096, "data_file": "shm-7.img"
+        }))
+        .unwrap();
+        assert_eq!((o.mode, o.seals, o.deleted), (None, None, None));
+        let p: Process = serde_json::from_value(serde_json::json!({
+            "pid": 2, "ppid": 1, "comm": "t", "exe": FileId::default(), "cwd": "/",
+            "umask": 0, "personality": 0, "rlimits": [], "mm": MmFields::default(),
+            "mappings": [], "pages": PageFiles::default(), "fds": [],
+            "signals": {"actions": [], "shared_pending": []}, "itimers": [], "threads": []
+        }))
+        .unwrap();
+        assert!(!p.cwd_removed);
+    }
+
     #[test]
     fn hex_roundtrip() {
         let v = vec![0u8, 1, 0xab, 0xff];
