@@ -1031,6 +1031,7 @@ impl Begun {
                 comm: ts.comm,
                 exe: ts.exe,
                 cwd: ts.cwd,
+                cwd_removed: ts.cwd_removed,
                 umask: ts.umask,
                 personality: ts.personality,
                 rlimits: ts.rlimits,

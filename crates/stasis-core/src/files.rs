@@ -3,7 +3,10 @@
 //! Dump: each entry of `/proc/PID/fd` is classified by its link target and `stat`:
 //! stdio that came from outside stasis (matched by device and inode against the
 //! streams stasis itself was given), regular files and directories (path, flags, offset
-//! from `/proc/PID/fdinfo`), files deleted while open (content saved), harmless
+//! from `/proc/PID/fdinfo`), files deleted while open (saved once per inode as an
+//! object of [`crate::shm`], with memfds and anonymous shared memory; one unlinked
+//! under the name /proc shows while other hard links remain is saved under another
+//! name, [`find_other_link`], or refused), directories removed while open, harmless
 //! character devices (/dev/null...), and pipes (the bytes in flight are read without
 //! consuming them: the pipe is reopened through /proc and `tee(2)`d into a pipe of
 //! ours), pidfds and files under /proc/PID of processes of the checkpoint (the
@@ -15,14 +18,16 @@
 //! the checkpoint with an error naming the fd.
 //!
 //! Restore: the restorer opens every description once ([`open_descriptions`]: files
-//! reopened and positioned, pipes created, refilled and resized, a pipe end with
-//! several descriptions reopened through /proc for each) and passes each process its
-//! fds over a UNIX socket with SCM_RIGHTS ([`send_fds`]); the process puts them at
-//! their numbers ([`receive_fds`]). Sharing is preserved because the very same
-//! descriptions are passed. Pidfds and /proc files need their processes to exist: the
-//! process opens them itself ([`open_late`]) and positions /proc files at the end of its
-//! rebuild ([`seek_proc_files`]). A process sharing its parent's table receives nothing:
-//! it is forked with CLONE_FILES once the parent's fds are in place.
+//! reopened and positioned, deleted files and memfds reopened through the one object
+//! [`crate::shm`] recreated for their inode, removed directories made, opened and
+//! removed again, pipes created, refilled and resized, a pipe end with several
+//! descriptions reopened through /proc for each) and passes each process its fds over
+//! a UNIX socket with SCM_RIGHTS ([`send_fds`]); the process puts them at their numbers
+//! ([`receive_fds`]). Sharing is preserved because the very same descriptions are
+//! passed. Pidfds and /proc files need their processes to exist: the process opens them
+//! itself ([`open_late`]) and positions /proc files at the end of its rebuild
+//! ([`seek_proc_files`]). A process sharing its parent's table receives nothing: it is
+//! forked with CLONE_FILES once the parent's fds are in place.
 
 use crate::error::{Error, Result, SysContext};
 use crate::proc::{fdinfo, file_id, ProcDir};
@@ -290,8 +295,8 @@ impl Registry {
         desc
     }
 
-    /// Saves the fds of a stopped process. Contents of deleted files and pipes go
-    /// into `writer`.
+    /// Saves the fds of a stopped process. Contents of pipes go into `writer`, those
+    /// of deleted files and memfds into `shm`.
     pub fn dump_fds(
         &mut self,
         proc: &ProcDir,
@@ -315,6 +320,13 @@ impl Registry {
                 Err(e) => return Err(e).ctx(pid, || format!("readlink of fd {fd}")),
             };
             let md = std::fs::metadata(&link).ctx(pid, || format!("stat of fd {fd} ({target})"))?;
+            // A file unlinked under this name while other hard links remain is the
+            // same inode under one of its other names.
+            let target = if md.is_file() && md.nlink() > 0 && target.ends_with(" (deleted)") {
+                relinked(pid, fd, &target, &md)?
+            } else {
+                target
+            };
             let info = fdinfo(proc, fd)?;
             let cloexec = info.flags & libc::O_CLOEXEC != 0;
             let flags = info.flags & !libc::O_CLOEXEC;
@@ -370,20 +382,29 @@ impl Registry {
                     flags,
                     pos: info.pos,
                 }
+            } else if md.is_dir() && md.nlink() == 0 {
+                FdKind::RemovedDir {
+                    path: target
+                        .strip_suffix(" (deleted)")
+                        .unwrap_or(&target)
+                        .to_string(),
+                    flags,
+                    mode: md.mode() & 0o7777,
+                }
             } else if md.is_file() && md.nlink() == 0 {
                 let path = target
                     .strip_suffix(" (deleted)")
                     .unwrap_or(&target)
                     .to_string();
-                let data_file = format!("file-{pid}-{fd}.img");
-                save_content(pid, fd, &link, &data_file, writer)?;
+                let object = shm.save_deleted(pid, fd, &link, &path, &md, writer)?;
                 FdKind::Deleted {
                     path,
                     flags,
                     pos: info.pos,
                     mode: md.mode() & 0o7777,
-                    data_file,
+                    data_file: String::new(),
                     size: md.size(),
+                    object: Some(object),
                 }
             } else if md.is_file() || md.is_dir() {
                 FdKind::File {
@@ -666,6 +687,123 @@ impl Registry {
     }
 }
 
+/// The name under which stasis finds the file of fd `fd` (`target`, a name it was
+/// unlinked from, " (deleted)"), which still has other hard links: the same inode
+/// found by [`find_other_link`], or the name itself where a file of that very name
+/// is that inode. Refused when it is not found.
+fn relinked(pid: i32, fd: i32, target: &str, md: &std::fs::Metadata) -> Result<String> {
+    let same = |p: &str| {
+        std::fs::symlink_metadata(p)
+            .map(|m| m.dev() == md.dev() && m.ino() == md.ino())
+            .unwrap_or(false)
+    };
+    if same(target) {
+        return Ok(target.to_string());
+    }
+    let gone = target.strip_suffix(" (deleted)").unwrap_or(target);
+    find_other_link(gone, md.dev(), md.ino()).ok_or_else(|| Error::Unsupported {
+        pid,
+        what: format!(
+            "fd {fd}, the file {gone}, unlinked while open but with {} other link(s) that stasis did not find (searched {LINK_SEARCH_LIMIT} entries around its directory on the same filesystem)",
+            md.nlink()
+        ),
+    })
+}
+
+/// Directory entries [`find_other_link`] reads at most.
+pub const LINK_SEARCH_LIMIT: usize = 20_000;
+
+/// Another name of the inode (`dev`, `ino`) that was unlinked from `path` while it
+/// has other hard links: searched in the directory of `path` and below it, then in
+/// each directory above it (and below those) on the same filesystem, breadth first,
+/// without following symbolic links, reading at most [`LINK_SEARCH_LIMIT`] entries.
+pub fn find_other_link(path: &str, dev: u64, ino: u64) -> Option<String> {
+    use std::os::unix::fs::DirEntryExt;
+    let mut roots = Vec::new();
+    let mut at = std::path::Path::new(path).parent();
+    while let Some(d) = at {
+        match std::fs::symlink_metadata(d) {
+            Ok(m) if m.dev() != dev => break,
+            Ok(m) if m.is_dir() => roots.push(d.to_path_buf()),
+            _ => {}
+        }
+        at = d.parent();
+    }
+    let mut visited = std::collections::HashSet::new();
+    let mut budget = LINK_SEARCH_LIMIT;
+    for root in roots {
+        let mut queue = std::collections::VecDeque::from([root]);
+        while let Some(d) = queue.pop_front() {
+            match std::fs::symlink_metadata(&d) {
+                Ok(m) if m.dev() == dev && visited.insert(m.ino()) => {}
+                _ => continue,
+            }
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                if budget == 0 {
+                    return None;
+                }
+                budget -= 1;
+                let Ok(ft) = e.file_type() else { continue };
+                if ft.is_dir() {
+                    queue.push_back(e.path());
+                } else if ft.is_file() && e.ino() == ino {
+                    let p = e.path();
+                    if std::fs::symlink_metadata(&p)
+                        .map(|m| m.dev() == dev && m.ino() == ino)
+                        .unwrap_or(false)
+                    {
+                        return Some(p.to_string_lossy().into_owned());
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Makes a new, empty directory (mode `mode`) to stand for the removed directory
+/// `path`: next to where it was, or in the nearest ancestor left. Returns its path;
+/// the caller opens or enters it and removes it.
+pub fn make_removed_dir(path: &str, mode: u32) -> std::result::Result<String, String> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let mut at = std::path::Path::new(path).parent();
+    let mut first_err = None;
+    while let Some(d) = at {
+        let d = if d.as_os_str().is_empty() {
+            std::path::Path::new("/")
+        } else {
+            d
+        };
+        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let new = d.join(format!(".stasis-removed-{}-{n}", std::process::id()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&new) {
+            Ok(()) => {
+                // Mode as it was (mkdir applies the umask).
+                let _ = std::fs::set_permissions(&new, std::fs::Permissions::from_mode(mode));
+                return Ok(new.to_string_lossy().into_owned());
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
+                first_err.get_or_insert_with(|| format!("{}: {e}", d.display()));
+                at = d.parent();
+            }
+            Err(e) => {
+                return Err(format!(
+                    "cannot make a directory in place of the removed directory {path} in {}: {e}",
+                    d.display()
+                ))
+            }
+        }
+    }
+    Err(format!(
+        "cannot make a directory in place of the removed directory {path}: {}",
+        first_err.unwrap_or_default()
+    ))
+}
+
 fn classify_special(target: &str) -> Option<String> {
     if target.starts_with("pipe:") {
         Some("pipe".into())
@@ -679,30 +817,6 @@ fn classify_special(target: &str) -> Option<String> {
         None
     }
 }
-fn save_content(
-    pid: i32,
-    fd: i32,
-    link: &std::path::Path,
-    name: &str,
-    writer: &mut CheckpointWriter,
-) -> Result<()> {
-    let mut src =
-        std::fs::File::open(link).ctx(pid, || format!("opening deleted file of fd {fd}"))?;
-    let mut w = writer.data_file(name)?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = src
-            .read(&mut buf)
-            .ctx(pid, || format!("reading deleted file of fd {fd}"))?;
-        if n == 0 {
-            break;
-        }
-        w.write_all(&buf[..n])?;
-    }
-    writer.finish_data(w)?;
-    Ok(())
-}
-
 /// Opens every open file description of the image once, in the restorer. `stdio` are
 /// the restorer's own streams, bound to the saved outside stdio; the restorer's ends of
 /// re-made connections to the application interface go to `api`.
@@ -722,6 +836,8 @@ pub fn open_descriptions(
     let mut fifo_keepers: HashMap<u64, OwnedFd> = HashMap::new();
     // New pty pairs, by saved index: (master not yet handed out, slave path).
     let mut ptys: HashMap<u64, (Option<OwnedFd>, String)> = HashMap::new();
+    // Memfds whose own (memfd_create'd) description was handed out.
+    let mut memfds_given: std::collections::HashSet<u64> = std::collections::HashSet::new();
     for p in &meta.processes {
         for f in &p.fds {
             if f.desc == 0 {
@@ -747,6 +863,22 @@ pub fn open_descriptions(
                     fd
                 }
                 FdKind::Device { path, flags } => open(f.fd, path, *flags)?,
+                FdKind::RemovedDir { path, flags, mode } => {
+                    let dir =
+                        make_removed_dir(path, *mode).map_err(|e| format!("fd {}: {e}", f.fd))?;
+                    let fd = open(f.fd, &dir, *flags | libc::O_DIRECTORY);
+                    if let Err(e) = std::fs::remove_dir(&dir) {
+                        if let Ok(fd) = fd {
+                            // SAFETY: closing the descriptor just opened, ours.
+                            unsafe { libc::close(fd) };
+                        }
+                        return Err(format!(
+                            "fd {}: cannot remove {dir} (in place of the removed directory {path}): {e}",
+                            f.fd
+                        ));
+                    }
+                    fd?
+                }
                 FdKind::Fifo { path, pipe, flags } => {
                     if !fifo_keepers.contains_key(pipe) {
                         let info = meta.pipes.iter().find(|x| x.id == *pipe);
@@ -837,9 +969,42 @@ pub fn open_descriptions(
                     let obj = shm.get(id).ok_or_else(|| {
                         format!("fd {}: shared memory {id} missing from the image", f.fd)
                     })?;
-                    // A description of its own (flags, offset) on the same object.
-                    let fd = reopen(f.fd, obj.as_raw_fd(), *flags)?;
+                    // A description of its own (flags, offset) on the same object. The
+                    // first read-write one is the memfd_create'd description itself:
+                    // one reopened for writing through /proc counts as a writer, and
+                    // exec of the memfd (fexecve) would fail with ETXTBSY.
+                    let fd = if *flags & libc::O_ACCMODE == libc::O_RDWR && memfds_given.insert(*id)
+                    {
+                        // SAFETY: dup of a descriptor of ours; its status flags are
+                        // then set to the saved ones.
+                        let fd = unsafe { libc::fcntl(obj.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+                        if fd >= 0 {
+                            // SAFETY: fcntl on the descriptor just made.
+                            unsafe { libc::fcntl(fd, libc::F_SETFL, *flags) };
+                        }
+                        fd
+                    } else {
+                        reopen(f.fd, obj.as_raw_fd(), *flags)?
+                    };
                     seek(f.fd, fd, *pos, "memfd")?;
+                    fd
+                }
+                FdKind::Deleted {
+                    path,
+                    flags,
+                    pos,
+                    object: Some(id),
+                    ..
+                } => {
+                    let obj = shm.get(id).ok_or_else(|| {
+                        format!(
+                            "fd {}: deleted file {path} (object {id}) missing from the image",
+                            f.fd
+                        )
+                    })?;
+                    // A description of its own (flags, offset) on the one inode.
+                    let fd = reopen(f.fd, obj.as_raw_fd(), *flags)?;
+                    seek(f.fd, fd, *pos, path)?;
                     fd
                 }
                 FdKind::Deleted {
@@ -848,6 +1013,7 @@ pub fn open_descriptions(
                     pos,
                     mode,
                     data_file,
+                    object: None,
                     ..
                 } => recreate_deleted(f.fd, path, *flags, *pos, *mode, data_file, image)?,
                 FdKind::Pipe { pipe, write, flags } => {
@@ -1264,6 +1430,7 @@ fn seek(num: i32, fd: i32, pos: u64, path: &str) -> std::result::Result<(), Stri
     Ok(())
 }
 
+/// A deleted file of an image from an older stasis (its content saved per fd).
 fn recreate_deleted(
     num: i32,
     path: &str,

@@ -1,4 +1,5 @@
-//! Process attributes that are neither memory, files, signals nor threads: cwd, umask,
+//! Process attributes that are neither memory, files, signals nor threads: cwd (a
+//! removed one comes back as a new directory, entered and removed again), umask,
 //! personality, resource limits, interval timers, command name, the process-wide prctl
 //! settings (child subreaper, THP disable, dumpable), oom_score_adj and membarrier
 //! registrations, and the `mm` fields (code/data/brk/stack/arg/env boundaries, auxv,
@@ -37,6 +38,8 @@ pub struct TaskState {
     pub comm: String,
     pub exe: stasis_image::FileId,
     pub cwd: String,
+    /// The working directory was removed (see `Process::cwd_removed`).
+    pub cwd_removed: bool,
     pub umask: u32,
     pub personality: u32,
     pub rlimits: Vec<Rlimit>,
@@ -186,6 +189,10 @@ pub fn dump(proc: &ProcDir, inj: &Injector, scratch: &Scratch, dumpable: u32) ->
         comm: stat.comm.clone(),
         exe: file_id(&exe_path, &exe_md),
         cwd: proc.readlink("cwd")?,
+        // A removed directory has no links left.
+        cwd_removed: std::fs::metadata(proc.file("cwd"))
+            .map(|m| m.is_dir() && std::os::unix::fs::MetadataExt::nlink(&m) == 0)
+            .unwrap_or(false),
         umask: status.umask.unwrap_or(0o022),
         personality,
         rlimits,
@@ -397,8 +404,21 @@ pub fn restore_dumpable(inj: &Injector, s: &ProcessSettings) -> Result<()> {
 /// the returned warnings.
 pub fn restore_attrs(p: &stasis_image::Process) -> std::result::Result<Vec<String>, String> {
     let mut warnings = Vec::new();
-    std::env::set_current_dir(&p.cwd)
-        .map_err(|e| format!("cannot enter the working directory {}: {e}", p.cwd))?;
+    if p.cwd_removed {
+        let gone = p.cwd.strip_suffix(" (deleted)").unwrap_or(&p.cwd);
+        let dir = crate::files::make_removed_dir(gone, 0o700)?;
+        std::env::set_current_dir(&dir).map_err(|e| {
+            format!(
+                "cannot enter a directory in place of the removed working directory {gone}: {e}"
+            )
+        })?;
+        std::fs::remove_dir(&dir).map_err(|e| {
+            format!("cannot remove {dir} (in place of the removed working directory {gone}): {e}")
+        })?;
+    } else {
+        std::env::set_current_dir(&p.cwd)
+            .map_err(|e| format!("cannot enter the working directory {}: {e}", p.cwd))?;
+    }
     // SAFETY: umask and personality have no memory-safety preconditions.
     unsafe {
         libc::umask(p.umask as libc::mode_t);

@@ -136,6 +136,37 @@ pub struct SharedObject {
     pub size: u64,
     /// Data file with the content (pages no process had populated are holes).
     pub data_file: String,
+    /// Permission bits (st_mode & 07777), when some process held the object as an fd
+    /// (older images: none, the object keeps the mode it is created with).
+    #[serde(default)]
+    pub mode: Option<u32>,
+    /// A memfd's seals (F_GET_SEALS; F_SEAL_SEAL alone for one created without
+    /// MFD_ALLOW_SEALING), when some process held it as an fd. None: created without
+    /// sealing, as older images were.
+    #[serde(default)]
+    pub seals: Option<u32>,
+    /// Set when the object is a regular file deleted while open (not a memfd or an
+    /// anonymous region): it is recreated as an unnamed file (O_TMPFILE) on the
+    /// filesystem it was on, with its owner and times.
+    #[serde(default)]
+    pub deleted: Option<DeletedFile>,
+}
+
+/// What a regular file deleted while open had besides its content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeletedFile {
+    /// The path it had (without " (deleted)"); its directory is where it is recreated
+    /// (or the nearest ancestor still there).
+    pub path: String,
+    /// Owner and group (restored where the restarting user may), and access and
+    /// modification times as (seconds, nanoseconds): known when some process held
+    /// the file as an fd (a file only mapped cannot be stat'ed without privilege).
+    #[serde(default)]
+    pub owner: Option<(u32, u32)>,
+    #[serde(default)]
+    pub atime: Option<(i64, i64)>,
+    #[serde(default)]
+    pub mtime: Option<(i64, i64)>,
 }
 
 /// A pseudo-terminal pair (pty(7)).
@@ -397,6 +428,11 @@ pub struct Process {
     pub exe: FileId,
     /// Current working directory.
     pub cwd: String,
+    /// The working directory had been removed (`cwd` then ends with " (deleted)"): the
+    /// process gets a new, empty directory that is removed again, made next to where
+    /// it was (or in the nearest ancestor left).
+    #[serde(default)]
+    pub cwd_removed: bool,
     /// File mode creation mask.
     pub umask: u32,
     /// Execution domain (personality(2)).
@@ -619,9 +655,11 @@ pub enum MappingKind {
         /// Offset in the file, bytes.
         offset: u64,
     },
-    /// Shared memory with no file name left: MAP_SHARED|MAP_ANONYMOUS, memfd, or an
-    /// unlinked /dev/shm object. `id` is an object of `Checkpoint::shared_memory`,
-    /// mapped from `offset`.
+    /// Memory of an object with no file name left: MAP_SHARED|MAP_ANONYMOUS, a memfd,
+    /// or a regular file deleted while open (also in /dev/shm). `id` is an object of
+    /// `Checkpoint::shared_memory`, mapped from `offset`, MAP_SHARED or (memfds and
+    /// deleted files) MAP_PRIVATE as `shared` says; a private one has its
+    /// copied-on-write pages in `pages`.
     SharedMemory { id: u64, offset: u64 },
     /// An attached System V shared memory segment (`Checkpoint::sysv`).
     SysvShm { shmid: i32 },
@@ -867,16 +905,26 @@ pub enum FdKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         stdio: Option<u8>,
     },
-    /// A regular file deleted while open: its content is in `data_file`.
+    /// A regular file deleted while open. Its inode is the object `object` of
+    /// `Checkpoint::shared_memory` (saved once, however many fds and mappings refer
+    /// to it); images from older versions have no object and the content of this fd's
+    /// file in `data_file`.
     Deleted {
         path: String,
         flags: i32,
         pos: u64,
         mode: u32,
-        /// Name of the data file in the checkpoint holding the content.
+        /// Name of the data file in the checkpoint holding the content (older images;
+        /// empty when `object` is set).
         data_file: String,
         size: u64,
+        #[serde(default)]
+        object: Option<u64>,
     },
+    /// A directory removed while open (`path` without " (deleted)"): always empty,
+    /// nothing can be created in it. Restored as a new directory made next to where
+    /// it was (or in the nearest ancestor left), opened with `flags` and removed.
+    RemovedDir { path: String, flags: i32, mode: u32 },
     /// A character device reopened by path (/dev/null, /dev/zero, /dev/urandom...).
     Device { path: String, flags: i32 },
     /// A memfd (an object of `Checkpoint::shared_memory`).
@@ -1190,6 +1238,33 @@ mod tests {
         let mut direct = Vec::new();
         PageHashes::encode_into(&hashes, &mut |b| direct.extend_from_slice(b));
         assert_eq!(direct, bytes);
+    }
+
+    /// Records of deleted files, memfds and cwds from images of older versions (without
+    /// the fields added since) still load, meaning what they meant.
+    #[test]
+    fn older_deleted_file_records_load() {
+        let fd: FdKind = serde_json::from_value(serde_json::json!({
+            "type": "deleted", "path": "/tmp/x", "flags": 2, "pos": 5, "mode": 420,
+            "data_file": "file-2-3.img", "size": 10
+        }))
+        .unwrap();
+        assert!(
+            matches!(fd, FdKind::Deleted { object: None, ref data_file, .. } if data_file == "file-2-3.img")
+        );
+        let o: SharedObject = serde_json::from_value(serde_json::json!({
+            "id": 7, "name": "m", "size": 4096, "data_file": "shm-7.img"
+        }))
+        .unwrap();
+        assert_eq!((o.mode, o.seals, o.deleted), (None, None, None));
+        let p: Process = serde_json::from_value(serde_json::json!({
+            "pid": 2, "ppid": 1, "comm": "t", "exe": FileId::default(), "cwd": "/",
+            "umask": 0, "personality": 0, "rlimits": [], "mm": MmFields::default(),
+            "mappings": [], "pages": PageFiles::default(), "fds": [],
+            "signals": {"actions": [], "shared_pending": []}, "itimers": [], "threads": []
+        }))
+        .unwrap();
+        assert!(!p.cwd_removed);
     }
 
     #[test]

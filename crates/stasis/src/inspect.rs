@@ -39,10 +39,13 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
         t.pages_bytes as f64 / (1 << 20) as f64
     );
     for o in &meta.shared_memory {
+        let what = match &o.deleted {
+            Some(d) => format!("deleted file {}", d.path),
+            None => format!("{:?}", o.name),
+        };
         println!(
-            "shared mem   {} {:?}: {} (saved once for all processes)",
+            "shared mem   {} {what}: {} (saved once for all processes)",
             o.id,
-            o.name,
             human(o.size)
         );
     }
@@ -142,6 +145,7 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
                     path, pos, size, ..
                 } => format!("{path} (deleted; {size} bytes saved) offset {pos}"),
                 FdKind::Device { path, .. } => path.clone(),
+                FdKind::RemovedDir { path, .. } => format!("{path} (a removed directory)"),
                 FdKind::Inotify { watches, .. } => format!(
                     "inotify watching {}",
                     watches
