@@ -11,6 +11,7 @@
 
 pub mod layout;
 pub mod pages;
+pub mod part;
 pub mod plan;
 pub mod restore;
 

@@ -1,0 +1,386 @@
+//! One frozen process's state: read up to the start of its snapshot fork
+//! ([`dump_frozen`]), then, once every fork of the tree is under way, the rest
+//! ([`Begun::end`]): the memory a fork cannot see and the fds.
+
+use crate::error::{Result, SysContext};
+use crate::files::{self};
+use crate::freeze::Frozen;
+use crate::inject::{find_syscall_insn, Injection};
+use crate::memory;
+use crate::proc::ProcDir;
+use crate::snapshot::Snapshot;
+use crate::{signals, task, thread};
+use memory::part::{FlagsJob, Part, Steps};
+use stasis_image::{CheckpointWriter, Process};
+use std::time::Instant;
+
+/// How the processes of one checkpoint are dumped: snapshot and dirty tracking.
+pub(super) struct Tracking {
+    /// Take a copy-on-write snapshot (single process under stasis init, no --kill).
+    pub(super) snapshot_ok: bool,
+    /// The mapping flags of the (single) process, read before it was frozen.
+    pub(super) early_flags: Option<memory::FlagCache>,
+    /// The flags are read from the snapshot's smaps once the process runs again
+    /// (snapshot without dirty tracking, whose registrations a fork does not show).
+    pub(super) late_flags: bool,
+    pub(super) incremental: bool,
+    /// This process lives on after the checkpoint (stasis init, not `checkpoint
+    /// --pid`): dirty tracking it arms is there for the next checkpoint.
+    pub(super) keeps_tracking: bool,
+    /// The newest checkpoint before this one.
+    pub(super) prev_seq: Option<u64>,
+    /// The processes whose page runs in it were read (an unreadable or damaged one
+    /// is not relied on: everything is read and compared, or stored).
+    pub(super) prev_runs: std::collections::HashSet<i32>,
+    /// This checkpoint.
+    pub(super) seq: u64,
+    /// The processes stopped by job control: their parents are asked whether they
+    /// have collected the stops.
+    pub(super) job_stopped: Vec<i32>,
+}
+
+/// A process's dump up to the start of its snapshot fork ([`dump_frozen`]); the rest
+/// is done by [`Begun::end`] once the forks of the whole tree are under way, so that
+/// the kernel copies their page tables at once, on every core (the tree's pause is
+/// about the longest fork, not their sum).
+pub(super) struct Begun {
+    pub(super) pid: i32,
+    pub(super) steps: Steps,
+    pub(super) late_flags: bool,
+    pub(super) layout: Vec<memory::Vma>,
+    pub(super) insn: u64,
+    pub(super) injection: Injection,
+    pub(super) dumpable: u32,
+    pub(super) ts: task::TaskState,
+    pub(super) sigs: stasis_image::Signals,
+    pub(super) posix_timers: Vec<stasis_image::PosixTimer>,
+    pub(super) child_waits: Vec<(i32, bool)>,
+    pub(super) threads: Vec<stasis_image::Thread>,
+    pub(super) job_stop: Option<i32>,
+    pub(super) written: Option<Vec<(u64, u64)>>,
+    pub(super) tracked: bool,
+    pub(super) rss: u64,
+    pub(super) frozen_copy: bool,
+    pub(super) snapshot_ok: bool,
+    pub(super) frozen_flags: Option<FlagsJob>,
+    /// The memory planned and copied while frozen, once done (before the fork, or
+    /// after it when the fork has to show what it does not copy).
+    pub(super) memory: Option<FrozenMemory>,
+    pub(super) forking: Option<crate::snapshot::Forking>,
+    pub(super) early_flags: bool,
+}
+
+/// What of a process's memory is planned and copied while it is frozen.
+pub(super) struct FrozenMemory {
+    pub(super) plan: Option<memory::Plan>,
+    pub(super) hidden_plan: memory::Plan,
+    pub(super) hidden_buf: Vec<u8>,
+    pub(super) fresh_registrations: bool,
+}
+
+/// Plans the process's pages (all of them, or with a snapshot only what a fork does
+/// not copy, the rest being planned from the snapshot's own pagemap once the process
+/// runs again: see Part::write_pages), arms dirty tracking, saves its shared
+/// mappings and copies the pages a fork does not.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn frozen_memory(
+    tracking: &Tracking,
+    proc: &ProcDir,
+    layout: &mut [memory::Vma],
+    injection: &Injection,
+    written: Option<&[(u64, u64)]>,
+    tracked: bool,
+    snapshot_ok: bool,
+    steps: &mut Steps,
+    shm: &mut crate::shm::Collector,
+    writer: &mut CheckpointWriter,
+) -> Result<FrozenMemory> {
+    let pid = proc.pid;
+    let (inj, scratch) = injection.leader();
+    let (plan, hidden_plan) = if snapshot_ok {
+        let hidden = memory::plan(proc, layout, written, memory::invisible_to_fork)?;
+        (None, hidden)
+    } else {
+        let all = memory::plan(proc, layout, written, |_| true)?;
+        (Some(all), memory::Plan::default())
+    };
+    steps.done("pagemap");
+    // Only a tracer that lives on (stasis init) keeps the tracking it arms.
+    let fresh_registrations = tracking.incremental
+        && tracking.keeps_tracking
+        && crate::dirty::arm(proc, layout, inj, tracking.seq, tracked)?;
+    steps.done("dirty arm");
+    memory::save_shared_files(pid, layout, writer)?;
+    shm.save_mappings(proc, layout, inj, scratch, writer)?;
+    let mut hidden_buf = vec![0u8; hidden_plan.bytes as usize];
+    memory::copy_pages(
+        pid,
+        memory::Source::Process,
+        &hidden_plan,
+        |_| true,
+        &mut hidden_buf,
+    )?;
+    steps.done("shared and hidden memory");
+    Ok(FrozenMemory {
+        plan,
+        hidden_plan,
+        hidden_buf,
+        fresh_registrations,
+    })
+}
+
+/// Reads a frozen process's state up to the start of its snapshot fork (see
+/// [`Begun`]). `allow_snapshot`: false for a process whose snapshot could be reaped
+/// by the job (see the caller).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn dump_frozen(
+    tracking: &Tracking,
+    allow_snapshot: bool,
+    proc: &ProcDir,
+    frozen: &mut Frozen,
+    shm: &mut crate::shm::Collector,
+    writer: &mut CheckpointWriter,
+) -> Result<Begun> {
+    let pid = proc.pid;
+    let mut steps = Steps::new();
+    let tracking_snapshot_ok = tracking.snapshot_ok && allow_snapshot;
+    let tracking_late_flags = tracking.late_flags && allow_snapshot;
+    task::check_supported(proc)?;
+    let mut layout = if tracking_late_flags {
+        memory::read_layout_unflagged(proc)?
+    } else {
+        memory::read_layout(proc, tracking.early_flags.as_ref())?
+    };
+    let insn = find_syscall_insn(pid, &memory::exec_ranges(&layout))?;
+    let injection = Injection::prepare(frozen, &layout, insn)?;
+    let (inj, scratch) = injection.leader();
+    // Zombies that the snapshots of its children left it (see `Snapshot::take`).
+    crate::snapshot::reap_left(inj)?;
+    steps.done("layout");
+    let dumpable = task::make_readable(inj)?;
+    let sigs = signals::dump(inj, pid, scratch)?;
+    let ts = task::dump(proc, inj, scratch, dumpable)?;
+    let posix_timers = crate::timers::dump(proc, inj, scratch)?;
+    let stopped_children: Vec<i32> = proc
+        .children()?
+        .into_iter()
+        .filter(|c| tracking.job_stopped.contains(c))
+        .collect();
+    let child_waits = crate::jobctl::probe_waited(inj, scratch, &stopped_children)?;
+    let threads = thread::dump_all(proc, &frozen.threads, &injection.slots(thread::DUMP_SLOT))?;
+    steps.done("threads and task");
+    // With tracking armed at the previous checkpoint, pages not written since are
+    // not even read; then (re)arm it for the next one.
+    // Only where the previous checkpoint's page runs could be read: pages not
+    // written since are referred to there, not read again.
+    let written = match (tracking.incremental, tracking.prev_seq) {
+        (true, Some(prev)) if tracking.prev_runs.contains(&pid) => {
+            crate::dirty::written(proc, &layout, prev)
+        }
+        _ => None,
+    };
+    let tracked = written.is_some();
+    // When few pages were written since the last checkpoint, copying them while the
+    // process stays frozen pauses it no longer than forking a snapshot would, and
+    // the checkpoint is done sooner (no fork, no writer threads, nothing read back).
+    let rss = if tracking_snapshot_ok {
+        resident_bytes(proc)
+    } else {
+        0
+    };
+    let frozen_copy = tracking_snapshot_ok
+        && written.as_deref().is_some_and(|w| {
+            let dirty = w.iter().map(|(a, b)| b - a).sum();
+            !crate::snapshot::worth_taking(pid, rss, dirty)
+        });
+    let snapshot_ok = tracking_snapshot_ok && !frozen_copy;
+    // A frozen copy reads the exact flags while it copies (the layout's were read
+    // before the freeze or remembered, and there is no snapshot to check them on).
+    let frozen_flags = (frozen_copy && tracking.early_flags.is_some()).then(|| {
+        let proc = proc.clone();
+        std::thread::spawn(move || memory::read_flags(&proc).map(Some))
+    });
+    steps.done("dirty scan");
+    // Without flags (see Tracking::late_flags), the snapshot is forked first: what a
+    // fork does not copy is seen on it (in `Begun::end`).
+    let late = snapshot_ok && tracking_late_flags;
+    let memory = if late {
+        None
+    } else {
+        Some(frozen_memory(
+            tracking,
+            proc,
+            &mut layout,
+            &injection,
+            written.as_deref(),
+            tracked,
+            snapshot_ok,
+            &mut steps,
+            shm,
+            writer,
+        )?)
+    };
+    let forking = if snapshot_ok {
+        stasis_sys::fault::step("taking the snapshot")?;
+        let (inj, scratch) = injection.leader();
+        Some(Snapshot::start(inj, scratch)?)
+    } else {
+        None
+    };
+    Ok(Begun {
+        pid,
+        steps,
+        late_flags: tracking_late_flags,
+        layout,
+        insn,
+        injection,
+        dumpable,
+        ts,
+        sigs,
+        posix_timers,
+        child_waits,
+        threads,
+        job_stop: frozen.job_stop,
+        written,
+        tracked,
+        rss,
+        frozen_copy,
+        snapshot_ok,
+        frozen_flags,
+        memory,
+        forking,
+        early_flags: tracking.early_flags.is_some(),
+    })
+}
+
+impl Begun {
+    /// Waits for the snapshot fork, then reads the rest of the process's state (its
+    /// descriptors) while it is still frozen.
+    pub(super) fn end(
+        mut self,
+        tracking: &Tracking,
+        proc: &ProcDir,
+        stdio: &files::StdioIds,
+        registry: &mut files::Registry,
+        shm: &mut crate::shm::Collector,
+        writer: &mut CheckpointWriter,
+    ) -> Result<Part> {
+        let pid = self.pid;
+        let mut snapshot = None;
+        let mut snapshot_us = 0;
+        if let Some(forking) = self.forking.take() {
+            let t_wait = Instant::now();
+            let took = forking.elapsed();
+            snapshot = Some(forking.finish()?);
+            snapshot_us = (took + t_wait.elapsed()).as_micros() as u64;
+            self.steps.done("snapshot");
+        }
+        let memory = match self.memory.take() {
+            Some(m) => m,
+            None => {
+                if let Some(snap) = &snapshot {
+                    memory::mark_invisible(proc, &ProcDir::new(snap.pid), &mut self.layout)?;
+                }
+                frozen_memory(
+                    tracking,
+                    proc,
+                    &mut self.layout,
+                    &self.injection,
+                    self.written.as_deref(),
+                    self.tracked,
+                    self.snapshot_ok,
+                    &mut self.steps,
+                    shm,
+                    writer,
+                )?
+            }
+        };
+        if snapshot.is_some() {
+            crate::snapshot::note_fork(pid, self.rss, snapshot_us * 1000);
+        }
+        let fds = registry.dump_fds(proc, stdio, shm, writer)?;
+        self.steps.done("fds");
+        // Its /proc files are not read any more (pages of a process without a snapshot
+        // are copied with process_vm_readv).
+        let mem = if self.dumpable == 0 && snapshot.is_none() {
+            Some(
+                std::fs::File::open(proc.file("mem"))
+                    .ctx(pid, || "opening /proc/PID/mem".into())?,
+            )
+        } else {
+            None
+        };
+        let (inj, _) = self.injection.leader();
+        task::restore_readable(inj, self.dumpable)?;
+        self.injection.finish()?;
+        tracing::debug!("process {pid} frozen: {}", self.steps.report());
+        let ts = self.ts;
+        Ok(Part {
+            process: Process {
+                pid,
+                ppid: ts.ppid,
+                pgid: ts.pgid,
+                sid: ts.sid,
+                comm: ts.comm,
+                exe: ts.exe,
+                cwd: ts.cwd,
+                cwd_removed: ts.cwd_removed,
+                umask: ts.umask,
+                personality: ts.personality,
+                rlimits: ts.rlimits,
+                mm: ts.mm,
+                mappings: Vec::new(),
+                pages: Default::default(),
+                page_hashes: None,
+                runs_file: None,
+                fds,
+                fd_table_of: None,
+                signals: self.sigs,
+                itimers: ts.itimers,
+                posix_timers: self.posix_timers,
+                settings: ts.settings,
+                job_stop: self.job_stop.map(|signal| stasis_image::JobStop {
+                    signal,
+                    waited: true,
+                }),
+                threads: self.threads,
+                locks: registry.locks.take(pid),
+                creds: Some(crate::creds::dump(pid)?),
+            },
+            layout: self.layout,
+            plan: memory.plan.unwrap_or_default(),
+            plan_later: self.snapshot_ok,
+            written: self.written,
+            hidden_plan: memory.hidden_plan,
+            hidden_index: Vec::new(),
+            hidden_buf: memory.hidden_buf,
+            snapshot,
+            snapshot_us,
+            tracked: self.tracked,
+            early_flags: self.early_flags,
+            late_flags: self.late_flags && self.snapshot_ok,
+            frozen_copy: self.frozen_copy,
+            mem,
+            frozen_flags: self.frozen_flags,
+            fresh_registrations: memory.fresh_registrations,
+            insn: self.insn,
+            child_waits: self.child_waits,
+        })
+    }
+}
+
+/// Resident anonymous memory of a process, bytes (`/proc/PID/statm`: resident less
+/// shared); 0 when unreadable.
+pub(super) fn resident_bytes(proc: &ProcDir) -> u64 {
+    let Ok(statm) = std::fs::read_to_string(proc.file("statm")) else {
+        return 0;
+    };
+    let f: Vec<u64> = statm
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    match (f.get(1), f.get(2)) {
+        (Some(res), Some(shared)) => res.saturating_sub(*shared) * stasis_image::PAGE_SIZE,
+        _ => 0,
+    }
+}
