@@ -30,9 +30,11 @@ pub trait LocalPart {
     /// coordinator went silent): let the part run on, whatever phase it is in; what
     /// `dump` wrote may be left (the coordinator removes the partial checkpoint).
     fn abort(&mut self, ckpt: u64) -> Result<()>;
-    /// A spare agent's node is given the node part in `dir` to restart (protocol 2):
-    /// once it runs, the agent takes part in checkpoints.
-    fn restore(&mut self, dir: &Path) -> Result<()> {
+    /// A spare agent's node is given the node part in `dir` to restart (protocol 2),
+    /// meeting the other restarted parts in `rendezvous`: once it runs, the agent
+    /// takes part in checkpoints.
+    fn restore(&mut self, dir: &Path, rendezvous: Option<&Path>) -> Result<()> {
+        let _ = rendezvous;
         bail!(
             "cannot restart {} here: this agent has no engine",
             dir.display()
@@ -342,7 +344,7 @@ impl Connection {
                     }
                     Msg::Aborted { ckpt }
                 }
-                Msg::Restore { dir } => {
+                Msg::Restore { dir, rendezvous } => {
                     if local != Local::Running {
                         Msg::RestoreFailed {
                             dir,
@@ -350,7 +352,8 @@ impl Connection {
                         }
                     } else {
                         info!("{me}: restarting the part in {dir}");
-                        match part.restore(Path::new(&dir)) {
+                        let rv = (!rendezvous.is_empty()).then(|| Path::new(&rendezvous));
+                        match part.restore(Path::new(&dir), rv) {
                             Ok(()) => Msg::Restored { dir },
                             Err(e) => Msg::RestoreFailed {
                                 dir,

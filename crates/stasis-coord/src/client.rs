@@ -121,12 +121,13 @@ impl Client {
     }
 
     /// Has the spare agent of `node` restart the node part in `dir` (protocol 2).
-    pub fn place(&mut self, node: &str, dir: &str) -> Result<()> {
+    pub fn place(&mut self, node: &str, dir: &str, rendezvous: &str) -> Result<()> {
         protocol::send(
             &mut self.writer,
             &Msg::Place {
                 node: node.to_string(),
                 dir: dir.to_string(),
+                rendezvous: rendezvous.to_string(),
             },
         )
         .with_context(|| format!("cannot send the request to {}", self.peer))?;

@@ -99,10 +99,22 @@ pub enum Msg {
 
     /// Client to coordinator (version 2): have the spare agent of `node` restart the
     /// node part in `dir` (one `node-K` of a global checkpoint) as its part of the job.
-    Place { node: String, dir: String },
+    Place {
+        node: String,
+        dir: String,
+        /// A directory the restarted parts meet in to learn each other's new
+        /// addresses (see `STASIS_RENDEZVOUS`); empty: none.
+        #[serde(default)]
+        rendezvous: String,
+    },
     /// Coordinator to spare agent (version 2): restart the node part in `dir`; the
     /// agent then takes part in checkpoints as an agent.
-    Restore { dir: String },
+    Restore {
+        dir: String,
+        /// As in `place`.
+        #[serde(default)]
+        rendezvous: String,
+    },
     /// Spare agent to coordinator (version 2): the part in `dir` runs here now.
     Restored { dir: String },
     /// Spare agent to coordinator (version 2): restarting the part failed.

@@ -94,8 +94,12 @@ pub enum Launch {
         cmd: Vec<String>,
         dir: Option<PathBuf>,
     },
-    /// `stasis restart` of a node part of a global checkpoint.
-    Restart(PathBuf),
+    /// `stasis restart` of a node part of a global checkpoint, meeting the other
+    /// restarted parts in `rendezvous` (to re-make the connections between nodes).
+    Restart {
+        dir: PathBuf,
+        rendezvous: Option<PathBuf>,
+    },
 }
 
 /// What the agent's threads tell its main thread.
@@ -142,8 +146,11 @@ fn start_part(
                 .args(cmd);
             (dir, fresh, cmd[0].clone())
         }
-        Launch::Restart(dir) => {
+        Launch::Restart { dir, rendezvous } => {
             c.arg("restart").arg(dir);
+            if let Some(rv) = rendezvous {
+                c.env("STASIS_RENDEZVOUS", rv);
+            }
             (
                 dir.clone(),
                 None,
@@ -270,7 +277,7 @@ impl LocalPart for EnginePart {
         }
     }
 
-    fn restore(&mut self, dir: &Path) -> Result<()> {
+    fn restore(&mut self, dir: &Path, rendezvous: Option<&Path>) -> Result<()> {
         if let Some(c) = &self.control {
             bail!(
                 "node {} already runs a part of the job (supervised as {})",
@@ -278,7 +285,10 @@ impl LocalPart for EnginePart {
                 c.display()
             );
         }
-        let launch = Launch::Restart(dir.to_path_buf());
+        let launch = Launch::Restart {
+            dir: dir.to_path_buf(),
+            rendezvous: rendezvous.map(Path::to_path_buf),
+        };
         let (child, control, _) = start_part(&self.node, &launch, self.private_tmp, self.quiet)?;
         self.control = Some(control);
         let _ = self.events.send(Ev::Started);
@@ -406,7 +416,9 @@ pub fn agent(
     drop(tx);
     let what = match &launch {
         Some(Launch::Run { cmd, .. }) => cmd[0].clone(),
-        Some(Launch::Restart(d)) => format!("the part restarted from {}", d.display()),
+        Some(Launch::Restart { dir, .. }) => {
+            format!("the part restarted from {}", dir.display())
+        }
         None => "the restarted part".into(),
     };
     let mut killed_after = None;
@@ -527,10 +539,22 @@ pub fn restart(
             nodes[0]
         );
     }
+    // Where the restarted parts learn each other's new addresses: fresh for this
+    // restart, next to the checkpoints, removed when this command ends.
+    let rendezvous = g.parent().unwrap_or(Path::new(".")).join(format!(
+        ".rendezvous-{}.{}",
+        g.file_name()
+            .map_or("x".into(), |n| n.to_string_lossy().into_owned()),
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&rendezvous)
+        .with_context(|| format!("creating {}", rendezvous.display()))?;
+    let _remove = RemoveOnDrop(rendezvous.clone());
+    let rv = rendezvous.display().to_string();
     let mut client = Client::connect(coordinator)?;
     for k in 1..parts.len() {
         client
-            .place(&nodes[k], &parts[k].display().to_string())
+            .place(&nodes[k], &parts[k].display().to_string(), &rv)
             .with_context(|| {
                 format!(
                     "restarting part {k} (from node {}) on node {}{}",
@@ -563,7 +587,10 @@ pub fn restart(
         true,
         sim,
         None,
-        Some(Launch::Restart(parts[0].clone())),
+        Some(Launch::Restart {
+            dir: parts[0].clone(),
+            rendezvous: Some(rendezvous.clone()),
+        }),
         quiet,
     )
 }

@@ -741,3 +741,207 @@ fn a_part_that_cannot_be_saved_abandons_the_global_checkpoint() {
     bad.kill();
     bed.down();
 }
+
+/// A TCP connection between two nodes' parts (tcpnode.c: numbered records both ways,
+/// some always on their way or unread): a global checkpoint settles it and saves both
+/// ends (the job runs on), a second with --kill stops both; the parts are restarted on
+/// other nodes with other addresses (the server's part on node 3, the client's on node
+/// 1), the connection is made again between the new addresses with each end's unread
+/// bytes back in its queue, and both ends then check that every record of the other
+/// came exactly once, in order.
+#[test]
+fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
+    let w = Work::new("multinode_tcp");
+    let mut bed = Bed::up("mt", 3);
+    let addr = format!("{}:7073", bed.addr(1));
+    let ck = w.ck.to_str().unwrap().to_string();
+    let mut coord = w.spawn(
+        "coordinator",
+        bed.on(
+            1,
+            &[
+                STASIS,
+                "coordinator",
+                "--listen",
+                &addr,
+                "--dir",
+                &ck,
+                "--timeout",
+                "30s",
+            ],
+        ),
+        Stdio::null(),
+    );
+    let tcpnode = prog("tcpnode");
+    let tcpnode = tcpnode.to_str().unwrap();
+    let server_at = bed.addr(1);
+    let mut server = w.spawn_io(
+        "agent-server",
+        on_in(
+            &bed,
+            1,
+            &w.dir,
+            &[
+                STASIS,
+                "agent",
+                "--coordinator",
+                &addr,
+                "--",
+                tcpnode,
+                "server",
+                "7500",
+            ],
+        ),
+        Stdio::null(),
+        true,
+    );
+    wait_joined(&mut server);
+    let mut client = w.spawn_io(
+        "agent-client",
+        on_in(
+            &bed,
+            2,
+            &w.dir,
+            &[
+                STASIS,
+                "agent",
+                "--coordinator",
+                &addr,
+                "--",
+                tcpnode,
+                "client",
+                &server_at,
+                "7500",
+            ],
+        ),
+        Stdio::null(),
+        true,
+    );
+    wait_joined(&mut client);
+    for p in [&mut server, &mut client] {
+        p.wait_tick(5, T_READY);
+    }
+    let r = bed
+        .on(2, &[STASIS, "checkpoint", "--coordinator", &addr])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    for p in [&mut server, &mut client] {
+        let t = p.last_tick().unwrap();
+        p.wait_tick(t + 5, T_CMD);
+    }
+    let r = bed
+        .on(2, &[STASIS, "checkpoint", "--coordinator", &addr, "--kill"])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    for p in [&mut server, &mut client] {
+        p.expect_exit(EXIT_CHECKPOINTED, T_CMD);
+    }
+    let parts = parts_of(&w.ck, 2);
+    assert_eq!(
+        parts,
+        vec![bed.node(1), bed.node(2)],
+        "part order is join order"
+    );
+    // Each end is saved as a connection to another node, with its addresses.
+    for (k, (local, remote)) in [(bed.addr(1), bed.addr(2)), (bed.addr(2), bed.addr(1))]
+        .into_iter()
+        .enumerate()
+    {
+        let part = format!("{ck}/checkpoint-000002/node-{k}");
+        let out = w
+            .stasis_cmd(&["inspect".as_ref(), "--json".as_ref(), part.as_ref()])
+            .output()
+            .unwrap();
+        let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let conns: Vec<&serde_json::Value> = meta["inet_sockets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["state"] == "remote")
+            .collect();
+        assert_eq!(conns.len(), 1, "part {k}: {}", meta["inet_sockets"]);
+        assert!(
+            conns[0]["local"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{local}:"))
+                && conns[0]["remote"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&format!("{remote}:")),
+            "part {k}: {}",
+            conns[0]
+        );
+    }
+    let mut spare = w.spawn_io(
+        "spare-1",
+        on_in(
+            &bed,
+            1,
+            &w.path("elsewhere"),
+            &[STASIS, "agent", "--coordinator", &addr],
+        ),
+        Stdio::null(),
+        true,
+    );
+    wait_joined(&mut spare);
+    let nodes = format!("{},{}", bed.node(3), bed.node(1));
+    let mut first = w.spawn_io(
+        "restart-server-on-3",
+        on_in(
+            &bed,
+            3,
+            &w.path("elsewhere"),
+            &[
+                STASIS,
+                "restart",
+                "--coordinator",
+                &addr,
+                "--nodes",
+                &nodes,
+                &ck,
+            ],
+        ),
+        Stdio::null(),
+        true,
+    );
+    let ts = server.last_tick().unwrap();
+    let tc = client.last_tick().unwrap();
+    first.wait_tick(ts + 10, T_READY);
+    spare.wait_tick(tc + 10, T_READY);
+    w.go();
+    for (label, before, p) in [
+        ("server", &server, &mut first),
+        ("client", &client, &mut spare),
+    ] {
+        p.expect_exit(0, T_CMD);
+        let outs = vec![
+            (format!("{label} before"), before.stdout()),
+            (format!("{label} restarted"), p.stdout()),
+        ];
+        assert_ticks_consecutive(&outs, Some(0));
+        let ok = p
+            .lines()
+            .into_iter()
+            .find(|l| l.starts_with("OK") || l.starts_with("FAIL"))
+            .unwrap_or_default();
+        assert!(ok.starts_with("OK"), "{label}: {ok:?}\n{}", p.diag());
+    }
+    // The records went on flowing after the restart (not only before it).
+    let after: u64 = first
+        .lines()
+        .iter()
+        .find_map(|l| l.strip_prefix("OK sent="))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(
+        after > 3 * (ts + 10),
+        "the server sent only {after} records"
+    );
+    assert!(coord.running(), "{}", coord.diag());
+    coord.kill();
+    bed.down();
+}

@@ -246,9 +246,14 @@ impl State {
             self.queue.push_back((conn, kill));
             return;
         }
-        if let Msg::Place { node, dir } = msg {
+        if let Msg::Place {
+            node,
+            dir,
+            rendezvous,
+        } = msg
+        {
             if role == Role::Client {
-                self.place(conn, node, dir);
+                self.place(conn, node, dir, rendezvous);
             }
             return;
         }
@@ -323,7 +328,7 @@ impl State {
 
     /// A client asks for the node part in `dir` to be restarted on `node`, by the
     /// spare agent there.
-    fn place(&mut self, client: u64, node: String, dir: String) {
+    fn place(&mut self, client: u64, node: String, dir: String, rendezvous: String) {
         if self.round.is_some() || !self.queue.is_empty() {
             self.reply(
                 client,
@@ -355,7 +360,13 @@ impl State {
             return;
         };
         info!("coordinator: restarting {dir} on node {node}");
-        if self.send(spare, &Msg::Restore { dir: dir.clone() }) {
+        if self.send(
+            spare,
+            &Msg::Restore {
+                dir: dir.clone(),
+                rendezvous,
+            },
+        ) {
             self.placing.insert(spare, client);
         } else {
             self.reply(

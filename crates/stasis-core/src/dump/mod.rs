@@ -200,6 +200,10 @@ fn checkpoint_locked(
             })
         }
         (Some(b), _) => {
+            // Nothing this part sent to another node's is left on its way (that
+            // node saves it, in its receive queue) before this part says it is frozen.
+            let pids: Vec<i32> = tree.iter().map(|(p, _)| p.pid).collect();
+            crate::sockets::inet::settle_external(&pids, crate::sockets::inet::SETTLE_TIMEOUT)?;
             target = b.frozen()?;
             std::fs::create_dir_all(&target).map_err(|e| Error::Io {
                 pid,

@@ -587,6 +587,8 @@ fn init_inner(
                     o.stdio_files = stdio_files.clone();
                     o.fault = req.fault.clone();
                     if req.coordinated {
+                        // Connections to other nodes' parts are the job's own.
+                        o.tcp_external = stasis_core::sockets::TcpExternal::Peer;
                         match control::StreamBarrier::new(stream) {
                             Ok(b) => o.barrier = Some(std::sync::Arc::new(b)),
                             Err(e) => {

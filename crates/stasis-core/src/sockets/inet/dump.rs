@@ -449,6 +449,19 @@ impl Collector {
                     e.state = "reset".into();
                     Ok(Vec::new())
                 }
+                TcpExternal::Peer => {
+                    // Settled before the freeze was confirmed: nothing on its way.
+                    let unacked = diag.as_ref().map_or(0, |d| d.wqueue);
+                    if unacked > 0 {
+                        return Err(Error::Unsupported {
+                            pid,
+                            what: format!("fd {fd}, a TCP connection from {local} to {remote} (another node) with {unacked} bytes its peer has not acknowledged"),
+                        });
+                    }
+                    e.state = "remote".into();
+                    e.shutdown = own_shutdown;
+                    peek_stream(pid, fd, s)
+                }
             },
         }
     }

@@ -54,7 +54,15 @@ pub enum TcpExternal {
     Refuse,
     /// Save it as reset: after a restart its next use fails with ECONNRESET.
     Reset,
+    /// The peer is another node's part of the same multi-node job, checkpointed
+    /// together with this one: the connection is saved whole (its receive queue, once
+    /// [`settle_external`] has seen everything sent acknowledged) and made again at
+    /// restart between the nodes' new addresses ([`remote`]).
+    Peer,
 }
+
+mod remote;
+pub use remote::{settle_external, SETTLE_TIMEOUT};
 
 /// Makes every TCP socket of the checkpointed processes close with a reset
 /// (SO_LINGER 0), before they are killed: a connection then leaves no TIME_WAIT

@@ -262,6 +262,16 @@ pub fn create_all(
     for s in socks {
         match s.state.as_str() {
             "listening" => {
+                // On a new node, a listener on one of the node's old addresses
+                // listens on its new one (see `remote`).
+                let moved;
+                let s = match super::remote::listener_address(&s.local)? {
+                    Some(local) => {
+                        moved = InetSocket { local, ..s.clone() };
+                        &moved
+                    }
+                    None => s,
+                };
                 let fd = socket_like(s, false)?;
                 // SAFETY: listen on our socket.
                 if unsafe { libc::listen(fd.as_raw_fd(), s.backlog as i32) } != 0 {
@@ -287,6 +297,26 @@ pub fn create_all(
         .filter(|l| l.state == "listening")
         .filter_map(|l| Some((parse_addr(&l.local)?, out.get(&l.id)?.as_raw_fd())))
         .collect();
+    // Connections to other nodes of the job: made again with them (see `remote`).
+    let remote: Vec<&InetSocket> = socks
+        .iter()
+        .filter(|s| is_tcp(s) && s.state == "remote")
+        .collect();
+    if !remote.is_empty() {
+        let listeners_now: Vec<(SocketAddr, i32)> = socks
+            .iter()
+            .filter(|l| l.state == "listening")
+            .filter_map(|l| {
+                let fd = out.get(&l.id)?.as_raw_fd();
+                Some((local_of(fd)?, fd))
+            })
+            .collect();
+        out.extend(super::remote::remake(
+            &remote,
+            |s| files.of(image, s),
+            &listeners_now,
+        )?);
+    }
     // 2. Connections with both ends in the checkpoint: repaired exactly where they
     // were saved so, else made again.
     let mut repaired = Vec::new();
@@ -388,7 +418,9 @@ pub fn create_all(
             let Some(recv) = out.get(&s.id).map(|f| f.as_raw_fd()) else {
                 continue;
             };
-            if s.repair.is_some() {
+            // Refilled already: exactly (repair), or through the connection itself
+            // (another node's end).
+            if s.repair.is_some() || s.state == "remote" {
                 continue;
             }
             let sender = if s.peer != 0 {

@@ -1,0 +1,463 @@
+//! TCP connections between the nodes of a multi-node job (state `remote`).
+//!
+//! Dump (a coordinated checkpoint, [`super::TcpExternal::Peer`]): once the node's part
+//! is frozen, [`settle_external`] waits until every byte the part sent on a connection
+//! whose peer is not on this node is acknowledged by that peer (its kernel holds it,
+//! in the receive queue the peer's node saves); only then does the node report frozen.
+//! Every node does so before any node reads a socket, so once all are frozen nothing
+//! is on its way anywhere: each end's state is its receive queue, read with MSG_PEEK.
+//!
+//! Restore ([`remake`]): the connection is made again between the nodes' new
+//! addresses, found through a rendezvous directory that the restarts of one global
+//! checkpoint share (`STASIS_RENDEZVOUS`, set by `stasis agent`): each node part
+//! publishes, for every address it had, the address it has now (`addr-OLDIP`, holding
+//! `NEWIP`; `STASIS_NODE_ADDRESS` or the first non-loopback IPv4 address of the node),
+//! and reads its peers'. Without one, addresses stay as they were. Of the two ends,
+//! the one with the lower (port, address) accepts (through the job's listener there,
+//! else a listener of its own) and the other connects; both go through their
+//! connections in one global order (by the pair of old addresses), so no two nodes wait
+//! for each other. On the new connection the connecting end names the connection (its
+//! old addresses); then each end sends its saved receive queue to the other and sends
+//! back what it gets: each receive queue ends up holding exactly its saved bytes, in
+//! order, before any process runs.
+
+use super::net::*;
+use crate::error::{Error, Result};
+use stasis_image::InetSocket;
+use stasis_sys::inet_diag::{self, canonical, state};
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::io::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// How long a node waits for its sent bytes to be acknowledged at a checkpoint.
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a restart waits for the other nodes (their addresses, their ends).
+const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(120);
+/// Names a re-made connection (sent first by the connecting end).
+const MAGIC: &[u8; 8] = b"STASISX1";
+
+/// Waits until no TCP connection of processes `pids` whose peer is not on this node
+/// (not in this network namespace) has bytes sent and not acknowledged (at most
+/// `timeout`); an error names the connection otherwise.
+pub fn settle_external(pids: &[i32], timeout: Duration) -> Result<()> {
+    let mut ours: HashMap<u64, i32> = HashMap::new();
+    for &pid in pids {
+        let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if let Ok(t) = std::fs::read_link(e.path()) {
+                if let Some(ino) = t
+                    .to_str()
+                    .and_then(|t| t.strip_prefix("socket:["))
+                    .and_then(|t| t.strip_suffix(']'))
+                    .and_then(|t| t.parse().ok())
+                {
+                    ours.insert(ino, pid);
+                }
+            }
+        }
+    }
+    if ours.is_empty() {
+        return Ok(());
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        let socks = inet_diag::dump(libc::IPPROTO_TCP).map_err(|e| Error::Io {
+            pid: pids.first().copied().unwrap_or(0),
+            context: "listing TCP sockets (inet_diag)".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let tuples: HashSet<(SocketAddr, SocketAddr)> = socks
+            .iter()
+            .map(|s| (canonical(s.local), canonical(s.remote)))
+            .collect();
+        let waiting = socks.iter().find(|s| {
+            ours.contains_key(&s.ino)
+                && s.state == state::ESTABLISHED
+                && s.wqueue > 0
+                && !tuples.contains(&(canonical(s.remote), canonical(s.local)))
+        });
+        let Some(w) = waiting else {
+            return Ok(());
+        };
+        if Instant::now() > deadline {
+            return Err(Error::Unsupported {
+                pid: ours[&w.ino],
+                what: format!(
+                    "a TCP connection from {} to {} (another node) whose {} bytes sent were not acknowledged within {} s (is the peer's receive buffer full?); it",
+                    w.local,
+                    w.remote,
+                    w.wqueue,
+                    timeout.as_secs()
+                ),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Old addresses to new ones (see the module documentation).
+struct AddressMap {
+    dir: Option<PathBuf>,
+    here: Option<IpAddr>,
+    known: HashMap<IpAddr, IpAddr>,
+}
+
+impl AddressMap {
+    fn from_env() -> AddressMap {
+        let here = std::env::var("STASIS_NODE_ADDRESS")
+            .ok()
+            .and_then(|a| a.parse().ok())
+            .or_else(first_address);
+        AddressMap {
+            dir: std::env::var_os("STASIS_RENDEZVOUS").map(PathBuf::from),
+            here,
+            known: HashMap::new(),
+        }
+    }
+
+    /// This node's new address for its old address `old`, published for the others.
+    fn own(&mut self, old: IpAddr) -> std::result::Result<IpAddr, String> {
+        if let Some(n) = self.known.get(&old) {
+            return Ok(*n);
+        }
+        let new = match (&self.dir, self.here) {
+            (Some(_), Some(here)) if !old.is_loopback() && !old.is_unspecified() => here,
+            _ => old,
+        };
+        if let Some(dir) = &self.dir {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let tmp = dir.join(format!(".addr-{old}.{}", std::process::id()));
+            let mut f =
+                std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+            f.write_all(new.to_string().as_bytes())
+                .and_then(|()| f.sync_all())
+                .map_err(|e| format!("{}: {e}", tmp.display()))?;
+            let at = dir.join(format!("addr-{old}"));
+            std::fs::rename(&tmp, &at).map_err(|e| format!("{}: {e}", at.display()))?;
+        }
+        self.known.insert(old, new);
+        Ok(new)
+    }
+
+    /// The new address of another node's old address `old` (waiting for it to be
+    /// published).
+    fn peer(&mut self, old: IpAddr) -> std::result::Result<IpAddr, String> {
+        if let Some(n) = self.known.get(&old) {
+            return Ok(*n);
+        }
+        let Some(dir) = &self.dir else {
+            return Ok(old);
+        };
+        let at = dir.join(format!("addr-{old}"));
+        let deadline = Instant::now() + RENDEZVOUS_TIMEOUT;
+        loop {
+            if let Ok(s) = std::fs::read_to_string(&at) {
+                let new: IpAddr = s
+                    .trim()
+                    .parse()
+                    .map_err(|e| format!("{}: {e}", at.display()))?;
+                self.known.insert(old, new);
+                return Ok(new);
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the node that had address {old} did not say where it is now within {} s (is its part restarting? see {})",
+                    RENDEZVOUS_TIMEOUT.as_secs(),
+                    dir.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The first non-loopback IPv4 address of this node.
+fn first_address() -> Option<IpAddr> {
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `ifap` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return None;
+    }
+    let mut found = None;
+    let mut p = ifap;
+    while !p.is_null() {
+        // SAFETY: `p` is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*p };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points to a sockaddr of its family's size.
+            let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
+            if family == libc::AF_INET {
+                // SAFETY: an AF_INET address is a sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                if !ip.is_loopback() {
+                    found = Some(IpAddr::V4(ip));
+                    break;
+                }
+            }
+        }
+        p = ifa.ifa_next;
+    }
+    // SAFETY: freeing the list getifaddrs allocated.
+    unsafe { libc::freeifaddrs(ifap) };
+    found
+}
+
+/// Maps the address of a listener of the job bound to one of this node's old
+/// addresses to its new one (None: unchanged).
+pub(super) fn listener_address(local: &str) -> std::result::Result<Option<String>, String> {
+    if std::env::var_os("STASIS_RENDEZVOUS").is_none() {
+        return Ok(None);
+    }
+    let Some(a) = parse_addr(local) else {
+        return Ok(None);
+    };
+    if a.ip().is_loopback() || a.ip().is_unspecified() {
+        return Ok(None);
+    }
+    let mut map = AddressMap::from_env();
+    let new = map.own(a.ip())?;
+    Ok((new != a.ip()).then(|| SocketAddr::new(new, a.port()).to_string()))
+}
+
+/// The key both ends of a connection order their connections by.
+fn pair_key(a: SocketAddr, b: SocketAddr) -> (String, String) {
+    let (a, b) = (canonical(a).to_string(), canonical(b).to_string());
+    if a <= b {
+        (a, b)
+    } else {
+        (b, a)
+    }
+}
+
+/// Whether the end at `local` (talking to `remote`) accepts.
+fn accepts(local: SocketAddr, remote: SocketAddr) -> bool {
+    let (l, r) = (canonical(local), canonical(remote));
+    (l.port(), l.ip()) < (r.port(), r.ip())
+}
+
+/// Reads exactly `buf.len()` bytes from `fd` by `deadline`.
+fn read_exact(fd: i32, buf: &mut [u8], deadline: Instant) -> std::result::Result<(), String> {
+    let mut got = 0;
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || poll_one(fd, libc::POLLIN, left.as_millis().min(1000) as i32) == 0 {
+            if Instant::now() >= deadline {
+                return Err("the other node's end did not answer in time".into());
+            }
+            continue;
+        }
+        // SAFETY: reading into the unfilled part of `buf`.
+        let n = unsafe { libc::read(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got) };
+        if n == 0 {
+            return Err("the other node's end closed the connection".into());
+        }
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e.to_string());
+        }
+        got += n as usize;
+    }
+    Ok(())
+}
+
+fn read_frame(fd: i32, deadline: Instant) -> std::result::Result<Vec<u8>, String> {
+    let mut len = [0u8; 8];
+    read_exact(fd, &mut len, deadline)?;
+    let len = u64::from_le_bytes(len);
+    if len > 1 << 30 {
+        return Err(format!("a frame of {len} bytes: not a stasis restorer"));
+    }
+    let mut buf = vec![0u8; len as usize];
+    read_exact(fd, &mut buf, deadline)?;
+    Ok(buf)
+}
+
+fn frame(data: &[u8]) -> Vec<u8> {
+    let mut v = (data.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(data);
+    v
+}
+
+/// The hello naming a connection: the connecting end's old (local, remote).
+fn hello(local: SocketAddr, remote: SocketAddr) -> Vec<u8> {
+    let mut v = MAGIC.to_vec();
+    v.extend(frame(
+        format!("{}|{}", canonical(local), canonical(remote)).as_bytes(),
+    ));
+    v
+}
+
+fn read_hello(fd: i32, deadline: Instant) -> std::result::Result<(String, String), String> {
+    let mut magic = [0u8; 8];
+    read_exact(fd, &mut magic, deadline)?;
+    if &magic != MAGIC {
+        return Err("a connection that is not another stasis restorer's".into());
+    }
+    let body = String::from_utf8(read_frame(fd, deadline)?).map_err(|e| e.to_string())?;
+    let (l, r) = body
+        .split_once('|')
+        .ok_or_else(|| format!("a malformed hello {body:?}"))?;
+    Ok((l.to_string(), r.to_string()))
+}
+
+/// On a new connection: sends our saved receive queue, reads the peer's and sends it
+/// back; what the peer sends back stays queued for our process.
+fn exchange(fd: &OwnedFd, ours: &[u8], deadline: Instant) -> std::result::Result<(), String> {
+    let raw = fd.as_raw_fd();
+    let out = frame(ours);
+    let theirs = std::thread::scope(|sc| {
+        let sender = sc.spawn(|| send_all(raw, &out, deadline).map_err(|e| e.to_string()));
+        let theirs = read_frame(raw, deadline);
+        let sent = sender
+            .join()
+            .unwrap_or_else(|_| Err("the sending thread panicked".into()));
+        sent.and(theirs)
+    })?;
+    send_all(raw, &theirs, deadline)
+        .map_err(|e| format!("sending back {} bytes: {e}", theirs.len()))
+}
+
+/// A listener of our own on `at` (a connection whose end here has none of the job's).
+fn listen_at(family: i32, at: SocketAddr) -> std::result::Result<OwnedFd, String> {
+    let fd = new_socket(family, true)?;
+    let _ = crate::sockets::setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1);
+    bind(&fd, addr_for(family, at)).map_err(|e| format!("listening on {at}: {e}"))?;
+    // SAFETY: listen on our socket.
+    if unsafe { libc::listen(fd.as_raw_fd(), 64) } != 0 {
+        return Err(format!(
+            "listening on {at}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(fd)
+}
+
+/// Makes every connection in `socks` (state `remote`) again, its receive queue
+/// refilled (`data` gives a socket's saved bytes); `listeners` are the job's
+/// listeners already made (address as bound, fd). Returns the restorer's descriptor of
+/// each, by id.
+pub(super) fn remake(
+    socks: &[&InetSocket],
+    mut data: impl FnMut(&InetSocket) -> std::result::Result<Vec<u8>, String>,
+    listeners: &[(SocketAddr, i32)],
+) -> std::result::Result<HashMap<u64, OwnedFd>, String> {
+    let mut map = AddressMap::from_env();
+    let mut order: Vec<(&InetSocket, SocketAddr, SocketAddr)> = Vec::new();
+    for s in socks {
+        let (Some(l), Some(r)) = (parse_addr(&s.local), parse_addr(&s.remote)) else {
+            return Err(format!(
+                "TCP socket {}: a connection to another node without addresses",
+                s.id
+            ));
+        };
+        order.push((s, l, r));
+    }
+    // Our addresses are published before we wait for anyone's.
+    for (_, l, _) in &order {
+        map.own(canonical(*l).ip())?;
+    }
+    order.sort_by_key(|(_, l, r)| pair_key(*l, *r));
+    let deadline = Instant::now() + RENDEZVOUS_TIMEOUT;
+    let mut out = HashMap::new();
+    // Listeners of our own (by new address), and connections accepted before their
+    // turn (by the connecting end's old (local, remote)).
+    let mut own_listeners: HashMap<SocketAddr, OwnedFd> = HashMap::new();
+    let mut early: HashMap<(String, String), OwnedFd> = HashMap::new();
+    for (s, l, r) in order {
+        let what = format!("TCP socket {} ({l} to {r}, another node)", s.id);
+        let family = family_of(s);
+        let new_l = SocketAddr::new(map.own(canonical(l).ip())?, l.port());
+        let new_r = SocketAddr::new(map.peer(canonical(r).ip())?, r.port());
+        let fd = if accepts(l, r) {
+            let lfd = match listeners.iter().find(|(a, _)| {
+                a.port() == new_l.port()
+                    && (a.ip().is_unspecified() || canonical(*a).ip() == canonical(new_l).ip())
+            }) {
+                Some((_, fd)) => *fd,
+                None => {
+                    if let std::collections::hash_map::Entry::Vacant(slot) =
+                        own_listeners.entry(new_l)
+                    {
+                        slot.insert(listen_at(family, new_l).map_err(|e| format!("{what}: {e}"))?);
+                    }
+                    own_listeners[&new_l].as_raw_fd()
+                }
+            };
+            let want = (canonical(r).to_string(), canonical(l).to_string());
+            loop {
+                if let Some(fd) = early.remove(&want) {
+                    break fd;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero()
+                    || poll_one(lfd, libc::POLLIN, left.as_millis().min(1000) as i32) == 0
+                {
+                    if Instant::now() >= deadline {
+                        return Err(format!(
+                            "{what}: the other node's end did not connect within {} s",
+                            RENDEZVOUS_TIMEOUT.as_secs()
+                        ));
+                    }
+                    continue;
+                }
+                let fd = crate::sockets::accept(lfd).map_err(|e| format!("{what}: accept: {e}"))?;
+                let named =
+                    read_hello(fd.as_raw_fd(), deadline).map_err(|e| format!("{what}: {e}"))?;
+                if named == want {
+                    break fd;
+                }
+                early.insert(named, fd);
+            }
+        } else {
+            let fd = loop {
+                let fd = new_socket(family, true)?;
+                let _ = crate::sockets::setsockopt_int(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_REUSEADDR,
+                    1,
+                );
+                if bind(&fd, addr_for(family, new_l)).is_err() {
+                    bind(&fd, SocketAddr::new(addr_for(family, new_l).ip(), 0))
+                        .map_err(|e| format!("{what}: binding {}: {e}", new_l.ip()))?;
+                }
+                match connect(&fd, addr_for(family, new_r)) {
+                    Ok(()) => break fd,
+                    Err(e)
+                        if Instant::now() < deadline
+                            && matches!(
+                                e.raw_os_error(),
+                                Some(libc::ECONNREFUSED)
+                                    | Some(libc::ETIMEDOUT)
+                                    | Some(libc::EHOSTUNREACH)
+                                    | Some(libc::ENETUNREACH)
+                            ) =>
+                    {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(e) => return Err(format!("{what}: connecting to {new_r}: {e}")),
+                }
+            };
+            send_all(fd.as_raw_fd(), &hello(l, r), deadline).map_err(|e| format!("{what}: {e}"))?;
+            fd
+        };
+        let saved = data(s)?;
+        exchange(&fd, &saved, deadline).map_err(|e| format!("{what}: {e}"))?;
+        out.insert(s.id, fd);
+    }
+    if let Some((k, _)) = early.into_iter().next() {
+        return Err(format!(
+            "a connection from another node named {k:?}, which this part does not hold"
+        ));
+    }
+    Ok(out)
+}

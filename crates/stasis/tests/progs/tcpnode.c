@@ -1,0 +1,121 @@
+/* tcpnode: one end of a TCP connection between two nodes of a job, each end a part
+ * of its own (a multi-node checkpoint saves both and restarts them on other nodes).
+ *   tcpnode server PORT        listens on PORT (all addresses), takes one connection
+ *   tcpnode client HOST PORT   connects to HOST:PORT (retrying while refused)
+ * Each end sends numbered 32-byte records (3 per tick, every ~20 ms, so some are
+ * always on their way or unread) and reads what has arrived, checking that the
+ * other's records come exactly once and in order. Prints `ready`, then `tick N`.
+ * Once the file `go` exists it sends `E` + its count, reads up to the other's `E`,
+ * and checks the count: `OK sent=S got=G` / `FAIL ...`. */
+#include "util.h"
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+
+#define REC 32
+
+static int fd;
+static unsigned long long sent, got;
+static char buf[1 << 16];
+static size_t have;
+
+static void send_rec(char kind, unsigned long long n) {
+    char r[REC];
+    memset(r, ' ', REC);
+    int k = snprintf(r, REC, "%c%020llu", kind, n);
+    r[k] = ' ';
+    r[REC - 1] = '\n';
+    size_t off = 0;
+    while (off < REC) {
+        ssize_t w = send(fd, r + off, REC - off, MSG_NOSIGNAL);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) die("send");
+        off += (size_t)w;
+    }
+}
+
+/* Reads what is there (blocking when `wait`); returns 1 once the other's end record
+ * came (its count in *end). */
+static int take(int wait, unsigned long long *end) {
+    struct pollfd p = {fd, POLLIN, 0};
+    if (poll(&p, 1, wait ? 5000 : 0) <= 0) return 0;
+    ssize_t n = recv(fd, buf + have, sizeof buf - have, 0);
+    if (n < 0 && errno == EINTR) return 0;
+    if (n <= 0) {
+        out("FAIL the connection ended (%zd: %s) after %llu records\n", n, strerror(errno), got);
+        exit(1);
+    }
+    have += (size_t)n;
+    size_t off = 0;
+    int done = 0;
+    while (have - off >= REC) {
+        char *r = buf + off;
+        unsigned long long v = strtoull(r + 1, NULL, 10);
+        if (r[0] == 'R') {
+            if (v != got) {
+                out("FAIL record %llu came where %llu was due\n", v, got);
+                exit(1);
+            }
+            got++;
+        } else if (r[0] == 'E') {
+            *end = v;
+            done = 1;
+        } else {
+            out("FAIL a damaged record after %llu\n", got);
+            exit(1);
+        }
+        off += REC;
+    }
+    memmove(buf, buf + off, have - off);
+    have -= off;
+    return done;
+}
+
+int main(int argc, char **argv) {
+    setup();
+    if (argc >= 3 && strcmp(argv[1], "server") == 0) {
+        int l = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+        setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        struct sockaddr_in a = {0};
+        a.sin_family = AF_INET;
+        a.sin_port = htons(atoi(argv[2]));
+        if (bind(l, (struct sockaddr *)&a, sizeof a) || listen(l, 4)) die("listen");
+        fd = accept(l, NULL, NULL);
+        if (fd < 0) die("accept");
+    } else if (argc >= 4 && strcmp(argv[1], "client") == 0) {
+        struct sockaddr_in a = {0};
+        a.sin_family = AF_INET;
+        a.sin_port = htons(atoi(argv[3]));
+        if (inet_pton(AF_INET, argv[2], &a.sin_addr) != 1) die("address");
+        for (int i = 0;; i++) {
+            fd = socket(AF_INET, SOCK_STREAM, 0);
+            if (connect(fd, (struct sockaddr *)&a, sizeof a) == 0) break;
+            close(fd);
+            if (i > 500) die("connect");
+            sleep_ms(20);
+        }
+    } else {
+        out("FAIL usage\n");
+        return 2;
+    }
+    out("ready\n");
+    unsigned long long end = 0, tick = 0;
+    int ended = 0;
+    while (!go_exists()) {
+        for (int i = 0; i < 3; i++) send_rec('R', sent++);
+        ended |= take(0, &end);
+        out("tick %llu\n", tick++);
+        sleep_ms(20);
+    }
+    send_rec('E', sent);
+    while (!ended) ended = take(1, &end);
+    if (end != got) {
+        out("FAIL the other end sent %llu records, %llu came\n", end, got);
+        return 1;
+    }
+    out("OK sent=%llu got=%llu\n", sent, got);
+    return 0;
+}
