@@ -115,6 +115,13 @@ impl Collector {
         }
     }
 
+    /// With `reconnect`, a UNIX socket connected to a socket outside the checkpoint is
+    /// saved to connect again to the same name at restore (else it refuses the
+    /// checkpoint).
+    pub fn set_unix_reconnect(&mut self, reconnect: bool) {
+        self.unix.set_reconnect(reconnect);
+    }
+
     /// Connections to these sockets of the supervising init are the application
     /// interface's, saved as such (see [`appapi`]).
     pub fn set_app_api(&mut self, api: Option<ApiPeers>) {
