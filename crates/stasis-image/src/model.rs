@@ -207,6 +207,21 @@ pub struct UnixSocket {
     /// For `reconnect` with a relative name: the directory it is resolved in.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reconnect_in: String,
+    /// File descriptors in flight (sent with SCM_RIGHTS, not received yet), with the
+    /// queued message that carries them. A stream's `messages` are then the segments
+    /// between such messages.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub in_flight: Vec<InFlight>,
+}
+
+/// The file descriptors one queued message of a UNIX socket carries (SCM_RIGHTS).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InFlight {
+    /// Index of the message in the socket's `messages`.
+    pub message: u64,
+    /// The descriptors, in the order they were sent (`fd` is that position); their
+    /// descriptions are shared with the processes' fds as usual (`desc`).
+    pub fds: Vec<Fd>,
 }
 
 /// A TCP or UDP socket over IPv4 or IPv6 (ip(7), ipv6(7), tcp(7), udp(7)).
@@ -835,7 +850,7 @@ impl PageHashes {
 }
 
 /// One open file descriptor.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fd {
     pub fd: i32,
     /// FD_CLOEXEC.

@@ -303,6 +303,82 @@ fn datagrams_and_closed_peers_by_pid_as_unprivileged_user() {
 }
 
 // ---------------------------------------------------------------------------
+// scmrights.c: descriptors in flight, two levels deep
+// ---------------------------------------------------------------------------
+
+/// The types of the descriptors in flight with message `message` of socket `s`.
+fn in_flight_types(s: &Value, message: u64) -> Vec<String> {
+    s["in_flight"]
+        .as_array()
+        .and_then(|a| a.iter().find(|m| m["message"].as_u64() == Some(message)))
+        .and_then(|m| m["fds"].as_array())
+        .map(|fds| {
+            fds.iter()
+                .map(|f| f["kind"]["type"].as_str().unwrap_or("?").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// P0 holds "de" (a pipe, a file, an eventfd in flight), "fghij" (a pipe); D0 holds m0,
+/// m1 (X0 in flight, itself holding a pipe in flight), m2 (a pipe in flight).
+fn check_scmrights(meta: &Value, ready: &str, what: &str) {
+    let f = fields(ready);
+    let p = image_procs(meta).into_values().next().unwrap();
+    let p0 = sock_of(meta, p, f["P0"].parse().unwrap(), what);
+    assert_eq!(u64s(&p0["messages"]), vec![2, 5], "{what}: P0 {p0}");
+    assert_eq!(
+        in_flight_types(p0, 0),
+        vec!["pipe", "file", "event_fd"],
+        "{what}: P0 {p0}"
+    );
+    assert_eq!(in_flight_types(p0, 1), vec!["pipe"], "{what}: P0 {p0}");
+    let d0 = sock_of(meta, p, f["D0"].parse().unwrap(), what);
+    assert_eq!(u64s(&d0["messages"]), vec![2, 2, 2], "{what}: D0 {d0}");
+    assert_eq!(
+        in_flight_types(d0, 1),
+        vec!["unix_socket"],
+        "{what}: D0 {d0}"
+    );
+    assert_eq!(in_flight_types(d0, 2), vec!["pipe"], "{what}: D0 {d0}");
+    let x0_id = d0["in_flight"][0]["fds"][0]["kind"]["sock"]
+        .as_u64()
+        .unwrap();
+    let x0 = meta["sockets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"].as_u64() == Some(x0_id))
+        .unwrap_or_else(|| panic!("{what}: X0 ({x0_id}) is not in the image"));
+    assert_eq!(u64s(&x0["messages"]), vec![5], "{what}: X0 {x0}");
+    assert_eq!(in_flight_types(x0, 0), vec!["pipe"], "{what}: X0 {x0}");
+}
+
+#[test]
+fn fds_in_flight_under_run() {
+    run_cycles("ux_scm", "scmrights", &[], false, check_scmrights);
+}
+
+#[test]
+fn fds_in_flight_under_run_as_unprivileged_user() {
+    run_cycles("ux_scm_user", "scmrights", &[], true, check_scmrights);
+}
+
+#[test]
+fn fds_in_flight_by_pid() {
+    pid_cycles("ux_scm_pid", "scmrights", &[], false, check_scmrights);
+}
+
+#[test]
+fn fds_in_flight_by_pid_as_unprivileged_user() {
+    if !user_may_ptrace() {
+        eprintln!("skipped: kernel.yama.ptrace_scope forbids a user to trace a non-descendant");
+        return;
+    }
+    pid_cycles("ux_scm_pid_user", "scmrights", &[], true, check_scmrights);
+}
+
+// ---------------------------------------------------------------------------
 // unixext.c: sockets connected to servers outside the job
 // ---------------------------------------------------------------------------
 

@@ -10,18 +10,25 @@
 //! peer was closed shows a peer of inode 0 (`peer_gone`). A socket connected to
 //! something outside the checkpointed tree refuses the checkpoint with a clear error,
 //! or with `--unix-external=reconnect` is saved to connect again to the same name at
-//! restore. A socket carrying file descriptors in flight refuses the checkpoint.
+//! restore. File descriptors in flight (SCM_RIGHTS) come with the peek, installed in
+//! our own table: the collector hands them to the fd registry
+//! ([`Collector::take_in_flight`]), which saves them like any fd (a socket among them
+//! is read in turn, so several levels deep) and gives them back
+//! ([`Collector::set_in_flight`]); a kind that cannot be saved refuses the checkpoint.
 //!
-//! Restore (in the restorer, before the processes exist), in three steps:
+//! Restore (in the restorer, before the processes exist), in three steps, the first in
+//! [`create_all`], the others in [`finish`] once every open file description exists
+//! (a message may carry any of them):
 //! 1. create: listeners are bound and listen again, accepted connections are re-made
 //!    through them (connect + accept) so that names stay right, pending connections
 //!    are re-made and left pending, other connected stream pairs and mutually
 //!    connected datagram pairs become socketpairs (bound again where they had a name);
 //!    a socket whose peer was closed gets a stand-in peer (a socketpair, or a
 //!    connection through its listener); other datagram sockets are created and bound.
-//! 2. refill: each queue is refilled by sending its messages again in order, from the
-//!    peer (or stand-in), and for a datagram socket from a socket bound to the name of
-//!    each datagram's sender: the job's own socket of that name, or a temporary one.
+//! 2. refill: each queue is refilled by sending its messages again in order, with
+//!    their descriptors in flight, from the peer (or stand-in), and for a datagram
+//!    socket from a socket bound to the name of each datagram's sender: the job's own
+//!    socket of that name, or a temporary one.
 //! 3. connect: datagram sockets connect to their peers (after the refill: a connected
 //!    socket takes datagrams from its peer only), sockets saved with `reconnect`
 //!    connect to their outside name, stand-ins are closed (the survivor sees its peer
@@ -49,6 +56,9 @@ pub struct Collector {
     /// `--unix-external=reconnect`: a socket connected outside the checkpoint is saved
     /// to connect again to the same name at restore (else it refuses the checkpoint).
     reconnect: bool,
+    /// Descriptors in flight found in queues and not saved yet: (socket, message,
+    /// the descriptors, installed in our table by the peek).
+    pending: Vec<(u64, u64, Vec<OwnedFd>)>,
 }
 
 impl Collector {
@@ -61,6 +71,25 @@ impl Collector {
     /// saved to connect again to the same name at restore (`--unix-external=reconnect`).
     pub fn set_reconnect(&mut self, reconnect: bool) {
         self.reconnect = reconnect;
+    }
+
+    /// The descriptors in flight found since the last call: (socket, index of the
+    /// message carrying them, our descriptors of them), to be saved like any fd and
+    /// given back with [`Collector::set_in_flight`].
+    pub fn take_in_flight(&mut self) -> Vec<(u64, u64, Vec<OwnedFd>)> {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// Records the saved descriptors `fds` carried by message `message` of socket `id`.
+    pub fn set_in_flight(&mut self, id: u64, message: u64, fds: Vec<stasis_image::Fd>) {
+        if let Some(s) = self.socks.iter_mut().find(|s| s.id == id) {
+            s.in_flight.push(stasis_image::InFlight { message, fds });
+        }
+    }
+
+    /// The first holder (pid, fd) of socket `id`, for error messages.
+    pub fn holder(&self, id: u64) -> (i32, i32) {
+        self.holders.get(&id).copied().unwrap_or((0, -1))
     }
 
     /// Whether the socket `ino` was saved already.
@@ -106,11 +135,24 @@ impl Collector {
             _ if d.peer != 0 => "connected",
             _ => "unconnected",
         };
-        let (data, messages, senders) = if d.state == TCP_LISTEN {
-            (Vec::new(), Vec::new(), Vec::new())
+        let Queue {
+            data,
+            messages,
+            senders,
+            fds,
+        } = if d.state == TCP_LISTEN {
+            Queue {
+                data: Vec::new(),
+                messages: Vec::new(),
+                senders: Vec::new(),
+                fds: Vec::new(),
+            }
         } else {
             peek_queue(pid, fd, s, d.sock_type, d.shutdown & 1 != 0)?
         };
+        for (message, fds) in fds {
+            self.pending.push((ino, message, fds));
+        }
         let data_file = if data.is_empty() {
             None
         } else {
@@ -153,6 +195,7 @@ impl Collector {
             peer_gone: d.has_peer && d.peer == 0 && d.state != TCP_LISTEN,
             reconnect: String::new(),
             reconnect_in: String::new(),
+            in_flight: Vec::new(),
         });
         self.holders.insert(ino, (pid, fd));
         Ok(ino)
@@ -267,67 +310,102 @@ impl Collector {
 }
 
 /// A socket's receive queue, read without consuming it: the bytes, the length of each
-/// message, and for datagrams the address each came from.
-type Queue = (Vec<u8>, Vec<u64>, Vec<String>);
+/// message, for datagrams the address each came from, and the descriptors in flight
+/// (installed in our own table by the peek) with the index of the message carrying
+/// them.
+struct Queue {
+    data: Vec<u8>,
+    messages: Vec<u64>,
+    senders: Vec<String>,
+    fds: Vec<(u64, Vec<OwnedFd>)>,
+}
 
 /// Reads a socket's receive queue without consuming it.
-/// A stream is read with one MSG_PEEK, which reads across its whole queue; datagrams,
-/// and a stream that comes back short, are walked with SO_PEEK_OFF (the socket's own,
-/// shared with the application, put back after). On a socket shut down for reading
-/// (`rd_shut`: also one whose connected peer was closed) an empty queue reads as 0
-/// bytes, like an empty message: the walk stops there (an empty message at the end
-/// of such a queue is not seen).
+/// A stream is read with one MSG_PEEK, which reads across its whole queue up to a
+/// message carrying descriptors; datagrams, and a stream that comes back short, are
+/// walked with SO_PEEK_OFF (the socket's own, shared with the application, put back
+/// after). A stream read stops at the end of a message carrying descriptors, and may
+/// have begun in earlier messages without: where that message starts cannot be seen,
+/// so the bytes of the read are sent again as one message with the descriptors (a
+/// reader then gets them with the first of these bytes it reads, not with the first
+/// byte of their own message). On a socket shut down for reading (`rd_shut`: also one whose
+/// connected peer was closed) an empty queue reads as 0 bytes, like an empty
+/// message: the walk stops there (an empty message at the end of such a queue is not
+/// seen).
 fn peek_queue(pid: i32, fd: i32, s: i32, sock_type: i32, rd_shut: bool) -> Result<Queue> {
     let ctx = || format!("reading the queue of socket fd {fd}");
     let mut buf = vec![0u8; 1 << 18];
-    let mut cbuf = [0u64; 64];
-    if sock_type == libc::SOCK_STREAM {
+    let mut q = Queue {
+        data: Vec::new(),
+        messages: Vec::new(),
+        senders: Vec::new(),
+        fds: Vec::new(),
+    };
+    let stream = sock_type == libc::SOCK_STREAM;
+    if stream {
         let mut want = 0i32;
         // SAFETY: FIONREAD writes an int.
         if unsafe { libc::ioctl(s, libc::FIONREAD, &mut want) } == 0 {
             let want = want.max(0) as usize;
             if want == 0 {
-                return Ok((Vec::new(), Vec::new(), Vec::new()));
+                return Ok(q);
             }
             if buf.len() < want {
                 buf.resize(want, 0);
             }
-            let (n, _) = peek_one(pid, fd, s, &mut buf[..want], &mut cbuf).ctx(pid, ctx)??;
-            if n == want {
-                return Ok((buf[..n].to_vec(), vec![n as u64], Vec::new()));
+            let (n, _, fds) = peek_one(s, &mut buf[..want]).ctx(pid, ctx)?;
+            if n == want && fds.is_empty() {
+                q.data = buf[..n].to_vec();
+                q.messages.push(n as u64);
+                return Ok(q);
             }
         }
     }
-    let mut data = Vec::new();
-    let mut messages = Vec::new();
-    let mut senders = Vec::new();
-    let walk = || -> Result<()> {
+    let mut walk = |q: &mut Queue| -> std::io::Result<()> {
+        // A stream's bytes since the last message with descriptors.
+        let mut plain = 0u64;
         for _ in 0..MAX_MESSAGES {
-            let (n, from) = peek_one(pid, fd, s, &mut buf, &mut cbuf).ctx(pid, ctx)??;
+            let (n, from, fds) = peek_one(s, &mut buf)?;
             if n == usize::MAX {
                 break; // nothing more queued
             }
-            if n == 0 && (sock_type == libc::SOCK_STREAM || rd_shut) {
+            if n == 0 && (stream || rd_shut) && fds.is_empty() {
                 break;
             }
-            data.extend_from_slice(&buf[..n]);
-            if sock_type == libc::SOCK_STREAM {
-                if let Some(last) = messages.last_mut() {
-                    *last += n as u64;
-                } else {
-                    messages.push(n as u64);
+            q.data.extend_from_slice(&buf[..n]);
+            if !stream {
+                if !fds.is_empty() {
+                    q.fds.push((q.messages.len() as u64, fds));
                 }
-            } else {
-                messages.push(n as u64);
+                q.messages.push(n as u64);
                 if sock_type == libc::SOCK_DGRAM {
-                    senders.push(from);
+                    q.senders.push(from);
                 }
+                continue;
             }
+            if fds.is_empty() {
+                plain += n as u64;
+                continue;
+            }
+            // The read ends with the message carrying the descriptors; where that
+            // message starts in it cannot be seen (a peek from any earlier byte brings
+            // them): the read is sent again as one message with them.
+            if plain > 0 {
+                q.messages.push(plain);
+                plain = 0;
+            }
+            q.fds.push((q.messages.len() as u64, fds));
+            q.messages.push(n as u64);
+        }
+        if plain > 0 {
+            q.messages.push(plain);
         }
         Ok(())
     };
-    crate::sockets::with_peek_offset(s, walk).ctx(pid, ctx)??;
-    Ok((data, messages, senders))
+    crate::sockets::with_peek_offset(s, || walk(&mut q))
+        .ctx(pid, ctx)?
+        .ctx(pid, ctx)?;
+    Ok(q)
 }
 
 /// The name in a sockaddr_un of length `len` as sock_diag shows names: a path,
@@ -350,16 +428,11 @@ fn addr_name(a: &libc::sockaddr_un, len: usize) -> String {
     }
 }
 
-/// One MSG_PEEK into `buf`: the bytes read (`usize::MAX` when nothing is queued) and
-/// the sender's address, or an error for a message carrying descriptors (SCM_RIGHTS),
-/// which cannot be saved.
-fn peek_one(
-    pid: i32,
-    fd: i32,
-    s: i32,
-    buf: &mut [u8],
-    cbuf: &mut [u64; 64],
-) -> std::io::Result<Result<(usize, String)>> {
+/// One MSG_PEEK into `buf`: the bytes read (`usize::MAX` when nothing is queued), the
+/// sender's address, and the descriptors the message carries (SCM_RIGHTS: the peek
+/// installs them in our table).
+fn peek_one(s: i32, buf: &mut [u8]) -> std::io::Result<(usize, String, Vec<OwnedFd>)> {
+    let mut cbuf = [0u64; 512];
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -373,7 +446,7 @@ fn peek_one(
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(cbuf);
+    msg.msg_controllen = std::mem::size_of_val(&cbuf);
     // SAFETY: msg points to live buffers of the sizes given.
     let n = unsafe {
         libc::recvmsg(
@@ -385,35 +458,32 @@ fn peek_one(
     if n < 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EAGAIN) {
-            return Ok(Ok((usize::MAX, String::new())));
+            return Ok((usize::MAX, String::new(), Vec::new()));
         }
         return Err(e);
     }
+    let mut fds = Vec::new();
     // SAFETY: walking the control messages the kernel wrote into cbuf; the
-    // descriptors a peek of SCM_RIGHTS installed in our table are ours to close.
-    let passes_fds = unsafe {
+    // descriptors a peek of SCM_RIGHTS installed in our table are ours.
+    unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&msg);
-        let mut found = false;
         while !c.is_null() {
             if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                found = true;
                 let data = libc::CMSG_DATA(c).cast::<i32>();
                 let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
                 for i in 0..count {
-                    libc::close(data.add(i).read_unaligned());
+                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
                 }
             }
             c = libc::CMSG_NXTHDR(&msg, c);
         }
-        found
-    };
-    if passes_fds {
-        return Ok(Err(Error::Unsupported {
-            pid,
-            what: format!("fd {fd}, a UNIX socket with file descriptors in flight (SCM_RIGHTS)"),
-        }));
     }
-    Ok(Ok((n as usize, addr_name(&from, msg.msg_namelen as usize))))
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(std::io::Error::other(
+            "more descriptors in flight with one message than stasis reads",
+        ));
+    }
+    Ok((n as usize, addr_name(&from, msg.msg_namelen as usize), fds))
 }
 
 fn new_socket(sock_type: i32) -> std::result::Result<OwnedFd, String> {
@@ -534,29 +604,51 @@ fn abs_name(name: &str, dir: &str) -> String {
     }
 }
 
-/// Sends one message `chunk` from our socket `fd` (to `to`, else to its peer).
-/// With `wait` false a full queue is an error rather than a wait.
+/// Sends one message `chunk` from our socket `fd` (to `to`, else to its peer), with
+/// the descriptors `fds` (SCM_RIGHTS) if any. With `wait` false a full queue is an
+/// error rather than a wait.
 fn send_one(
     fd: i32,
     chunk: &[u8],
+    fds: &[i32],
     to: Option<&(libc::sockaddr_un, libc::socklen_t)>,
     wait: bool,
 ) -> std::io::Result<()> {
     let flags = libc::MSG_NOSIGNAL | if wait { 0 } else { libc::MSG_DONTWAIT };
-    // SAFETY: sending a buffer we own, to an address we built.
-    let n = unsafe {
-        match to {
-            Some((a, alen)) => libc::sendto(
-                fd,
-                chunk.as_ptr().cast(),
-                chunk.len(),
-                flags,
-                (a as *const libc::sockaddr_un).cast(),
-                *alen,
-            ),
-            None => libc::send(fd, chunk.as_ptr().cast(), chunk.len(), flags),
-        }
+    let mut iov = libc::iovec {
+        iov_base: chunk.as_ptr() as *mut libc::c_void,
+        iov_len: chunk.len(),
     };
+    // SAFETY: msghdr is plain data; zeroed is a valid empty value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if let Some((a, alen)) = to {
+        msg.msg_name = (a as *const libc::sockaddr_un as *mut libc::sockaddr_un).cast();
+        msg.msg_namelen = *alen;
+    }
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of_val(fds) as u32) } as usize;
+    let mut cbuf = vec![0u64; space.div_ceil(8)];
+    if !fds.is_empty() {
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: the control buffer has room for one header and the descriptors.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(fds) as u32) as usize;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr(),
+                libc::CMSG_DATA(c).cast::<i32>(),
+                fds.len(),
+            );
+        }
+    }
+    // SAFETY: msg points to live buffers: the chunk (only read), the address, the
+    // control buffer.
+    let n = unsafe { libc::sendmsg(fd, &msg, flags) };
     if n < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -616,9 +708,23 @@ impl Temps {
     }
 }
 
-/// Creates every UNIX socket of the image, connected as it was and with its queues
-/// refilled. Returns the restorer's descriptor of each, by id.
-pub fn create_all(image: &CheckpointReader) -> std::result::Result<HashMap<u64, OwnedFd>, String> {
+/// What is left to do for the UNIX sockets once every open file description exists
+/// (queued messages may carry any of them): refill the queues, connect the datagram
+/// sockets, close the stand-ins, apply options and shutdowns.
+pub struct Pending {
+    /// Our own descriptor of every socket (a duplicate of the one handed out).
+    socks: HashMap<u64, OwnedFd>,
+    stand_ins: HashMap<u64, OwnedFd>,
+    connect_later: Vec<(u64, String, String)>,
+    gone_later: Vec<u64>,
+}
+
+/// Creates every UNIX socket of the image, connected as it was (step 1). Returns the
+/// restorer's descriptor of each, by id, and what [`finish`] does once every open
+/// file description exists.
+pub fn create_all(
+    image: &CheckpointReader,
+) -> std::result::Result<(HashMap<u64, OwnedFd>, Pending), String> {
     let socks = &image.meta.sockets;
     let by_id: HashMap<u64, &UnixSocket> = socks.iter().map(|s| (s.id, s)).collect();
     let mut out: HashMap<u64, OwnedFd> = HashMap::new();
@@ -773,9 +879,44 @@ pub fn create_all(image: &CheckpointReader) -> std::result::Result<HashMap<u64, 
         }
     }
 
+    let mut socks_dup = HashMap::with_capacity(out.len());
+    for (id, fd) in &out {
+        let dup = fd
+            .try_clone()
+            .map_err(|e| format!("{}: duplicating: {e}", holder(image, *id)))?;
+        socks_dup.insert(*id, dup);
+    }
+    Ok((
+        out,
+        Pending {
+            socks: socks_dup,
+            stand_ins,
+            connect_later,
+            gone_later,
+        },
+    ))
+}
+
+/// Steps 2 and 3 of the restore of the UNIX sockets, once every open file description
+/// exists (`descs`, by id): refills the queues, with their descriptors in flight, then
+/// connects the datagram sockets, closes the stand-ins and applies options and
+/// shutdowns.
+pub fn finish(
+    image: &CheckpointReader,
+    pending: Pending,
+    descs: &HashMap<u64, OwnedFd>,
+) -> std::result::Result<(), String> {
+    let socks = &image.meta.sockets;
+    let by_id: HashMap<u64, &UnixSocket> = socks.iter().map(|s| (s.id, s)).collect();
+    let Pending {
+        socks: out,
+        stand_ins,
+        connect_later,
+        gone_later,
+    } = pending;
     // 2. Refill the queues, each message from its sender.
     let mut temps = Temps::default();
-    let refilled = refill(image, &by_id, &out, &stand_ins, &mut temps);
+    let refilled = refill(image, &by_id, &out, &stand_ins, descs, &mut temps);
     temps.finish();
     refilled?;
 
@@ -812,7 +953,7 @@ pub fn create_all(image: &CheckpointReader) -> std::result::Result<HashMap<u64, 
         }
         super::shutdown(fd, s.shutdown);
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Sends every queued message again, in order: from the peer (or its stand-in) of a
@@ -823,6 +964,7 @@ fn refill(
     by_id: &HashMap<u64, &UnixSocket>,
     out: &HashMap<u64, OwnedFd>,
     stand_ins: &HashMap<u64, OwnedFd>,
+    descs: &HashMap<u64, OwnedFd>,
     temps: &mut Temps,
 ) -> std::result::Result<(), String> {
     for s in &image.meta.sockets {
@@ -849,8 +991,22 @@ fn refill(
                 .get(off..off + len as usize)
                 .ok_or_else(|| format!("{}: the saved queue is short", path.display()))?;
             off += len as usize;
+            let mut fds = Vec::new();
+            for m in s.in_flight.iter().filter(|m| m.message == i as u64) {
+                for f in &m.fds {
+                    let d = descs.get(&f.desc).ok_or_else(|| {
+                        format!(
+                            "{}: descriptor {} in flight: description {} missing",
+                            holder(image, s.id),
+                            f.fd,
+                            f.desc
+                        )
+                    })?;
+                    fds.push(d.as_raw_fd());
+                }
+            }
             let sent = match (from_peer, &to) {
-                (Some(fd), _) => send_one(fd, chunk, None, s.sock_type == libc::SOCK_STREAM),
+                (Some(fd), _) => send_one(fd, chunk, &fds, None, s.sock_type == libc::SOCK_STREAM),
                 (None, Some(to)) => {
                     let sender = s.senders.get(i).map(String::as_str).unwrap_or("");
                     let own = image
@@ -866,7 +1022,7 @@ fn refill(
                         Some(fd) => fd,
                         None => temps.get(sender, &s.bound_in, s.sock_type)?,
                     };
-                    send_one(fd, chunk, Some(to), false)
+                    send_one(fd, chunk, &fds, Some(to), false)
                 }
                 (None, None) => {
                     return Err(format!(
