@@ -6,6 +6,11 @@
 //!   with data still queued for them (after the restarts every datagram arrives once,
 //!   in order, with its sender; the stream and seqpacket readers get the data, then
 //!   end-of-file; the datagram sockets' sends fail with ECONNREFUSED).
+//! - scmrights.c: descriptors in flight (SCM_RIGHTS) in a stream and a datagram
+//!   socketpair: a pipe's ends, a file at its offset, eventfds (one also held by the
+//!   process: one description), a memfd, and a socket in flight that holds a pipe in
+//!   flight itself; after the restarts each message comes with its descriptors.
+//!   sockrefuse.c `scm`: a netlink socket in flight is refused, the job running on.
 //! - unixext.c: a stream and a datagram socket connected to servers outside the job
 //!   (run by the test): refused by default, the job running on; saved with
 //!   `--unix-external=reconnect` (of `stasis checkpoint`, or of `stasis run`) they
@@ -321,7 +326,8 @@ fn in_flight_types(s: &Value, message: u64) -> Vec<String> {
 }
 
 /// P0 holds "de" (a pipe, a file, an eventfd in flight), "fghij" (a pipe); D0 holds m0,
-/// m1 (X0 in flight, itself holding a pipe in flight), m2 (a pipe in flight).
+/// m1 (X0 in flight, itself holding a pipe in flight), m2 (a pipe in flight), m3 (a
+/// memfd, and G's description, which the process holds too).
 fn check_scmrights(meta: &Value, ready: &str, what: &str) {
     let f = fields(ready);
     let p = image_procs(meta).into_values().next().unwrap();
@@ -334,13 +340,30 @@ fn check_scmrights(meta: &Value, ready: &str, what: &str) {
     );
     assert_eq!(in_flight_types(p0, 1), vec!["pipe"], "{what}: P0 {p0}");
     let d0 = sock_of(meta, p, f["D0"].parse().unwrap(), what);
-    assert_eq!(u64s(&d0["messages"]), vec![2, 2, 2], "{what}: D0 {d0}");
+    assert_eq!(u64s(&d0["messages"]), vec![2, 2, 2, 2], "{what}: D0 {d0}");
     assert_eq!(
         in_flight_types(d0, 1),
         vec!["unix_socket"],
         "{what}: D0 {d0}"
     );
     assert_eq!(in_flight_types(d0, 2), vec!["pipe"], "{what}: D0 {d0}");
+    assert_eq!(
+        in_flight_types(d0, 3),
+        vec!["shared_memory", "event_fd"],
+        "{what}: D0 {d0}"
+    );
+    // G is held by the process too: the same description.
+    let g_desc = d0["in_flight"][2]["fds"][1]["desc"].as_u64();
+    let g = f["G"].parse::<i64>().unwrap();
+    let held = p["fds"]
+        .as_array()
+        .and_then(|fds| fds.iter().find(|x| x["fd"].as_i64() == Some(g)))
+        .map(|x| x["desc"].as_u64());
+    assert_eq!(
+        held,
+        Some(g_desc),
+        "{what}: G's description in flight and held"
+    );
     let x0_id = d0["in_flight"][0]["fds"][0]["kind"]["sock"]
         .as_u64()
         .unwrap();
@@ -376,6 +399,52 @@ fn fds_in_flight_by_pid_as_unprivileged_user() {
         return;
     }
     pid_cycles("ux_scm_pid_user", "scmrights", &[], true, check_scmrights);
+}
+
+/// A descriptor stasis cannot save (a netlink socket, sockrefuse.c `scm`) in flight:
+/// `checkpoint` and `checkpoint --kill` are refused with an error naming SCM_RIGHTS,
+/// the fd and the kind; nothing is published, the job runs on, and
+/// once it received the descriptor (`release`) it is checkpointed and restarted.
+fn unsavable_in_flight(name: &str, as_user: bool) {
+    let (w, exe) = work_for(name, "sockrefuse", as_user);
+    let mut s = Session::start(&w, &[exe.as_os_str(), OsStr::new("scm")]);
+    let ready = s.cur().lines()[0].clone();
+    let fds = ready
+        .split("fds=")
+        .nth(1)
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|x| x.trim().parse::<i64>().ok())
+        .collect::<Vec<_>>();
+    s.cur().wait_tick(3, T_READY);
+    for kill in [false, true] {
+        let r = w.checkpoint(kill);
+        assert!(!r.status.success(), "the checkpoint should fail: {r}");
+        assert!(
+            r.stderr.contains("SCM_RIGHTS")
+                && r.stderr.contains("netlink")
+                && fds.iter().any(|fd| mentions_number(&r.stderr, *fd)),
+            "the error should say SCM_RIGHTS, netlink and name the fd ({fds:?}): {r}"
+        );
+        assert!(w.checkpoints().is_empty(), "{:?}", w.checkpoints());
+        s.cur().wait_more_ticks(3, T_READY);
+    }
+    std::fs::write(w.path("release"), b"").unwrap();
+    s.cur()
+        .wait_line("`released`", T_READY, |l| l == "released");
+    s.cycle(Probe::Ticks);
+    let ok = s.finish();
+    assert!(ok.ends_with("released=1"), "{ok}");
+}
+
+#[test]
+fn unsavable_fd_in_flight_is_refused() {
+    unsavable_in_flight("ux_scm_refuse", false);
+}
+
+#[test]
+fn unsavable_fd_in_flight_is_refused_as_unprivileged_user() {
+    unsavable_in_flight("ux_scm_refuse_user", true);
 }
 
 // ---------------------------------------------------------------------------

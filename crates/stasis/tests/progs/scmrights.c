@@ -12,7 +12,9 @@
  * - D, a SOCK_DGRAM socketpair {D0, D1}: D1 sent "m0"; "m1" carrying X0, one end
  *   of a SOCK_STREAM socketpair {X0, X1} whose queue holds "inner" (sent by X1)
  *   carrying the read end of a second pipe holding "pipe2-data"; "m2" carrying
- *   the write end of a third pipe (its read end K kept by the process).
+ *   the write end of a third pipe (its read end K kept by the process); "m3"
+ *   carrying a memfd holding "memfd-data" (closed) and an eventfd G the process
+ *   also keeps open (the same open file description, in flight and held).
  * Then `tick N` every ~20 ms.
  *
  * At `go`: P0 reads exactly "de" with three descriptors (the pipe's read end
@@ -20,10 +22,13 @@
  * "fghij" with one (its pipe gives "pipe4"), then nothing; D0 gets "m0" with none,
  * "m1" with X0 (X0 reads "inner" with the second pipe's read end, which gives
  * "pipe2-data", and X0 and X1 are still connected both ways), "m2" with the
- * write end (what it writes arrives at K), then nothing.
+ * write end (what it writes arrives at K), "m3" with the memfd (its content is
+ * there) and G's description (what is written to G is read through it), then
+ * nothing.
  * Output: `OK ticks=N` / `FAIL ...`. */
 #include "util.h"
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 
 static void send_fds(int s, const char *data, const int *fds, int n) {
@@ -135,8 +140,15 @@ int main(void) {
     close(X[0]);
     send_fds(D[1], "m2", &p3[1], 1);
     close(p3[1]);
+    int mfd = memfd_create("scm-memfd", 0);
+    if (mfd < 0 || write(mfd, "memfd-data", 10) != 10) die("memfd");
+    int G = eventfd(0, EFD_NONBLOCK);
+    if (G < 0) die("eventfd G");
+    int two[2] = {mfd, G};
+    send_fds(D[1], "m3", two, 2);
+    close(mfd);
 
-    out("ready P0=%d D0=%d X1=%d K=%d\n", P[0], D[0], X[1], p3[0]);
+    out("ready P0=%d D0=%d X1=%d K=%d G=%d\n", P[0], D[0], X[1], p3[0], G);
     unsigned n = 0;
     for (; !go_exists(); n++) {
         out("tick %u\n", n);
@@ -178,6 +190,18 @@ int main(void) {
     if (got[0] >= 0) {
         CHECK(write(got[0], "w", 1) == 1, "the pipe's write end in flight: %s", strerror(errno));
         expect_read(p3[0], "K", "w");
+    }
+    recv_fds(D[0], "D0", "m3", 2, got);
+    if (got[0] >= 0) {
+        char b[16] = {0};
+        CHECK(pread(got[0], b, 10, 0) == 10 && memcmp(b, "memfd-data", 10) == 0,
+              "the memfd in flight holds '%s'", b);
+    }
+    if (got[1] >= 0) {
+        uint64_t one = 5, v = 0;
+        CHECK(write(G, &one, 8) == 8, "G: write: %s", strerror(errno));
+        CHECK(read(got[1], &v, 8) == 8 && v == 5,
+              "the eventfd in flight is not G's description (read %llu)", (unsigned long long)v);
     }
     expect_nothing(D[0], "D0");
     finish("ticks=%u", n);
