@@ -8,10 +8,14 @@
 //! consuming them: the pipe is reopened through /proc and `tee(2)`d into a pipe of
 //! ours). Fds that share one open file description, in one process (dup) or across
 //! processes (fork), are found with `kcmp(2)` and get the same description id.
-//! Anything else refuses the checkpoint with an error naming the fd.
+//! Descriptors in flight in UNIX sockets' queues (SCM_RIGHTS), which the socket
+//! collector's peek installs in our own table, are saved the same way (as fds of
+//! ours, through `/proc/self`) and handed back to it. Anything else refuses the
+//! checkpoint with an error naming the fd.
 //!
 //! Restore: the restorer opens every description once ([`open_descriptions`]: files
-//! reopened and positioned, pipes created, refilled and resized) and passes each
+//! reopened and positioned, pipes created, refilled and resized; those in flight
+//! too, which the UNIX sockets' refill then sends again) and passes each
 //! process its fds over a UNIX socket with SCM_RIGHTS ([`send_fds`]); the process puts
 //! them at their numbers ([`receive_fds`]). Sharing is preserved because the very same
 //! descriptions are passed.
@@ -586,166 +590,169 @@ pub fn open_descriptions(
         .flat_map(|p| p.fds.iter().map(move |f| (p.pid, f)))
         .chain(in_flight)
         .collect();
-    {
-        for (pid, f) in all {
-            if f.desc == 0 {
-                return Err(format!(
-                    "fd {}: no open file description id (image from an older stasis)",
-                    f.fd
-                ));
+    for (pid, f) in all {
+        if f.desc == 0 {
+            return Err(format!(
+                "fd {}: no open file description id (image from an older stasis)",
+                f.fd
+            ));
+        }
+        if descs.contains_key(&f.desc) {
+            continue;
+        }
+        let fd = match &f.kind {
+            FdKind::Stdio { index } => match stdio.get(*index as usize).copied().flatten() {
+                // SAFETY: dup of a descriptor of ours.
+                Some(s) => unsafe { libc::fcntl(s, libc::F_DUPFD_CLOEXEC, 3) },
+                None => open(f.fd, "/dev/null", libc::O_RDWR)?,
+            },
+            FdKind::File {
+                file, flags, pos, ..
+            } => {
+                let fd = open(f.fd, &file.path, *flags)?;
+                seek(f.fd, fd, *pos, &file.path)?;
+                fd
             }
-            if descs.contains_key(&f.desc) {
-                continue;
+            FdKind::Device { path, flags } => open(f.fd, path, *flags)?,
+            FdKind::Fifo { path, pipe, flags } => {
+                if !fifo_keepers.contains_key(pipe) {
+                    let info = meta.pipes.iter().find(|x| x.id == *pipe);
+                    fifo_keepers.insert(*pipe, open_fifo(f.fd, path, info, image)?);
+                }
+                let fd = open(f.fd, path, (*flags & libc::O_ACCMODE) | libc::O_NONBLOCK)?;
+                // SAFETY: fcntl on the descriptor we just opened.
+                unsafe {
+                    libc::fcntl(
+                        fd,
+                        libc::F_SETFL,
+                        *flags & (libc::O_NONBLOCK | libc::O_ASYNC),
+                    )
+                };
+                fd
             }
-            let fd = match &f.kind {
-                FdKind::Stdio { index } => match stdio.get(*index as usize).copied().flatten() {
-                    // SAFETY: dup of a descriptor of ours.
-                    Some(s) => unsafe { libc::fcntl(s, libc::F_DUPFD_CLOEXEC, 3) },
-                    None => open(f.fd, "/dev/null", libc::O_RDWR)?,
-                },
-                FdKind::File {
-                    file, flags, pos, ..
-                } => {
-                    let fd = open(f.fd, &file.path, *flags)?;
-                    seek(f.fd, fd, *pos, &file.path)?;
-                    fd
-                }
-                FdKind::Device { path, flags } => open(f.fd, path, *flags)?,
-                FdKind::Fifo { path, pipe, flags } => {
-                    if !fifo_keepers.contains_key(pipe) {
-                        let info = meta.pipes.iter().find(|x| x.id == *pipe);
-                        fifo_keepers.insert(*pipe, open_fifo(f.fd, path, info, image)?);
-                    }
-                    let fd = open(f.fd, path, (*flags & libc::O_ACCMODE) | libc::O_NONBLOCK)?;
-                    // SAFETY: fcntl on the descriptor we just opened.
-                    unsafe {
-                        libc::fcntl(
-                            fd,
-                            libc::F_SETFL,
-                            *flags & (libc::O_NONBLOCK | libc::O_ASYNC),
-                        )
-                    };
-                    fd
-                }
-                FdKind::Pty { pty, master, flags } => {
-                    if !ptys.contains_key(pty) {
-                        let saved = meta.ptys.iter().find(|x| x.id == *pty).ok_or_else(|| {
-                            format!("fd {}: pseudo-terminal {pty} missing from the image", f.fd)
-                        })?;
-                        let (m, path) =
-                            crate::tty::create(saved).map_err(|e| format!("fd {}: {e}", f.fd))?;
-                        ptys.insert(*pty, (Some(m), path));
-                    }
-                    let entry = ptys.get_mut(pty).ok_or("pty vanished")?;
-                    if *master {
-                        match entry.0.take() {
-                            Some(m) => m.into_raw_fd(),
-                            None => open(f.fd, "/dev/ptmx", *flags)?,
-                        }
-                    } else {
-                        open(f.fd, &entry.1.clone(), *flags)?
-                    }
-                }
-                FdKind::UnixSocket { sock, flags }
-                | FdKind::InetSocket {
-                    sock,
-                    flags,
-                    signal: _,
-                    owner: _,
-                } => {
-                    let fd = sockets
-                        .remove(sock)
-                        .ok_or_else(|| {
-                            format!("fd {}: socket {sock} missing from the image", f.fd)
-                        })?
-                        .into_raw_fd();
-                    let signal = match &f.kind {
-                        FdKind::InetSocket { signal, .. } => *signal,
-                        _ => 0,
-                    };
-                    // SAFETY: fcntl on the socket we just took (an IP socket's owner is
-                    // set by the process that receives it).
-                    unsafe {
-                        libc::fcntl(
-                            fd,
-                            libc::F_SETFL,
-                            *flags & (libc::O_NONBLOCK | libc::O_ASYNC),
-                        );
-                        if signal != 0 {
-                            libc::fcntl(fd, crate::sockets::inet::F_SETSIG, signal);
-                        }
-                    }
-                    fd
-                }
-                FdKind::AppApi {
-                    flags,
-                    pre_checkpoint,
-                } => crate::sockets::appapi::remake(
-                    f.fd,
-                    pid,
-                    *flags,
-                    *pre_checkpoint,
-                    image.path(),
-                    api,
-                )?,
-                FdKind::Inotify { flags, watches } => crate::inotify::create(*flags, watches)
-                    .map_err(|e| format!("fd {}: {e}", f.fd))?,
-                k @ (FdKind::EventFd { .. }
-                | FdKind::TimerFd { .. }
-                | FdKind::SignalFd { .. }
-                | FdKind::Epoll { .. }) => {
-                    crate::eventfds::create(k).map_err(|e| format!("fd {}: {e}", f.fd))?
-                }
-                FdKind::SharedMemory { id, flags, pos } => {
-                    let obj = shm.get(id).ok_or_else(|| {
-                        format!("fd {}: shared memory {id} missing from the image", f.fd)
+            FdKind::Pty { pty, master, flags } => {
+                if !ptys.contains_key(pty) {
+                    let saved = meta.ptys.iter().find(|x| x.id == *pty).ok_or_else(|| {
+                        format!("fd {}: pseudo-terminal {pty} missing from the image", f.fd)
                     })?;
-                    // A description of its own (flags, offset) on the same object.
-                    let fd = reopen(f.fd, obj.as_raw_fd(), *flags)?;
-                    seek(f.fd, fd, *pos, "memfd")?;
-                    fd
+                    let (m, path) =
+                        crate::tty::create(saved).map_err(|e| format!("fd {}: {e}", f.fd))?;
+                    ptys.insert(*pty, (Some(m), path));
                 }
-                FdKind::Deleted {
-                    path,
-                    flags,
-                    pos,
-                    mode,
-                    data_file,
-                    ..
-                } => recreate_deleted(f.fd, path, *flags, *pos, *mode, data_file, image)?,
-                FdKind::Pipe { pipe, write, flags } => {
-                    let info = meta.pipes.iter().find(|x| x.id == *pipe).ok_or_else(|| {
+                let entry = ptys.get_mut(pty).ok_or("pty vanished")?;
+                if *master {
+                    match entry.0.take() {
+                        Some(m) => m.into_raw_fd(),
+                        None => open(f.fd, "/dev/ptmx", *flags)?,
+                    }
+                } else {
+                    open(f.fd, &entry.1.clone(), *flags)?
+                }
+            }
+            FdKind::UnixSocket { sock, flags }
+            | FdKind::InetSocket {
+                sock,
+                flags,
+                signal: _,
+                owner: _,
+            } => {
+                let fd = sockets
+                    .remove(sock)
+                    .ok_or_else(|| format!("fd {}: socket {sock} missing from the image", f.fd))?
+                    .into_raw_fd();
+                let signal = match &f.kind {
+                    FdKind::InetSocket { signal, .. } => *signal,
+                    _ => 0,
+                };
+                // SAFETY: fcntl on the socket we just took (an IP socket's owner is
+                // set by the process that receives it).
+                unsafe {
+                    libc::fcntl(
+                        fd,
+                        libc::F_SETFL,
+                        *flags & (libc::O_NONBLOCK | libc::O_ASYNC),
+                    );
+                    if signal != 0 {
+                        libc::fcntl(fd, crate::sockets::inet::F_SETSIG, signal);
+                    }
+                }
+                fd
+            }
+            FdKind::AppApi {
+                flags,
+                pre_checkpoint,
+            } => crate::sockets::appapi::remake(
+                f.fd,
+                pid,
+                *flags,
+                *pre_checkpoint,
+                image.path(),
+                api,
+            )?,
+            FdKind::Inotify { flags, watches } => {
+                crate::inotify::create(*flags, watches).map_err(|e| format!("fd {}: {e}", f.fd))?
+            }
+            k @ (FdKind::EventFd { .. }
+            | FdKind::TimerFd { .. }
+            | FdKind::SignalFd { .. }
+            | FdKind::Epoll { .. }) => {
+                crate::eventfds::create(k).map_err(|e| format!("fd {}: {e}", f.fd))?
+            }
+            FdKind::SharedMemory { id, flags, pos } => {
+                let obj = shm.get(id).ok_or_else(|| {
+                    format!("fd {}: shared memory {id} missing from the image", f.fd)
+                })?;
+                // A description of its own (flags, offset) on the same object.
+                let fd = reopen(f.fd, obj.as_raw_fd(), *flags)?;
+                seek(f.fd, fd, *pos, "memfd")?;
+                fd
+            }
+            FdKind::Deleted {
+                path,
+                flags,
+                pos,
+                mode,
+                data_file,
+                ..
+            } => recreate_deleted(f.fd, path, *flags, *pos, *mode, data_file, image)?,
+            FdKind::Pipe { pipe, write, flags } => {
+                let info =
+                    meta.pipes.iter().find(|x| x.id == *pipe).ok_or_else(|| {
                         format!("fd {}: pipe {pipe} missing from the image", f.fd)
                     })?;
-                    let ends = match pipes.entry(*pipe) {
-                        std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                        std::collections::hash_map::Entry::Vacant(v) => {
-                            v.insert(new_pipe(info, image)?)
-                        }
-                    };
-                    let end = if *write { &mut ends.1 } else { &mut ends.0 };
-                    let fd = end
-                        .take()
-                        .ok_or_else(|| format!("fd {}: a pipe end opened twice (through /proc) is not supported yet", f.fd))?
-                        .into_raw_fd();
-                    // SAFETY: fcntl on the descriptor we just created.
-                    unsafe {
-                        libc::fcntl(
-                            fd,
-                            libc::F_SETFL,
-                            *flags & (libc::O_NONBLOCK | libc::O_DIRECT | libc::O_ASYNC),
+                let ends = match pipes.entry(*pipe) {
+                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(new_pipe(info, image)?)
+                    }
+                };
+                let end = if *write { &mut ends.1 } else { &mut ends.0 };
+                let fd = end
+                    .take()
+                    .ok_or_else(|| {
+                        format!(
+                            "fd {}: a pipe end opened twice (through /proc) is not supported yet",
+                            f.fd
                         )
-                    };
-                    fd
-                }
-            };
-            if fd < 0 {
-                return Err(format!("fd {}: {}", f.fd, std::io::Error::last_os_error()));
+                    })?
+                    .into_raw_fd();
+                // SAFETY: fcntl on the descriptor we just created.
+                unsafe {
+                    libc::fcntl(
+                        fd,
+                        libc::F_SETFL,
+                        *flags & (libc::O_NONBLOCK | libc::O_DIRECT | libc::O_ASYNC),
+                    )
+                };
+                fd
             }
-            // SAFETY: `fd` was just opened or duplicated and is owned here.
-            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-            descs.insert(f.desc, owned);
+        };
+        if fd < 0 {
+            return Err(format!("fd {}: {}", f.fd, std::io::Error::last_os_error()));
         }
+        // SAFETY: `fd` was just opened or duplicated and is owned here.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        descs.insert(f.desc, owned);
     }
     Ok(descs)
 }
