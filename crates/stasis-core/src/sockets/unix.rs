@@ -328,7 +328,9 @@ struct Queue {
 /// have begun in earlier messages without: where that message starts cannot be seen,
 /// so the bytes of the read are sent again as one message with the descriptors (a
 /// reader then gets them with the first of these bytes it reads, not with the first
-/// byte of their own message). On a socket shut down for reading (`rd_shut`: also one whose
+/// byte of their own message). An empty datagram that was peeked before (by an
+/// earlier checkpoint, or by the application with MSG_PEEK) is skipped by every peek
+/// at an offset, so it is not seen. On a socket shut down for reading (`rd_shut`: also one whose
 /// connected peer was closed) an empty queue reads as 0 bytes, like an empty
 /// message: the walk stops there (an empty message at the end of such a queue is not
 /// seen).
@@ -364,12 +366,15 @@ fn peek_queue(pid: i32, fd: i32, s: i32, sock_type: i32, rd_shut: bool) -> Resul
     let mut walk = |q: &mut Queue| -> std::io::Result<()> {
         // A stream's bytes since the last message with descriptors.
         let mut plain = 0u64;
+        let mut complete = false;
         for _ in 0..MAX_MESSAGES {
             let (n, from, fds) = peek_one(s, &mut buf)?;
             if n == usize::MAX {
-                break; // nothing more queued
+                complete = true; // nothing more queued
+                break;
             }
             if n == 0 && (stream || rd_shut) && fds.is_empty() {
+                complete = true;
                 break;
             }
             q.data.extend_from_slice(&buf[..n]);
@@ -399,6 +404,11 @@ fn peek_queue(pid: i32, fd: i32, s: i32, sock_type: i32, rd_shut: bool) -> Resul
         }
         if plain > 0 {
             q.messages.push(plain);
+        }
+        if !complete {
+            return Err(std::io::Error::other(format!(
+                "more than {MAX_MESSAGES} messages queued"
+            )));
         }
         Ok(())
     };
