@@ -14,15 +14,18 @@
 //! description, in one process (dup) or across processes (fork), are found with
 //! `kcmp(2)` and get the same description id; so are the files epoll sets watch under
 //! an fd number that no longer holds them (KCMP_EPOLL_TFD), and the processes that
-//! share a whole fd table (KCMP_FILES, [`mark_shared_tables`]). Anything else refuses
-//! the checkpoint with an error naming the fd.
+//! share a whole fd table (KCMP_FILES, [`mark_shared_tables`]). Descriptors in flight
+//! in UNIX sockets' queues (SCM_RIGHTS), which the socket collector's peek installs in
+//! our own table, are saved the same way (as fds of ours, through `/proc/self`) and
+//! handed back to it. Anything else refuses the checkpoint with an error naming the fd.
 //!
 //! Restore: the restorer opens every description once ([`open_descriptions`]: files
 //! reopened and positioned, deleted files and memfds reopened through the one object
 //! [`crate::shm`] recreated for their inode, removed directories made, opened and
 //! removed again, pipes created, refilled and resized, a pipe end with several
-//! descriptions reopened through /proc for each) and passes each process its fds over
-//! a UNIX socket with SCM_RIGHTS ([`send_fds`]); the process puts them at their numbers
+//! descriptions reopened through /proc for each; those in flight too, which the UNIX
+//! sockets' refill then sends again) and passes each process its fds over a UNIX
+//! socket with SCM_RIGHTS ([`send_fds`]); the process puts them at their numbers
 //! ([`receive_fds`]). Sharing is preserved because the very same descriptions are
 //! passed. Pidfds and /proc files need their processes to exist: the process opens them
 //! itself ([`open_late`]) and positions /proc files at the end of its rebuild
@@ -250,6 +253,8 @@ pub struct Registry {
     /// Standard streams of a `--pid` root that are regular files (see
     /// [`stdio_ids_of`]): saved as files marked with their stream number.
     pub stdio_files: StdioIds,
+    /// Our descriptors of the files in flight in UNIX sockets, kept until the end.
+    in_flight_held: Vec<OwnedFd>,
 }
 
 impl Registry {
@@ -313,167 +318,10 @@ impl Registry {
         let mut out = Vec::new();
         for fd in nums {
             stasis_sys::fault::step("saving an fd")?;
-            let link = proc.file(&format!("fd/{fd}"));
-            let target = match std::fs::read_link(&link) {
-                Ok(t) => t.to_string_lossy().into_owned(),
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue, // closed meanwhile
-                Err(e) => return Err(e).ctx(pid, || format!("readlink of fd {fd}")),
-            };
-            let md = std::fs::metadata(&link).ctx(pid, || format!("stat of fd {fd} ({target})"))?;
-            // A file unlinked under this name while other hard links remain is the
-            // same inode under one of its other names.
-            let target = if md.is_file() && md.nlink() > 0 && target.ends_with(" (deleted)") {
-                relinked(pid, fd, &target, &md)?
-            } else {
-                target
-            };
-            let info = fdinfo(proc, fd)?;
-            let cloexec = info.flags & libc::O_CLOEXEC != 0;
-            let flags = info.flags & !libc::O_CLOEXEC;
-            // /dev/null and friends opened by the job itself are the same device as an
-            // outside stdio of /dev/null: above fd 2 they are the job's own.
-            let simple_device = md.file_type().is_char_device()
-                && SIMPLE_DEVICES
-                    .iter()
-                    .any(|d| d.0 == libc::major(md.rdev()) && d.1 == libc::minor(md.rdev()));
-            let kind = if let Some(&(index, ..)) = stdio
-                .iter()
-                .find(|s| s.1 == md.dev() && s.2 == md.ino())
-                .filter(|_| fd <= 2 || !simple_device)
-            {
-                FdKind::Stdio { index }
-            } else if target.starts_with("socket:") {
-                self.sockets.dump_fd(pid, fd, md.ino(), flags, writer)?
-            } else if target.starts_with("pipe:") {
-                self.save_pipe(pid, fd, &link, md.ino(), writer)?;
-                FdKind::Pipe {
-                    pipe: md.ino(),
-                    write: flags & libc::O_ACCMODE == libc::O_WRONLY,
-                    flags,
-                }
-            } else if target.starts_with("/memfd:") {
-                shm.save_fd(pid, fd, &link, &target, &md, writer)?;
-                FdKind::SharedMemory {
-                    id: md.ino(),
-                    flags,
-                    pos: info.pos,
-                }
-            } else if target == "anon_inode:[pidfd]" || target.starts_with("pidfd:") {
-                FdKind::Pidfd {
-                    pid: self.pidfd_target(pid, fd, &info.text)?,
-                    flags,
-                }
-            } else if target == "anon_inode:inotify" {
-                crate::inotify::dump(proc, fd, flags, &info.text)?
-            } else if let Some(k) = target
-                .strip_prefix("anon_inode:")
-                .and_then(|a| crate::eventfds::dump(a.trim_matches(['[', ']']), flags, &info.text))
-            {
-                k
-            } else if let Some(kind) = classify_special(&target) {
-                return Err(Error::Unsupported {
-                    pid,
-                    what: format!("fd {fd}, a {kind} ({target})"),
-                });
-            } else if let Some(pid_of) = self.proc_file_of(pid, fd, &link, &target)? {
-                FdKind::ProcFile {
-                    path: target.clone(),
-                    pid: pid_of,
-                    flags,
-                    pos: info.pos,
-                }
-            } else if md.is_dir() && md.nlink() == 0 {
-                FdKind::RemovedDir {
-                    path: target
-                        .strip_suffix(" (deleted)")
-                        .unwrap_or(&target)
-                        .to_string(),
-                    flags,
-                    mode: md.mode() & 0o7777,
-                }
-            } else if md.is_file() && md.nlink() == 0 {
-                let path = target
-                    .strip_suffix(" (deleted)")
-                    .unwrap_or(&target)
-                    .to_string();
-                let object = shm.save_deleted(pid, fd, &link, &path, &md, writer)?;
-                FdKind::Deleted {
-                    path,
-                    flags,
-                    pos: info.pos,
-                    mode: md.mode() & 0o7777,
-                    data_file: String::new(),
-                    size: md.size(),
-                    object: Some(object),
-                }
-            } else if md.is_file() || md.is_dir() {
-                FdKind::File {
-                    file: file_id(&target, &md),
-                    flags,
-                    pos: info.pos,
-                    stdio: self
-                        .stdio_files
-                        .iter()
-                        .find(|s| s.1 == md.dev() && s.2 == md.ino())
-                        .map(|s| s.0),
-                }
-            } else if let Some((master, index)) = md
-                .file_type()
-                .is_char_device()
-                .then(|| crate::tty::classify(libc::major(md.rdev()), libc::minor(md.rdev())))
-                .flatten()
-            {
-                FdKind::Pty {
-                    pty: crate::tty::dump_fd(pid, fd, master, index, &mut self.ptys)?,
-                    master,
-                    flags,
-                }
-            } else if md.file_type().is_char_device() {
-                let (maj, min) = (libc::major(md.rdev()), libc::minor(md.rdev()));
-                match SIMPLE_DEVICES.iter().find(|d| d.0 == maj && d.1 == min) {
-                    Some(d) => FdKind::Device {
-                        path: d.2.to_string(),
-                        flags,
-                    },
-                    None => {
-                        return Err(Error::Unsupported {
-                            pid,
-                            what: format!("fd {fd}, the character device {target} (not one of stasis's stdio streams)"),
-                        })
-                    }
-                }
-            } else if md.file_type().is_fifo() {
-                self.save_pipe(pid, fd, &link, md.ino(), writer)?;
-                FdKind::Fifo {
-                    path: target.clone(),
-                    pipe: md.ino(),
-                    flags,
-                }
-            } else {
-                return Err(Error::Unsupported {
-                    pid,
-                    what: format!("fd {fd} ({target})"),
-                });
-            };
-            let mut kind = kind;
-            if let FdKind::Epoll { items, .. } = &mut kind {
-                self.find_watched(pid, fd, items)?;
+            if let Some(f) = self.dump_one(proc, fd, stdio, shm, writer, false)? {
+                out.push(f);
             }
-            let desc = self.describe(pid, fd, &md);
-            self.locks
-                .add_fd(pid, fd, &target, &kind, desc, &info.text)?;
-            let owner = if matches!(kind, FdKind::InetSocket { .. }) {
-                None
-            } else {
-                crate::fdowner::dump(pid, fd, flags)?
-            };
-            out.push(Fd {
-                fd,
-                cloexec,
-                kind,
-                desc,
-                owner,
-            });
+            self.dump_in_flight(stdio, shm, writer)?;
         }
         Ok(out)
     }
@@ -619,6 +467,247 @@ impl Registry {
             item.desc = Some(self.describe(q, n, &md));
         }
         Ok(())
+    }
+
+    /// Saves the descriptors in flight found in the queues of the UNIX sockets saved
+    /// so far (the peek installed them in our own table), like any fd; a socket among
+    /// them is read in turn, so descriptors several levels deep are saved too. Our
+    /// descriptors are kept until the checkpoint ends, so that their numbers are not
+    /// reused while descriptions are told apart by (pid, fd).
+    fn dump_in_flight(
+        &mut self,
+        stdio: &StdioIds,
+        shm: &mut crate::shm::Collector,
+        writer: &mut CheckpointWriter,
+    ) -> Result<()> {
+        // Our own /proc directory by /proc/self: /proc may belong to another PID
+        // namespace than our pid (the job's init).
+        let me = ProcDir {
+            pid: std::process::id() as i32,
+            path: std::path::PathBuf::from("/proc/self"),
+        };
+        loop {
+            let found = self.sockets.take_in_flight();
+            if found.is_empty() {
+                return Ok(());
+            }
+            for (sock, message, fds) in found {
+                let mut saved = Vec::with_capacity(fds.len());
+                for (i, ours) in fds.iter().enumerate() {
+                    let f = self
+                        .dump_one(&me, ours.as_raw_fd(), stdio, shm, writer, true)
+                        .and_then(|f| {
+                            f.ok_or_else(|| Error::Unsupported {
+                                pid: me.pid,
+                                what: format!("fd {}: closed meanwhile", ours.as_raw_fd()),
+                            })
+                        });
+                    let (pid, fd) = self.sockets.unix_holder(sock);
+                    let mut f = match f {
+                        Ok(f) => f,
+                        Err(Error::Unsupported { what, .. }) => {
+                            return Err(Error::Unsupported {
+                                pid,
+                                what: format!(
+                                    "fd {fd}, a UNIX socket with a file descriptor in flight (SCM_RIGHTS) that cannot be saved: {}",
+                                    what.split_once(", ").map_or(what.as_str(), |w| w.1)
+                                ),
+                            })
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    f.fd = i as i32;
+                    saved.push(f);
+                }
+                self.in_flight_held.extend(fds);
+                self.sockets.set_unix_in_flight(sock, message, saved);
+            }
+        }
+    }
+
+    /// Saves fd `fd` of `proc` (with `in_flight`: one of ours, a descriptor in flight
+    /// in a socket's queue); None when it was closed meanwhile.
+    fn dump_one(
+        &mut self,
+        proc: &ProcDir,
+        fd: i32,
+        stdio: &StdioIds,
+        shm: &mut crate::shm::Collector,
+        writer: &mut CheckpointWriter,
+        in_flight: bool,
+    ) -> Result<Option<Fd>> {
+        let pid = proc.pid;
+        let link = proc.file(&format!("fd/{fd}"));
+        let target = match std::fs::read_link(&link) {
+            Ok(t) => t.to_string_lossy().into_owned(),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None), // closed meanwhile
+            Err(e) => return Err(e).ctx(pid, || format!("readlink of fd {fd}")),
+        };
+        let md = std::fs::metadata(&link).ctx(pid, || format!("stat of fd {fd} ({target})"))?;
+        // A file unlinked under this name while other hard links remain is the
+        // same inode under one of its other names.
+        let target = if md.is_file() && md.nlink() > 0 && target.ends_with(" (deleted)") {
+            relinked(pid, fd, &target, &md)?
+        } else {
+            target
+        };
+        let info = fdinfo(proc, fd)?;
+        let cloexec = info.flags & libc::O_CLOEXEC != 0;
+        let flags = info.flags & !libc::O_CLOEXEC;
+        // /dev/null and friends opened by the job itself are the same device as an
+        // outside stdio of /dev/null: above fd 2 they are the job's own.
+        let simple_device = md.file_type().is_char_device()
+            && SIMPLE_DEVICES
+                .iter()
+                .any(|d| d.0 == libc::major(md.rdev()) && d.1 == libc::minor(md.rdev()));
+        let kind = if let Some(&(index, ..)) = stdio
+            .iter()
+            .find(|s| s.1 == md.dev() && s.2 == md.ino())
+            .filter(|_| fd <= 2 || !simple_device)
+        {
+            FdKind::Stdio { index }
+        } else if target.starts_with("socket:") {
+            self.sockets.dump_fd(pid, fd, md.ino(), flags, writer)?
+        } else if target.starts_with("pipe:") {
+            self.save_pipe(pid, fd, &link, md.ino(), writer)?;
+            FdKind::Pipe {
+                pipe: md.ino(),
+                write: flags & libc::O_ACCMODE == libc::O_WRONLY,
+                flags,
+            }
+        } else if target.starts_with("/memfd:") {
+            shm.save_fd(pid, fd, &link, &target, &md, writer)?;
+            FdKind::SharedMemory {
+                id: md.ino(),
+                flags,
+                pos: info.pos,
+            }
+        } else if target == "anon_inode:[pidfd]" || target.starts_with("pidfd:") {
+            FdKind::Pidfd {
+                pid: self.pidfd_target(pid, fd, &info.text)?,
+                flags,
+            }
+        } else if target == "anon_inode:inotify" {
+            crate::inotify::dump(proc, fd, flags, &info.text)?
+        } else if let Some(k) = target
+            .strip_prefix("anon_inode:")
+            .and_then(|a| crate::eventfds::dump(a.trim_matches(['[', ']']), flags, &info.text))
+        {
+            k
+        } else if let Some(kind) = classify_special(&target) {
+            return Err(Error::Unsupported {
+                pid,
+                what: format!("fd {fd}, a {kind} ({target})"),
+            });
+        } else if let Some(pid_of) = self.proc_file_of(pid, fd, &link, &target)? {
+            FdKind::ProcFile {
+                path: target.clone(),
+                pid: pid_of,
+                flags,
+                pos: info.pos,
+            }
+        } else if md.is_dir() && md.nlink() == 0 {
+            FdKind::RemovedDir {
+                path: target
+                    .strip_suffix(" (deleted)")
+                    .unwrap_or(&target)
+                    .to_string(),
+                flags,
+                mode: md.mode() & 0o7777,
+            }
+        } else if md.is_file() && md.nlink() == 0 {
+            let path = target
+                .strip_suffix(" (deleted)")
+                .unwrap_or(&target)
+                .to_string();
+            let object = shm.save_deleted(pid, fd, &link, &path, &md, writer)?;
+            FdKind::Deleted {
+                path,
+                flags,
+                pos: info.pos,
+                mode: md.mode() & 0o7777,
+                data_file: String::new(),
+                size: md.size(),
+                object: Some(object),
+            }
+        } else if md.is_file() || md.is_dir() {
+            FdKind::File {
+                file: file_id(&target, &md),
+                flags,
+                pos: info.pos,
+                stdio: self
+                    .stdio_files
+                    .iter()
+                    .find(|s| s.1 == md.dev() && s.2 == md.ino())
+                    .map(|s| s.0),
+            }
+        } else if let Some((master, index)) = md
+            .file_type()
+            .is_char_device()
+            .then(|| crate::tty::classify(libc::major(md.rdev()), libc::minor(md.rdev())))
+            .flatten()
+        {
+            FdKind::Pty {
+                pty: crate::tty::dump_fd(pid, fd, master, index, &mut self.ptys)?,
+                master,
+                flags,
+            }
+        } else if md.file_type().is_char_device() {
+            let (maj, min) = (libc::major(md.rdev()), libc::minor(md.rdev()));
+            match SIMPLE_DEVICES.iter().find(|d| d.0 == maj && d.1 == min) {
+                Some(d) => FdKind::Device {
+                    path: d.2.to_string(),
+                    flags,
+                },
+                None => {
+                    return Err(Error::Unsupported {
+                        pid,
+                        what: format!("fd {fd}, the character device {target} (not one of stasis's stdio streams)"),
+                    })
+                }
+            }
+        } else if md.file_type().is_fifo() {
+            self.save_pipe(pid, fd, &link, md.ino(), writer)?;
+            FdKind::Fifo {
+                path: target.clone(),
+                pipe: md.ino(),
+                flags,
+            }
+        } else {
+            return Err(Error::Unsupported {
+                pid,
+                what: format!("fd {fd} ({target})"),
+            });
+        };
+        let mut kind = kind;
+        if let FdKind::Epoll { items, .. } = &mut kind {
+            self.find_watched(pid, fd, items)?;
+        }
+        let desc = self.describe(pid, fd, &md);
+        if in_flight {
+            // Ours, not the job's: no locks or owner of ours to save.
+            return Ok(Some(Fd {
+                fd,
+                cloexec: false,
+                kind,
+                desc,
+                owner: None,
+            }));
+        }
+        self.locks
+            .add_fd(pid, fd, &target, &kind, desc, &info.text)?;
+        let owner = if matches!(kind, FdKind::InetSocket { .. }) {
+            None
+        } else {
+            crate::fdowner::dump(pid, fd, flags)?
+        };
+        Ok(Some(Fd {
+            fd,
+            cloexec,
+            kind,
+            desc,
+            owner,
+        }))
     }
 
     /// Saves the bytes in flight in a pipe, once per pipe, without consuming them.
@@ -838,8 +927,22 @@ pub fn open_descriptions(
     let mut ptys: HashMap<u64, (Option<OwnedFd>, String)> = HashMap::new();
     // Memfds whose own (memfd_create'd) description was handed out.
     let mut memfds_given: std::collections::HashSet<u64> = std::collections::HashSet::new();
-    for p in &meta.processes {
-        for f in &p.fds {
+    // The processes' fds, then the descriptors in flight in UNIX sockets' queues
+    // (sent again with the queues' messages once every description exists).
+    let in_flight = meta
+        .sockets
+        .iter()
+        .flat_map(|s| s.in_flight.iter())
+        .flat_map(|m| m.fds.iter())
+        .map(|f| (meta.root_pid, f));
+    let all: Vec<(i32, &Fd)> = meta
+        .processes
+        .iter()
+        .flat_map(|p| p.fds.iter().map(move |f| (p.pid, f)))
+        .chain(in_flight)
+        .collect();
+    {
+        for (pid, f) in all {
             if f.desc == 0 {
                 return Err(format!(
                     "fd {}: no open file description id (image from an older stasis)",
@@ -950,7 +1053,7 @@ pub fn open_descriptions(
                     pre_checkpoint,
                 } => crate::sockets::appapi::remake(
                     f.fd,
-                    p.pid,
+                    pid,
                     *flags,
                     *pre_checkpoint,
                     image.path(),

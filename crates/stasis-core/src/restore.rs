@@ -148,10 +148,12 @@ pub fn restore(
     // are passed to the processes over their sockets, the objects inherited.
     crate::sysv::restore(image)?;
     let shm_objs = crate::shm::create_objects(image).map_err(restore_err)?;
-    let mut socket_fds = crate::sockets::create_all(image).map_err(restore_err)?;
+    let (mut socket_fds, unix_pending) = crate::sockets::create_all(image).map_err(restore_err)?;
     let descs = files::open_descriptions(meta, image, &stdio, &shm_objs, &mut socket_fds, api)
         .map_err(restore_err)?;
     drop(socket_fds);
+    // UNIX sockets' queues, whose messages may carry any description.
+    crate::sockets::unix::finish(image, unix_pending, &descs).map_err(restore_err)?;
     // OFD and flock locks belong to the descriptions: taken once, here.
     crate::locks::take_shared(meta, &descs)?;
     let mut socks = Vec::with_capacity(procs.len());

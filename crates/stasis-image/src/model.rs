@@ -219,6 +219,40 @@ pub struct UnixSocket {
     /// Length of each queued message (one entry for a byte stream).
     #[serde(default)]
     pub messages: Vec<u64>,
+    /// For datagram sockets: the address each queued message was sent from (what
+    /// recvfrom(2) names: a path, "@name", or empty for an unbound sender), one per
+    /// entry of `messages`. Empty in older images (every message then comes from the
+    /// peer, or from an unbound socket).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub senders: Vec<String>,
+    /// Still connected to a peer that was closed (released): a stream reader gets the
+    /// queued bytes then end-of-file, a datagram socket's send fails with
+    /// ECONNREFUSED. `peer` is 0.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub peer_gone: bool,
+    /// Connected to a socket outside the checkpoint, saved with
+    /// `--unix-external=reconnect`: the name (path or "@name") to connect to again at
+    /// restore. `peer` is 0.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reconnect: String,
+    /// For `reconnect` with a relative name: the directory it is resolved in.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reconnect_in: String,
+    /// File descriptors in flight (sent with SCM_RIGHTS, not received yet), with the
+    /// queued message that carries them. A stream's `messages` are then the segments
+    /// between such messages.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub in_flight: Vec<InFlight>,
+}
+
+/// The file descriptors one queued message of a UNIX socket carries (SCM_RIGHTS).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InFlight {
+    /// Index of the message in the socket's `messages`.
+    pub message: u64,
+    /// The descriptors, in the order they were sent (`fd` is that position); their
+    /// descriptions are shared with the processes' fds as usual (`desc`).
+    pub fds: Vec<Fd>,
 }
 
 /// A TCP or UDP socket over IPv4 or IPv6 (ip(7), ipv6(7), tcp(7), udp(7)).
@@ -858,7 +892,7 @@ impl PageHashes {
 }
 
 /// One open file descriptor.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fd {
     pub fd: i32,
     /// FD_CLOEXEC.

@@ -28,6 +28,9 @@ pub struct UnixSock {
     pub name: String,
     /// Inode of the peer socket, 0 if none.
     pub peer: u64,
+    /// The kernel reported a peer (UNIX_DIAG_PEER) even if its inode is 0: a peer
+    /// that was closed (released) while this socket stayed connected to it.
+    pub has_peer: bool,
     /// For listeners: inodes of the connections not yet accepted.
     pub icons: Vec<u64>,
     /// Bytes (stream) or messages queued for reading; for listeners, the backlog.
@@ -94,7 +97,8 @@ fn parse(m: &[u8]) -> Option<UnixSock> {
                 }
             }
             UNIX_DIAG_PEER if data.len() >= 4 => {
-                s.peer = u64::from(u32::from_ne_bytes(data[..4].try_into().ok()?))
+                s.peer = u64::from(u32::from_ne_bytes(data[..4].try_into().ok()?));
+                s.has_peer = true;
             }
             UNIX_DIAG_ICONS => {
                 s.icons = data

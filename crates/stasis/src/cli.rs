@@ -118,6 +118,12 @@ pub enum Command {
         /// `reset` (it comes back reset after a restart).
         #[arg(long, value_name = "HOW", default_value = "refuse", value_parser = ["refuse", "reset"])]
         tcp_external: String,
+        /// For every checkpoint taken while this command supervises the job (automatic
+        /// ones and those asked for with `stasis checkpoint`): what to do with a UNIX
+        /// socket connected to a socket outside the job (see `stasis checkpoint
+        /// --unix-external`): `refuse` or `reconnect`.
+        #[arg(long, value_name = "HOW", default_value = "refuse", value_parser = ["refuse", "reconnect"])]
+        unix_external: String,
         /// How long a checkpoint waits for the pre-checkpoint hooks of the programs
         /// that use the stasis application interface (docs/API.md) to return; one that
         /// has not returned by then is checkpointed anyway, with a warning.
@@ -205,6 +211,17 @@ pub enum Command {
         /// sockets and UDP sockets are always saved, with the bytes in flight.
         #[arg(long, value_name = "HOW", default_value = "refuse", value_parser = ["refuse", "reset"])]
         tcp_external: String,
+        /// What to do with a UNIX domain socket connected to a socket outside the
+        /// checkpoint (a local daemon, an X server, a database's socket file).
+        /// `refuse` (the default): the checkpoint fails with an error naming the socket
+        /// and the application keeps running. `reconnect`: it is saved with the name of
+        /// the socket it is connected to, and a restart connects it again to that name
+        /// (a path or an abstract name): a new connection, which the server sees as a
+        /// new client; the restart fails with a clear error when nothing listens there.
+        /// A connection whose outside peer has no name (an accepted client), or that
+        /// holds bytes from it the application has not read, is still refused.
+        #[arg(long, value_name = "HOW", default_value = "refuse", value_parser = ["refuse", "reconnect"])]
+        unix_external: String,
     },
     /// Restart an application from the newest complete checkpoint in DIR.
     ///
@@ -422,6 +439,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             checkpoint_on,
             requeue,
             tcp_external,
+            unix_external,
             hook_timeout,
             fresh,
             coordinator,
@@ -458,6 +476,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 checkpoint_on,
                 requeue,
                 tcp_external_reset: tcp_external == "reset",
+                unix_external_reconnect: unix_external == "reconnect",
                 hook_timeout,
             };
             supervise::run(&dir, &cmd, opts, fresh)
@@ -471,6 +490,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             incremental,
             compress,
             tcp_external,
+            unix_external,
             coordinator,
         } => {
             if let Some(addr) = coordinator {
@@ -482,6 +502,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 incremental,
                 compress: compress.parse().map_err(anyhow::Error::msg)?,
                 tcp_external_reset: tcp_external == "reset",
+                unix_external_reconnect: unix_external == "reconnect",
                 fault: stasis_sys::fault::Plan::from_env(),
                 coordinated: false,
             };

@@ -27,6 +27,10 @@ pub struct Request {
     /// Save TCP connections to peers outside the job as reset (else refuse them).
     #[serde(default)]
     pub tcp_external_reset: bool,
+    /// Save UNIX sockets connected to sockets outside the job to connect again to the
+    /// same name at restore (else refuse them).
+    #[serde(default)]
+    pub unix_external_reconnect: bool,
     /// Faults to inject into this checkpoint, for tests: the asker's
     /// `STASIS_FAULT_*` environment (see `stasis_sys::fault`).
     #[serde(default)]
@@ -164,6 +168,7 @@ impl Coordinated {
             tcp_external_reset: false,
             fault: None,
             coordinated: true,
+            unix_external_reconnect: false,
         };
         c.send(&req)?;
         match c.hear()? {
@@ -472,6 +477,7 @@ pub fn checkpoint_pid(dir: &Path, pid: i32, req: &Request, show_progress: bool) 
         own_network_namespace: false,
         private_tmp: false,
         tcp_external: req.tcp_external(),
+        unix_external_reconnect: req.unix_external_reconnect,
         app_api: None,
         stdio_files: Vec::new(),
         fault: req.fault.clone(),

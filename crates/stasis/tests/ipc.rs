@@ -786,11 +786,12 @@ fn pending_connection_from_outside_is_refused() {
     });
 }
 
-/// (1e) A file descriptor (a pipe's read end) sent with SCM_RIGHTS over a
-/// socketpair and not received yet: checkpoint and checkpoint --kill fail
-/// with an error mentioning "SCM_RIGHTS" and naming the fd; the app keeps
-/// running; on release it receives the fd and checks it is still the pipe's
-/// read end; then two checkpoint --kill/restart cycles work.
+/// (1e) A file descriptor of a kind stasis cannot save (a netlink socket) sent with
+/// SCM_RIGHTS over a socketpair and not received yet: checkpoint and checkpoint
+/// --kill fail with an error mentioning "SCM_RIGHTS" and naming the fd; the app keeps
+/// running; on release it receives the fd and checks it is still the netlink socket;
+/// then two checkpoint --kill/restart cycles work. (Descriptors in flight of kinds
+/// stasis saves come back: unixsock.rs.)
 #[test]
 fn fd_in_flight_is_refused() {
     let w = Work::new("sock_scm");

@@ -54,6 +54,9 @@ pub struct DumpOptions {
     pub own_network_namespace: bool,
     /// What to do with a TCP connection to a peer outside the checkpoint.
     pub tcp_external: crate::sockets::TcpExternal,
+    /// Save a UNIX socket connected to a socket outside the checkpoint to connect
+    /// again to the same name at restore (`--unix-external=reconnect`), else refuse it.
+    pub unix_external_reconnect: bool,
     /// Standard streams of the job's processes that are regular files reopened from a
     /// `--pid` image (see `files::stdio_ids_of`): kept marked as such.
     pub stdio_files: files::StdioIds,
@@ -232,6 +235,9 @@ fn checkpoint_locked(
     registry.stdio_files = stdio_files;
     registry.zombies = zombies.iter().map(|z| z.pid).collect();
     registry.sockets.set_app_api(opts.app_api.clone());
+    registry
+        .sockets
+        .set_unix_reconnect(opts.unix_external_reconnect);
     let mut shm = crate::shm::Collector::new();
     // Under stasis init (whose death ends the job, so no snapshot outlives a dying
     // tracer), every process gets a snapshot child (CLONE_PARENT: the process's

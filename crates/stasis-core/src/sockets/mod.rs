@@ -9,8 +9,10 @@
 //! checkpoint with an error naming the fd.
 //!
 //! Restore: [`create_all`] creates every socket of the image in the restorer, before
-//! the processes exist, connected as they were and with their queues refilled; the
-//! fds are then handed out like any other open file description.
+//! the processes exist, connected as they were and (IP) with their queues refilled;
+//! the fds are then handed out like any other open file description, and
+//! [`unix::finish`] refills the UNIX sockets' queues once every description exists
+//! (their messages may carry descriptors in flight).
 
 pub mod appapi;
 pub mod inet;
@@ -115,6 +117,30 @@ impl Collector {
         }
     }
 
+    /// With `reconnect`, a UNIX socket connected to a socket outside the checkpoint is
+    /// saved to connect again to the same name at restore (else it refuses the
+    /// checkpoint).
+    pub fn set_unix_reconnect(&mut self, reconnect: bool) {
+        self.unix.set_reconnect(reconnect);
+    }
+
+    /// The descriptors in flight found in UNIX sockets' queues since the last call
+    /// (see [`unix::Collector::take_in_flight`]).
+    pub fn take_in_flight(&mut self) -> Vec<(u64, u64, Vec<OwnedFd>)> {
+        self.unix.take_in_flight()
+    }
+
+    /// Records the saved descriptors in flight of message `message` of UNIX socket
+    /// `id`.
+    pub fn set_unix_in_flight(&mut self, id: u64, message: u64, fds: Vec<stasis_image::Fd>) {
+        self.unix.set_in_flight(id, message, fds);
+    }
+
+    /// The first holder (pid, fd) of UNIX socket `id`.
+    pub fn unix_holder(&self, id: u64) -> (i32, i32) {
+        self.unix.holder(id)
+    }
+
     /// Connections to these sockets of the supervising init are the application
     /// interface's, saved as such (see [`appapi`]).
     pub fn set_app_api(&mut self, api: Option<ApiPeers>) {
@@ -188,9 +214,13 @@ impl Collector {
     }
 }
 
-/// Creates every socket of the image, connected as it was and with its queues
-/// refilled. Returns the restorer's descriptor of each, by id.
-pub fn create_all(image: &CheckpointReader) -> std::result::Result<HashMap<u64, OwnedFd>, String> {
+/// Creates every socket of the image, connected as it was; IP sockets with their
+/// queues refilled, UNIX sockets once every open file description exists
+/// ([`unix::finish`] with the returned [`unix::Pending`]: their messages may carry
+/// descriptors). Returns the restorer's descriptor of each, by id.
+pub fn create_all(
+    image: &CheckpointReader,
+) -> std::result::Result<(HashMap<u64, OwnedFd>, unix::Pending), String> {
     let wanted = image.meta.sockets.len() + image.meta.inet_sockets.len();
     if wanted > 256 {
         // The restorer holds every socket at once: room for them (up to the hard limit;
@@ -207,7 +237,7 @@ pub fn create_all(image: &CheckpointReader) -> std::result::Result<HashMap<u64, 
             }
         }
     }
-    let mut out = unix::create_all(image)?;
+    let (mut out, pending) = unix::create_all(image)?;
     out.extend(inet::create_all(&image.meta.inet_sockets, image)?);
-    Ok(out)
+    Ok((out, pending))
 }

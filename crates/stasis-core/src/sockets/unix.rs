@@ -1,21 +1,43 @@
 //! UNIX domain sockets: socketpairs, named and abstract sockets, listeners with their
-//! pending connections, accepted connections, and the data waiting in every queue.
+//! pending connections, accepted connections, datagram sockets (connected or not, with
+//! the sender of every queued datagram), sockets whose peer was closed, and the data
+//! waiting in every queue.
 //!
 //! Dump: the kernel's view of every UNIX socket (state, name, peer, pending
 //! connections) comes from NETLINK_SOCK_DIAG; the process's socket is borrowed with
 //! `pidfd_getfd(2)` and its receive queue read without consuming it (MSG_PEEK walking
-//! with SO_PEEK_OFF). A socket connected to something outside the checkpointed tree,
-//! or carrying file descriptors in flight, refuses the checkpoint with a clear error.
+//! with SO_PEEK_OFF; for datagrams also the address each came from). A socket whose
+//! peer was closed shows a peer of inode 0 (`peer_gone`). A socket connected to
+//! something outside the checkpointed tree refuses the checkpoint with a clear error,
+//! or with `--unix-external=reconnect` is saved to connect again to the same name at
+//! restore. File descriptors in flight (SCM_RIGHTS) come with the peek, installed in
+//! our own table: the collector hands them to the fd registry
+//! ([`Collector::take_in_flight`]), which saves them like any fd (a socket among them
+//! is read in turn, so several levels deep) and gives them back
+//! ([`Collector::set_in_flight`]); a kind that cannot be saved refuses the checkpoint.
 //!
-//! Restore (in the restorer, before the processes exist): listeners are bound and
-//! listen again, accepted connections are re-made through them (connect + accept) so
-//! that names stay right, pending connections are re-made and left pending, other
-//! connected pairs become socketpairs, and each queue is refilled by sending its bytes
-//! from the peer.
+//! Restore (in the restorer, before the processes exist), in three steps, the first in
+//! [`create_all`], the others in [`finish`] once every open file description exists
+//! (a message may carry any of them):
+//! 1. create: listeners are bound and listen again, accepted connections are re-made
+//!    through them (connect + accept) so that names stay right, pending connections
+//!    are re-made and left pending, other connected stream pairs and mutually
+//!    connected datagram pairs become socketpairs (bound again where they had a name);
+//!    a socket whose peer was closed gets a stand-in peer (a socketpair, or a
+//!    connection through its listener); other datagram sockets are created and bound.
+//! 2. refill: each queue is refilled by sending its messages again in order, with
+//!    their descriptors in flight, from the peer (or stand-in), and for a datagram
+//!    socket from a socket bound to the name of each datagram's sender: the job's own
+//!    socket of that name, or a temporary one.
+//! 3. connect: datagram sockets connect to their peers (after the refill: a connected
+//!    socket takes datagrams from its peer only), sockets saved with `reconnect`
+//!    connect to their outside name, stand-ins are closed (the survivor sees its peer
+//!    gone: end-of-file after the data, or ECONNREFUSED), options and shutdowns are
+//!    applied.
 
 use super::sockopt;
 use crate::error::{Error, Result, SysContext};
-use stasis_image::{CheckpointReader, CheckpointWriter, UnixSocket};
+use stasis_image::{CheckpointReader, CheckpointWriter, FdKind, UnixSocket};
 use stasis_sys::unix_diag::{self, UnixSock};
 use std::collections::HashMap;
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
@@ -31,12 +53,43 @@ pub struct Collector {
     socks: Vec<UnixSocket>,
     /// First holder (pid, fd) of each socket, for error messages.
     holders: HashMap<u64, (i32, i32)>,
+    /// `--unix-external=reconnect`: a socket connected outside the checkpoint is saved
+    /// to connect again to the same name at restore (else it refuses the checkpoint).
+    reconnect: bool,
+    /// Descriptors in flight found in queues and not saved yet: (socket, message,
+    /// the descriptors, installed in our table by the peek).
+    pending: Vec<(u64, u64, Vec<OwnedFd>)>,
 }
 
 impl Collector {
     /// A collector for one checkpoint.
     pub fn new() -> Collector {
         Collector::default()
+    }
+
+    /// With `reconnect`, a socket connected to a socket outside the checkpoint is
+    /// saved to connect again to the same name at restore (`--unix-external=reconnect`).
+    pub fn set_reconnect(&mut self, reconnect: bool) {
+        self.reconnect = reconnect;
+    }
+
+    /// The descriptors in flight found since the last call: (socket, index of the
+    /// message carrying them, our descriptors of them), to be saved like any fd and
+    /// given back with [`Collector::set_in_flight`].
+    pub fn take_in_flight(&mut self) -> Vec<(u64, u64, Vec<OwnedFd>)> {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// Records the saved descriptors `fds` carried by message `message` of socket `id`.
+    pub fn set_in_flight(&mut self, id: u64, message: u64, fds: Vec<stasis_image::Fd>) {
+        if let Some(s) = self.socks.iter_mut().find(|s| s.id == id) {
+            s.in_flight.push(stasis_image::InFlight { message, fds });
+        }
+    }
+
+    /// The first holder (pid, fd) of socket `id`, for error messages.
+    pub fn holder(&self, id: u64) -> (i32, i32) {
+        self.holders.get(&id).copied().unwrap_or((0, -1))
     }
 
     /// Whether the socket `ino` was saved already.
@@ -82,11 +135,24 @@ impl Collector {
             _ if d.peer != 0 => "connected",
             _ => "unconnected",
         };
-        let (data, messages) = if d.state == TCP_LISTEN {
-            (Vec::new(), Vec::new())
+        let Queue {
+            data,
+            messages,
+            senders,
+            fds,
+        } = if d.state == TCP_LISTEN {
+            Queue {
+                data: Vec::new(),
+                messages: Vec::new(),
+                senders: Vec::new(),
+                fds: Vec::new(),
+            }
         } else {
-            peek_queue(pid, fd, s, d.sock_type)?
+            peek_queue(pid, fd, s, d.sock_type, d.shutdown & 1 != 0)?
         };
+        for (message, fds) in fds {
+            self.pending.push((ino, message, fds));
+        }
         let data_file = if data.is_empty() {
             None
         } else {
@@ -122,6 +188,14 @@ impl Collector {
             passcred: sockopt(s, libc::SO_PASSCRED) != 0,
             data_file,
             messages,
+            senders,
+            // The kernel still names a peer, of inode 0: it was closed (released).
+            // (The client end of a pending connection looks the same: `finish`
+            // tells them apart.)
+            peer_gone: d.has_peer && d.peer == 0 && d.state != TCP_LISTEN,
+            reconnect: String::new(),
+            reconnect_in: String::new(),
+            in_flight: Vec::new(),
         });
         self.holders.insert(ino, (pid, fd));
         Ok(ino)
@@ -143,6 +217,12 @@ impl Collector {
                 )
             })
             .collect();
+        let listener_names: std::collections::HashSet<String> = self
+            .socks
+            .iter()
+            .filter(|s| s.state == "listening")
+            .map(|s| s.name.clone())
+            .collect();
         for s in &mut self.socks {
             // The client end of a pending connection: the listener's queue lists it
             // (sock_diag shows such a socket's peer, the embryo, as 0).
@@ -161,6 +241,7 @@ impl Collector {
                 }
                 s.pending_on = *l;
                 s.peer = 0;
+                s.peer_gone = false;
                 continue;
             }
             if s.peer == 0 || ids.contains(&s.peer) {
@@ -171,10 +252,42 @@ impl Collector {
                 .get(&s.peer)
                 .map(|p| p.name.clone())
                 .unwrap_or_default();
+            // An accepted connection from an outside client: nothing to connect to.
+            let accepted = !s.name.is_empty() && listener_names.contains(&s.name);
+            if self.reconnect && !accepted {
+                if peer_name.is_empty() {
+                    return Err(Error::Unsupported {
+                        pid,
+                        what: format!(
+                            "fd {fd}, a UNIX socket connected to an unnamed socket outside the checkpoint (nothing to reconnect to)"
+                        ),
+                    });
+                }
+                if s.data_file.is_some() {
+                    // Bytes the outside peer sent and the job has not read yet could
+                    // not come back over a new connection; usually read a moment later.
+                    return Err(Error::Transient {
+                        pid,
+                        what: format!(
+                            "fd {fd}, a UNIX socket connected to {peer_name} outside the checkpoint, has unread data from it"
+                        ),
+                    });
+                }
+                s.reconnect_in = if peer_name.starts_with('/') || peer_name.starts_with('@') {
+                    String::new()
+                } else {
+                    std::fs::read_link(format!("/proc/{pid}/cwd"))
+                        .map(|p| p.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                };
+                s.reconnect = peer_name;
+                s.peer = 0;
+                continue;
+            }
             return Err(Error::Unsupported {
                 pid,
                 what: format!(
-                    "fd {fd}, a UNIX socket connected to a process outside the checkpoint{}",
+                    "fd {fd}, a UNIX socket connected to a process outside the checkpoint{} (`--unix-external=reconnect` saves it to connect again to the same name at restore)",
                     if peer_name.is_empty() {
                         String::new()
                     } else {
@@ -196,104 +309,191 @@ impl Collector {
     }
 }
 
-/// Reads a socket's receive queue without consuming it: (bytes, message lengths).
-/// A stream is read with one MSG_PEEK, which reads across its whole queue; datagrams,
-/// and a stream that comes back short, are walked with SO_PEEK_OFF (the socket's own,
-/// shared with the application, put back after).
-fn peek_queue(pid: i32, fd: i32, s: i32, sock_type: i32) -> Result<(Vec<u8>, Vec<u64>)> {
+/// A socket's receive queue, read without consuming it: the bytes, the length of each
+/// message, for datagrams the address each came from, and the descriptors in flight
+/// (installed in our own table by the peek) with the index of the message carrying
+/// them.
+struct Queue {
+    data: Vec<u8>,
+    messages: Vec<u64>,
+    senders: Vec<String>,
+    fds: Vec<(u64, Vec<OwnedFd>)>,
+}
+
+/// Reads a socket's receive queue without consuming it.
+/// A stream is read with one MSG_PEEK, which reads across its whole queue up to a
+/// message carrying descriptors; datagrams, and a stream that comes back short, are
+/// walked with SO_PEEK_OFF (the socket's own, shared with the application, put back
+/// after). A stream read stops at the end of a message carrying descriptors, and may
+/// have begun in earlier messages without: where that message starts cannot be seen,
+/// so the bytes of the read are sent again as one message with the descriptors (a
+/// reader then gets them with the first of these bytes it reads, not with the first
+/// byte of their own message). An empty datagram that was peeked before (by an
+/// earlier checkpoint, or by the application with MSG_PEEK) is skipped by every peek
+/// at an offset, so it is not seen. On a socket shut down for reading (`rd_shut`: also one whose
+/// connected peer was closed) an empty queue reads as 0 bytes, like an empty
+/// message: the walk stops there (an empty message at the end of such a queue is not
+/// seen).
+fn peek_queue(pid: i32, fd: i32, s: i32, sock_type: i32, rd_shut: bool) -> Result<Queue> {
     let ctx = || format!("reading the queue of socket fd {fd}");
     let mut buf = vec![0u8; 1 << 18];
-    let mut cbuf = [0u64; 64];
-    if sock_type == libc::SOCK_STREAM {
+    let mut q = Queue {
+        data: Vec::new(),
+        messages: Vec::new(),
+        senders: Vec::new(),
+        fds: Vec::new(),
+    };
+    let stream = sock_type == libc::SOCK_STREAM;
+    if stream {
         let mut want = 0i32;
         // SAFETY: FIONREAD writes an int.
         if unsafe { libc::ioctl(s, libc::FIONREAD, &mut want) } == 0 {
             let want = want.max(0) as usize;
             if want == 0 {
-                return Ok((Vec::new(), Vec::new()));
+                return Ok(q);
             }
             if buf.len() < want {
                 buf.resize(want, 0);
             }
-            let n = peek_one(pid, fd, s, &mut buf[..want], &mut cbuf).ctx(pid, ctx)??;
-            if n == want {
-                return Ok((buf[..n].to_vec(), vec![n as u64]));
+            let (n, _, fds) = peek_one(s, &mut buf[..want]).ctx(pid, ctx)?;
+            if n == want && fds.is_empty() {
+                q.data = buf[..n].to_vec();
+                q.messages.push(n as u64);
+                return Ok(q);
             }
         }
     }
-    let mut data = Vec::new();
-    let mut messages = Vec::new();
-    let walk = || -> Result<()> {
+    let mut walk = |q: &mut Queue| -> std::io::Result<()> {
+        // A stream's bytes since the last message with descriptors.
+        let mut plain = 0u64;
+        let mut complete = false;
         for _ in 0..MAX_MESSAGES {
-            let n = peek_one(pid, fd, s, &mut buf, &mut cbuf).ctx(pid, ctx)??;
+            let (n, from, fds) = peek_one(s, &mut buf)?;
             if n == usize::MAX {
-                break; // nothing more queued
-            }
-            if n == 0 && sock_type == libc::SOCK_STREAM {
+                complete = true; // nothing more queued
                 break;
             }
-            data.extend_from_slice(&buf[..n]);
-            if sock_type == libc::SOCK_STREAM {
-                if let Some(last) = messages.last_mut() {
-                    *last += n as u64;
-                } else {
-                    messages.push(n as u64);
-                }
-            } else {
-                messages.push(n as u64);
+            if n == 0 && (stream || rd_shut) && fds.is_empty() {
+                complete = true;
+                break;
             }
+            q.data.extend_from_slice(&buf[..n]);
+            if !stream {
+                if !fds.is_empty() {
+                    q.fds.push((q.messages.len() as u64, fds));
+                }
+                q.messages.push(n as u64);
+                if sock_type == libc::SOCK_DGRAM {
+                    q.senders.push(from);
+                }
+                continue;
+            }
+            if fds.is_empty() {
+                plain += n as u64;
+                continue;
+            }
+            // The read ends with the message carrying the descriptors; where that
+            // message starts in it cannot be seen (a peek from any earlier byte brings
+            // them): the read is sent again as one message with them.
+            if plain > 0 {
+                q.messages.push(plain);
+                plain = 0;
+            }
+            q.fds.push((q.messages.len() as u64, fds));
+            q.messages.push(n as u64);
+        }
+        if plain > 0 {
+            q.messages.push(plain);
+        }
+        if !complete {
+            return Err(std::io::Error::other(format!(
+                "more than {MAX_MESSAGES} messages queued"
+            )));
         }
         Ok(())
     };
-    crate::sockets::with_peek_offset(s, walk).ctx(pid, ctx)??;
-    Ok((data, messages))
+    crate::sockets::with_peek_offset(s, || walk(&mut q))
+        .ctx(pid, ctx)?
+        .ctx(pid, ctx)?;
+    Ok(q)
 }
 
-/// One MSG_PEEK into `buf`: the bytes read (`usize::MAX` when nothing is queued), or
-/// an error for a message carrying descriptors (SCM_RIGHTS), which cannot be saved.
-fn peek_one(
-    pid: i32,
-    fd: i32,
-    s: i32,
-    buf: &mut [u8],
-    cbuf: &mut [u64; 64],
-) -> std::io::Result<Result<usize>> {
+/// The name in a sockaddr_un of length `len` as sock_diag shows names: a path,
+/// "@name" for the abstract namespace, empty for an unbound socket.
+fn addr_name(a: &libc::sockaddr_un, len: usize) -> String {
+    let base = std::mem::size_of::<libc::sa_family_t>();
+    if len <= base {
+        return String::new();
+    }
+    let bytes: Vec<u8> = a.sun_path[..(len - base).min(a.sun_path.len())]
+        .iter()
+        .map(|&c| c as u8)
+        .collect();
+    match bytes.split_first() {
+        Some((0, rest)) => format!("@{}", String::from_utf8_lossy(rest)),
+        _ => {
+            let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+            String::from_utf8_lossy(&bytes[..end]).into_owned()
+        }
+    }
+}
+
+/// One MSG_PEEK into `buf`: the bytes read (`usize::MAX` when nothing is queued), the
+/// sender's address, and the descriptors the message carries (SCM_RIGHTS: the peek
+/// installs them in our table).
+fn peek_one(s: i32, buf: &mut [u8]) -> std::io::Result<(usize, String, Vec<OwnedFd>)> {
+    let mut cbuf = [0u64; 512];
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
     };
-    // SAFETY: msghdr is plain data; zeroed is a valid empty value.
+    // SAFETY: sockaddr_un and msghdr are plain data; zeroed is a valid empty value.
+    let mut from: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&mut from as *mut libc::sockaddr_un).cast();
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(cbuf);
+    msg.msg_controllen = std::mem::size_of_val(&cbuf);
     // SAFETY: msg points to live buffers of the sizes given.
-    let n = unsafe { libc::recvmsg(s, &mut msg, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    let n = unsafe {
+        libc::recvmsg(
+            s,
+            &mut msg,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+        )
+    };
     if n < 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EAGAIN) {
-            return Ok(Ok(usize::MAX));
+            return Ok((usize::MAX, String::new(), Vec::new()));
         }
         return Err(e);
     }
-    // SAFETY: walking the control messages the kernel wrote into cbuf.
-    let passes_fds = unsafe {
+    let mut fds = Vec::new();
+    // SAFETY: walking the control messages the kernel wrote into cbuf; the
+    // descriptors a peek of SCM_RIGHTS installed in our table are ours.
+    unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&msg);
-        let mut found = false;
         while !c.is_null() {
-            found |= (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS;
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<i32>();
+                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+                }
+            }
             c = libc::CMSG_NXTHDR(&msg, c);
         }
-        found
-    };
-    if passes_fds {
-        return Ok(Err(Error::Unsupported {
-            pid,
-            what: format!("fd {fd}, a UNIX socket with file descriptors in flight (SCM_RIGHTS)"),
-        }));
     }
-    Ok(Ok(n as usize))
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(std::io::Error::other(
+            "more descriptors in flight with one message than stasis reads",
+        ));
+    }
+    Ok((n as usize, addr_name(&from, msg.msg_namelen as usize), fds))
 }
 
 fn new_socket(sock_type: i32) -> std::result::Result<OwnedFd, String> {
@@ -375,15 +575,192 @@ fn connect(fd: &OwnedFd, name: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// Creates every UNIX socket of the image, connected as it was and with its queues
-/// refilled. Returns the restorer's descriptor of each, by id.
-pub fn create_all(image: &CheckpointReader) -> std::result::Result<HashMap<u64, OwnedFd>, String> {
+/// "process P fd F": the first fd holding socket `id`, for error messages.
+fn holder(image: &CheckpointReader, id: u64) -> String {
+    for p in &image.meta.processes {
+        for f in &p.fds {
+            if matches!(f.kind, FdKind::UnixSocket { sock, .. } if sock == id) {
+                return format!("process {} fd {}", p.pid, f.fd);
+            }
+        }
+    }
+    format!("UNIX socket {id}")
+}
+
+fn socketpair(sock_type: i32) -> std::result::Result<(OwnedFd, OwnedFd), String> {
+    let mut sv = [0i32; 2];
+    // SAFETY: socketpair fills the array with two new descriptors.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            sock_type | libc::SOCK_CLOEXEC,
+            0,
+            sv.as_mut_ptr(),
+        )
+    } != 0
+    {
+        return Err(format!("socketpair: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: both were just created and are owned here.
+    Ok(unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) })
+}
+
+/// `name`, made absolute with `dir` when it is a relative path.
+fn abs_name(name: &str, dir: &str) -> String {
+    if dir.is_empty() || name.starts_with('/') || name.starts_with('@') {
+        name.to_string()
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+/// Sends one message `chunk` from our socket `fd` (to `to`, else to its peer), with
+/// the descriptors `fds` (SCM_RIGHTS) if any. With `wait` false a full queue is an
+/// error rather than a wait.
+fn send_one(
+    fd: i32,
+    chunk: &[u8],
+    fds: &[i32],
+    to: Option<&(libc::sockaddr_un, libc::socklen_t)>,
+    wait: bool,
+) -> std::io::Result<()> {
+    let flags = libc::MSG_NOSIGNAL | if wait { 0 } else { libc::MSG_DONTWAIT };
+    let mut iov = libc::iovec {
+        iov_base: chunk.as_ptr() as *mut libc::c_void,
+        iov_len: chunk.len(),
+    };
+    // SAFETY: msghdr is plain data; zeroed is a valid empty value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if let Some((a, alen)) = to {
+        msg.msg_name = (a as *const libc::sockaddr_un as *mut libc::sockaddr_un).cast();
+        msg.msg_namelen = *alen;
+    }
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of_val(fds) as u32) } as usize;
+    let mut cbuf = vec![0u64; space.div_ceil(8)];
+    if !fds.is_empty() {
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: the control buffer has room for one header and the descriptors.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(fds) as u32) as usize;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr(),
+                libc::CMSG_DATA(c).cast::<i32>(),
+                fds.len(),
+            );
+        }
+    }
+    // SAFETY: msg points to live buffers: the chunk (only read), the address, the
+    // control buffer.
+    let n = unsafe { libc::sendmsg(fd, &msg, flags) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if n as usize != chunk.len() {
+        return Err(std::io::Error::other(format!(
+            "sent {n} of {} bytes",
+            chunk.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Temporary senders of datagrams whose sender is not a socket of the image (it was
+/// closed, or is outside the job), by name; dropped after the refill.
+#[derive(Default)]
+struct Temps {
+    by_name: HashMap<String, OwnedFd>,
+    /// Socket files made for them, removed after the refill.
+    made: Vec<String>,
+}
+
+impl Temps {
+    /// A datagram socket bound to `name` (relative names in `dir`), or unbound when
+    /// `name` is empty or held by a live socket outside the job (that sender cannot
+    /// be named again: recvfrom then shows no address).
+    fn get(&mut self, name: &str, dir: &str, sock_type: i32) -> std::result::Result<i32, String> {
+        if let Some(fd) = self.by_name.get(name) {
+            return Ok(fd.as_raw_fd());
+        }
+        let fd = new_socket(sock_type)?;
+        if !name.is_empty() {
+            let full = abs_name(name, dir);
+            let live = !full.starts_with('@') && {
+                // A socket file that something still listens on is not ours to take.
+                let probe = new_socket(sock_type)?;
+                std::fs::symlink_metadata(&full).is_ok() && connect(&probe, &full).is_ok()
+            };
+            let existed = std::fs::symlink_metadata(&full).is_ok();
+            if live || bind(&fd, &full).is_err() {
+                tracing::warn!(
+                    "datagrams from {name} come back from an unnamed socket: the name is in use outside the job"
+                );
+            } else if !existed && !full.starts_with('@') {
+                self.made.push(full);
+            }
+        }
+        let raw = fd.as_raw_fd();
+        self.by_name.insert(name.to_string(), fd);
+        Ok(raw)
+    }
+
+    fn finish(self) {
+        drop(self.by_name);
+        for f in self.made {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+/// What is left to do for the UNIX sockets once every open file description exists
+/// (queued messages may carry any of them): refill the queues, connect the datagram
+/// sockets, close the stand-ins, apply options and shutdowns.
+pub struct Pending {
+    /// Our own descriptor of every socket (a duplicate of the one handed out).
+    socks: HashMap<u64, OwnedFd>,
+    stand_ins: HashMap<u64, OwnedFd>,
+    connect_later: Vec<(u64, String, String)>,
+    gone_later: Vec<u64>,
+}
+
+/// Creates every UNIX socket of the image, connected as it was (step 1). Returns the
+/// restorer's descriptor of each, by id, and what [`finish`] does once every open
+/// file description exists.
+pub fn create_all(
+    image: &CheckpointReader,
+) -> std::result::Result<(HashMap<u64, OwnedFd>, Pending), String> {
     let socks = &image.meta.sockets;
     let by_id: HashMap<u64, &UnixSocket> = socks.iter().map(|s| (s.id, s)).collect();
     let mut out: HashMap<u64, OwnedFd> = HashMap::new();
-    // Listeners and bound unconnected sockets first: others connect to them.
+    // The other end of a connection standing in for a closed peer, by the survivor's
+    // id: it sends the survivor's queue and is closed at the end.
+    let mut stand_ins: HashMap<u64, OwnedFd> = HashMap::new();
+    // Datagram sockets connected after the refill: (id, name, directory), and those
+    // whose peer was closed (connected to a stand-in that is closed).
+    let mut connect_later: Vec<(u64, String, String)> = Vec::new();
+    let mut gone_later: Vec<u64> = Vec::new();
+    let dgram = |s: &UnixSocket| s.sock_type == libc::SOCK_DGRAM;
+    let reconnect_now = |fd: &OwnedFd, s: &UnixSocket| {
+        in_dir(&s.reconnect_in, || connect(fd, &s.reconnect)).map_err(|e| {
+            format!(
+                "{}: reconnecting the UNIX socket to {} outside the job (saved with --unix-external=reconnect): {e}; is anything listening there?",
+                holder(image, s.id),
+                s.reconnect
+            )
+        })
+    };
+
+    // 1. Create. Listeners and bound sockets without a peer in the image first:
+    // others connect to them.
     for s in socks {
-        if s.state == "listening" || (s.peer == 0 && !s.name.is_empty()) {
+        let bound = s.peer == 0 && s.pending_on == 0 && !s.name.is_empty();
+        if s.state == "listening" || (bound && (dgram(s) || !s.peer_gone)) {
             let fd = new_socket(s.sock_type)?;
             in_dir(&s.bound_in, || bind(&fd, &s.name))?;
             if s.state == "listening" {
@@ -399,8 +776,25 @@ pub fn create_all(image: &CheckpointReader) -> std::result::Result<HashMap<u64, 
             out.insert(s.id, fd);
         }
     }
+    let listener_of = |x: &UnixSocket, out: &HashMap<u64, OwnedFd>| {
+        socks
+            .iter()
+            .find(|l| l.state == "listening" && !x.name.is_empty() && l.name == x.name)
+            .and_then(|l| out.get(&l.id))
+            .map(|fd| fd.as_raw_fd())
+    };
     for s in socks {
-        if out.contains_key(&s.id) {
+        if let Some(fd) = out.get(&s.id) {
+            // Bound above: what it was connected to.
+            if !s.reconnect.is_empty() {
+                if dgram(s) {
+                    connect_later.push((s.id, s.reconnect.clone(), s.reconnect_in.clone()));
+                } else {
+                    reconnect_now(fd, s)?;
+                }
+            } else if s.peer_gone && s.state != "listening" {
+                gone_later.push(s.id);
+            }
             continue;
         }
         if s.pending_on != 0 {
@@ -411,22 +805,50 @@ pub fn create_all(image: &CheckpointReader) -> std::result::Result<HashMap<u64, 
             out.insert(s.id, fd);
             continue;
         }
+        if !s.reconnect.is_empty() {
+            let fd = new_socket(s.sock_type)?;
+            if dgram(s) {
+                connect_later.push((s.id, s.reconnect.clone(), s.reconnect_in.clone()));
+            } else {
+                reconnect_now(&fd, s)?;
+            }
+            out.insert(s.id, fd);
+            continue;
+        }
+        if s.peer_gone {
+            // A stand-in for the closed peer: through the listener that accepted
+            // the connection (so that its name stays right), else a socketpair.
+            if let Some(lfd) = listener_of(s, &out).filter(|_| !dgram(s)) {
+                let cfd = new_socket(s.sock_type)?;
+                in_dir(&s.bound_in, || connect(&cfd, &s.name))?;
+                let sfd =
+                    super::accept(lfd).map_err(|e| format!("re-accepting on {}: {e}", s.name))?;
+                out.insert(s.id, sfd);
+                stand_ins.insert(s.id, cfd);
+            } else {
+                let (a, b) = socketpair(s.sock_type)?;
+                if !s.name.is_empty() {
+                    in_dir(&s.bound_in, || bind(&a, &s.name))?;
+                }
+                out.insert(s.id, a);
+                stand_ins.insert(s.id, b);
+            }
+            continue;
+        }
         let peer = by_id.get(&s.peer).copied();
         match peer {
             Some(p) if p.peer == s.id && !out.contains_key(&p.id) => {
-                // A connected pair. If one end was accepted from a listener we
-                // recreated, make the connection through it so names stay right.
-                let listener = |x: &UnixSocket| {
-                    socks
-                        .iter()
-                        .find(|l| l.state == "listening" && !x.name.is_empty() && l.name == x.name)
-                        .and_then(|l| out.get(&l.id))
-                        .map(|fd| fd.as_raw_fd())
+                // A connected pair. If one end of a stream was accepted from a
+                // listener we recreated, make the connection through it so names
+                // stay right.
+                let via = if dgram(s) {
+                    None
+                } else {
+                    listener_of(s, &out)
+                        .map(|l| (s, p, l))
+                        .or_else(|| listener_of(p, &out).map(|l| (p, s, l)))
                 };
-                if let Some((server, client, lfd)) = listener(s)
-                    .map(|l| (s, p, l))
-                    .or_else(|| listener(p).map(|l| (p, s, l)))
-                {
+                if let Some((server, client, lfd)) = via {
                     let cfd = new_socket(client.sock_type)?;
                     let name = &server.name;
                     in_dir(&server.bound_in, || connect(&cfd, name))?;
@@ -435,30 +857,29 @@ pub fn create_all(image: &CheckpointReader) -> std::result::Result<HashMap<u64, 
                     out.insert(client.id, cfd);
                     out.insert(server.id, sfd);
                 } else {
-                    let mut sv = [0i32; 2];
-                    // SAFETY: socketpair fills the array with two new descriptors.
-                    if unsafe {
-                        libc::socketpair(
-                            libc::AF_UNIX,
-                            s.sock_type | libc::SOCK_CLOEXEC,
-                            0,
-                            sv.as_mut_ptr(),
-                        )
-                    } != 0
-                    {
-                        return Err(format!("socketpair: {}", std::io::Error::last_os_error()));
+                    // A socketpair; datagram ends that had bound a name get it again.
+                    let (a, b) = socketpair(s.sock_type)?;
+                    for (x, fd) in [(s, &a), (p, &b)] {
+                        if !x.name.is_empty() {
+                            in_dir(&x.bound_in, || bind(fd, &x.name))?;
+                        }
                     }
-                    // SAFETY: both were just created and are owned here.
-                    unsafe {
-                        out.insert(s.id, OwnedFd::from_raw_fd(sv[0]));
-                        out.insert(p.id, OwnedFd::from_raw_fd(sv[1]));
-                    }
+                    out.insert(s.id, a);
+                    out.insert(p.id, b);
                 }
             }
             Some(p) if p.peer != s.id => {
-                // Connected to a bound socket (datagrams to a named server).
+                // Connected to a bound socket (datagrams to a named server); a
+                // datagram socket connects after its queue is refilled.
                 let fd = new_socket(s.sock_type)?;
-                in_dir(&p.bound_in, || connect(&fd, &p.name))?;
+                if dgram(s) {
+                    if !s.name.is_empty() {
+                        in_dir(&s.bound_in, || bind(&fd, &s.name))?;
+                    }
+                    connect_later.push((s.id, p.name.clone(), p.bound_in.clone()));
+                } else {
+                    in_dir(&p.bound_in, || connect(&fd, &p.name))?;
+                }
                 out.insert(s.id, fd);
             }
             Some(_) => {}
@@ -467,61 +888,74 @@ pub fn create_all(image: &CheckpointReader) -> std::result::Result<HashMap<u64, 
             }
         }
     }
-    // Refill the queues from the peers, then apply options and shutdowns.
-    for s in socks {
-        let Some(name) = &s.data_file else { continue };
-        let path = image.data_path(name).map_err(|e| e.to_string())?;
-        let data = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let sender = match by_id.get(&s.peer) {
-            Some(p) if p.peer == s.id => out.get(&p.id).map(|f| f.as_raw_fd()),
-            _ => None,
-        };
-        let temp;
-        let (fd, to) = match sender {
-            Some(fd) => (fd, None),
-            None if !s.name.is_empty() => {
-                temp = new_socket(s.sock_type)?;
-                let abs = if s.bound_in.is_empty() {
-                    s.name.clone()
-                } else {
-                    format!("{}/{}", s.bound_in, s.name)
-                };
-                (temp.as_raw_fd(), Some(sockaddr(&abs)?))
-            }
-            None => {
-                return Err(format!(
-                    "socket {}: queued data with no way to resend it",
-                    s.id
-                ))
-            }
-        };
-        let mut off = 0usize;
-        for &len in &s.messages {
-            let chunk = &data[off..off + len as usize];
-            // SAFETY: sending a buffer we own, to an address we built.
-            let n = unsafe {
-                match &to {
-                    Some((a, alen)) => libc::sendto(
-                        fd,
-                        chunk.as_ptr().cast(),
-                        chunk.len(),
-                        libc::MSG_NOSIGNAL,
-                        (a as *const libc::sockaddr_un).cast(),
-                        *alen,
-                    ),
-                    None => libc::send(fd, chunk.as_ptr().cast(), chunk.len(), libc::MSG_NOSIGNAL),
-                }
-            };
-            if n != chunk.len() as isize {
-                return Err(format!(
-                    "refilling socket {}: {}",
-                    s.id,
-                    std::io::Error::last_os_error()
-                ));
-            }
-            off += len as usize;
-        }
+
+    let mut socks_dup = HashMap::with_capacity(out.len());
+    for (id, fd) in &out {
+        let dup = fd
+            .try_clone()
+            .map_err(|e| format!("{}: duplicating: {e}", holder(image, *id)))?;
+        socks_dup.insert(*id, dup);
     }
+    Ok((
+        out,
+        Pending {
+            socks: socks_dup,
+            stand_ins,
+            connect_later,
+            gone_later,
+        },
+    ))
+}
+
+/// Steps 2 and 3 of the restore of the UNIX sockets, once every open file description
+/// exists (`descs`, by id): refills the queues, with their descriptors in flight, then
+/// connects the datagram sockets, closes the stand-ins and applies options and
+/// shutdowns.
+pub fn finish(
+    image: &CheckpointReader,
+    pending: Pending,
+    descs: &HashMap<u64, OwnedFd>,
+) -> std::result::Result<(), String> {
+    let socks = &image.meta.sockets;
+    let by_id: HashMap<u64, &UnixSocket> = socks.iter().map(|s| (s.id, s)).collect();
+    let Pending {
+        socks: out,
+        stand_ins,
+        connect_later,
+        gone_later,
+    } = pending;
+    // 2. Refill the queues, each message from its sender.
+    let mut temps = Temps::default();
+    let refilled = refill(image, &by_id, &out, &stand_ins, descs, &mut temps);
+    temps.finish();
+    refilled?;
+
+    // 3. Connect the datagram sockets, let the stand-ins go, apply options and
+    // shutdowns.
+    for (id, name, dir) in &connect_later {
+        let fd = out.get(id).ok_or("socket vanished")?;
+        in_dir(dir, || connect(fd, name)).map_err(|e| {
+            let s = by_id.get(id);
+            if s.is_some_and(|s| !s.reconnect.is_empty()) {
+                format!(
+                    "{}: reconnecting the UNIX socket to {name} outside the job (saved with --unix-external=reconnect): {e}; is anything bound there?",
+                    holder(image, *id)
+                )
+            } else {
+                format!("{}: {e}", holder(image, *id))
+            }
+        })?;
+    }
+    for id in &gone_later {
+        // Connected to a stand-in bound to a name of our own, which is closed.
+        let fd = out.get(id).ok_or("socket vanished")?;
+        let ty = by_id.get(id).map_or(libc::SOCK_DGRAM, |s| s.sock_type);
+        let stand_in = new_socket(ty)?;
+        let name = format!("@stasis-closed-peer-{}-{id}", std::process::id());
+        bind(&stand_in, &name)?;
+        connect(fd, &name).map_err(|e| format!("{}: {e}", holder(image, *id)))?;
+    }
+    drop(stand_ins);
     for s in socks {
         let Some(fd) = out.get(&s.id) else { continue };
         if s.passcred {
@@ -529,5 +963,92 @@ pub fn create_all(image: &CheckpointReader) -> std::result::Result<HashMap<u64, 
         }
         super::shutdown(fd, s.shutdown);
     }
-    Ok(out)
+    Ok(())
+}
+
+/// Sends every queued message again, in order: from the peer (or its stand-in) of a
+/// connected socket, else (datagrams to a named socket) from a socket bound to the
+/// name of its sender.
+fn refill(
+    image: &CheckpointReader,
+    by_id: &HashMap<u64, &UnixSocket>,
+    out: &HashMap<u64, OwnedFd>,
+    stand_ins: &HashMap<u64, OwnedFd>,
+    descs: &HashMap<u64, OwnedFd>,
+    temps: &mut Temps,
+) -> std::result::Result<(), String> {
+    for s in &image.meta.sockets {
+        let Some(name) = &s.data_file else { continue };
+        let path = image.data_path(name).map_err(|e| e.to_string())?;
+        let data = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let from_peer =
+            stand_ins
+                .get(&s.id)
+                .map(|f| f.as_raw_fd())
+                .or_else(|| match by_id.get(&s.peer) {
+                    Some(p) if p.peer == s.id => out.get(&p.id).map(|f| f.as_raw_fd()),
+                    _ => None,
+                });
+        let to = if s.name.is_empty() {
+            None
+        } else {
+            Some(sockaddr(&abs_name(&s.name, &s.bound_in))?)
+        };
+        let count = s.messages.len();
+        let mut off = 0usize;
+        for (i, &len) in s.messages.iter().enumerate() {
+            let chunk = data
+                .get(off..off + len as usize)
+                .ok_or_else(|| format!("{}: the saved queue is short", path.display()))?;
+            off += len as usize;
+            let mut fds = Vec::new();
+            for m in s.in_flight.iter().filter(|m| m.message == i as u64) {
+                for f in &m.fds {
+                    let d = descs.get(&f.desc).ok_or_else(|| {
+                        format!(
+                            "{}: descriptor {} in flight: description {} missing",
+                            holder(image, s.id),
+                            f.fd,
+                            f.desc
+                        )
+                    })?;
+                    fds.push(d.as_raw_fd());
+                }
+            }
+            let sent = match (from_peer, &to) {
+                (Some(fd), _) => send_one(fd, chunk, &fds, None, s.sock_type == libc::SOCK_STREAM),
+                (None, Some(to)) => {
+                    let sender = s.senders.get(i).map(String::as_str).unwrap_or("");
+                    let own = image
+                        .meta
+                        .sockets
+                        .iter()
+                        .find(|x| {
+                            !sender.is_empty() && x.sock_type == s.sock_type && x.name == sender
+                        })
+                        .and_then(|x| out.get(&x.id))
+                        .map(|f| f.as_raw_fd());
+                    let fd = match own {
+                        Some(fd) => fd,
+                        None => temps.get(sender, &s.bound_in, s.sock_type)?,
+                    };
+                    send_one(fd, chunk, &fds, Some(to), false)
+                }
+                (None, None) => {
+                    return Err(format!(
+                        "{}: queued data with no way to resend it",
+                        holder(image, s.id)
+                    ))
+                }
+            };
+            sent.map_err(|e| {
+                format!(
+                    "{}: refilling the queue (message {} of {count}): {e}",
+                    holder(image, s.id),
+                    i + 1
+                )
+            })?;
+        }
+    }
+    Ok(())
 }

@@ -65,6 +65,7 @@ fn options(
         own_ipc_namespace: true,
         own_network_namespace: job.private_network,
         tcp_external,
+        unix_external_reconnect: job.unix_external_reconnect,
         private_tmp: job.private_tmp,
         app_api: None,
         stdio_files: Vec::new(),
@@ -584,6 +585,7 @@ fn init_inner(
                         req.tcp_external(),
                     );
                     o.keep = req.keep;
+                    o.unix_external_reconnect |= req.unix_external_reconnect;
                     o.stdio_files = stdio_files.clone();
                     o.fault = req.fault.clone();
                     if req.coordinated {

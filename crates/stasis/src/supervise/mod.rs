@@ -73,6 +73,11 @@ pub struct JobOptions {
     /// reset (`--tcp-external=reset`), else refuse them.
     #[serde(default)]
     pub tcp_external_reset: bool,
+    /// Every checkpoint of the job saves UNIX sockets connected to sockets outside it
+    /// to connect again to the same name at restore (`--unix-external=reconnect`),
+    /// else refuses them.
+    #[serde(default)]
+    pub unix_external_reconnect: bool,
     /// How long a checkpoint waits for the applications' pre-checkpoint hooks
     /// (`--hook-timeout`).
     #[serde(default = "default_hook_timeout")]
@@ -98,6 +103,7 @@ impl Default for JobOptions {
             checkpoint_on: None,
             requeue: false,
             tcp_external_reset: false,
+            unix_external_reconnect: false,
             hook_timeout: DEFAULT_HOOK_TIMEOUT,
         }
     }

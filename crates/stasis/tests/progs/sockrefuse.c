@@ -4,21 +4,23 @@
  *                             `tick N\n` to it every tick
  *   sockrefuse pending        listens on <cwd>/plisten; the test connects from
  *                             outside and the connection stays pending
- *   sockrefuse scm            a socketpair with a pipe's read end in flight
- *                             (sent with SCM_RIGHTS, not received yet)
+ *   sockrefuse scm            a socketpair with a netlink socket in flight
+ *                             (sent with SCM_RIGHTS, not received yet): a kind
+ *                             of descriptor stasis cannot save
  * Prints `ready kind=K fds=A,B` (the socket fds), then `tick N` every ~20 ms.
  * When a file `release` appears it checks the resource still works and drops
  * it, then prints `released`:
  *   outside: writes `bye\n` and closes the socket;
  *   pending: accepts the connection, reads `x`, answers `y`, closes both;
- *   scm:     receives the fd, checks it is the pipe's read end (writes `ping`
- *            to the write end, reads it through the received fd), closes all.
+ *   scm:     receives the fd, checks it is the netlink socket (SO_DOMAIN),
+ *            closes all.
  * At `go`: `OK ticks=N released=1`. */
 #include "util.h"
 #include <signal.h>
 #include <stddef.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <linux/netlink.h>
 
 static void addr_of(struct sockaddr_un *a, socklen_t *l, const char *path) {
     memset(a, 0, sizeof *a);
@@ -49,7 +51,9 @@ int main(int argc, char **argv) {
         if (fds[0] < 0 || bind(fds[0], (struct sockaddr *)&a, al) || listen(fds[0], 4))
             die("listen");
     } else if (strcmp(kind, "scm") == 0) {
-        if (socketpair(AF_UNIX, SOCK_STREAM, 0, fds) || pipe(pipefd)) die("socketpair/pipe");
+        if (socketpair(AF_UNIX, SOCK_STREAM, 0, fds)) die("socketpair");
+        pipefd[0] = socket(AF_NETLINK, SOCK_RAW, NETLINK_ROUTE);
+        if (pipefd[0] < 0) die("netlink socket");
         char c = 'F';
         struct iovec iov = {&c, 1};
         union {
@@ -113,13 +117,12 @@ int main(int argc, char **argv) {
                 if (got < 0) {
                     fail("the fd in flight was not received");
                 } else {
-                    char b[8] = {0};
-                    CHECK(write(pipefd[1], "ping", 4) == 4, "write to the pipe: %s", strerror(errno));
-                    CHECK(read(got, b, sizeof b) == 4 && memcmp(b, "ping", 4) == 0,
-                          "the received fd is not the pipe's read end");
+                    int dom = -1;
+                    socklen_t dl = sizeof dom;
+                    CHECK(getsockopt(got, SOL_SOCKET, SO_DOMAIN, &dom, &dl) == 0 && dom == AF_NETLINK,
+                          "the received fd is not the netlink socket (domain %d)", dom);
                     close(got);
                 }
-                close(pipefd[1]);
                 close(fds[0]);
                 close(fds[1]);
             }
