@@ -33,6 +33,12 @@ pub trait LocalPart {
     /// A spare agent's node is given the node part in `dir` to restart (protocol 2),
     /// meeting the other restarted parts in `rendezvous`: once it runs, the agent
     /// takes part in checkpoints.
+    /// A spare agent's node is given a command line (for `bash -c`) to start as a new
+    /// part of the job (protocol 2, `stasis ssh`): the agent then takes part in
+    /// checkpoints.
+    fn start(&mut self, cmd: &str) -> Result<()> {
+        bail!("cannot start {cmd:?} here: this agent has no engine")
+    }
     fn restore(&mut self, dir: &Path, rendezvous: Option<&Path>) -> Result<()> {
         let _ = rendezvous;
         bail!(
@@ -73,6 +79,9 @@ pub struct Options {
     pub versions: (u32, u32),
     /// How long to try to reach the coordinator (it may still be starting).
     pub connect_timeout: Duration,
+    /// The node part of a global checkpoint this agent restarts (its place in the
+    /// next global checkpoints).
+    pub part: Option<u32>,
 }
 
 impl Options {
@@ -82,6 +91,7 @@ impl Options {
             role,
             versions: (protocol::MIN_VERSION, protocol::VERSION),
             connect_timeout: Duration::from_secs(30),
+            part: None,
         }
     }
 }
@@ -140,6 +150,7 @@ pub fn connect(addr: &str, opts: &Options) -> Result<Connection> {
             role: opts.role,
             node: opts.node.clone(),
             pid: std::process::id(),
+            part: opts.part,
         },
     )
     .with_context(|| format!("cannot send hello to {peer}"))?;
@@ -344,16 +355,29 @@ impl Connection {
                     }
                     Msg::Aborted { ckpt }
                 }
-                Msg::Restore { dir, rendezvous } => {
+                Msg::Restore {
+                    dir,
+                    cmd,
+                    rendezvous,
+                } => {
                     if local != Local::Running {
                         Msg::RestoreFailed {
                             dir,
                             error: format!("{me} is in a checkpoint ({local:?})"),
                         }
                     } else {
-                        info!("{me}: restarting the part in {dir}");
+                        if cmd.is_empty() {
+                            info!("{me}: restarting the part in {dir}");
+                        } else {
+                            info!("{me}: starting {cmd:?} as a part of the job");
+                        }
                         let rv = (!rendezvous.is_empty()).then(|| Path::new(&rendezvous));
-                        match part.restore(Path::new(&dir), rv) {
+                        let r = if cmd.is_empty() {
+                            part.restore(Path::new(&dir), rv)
+                        } else {
+                            part.start(&cmd)
+                        };
+                        match r {
                             Ok(()) => Msg::Restored { dir },
                             Err(e) => Msg::RestoreFailed {
                                 dir,

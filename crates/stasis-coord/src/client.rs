@@ -71,6 +71,7 @@ impl Client {
                 role: Role::Client,
                 node: hostname(),
                 pid: std::process::id(),
+                part: None,
             },
         )
         .with_context(|| format!("cannot send hello to {peer}"))?;
@@ -122,15 +123,28 @@ impl Client {
 
     /// Has the spare agent of `node` restart the node part in `dir` (protocol 2).
     pub fn place(&mut self, node: &str, dir: &str, rendezvous: &str) -> Result<()> {
-        protocol::send(
-            &mut self.writer,
-            &Msg::Place {
-                node: node.to_string(),
-                dir: dir.to_string(),
-                rendezvous: rendezvous.to_string(),
-            },
-        )
-        .with_context(|| format!("cannot send the request to {}", self.peer))?;
+        self.place_msg(Msg::Place {
+            node: node.to_string(),
+            dir: dir.to_string(),
+            cmd: String::new(),
+            rendezvous: rendezvous.to_string(),
+        })
+    }
+
+    /// Has the spare agent of `node` start `cmd` (a command line for `bash -c`) as a
+    /// new part of the job (protocol 2; `stasis ssh`).
+    pub fn start_on(&mut self, node: &str, cmd: &str) -> Result<()> {
+        self.place_msg(Msg::Place {
+            node: node.to_string(),
+            dir: String::new(),
+            cmd: cmd.to_string(),
+            rendezvous: String::new(),
+        })
+    }
+
+    fn place_msg(&mut self, msg: Msg) -> Result<()> {
+        protocol::send(&mut self.writer, &msg)
+            .with_context(|| format!("cannot send the request to {}", self.peer))?;
         match protocol::recv(&mut self.reader, &self.peer)? {
             Some(Msg::Placed { .. }) => Ok(()),
             Some(Msg::Error { reason }) => bail!("{reason}"),

@@ -39,6 +39,10 @@ pub enum Msg {
         node: String,
         /// The sender's process id (for messages and logs).
         pid: u32,
+        /// An agent restarting part K of a global checkpoint: K, its place in the
+        /// next ones (version 2; absent otherwise).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        part: Option<u32>,
     },
     /// The coordinator's answer to an acceptable `hello`.
     Welcome {
@@ -101,7 +105,12 @@ pub enum Msg {
     /// node part in `dir` (one `node-K` of a global checkpoint) as its part of the job.
     Place {
         node: String,
+        /// The node part to restart; empty when `cmd` is to be started instead.
         dir: String,
+        /// A command line (run by `bash -c`) to start there as a new part of the job,
+        /// as a remote shell would (`stasis ssh`); empty for a restart.
+        #[serde(default)]
+        cmd: String,
         /// A directory the restarted parts meet in to learn each other's new
         /// addresses (see `STASIS_RENDEZVOUS`); empty: none.
         #[serde(default)]
@@ -111,6 +120,9 @@ pub enum Msg {
     /// agent then takes part in checkpoints as an agent.
     Restore {
         dir: String,
+        /// As in `place`.
+        #[serde(default)]
+        cmd: String,
         /// As in `place`.
         #[serde(default)]
         rendezvous: String,

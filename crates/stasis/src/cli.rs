@@ -394,6 +394,33 @@ pub enum Command {
         #[arg(trailing_var_arg = true, value_name = "CMD")]
         cmd: Vec<String>,
     },
+    /// A remote shell for launchers (`mpirun --mca plm_rsh_agent "stasis ssh"`): starts
+    /// COMMAND on NODE as a new part of the multi-node job, through the coordinator and
+    /// the spare agent that runs on NODE (`stasis agent --coordinator ADDR:PORT` without
+    /// a command, as a batch system's prolog would start it).
+    ///
+    /// Called as ssh is: `stasis ssh [SSH-OPTIONS] NODE COMMAND...`; ssh's options are
+    /// accepted and ignored, the words of COMMAND are joined by spaces and run by `bash
+    /// -c` in the agent's directory. Like a remote shell whose command detaches, it
+    /// returns as soon as COMMAND runs under stasis there (its output goes to that
+    /// agent's). The coordinator is --coordinator, else $STASIS_COORDINATOR, which every
+    /// part of a multi-node job has in its environment.
+    #[command(
+        after_help = "EXAMPLES\n    # in a part started by `stasis agent --coordinator head:7070 -- mpirun ...`:\n    mpirun --mca plm_rsh_agent \"stasis ssh\" --host n1,n2,n3 -np 3 ./app"
+    )]
+    Ssh {
+        /// The coordinator's address (default: $STASIS_COORDINATOR).
+        #[arg(long, value_name = "ADDR:PORT")]
+        coordinator: Option<String>,
+        /// [SSH-OPTIONS] NODE COMMAND...
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            required = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<String>,
+    },
     /// The coordinator benchmark (scripts/bench-coord.sh).
     #[command(hide = true, name = "coord-bench")]
     CoordBench {
@@ -579,6 +606,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             (!cmd.is_empty()).then_some(coord::Launch::Run { cmd, dir: None }),
             cli.quiet,
         ),
+        Command::Ssh { coordinator, args } => coord::ssh(coordinator, &args, cli.quiet),
         Command::CoordBench {
             agents,
             rounds,

@@ -117,12 +117,15 @@ enum Ev {
 /// named after it) and, for `Run`, the fresh directory to remove at the end.
 fn start_part(
     node: &str,
+    coordinator: &str,
     launch: &Launch,
     private_tmp: bool,
     quiet: bool,
 ) -> Result<(std::process::Child, PathBuf, Option<PathBuf>)> {
     let exe = std::env::current_exe().context("finding the stasis executable")?;
     let mut c = std::process::Command::new(exe);
+    // The part's processes find their coordinator here (`stasis ssh`).
+    c.env("STASIS_COORDINATOR", coordinator);
     if quiet {
         c.arg("--quiet");
     }
@@ -204,6 +207,7 @@ fn watch(child: std::process::Child, tx: mpsc::Sender<Ev>) -> Result<()> {
 /// that job. A spare agent's part starts empty and gets its job from a restore.
 struct EnginePart {
     node: String,
+    coordinator: String,
     /// The directory its supervisor is named after; None while the agent is spare.
     control: Option<PathBuf>,
     private_tmp: bool,
@@ -211,9 +215,33 @@ struct EnginePart {
     /// The coordinated checkpoint in progress.
     current: Option<crate::control::Coordinated>,
     events: mpsc::Sender<Ev>,
+    /// The fresh directory of a part started on a spare agent, removed at the end.
+    fresh: Option<RemoveOnDrop>,
 }
 
 impl EnginePart {
+    /// Starts the part of a spare agent.
+    fn run(&mut self, launch: &Launch) -> Result<()> {
+        if let Some(c) = &self.control {
+            bail!(
+                "node {} already runs a part of the job (supervised as {})",
+                self.node,
+                c.display()
+            );
+        }
+        let (child, control, fresh) = start_part(
+            &self.node,
+            &self.coordinator,
+            launch,
+            self.private_tmp,
+            self.quiet,
+        )?;
+        self.control = Some(control);
+        self.fresh = fresh.map(RemoveOnDrop);
+        let _ = self.events.send(Ev::Started);
+        watch(child, self.events.clone())
+    }
+
     fn end(&mut self, go: crate::control::Go) -> Result<()> {
         let c = self
             .current
@@ -289,10 +317,15 @@ impl LocalPart for EnginePart {
             dir: dir.to_path_buf(),
             rendezvous: rendezvous.map(Path::to_path_buf),
         };
-        let (child, control, _) = start_part(&self.node, &launch, self.private_tmp, self.quiet)?;
-        self.control = Some(control);
-        let _ = self.events.send(Ev::Started);
-        watch(child, self.events.clone())
+        self.run(&launch)
+    }
+
+    fn start(&mut self, cmd: &str) -> Result<()> {
+        let launch = Launch::Run {
+            cmd: vec!["bash".into(), "-c".into(), cmd.into()],
+            dir: None,
+        };
+        self.run(&launch)
     }
 }
 
@@ -345,6 +378,14 @@ pub fn agent(
     if let Some(n) = node {
         opts.node = n;
     }
+    // Restarting node part K of a global checkpoint: K-th in the next ones.
+    if let Some(Launch::Restart { dir, .. }) = &launch {
+        opts.part = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("node-"))
+            .and_then(|k| k.parse().ok());
+    }
     if let Some(v) = protocol_version {
         opts.versions = (v, v);
     }
@@ -368,7 +409,7 @@ pub fn agent(
     } else {
         let mut control = None;
         if let Some(l) = &launch {
-            let (c, dir, fresh) = start_part(&node, l, private_tmp, quiet)?;
+            let (c, dir, fresh) = start_part(&node, coordinator, l, private_tmp, quiet)?;
             child = Some(c);
             control = Some(dir);
             supervised = true;
@@ -376,6 +417,8 @@ pub fn agent(
         }
         Box::new(EnginePart {
             node: node.clone(),
+            coordinator: coordinator.to_string(),
+            fresh: None,
             control,
             private_tmp,
             quiet,
@@ -593,6 +636,49 @@ pub fn restart(
         }),
         quiet,
     )
+}
+
+/// ssh's options that take an argument (skipped with it by `stasis ssh`).
+const SSH_OPTS_WITH_ARG: &str = "bBcDeEFIiJlLmoOpQRSwW";
+
+/// `stasis ssh [SSH-OPTIONS] NODE COMMAND...` (see its --help).
+pub fn ssh(coordinator: Option<String>, args: &[String], quiet: bool) -> Result<ExitCode> {
+    let coordinator = coordinator
+        .or_else(|| std::env::var("STASIS_COORDINATOR").ok())
+        .context("no coordinator: give --coordinator ADDR:PORT or set STASIS_COORDINATOR (every part of a multi-node job has it)")?;
+    let mut rest = args.iter();
+    let node = loop {
+        let Some(a) = rest.next() else {
+            bail!("usage: stasis ssh [SSH-OPTIONS] NODE COMMAND...");
+        };
+        if a == "--" {
+            break rest
+                .next()
+                .context("usage: stasis ssh [SSH-OPTIONS] NODE COMMAND...")?;
+        }
+        match a.strip_prefix('-') {
+            // `-p 22`, but not `-p22`
+            Some(o) if o.len() == 1 && SSH_OPTS_WITH_ARG.contains(o) => {
+                rest.next();
+            }
+            Some(_) => {}
+            None => break a,
+        }
+    };
+    // user@host: the user is ours anyway.
+    let node = node.rsplit('@').next().unwrap_or(node);
+    let cmd: Vec<&str> = rest.map(String::as_str).collect();
+    if cmd.is_empty() {
+        bail!("stasis ssh {node}: no command (an interactive shell is not offered)");
+    }
+    let line = cmd.join(" ");
+    Client::connect(&coordinator)?
+        .start_on(node, &line)
+        .with_context(|| format!("starting {line:?} on node {node}"))?;
+    if !quiet {
+        tracing::info!("started {line:?} on node {node}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Removes a directory when dropped.

@@ -945,3 +945,177 @@ fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
     coord.kill();
     bed.down();
 }
+
+/// An OpenMPI job across three nodes run under stasis: mpirun under the agent of node
+/// 1, its daemons on nodes 2 and 3 started through `stasis ssh` as parts of the job by
+/// the spare agents there. Checkpointed globally while the ranks talk over TCP between
+/// the nodes (the job runs on), then with --kill, restarted on the same nodes with
+/// `stasis restart --coordinator --nodes`, and its result compared with an
+/// uninterrupted run's.
+#[test]
+fn openmpi_job_across_nodes_checkpointed_and_restarted() {
+    const STEPS_LONG: &str = "400";
+    let exe = mpiring();
+    let w = Work::new("multinode_mpi_cr");
+    std::fs::write(w.path("go"), b"").unwrap();
+    let out = Command::new("mpirun.openmpi")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "3"])
+        .arg(&exe)
+        .arg(STEPS_LONG)
+        .current_dir(&w.dir)
+        .output()
+        .expect("cannot run mpirun.openmpi");
+    let want = ok_line(&String::from_utf8_lossy(&out.stdout));
+    std::fs::remove_file(w.path("go")).unwrap();
+
+    let mut bed = Bed::up("mm", 3);
+    let addr = format!("{}:7074", bed.addr(1));
+    let ck = w.ck.to_str().unwrap().to_string();
+    let mut coord = w.spawn(
+        "coordinator",
+        bed.on(
+            1,
+            &[
+                STASIS,
+                "coordinator",
+                "--listen",
+                &addr,
+                "--dir",
+                &ck,
+                "--timeout",
+                "60s",
+            ],
+        ),
+        Stdio::null(),
+    );
+    let spares = |label: &str| -> Vec<Proc> {
+        (2..=3)
+            .map(|k| {
+                let mut p = w.spawn_io(
+                    &format!("{label}-{k}"),
+                    on_in(&bed, k, &w.dir, &[STASIS, "agent", "--coordinator", &addr]),
+                    Stdio::null(),
+                    true,
+                );
+                wait_joined(&mut p);
+                p
+            })
+            .collect()
+    };
+    let _first_spares = spares("spare");
+    let hostfile = w.path("hosts");
+    std::fs::write(
+        &hostfile,
+        (1..=3)
+            .map(|k| format!("{} slots=1\n", bed.node(k)))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let rsh = format!("{STASIS} ssh");
+    let mut job = w.spawn_io(
+        "agent-mpirun",
+        on_in(
+            &bed,
+            1,
+            &w.dir,
+            &[
+                STASIS,
+                "agent",
+                "--coordinator",
+                &addr,
+                "--",
+                "mpirun.openmpi",
+                "--allow-run-as-root",
+                "--map-by",
+                "node",
+                "--hostfile",
+                hostfile.to_str().unwrap(),
+                "-np",
+                "3",
+                "--mca",
+                "plm_rsh_agent",
+                &rsh,
+                "--mca",
+                "btl",
+                "tcp,self",
+                "--mca",
+                "btl_tcp_if_include",
+                "198.18.0.0/24",
+                "--mca",
+                "oob_tcp_if_include",
+                "198.18.0.0/24",
+                exe.to_str().unwrap(),
+                STEPS_LONG,
+            ],
+        ),
+        Stdio::null(),
+        true,
+    );
+    job.wait_tick(20, Duration::from_secs(90));
+    let checkpoint = |kill: bool| {
+        let mut args = vec![STASIS, "checkpoint", "--coordinator", addr.as_str()];
+        if kill {
+            args.push("--kill");
+        }
+        let r = bed.on(2, &args).output().unwrap();
+        assert!(
+            r.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&r.stderr),
+            coord.stderr()
+        );
+    };
+    checkpoint(false);
+    assert_eq!(parts_of(&w.ck, 1).len(), 3, "a part per node");
+    let t = job.last_tick().unwrap();
+    job.wait_tick(t + 20, T_CMD);
+    checkpoint(true);
+    job.expect_exit(EXIT_CHECKPOINTED, T_CMD);
+    let _second_spares = spares("spare-again");
+    let nodes = (1..=3).map(|k| bed.node(k)).collect::<Vec<_>>().join(",");
+    // mpirun's part first (it was an agent before the daemons' parts were started).
+    let parts = parts_of(&w.ck, 2);
+    assert_eq!(parts[0], bed.node(1), "{parts:?}");
+    let nodes_in_order = parts.join(",");
+    let mut sorted = parts.clone();
+    sorted.sort();
+    assert_eq!(sorted.join(","), nodes, "{parts:?}");
+    let mut restarted = w.spawn_io(
+        "restart",
+        on_in(
+            &bed,
+            1,
+            &w.dir,
+            &[
+                STASIS,
+                "restart",
+                "--coordinator",
+                &addr,
+                "--nodes",
+                &nodes_in_order,
+                &ck,
+            ],
+        ),
+        Stdio::null(),
+        true,
+    );
+    let before = job.last_tick().unwrap();
+    restarted.wait_tick(before + 20, Duration::from_secs(90));
+    w.go();
+    restarted.expect_exit(0, Duration::from_secs(60));
+    assert_ticks_consecutive(
+        &[
+            ("before".into(), job.stdout()),
+            ("restarted".into(), restarted.stdout()),
+        ],
+        Some(0),
+    );
+    assert_eq!(
+        ok_line(&restarted.stdout()),
+        want,
+        "the checkpointed and restarted 3-node result differs from an uninterrupted run's"
+    );
+    assert!(coord.running(), "{}", coord.diag());
+    coord.kill();
+    bed.down();
+}

@@ -14,6 +14,7 @@ pub(super) enum Event {
         role: Role,
         node: String,
         pid: u32,
+        part: Option<u32>,
         version: u32,
         writer: TcpStream,
     },
@@ -81,6 +82,7 @@ fn connection(conn: u64, stream: TcpStream, tx: Sender<Event>, hello_timeout: Du
         role,
         node,
         pid,
+        part,
     } = hello
     else {
         let reason = format!("the first message must be hello, not {}", hello.kind());
@@ -108,6 +110,7 @@ fn connection(conn: u64, stream: TcpStream, tx: Sender<Event>, hello_timeout: Du
             role,
             node,
             pid,
+            part,
             version,
             writer,
         })

@@ -24,6 +24,9 @@ struct Peer {
     name: String,
     node: String,
     index: u32,
+    /// Its place among the parts of a checkpoint: (the part it restarted, else
+    /// u32::MAX; the order it became an agent in).
+    order: (u32, u32),
     writer: TcpStream,
 }
 
@@ -142,6 +145,7 @@ impl State {
                 role,
                 node,
                 pid,
+                part,
                 version,
                 writer,
             } => {
@@ -167,6 +171,7 @@ impl State {
                         name,
                         node,
                         index,
+                        order: (part.unwrap_or(u32::MAX), index),
                         writer,
                     },
                 );
@@ -249,11 +254,12 @@ impl State {
         if let Msg::Place {
             node,
             dir,
+            cmd,
             rendezvous,
         } = msg
         {
             if role == Role::Client {
-                self.place(conn, node, dir, rendezvous);
+                self.place(conn, node, dir, cmd, rendezvous);
             }
             return;
         }
@@ -271,6 +277,15 @@ impl State {
                     };
                     p.role = Role::Agent;
                     p.name = p.name.replacen("spare agent", "agent", 1);
+                    // After the agents already in the job, unless it restarted part K
+                    // of a checkpoint: then K-th.
+                    let part = dir
+                        .rsplit('/')
+                        .next()
+                        .and_then(|n| n.strip_prefix("node-"))
+                        .and_then(|k| k.parse().ok());
+                    p.order = (part.unwrap_or(u32::MAX), self.next_index);
+                    self.next_index += 1;
                     info!("coordinator: {} runs the part of {dir} now", p.name);
                     Msg::Placed {
                         node: p.node.clone(),
@@ -328,7 +343,7 @@ impl State {
 
     /// A client asks for the node part in `dir` to be restarted on `node`, by the
     /// spare agent there.
-    fn place(&mut self, client: u64, node: String, dir: String, rendezvous: String) {
+    fn place(&mut self, client: u64, node: String, dir: String, cmd: String, rendezvous: String) {
         if self.round.is_some() || !self.queue.is_empty() {
             self.reply(
                 client,
@@ -364,6 +379,7 @@ impl State {
             spare,
             &Msg::Restore {
                 dir: dir.clone(),
+                cmd,
                 rendezvous,
             },
         ) {
@@ -399,11 +415,11 @@ impl State {
     }
 
     fn start(&mut self, client: u64, kill: bool) {
-        let mut members: Vec<(u32, u64)> = self
+        let mut members: Vec<((u32, u32), u64)> = self
             .peers
             .iter()
             .filter(|(_, p)| p.role == Role::Agent)
-            .map(|(c, p)| (p.index, *c))
+            .map(|(c, p)| (p.order, *c))
             .collect();
         members.sort_unstable();
         let members: Vec<u64> = members.into_iter().map(|(_, c)| c).collect();
