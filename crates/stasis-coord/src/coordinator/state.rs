@@ -23,7 +23,6 @@ struct Peer {
     /// "agent 3 (node n1, pid 1234)"
     name: String,
     node: String,
-    index: u32,
     /// Its place among the parts of a checkpoint: (the part it restarted, else
     /// u32::MAX; the order it became an agent in).
     order: (u32, u32),
@@ -170,7 +169,6 @@ impl State {
                         version,
                         name,
                         node,
-                        index,
                         order: (part.unwrap_or(u32::MAX), index),
                         writer,
                     },
