@@ -954,9 +954,21 @@ fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
 /// uninterrupted run's.
 #[test]
 fn openmpi_job_across_nodes_checkpointed_and_restarted() {
+    openmpi_across_nodes("multinode_mpi_cr", false);
+}
+
+/// The same, restarted on other nodes (each part on the next node, so every node's
+/// address changes): the connections between the ranks and daemons are made again
+/// between the new addresses.
+#[test]
+fn openmpi_job_across_nodes_restarted_on_other_nodes() {
+    openmpi_across_nodes("multinode_mpi_moved", true);
+}
+
+fn openmpi_across_nodes(name: &str, rotate: bool) {
     const STEPS_LONG: &str = "400";
     let exe = mpiring();
-    let w = Work::new("multinode_mpi_cr");
+    let w = Work::new(name);
     std::fs::write(w.path("go"), b"").unwrap();
     let out = Command::new("mpirun.openmpi")
         .args(["--allow-run-as-root", "--oversubscribe", "-np", "3"])
@@ -1071,20 +1083,42 @@ fn openmpi_job_across_nodes_checkpointed_and_restarted() {
     job.wait_tick(t + 20, T_CMD);
     checkpoint(true);
     job.expect_exit(EXIT_CHECKPOINTED, T_CMD);
-    let _second_spares = spares("spare-again");
     let nodes = (1..=3).map(|k| bed.node(k)).collect::<Vec<_>>().join(",");
     // mpirun's part first (it was an agent before the daemons' parts were started).
     let parts = parts_of(&w.ck, 2);
     assert_eq!(parts[0], bed.node(1), "{parts:?}");
-    let nodes_in_order = parts.join(",");
     let mut sorted = parts.clone();
     sorted.sort();
     assert_eq!(sorted.join(","), nodes, "{parts:?}");
+    // Where each part goes: the node it ran on, or the next one.
+    let k_of = |n: &str| (1..=3).find(|&k| bed.node(k) == n).unwrap();
+    let targets: Vec<usize> = parts
+        .iter()
+        .map(|n| if rotate { k_of(n) % 3 + 1 } else { k_of(n) })
+        .collect();
+    let _second_spares: Vec<Proc> = targets[1..]
+        .iter()
+        .map(|&k| {
+            let mut p = w.spawn_io(
+                &format!("spare-again-{k}"),
+                on_in(&bed, k, &w.dir, &[STASIS, "agent", "--coordinator", &addr]),
+                Stdio::null(),
+                true,
+            );
+            wait_joined(&mut p);
+            p
+        })
+        .collect();
+    let nodes_in_order = targets
+        .iter()
+        .map(|&k| bed.node(k))
+        .collect::<Vec<_>>()
+        .join(",");
     let mut restarted = w.spawn_io(
         "restart",
         on_in(
             &bed,
-            1,
+            targets[0],
             &w.dir,
             &[
                 STASIS,
