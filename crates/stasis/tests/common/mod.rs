@@ -1131,7 +1131,27 @@ pub fn install(src: &Path, dir: &Path, name: &str) -> PathBuf {
     fs::copy(src, &dst)
         .unwrap_or_else(|e| panic!("copy {} -> {}: {e}", src.display(), dst.display()));
     fs::set_permissions(&dst, fs::Permissions::from_mode(0o755)).unwrap();
+    wait_no_writer(&dst);
     dst
+}
+
+/// Waits (at most 5 s) until no process holds `path` open: a child another test thread
+/// forked while `path` was being written holds our write descriptor until it execs,
+/// and executing `path` meanwhile fails with ETXTBSY ("Text file busy").
+fn wait_no_writer(path: &Path) {
+    let t0 = Instant::now();
+    let held = || {
+        fs::read_dir("/proc").into_iter().flatten().flatten().any(|p| {
+            fs::read_dir(p.path().join("fd"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|fd| fs::read_link(fd.path()).is_ok_and(|t| t == path))
+        })
+    };
+    while held() && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 // ---------------------------------------------------------------------------
