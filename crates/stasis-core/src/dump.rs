@@ -372,7 +372,7 @@ fn checkpoint_locked(
         inet: inet_sockets,
         mut ptys,
     } = registry.finish(&mut writer)?;
-    mark_controlling_terminals(&tree, &mut ptys);
+    mark_controlling_terminals(&tree, &mut ptys, &mut processes)?;
     let mut meta = Checkpoint {
         sequence: writer.sequence(),
         arch: arch::ARCH_NAME.to_string(),
@@ -548,21 +548,43 @@ fn sysv_of(
     Ok(stasis_image::Sysv::default())
 }
 
-/// Records which pseudo-terminal is whose controlling terminal (stat was read while
-/// frozen and does not change meanwhile).
-fn mark_controlling_terminals(tree: &FrozenTree, ptys: &mut [stasis_image::Pty]) {
+/// Records which pseudo-terminal of the job is each process's controlling terminal,
+/// and each such terminal's session and foreground group (stat was read while frozen
+/// and does not change meanwhile). A process whose controlling terminal is one of the
+/// job's but whose session leader is not in the job is refused: only a session leader
+/// can make a terminal its controlling one again, and the others inherit it from it.
+fn mark_controlling_terminals(
+    tree: &FrozenTree,
+    ptys: &mut [stasis_image::Pty],
+    processes: &mut [Process],
+) -> Result<()> {
     for (proc, _) in tree {
-        if let Ok(st) = read_stat(proc) {
-            if st.session != proc.pid || st.tty_nr == 0 {
-                continue;
-            }
-            let dev = st.tty_nr as u64;
-            if let Some(p) = ptys.iter_mut().find(|p| crate::tty::slave_dev(p.id) == dev) {
-                p.session = proc.pid;
-                p.foreground = st.tpgid;
-            }
+        let Ok(st) = read_stat(proc) else { continue };
+        if st.tty_nr == 0 {
+            continue;
+        }
+        let dev = st.tty_nr as u64;
+        let Some(t) = ptys.iter_mut().find(|p| crate::tty::slave_dev(p.id) == dev) else {
+            continue;
+        };
+        if !tree.iter().any(|(q, _)| q.pid == st.session) {
+            return Err(Error::Unsupported {
+                pid: proc.pid,
+                what: format!(
+                    "its controlling terminal, pseudo-terminal {} of the job, whose session leader ({}) is not in the job",
+                    t.id, st.session
+                ),
+            });
+        }
+        if st.session == proc.pid {
+            t.session = proc.pid;
+            t.foreground = st.tpgid;
+        }
+        if let Some(p) = processes.iter_mut().find(|p| p.pid == proc.pid) {
+            p.ctty = Some(t.id);
         }
     }
+    Ok(())
 }
 
 /// The frozen processes of a tree, parents first.
@@ -1028,6 +1050,7 @@ impl Begun {
                 ppid: ts.ppid,
                 pgid: ts.pgid,
                 sid: ts.sid,
+                ctty: None,
                 comm: ts.comm,
                 exe: ts.exe,
                 cwd: ts.cwd,

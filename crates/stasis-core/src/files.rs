@@ -231,7 +231,7 @@ pub struct Registry {
     /// Sockets found so far.
     pub sockets: crate::sockets::Collector,
     /// Pseudo-terminal pairs found so far.
-    pub ptys: Vec<stasis_image::Pty>,
+    pub ptys: crate::tty::Collector,
     /// File locks found so far.
     pub locks: crate::locks::Collector,
     /// The processes of the checkpoint.
@@ -271,7 +271,7 @@ impl Registry {
             pipes: self.pipes,
             unix,
             inet,
-            ptys: self.ptys,
+            ptys: self.ptys.finish()?,
         })
     }
 
@@ -396,6 +396,16 @@ impl Registry {
                         .find(|s| s.1 == md.dev() && s.2 == md.ino())
                         .map(|s| s.0),
                 }
+            } else if md.file_type().is_char_device()
+                && crate::tty::is_dev_tty(libc::major(md.rdev()), libc::minor(md.rdev()))
+            {
+                let index = crate::tty::dev_tty_index(pid, fd)?;
+                FdKind::Pty {
+                    pty: self.ptys.dump_fd(pid, fd, false, index)?,
+                    master: false,
+                    flags,
+                    dev_tty: true,
+                }
             } else if let Some((master, index)) = md
                 .file_type()
                 .is_char_device()
@@ -403,9 +413,10 @@ impl Registry {
                 .flatten()
             {
                 FdKind::Pty {
-                    pty: crate::tty::dump_fd(pid, fd, master, index, &mut self.ptys)?,
+                    pty: self.ptys.dump_fd(pid, fd, master, index)?,
                     master,
                     flags,
+                    dev_tty: false,
                 }
             } else if md.file_type().is_char_device() {
                 let (maj, min) = (libc::major(md.rdev()), libc::minor(md.rdev()));
@@ -705,7 +716,9 @@ fn save_content(
 
 /// Opens every open file description of the image once, in the restorer. `stdio` are
 /// the restorer's own streams, bound to the saved outside stdio; the restorer's ends of
-/// re-made connections to the application interface go to `api`.
+/// re-made connections to the application interface go to `api`; a slave of each new
+/// pseudo-terminal, by saved id, to `ttys` (session leaders take their controlling
+/// terminal from it).
 pub fn open_descriptions(
     meta: &Checkpoint,
     image: &CheckpointReader,
@@ -713,6 +726,7 @@ pub fn open_descriptions(
     shm: &HashMap<u64, OwnedFd>,
     sockets: &mut HashMap<u64, OwnedFd>,
     api: &mut Vec<crate::sockets::appapi::Remade>,
+    ttys: &mut HashMap<u64, OwnedFd>,
 ) -> std::result::Result<HashMap<u64, OwnedFd>, String> {
     let mut descs: HashMap<u64, OwnedFd> = HashMap::new();
     // Each pipe's two ends, and whether each was handed out already.
@@ -720,7 +734,8 @@ pub fn open_descriptions(
     // One read-write opening of each FIFO, so that opening either end never blocks;
     // dropped once every description exists.
     let mut fifo_keepers: HashMap<u64, OwnedFd> = HashMap::new();
-    // New pty pairs, by saved index: (master not yet handed out, slave path).
+    // New pty pairs, by saved index: (master not yet handed out, slave path). A slave
+    // of each stays in `ttys`.
     let mut ptys: HashMap<u64, (Option<OwnedFd>, String)> = HashMap::new();
     for p in &meta.processes {
         for f in &p.fds {
@@ -763,17 +778,28 @@ pub fn open_descriptions(
                     };
                     fd
                 }
-                FdKind::Pty { pty, master, flags } => {
+                FdKind::Pty {
+                    pty,
+                    master,
+                    flags,
+                    dev_tty,
+                } => {
                     if !ptys.contains_key(pty) {
                         let saved = meta.ptys.iter().find(|x| x.id == *pty).ok_or_else(|| {
                             format!("fd {}: pseudo-terminal {pty} missing from the image", f.fd)
                         })?;
-                        let (m, path) =
+                        let (m, s, path) =
                             crate::tty::create(saved).map_err(|e| format!("fd {}: {e}", f.fd))?;
                         ptys.insert(*pty, (Some(m), path));
+                        ttys.insert(*pty, s);
                     }
                     let entry = ptys.get_mut(pty).ok_or("pty vanished")?;
-                    if *master {
+                    if *dev_tty {
+                        let s = ttys.get(pty).ok_or("pty vanished")?;
+                        crate::tty::open_dev_tty(s.as_raw_fd(), *flags)
+                            .map_err(|e| format!("fd {} (/dev/tty): {e}", f.fd))?
+                            .into_raw_fd()
+                    } else if *master {
                         match entry.0.take() {
                             Some(m) => m.into_raw_fd(),
                             None => open(f.fd, "/dev/ptmx", *flags)?,

@@ -149,8 +149,19 @@ pub fn restore(
     crate::sysv::restore(image)?;
     let shm_objs = crate::shm::create_objects(image).map_err(restore_err)?;
     let mut socket_fds = crate::sockets::create_all(image).map_err(restore_err)?;
-    let descs = files::open_descriptions(meta, image, &stdio, &shm_objs, &mut socket_fds, api)
-        .map_err(restore_err)?;
+    // A slave of each pseudo-terminal stays open here until the processes are forked
+    // (session leaders take their controlling terminal from it).
+    let mut ttys: HashMap<u64, OwnedFd> = HashMap::new();
+    let descs = files::open_descriptions(
+        meta,
+        image,
+        &stdio,
+        &shm_objs,
+        &mut socket_fds,
+        api,
+        &mut ttys,
+    )
+    .map_err(restore_err)?;
     drop(socket_fds);
     // OFD and flock locks belong to the descriptions: taken once, here.
     crate::locks::take_shared(meta, &descs)?;
@@ -206,6 +217,7 @@ pub fn restore(
             .iter()
             .map(|(id, fd)| (*id, fd.as_raw_fd()))
             .collect(),
+        ttys: ttys.iter().map(|(id, fd)| (*id, fd.as_raw_fd())).collect(),
     };
 
     // Roots (processes whose parent is not in the image) are our children; each
@@ -487,28 +499,40 @@ fn rebuild(
                 -r
             );
         }
-    } // The foreground group of the terminal this session leader controls.
-    for t in image
-        .meta
-        .ptys
-        .iter()
-        .filter(|t| t.session == p.pid && t.foreground > 0)
-    {
-        let fd = p.fds.iter().find(|f| matches!(f.kind, stasis_image::FdKind::Pty { pty, master: false, .. } if pty == t.id));
-        if let Some(f) = fd {
-            scratch.write(&t.foreground.to_le_bytes())?;
-            let r = inj.raw(
-                libc::SYS_ioctl,
-                &[f.fd as u64, libc::TIOCSPGRP, scratch.addr],
-            )?;
-            if r < 0 {
-                tracing::warn!(
-                    "process {}: could not give the terminal back to group {}: errno {}",
-                    p.pid,
-                    t.foreground,
-                    -r
-                );
-            }
+    }
+    // The foreground group of a terminal of the job, set by the first process of its
+    // session that has it as controlling terminal and holds an fd of its slave (or
+    // /dev/tty); its SIGTTOU is blocked here.
+    for t in image.meta.ptys.iter().filter(|t| t.foreground > 0) {
+        fn slave_fd(q: &Process, id: u64) -> Option<&stasis_image::Fd> {
+            q.fds.iter().find(|f| {
+                matches!(f.kind, stasis_image::FdKind::Pty { pty, master: false, .. } if pty == id)
+            })
+        }
+        // (An image of an older stasis has no `ctty`: its leader then.)
+        let setter = image.meta.processes.iter().find(|q| {
+            q.sid == t.session
+                && (q.ctty == Some(t.id) || (q.ctty.is_none() && q.pid == t.session))
+                && slave_fd(q, t.id).is_some()
+        });
+        let Some(f) = setter
+            .filter(|q| q.pid == p.pid)
+            .and_then(|q| slave_fd(q, t.id))
+        else {
+            continue;
+        };
+        scratch.write(&t.foreground.to_le_bytes())?;
+        let r = inj.raw(
+            libc::SYS_ioctl,
+            &[f.fd as u64, libc::TIOCSPGRP, scratch.addr],
+        )?;
+        if r < 0 {
+            tracing::warn!(
+                "process {}: could not give the terminal back to group {}: errno {}",
+                p.pid,
+                t.foreground,
+                -r
+            );
         }
     }
 
@@ -603,6 +627,8 @@ struct Tree<'a> {
     gadgets: Vec<u64>,
     /// The restorer's descriptor of each shared memory object, inherited.
     shm: HashMap<u64, i32>,
+    /// The restorer's descriptor of a slave of each pseudo-terminal, inherited.
+    ttys: HashMap<u64, i32>,
 }
 
 impl Tree<'_> {
@@ -618,6 +644,7 @@ impl Tree<'_> {
         let p = &procs[idx];
         let follower = p.fd_table_of.is_some();
         let mut sock = socks[idx];
+        let mut ctty_err = None;
         // SAFETY: plain libc calls on our own process; the set is initialized by
         // sigfillset.
         unsafe {
@@ -629,6 +656,13 @@ impl Tree<'_> {
             // session and group it inherits, as its saved parent's did.
             if p.sid == p.pid {
                 libc::setsid();
+                // Its controlling terminal, before the members of its session are
+                // forked (they inherit it).
+                if let Some(&s) = p.ctty.and_then(|id| self.ttys.get(&id)) {
+                    if libc::ioctl(s, libc::TIOCSCTTY, 0) != 0 {
+                        ctty_err = Some(std::io::Error::last_os_error());
+                    }
+                }
             } else if p.pgid == p.pid {
                 libc::setpgid(0, 0);
             } else if p.pgid > 0 {
@@ -637,7 +671,10 @@ impl Tree<'_> {
                 libc::setpgid(0, p.pgid);
             }
         }
-        let mut result = Ok(());
+        let mut result = match ctty_err {
+            Some(e) => Err(format!("taking its controlling terminal back: {e}")),
+            None => Ok(()),
+        };
         let mut zombies = false;
         for z in self.image.meta.zombies.iter().filter(|z| z.ppid == p.pid) {
             match fork_retry(z.pid) {
