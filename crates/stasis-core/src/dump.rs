@@ -120,7 +120,7 @@ fn checkpoint_with_retries(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<D
     // Threads an earlier attempt could not resume (they had not stopped in time)
     // are resumed now if they have stopped since.
     crate::freeze::settle();
-    // A passing state (bytes in a terminal) is waited out: the job runs on a moment
+    // A passing state (events queued in an inotify instance) is waited out: the job runs on a moment
     // between attempts.
     let mut attempt = 0;
     loop {

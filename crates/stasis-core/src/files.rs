@@ -352,7 +352,7 @@ impl Registry {
                     flags,
                 }
             } else if target == "anon_inode:inotify" {
-                crate::inotify::dump(proc, fd, flags, &info.text)?
+                crate::inotify::dump(proc, fd, flags, &info.text, &self.job)?
             } else if let Some(k) = target
                 .strip_prefix("anon_inode:")
                 .and_then(|a| crate::eventfds::dump(a.trim_matches(['[', ']']), flags, &info.text))
@@ -737,6 +737,8 @@ pub fn open_descriptions(
     // New pty pairs, by saved index: (master not yet handed out, slave path). A slave
     // of each stays in `ttys`.
     let mut ptys: HashMap<u64, (Option<OwnedFd>, String)> = HashMap::new();
+    // inotify instances, made once every other description exists.
+    let mut inotify: Vec<&Fd> = Vec::new();
     for p in &meta.processes {
         for f in &p.fds {
             if f.desc == 0 {
@@ -851,8 +853,12 @@ pub fn open_descriptions(
                     api,
                 )?,
                 FdKind::Pidfd { .. } | FdKind::ProcFile { .. } => continue,
-                FdKind::Inotify { flags, watches } => crate::inotify::create(*flags, watches)
-                    .map_err(|e| format!("fd {}: {e}", f.fd))?,
+                // After every other description (a watch may be on a deleted file
+                // recreated here).
+                FdKind::Inotify { .. } => {
+                    inotify.push(f);
+                    continue;
+                }
                 k @ (FdKind::EventFd { .. }
                 | FdKind::TimerFd { .. }
                 | FdKind::SignalFd { .. }
@@ -921,6 +927,29 @@ pub fn open_descriptions(
             let owned = unsafe { OwnedFd::from_raw_fd(fd) };
             descs.insert(f.desc, owned);
         }
+    }
+    for f in inotify {
+        let FdKind::Inotify { flags, watches } = &f.kind else {
+            continue;
+        };
+        if descs.contains_key(&f.desc) {
+            continue;
+        }
+        let held = |at: [i32; 2]| {
+            let desc = meta
+                .processes
+                .iter()
+                .find(|p| p.pid == at[0])?
+                .fds
+                .iter()
+                .find(|x| x.fd == at[1])?
+                .desc;
+            descs.get(&desc).map(|d| d.as_raw_fd())
+        };
+        let fd = crate::inotify::create(*flags, watches, held)
+            .map_err(|e| format!("fd {}: {e}", f.fd))?;
+        // SAFETY: `fd` was just created and is owned here.
+        descs.insert(f.desc, unsafe { OwnedFd::from_raw_fd(fd) });
     }
     Ok(descs)
 }

@@ -979,12 +979,17 @@ pub enum FdKind {
     },
 }
 
-/// One inotify watch: its number, event mask, and a path to the watched inode.
+/// One inotify watch: its number, event mask, and a path to the watched inode (or
+/// the fd of the job holding it, for a deleted file).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InotifyWatch {
     pub wd: i32,
     pub mask: u32,
     pub path: String,
+    /// [pid, fd] of an fd of the job that holds the watched inode, a deleted file
+    /// (`path` is then empty): the watch is put on the recreated file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_fd: Option<[i32; 2]>,
 }
 
 /// One fd registered in an epoll instance.

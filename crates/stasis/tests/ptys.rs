@@ -3,7 +3,11 @@
 //! terminals, foreground groups set with tcsetpgrp, /dev/tty opened through them and
 //! ^C delivering SIGINT to the foreground group (ptysess.c), and bytes waiting in
 //! ptys in both directions, canonical and raw (ptypend.c: each reader gets exactly
-//! those bytes, once, in order, with the settings unchanged).
+//! those bytes, once, in order, with the settings unchanged). Also two inotify
+//! corners (inotifydel.c): a watch on a deleted file still held open comes back on
+//! the recreated file (its events, IN_DELETE_SELF on the last close included, arrive
+//! once), and events still queued refuse the checkpoint (they cannot be read without
+//! consuming them), the application running on and reading them once.
 //!
 //! Every program runs under `stasis run` through a checkpoint it survives, two
 //! `checkpoint --kill` / restart cycles at random moments (seed printed;
@@ -309,4 +313,108 @@ fn pending_pty_bytes_by_pid_as_unprivileged_user() {
         return;
     }
     pid_cycles("ptys_pend_pid_user", "ptypend", &[], true, check_ptypend);
+}
+
+// ---------------------------------------------------------------------------
+// inotifydel.c: a watch on a deleted file; queued events
+// ---------------------------------------------------------------------------
+
+/// The instance holds watch 1 by path and watch 2 on the deleted file, as the fd
+/// that holds it.
+fn check_inotifydel(meta: &Value, ready: &str, what: &str) {
+    let procs = meta["processes"].as_array().cloned().unwrap_or_default();
+    let fds = procs[0]["fds"].as_array().cloned().unwrap_or_default();
+    let watches = fds
+        .iter()
+        .find(|f| f["kind"]["type"] == "inotify")
+        .and_then(|f| f["kind"]["watches"].as_array().cloned())
+        .unwrap_or_else(|| panic!("{what}: no inotify fd: {fds:?}"));
+    let w2 = field_num(ready, "w2") as i64;
+    let w = watches
+        .iter()
+        .find(|w| w["wd"] == w2)
+        .unwrap_or_else(|| panic!("{what}: no watch {w2}: {watches:?}"));
+    assert!(
+        w["deleted_fd"].is_array() && w["path"] == "",
+        "{what}: watch {w2} should be saved as the fd holding the deleted file: {w}"
+    );
+}
+
+#[test]
+fn inotify_watch_on_deleted_file_under_run() {
+    run_cycles("ino_del", "inotifydel", &[], false, check_inotifydel);
+}
+
+#[test]
+fn inotify_watch_on_deleted_file_under_run_as_unprivileged_user() {
+    run_cycles("ino_del_user", "inotifydel", &[], true, check_inotifydel);
+}
+
+#[test]
+fn inotify_watch_on_deleted_file_by_pid() {
+    pid_cycles("ino_del_pid", "inotifydel", &[], false, check_inotifydel);
+}
+
+#[test]
+fn inotify_watch_on_deleted_file_by_pid_as_unprivileged_user() {
+    if !user_may_ptrace() {
+        eprintln!("skipped: kernel.yama.ptrace_scope forbids a user to trace a non-descendant");
+        return;
+    }
+    pid_cycles(
+        "ino_del_pid_user",
+        "inotifydel",
+        &[],
+        true,
+        check_inotifydel,
+    );
+}
+
+/// The refusal names the inotify fd and says why.
+fn assert_queued_refusal(r: &CmdOut) {
+    assert!(!r.status.success(), "the checkpoint should be refused: {r}");
+    let msg = format!("{}{}", r.stdout, r.stderr);
+    assert!(
+        msg.contains("an inotify instance") && msg.contains("unread events") && msg.contains("fd "),
+        "the refusal should name the inotify fd and its queued events: {r}"
+    );
+}
+
+/// Events queued in an inotify instance refuse the checkpoint (with and without
+/// --kill, under run, as root and as a plain user); the job runs on and reads them once.
+fn queued_under_run(name: &str, as_user: bool) {
+    let (w, exe) = work_for(name, "inotifydel", as_user);
+    let argv: Vec<&OsStr> = vec![exe.as_os_str(), OsStr::new("queue")];
+    let mut s = Session::start(&w, &argv);
+    s.cur().wait_tick(3, T_READY);
+    assert_queued_refusal(&w.checkpoint(false));
+    assert_queued_refusal(&w.checkpoint(true));
+    s.cur().wait_more_ticks(2, T_READY);
+    let ok = s.finish();
+    assert_ticks_consecutive(&s.outputs(), Some(0));
+    eprintln!("{name}: {ok}");
+}
+
+#[test]
+fn inotify_queued_events_are_refused_under_run() {
+    queued_under_run("ino_q", false);
+}
+
+#[test]
+fn inotify_queued_events_are_refused_under_run_as_unprivileged_user() {
+    queued_under_run("ino_q_user", true);
+}
+
+/// The same through `checkpoint --pid` (--kill included: the process is not killed).
+#[test]
+fn inotify_queued_events_are_refused_by_pid() {
+    let (w, exe) = work_for("ino_q_pid", "inotifydel", false);
+    let mut app = spawn_direct(&w, &exe, &["queue"]);
+    app.wait_tick(3, T_READY);
+    assert_queued_refusal(&checkpoint_pid(&w, app.pid(), false));
+    assert_queued_refusal(&checkpoint_pid(&w, app.pid(), true));
+    app.wait_more_ticks(2, T_READY);
+    let mut s = Session::from_proc(&w, app);
+    let ok = s.finish();
+    eprintln!("ino_q_pid: {ok}");
 }
