@@ -7,7 +7,8 @@
 //! corners (inotifydel.c): a watch on a deleted file still held open comes back on
 //! the recreated file (its events, IN_DELETE_SELF on the last close included, arrive
 //! once), and events still queued refuse the checkpoint (they cannot be read without
-//! consuming them), the application running on and reading them once.
+//! consuming them), the application running on and reading them once; a watch on
+//! an inode with no path stasis finds is refused the same way.
 //!
 //! Every program runs under `stasis run` through a checkpoint it survives, two
 //! `checkpoint --kill` / restart cycles at random moments (seed printed;
@@ -417,4 +418,47 @@ fn inotify_queued_events_are_refused_by_pid() {
     let mut s = Session::from_proc(&w, app);
     let ok = s.finish();
     eprintln!("ino_q_pid: {ok}");
+}
+
+/// A watch on a directory stasis does not find by path (too deep below the cwd) and
+/// that is no deleted file: the checkpoint is refused naming the watch, and the job
+/// runs on (its watch still reports).
+fn far_refused(r: &CmdOut) {
+    assert!(!r.status.success(), "the checkpoint should be refused: {r}");
+    let msg = format!("{}{}", r.stdout, r.stderr);
+    assert!(
+        msg.contains("inotify watch (number 1)") && msg.contains("could not find by path"),
+        "the refusal should name the watch: {r}"
+    );
+}
+
+#[test]
+fn inotify_watch_unreachable_by_path_is_refused_under_run() {
+    let (w, exe) = work_for("ino_far", "inotifydel", false);
+    let argv: Vec<&OsStr> = vec![exe.as_os_str(), OsStr::new("far")];
+    let mut s = Session::start(&w, &argv);
+    s.cur().wait_tick(3, T_READY);
+    far_refused(&w.checkpoint(false));
+    far_refused(&w.checkpoint(true));
+    s.cur().wait_more_ticks(2, T_READY);
+    let ok = s.finish();
+    assert_ticks_consecutive(&s.outputs(), Some(0));
+    eprintln!("ino_far: {ok}");
+}
+
+#[test]
+fn inotify_watch_unreachable_by_path_is_refused_by_pid_as_unprivileged_user() {
+    if !user_may_ptrace() {
+        eprintln!("skipped: kernel.yama.ptrace_scope forbids a user to trace a non-descendant");
+        return;
+    }
+    let (w, exe) = work_for("ino_far_pid_user", "inotifydel", true);
+    let mut app = spawn_direct(&w, &exe, &["far"]);
+    app.wait_tick(3, T_READY);
+    far_refused(&checkpoint_pid(&w, app.pid(), false));
+    far_refused(&checkpoint_pid(&w, app.pid(), true));
+    app.wait_more_ticks(2, T_READY);
+    let mut s = Session::from_proc(&w, app);
+    let ok = s.finish();
+    eprintln!("ino_far_pid_user: {ok}");
 }

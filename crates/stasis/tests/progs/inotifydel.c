@@ -8,7 +8,11 @@
  * created in "watched", IN_CREATE on watch 1.
  * With `queue`: after `ready` it creates "watched/queued" and reads no event until
  * `go` (a checkpoint meanwhile must be refused); after `go` that IN_CREATE must be
- * read once, first. Output: `OK ticks=N` / `FAIL ...`. */
+ * read once, first.
+ * With `far`: watch 1 is on "far/1/2/3/4/5" instead, a directory stasis does not
+ * search (too deep below the cwd): a checkpoint must be refused; after `go` a file
+ * created there must still be reported on watch 1.
+ * Output: `OK ticks=N` / `FAIL ...`. */
 #include "util.h"
 #include <sys/inotify.h>
 
@@ -46,16 +50,22 @@ static void expect(int in, int wd, uint32_t mask, const char *name) {
 int main(int argc, char **argv) {
     setup();
     int queue = argc > 1 && strcmp(argv[1], "queue") == 0;
+    int far = argc > 1 && strcmp(argv[1], "far") == 0;
+    const char *dir = far ? "far/1/2/3/4/5" : "watched";
     unlink("victim");
     mkdir("watched", 0700);
+    const char *parts[] = {"far", "far/1", "far/1/2", "far/1/2/3", "far/1/2/3/4", "far/1/2/3/4/5"};
+    for (int i = 0; far && i < 6; i++) mkdir(parts[i], 0700);
+    char after[256];
+    snprintf(after, sizeof after, "%s/after", dir);
     unlink("watched/queued");
-    unlink("watched/after");
+    unlink(after);
     int fd = open("victim", O_CREAT | O_RDWR | O_TRUNC, 0600);
     if (fd < 0) die("open victim");
     write_all(fd, "hello", 5);
     int in = inotify_init1(IN_NONBLOCK);
     if (in < 0) die("inotify_init1");
-    int w1 = inotify_add_watch(in, "watched", IN_CREATE);
+    int w1 = inotify_add_watch(in, dir, IN_CREATE);
     int w2 = inotify_add_watch(in, "victim", IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_DELETE_SELF);
     if (w1 < 0 || w2 < 0) die("inotify_add_watch");
     if (unlink("victim")) die("unlink");
@@ -88,7 +98,7 @@ int main(int argc, char **argv) {
     expect(in, w2, IN_CLOSE_WRITE, NULL);
     expect(in, w2, IN_DELETE_SELF, NULL);
     expect(in, w2, IN_IGNORED, NULL);
-    int a = open("watched/after", O_CREAT | O_WRONLY, 0600);
+    int a = open(after, O_CREAT | O_WRONLY, 0600);
     if (a >= 0) close(a);
     expect(in, w1, IN_CREATE, "after");
     struct inotify_event *extra = next_event(in);
