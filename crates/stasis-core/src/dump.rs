@@ -334,6 +334,11 @@ fn checkpoint_locked(
         let prev_pages = prev.get(&part.process.pid);
         copied.push(part.write_pages(&mut writer, prev_pages, opts.compress)?);
     }
+    // Each process's terminal state, while still frozen.
+    let terminals: Vec<(i32, procfs::process::Stat)> = tree
+        .iter()
+        .filter_map(|(proc, _)| read_stat(proc).ok().map(|st| (proc.pid, st)))
+        .collect();
     // Every page is copied: the processes may run on (unless they are to die, or
     // wait for the other nodes' parts).
     if !opts.kill && !hold {
@@ -372,7 +377,7 @@ fn checkpoint_locked(
         inet: inet_sockets,
         mut ptys,
     } = registry.finish(&mut writer)?;
-    mark_controlling_terminals(&tree, &mut ptys, &mut processes)?;
+    mark_controlling_terminals(&terminals, &mut ptys, &mut processes)?;
     let mut meta = Checkpoint {
         sequence: writer.sequence(),
         arch: arch::ARCH_NAME.to_string(),
@@ -549,17 +554,17 @@ fn sysv_of(
 }
 
 /// Records which pseudo-terminal of the job is each process's controlling terminal,
-/// and each such terminal's session and foreground group (stat was read while frozen
-/// and does not change meanwhile). A process whose controlling terminal is one of the
+/// and each such terminal's session and foreground group, from the processes' stat
+/// (`terminals`, read while frozen). A process whose controlling terminal is one of the
 /// job's but whose session leader is not in the job is refused: only a session leader
 /// can make a terminal its controlling one again, and the others inherit it from it.
 fn mark_controlling_terminals(
-    tree: &FrozenTree,
+    terminals: &[(i32, procfs::process::Stat)],
     ptys: &mut [stasis_image::Pty],
     processes: &mut [Process],
 ) -> Result<()> {
-    for (proc, _) in tree {
-        let Ok(st) = read_stat(proc) else { continue };
+    for (pid, st) in terminals {
+        let pid = *pid;
         if st.tty_nr == 0 {
             continue;
         }
@@ -567,20 +572,20 @@ fn mark_controlling_terminals(
         let Some(t) = ptys.iter_mut().find(|p| crate::tty::slave_dev(p.id) == dev) else {
             continue;
         };
-        if !tree.iter().any(|(q, _)| q.pid == st.session) {
+        if !terminals.iter().any(|(q, _)| *q == st.session) {
             return Err(Error::Unsupported {
-                pid: proc.pid,
+                pid,
                 what: format!(
                     "its controlling terminal, pseudo-terminal {} of the job, whose session leader ({}) is not in the job",
                     t.id, st.session
                 ),
             });
         }
-        if st.session == proc.pid {
-            t.session = proc.pid;
+        if st.session == pid {
+            t.session = pid;
             t.foreground = st.tpgid;
         }
-        if let Some(p) = processes.iter_mut().find(|p| p.pid == proc.pid) {
+        if let Some(p) = processes.iter_mut().find(|p| p.pid == pid) {
             p.ctty = Some(t.id);
         }
     }
