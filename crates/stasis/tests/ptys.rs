@@ -8,7 +8,8 @@
 //! the recreated file (its events, IN_DELETE_SELF on the last close included, arrive
 //! once), and events still queued refuse the checkpoint (they cannot be read without
 //! consuming them), the application running on and reading them once; a watch on
-//! an inode with no path stasis finds is refused the same way.
+//! an inode with no path stasis finds is refused the same way. A process holding a
+//! pty whose master is outside the job is refused, and runs on.
 //!
 //! Every program runs under `stasis run` through a checkpoint it survives, two
 //! `checkpoint --kill` / restart cycles at random moments (seed printed;
@@ -461,4 +462,66 @@ fn inotify_watch_unreachable_by_path_is_refused_by_pid_as_unprivileged_user() {
     let mut s = Session::from_proc(&w, app);
     let ok = s.finish();
     eprintln!("ino_far_pid_user: {ok}");
+}
+
+// ---------------------------------------------------------------------------
+// A pty from outside the job
+// ---------------------------------------------------------------------------
+
+/// A process holding the slave of a pty whose master is not in the job (here the
+/// test's) is refused by `checkpoint --pid`, with and without --kill, naming the fd;
+/// the process runs on unharmed (counter.c checks its fds and memory at the end).
+fn outside_pty_refused(name: &str, as_user: bool) {
+    if as_user && !user_may_ptrace() {
+        eprintln!("skipped: kernel.yama.ptrace_scope forbids a user to trace a non-descendant");
+        return;
+    }
+    let (w, exe) = work_for(name, "counter", as_user);
+    // Close-on-exec at once: the programs of the tests running alongside must not
+    // inherit it. The program opens the slave by name.
+    // SAFETY: open of /dev/ptmx; unlockpt/ptsname_r on the master we own, into our buffer.
+    let (m, slave) = unsafe {
+        let m = libc::open(
+            c"/dev/ptmx".as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        );
+        assert!(m >= 0, "/dev/ptmx: {}", std::io::Error::last_os_error());
+        assert_eq!(libc::unlockpt(m), 0);
+        let mut buf = [0 as libc::c_char; 64];
+        assert_eq!(libc::ptsname_r(m, buf.as_mut_ptr(), buf.len()), 0);
+        let name = std::ffi::CStr::from_ptr(buf.as_ptr());
+        (m, PathBuf::from(name.to_str().unwrap()))
+    };
+    if as_user {
+        let (uid, gid, _) = unprivileged_user();
+        std::os::unix::fs::chown(&slave, Some(uid), Some(gid)).unwrap();
+    }
+    let script = format!("exec {} 3<>{}", exe.display(), slave.display());
+    let mut app = spawn_direct(&w, Path::new("/bin/sh"), &["-c", &script]);
+    app.wait_tick(3, T_READY);
+    for kill in [false, true] {
+        let r = checkpoint_pid(&w, app.pid(), kill);
+        assert!(!r.status.success(), "the checkpoint should be refused: {r}");
+        let msg = format!("{}{}", r.stdout, r.stderr);
+        assert!(
+            msg.contains("fd 3") && msg.contains("whose master is not held by the job"),
+            "the refusal should name fd 3 and say why: {r}"
+        );
+    }
+    app.wait_more_ticks(2, T_READY);
+    let mut s = Session::from_proc(&w, app);
+    let ok = s.finish();
+    // SAFETY: closing our master.
+    unsafe { libc::close(m) };
+    eprintln!("{name}: {ok}");
+}
+
+#[test]
+fn pty_from_outside_is_refused_by_pid() {
+    outside_pty_refused("ptys_outside_pid", false);
+}
+
+#[test]
+fn pty_from_outside_is_refused_by_pid_as_unprivileged_user() {
+    outside_pty_refused("ptys_outside_pid_user", true);
 }
