@@ -7,7 +7,8 @@
 //! character devices (/dev/null...), and pipes (the bytes in flight are read without
 //! consuming them: the pipe is reopened through /proc and `tee(2)`d into a pipe of
 //! ours), pidfds and files under /proc/PID of processes of the checkpoint (the
-//! target process must be one of the job's). Fds that share one open file
+//! target process must be one of the job's), pseudo-terminal ends and /dev/tty
+//! ([`crate::tty`]), inotify instances ([`crate::inotify`]). Fds that share one open file
 //! description, in one process (dup) or across processes (fork), are found with
 //! `kcmp(2)` and get the same description id; so are the files epoll sets watch under
 //! an fd number that no longer holds them (KCMP_EPOLL_TFD), and the processes that
@@ -16,7 +17,9 @@
 //!
 //! Restore: the restorer opens every description once ([`open_descriptions`]: files
 //! reopened and positioned, pipes created, refilled and resized, a pipe end with
-//! several descriptions reopened through /proc for each) and passes each process its
+//! several descriptions reopened through /proc for each, pty pairs made with their
+//! waiting bytes, inotify instances last, as a watch may be on a deleted file
+//! recreated here) and passes each process its
 //! fds over a UNIX socket with SCM_RIGHTS ([`send_fds`]); the process puts them at
 //! their numbers ([`receive_fds`]). Sharing is preserved because the very same
 //! descriptions are passed. Pidfds and /proc files need their processes to exist: the
