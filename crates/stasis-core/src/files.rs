@@ -10,7 +10,8 @@
 //! character devices (/dev/null...), and pipes (the bytes in flight are read without
 //! consuming them: the pipe is reopened through /proc and `tee(2)`d into a pipe of
 //! ours), pidfds and files under /proc/PID of processes of the checkpoint (the
-//! target process must be one of the job's). Fds that share one open file
+//! target process must be one of the job's), pseudo-terminal ends and /dev/tty
+//! ([`crate::tty`]), inotify instances ([`crate::inotify`]). Fds that share one open file
 //! description, in one process (dup) or across processes (fork), are found with
 //! `kcmp(2)` and get the same description id; so are the files epoll sets watch under
 //! an fd number that no longer holds them (KCMP_EPOLL_TFD), and the processes that
@@ -23,8 +24,10 @@
 //! reopened and positioned, deleted files and memfds reopened through the one object
 //! [`crate::shm`] recreated for their inode, removed directories made, opened and
 //! removed again, pipes created, refilled and resized, a pipe end with several
-//! descriptions reopened through /proc for each; those in flight too, which the UNIX
-//! sockets' refill then sends again) and passes each process its fds over a UNIX
+//! descriptions reopened through /proc for each, pty pairs made with their waiting
+//! bytes, inotify instances last, as a watch may be on a deleted file recreated here;
+//! those in flight too, which the UNIX sockets' refill then sends again) and passes
+//! each process its fds over a UNIX
 //! socket with SCM_RIGHTS ([`send_fds`]); the process puts them at their numbers
 //! ([`receive_fds`]). Sharing is preserved because the very same descriptions are
 //! passed. Pidfds and /proc files need their processes to exist: the process opens them
@@ -239,7 +242,7 @@ pub struct Registry {
     /// Sockets found so far.
     pub sockets: crate::sockets::Collector,
     /// Pseudo-terminal pairs found so far.
-    pub ptys: Vec<stasis_image::Pty>,
+    pub ptys: crate::tty::Collector,
     /// File locks found so far.
     pub locks: crate::locks::Collector,
     /// The processes of the checkpoint.
@@ -281,7 +284,7 @@ impl Registry {
             pipes: self.pipes,
             unix,
             inet,
-            ptys: self.ptys,
+            ptys: self.ptys.finish()?,
         })
     }
 
@@ -588,7 +591,7 @@ impl Registry {
                 flags,
             }
         } else if target == "anon_inode:inotify" {
-            crate::inotify::dump(proc, fd, flags, &info.text)?
+            crate::inotify::dump(proc, fd, flags, &info.text, &self.job)?
         } else if let Some(k) = target
             .strip_prefix("anon_inode:")
             .and_then(|a| crate::eventfds::dump(a.trim_matches(['[', ']']), flags, &info.text))
@@ -641,6 +644,16 @@ impl Registry {
                     .find(|s| s.1 == md.dev() && s.2 == md.ino())
                     .map(|s| s.0),
             }
+        } else if md.file_type().is_char_device()
+            && crate::tty::is_dev_tty(libc::major(md.rdev()), libc::minor(md.rdev()))
+        {
+            let index = crate::tty::dev_tty_index(pid, fd)?;
+            FdKind::Pty {
+                pty: self.ptys.dump_fd(pid, fd, false, index)?,
+                master: false,
+                flags,
+                dev_tty: true,
+            }
         } else if let Some((master, index)) = md
             .file_type()
             .is_char_device()
@@ -648,9 +661,10 @@ impl Registry {
             .flatten()
         {
             FdKind::Pty {
-                pty: crate::tty::dump_fd(pid, fd, master, index, &mut self.ptys)?,
+                pty: self.ptys.dump_fd(pid, fd, master, index)?,
                 master,
                 flags,
+                dev_tty: false,
             }
         } else if md.file_type().is_char_device() {
             let (maj, min) = (libc::major(md.rdev()), libc::minor(md.rdev()));
@@ -908,7 +922,9 @@ fn classify_special(target: &str) -> Option<String> {
 }
 /// Opens every open file description of the image once, in the restorer. `stdio` are
 /// the restorer's own streams, bound to the saved outside stdio; the restorer's ends of
-/// re-made connections to the application interface go to `api`.
+/// re-made connections to the application interface go to `api`; a slave of each new
+/// pseudo-terminal, by saved id, to `ttys` (session leaders take their controlling
+/// terminal from it).
 pub fn open_descriptions(
     meta: &Checkpoint,
     image: &CheckpointReader,
@@ -916,6 +932,7 @@ pub fn open_descriptions(
     shm: &HashMap<u64, OwnedFd>,
     sockets: &mut HashMap<u64, OwnedFd>,
     api: &mut Vec<crate::sockets::appapi::Remade>,
+    ttys: &mut HashMap<u64, OwnedFd>,
 ) -> std::result::Result<HashMap<u64, OwnedFd>, String> {
     let mut descs: HashMap<u64, OwnedFd> = HashMap::new();
     // Each pipe's two ends, and whether each was handed out already.
@@ -923,8 +940,11 @@ pub fn open_descriptions(
     // One read-write opening of each FIFO, so that opening either end never blocks;
     // dropped once every description exists.
     let mut fifo_keepers: HashMap<u64, OwnedFd> = HashMap::new();
-    // New pty pairs, by saved index: (master not yet handed out, slave path).
+    // New pty pairs, by saved index: (master not yet handed out, slave path). A slave
+    // of each stays in `ttys`.
     let mut ptys: HashMap<u64, (Option<OwnedFd>, String)> = HashMap::new();
+    // inotify instances, made once every other description exists.
+    let mut inotify: Vec<&Fd> = Vec::new();
     // Memfds whose own (memfd_create'd) description was handed out.
     let mut memfds_given: std::collections::HashSet<u64> = std::collections::HashSet::new();
     // The processes' fds, then the descriptors in flight in UNIX sockets' queues
@@ -998,17 +1018,28 @@ pub fn open_descriptions(
                     };
                     fd
                 }
-                FdKind::Pty { pty, master, flags } => {
+                FdKind::Pty {
+                    pty,
+                    master,
+                    flags,
+                    dev_tty,
+                } => {
                     if !ptys.contains_key(pty) {
                         let saved = meta.ptys.iter().find(|x| x.id == *pty).ok_or_else(|| {
                             format!("fd {}: pseudo-terminal {pty} missing from the image", f.fd)
                         })?;
-                        let (m, path) =
+                        let (m, s, path) =
                             crate::tty::create(saved).map_err(|e| format!("fd {}: {e}", f.fd))?;
                         ptys.insert(*pty, (Some(m), path));
+                        ttys.insert(*pty, s);
                     }
                     let entry = ptys.get_mut(pty).ok_or("pty vanished")?;
-                    if *master {
+                    if *dev_tty {
+                        let s = ttys.get(pty).ok_or("pty vanished")?;
+                        crate::tty::open_dev_tty(s.as_raw_fd(), *flags)
+                            .map_err(|e| format!("fd {} (/dev/tty): {e}", f.fd))?
+                            .into_raw_fd()
+                    } else if *master {
                         match entry.0.take() {
                             Some(m) => m.into_raw_fd(),
                             None => open(f.fd, "/dev/ptmx", *flags)?,
@@ -1060,8 +1091,12 @@ pub fn open_descriptions(
                     api,
                 )?,
                 FdKind::Pidfd { .. } | FdKind::ProcFile { .. } => continue,
-                FdKind::Inotify { flags, watches } => crate::inotify::create(*flags, watches)
-                    .map_err(|e| format!("fd {}: {e}", f.fd))?,
+                // After every other description (a watch may be on a deleted file
+                // recreated here).
+                FdKind::Inotify { .. } => {
+                    inotify.push(f);
+                    continue;
+                }
                 k @ (FdKind::EventFd { .. }
                 | FdKind::TimerFd { .. }
                 | FdKind::SignalFd { .. }
@@ -1164,6 +1199,29 @@ pub fn open_descriptions(
             let owned = unsafe { OwnedFd::from_raw_fd(fd) };
             descs.insert(f.desc, owned);
         }
+    }
+    for f in inotify {
+        let FdKind::Inotify { flags, watches } = &f.kind else {
+            continue;
+        };
+        if descs.contains_key(&f.desc) {
+            continue;
+        }
+        let held = |at: [i32; 2]| {
+            let desc = meta
+                .processes
+                .iter()
+                .find(|p| p.pid == at[0])?
+                .fds
+                .iter()
+                .find(|x| x.fd == at[1])?
+                .desc;
+            descs.get(&desc).map(|d| d.as_raw_fd())
+        };
+        let fd = crate::inotify::create(*flags, watches, held)
+            .map_err(|e| format!("fd {}: {e}", f.fd))?;
+        // SAFETY: `fd` was just created and is owned here.
+        descs.insert(f.desc, unsafe { OwnedFd::from_raw_fd(fd) });
     }
     Ok(descs)
 }

@@ -149,8 +149,19 @@ pub fn restore(
     crate::sysv::restore(image)?;
     let shm_objs = crate::shm::create_objects(image).map_err(restore_err)?;
     let (mut socket_fds, unix_pending) = crate::sockets::create_all(image).map_err(restore_err)?;
-    let descs = files::open_descriptions(meta, image, &stdio, &shm_objs, &mut socket_fds, api)
-        .map_err(restore_err)?;
+    // A slave of each pseudo-terminal stays open here until the processes are forked
+    // (session leaders take their controlling terminal from it).
+    let mut ttys: HashMap<u64, OwnedFd> = HashMap::new();
+    let descs = files::open_descriptions(
+        meta,
+        image,
+        &stdio,
+        &shm_objs,
+        &mut socket_fds,
+        api,
+        &mut ttys,
+    )
+    .map_err(restore_err)?;
     drop(socket_fds);
     // UNIX sockets' queues, whose messages may carry any description.
     crate::sockets::unix::finish(image, unix_pending, &descs).map_err(restore_err)?;
@@ -208,6 +219,7 @@ pub fn restore(
             .iter()
             .map(|(id, fd)| (*id, fd.as_raw_fd()))
             .collect(),
+        ttys: ttys.iter().map(|(id, fd)| (*id, fd.as_raw_fd())).collect(),
     };
 
     // Roots (processes whose parent is not in the image) are our children; each
@@ -233,6 +245,13 @@ pub fn restore(
         files::send_fds(parent_ends[i].as_raw_fd(), &p.fds, &descs)
             .map_err(|msg| Error::Restore { pid: p.pid, msg })?;
     }
+    // The inotify instances, emptied once every process is rebuilt (see below).
+    let inotify: Vec<OwnedFd> = procs
+        .iter()
+        .flat_map(|p| p.fds.iter())
+        .filter(|f| matches!(f.kind, stasis_image::FdKind::Inotify { .. }))
+        .filter_map(|f| descs.get(&f.desc)?.try_clone().ok())
+        .collect();
     drop(descs);
     let mut prepared = Vec::with_capacity(procs.len());
     for (i, p) in procs.iter().enumerate() {
@@ -242,6 +261,11 @@ pub fn restore(
         }
         prepared.push(prep);
     }
+    // Every process has mapped its shared memory: our copies of the objects go now,
+    // not once the processes run (closing the last writable description of a deleted
+    // file recreated here is an event for an inotify watch on it).
+    drop(tree);
+    drop(shm_objs);
     for p in procs {
         seize_stopped(p.pid)?;
     }
@@ -251,6 +275,12 @@ pub fn restore(
     }
     for (i, p) in procs.iter().enumerate() {
         rebuild(p.pid, image, &deps, p, &prepared[i], &used_by[i])?;
+    }
+    // Nothing was queued in an inotify instance at checkpoint time (a queued event
+    // refuses it): what the rebuild caused (files recreated, our descriptors closed)
+    // is dropped before any process runs.
+    for fd in &inotify {
+        drain_events(fd.as_raw_fd());
     }
     // Start children before parents.
     for p in procs.iter().rev() {
@@ -262,6 +292,27 @@ pub fn restore(
         std::mem::forget(g);
     }
     Ok(root_pid)
+}
+
+/// Reads and drops every event queued in inotify instance `fd` (without changing its
+/// flags: poll says whether a read would block).
+fn drain_events(fd: i32) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one initialized pollfd, without waiting.
+        if unsafe { libc::poll(&mut p, 1, 0) } <= 0 {
+            return;
+        }
+        // SAFETY: reading into our buffer.
+        if unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) } <= 0 {
+            return;
+        }
+    }
 }
 
 /// Opens and fully verifies the earlier checkpoints an incremental checkpoint refers
@@ -489,28 +540,40 @@ fn rebuild(
                 -r
             );
         }
-    } // The foreground group of the terminal this session leader controls.
-    for t in image
-        .meta
-        .ptys
-        .iter()
-        .filter(|t| t.session == p.pid && t.foreground > 0)
-    {
-        let fd = p.fds.iter().find(|f| matches!(f.kind, stasis_image::FdKind::Pty { pty, master: false, .. } if pty == t.id));
-        if let Some(f) = fd {
-            scratch.write(&t.foreground.to_le_bytes())?;
-            let r = inj.raw(
-                libc::SYS_ioctl,
-                &[f.fd as u64, libc::TIOCSPGRP, scratch.addr],
-            )?;
-            if r < 0 {
-                tracing::warn!(
-                    "process {}: could not give the terminal back to group {}: errno {}",
-                    p.pid,
-                    t.foreground,
-                    -r
-                );
-            }
+    }
+    // The foreground group of a terminal of the job, set by the first process of its
+    // session that has it as controlling terminal and holds an fd of its slave (or
+    // /dev/tty); its SIGTTOU is blocked here.
+    for t in image.meta.ptys.iter().filter(|t| t.foreground > 0) {
+        fn slave_fd(q: &Process, id: u64) -> Option<&stasis_image::Fd> {
+            q.fds.iter().find(|f| {
+                matches!(f.kind, stasis_image::FdKind::Pty { pty, master: false, .. } if pty == id)
+            })
+        }
+        // (An image of an older stasis has no `ctty`: its leader then.)
+        let setter = image.meta.processes.iter().find(|q| {
+            q.sid == t.session
+                && (q.ctty == Some(t.id) || (q.ctty.is_none() && q.pid == t.session))
+                && slave_fd(q, t.id).is_some()
+        });
+        let Some(f) = setter
+            .filter(|q| q.pid == p.pid)
+            .and_then(|q| slave_fd(q, t.id))
+        else {
+            continue;
+        };
+        scratch.write(&t.foreground.to_le_bytes())?;
+        let r = inj.raw(
+            libc::SYS_ioctl,
+            &[f.fd as u64, libc::TIOCSPGRP, scratch.addr],
+        )?;
+        if r < 0 {
+            tracing::warn!(
+                "process {}: could not give the terminal back to group {}: errno {}",
+                p.pid,
+                t.foreground,
+                -r
+            );
         }
     }
 
@@ -605,6 +668,8 @@ struct Tree<'a> {
     gadgets: Vec<u64>,
     /// The restorer's descriptor of each shared memory object, inherited.
     shm: HashMap<u64, i32>,
+    /// The restorer's descriptor of a slave of each pseudo-terminal, inherited.
+    ttys: HashMap<u64, i32>,
 }
 
 impl Tree<'_> {
@@ -620,6 +685,7 @@ impl Tree<'_> {
         let p = &procs[idx];
         let follower = p.fd_table_of.is_some();
         let mut sock = socks[idx];
+        let mut ctty_err = None;
         // SAFETY: plain libc calls on our own process; the set is initialized by
         // sigfillset.
         unsafe {
@@ -631,6 +697,13 @@ impl Tree<'_> {
             // session and group it inherits, as its saved parent's did.
             if p.sid == p.pid {
                 libc::setsid();
+                // Its controlling terminal, before the members of its session are
+                // forked (they inherit it).
+                if let Some(&s) = p.ctty.and_then(|id| self.ttys.get(&id)) {
+                    if libc::ioctl(s, libc::TIOCSCTTY, 0) != 0 {
+                        ctty_err = Some(std::io::Error::last_os_error());
+                    }
+                }
             } else if p.pgid == p.pid {
                 libc::setpgid(0, 0);
             } else if p.pgid > 0 {
@@ -639,7 +712,10 @@ impl Tree<'_> {
                 libc::setpgid(0, p.pgid);
             }
         }
-        let mut result = Ok(());
+        let mut result = match ctty_err {
+            Some(e) => Err(format!("taking its controlling terminal back: {e}")),
+            None => Ok(()),
+        };
         let mut zombies = false;
         for z in self.image.meta.zombies.iter().filter(|z| z.ppid == p.pid) {
             match fork_retry(z.pid) {

@@ -184,6 +184,15 @@ pub struct Pty {
     /// Foreground process group (0: none).
     #[serde(default)]
     pub foreground: i32,
+    /// Bytes written to the master that the slave had not read yet (hex), as the
+    /// slave's line discipline holds them (already processed by its input settings;
+    /// in canonical mode, complete lines and a partial one).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub input: String,
+    /// Bytes written to the slave that the master had not read yet (hex), after the
+    /// slave's output processing.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub output: String,
 }
 
 /// A UNIX domain socket (unix(7)).
@@ -456,6 +465,10 @@ pub struct Process {
     /// Session.
     #[serde(default)]
     pub sid: i32,
+    /// The pseudo-terminal (id of `Checkpoint::ptys`) that is this process's
+    /// controlling terminal, if it is one of the job's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ctty: Option<u64>,
     /// Command name (`/proc/PID/comm`).
     pub comm: String,
     /// The executable (`/proc/PID/exe`).
@@ -1003,8 +1016,15 @@ pub enum FdKind {
         pos: u64,
     },
     /// A pseudo-terminal end (of `Checkpoint::ptys`): the master (/dev/ptmx) or the
-    /// slave (/dev/pts/N).
-    Pty { pty: u64, master: bool, flags: i32 },
+    /// slave (/dev/pts/N); with `dev_tty`, a slave opened as /dev/tty by a process
+    /// whose controlling terminal it was (reopened as /dev/tty at restore).
+    Pty {
+        pty: u64,
+        master: bool,
+        flags: i32,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        dev_tty: bool,
+    },
     /// A UNIX domain socket of `Checkpoint::sockets`.
     UnixSocket { sock: u64, flags: i32 },
     /// A TCP or UDP socket of `Checkpoint::inet_sockets`; `owner` is the fd's
@@ -1041,12 +1061,17 @@ pub enum FdKind {
     },
 }
 
-/// One inotify watch: its number, event mask, and a path to the watched inode.
+/// One inotify watch: its number, event mask, and a path to the watched inode (or
+/// the fd of the job holding it, for a deleted file).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InotifyWatch {
     pub wd: i32,
     pub mask: u32,
     pub path: String,
+    /// [pid, fd] of an fd of the job that holds the watched inode, a deleted file
+    /// (`path` is then empty): the watch is put on the recreated file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_fd: Option<[i32; 2]>,
 }
 
 /// One fd registered in an epoll instance.

@@ -321,6 +321,7 @@ impl Begun {
                 ppid: ts.ppid,
                 pgid: ts.pgid,
                 sid: ts.sid,
+                ctty: None,
                 comm: ts.comm,
                 exe: ts.exe,
                 cwd: ts.cwd,

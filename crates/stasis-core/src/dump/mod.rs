@@ -17,7 +17,7 @@ mod tree;
 
 use frozen::{dump_frozen, Tracking};
 use memory::part::Part;
-use tree::{freeze_tree, job_children, read_stat, FrozenTree, Job};
+use tree::{freeze_tree, job_children, read_stat, Job};
 
 use crate::error::{Error, Result};
 use crate::files::{self, StdioIds};
@@ -128,7 +128,7 @@ fn checkpoint_with_retries(dir: &Path, pid: i32, opts: &DumpOptions) -> Result<D
     // Threads an earlier attempt could not resume (they had not stopped in time)
     // are resumed now if they have stopped since.
     crate::freeze::settle();
-    // A passing state (bytes in a terminal) is waited out: the job runs on a moment
+    // A passing state (events queued in an inotify instance) is waited out: the job runs on a moment
     // between attempts.
     let mut attempt = 0;
     loop {
@@ -349,6 +349,11 @@ fn checkpoint_locked(
         let prev_pages = prev.get(&part.process.pid);
         copied.push(part.write_pages(&mut writer, prev_pages, opts.compress)?);
     }
+    // Each process's terminal state, while still frozen.
+    let terminals: Vec<(i32, procfs::process::Stat)> = tree
+        .iter()
+        .filter_map(|(proc, _)| read_stat(proc).ok().map(|st| (proc.pid, st)))
+        .collect();
     // Every page is copied: the processes may run on (unless they are to die, or
     // wait for the other nodes' parts).
     if !opts.kill && !hold {
@@ -387,7 +392,7 @@ fn checkpoint_locked(
         inet: inet_sockets,
         mut ptys,
     } = registry.finish(&mut writer)?;
-    mark_controlling_terminals(&tree, &mut ptys);
+    mark_controlling_terminals(&terminals, &mut ptys, &mut processes)?;
     let mut meta = Checkpoint {
         sequence: writer.sequence(),
         arch: arch::ARCH_NAME.to_string(),
@@ -523,21 +528,43 @@ fn sysv_of(
     Ok(stasis_image::Sysv::default())
 }
 
-/// Records which pseudo-terminal is whose controlling terminal (stat was read while
-/// frozen and does not change meanwhile).
-fn mark_controlling_terminals(tree: &FrozenTree, ptys: &mut [stasis_image::Pty]) {
-    for (proc, _) in tree {
-        if let Ok(st) = read_stat(proc) {
-            if st.session != proc.pid || st.tty_nr == 0 {
-                continue;
-            }
-            let dev = st.tty_nr as u64;
-            if let Some(p) = ptys.iter_mut().find(|p| crate::tty::slave_dev(p.id) == dev) {
-                p.session = proc.pid;
-                p.foreground = st.tpgid;
-            }
+/// Records which pseudo-terminal of the job is each process's controlling terminal,
+/// and each such terminal's session and foreground group, from the processes' stat
+/// (`terminals`, read while frozen). A process whose controlling terminal is one of the
+/// job's but whose session leader is not in the job is refused: only a session leader
+/// can make a terminal its controlling one again, and the others inherit it from it.
+fn mark_controlling_terminals(
+    terminals: &[(i32, procfs::process::Stat)],
+    ptys: &mut [stasis_image::Pty],
+    processes: &mut [stasis_image::Process],
+) -> Result<()> {
+    for (pid, st) in terminals {
+        let pid = *pid;
+        if st.tty_nr == 0 {
+            continue;
+        }
+        let dev = st.tty_nr as u64;
+        let Some(t) = ptys.iter_mut().find(|p| crate::tty::slave_dev(p.id) == dev) else {
+            continue;
+        };
+        if !terminals.iter().any(|(q, _)| *q == st.session) {
+            return Err(Error::Unsupported {
+                pid,
+                what: format!(
+                    "its controlling terminal, pseudo-terminal {} of the job, whose session leader ({}) is not in the job",
+                    t.id, st.session
+                ),
+            });
+        }
+        if st.session == pid {
+            t.session = pid;
+            t.foreground = st.tpgid;
+        }
+        if let Some(p) = processes.iter_mut().find(|p| p.pid == pid) {
+            p.ctty = Some(t.id);
         }
     }
+    Ok(())
 }
 
 /// The page runs of checkpoint `prev_seq` in `dir` (the newest before this one), by

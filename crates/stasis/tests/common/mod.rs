@@ -1141,13 +1141,17 @@ pub fn install(src: &Path, dir: &Path, name: &str) -> PathBuf {
 fn wait_no_writer(path: &Path) {
     let t0 = Instant::now();
     let held = || {
-        fs::read_dir("/proc").into_iter().flatten().flatten().any(|p| {
-            fs::read_dir(p.path().join("fd"))
-                .into_iter()
-                .flatten()
-                .flatten()
-                .any(|fd| fs::read_link(fd.path()).is_ok_and(|t| t == path))
-        })
+        fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|p| {
+                fs::read_dir(p.path().join("fd"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|fd| fs::read_link(fd.path()).is_ok_and(|t| t == path))
+            })
     };
     while held() && t0.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(5));
