@@ -19,6 +19,11 @@ use tracing::{info, warn};
 pub trait LocalPart {
     /// Stops every process of the part (nothing runs until resume, kill or abort).
     fn freeze(&mut self, ckpt: u64) -> Result<()>;
+    /// The addresses of every node of the checkpoint about to be frozen (TCP
+    /// connections to them are between parts of the job).
+    fn nodes(&mut self, nodes: &[String]) {
+        let _ = nodes;
+    }
     /// Writes the frozen part into `dir` (which it creates) and syncs it; returns the
     /// bytes written.
     fn dump(&mut self, ckpt: u64, dir: &Path) -> Result<u64>;
@@ -82,6 +87,8 @@ pub struct Options {
     /// The node part of a global checkpoint this agent restarts (its place in the
     /// next global checkpoints).
     pub part: Option<u32>,
+    /// This node's addresses (sent in `hello`).
+    pub addresses: Vec<String>,
 }
 
 impl Options {
@@ -92,6 +99,7 @@ impl Options {
             versions: (protocol::MIN_VERSION, protocol::VERSION),
             connect_timeout: Duration::from_secs(30),
             part: None,
+            addresses: Vec::new(),
         }
     }
 }
@@ -151,6 +159,7 @@ pub fn connect(addr: &str, opts: &Options) -> Result<Connection> {
             node: opts.node.clone(),
             pid: std::process::id(),
             part: opts.part,
+            addresses: opts.addresses.clone(),
         },
     )
     .with_context(|| format!("cannot send hello to {peer}"))?;
@@ -255,7 +264,8 @@ impl Connection {
                 }
             };
             let reply = match msg {
-                Msg::Freeze { ckpt } => {
+                Msg::Freeze { ckpt, nodes } => {
+                    part.nodes(&nodes);
                     if local != Local::Running {
                         Msg::Failed {
                             ckpt,

@@ -72,6 +72,7 @@ impl Client {
                 node: hostname(),
                 pid: std::process::id(),
                 part: None,
+                addresses: Vec::new(),
             },
         )
         .with_context(|| format!("cannot send hello to {peer}"))?;

@@ -43,6 +43,10 @@ pub enum Msg {
         /// next ones (version 2; absent otherwise).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         part: Option<u32>,
+        /// An agent's node's addresses (version 2): TCP connections of the job to
+        /// them are between its parts.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        addresses: Vec<String>,
     },
     /// The coordinator's answer to an acceptable `hello`.
     Welcome {
@@ -56,8 +60,14 @@ pub enum Msg {
     /// The coordinator's answer to an unacceptable `hello`; it then closes.
     Refused { reason: String },
 
-    /// Coordinator to agent: freeze the local part for checkpoint `ckpt`.
-    Freeze { ckpt: u64 },
+    /// Coordinator to agent: freeze the local part for checkpoint `ckpt`. `nodes`
+    /// (version 2): the addresses of every node of the checkpoint (TCP connections to
+    /// them are between parts of the job, saved on both ends).
+    Freeze {
+        ckpt: u64,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        nodes: Vec<String>,
+    },
     /// Coordinator to agent: write the local part into `dir` (created by the agent, on
     /// a file system the coordinator sees) and sync it.
     Dump { ckpt: u64, dir: String },
@@ -167,7 +177,7 @@ impl Msg {
     /// The checkpoint a message of a checkpoint's phases belongs to.
     pub fn ckpt(&self) -> Option<u64> {
         match self {
-            Msg::Freeze { ckpt }
+            Msg::Freeze { ckpt, .. }
             | Msg::Dump { ckpt, .. }
             | Msg::Resume { ckpt }
             | Msg::Kill { ckpt }

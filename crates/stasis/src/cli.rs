@@ -532,6 +532,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 unix_external_reconnect: unix_external == "reconnect",
                 fault: stasis_sys::fault::Plan::from_env(),
                 coordinated: false,
+                peers: Vec::new(),
             };
             let report = match pid {
                 Some(pid) => {

@@ -39,6 +39,10 @@ pub struct Request {
     /// the node's `stasis agent` (see [`Step`] and [`Go`]).
     #[serde(default)]
     pub coordinated: bool,
+    /// With `coordinated`: the addresses of the job's nodes (TCP connections to them
+    /// are between its parts).
+    #[serde(default)]
+    pub peers: Vec<String>,
 }
 
 /// What the init tells the agent during a coordinated checkpoint (a line of JSON each,
@@ -150,7 +154,7 @@ pub enum Heard {
 impl Coordinated {
     /// Asks the supervisor of `dir` to freeze its job for a coordinated checkpoint;
     /// returns once it is frozen.
-    pub fn freeze(dir: &Path) -> Result<Coordinated> {
+    pub fn freeze(dir: &Path, peers: &[String]) -> Result<Coordinated> {
         let addr = address(dir)?;
         let stream = UnixStream::connect_addr(&addr).map_err(|e| {
             anyhow!(
@@ -169,6 +173,7 @@ impl Coordinated {
             fault: None,
             coordinated: true,
             unix_external_reconnect: false,
+            peers: peers.to_vec(),
         };
         c.send(&req)?;
         match c.hear()? {
@@ -482,6 +487,7 @@ pub fn checkpoint_pid(dir: &Path, pid: i32, req: &Request, show_progress: bool) 
         stdio_files: Vec::new(),
         fault: req.fault.clone(),
         barrier: None,
+        peer_nodes: Vec::new(),
     };
     let progress = Progress::start(format!("checkpointing process {pid}"), show_progress);
     let report = dump::checkpoint(&canonical(dir)?, pid, &opts);

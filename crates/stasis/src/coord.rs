@@ -217,6 +217,8 @@ struct EnginePart {
     events: mpsc::Sender<Ev>,
     /// The fresh directory of a part started on a spare agent, removed at the end.
     fresh: Option<RemoveOnDrop>,
+    /// The addresses of the nodes of the checkpoint in progress.
+    nodes: Vec<String>,
 }
 
 impl EnginePart {
@@ -258,8 +260,12 @@ impl LocalPart for EnginePart {
             .control
             .as_ref()
             .with_context(|| format!("node {}: no part of the job runs here", self.node))?;
-        self.current = Some(crate::control::Coordinated::freeze(control)?);
+        self.current = Some(crate::control::Coordinated::freeze(control, &self.nodes)?);
         Ok(())
+    }
+
+    fn nodes(&mut self, nodes: &[String]) {
+        self.nodes = nodes.to_vec();
     }
 
     fn dump(&mut self, _ckpt: u64, dir: &Path) -> Result<u64> {
@@ -378,6 +384,10 @@ pub fn agent(
     if let Some(n) = node {
         opts.node = n;
     }
+    opts.addresses = stasis_core::sockets::inet::node_addresses()
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
     // Restarting node part K of a global checkpoint: K-th in the next ones.
     if let Some(Launch::Restart { dir, .. }) = &launch {
         opts.part = dir
@@ -419,6 +429,7 @@ pub fn agent(
             node: node.clone(),
             coordinator: coordinator.to_string(),
             fresh: None,
+            nodes: Vec::new(),
             control,
             private_tmp,
             quiet,

@@ -980,7 +980,7 @@ fn openmpi_across_nodes(name: &str, rotate: bool) {
     let want = ok_line(&String::from_utf8_lossy(&out.stdout));
     std::fs::remove_file(w.path("go")).unwrap();
 
-    let mut bed = Bed::up("mm", 3);
+    let mut bed = Bed::up(if rotate { "mo" } else { "mm" }, 3);
     let addr = format!("{}:7074", bed.addr(1));
     let ck = w.ck.to_str().unwrap().to_string();
     let mut coord = w.spawn(

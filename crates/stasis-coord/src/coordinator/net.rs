@@ -15,6 +15,8 @@ pub(super) enum Event {
         node: String,
         pid: u32,
         part: Option<u32>,
+        /// Its node's addresses (what it said, and where it connects from).
+        addresses: Vec<String>,
         version: u32,
         writer: TcpStream,
     },
@@ -53,6 +55,7 @@ pub(super) fn accept_loop(listener: TcpListener, tx: Sender<Event>, hello_timeou
 /// Reads one connection: the handshake (answered here when refused), then every
 /// message, forwarded to the state machine.
 fn connection(conn: u64, stream: TcpStream, tx: Sender<Event>, hello_timeout: Duration) {
+    let peer_ip = stream.peer_addr().ok().map(|a| a.ip().to_string());
     let peer = stream
         .peer_addr()
         .map(|a| a.to_string())
@@ -83,6 +86,7 @@ fn connection(conn: u64, stream: TcpStream, tx: Sender<Event>, hello_timeout: Du
         node,
         pid,
         part,
+        addresses,
     } = hello
     else {
         let reason = format!("the first message must be hello, not {}", hello.kind());
@@ -111,6 +115,11 @@ fn connection(conn: u64, stream: TcpStream, tx: Sender<Event>, hello_timeout: Du
             node,
             pid,
             part,
+            addresses: {
+                let mut a = addresses;
+                a.extend(peer_ip);
+                a
+            },
             version,
             writer,
         })

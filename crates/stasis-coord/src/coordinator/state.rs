@@ -26,6 +26,8 @@ struct Peer {
     /// Its place among the parts of a checkpoint: (the part it restarted, else
     /// u32::MAX; the order it became an agent in).
     order: (u32, u32),
+    /// Its node's addresses.
+    addresses: Vec<String>,
     writer: TcpStream,
 }
 
@@ -145,6 +147,7 @@ impl State {
                 node,
                 pid,
                 part,
+                addresses,
                 version,
                 writer,
             } => {
@@ -170,6 +173,7 @@ impl State {
                         name,
                         node,
                         order: (part.unwrap_or(u32::MAX), index),
+                        addresses,
                         writer,
                     },
                 );
@@ -474,8 +478,21 @@ impl State {
             reason: None,
             warnings: Vec::new(),
         });
+        let mut nodes_addrs: Vec<String> = members
+            .iter()
+            .filter_map(|c| self.peers.get(c))
+            .flat_map(|p| p.addresses.iter().cloned())
+            .collect();
+        nodes_addrs.sort();
+        nodes_addrs.dedup();
         for c in members {
-            if !self.send(c, &Msg::Freeze { ckpt }) {
+            if !self.send(
+                c,
+                &Msg::Freeze {
+                    ckpt,
+                    nodes: nodes_addrs.clone(),
+                },
+            ) {
                 let name = self.name(c);
                 self.abort(format!("cannot send freeze to {name}"));
                 return;

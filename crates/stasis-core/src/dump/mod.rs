@@ -57,6 +57,9 @@ pub struct DumpOptions {
     /// Save a UNIX socket connected to a socket outside the checkpoint to connect
     /// again to the same name at restore (`--unix-external=reconnect`), else refuse it.
     pub unix_external_reconnect: bool,
+    /// The addresses of the nodes of a multi-node job (see [`Barrier`]): TCP
+    /// connections to them are saved (`TcpExternal::Peer`).
+    pub peer_nodes: Vec<std::net::IpAddr>,
     /// Standard streams of the job's processes that are regular files reopened from a
     /// `--pid` image (see `files::stdio_ids_of`): kept marked as such.
     pub stdio_files: files::StdioIds,
@@ -206,7 +209,11 @@ fn checkpoint_locked(
             // Nothing this part sent to another node's is left on its way (that
             // node saves it, in its receive queue) before this part says it is frozen.
             let pids: Vec<i32> = tree.iter().map(|(p, _)| p.pid).collect();
-            crate::sockets::inet::settle_external(&pids, crate::sockets::inet::SETTLE_TIMEOUT)?;
+            crate::sockets::inet::settle_external(
+                &pids,
+                &opts.peer_nodes,
+                crate::sockets::inet::SETTLE_TIMEOUT,
+            )?;
             target = b.frozen()?;
             std::fs::create_dir_all(&target).map_err(|e| Error::Io {
                 pid,
@@ -238,6 +245,7 @@ fn checkpoint_locked(
     registry
         .sockets
         .set_unix_reconnect(opts.unix_external_reconnect);
+    registry.sockets.set_peer_nodes(opts.peer_nodes.clone());
     let mut shm = crate::shm::Collector::new();
     // Under stasis init (whose death ends the job, so no snapshot outlives a dying
     // tracer), every process gets a snapshot child (CLONE_PARENT: the process's

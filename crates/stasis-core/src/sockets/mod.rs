@@ -124,6 +124,12 @@ impl Collector {
         self.unix.set_reconnect(reconnect);
     }
 
+    /// The addresses of the other nodes of a multi-node job (with
+    /// [`TcpExternal::Peer`]: connections to them are saved, others refused).
+    pub fn set_peer_nodes(&mut self, nodes: Vec<std::net::IpAddr>) {
+        self.inet.set_peer_nodes(nodes);
+    }
+
     /// The descriptors in flight found in UNIX sockets' queues since the last call
     /// (see [`unix::Collector::take_in_flight`]).
     pub fn take_in_flight(&mut self) -> Vec<(u64, u64, Vec<OwnedFd>)> {

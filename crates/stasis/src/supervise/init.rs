@@ -71,6 +71,7 @@ fn options(
         stdio_files: Vec::new(),
         fault: None,
         barrier: None,
+        peer_nodes: Vec::new(),
     }
 }
 
@@ -591,6 +592,7 @@ fn init_inner(
                     if req.coordinated {
                         // Connections to other nodes' parts are the job's own.
                         o.tcp_external = stasis_core::sockets::TcpExternal::Peer;
+                        o.peer_nodes = req.peers.iter().filter_map(|a| a.parse().ok()).collect();
                         match control::StreamBarrier::new(stream) {
                             Ok(b) => o.barrier = Some(std::sync::Arc::new(b)),
                             Err(e) => {

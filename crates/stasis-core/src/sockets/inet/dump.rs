@@ -81,6 +81,8 @@ pub struct Collector {
     repair: bool,
     /// Bytes a receiver cannot take in yet may be drained through our memory.
     drain: bool,
+    /// With `TcpExternal::Peer`: the addresses of the job's nodes.
+    peer_nodes: Vec<std::net::IpAddr>,
 }
 
 impl Collector {
@@ -97,6 +99,11 @@ impl Collector {
             drain,
             ..Collector::default()
         }
+    }
+
+    /// See [`crate::sockets::Collector::set_peer_nodes`].
+    pub fn set_peer_nodes(&mut self, nodes: Vec<std::net::IpAddr>) {
+        self.peer_nodes = nodes;
     }
 
     /// Puts socket `ino` (fd `fd` of `pid`, of which `ours` is a borrowed descriptor
@@ -448,6 +455,14 @@ impl Collector {
                 TcpExternal::Reset => {
                     e.state = "reset".into();
                     Ok(Vec::new())
+                }
+                TcpExternal::Peer if !super::remote::is_node(&self.peer_nodes, remote.ip()) => {
+                    Err(Error::Unsupported {
+                        pid,
+                        what: format!(
+                            "fd {fd}, a TCP connection from {local} to {remote}, which is neither in this part of the job nor on a node of the job,"
+                        ),
+                    })
                 }
                 TcpExternal::Peer => {
                     // Settled before the freeze was confirmed: nothing on its way.

@@ -62,7 +62,7 @@ pub enum TcpExternal {
 }
 
 mod remote;
-pub use remote::{settle_external, SETTLE_TIMEOUT};
+pub use remote::{node_addresses, settle_external, SETTLE_TIMEOUT};
 
 /// Makes every TCP socket of the checkpointed processes close with a reset
 /// (SO_LINGER 0), before they are killed: a connection then leaves no TIME_WAIT

@@ -39,10 +39,10 @@ const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(120);
 /// Names a re-made connection (sent first by the connecting end).
 const MAGIC: &[u8; 8] = b"STASISX1";
 
-/// Waits until no TCP connection of processes `pids` whose peer is not on this node
-/// (not in this network namespace) has bytes sent and not acknowledged (at most
-/// `timeout`); an error names the connection otherwise.
-pub fn settle_external(pids: &[i32], timeout: Duration) -> Result<()> {
+/// Waits until no TCP connection of processes `pids` to another node of the job (an
+/// address of `nodes`, not in this network namespace) has bytes sent and not
+/// acknowledged (at most `timeout`); an error names the connection otherwise.
+pub fn settle_external(pids: &[i32], nodes: &[IpAddr], timeout: Duration) -> Result<()> {
     let mut ours: HashMap<u64, i32> = HashMap::new();
     for &pid in pids {
         let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
@@ -79,6 +79,7 @@ pub fn settle_external(pids: &[i32], timeout: Duration) -> Result<()> {
             ours.contains_key(&s.ino)
                 && s.state == state::ESTABLISHED
                 && s.wqueue > 0
+                && is_node(nodes, s.remote.ip())
                 && !tuples.contains(&(canonical(s.remote), canonical(s.local)))
         });
         let Some(w) = waiting else {
@@ -98,6 +99,15 @@ pub fn settle_external(pids: &[i32], timeout: Duration) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+/// Whether `ip` (an IPv4 address also when IPv4-mapped) is one of `nodes`.
+pub fn is_node(nodes: &[IpAddr], ip: IpAddr) -> bool {
+    let plain = |a: IpAddr| match a {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    nodes.iter().any(|n| plain(*n) == plain(ip))
 }
 
 /// Old addresses to new ones (see the module documentation).
@@ -178,12 +188,17 @@ impl AddressMap {
 
 /// The first non-loopback IPv4 address of this node.
 fn first_address() -> Option<IpAddr> {
+    node_addresses().into_iter().find(|a| a.is_ipv4())
+}
+
+/// This node's addresses (every interface's), loopback ones left out.
+pub fn node_addresses() -> Vec<IpAddr> {
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `ifap` with a list we free below.
     if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
-        return None;
+        return Vec::new();
     }
-    let mut found = None;
+    let mut found = Vec::new();
     let mut p = ifap;
     while !p.is_null() {
         // SAFETY: `p` is a node of the list getifaddrs returned.
@@ -194,10 +209,16 @@ fn first_address() -> Option<IpAddr> {
             if family == libc::AF_INET {
                 // SAFETY: an AF_INET address is a sockaddr_in.
                 let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                let ip = IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
                 if !ip.is_loopback() {
-                    found = Some(IpAddr::V4(ip));
-                    break;
+                    found.push(ip);
+                }
+            } else if family == libc::AF_INET6 {
+                // SAFETY: an AF_INET6 address is a sockaddr_in6.
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                let ip = IpAddr::V6(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr));
+                if !ip.is_loopback() {
+                    found.push(ip);
                 }
             }
         }
