@@ -550,6 +550,10 @@ pub struct ProcessSettings {
     /// the MEMBARRIER_CMD_REGISTER_* commands issued (GLOBAL_EXPEDITED 4,
     /// PRIVATE_EXPEDITED 16, PRIVATE_EXPEDITED_SYNC_CORE 64, PRIVATE_EXPEDITED_RSEQ 256).
     pub membarrier: u32,
+    /// mlockall(2) flags in force for mappings made from now on: MCL_FUTURE (2), with
+    /// MCL_ONFAULT (4) when so given; 0 when none. Seen at checkpoint time on the page
+    /// stasis maps into the process (locked, or locked on fault, by them).
+    pub mlockall: i32,
 }
 
 impl Default for ProcessSettings {
@@ -560,6 +564,7 @@ impl Default for ProcessSettings {
             dumpable: 1,
             oom_score_adj: 0,
             membarrier: 0,
+            mlockall: 0,
         }
     }
 }

@@ -133,16 +133,44 @@ pub fn restore_mappings(
             )?;
         }
         for a in &m.advice {
+            let what = || format!("{a} of {:x}-{:x} {}", m.start, m.end, m.name);
+            // Locks count against RLIMIT_MEMLOCK: a failure is an error.
+            match a.as_str() {
+                "locked" => {
+                    inj.call(&what(), libc::SYS_mlock, &[m.start, m.len()])?;
+                    continue;
+                }
+                "lockonfault" => {
+                    inj.call(
+                        &what(),
+                        libc::SYS_mlock2,
+                        &[m.start, m.len(), libc::MLOCK_ONFAULT as u64],
+                    )?;
+                    continue;
+                }
+                _ => {}
+            }
             let adv = match a.as_str() {
                 "dontfork" => libc::MADV_DONTFORK,
                 "wipeonfork" => libc::MADV_WIPEONFORK,
                 "dontdump" => libc::MADV_DONTDUMP,
                 "hugepage" => libc::MADV_HUGEPAGE,
                 "nohugepage" => libc::MADV_NOHUGEPAGE,
+                "mergeable" => libc::MADV_MERGEABLE,
+                "sequential" => libc::MADV_SEQUENTIAL,
+                "random" => libc::MADV_RANDOM,
                 _ => continue,
             };
-            // Advice is best effort (e.g. hugepage without THP support).
-            let _ = inj.raw(libc::SYS_madvise, &[m.start, m.len(), adv as u64]);
+            // Advice the kernel refuses (hugepage without THP, mergeable without
+            // KSM: a kernel unlike the checkpoint's) is reported, not fatal.
+            let r = inj.raw(libc::SYS_madvise, &[m.start, m.len(), adv as u64])?;
+            if r < 0 {
+                tracing::warn!(
+                    "process {pid}: madvise {} failed: {}",
+                    what(),
+                    std::io::Error::from_raw_os_error(-r as i32)
+                );
+            }
         }
     }
     Ok(())
