@@ -10,7 +10,9 @@
 //! character devices (/dev/null...), and pipes (the bytes in flight are read without
 //! consuming them: the pipe is reopened through /proc and `tee(2)`d into a pipe of
 //! ours), pidfds and files under /proc/PID of processes of the checkpoint (the
-//! target process must be one of the job's). Fds that share one open file
+//! target process must be one of the job's), and fds opened with O_PATH ([`path_fd`]:
+//! by path, deleted files and memfds through their object, removed directories by
+//! mode). Fds that share one open file
 //! description, in one process (dup) or across processes (fork), are found with
 //! `kcmp(2)` and get the same description id; so are the files epoll sets watch under
 //! an fd number that no longer holds them (KCMP_EPOLL_TFD), and the processes that
@@ -18,7 +20,8 @@
 //! the checkpoint with an error naming the fd.
 //!
 //! Restore: the restorer opens every description once ([`open_descriptions`]: files
-//! reopened and positioned, deleted files and memfds reopened through the one object
+//! reopened and positioned, O_PATH descriptions reopened with O_PATH ([`open_path`]),
+//! deleted files and memfds reopened through the one object
 //! [`crate::shm`] recreated for their inode, removed directories made, opened and
 //! removed again, pipes created, refilled and resized, a pipe end with several
 //! descriptions reopened through /proc for each) and passes each process its fds over

@@ -5,7 +5,9 @@
 //! `/proc/PID/smaps`, which is slow to read) are read before the process is frozen
 //! ([`read_flags`]), remembered from its last checkpoint ([`remembered_flags`]) or read
 //! on its snapshot afterwards ([`fill_flags`]), and always checked against the
-//! snapshot ([`check_flags`]). Mappings of objects without a name (memfds, shared
+//! snapshot ([`check_flags`]); memory locks, which a fork does not inherit, are read
+//! from the frozen process itself, with mlockall(MCL_FUTURE) probed
+//! ([`read_locks`]). Mappings of objects without a name (memfds, shared
 //! anonymous memory, deleted files) refer to the objects of [`crate::shm`]. Mappings
 //! that cannot be saved (device memory, files replaced on disk) are refused here; the content of small shared
 //! file mappings is saved with the image ([`save_shared_files`]).

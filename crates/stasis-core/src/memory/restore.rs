@@ -4,8 +4,8 @@
 //! stopped process (file mappings from the descriptors in [`MapFds`]), writable where
 //! saved pages go; the pages are then copied in parallel with `process_vm_writev`
 //! straight from the mapped page file ([`PageSource`], decompressing frames where
-//! the part is compressed); last the final protections and madvise advice are
-//! applied. The vdso/vvar block the kernel gave the new process is moved to where
+//! the part is compressed); last the final protections, madvise advice and memory
+//! locks (mlock, mlock2 MLOCK_ONFAULT) are applied. The vdso/vvar block the kernel gave the new process is moved to where
 //! the old one was ([`move_vdso`]).
 
 use super::pages::*;
