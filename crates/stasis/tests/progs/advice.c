@@ -9,11 +9,16 @@
  * A file `ro` opened O_RDONLY is mapped MAP_SHARED PROT_READ and then mprotect'ed
  * to PROT_READ|PROT_EXEC, and MAP_PRIVATE PROT_READ|PROT_WRITE (written to: its
  * own copy). With argument `future`, mlockall(MCL_FUTURE) is in force too.
- * Prints `ready pid=P areas=N`, then `tick N` every ~20 ms until `go` exists
+ * Prints `ready pid=P areas=N mlock=A onfault=B` (the two
+ * locked areas), then `tick N` every ~20 ms until `go` exists
  * (answering `ping`), then checks each area's content and that its VmFlags (of
  * rd wr ex sh hg nh dd dc wf mg sr rr lo lf) are those it had before, the file
  * mappings' content and permissions, and with `future` that a new mapping is
- * locked. Output: `OK ...` / `FAIL ...`. */
+ * locked. Output: `OK ...` / `FAIL ...`.
+ * With argument `overlimit`, RLIMIT_MEMLOCK is lowered to one page once the areas
+ * are locked (they stay locked): more is locked than the limit allows, which a
+ * restore could not lock again. */
+#include <sys/resource.h>
 #include "util.h"
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -136,10 +141,17 @@ int main(int argc, char **argv) {
     if (pw == MAP_FAILED) die("mmap ro private writable");
     memcpy(pw + 4096, "private copy", 12);
     if (future && mlockall(MCL_FUTURE)) die("mlockall(MCL_FUTURE)");
+    if (argc > 1 && strcmp(argv[1], "overlimit") == 0) {
+        struct rlimit rl;
+        if (getrlimit(RLIMIT_MEMLOCK, &rl)) die("getrlimit");
+        rl.rlim_cur = (rlim_t)pg;
+        if (setrlimit(RLIMIT_MEMLOCK, &rl)) die("setrlimit");
+    }
 
     int n_used = 0;
     for (int k = 0; k < NAREA; k++) n_used += used[k];
-    out("ready pid=%d areas=%d\n", (int)getpid(), n_used);
+    out("ready pid=%d areas=%d mlock=%lx onfault=%lx\n", (int)getpid(), n_used, (unsigned long)area[LO],
+        (unsigned long)area[LF]);
     unsigned n = 0;
     for (; !go_exists(); n++) {
         answer_ping();

@@ -2,7 +2,7 @@
  * directory `d` holding a file `inner`, a FIFO `p`, a symbolic link `l` -> `f`, a
  * file `gone` and a directory `gd`, and opens with O_PATH: f, d, p, /dev/null, l
  * itself (O_PATH|O_NOFOLLOW), gone (also opened O_RDWR) and gd; then removes gone
- * and gd. Prints `ready pid=P`, then `tick N` every ~20 ms until `go` exists
+ * and gd. Prints `ready pid=P refused=FD`, then `tick N` every ~20 ms until `go` exists
  * (answering `ping`), and checks, for each O_PATH fd, against what it saw before:
  * F_GETFL has O_PATH, fstat gives the same file type (and device and inode for the
  * files still there), read(2) fails with EBADF, no offset; the directory works for
@@ -10,7 +10,9 @@
  * says S_IFLNK, readlinkat(fd, "") gives "f"); the deleted file's O_PATH fd is the
  * same inode as its O_RDWR fd (bytes written through one are read by reopening the
  * other through /proc/self/fd); the removed directory is a directory with no links
- * in which nothing can be created. Output: `OK ...` / `FAIL ...`. */
+ * in which nothing can be created. Output: `OK ...` / `FAIL ...`.
+ * With argument `refuse` it also holds an O_PATH fd of a FIFO `q` removed since,
+ * which stasis cannot restore (its number is `refused=` of the ready line). */
 #include "util.h"
 #include <sys/stat.h>
 
@@ -42,8 +44,9 @@ static void check_fd(int k) {
           names[k]);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     setup();
+    int refuse = argc > 1 && strcmp(argv[1], "refuse") == 0;
     int w = open("f", O_CREAT | O_TRUNC | O_WRONLY, 0644);
     if (w < 0 || write(w, "hello", 5) != 5) die("f");
     close(w);
@@ -78,7 +81,14 @@ int main(void) {
     int here = open(".", O_PATH | O_DIRECTORY);
     if (here < 0) die("open .");
 
-    out("ready pid=%d\n", (int)getpid());
+    int q = -1;
+    if (refuse) {
+        unlink("q");
+        if (mkfifo("q", 0600)) die("mkfifo q");
+        q = open("q", O_PATH);
+        if (q < 0 || unlink("q")) die("q");
+    }
+    out("ready pid=%d refused=%d\n", (int)getpid(), q);
     unsigned n = 0;
     for (; !go_exists(); n++) {
         answer_ping();
