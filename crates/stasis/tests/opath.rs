@@ -1,7 +1,7 @@
 //! O_PATH descriptors and per-mapping advice (issue #11), each set up by a small
 //! program that checks its own state after `go`: O_PATH fds of a file, a directory, a
 //! FIFO, /dev/null, a symbolic link itself (O_NOFOLLOW), a file deleted since (one
-//! inode with an O_RDWR fd of it) and a directory removed since (opath.c: F_GETFL,
+//! inode with an O_RDWR fd of it), a memfd and a directory removed since (opath.c: F_GETFL,
 //! fstat, openat, fchdir, readlinkat after the restarts); the advice smaps shows in
 //! VmFlags (hg nh dd dc wf mg sr rr), mlock and mlock2(MLOCK_ONFAULT) (lo, lf),
 //! mlockall(MCL_FUTURE), and file mappings whose protection differs from their
@@ -190,9 +190,9 @@ fn pid_cycles(name: &str, program: &str, args: &[&str], as_user: bool, check: Im
 // opath.c: O_PATH descriptors
 // ---------------------------------------------------------------------------
 
-/// The image holds the seven O_PATH fds of opath.c as `path` fds with O_PATH, one
-/// the link (O_NOFOLLOW, S_IFLNK), one a deleted file (an object), one a removed
-/// directory.
+/// The image holds the eight O_PATH fds of opath.c as `path` fds with O_PATH, one
+/// the link (O_NOFOLLOW, S_IFLNK), two regular files with an object (the deleted file
+/// and the memfd), one a removed directory.
 fn check_opath(meta: &Value, ready: &str, what: &str) {
     let pid = field_num(ready, "pid") as i64;
     let fds = image_proc(meta, pid)["fds"].as_array().unwrap();
@@ -201,8 +201,8 @@ fn check_opath(meta: &Value, ready: &str, what: &str) {
         .map(|f| &f["kind"])
         .filter(|k| k["type"] == "path")
         .collect();
-    // The seven, and the program's own O_PATH fd of its cwd.
-    assert_eq!(paths.len(), 8, "{what}: O_PATH fds {paths:?}");
+    // The eight, and the program's own O_PATH fd of its cwd.
+    assert_eq!(paths.len(), 9, "{what}: O_PATH fds {paths:?}");
     for k in &paths {
         assert_ne!(num(k, "flags") & libc::O_PATH as i64, 0, "{what}: {k}");
     }
@@ -220,8 +220,10 @@ fn check_opath(meta: &Value, ready: &str, what: &str) {
     assert!(
         paths
             .iter()
-            .any(|k| k["object"].is_u64() && num(k, "file_type") == libc::S_IFREG as i64),
-        "{what}: no deleted file with its object in {paths:?}"
+            .filter(|k| k["object"].is_u64() && num(k, "file_type") == libc::S_IFREG as i64)
+            .count()
+            == 2,
+        "{what}: not two files (deleted, memfd) with their objects in {paths:?}"
     );
     assert!(
         paths.iter().any(|k| k["removed_dir"].is_u64()),
