@@ -12,7 +12,7 @@
 //! ours), pidfds and files under /proc/PID of processes of the checkpoint (the
 //! target process must be one of the job's), and fds opened with O_PATH ([`path_fd`]:
 //! by path, deleted files and memfds through their object, removed directories by
-//! mode). Fds that share one open file
+//! mode; those of /proc/PID files as other /proc files). Fds that share one open file
 //! description, in one process (dup) or across processes (fork), are found with
 //! `kcmp(2)` and get the same description id; so are the files epoll sets watch under
 //! an fd number that no longer holds them (KCMP_EPOLL_TFD), and the processes that
@@ -340,7 +340,17 @@ impl Registry {
                     .iter()
                     .any(|d| d.0 == libc::major(md.rdev()) && d.1 == libc::minor(md.rdev()));
             let kind = if flags & libc::O_PATH != 0 {
-                path_fd(pid, fd, &link, &target, &md, flags, shm, writer)?
+                // A file under /proc/PID is opened again (with O_PATH) by the process
+                // itself once PID exists, as other /proc files.
+                match self.proc_file_of(pid, fd, &link, &target)? {
+                    Some(pid_of) => FdKind::ProcFile {
+                        path: target.clone(),
+                        pid: pid_of,
+                        flags,
+                        pos: 0,
+                    },
+                    None => path_fd(pid, fd, &link, &target, &md, flags, shm, writer)?,
+                }
             } else if let Some(&(index, ..)) = stdio
                 .iter()
                 .find(|s| s.1 == md.dev() && s.2 == md.ino())

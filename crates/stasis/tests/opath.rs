@@ -1,7 +1,7 @@
 //! O_PATH descriptors and per-mapping advice (issue #11), each set up by a small
 //! program that checks its own state after `go`: O_PATH fds of a file, a directory, a
 //! FIFO, /dev/null, a symbolic link itself (O_NOFOLLOW), a file deleted since (one
-//! inode with an O_RDWR fd of it), a memfd and a directory removed since (opath.c: F_GETFL,
+//! inode with an O_RDWR fd of it), a memfd, /proc/self/status and a directory removed since (opath.c: F_GETFL,
 //! fstat, openat, fchdir, readlinkat after the restarts); the advice smaps shows in
 //! VmFlags (hg nh dd dc wf mg sr rr), mlock and mlock2(MLOCK_ONFAULT) (lo, lf),
 //! mlockall(MCL_FUTURE), and file mappings whose protection differs from their
@@ -203,6 +203,17 @@ fn check_opath(meta: &Value, ready: &str, what: &str) {
         .collect();
     // The eight, and the program's own O_PATH fd of its cwd.
     assert_eq!(paths.len(), 9, "{what}: O_PATH fds {paths:?}");
+    // /proc/self/status, opened again by the process itself.
+    let proc_files: Vec<&Value> = fds
+        .iter()
+        .map(|f| &f["kind"])
+        .filter(|k| k["type"] == "proc_file" && num(k, "flags") & libc::O_PATH as i64 != 0)
+        .collect();
+    assert_eq!(
+        proc_files.len(),
+        1,
+        "{what}: O_PATH /proc files {proc_files:?}"
+    );
     for k in &paths {
         assert_ne!(num(k, "flags") & libc::O_PATH as i64, 0, "{what}: {k}");
     }

@@ -1,23 +1,25 @@
 /* opath: O_PATH descriptors. In its cwd it makes a file `f` (with content), a
  * directory `d` holding a file `inner`, a FIFO `p`, a symbolic link `l` -> `f`, a
  * file `gone` and a directory `gd`, and opens with O_PATH: f, d, p, /dev/null, l
- * itself (O_PATH|O_NOFOLLOW), gone (also opened O_RDWR), gd and a memfd (through
- * /proc/self/fd); then removes gone and gd. Prints `ready pid=P refused=FD`, then `tick N` every ~20 ms until `go` exists
+ * itself (O_PATH|O_NOFOLLOW), gone (also opened O_RDWR), gd, a memfd (through
+ * /proc/self/fd) and /proc/self/status; then removes gone and gd. Prints `ready pid=P refused=FD`, then `tick N` every ~20 ms until `go` exists
  * (answering `ping`), and checks, for each O_PATH fd, against what it saw before:
  * F_GETFL has O_PATH, fstat gives the same file type (and device and inode for the
  * files still there), read(2) fails with EBADF, no offset; the directory works for
  * openat(fd, "inner") and fchdir; the link fd is the link (fstatat AT_EMPTY_PATH
  * says S_IFLNK, readlinkat(fd, "") gives "f"); the deleted file's O_PATH fd is the
  * same inode as its O_RDWR fd (bytes written through one are read by reopening the
- * other through /proc/self/fd), and so is the memfd's with the memfd; the removed directory is a directory with no links
+ * other through /proc/self/fd), and so is the memfd's with the memfd; the status
+ * file reopened reads the process's status; the removed directory is a directory with no links
  * in which nothing can be created. Output: `OK ...` / `FAIL ...`.
  * With argument `refuse` it also holds an O_PATH fd of a FIFO `q` removed since,
  * which stasis cannot restore (its number is `refused=` of the ready line). */
 #include "util.h"
 #include <sys/stat.h>
 
-enum { F, D, P, NUL, L, GONE, GD, MFD, N };
-static const char *names[N] = {"f", "d", "p", "/dev/null", "l", "gone", "gd", "memfd"};
+enum { F, D, P, NUL, L, GONE, GD, MFD, PROC, N };
+static const char *names[N] = {"f", "d", "p", "/dev/null", "l", "gone", "gd", "memfd",
+                               "/proc/self/status"};
 static int fds[N];
 static struct stat before[N];
 
@@ -32,7 +34,7 @@ static void check_fd(int k) {
     }
     CHECK((st.st_mode & S_IFMT) == (before[k].st_mode & S_IFMT), "%s: file type %o, was %o",
           names[k], st.st_mode & S_IFMT, before[k].st_mode & S_IFMT);
-    if (k != GONE && k != GD && k != MFD)
+    if (k != GONE && k != GD && k != MFD && k != PROC)
         CHECK(st.st_dev == before[k].st_dev && st.st_ino == before[k].st_ino,
               "%s: another inode (%lu, was %lu)", names[k], (unsigned long)st.st_ino,
               (unsigned long)before[k].st_ino);
@@ -75,6 +77,7 @@ int main(int argc, char **argv) {
     char mpath[64];
     snprintf(mpath, sizeof mpath, "/proc/self/fd/%d", mfd);
     fds[MFD] = open(mpath, O_PATH);
+    fds[PROC] = open("/proc/self/status", O_PATH);
     for (int k = 0; k < N; k++)
         if (fds[k] < 0) die(names[k]);
     int rw = open("gone", O_RDWR);
@@ -146,6 +149,13 @@ int main(int argc, char **argv) {
     memset(buf, 0, sizeof buf);
     CHECK(r >= 0 && pread(r, buf, sizeof buf, 0) == 6 && memcmp(buf, "again!", 6) == 0,
           "memfd: the O_PATH fd reopened does not read what the memfd wrote (%s)", buf);
+    if (r >= 0) close(r);
+    /* The process's own /proc/PID/status. */
+    snprintf(path, sizeof path, "/proc/self/fd/%d", fds[PROC]);
+    r = open(path, O_RDONLY);
+    memset(buf, 0, sizeof buf);
+    CHECK(r >= 0 && read(r, buf, 5) == 5 && memcmp(buf, "Name:", 5) == 0,
+          "/proc/self/status: the O_PATH fd reopened does not read Name: (%s)", buf);
     if (r >= 0) close(r);
     /* The removed directory. */
     CHECK(fstatat(fds[GD], "", &b, AT_EMPTY_PATH) == 0 && S_ISDIR(b.st_mode) && b.st_nlink == 0,
