@@ -4,7 +4,7 @@
 //! inode with an O_RDWR fd of it), a memfd, /proc/self/status and a directory removed since (opath.c: F_GETFL,
 //! fstat, openat, fchdir, readlinkat after the restarts); the advice smaps shows in
 //! VmFlags (hg nh dd dc wf mg sr rr), mlock and mlock2(MLOCK_ONFAULT) (lo, lf),
-//! mlockall(MCL_FUTURE), and file mappings whose protection differs from their
+//! mlockall(MCL_FUTURE, also with MCL_ONFAULT), and file mappings whose protection differs from their
 //! file's open mode (advice.c: the same VmFlags, content and permissions after the
 //! restarts, a new mapping locked). What cannot be restored is refused at checkpoint
 //! time, naming it, the program running on: an O_PATH fd of a FIFO removed since,
@@ -315,9 +315,9 @@ fn opath_of_removed_fifo_is_refused_by_pid() {
 // ---------------------------------------------------------------------------
 
 /// The image's mappings carry every advice advice.c gave (those the kernel took:
-/// hugepage and mergeable need THP and KSM), the locks, and with `future`
-/// settings.mlockall MCL_FUTURE.
-fn check_advice_with(meta: &Value, ready: &str, what: &str, future: bool) {
+/// hugepage and mergeable need THP and KSM), the locks, and the mlockall flags
+/// `mlockall` in settings.
+fn check_advice_with(meta: &Value, ready: &str, what: &str, mlockall: i32) {
     let pid = field_num(ready, "pid") as i64;
     let p = image_proc(meta, pid);
     let advice: Vec<String> = p["mappings"]
@@ -342,16 +342,23 @@ fn check_advice_with(meta: &Value, ready: &str, what: &str, future: bool) {
             "{what}: no mapping with {a} in {advice:?}"
         );
     }
-    let want = if future { libc::MCL_FUTURE as i64 } else { 0 };
-    assert_eq!(num(&p["settings"], "mlockall"), want, "{what}: mlockall");
+    assert_eq!(
+        num(&p["settings"], "mlockall"),
+        i64::from(mlockall),
+        "{what}: mlockall"
+    );
 }
 
 fn check_advice(meta: &Value, ready: &str, what: &str) {
-    check_advice_with(meta, ready, what, false)
+    check_advice_with(meta, ready, what, 0)
 }
 
 fn check_advice_future(meta: &Value, ready: &str, what: &str) {
-    check_advice_with(meta, ready, what, true)
+    check_advice_with(meta, ready, what, libc::MCL_FUTURE)
+}
+
+fn check_advice_future_onfault(meta: &Value, ready: &str, what: &str) {
+    check_advice_with(meta, ready, what, libc::MCL_FUTURE | libc::MCL_ONFAULT)
 }
 
 #[test]
@@ -383,6 +390,17 @@ fn mapping_advice_and_mlockall_future_under_run_as_unprivileged_user() {
         &["future"],
         true,
         check_advice_future,
+    );
+}
+
+#[test]
+fn mapping_advice_and_mlockall_future_onfault_under_run_as_unprivileged_user() {
+    run_cycles(
+        "advice_onfault_run_user",
+        "advice",
+        &["future-onfault"],
+        true,
+        check_advice_future_onfault,
     );
 }
 

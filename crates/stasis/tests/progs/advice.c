@@ -8,13 +8,14 @@
  * together. Advice the kernel refuses (THP or KSM not built in) is left out.
  * A file `ro` opened O_RDONLY is mapped MAP_SHARED PROT_READ and then mprotect'ed
  * to PROT_READ|PROT_EXEC, and MAP_PRIVATE PROT_READ|PROT_WRITE (written to: its
- * own copy). With argument `future`, mlockall(MCL_FUTURE) is in force too.
+ * own copy). With argument `future`, mlockall(MCL_FUTURE) is in force too; with
+ * `future-onfault`, mlockall(MCL_FUTURE|MCL_ONFAULT).
  * Prints `ready pid=P areas=N mlock=A onfault=B` (the two
  * locked areas), then `tick N` every ~20 ms until `go` exists
  * (answering `ping`), then checks each area's content and that its VmFlags (of
  * rd wr ex sh hg nh dd dc wf mg sr rr lo lf) are those it had before, the file
  * mappings' content and permissions, and with `future` that a new mapping is
- * locked. Output: `OK ...` / `FAIL ...`.
+ * locked (on fault: `lf` too, only with `future-onfault`). Output: `OK ...` / `FAIL ...`.
  * With argument `overlimit`, RLIMIT_MEMLOCK is lowered to one page once the areas
  * are locked (they stay locked): more is locked than the limit allows, which a
  * restore could not lock again. */
@@ -90,7 +91,8 @@ static void flags_of(void *addr, char *res, size_t cap) {
 
 int main(int argc, char **argv) {
     setup();
-    int future = argc > 1 && strcmp(argv[1], "future") == 0;
+    int onfault = argc > 1 && strcmp(argv[1], "future-onfault") == 0;
+    int future = onfault || (argc > 1 && strcmp(argv[1], "future") == 0);
     pg = sysconf(_SC_PAGESIZE);
     char *area[NAREA];
     char before[NAREA][128];
@@ -140,7 +142,7 @@ int main(int argc, char **argv) {
     char *pw = mmap(NULL, 8192, PROT_READ | PROT_WRITE, MAP_PRIVATE, ro, 0);
     if (pw == MAP_FAILED) die("mmap ro private writable");
     memcpy(pw + 4096, "private copy", 12);
-    if (future && mlockall(MCL_FUTURE)) die("mlockall(MCL_FUTURE)");
+    if (future && mlockall(MCL_FUTURE | (onfault ? MCL_ONFAULT : 0))) die("mlockall(MCL_FUTURE)");
     if (argc > 1 && strcmp(argv[1], "overlimit") == 0) {
         struct rlimit rl;
         if (getrlimit(RLIMIT_MEMLOCK, &rl)) die("getrlimit");
@@ -184,6 +186,8 @@ int main(int argc, char **argv) {
         if (m == MAP_FAILED) die("mmap after");
         flags_of(m, f, sizeof f);
         CHECK(strstr(f, "lo ") != NULL, "mlockall(MCL_FUTURE) lost: a new mapping has [%s]", f);
+        CHECK(!onfault == !strstr(f, "lf "), "MCL_ONFAULT %s: a new mapping has [%s]",
+              onfault ? "lost" : "appeared", f);
     }
     finish("ticks=%u areas=%d", n, n_used);
 }
