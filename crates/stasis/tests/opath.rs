@@ -1,14 +1,15 @@
 //! O_PATH descriptors and per-mapping advice (issue #11), each set up by a small
 //! program that checks its own state after `go`: O_PATH fds of a file, a directory, a
 //! FIFO, /dev/null, a symbolic link itself (O_NOFOLLOW), a file deleted since (one
-//! inode with an O_RDWR fd of it), a memfd, /proc/self/status and a directory removed since (opath.c: F_GETFL,
-//! fstat, openat, fchdir, readlinkat after the restarts); the advice smaps shows in
-//! VmFlags (hg nh dd dc wf mg sr rr), mlock and mlock2(MLOCK_ONFAULT) (lo, lf),
-//! mlockall(MCL_FUTURE, also with MCL_ONFAULT), and file mappings whose protection differs from their
-//! file's open mode (advice.c: the same VmFlags, content and permissions after the
-//! restarts, a new mapping locked). What cannot be restored is refused at checkpoint
-//! time, naming it, the program running on: an O_PATH fd of a FIFO removed since,
-//! more memory locked than RLIMIT_MEMLOCK allows.
+//! inode with an O_RDWR fd of it), a memfd, /proc/self/status and a directory removed
+//! since (opath.c: F_GETFL, fstat, openat, fchdir, readlinkat after the restarts);
+//! the advice smaps shows in VmFlags (hg nh dd dc wf mg sr rr), mlock and
+//! mlock2(MLOCK_ONFAULT) (lo, lf), mlockall(MCL_FUTURE, also with MCL_ONFAULT), and
+//! file mappings whose protection differs from their file's open mode (advice.c: the
+//! same VmFlags, content and permissions after the restarts, a new mapping locked).
+//! What cannot be restored is refused at checkpoint time, naming it, the program
+//! running on: an O_PATH fd of a FIFO removed since, more memory locked than
+//! RLIMIT_MEMLOCK allows.
 //!
 //! Every program runs under `stasis run` through a checkpoint it survives, two
 //! `checkpoint --kill` / restart cycles at random moments (seed printed;
