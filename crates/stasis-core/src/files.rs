@@ -708,8 +708,8 @@ impl Registry {
 /// symbolic link), or, for a file deleted since (or a memfd), the object of
 /// [`crate::shm`] for its inode; a file unlinked under this name with other links
 /// left, by one of those ([`relinked`]); a removed directory, by its mode. Anything
-/// else (an O_PATH fd of a socket, a pipe or an anonymous inode, of a FIFO or device
-/// node removed since) is refused, naming the fd.
+/// else (an O_PATH fd of a socket, a pipe or an anonymous inode, of a pseudo-terminal,
+/// of a FIFO or device node removed since) is refused, naming the fd.
 #[allow(clippy::too_many_arguments)]
 fn path_fd(
     pid: i32,
@@ -739,6 +739,13 @@ fn path_fd(
     }
     if !target.starts_with('/') {
         return Err(refuse("only files with a name can be reopened with O_PATH"));
+    }
+    if md.file_type().is_char_device()
+        && crate::tty::classify(libc::major(md.rdev()), libc::minor(md.rdev())).is_some()
+    {
+        return Err(refuse(
+            "a pseudo-terminal, which restore makes anew (under another number)",
+        ));
     }
     let at_path = |p: &str| {
         std::fs::symlink_metadata(p)
