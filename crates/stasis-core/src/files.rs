@@ -11,7 +11,10 @@
 //! consuming them: the pipe is reopened through /proc and `tee(2)`d into a pipe of
 //! ours), pidfds and files under /proc/PID of processes of the checkpoint (the
 //! target process must be one of the job's), pseudo-terminal ends and /dev/tty
-//! ([`crate::tty`]), inotify instances ([`crate::inotify`]). Fds that share one open file
+//! ([`crate::tty`]), inotify instances ([`crate::inotify`]), and fds opened with
+//! O_PATH ([`path_fd`]: by path, deleted files and memfds through their object,
+//! removed directories by mode; those of /proc/PID files as other /proc files). Fds
+//! that share one open file
 //! description, in one process (dup) or across processes (fork), are found with
 //! `kcmp(2)` and get the same description id; so are the files epoll sets watch under
 //! an fd number that no longer holds them (KCMP_EPOLL_TFD), and the processes that
@@ -21,7 +24,8 @@
 //! handed back to it. Anything else refuses the checkpoint with an error naming the fd.
 //!
 //! Restore: the restorer opens every description once ([`open_descriptions`]: files
-//! reopened and positioned, deleted files and memfds reopened through the one object
+//! reopened and positioned, O_PATH descriptions reopened with O_PATH ([`open_path`]),
+//! deleted files and memfds reopened through the one object
 //! [`crate::shm`] recreated for their inode, removed directories made, opened and
 //! removed again, pipes created, refilled and resized, a pipe end with several
 //! descriptions reopened through /proc for each, pty pairs made with their waiting
@@ -563,7 +567,19 @@ impl Registry {
             && SIMPLE_DEVICES
                 .iter()
                 .any(|d| d.0 == libc::major(md.rdev()) && d.1 == libc::minor(md.rdev()));
-        let kind = if let Some(&(index, ..)) = stdio
+        let kind = if flags & libc::O_PATH != 0 {
+            // A file under /proc/PID is opened again (with O_PATH) by the process
+            // itself once PID exists, as other /proc files.
+            match self.proc_file_of(pid, fd, &link, &target)? {
+                Some(pid_of) => FdKind::ProcFile {
+                    path: target.clone(),
+                    pid: pid_of,
+                    flags,
+                    pos: 0,
+                },
+                None => path_fd(pid, fd, &link, &target, &md, flags, shm, writer)?,
+            }
+        } else if let Some(&(index, ..)) = stdio
             .iter()
             .find(|s| s.1 == md.dev() && s.2 == md.ino())
             .filter(|_| fd <= 2 || !simple_device)
@@ -710,7 +726,8 @@ impl Registry {
         }
         self.locks
             .add_fd(pid, fd, &target, &kind, desc, &info.text)?;
-        let owner = if matches!(kind, FdKind::InetSocket { .. }) {
+        // fcntl(F_GETOWN) is refused on O_PATH fds, which have no owner.
+        let owner = if matches!(kind, FdKind::InetSocket { .. } | FdKind::Path { .. }) {
             None
         } else {
             crate::fdowner::dump(pid, fd, flags)?
@@ -787,6 +804,76 @@ impl Registry {
             len: data.len() as u64,
         });
         Ok(())
+    }
+}
+
+/// An fd opened with O_PATH (`flags`): the file it names, by path (`target`, after
+/// checking that the path still leads to that very inode, not following a final
+/// symbolic link), or, for a file deleted since (or a memfd), the object of
+/// [`crate::shm`] for its inode; a file unlinked under this name with other links
+/// left, by one of those ([`relinked`]); a removed directory, by its mode. Anything
+/// else (an O_PATH fd of a socket, a pipe or an anonymous inode, of a pseudo-terminal,
+/// of a FIFO or device node removed since) is refused, naming the fd.
+#[allow(clippy::too_many_arguments)]
+fn path_fd(
+    pid: i32,
+    fd: i32,
+    link: &std::path::Path,
+    target: &str,
+    md: &std::fs::Metadata,
+    flags: i32,
+    shm: &mut crate::shm::Collector,
+    writer: &mut CheckpointWriter,
+) -> Result<FdKind> {
+    let file_type = md.mode() & libc::S_IFMT;
+    let refuse = |why: &str| Error::Unsupported {
+        pid,
+        what: format!("fd {fd}, an O_PATH descriptor of {target}: {why}"),
+    };
+    let kind = |path: String, object, removed_dir| FdKind::Path {
+        path,
+        flags,
+        file_type,
+        object,
+        removed_dir,
+    };
+    if target.starts_with("/memfd:") {
+        shm.save_fd(pid, fd, link, target, md, writer)?;
+        return Ok(kind(target.to_string(), Some(md.ino()), None));
+    }
+    if !target.starts_with('/') {
+        return Err(refuse("only files with a name can be reopened with O_PATH"));
+    }
+    if md.file_type().is_char_device()
+        && crate::tty::classify(libc::major(md.rdev()), libc::minor(md.rdev())).is_some()
+    {
+        return Err(refuse(
+            "a pseudo-terminal, which restore makes anew (under another number)",
+        ));
+    }
+    let at_path = |p: &str| {
+        std::fs::symlink_metadata(p)
+            .map(|m| m.dev() == md.dev() && m.ino() == md.ino())
+            .unwrap_or(false)
+    };
+    if at_path(target) {
+        return Ok(kind(target.to_string(), None, None));
+    }
+    let gone = target
+        .strip_suffix(" (deleted)")
+        .unwrap_or(target)
+        .to_string();
+    if md.is_file() && md.nlink() == 0 {
+        let object = shm.save_deleted(pid, fd, link, &gone, md, writer)?;
+        Ok(kind(gone, Some(object), None))
+    } else if md.is_file() {
+        Ok(kind(relinked(pid, fd, target, md)?, None, None))
+    } else if md.is_dir() && md.nlink() == 0 {
+        Ok(kind(gone, None, Some(md.mode() & 0o7777)))
+    } else {
+        Err(refuse(
+            "it is no longer at that path (removed or replaced), and only regular files and directories removed while open are restored",
+        ))
     }
 }
 
@@ -986,6 +1073,13 @@ pub fn open_descriptions(
                     fd
                 }
                 FdKind::Device { path, flags } => open(f.fd, path, *flags)?,
+                FdKind::Path {
+                    path,
+                    flags,
+                    file_type,
+                    object,
+                    removed_dir,
+                } => open_path(f.fd, path, *flags, *file_type, *object, *removed_dir, shm)?,
                 FdKind::RemovedDir { path, flags, mode } => {
                     let dir =
                         make_removed_dir(path, *mode).map_err(|e| format!("fd {}: {e}", f.fd))?;
@@ -1224,6 +1318,62 @@ pub fn open_descriptions(
         descs.insert(f.desc, unsafe { OwnedFd::from_raw_fd(fd) });
     }
     Ok(descs)
+}
+
+/// Opens an O_PATH description (see [`FdKind::Path`]) and checks its file type.
+fn open_path(
+    num: i32,
+    path: &str,
+    flags: i32,
+    file_type: u32,
+    object: Option<u64>,
+    removed_dir: Option<u32>,
+    shm: &HashMap<u64, OwnedFd>,
+) -> std::result::Result<i32, String> {
+    let flags = flags | libc::O_PATH;
+    let fd = if let Some(id) = object {
+        let obj = shm.get(&id).ok_or_else(|| {
+            format!("fd {num}: the file {path} (object {id}) is missing from the image")
+        })?;
+        reopen(num, obj.as_raw_fd(), flags)?
+    } else if let Some(mode) = removed_dir {
+        let dir = make_removed_dir(path, mode).map_err(|e| format!("fd {num}: {e}"))?;
+        let fd = open(num, &dir, flags | libc::O_DIRECTORY);
+        if let Err(e) = std::fs::remove_dir(&dir) {
+            if let Ok(fd) = fd {
+                // SAFETY: closing the descriptor just opened, not handed out.
+                unsafe { libc::close(fd) };
+            }
+            return Err(format!("fd {num}: cannot remove {dir} again: {e}"));
+        }
+        fd?
+    } else {
+        open(num, path, flags)?
+    };
+    // SAFETY: an all-zero `struct stat` is a valid value of that plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatat on a descriptor we own, with an empty C string and a valid
+    // out-pointer.
+    let r = unsafe {
+        libc::fstatat(
+            fd,
+            c"".as_ptr(),
+            &mut st,
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    let got = st.st_mode & libc::S_IFMT;
+    if r != 0 || got != file_type {
+        let why = if r != 0 {
+            std::io::Error::last_os_error().to_string()
+        } else {
+            format!("it is of file type {got:o}, it was {file_type:o}")
+        };
+        // SAFETY: closing the descriptor just opened, not handed out.
+        unsafe { libc::close(fd) };
+        return Err(format!("fd {num}: O_PATH reopening of {path}: {why}"));
+    }
+    Ok(fd)
 }
 
 /// Opens a FIFO read-write (creating it if it is gone) and refills it.

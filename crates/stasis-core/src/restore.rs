@@ -504,6 +504,14 @@ fn rebuild(
         })
         .collect();
     memory::restore_mappings(&inj, child, &p.mappings, &fds, &sources)?;
+    if p.settings.mlockall != 0 {
+        // MCL_FUTURE alone locks no mapping of now: only those made from here on.
+        inj.call(
+            &format!("mlockall({:#x})", p.settings.mlockall),
+            libc::SYS_mlockall,
+            &[p.settings.mlockall as u64],
+        )?;
+    }
     let scratch = Scratch::at(child, prep.gadget + PAGE_SIZE, PAGE_SIZE);
     task::restore_mm(&inj, child, &p.mm, prep.exe_fd, &scratch)?;
     // The other threads, created by the leader, stopped before their first instruction.

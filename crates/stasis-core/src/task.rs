@@ -237,6 +237,8 @@ fn dump_settings(
         dumpable,
         oom_score_adj,
         membarrier,
+        // Read with the memory locks (memory::read_locks).
+        mlockall: 0,
     })
 }
 

@@ -597,6 +597,10 @@ pub struct ProcessSettings {
     /// the MEMBARRIER_CMD_REGISTER_* commands issued (GLOBAL_EXPEDITED 4,
     /// PRIVATE_EXPEDITED 16, PRIVATE_EXPEDITED_SYNC_CORE 64, PRIVATE_EXPEDITED_RSEQ 256).
     pub membarrier: u32,
+    /// mlockall(2) flags in force for mappings made from now on: MCL_FUTURE (2), with
+    /// MCL_ONFAULT (4) when so given; 0 when none. Seen at checkpoint time on the page
+    /// stasis maps into the process (locked, or locked on fault, by them).
+    pub mlockall: i32,
 }
 
 impl Default for ProcessSettings {
@@ -607,6 +611,7 @@ impl Default for ProcessSettings {
             dumpable: 1,
             oom_score_adj: 0,
             membarrier: 0,
+            mlockall: 0,
         }
     }
 }
@@ -974,6 +979,23 @@ pub enum FdKind {
     RemovedDir { path: String, flags: i32, mode: u32 },
     /// A character device reopened by path (/dev/null, /dev/zero, /dev/urandom...).
     Device { path: String, flags: i32 },
+    /// A descriptor opened with O_PATH (`flags` hold O_PATH, and O_NOFOLLOW and
+    /// O_DIRECTORY as given): it names a file without opening it (no offset, no
+    /// locks, no I/O). Reopened with O_PATH at `path` (with O_NOFOLLOW a symbolic link
+    /// is the link itself), and checked to be of type `file_type` (the S_IFMT bits of
+    /// st_mode); a deleted file or memfd through its object `object` of
+    /// `Checkpoint::shared_memory`; a removed directory (`removed_dir`, its mode) as a
+    /// new directory made next to where it was, opened and removed, as for
+    /// `RemovedDir`.
+    Path {
+        path: String,
+        flags: i32,
+        file_type: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        object: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        removed_dir: Option<u32>,
+    },
     /// A memfd (an object of `Checkpoint::shared_memory`).
     SharedMemory { id: u64, flags: i32, pos: u64 },
     /// eventfd(2): counter value and EFD_SEMAPHORE.

@@ -146,6 +146,21 @@ pub fn inspect(dir: &Path, json: bool) -> Result<()> {
                 } => format!("{path} (deleted; {size} bytes saved) offset {pos}"),
                 FdKind::Device { path, .. } => path.clone(),
                 FdKind::RemovedDir { path, .. } => format!("{path} (a removed directory)"),
+                FdKind::Path {
+                    path,
+                    object,
+                    removed_dir,
+                    ..
+                } => {
+                    let gone = if object.is_some() {
+                        " (deleted)"
+                    } else if removed_dir.is_some() {
+                        " (a removed directory)"
+                    } else {
+                        ""
+                    };
+                    format!("{path}{gone} (O_PATH)")
+                }
                 FdKind::Inotify { watches, .. } => format!(
                     "inotify watching {}",
                     watches

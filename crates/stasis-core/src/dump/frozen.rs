@@ -159,7 +159,8 @@ pub(super) fn dump_frozen(
     steps.done("layout");
     let dumpable = task::make_readable(inj)?;
     let sigs = signals::dump(inj, pid, scratch)?;
-    let ts = task::dump(proc, inj, scratch, dumpable)?;
+    let mut ts = task::dump(proc, inj, scratch, dumpable)?;
+    ts.settings.mlockall = memory::read_locks(proc, inj, &mut layout)?;
     let posix_timers = crate::timers::dump(proc, inj, scratch)?;
     let stopped_children: Vec<i32> = proc
         .children()?

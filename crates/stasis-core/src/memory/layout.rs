@@ -5,7 +5,9 @@
 //! `/proc/PID/smaps`, which is slow to read) are read before the process is frozen
 //! ([`read_flags`]), remembered from its last checkpoint ([`remembered_flags`]) or read
 //! on its snapshot afterwards ([`fill_flags`]), and always checked against the
-//! snapshot ([`check_flags`]). Mappings of objects without a name (memfds, shared
+//! snapshot ([`check_flags`]); memory locks, which a fork does not inherit, are read
+//! from the frozen process itself, with mlockall(MCL_FUTURE) probed
+//! ([`read_locks`]). Mappings of objects without a name (memfds, shared
 //! anonymous memory, deleted files) refer to the objects of [`crate::shm`]. Mappings
 //! that cannot be saved (device memory, files replaced on disk) are refused here; the content of small shared
 //! file mappings is saved with the image ([`save_shared_files`]).
@@ -48,7 +50,15 @@ const SAVED_FLAGS: VmFlags = VmFlags::IO
     .union(VmFlags::DD)
     .union(VmFlags::HG)
     .union(VmFlags::NH)
+    .union(VmFlags::MG)
+    .union(VmFlags::SR)
+    .union(VmFlags::RR)
     .union(VmFlags::GD);
+
+/// The advice that stands for mlock(2) (VmFlags `lo`) and mlock2(MLOCK_ONFAULT)
+/// (`lo` and `lf`, which the procfs crate does not know), set by [`read_locks`] from
+/// the process's own smaps: a fork (the snapshot) does not inherit locks.
+const LOCK_ADVICE: [&str; 2] = ["locked", "lockonfault"];
 
 /// Reads the VmFlags of every mapping. /proc/PID/smaps walks every page table to
 /// count pages (tens of milliseconds per GiB), so this is done before the process is
@@ -222,7 +232,10 @@ pub fn fill_flags(proc: &ProcDir, flags: &FlagCache, layout: &mut [Vma]) -> Resu
     let theirs = sorted(flags);
     let mut own = None;
     for v in layout.iter_mut() {
-        let f = match holder(&theirs, v) {
+        // A mapping [`mark_invisible`] found the snapshot lacks: whatever the
+        // snapshot mapped since in the gap it leaves is not it.
+        let absent = v.flags.contains(VmFlags::DC);
+        let f = match holder(&theirs, v).filter(|_| !absent) {
             Some(f) => f,
             None => {
                 if own.is_none() {
@@ -535,13 +548,16 @@ impl Vma {
                 ),
             ));
         }
-        m.advice.clear();
+        m.advice.retain(|a| LOCK_ADVICE.contains(&a.as_str()));
         for (f, a) in [
             (VmFlags::DC, "dontfork"),
             (VmFlags::WF, "wipeonfork"),
             (VmFlags::DD, "dontdump"),
             (VmFlags::HG, "hugepage"),
             (VmFlags::NH, "nohugepage"),
+            (VmFlags::MG, "mergeable"),
+            (VmFlags::SR, "sequential"),
+            (VmFlags::RR, "random"),
         ] {
             if flags.contains(f) {
                 m.advice.push(a.to_string());
@@ -561,6 +577,122 @@ impl Vma {
     pub fn flags(&self) -> VmFlags {
         self.flags
     }
+}
+
+/// Reads the memory locks of a frozen process (whose layout is `layout`; `inj`
+/// injects syscalls into it): each locked mapping gets the advice "locked" (mlock)
+/// or "lockonfault" (mlock2 MLOCK_ONFAULT), from VmFlags `lo` and `lf` of its own
+/// /proc/PID/smaps (a fork, the snapshot, does not inherit locks), read only when
+/// /proc/PID/status shows locked memory (VmLck). mlockall(MCL_FUTURE), which nothing
+/// in /proc shows, is probed: a page mapped (PROT_NONE) and unmapped again by an
+/// injected mmap is locked only under it (VmLck grows, or the mmap fails with EAGAIN
+/// at the RLIMIT_MEMLOCK); `lf` on that page tells MCL_ONFAULT. Returns the
+/// mlockall flags in force (MCL_FUTURE, with MCL_ONFAULT), else 0. Refused when more
+/// is locked than the process's RLIMIT_MEMLOCK allows (a privileged process), as a
+/// restore could not lock it again.
+pub fn read_locks(
+    proc: &ProcDir,
+    inj: &crate::inject::Injector,
+    layout: &mut [Vma],
+) -> Result<i32> {
+    let pid = proc.pid;
+    let vmlck = || -> Result<u64> {
+        let status = std::fs::read_to_string(proc.file("status"))
+            .ctx(pid, || "reading /proc/PID/status".into())?;
+        Ok(status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmLck:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0))
+    };
+    let before = vmlck()?;
+    let prot = libc::PROT_NONE as u64;
+    let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+    let probe = inj.raw(libc::SYS_mmap, &[0, 4096, prot, flags, u64::MAX, 0])?;
+    if probe == -i64::from(libc::EAGAIN) {
+        // Only a locked mapping is refused for want of RLIMIT_MEMLOCK.
+        return Err(unsupported(
+            pid,
+            "mlockall(MCL_FUTURE) with its RLIMIT_MEMLOCK used up: stasis cannot map the page it needs to tell whether it is MCL_ONFAULT".into(),
+        ));
+    }
+    let probe = inj.check("mmap of a probe page (for mlockall)", probe)?;
+    let after = vmlck();
+    let read = after.and_then(|after| {
+        if after == 0 {
+            return Ok(None);
+        }
+        let smaps = std::fs::read_to_string(proc.file("smaps"))
+            .ctx(pid, || "reading /proc/PID/smaps".into())?;
+        Ok(Some((after > before, smaps)))
+    });
+    inj.call("munmap of the probe page", libc::SYS_munmap, &[probe, 4096])?;
+    let Some((future, smaps)) = read? else {
+        return Ok(0);
+    };
+    // (start, end, locked, on fault) of each mapping.
+    let mut locks: Vec<(u64, u64, bool, bool)> = Vec::new();
+    for line in smaps.lines() {
+        if let Some(f) = line.strip_prefix("VmFlags:") {
+            let has = |w: &str| f.split_whitespace().any(|x| x == w);
+            if let Some(last) = locks.last_mut() {
+                last.2 = has("lo");
+                last.3 = has("lf");
+            }
+        } else if let Some((range, _)) = line.split_once(' ') {
+            let parsed = range.split_once('-').and_then(|(a, b)| {
+                Some((
+                    u64::from_str_radix(a, 16).ok()?,
+                    u64::from_str_radix(b, 16).ok()?,
+                ))
+            });
+            if let Some((a, b)) = parsed {
+                locks.push((a, b, false, false));
+            }
+        }
+    }
+    let holder = |addr: u64| locks.iter().find(|l| l.0 <= addr && addr < l.1);
+    let limit = memlock_limit(proc)?;
+    let mut total = 0;
+    for v in layout.iter_mut() {
+        let m = &mut v.map;
+        m.advice.retain(|a| !LOCK_ADVICE.contains(&a.as_str()));
+        match holder(m.start) {
+            Some(&(_, _, true, onfault)) => {
+                m.advice.push(LOCK_ADVICE[usize::from(onfault)].to_string());
+                total += m.end - m.start;
+            }
+            _ => continue,
+        }
+        if total > limit {
+            return Err(unsupported(
+                pid,
+                format!(
+                    "locked mapping {:x}-{:x} ({}): {total} bytes locked in all, above its RLIMIT_MEMLOCK of {limit} bytes (a privileged process), which a restore could not lock again",
+                    m.start, m.end, m.name
+                ),
+            ));
+        }
+    }
+    Ok(match holder(probe) {
+        Some(&(_, _, true, onfault)) if future => {
+            libc::MCL_FUTURE | if onfault { libc::MCL_ONFAULT } else { 0 }
+        }
+        _ if future => libc::MCL_FUTURE,
+        _ => 0,
+    })
+}
+
+/// The soft RLIMIT_MEMLOCK of a process, in bytes (u64::MAX when unlimited).
+fn memlock_limit(proc: &ProcDir) -> Result<u64> {
+    let limits = std::fs::read_to_string(proc.file("limits"))
+        .ctx(proc.pid, || "reading /proc/PID/limits".into())?;
+    let soft = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max locked memory"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or("unlimited");
+    Ok(soft.parse().unwrap_or(u64::MAX))
 }
 
 /// True when a copy-on-write snapshot (fork) of the process would not see this

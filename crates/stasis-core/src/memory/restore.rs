@@ -4,8 +4,8 @@
 //! stopped process (file mappings from the descriptors in [`MapFds`]), writable where
 //! saved pages go; the pages are then copied in parallel with `process_vm_writev`
 //! straight from the mapped page file ([`PageSource`], decompressing frames where
-//! the part is compressed); last the final protections and madvise advice are
-//! applied. The vdso/vvar block the kernel gave the new process is moved to where
+//! the part is compressed); last the final protections, madvise advice and memory
+//! locks (mlock, mlock2 MLOCK_ONFAULT) are applied. The vdso/vvar block the kernel gave the new process is moved to where
 //! the old one was ([`move_vdso`]).
 
 use super::pages::*;
@@ -133,16 +133,44 @@ pub fn restore_mappings(
             )?;
         }
         for a in &m.advice {
+            let what = || format!("{a} of {:x}-{:x} {}", m.start, m.end, m.name);
+            // Locks count against RLIMIT_MEMLOCK: a failure is an error.
+            match a.as_str() {
+                "locked" => {
+                    inj.call(&what(), libc::SYS_mlock, &[m.start, m.len()])?;
+                    continue;
+                }
+                "lockonfault" => {
+                    inj.call(
+                        &what(),
+                        libc::SYS_mlock2,
+                        &[m.start, m.len(), libc::MLOCK_ONFAULT as u64],
+                    )?;
+                    continue;
+                }
+                _ => {}
+            }
             let adv = match a.as_str() {
                 "dontfork" => libc::MADV_DONTFORK,
                 "wipeonfork" => libc::MADV_WIPEONFORK,
                 "dontdump" => libc::MADV_DONTDUMP,
                 "hugepage" => libc::MADV_HUGEPAGE,
                 "nohugepage" => libc::MADV_NOHUGEPAGE,
+                "mergeable" => libc::MADV_MERGEABLE,
+                "sequential" => libc::MADV_SEQUENTIAL,
+                "random" => libc::MADV_RANDOM,
                 _ => continue,
             };
-            // Advice is best effort (e.g. hugepage without THP support).
-            let _ = inj.raw(libc::SYS_madvise, &[m.start, m.len(), adv as u64]);
+            // Advice the kernel refuses (hugepage without THP, mergeable without
+            // KSM: a kernel unlike the checkpoint's) is reported, not fatal.
+            let r = inj.raw(libc::SYS_madvise, &[m.start, m.len(), adv as u64])?;
+            if r < 0 {
+                tracing::warn!(
+                    "process {pid}: madvise {} failed: {}",
+                    what(),
+                    std::io::Error::from_raw_os_error(-r as i32)
+                );
+            }
         }
     }
     Ok(())
