@@ -14,6 +14,8 @@
 //! processes that do not print anything by themselves).
 #![allow(dead_code)]
 
+pub mod cycles;
+
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs;
