@@ -315,24 +315,7 @@ fn coordinator_and_agents_across_nodes() {
     let w = Work::new("multinode_coord");
     let mut bed = Bed::up("mc", 3);
     let addr = format!("{}:7070", bed.addr(1));
-    let ck = w.ck.to_str().unwrap().to_string();
-    let mut coord = w.spawn(
-        "coordinator",
-        bed.on(
-            1,
-            &[
-                STASIS,
-                "coordinator",
-                "--listen",
-                &addr,
-                "--dir",
-                &ck,
-                "--timeout",
-                "10s",
-            ],
-        ),
-        Stdio::null(),
-    );
+    let mut coord = coordinator_on(&w, &bed, &addr, "10s");
     // One agent per node; those of nodes 2 and 3 started through the stand-in.
     let mut local = w.spawn(
         "agent-1",
@@ -409,6 +392,23 @@ fn on_in(bed: &Bed, k: usize, dir: &Path, argv: &[&str]) -> Command {
     c
 }
 
+/// `stasis coordinator` on node 1, listening on `addr`, checkpoints in the work dir's
+/// `ck`, with `timeout` per phase.
+fn coordinator_on(w: &Work, bed: &Bed, addr: &str, timeout: &str) -> Proc {
+    let ck = w.ck.to_str().unwrap();
+    let argv = [
+        STASIS,
+        "coordinator",
+        "--listen",
+        addr,
+        "--dir",
+        ck,
+        "--timeout",
+        timeout,
+    ];
+    w.spawn("coordinator", bed.on(1, &argv), Stdio::null())
+}
+
 /// Waits for an agent to say it joined its coordinator.
 fn wait_joined(a: &mut Proc) {
     let t0 = Instant::now();
@@ -447,23 +447,7 @@ fn real_parts_checkpointed_together_and_restarted_on_other_nodes() {
     let mut bed = Bed::up("mp", 3);
     let addr = format!("{}:7071", bed.addr(1));
     let ck = w.ck.to_str().unwrap().to_string();
-    let mut coord = w.spawn(
-        "coordinator",
-        bed.on(
-            1,
-            &[
-                STASIS,
-                "coordinator",
-                "--listen",
-                &addr,
-                "--dir",
-                &ck,
-                "--timeout",
-                "30s",
-            ],
-        ),
-        Stdio::null(),
-    );
+    let mut coord = coordinator_on(&w, &bed, &addr, "30s");
     let counter = prog("counter");
     let counter = counter.to_str().unwrap();
     let mut agents: Vec<Proc> = (1..=2)
@@ -651,24 +635,7 @@ fn a_part_that_cannot_be_saved_abandons_the_global_checkpoint() {
     let w = Work::new("multinode_refused");
     let mut bed = Bed::up("mr", 2);
     let addr = format!("{}:7072", bed.addr(1));
-    let ck = w.ck.to_str().unwrap().to_string();
-    let mut coord = w.spawn(
-        "coordinator",
-        bed.on(
-            1,
-            &[
-                STASIS,
-                "coordinator",
-                "--listen",
-                &addr,
-                "--dir",
-                &ck,
-                "--timeout",
-                "30s",
-            ],
-        ),
-        Stdio::null(),
-    );
+    let mut coord = coordinator_on(&w, &bed, &addr, "30s");
     let counter = prog("counter");
     let unsupported = prog("unsupported");
     // The first node's part through `stasis run --coordinator` (an agent with a local
@@ -755,23 +722,7 @@ fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
     let mut bed = Bed::up("mt", 3);
     let addr = format!("{}:7073", bed.addr(1));
     let ck = w.ck.to_str().unwrap().to_string();
-    let mut coord = w.spawn(
-        "coordinator",
-        bed.on(
-            1,
-            &[
-                STASIS,
-                "coordinator",
-                "--listen",
-                &addr,
-                "--dir",
-                &ck,
-                "--timeout",
-                "30s",
-            ],
-        ),
-        Stdio::null(),
-    );
+    let mut coord = coordinator_on(&w, &bed, &addr, "30s");
     let tcpnode = prog("tcpnode");
     let tcpnode = tcpnode.to_str().unwrap();
     let server_at = bed.addr(1);
@@ -983,23 +934,7 @@ fn openmpi_across_nodes(name: &str, rotate: bool) {
     let mut bed = Bed::up(if rotate { "mo" } else { "mm" }, 3);
     let addr = format!("{}:7074", bed.addr(1));
     let ck = w.ck.to_str().unwrap().to_string();
-    let mut coord = w.spawn(
-        "coordinator",
-        bed.on(
-            1,
-            &[
-                STASIS,
-                "coordinator",
-                "--listen",
-                &addr,
-                "--dir",
-                &ck,
-                "--timeout",
-                "60s",
-            ],
-        ),
-        Stdio::null(),
-    );
+    let mut coord = coordinator_on(&w, &bed, &addr, "60s");
     let spares = |label: &str| -> Vec<Proc> {
         (2..=3)
             .map(|k| {
