@@ -61,19 +61,22 @@ pub fn check_supported(proc: &ProcDir) -> Result<()> {
     let text = std::fs::read_to_string(proc.file("status"))
         .ctx(pid, || "reading /proc/PID/status".into())?;
     let (mode, filters) = seccomp_of(&text);
-    let (our_mode, ours) =
-        seccomp_of(&std::fs::read_to_string("/proc/self/status").unwrap_or_default());
+    let (_, ours) = seccomp_of(&std::fs::read_to_string("/proc/self/status").unwrap_or_default());
     match mode {
         1 => Err(Error::Unsupported {
             pid,
             what: "seccomp strict mode".into(),
         }),
-        2 if our_mode == 0 || filters > ours => Err(Error::Unsupported {
+        // After a restart onto other nodes, every process has our filter redirecting
+        // connects to old addresses (`sockets::inet::redirect`) on top.
+        2 if filters > ours + u32::from(crate::sockets::inet::redirect::installed()) => {
+            Err(Error::Unsupported {
             pid,
             what: format!(
                 "a seccomp filter installed by the process ({filters} filter(s), stasis runs under {ours}; it could not be restored)"
             ),
-        }),
+        })
+        }
         _ => Ok(()),
     }
 }

@@ -715,7 +715,8 @@ fn a_part_that_cannot_be_saved_abandons_the_global_checkpoint() {
 /// other nodes with other addresses (the server's part on node 3, the client's on node
 /// 1), the connection is made again between the new addresses with each end's unread
 /// bytes back in its queue, and both ends then check that every record of the other
-/// came exactly once, in order.
+/// came exactly once, in order. After the restart the client also opens a new
+/// connection to the server's old address, which reaches the server at its new one.
 #[test]
 fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
     let w = Work::new("multinode_tcp");
@@ -862,6 +863,18 @@ fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
     let tc = client.last_tick().unwrap();
     first.wait_tick(ts + 10, T_READY);
     spare.wait_tick(tc + 10, T_READY);
+    // A connection the client never had: to the server's old address, which stasis
+    // redirects to its new one.
+    std::fs::write(w.path("again"), b"").unwrap();
+    let t0 = Instant::now();
+    while !spare.stdout().contains("again ok") {
+        assert!(
+            !spare.stdout().contains("FAIL") && t0.elapsed() < T_CMD,
+            "{}",
+            spare.diag()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     w.go();
     for (label, before, p) in [
         ("server", &server, &mut first),

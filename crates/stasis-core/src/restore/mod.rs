@@ -280,6 +280,7 @@ pub fn restore(
     for (i, p) in procs.iter().enumerate() {
         rebuild(p.pid, image, &deps, p, &prepared[i], &used_by[i])?;
     }
+    crate::sockets::inet::redirect::serve();
     // Nothing was queued in an inotify instance at checkpoint time (a queued event
     // refuses it): what the rebuild caused (files recreated, our descriptors closed)
     // is dropped before any process runs.

@@ -220,6 +220,10 @@ pub(super) fn rebuild(
         signals::requeue(&inj, child, Some(t.tid), &t.pending, &scratch)?;
     }
     signals::requeue(&inj, child, None, &p.signals.shared_pending, &scratch)?;
+    // While it still has our capabilities in the job's user namespace.
+    if crate::sockets::inet::redirect::wanted() {
+        crate::sockets::inet::redirect::install(&inj, child, &scratch)?;
+    }
     if let Some(c) = &p.creds {
         crate::creds::restore(&inj, child, c, &scratch)?;
     }

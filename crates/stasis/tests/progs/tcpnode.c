@@ -6,7 +6,11 @@
  * always on their way or unread) and reads what has arrived, checking that the
  * other's records come exactly once and in order. Prints `ready`, then `tick N`.
  * Once the file `go` exists it sends `E` + its count, reads up to the other's `E`,
- * and checks the count: `OK sent=S got=G` / `FAIL ...`. */
+ * and checks the count: `OK sent=S got=G` / `FAIL ...`.
+ * The server also listens on PORT+1 and echoes what comes on a connection there; once
+ * the file `again` exists the client opens such a connection to HOST:PORT+1 (the
+ * address it was given at start, a new connection: after a restart onto other nodes,
+ * to the server's old address), sends a line and checks the echo: `again ok`. */
 #include "util.h"
 #include <arpa/inet.h>
 #include <netdb.h>
@@ -17,7 +21,7 @@
 
 #define REC 32
 
-static int fd;
+static int fd, l2 = -1, c2 = -1;
 static unsigned long long sent, got;
 static char buf[1 << 16];
 static size_t have;
@@ -83,6 +87,10 @@ int main(int argc, char **argv) {
         a.sin_family = AF_INET;
         a.sin_port = htons(atoi(argv[2]));
         if (bind(l, (struct sockaddr *)&a, sizeof a) || listen(l, 4)) die("listen");
+        l2 = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+        setsockopt(l2, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        a.sin_port = htons(atoi(argv[2]) + 1);
+        if (bind(l2, (struct sockaddr *)&a, sizeof a) || listen(l2, 4)) die("listen 2");
         fd = accept(l, NULL, NULL);
         if (fd < 0) die("accept");
     } else if (argc >= 4 && strcmp(argv[1], "client") == 0) {
@@ -103,10 +111,40 @@ int main(int argc, char **argv) {
     }
     out("ready\n");
     unsigned long long end = 0, tick = 0;
-    int ended = 0;
+    int ended = 0, again = 0;
     while (!go_exists()) {
         for (int i = 0; i < 3; i++) send_rec('R', sent++);
         ended |= take(0, &end);
+        if (l2 >= 0) { /* server: echo on connections to PORT+1 */
+            if (c2 < 0) c2 = accept4(l2, NULL, NULL, SOCK_NONBLOCK);
+            if (c2 >= 0) {
+                char b[64];
+                ssize_t n = recv(c2, b, sizeof b, 0);
+                if (n > 0 && send(c2, b, (size_t)n, MSG_NOSIGNAL) != n) die("echo");
+                if (n == 0) { close(c2); c2 = -1; }
+            }
+        } else if (!again && access("again", F_OK) == 0) { /* client: a new connection */
+            struct sockaddr_in a = {0};
+            a.sin_family = AF_INET;
+            a.sin_port = htons(atoi(argv[3]) + 1);
+            inet_pton(AF_INET, argv[2], &a.sin_addr);
+            int s2 = socket(AF_INET, SOCK_STREAM, 0);
+            if (connect(s2, (struct sockaddr *)&a, sizeof a)) {
+                out("FAIL a new connection to %s:%d: %s\n", argv[2], atoi(argv[3]) + 1, strerror(errno));
+                return 1;
+            }
+            const char *msg = "again\n";
+            char b[16] = {0};
+            struct pollfd p = {s2, POLLIN, 0};
+            if (send(s2, msg, 6, MSG_NOSIGNAL) != 6 || poll(&p, 1, 10000) != 1 || recv(s2, b, sizeof b, 0) != 6 ||
+                memcmp(b, msg, 6)) {
+                out("FAIL no echo on the new connection\n");
+                return 1;
+            }
+            close(s2);
+            again = 1;
+            out("again ok\n");
+        }
         out("tick %llu\n", tick++);
         sleep_ms(20);
     }

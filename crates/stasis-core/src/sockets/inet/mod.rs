@@ -61,6 +61,7 @@ pub enum TcpExternal {
     Peer,
 }
 
+pub mod redirect;
 mod remote;
 pub use remote::{node_addresses, settle_external, SETTLE_TIMEOUT};
 
