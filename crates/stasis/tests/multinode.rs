@@ -716,7 +716,9 @@ fn a_part_that_cannot_be_saved_abandons_the_global_checkpoint() {
 /// 1), the connection is made again between the new addresses with each end's unread
 /// bytes back in its queue, and both ends then check that every record of the other
 /// came exactly once, in order. After the restart the client also opens a new
-/// connection to the server's old address, which reaches the server at its new one.
+/// connection to the server's old address, which reaches the server at its new one;
+/// then the job is checkpointed, killed and restarted onto other nodes once more, and
+/// a new connection to the server's first address still reaches it.
 #[test]
 fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
     let w = Work::new("multinode_tcp");
@@ -865,26 +867,83 @@ fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
     spare.wait_tick(tc + 10, T_READY);
     // A connection the client never had: to the server's old address, which stasis
     // redirects to its new one.
-    std::fs::write(w.path("again"), b"").unwrap();
-    let t0 = Instant::now();
-    while !spare.stdout().contains("again ok") {
-        assert!(
-            !spare.stdout().contains("FAIL") && t0.elapsed() < T_CMD,
-            "{}",
-            spare.diag()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let again = |p: &mut Proc, file: &str, line: &str| {
+        std::fs::write(w.path(file), b"").unwrap();
+        let t0 = Instant::now();
+        while !p.stdout().contains(line) {
+            assert!(
+                !p.stdout().contains("FAIL") && t0.elapsed() < T_CMD,
+                "{}",
+                p.diag()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    again(&mut spare, "again", "again 1 ok");
+    // Once more, onto other nodes again (server on node 2, client on node 3): a new
+    // connection to the server's first address still reaches it.
+    let r = bed
+        .on(1, &[STASIS, "checkpoint", "--coordinator", &addr, "--kill"])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    first.expect_exit(EXIT_CHECKPOINTED, T_CMD);
+    spare.expect_exit(EXIT_CHECKPOINTED, T_CMD);
+    let parts = parts_of(&w.ck, 3);
+    assert_eq!(
+        parts,
+        vec![bed.node(3), bed.node(1)],
+        "parts keep their order"
+    );
+    let mut spare3 = w.spawn_io(
+        "spare-3",
+        on_in(
+            &bed,
+            3,
+            &w.path("elsewhere"),
+            &[STASIS, "agent", "--coordinator", &addr],
+        ),
+        Stdio::null(),
+        true,
+    );
+    wait_joined(&mut spare3);
+    let nodes = format!("{},{}", bed.node(2), bed.node(3));
+    let mut second = w.spawn_io(
+        "restart-server-on-2",
+        on_in(
+            &bed,
+            2,
+            &w.path("elsewhere"),
+            &[
+                STASIS,
+                "restart",
+                "--coordinator",
+                &addr,
+                "--nodes",
+                &nodes,
+                &ck,
+            ],
+        ),
+        Stdio::null(),
+        true,
+    );
+    let ts1 = first.last_tick().unwrap();
+    let tc1 = spare.last_tick().unwrap();
+    second.wait_tick(ts1 + 10, T_READY);
+    spare3.wait_tick(tc1 + 10, T_READY);
+    again(&mut spare3, "again2", "again 2 ok");
     w.go();
     for (label, before, p) in [
-        ("server", &server, &mut first),
-        ("client", &client, &mut spare),
+        ("server", vec![&server, &first], &mut second),
+        ("client", vec![&client, &spare], &mut spare3),
     ] {
         p.expect_exit(0, T_CMD);
-        let outs = vec![
-            (format!("{label} before"), before.stdout()),
-            (format!("{label} restarted"), p.stdout()),
-        ];
+        let mut outs: Vec<(String, String)> = before
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (format!("{label} run {i}"), b.stdout()))
+            .collect();
+        outs.push((format!("{label} restarted twice"), p.stdout()));
         assert_ticks_consecutive(&outs, Some(0));
         let ok = p
             .lines()
@@ -893,8 +952,8 @@ fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
             .unwrap_or_default();
         assert!(ok.starts_with("OK"), "{label}: {ok:?}\n{}", p.diag());
     }
-    // The records went on flowing after the restart (not only before it).
-    let after: u64 = first
+    // The records went on flowing after the restarts (not only before them).
+    let after: u64 = second
         .lines()
         .iter()
         .find_map(|l| l.strip_prefix("OK sent="))

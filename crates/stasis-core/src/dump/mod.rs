@@ -415,6 +415,19 @@ fn checkpoint_locked(
         sockets,
         inet_sockets,
         private_network: opts.own_network_namespace,
+        node_addresses: if hold {
+            crate::sockets::inet::node_addresses()
+                .iter()
+                .map(|a| a.to_string())
+                .collect()
+        } else {
+            Vec::new()
+        },
+        address_map: if hold {
+            crate::sockets::inet::current_address_map()
+        } else {
+            Vec::new()
+        },
         private_dirs,
         ptys,
         sysv,

@@ -152,6 +152,10 @@ pub fn restore(
     // are passed to the processes over their sockets, the objects inherited.
     crate::sysv::restore(image)?;
     let shm_objs = crate::shm::create_objects(image).map_err(restore_err)?;
+    // A node's part restarted onto another node says where its addresses are now
+    // before it waits for anyone's (see `sockets::inet::remote`).
+    crate::sockets::inet::publish_addresses(&meta.node_addresses, &meta.address_map)
+        .map_err(restore_err)?;
     let (mut socket_fds, unix_pending) = crate::sockets::create_all(image).map_err(restore_err)?;
     // A slave of each pseudo-terminal stays open here until the processes are forked
     // (session leaders take their controlling terminal from it).

@@ -70,6 +70,14 @@ pub struct Checkpoint {
     /// restart creates a new one, and TCP connections were saved with `repair` state.
     #[serde(default)]
     pub private_network: bool,
+    /// A node's part of a multi-node job: the node's addresses at checkpoint time, and
+    /// the addresses the job's processes may still know from before earlier restarts,
+    /// with the node address each stands for now (`[old, current]`). A restart onto
+    /// other nodes publishes where each is now (see docs/PROTOCOL.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_addresses: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub address_map: Vec<[String; 2]>,
     /// The job's private /tmp and /dev/shm (`stasis run --tmp private`, the default),
     /// their whole content; restart mounts new ones and recreates it. Empty: the job
     /// used the host's.

@@ -19,6 +19,8 @@ fn meta(seq: u64) -> Checkpoint {
         sockets: vec![],
         inet_sockets: vec![],
         private_network: false,
+        node_addresses: Vec::new(),
+        address_map: Vec::new(),
         private_dirs: Vec::new(),
         ptys: vec![],
         sysv: Default::default(),

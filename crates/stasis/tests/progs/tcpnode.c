@@ -10,7 +10,8 @@
  * The server also listens on PORT+1 and echoes what comes on a connection there; once
  * the file `again` exists the client opens such a connection to HOST:PORT+1 (the
  * address it was given at start, a new connection: after a restart onto other nodes,
- * to the server's old address), sends a line and checks the echo: `again ok`. */
+ * to the server's old address), sends a line and checks the echo: `again 1 ok`; once
+ * `again2` exists, another: `again 2 ok`. */
 #include "util.h"
 #include <arpa/inet.h>
 #include <netdb.h>
@@ -123,7 +124,8 @@ int main(int argc, char **argv) {
                 if (n > 0 && send(c2, b, (size_t)n, MSG_NOSIGNAL) != n) die("echo");
                 if (n == 0) { close(c2); c2 = -1; }
             }
-        } else if (!again && access("again", F_OK) == 0) { /* client: a new connection */
+        } else if ((again == 0 && access("again", F_OK) == 0) ||
+                   (again == 1 && access("again2", F_OK) == 0)) { /* client: a new connection */
             struct sockaddr_in a = {0};
             a.sin_family = AF_INET;
             a.sin_port = htons(atoi(argv[3]) + 1);
@@ -142,8 +144,8 @@ int main(int argc, char **argv) {
                 return 1;
             }
             close(s2);
-            again = 1;
-            out("again ok\n");
+            again++;
+            out("again %d ok\n", again);
         }
         out("tick %llu\n", tick++);
         sleep_ms(20);

@@ -63,7 +63,9 @@ pub enum TcpExternal {
 
 pub mod redirect;
 mod remote;
-pub use remote::{node_addresses, settle_external, SETTLE_TIMEOUT};
+pub use remote::{
+    current_address_map, node_addresses, publish_addresses, settle_external, SETTLE_TIMEOUT,
+};
 
 /// Makes every TCP socket of the checkpointed processes close with a reset
 /// (SO_LINGER 0), before they are killed: a connection then leaves no TIME_WAIT

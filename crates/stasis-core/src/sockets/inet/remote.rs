@@ -139,6 +139,12 @@ impl AddressMap {
             (Some(_), Some(here)) if !old.is_loopback() && !old.is_unspecified() => here,
             _ => old,
         };
+        self.publish(old, new)?;
+        Ok(new)
+    }
+
+    /// Publishes that `old` is `new` now.
+    fn publish(&mut self, old: IpAddr, new: IpAddr) -> std::result::Result<(), String> {
         if let Some(dir) = &self.dir {
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             let tmp = dir.join(format!(".addr-{old}.{}", std::process::id()));
@@ -151,7 +157,7 @@ impl AddressMap {
             std::fs::rename(&tmp, &at).map_err(|e| format!("{}: {e}", at.display()))?;
         }
         self.known.insert(old, new);
-        Ok(new)
+        Ok(())
     }
 
     /// The new address of another node's old address `old` (waiting for it to be
@@ -184,6 +190,58 @@ impl AddressMap {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// At a restart through a rendezvous: publishes where every address this node part had
+/// (`node`, its node's addresses at checkpoint time) is now, and, for the addresses its
+/// processes may still know from before earlier restarts (`map`: old, what it became),
+/// where those are now.
+pub fn publish_addresses(node: &[String], map: &[[String; 2]]) -> std::result::Result<(), String> {
+    if std::env::var_os("STASIS_RENDEZVOUS").is_none() {
+        return Ok(());
+    }
+    let mut m = AddressMap::from_env();
+    let mut mine = Vec::new();
+    for a in node {
+        if let Ok(ip) = a.parse::<IpAddr>() {
+            let old = canonical(SocketAddr::new(ip, 0)).ip();
+            mine.push(old);
+            m.own(old)?;
+        }
+    }
+    for [old, became] in map {
+        let (Ok(old), Ok(became)) = (old.parse::<IpAddr>(), became.parse::<IpAddr>()) else {
+            continue;
+        };
+        let became = canonical(SocketAddr::new(became, 0)).ip();
+        if mine.contains(&became) {
+            let now = m.own(became)?;
+            m.publish(canonical(SocketAddr::new(old, 0)).ip(), now)?;
+        }
+    }
+    Ok(())
+}
+
+/// The addresses this job's processes may know and where they are now: every
+/// `addr-OLD` of the rendezvous this part was restarted through, and those it carried
+/// over from earlier restarts (what a checkpoint saves as `address_map`).
+pub fn current_address_map() -> Vec<[String; 2]> {
+    let Some(dir) = std::env::var_os("STASIS_RENDEZVOUS").map(PathBuf::from) else {
+        return Vec::new();
+    };
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<[String; 2]> = rd
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.strip_prefix("addr-")?.to_string();
+            let new = std::fs::read_to_string(e.path()).ok()?.trim().to_string();
+            (name != new).then_some([name, new])
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// The first non-loopback IPv4 address of this node.
