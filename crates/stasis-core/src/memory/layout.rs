@@ -584,7 +584,8 @@ impl Vma {
 /// or "lockonfault" (mlock2 MLOCK_ONFAULT), from VmFlags `lo` and `lf` of its own
 /// /proc/PID/smaps (a fork, the snapshot, does not inherit locks), read only when
 /// /proc/PID/status shows locked memory (VmLck). mlockall(MCL_FUTURE), which nothing
-/// in /proc shows, is probed: a page mapped (PROT_NONE) and unmapped again by an
+/// in /proc shows, is probed in a process that holds locked memory: a page mapped
+/// (PROT_NONE) and unmapped again by an
 /// injected mmap is locked only under it (VmLck grows, or the mmap fails with EAGAIN
 /// at the RLIMIT_MEMLOCK); `lf` on that page tells MCL_ONFAULT. Returns the
 /// mlockall flags in force (MCL_FUTURE, with MCL_ONFAULT), else 0. Refused when more
@@ -606,6 +607,12 @@ pub fn read_locks(
             .unwrap_or(0))
     };
     let before = vmlck()?;
+    // The probe maps a page for a moment: a kill of stasis in between would leave it
+    // mapped. Only a process holding locked memory is probed (MCL_FUTURE locks what
+    // it maps from then on, so one that called it and mapped anything since has some).
+    if before == 0 {
+        return Ok(0);
+    }
     let prot = libc::PROT_NONE as u64;
     let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
     let probe = inj.raw(libc::SYS_mmap, &[0, 4096, prot, flags, u64::MAX, 0])?;
