@@ -155,14 +155,16 @@ impl Drop for Bed {
     }
 }
 
+/// progs/mpiring.c built with OpenMPI's compiler wrapper.
 fn mpiring() -> PathBuf {
+    let name = "mpiring";
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("stasis-progs");
     std::fs::create_dir_all(&dir).unwrap();
-    let exe = dir.join(format!("mpiring-multinode-{}", std::process::id()));
+    let exe = dir.join(format!("{name}-multinode-{}", std::process::id()));
     let out = Command::new("mpicc.openmpi")
         .args(["-O1", "-o"])
         .arg(&exe)
-        .arg(progs_src_dir().join("mpiring.c"))
+        .arg(progs_src_dir().join(format!("{name}.c")))
         .output()
         .expect("no mpicc.openmpi (scripts/test.sh installs openmpi-bin libopenmpi-dev)");
     assert!(

@@ -10,7 +10,8 @@
  * The server also listens on PORT+1 and echoes what comes on a connection there; once
  * the file `again` exists the client opens such a connection to HOST:PORT+1 (the
  * address it was given at start, a new connection: after a restart onto other nodes,
- * to the server's old address), sends a line and checks the echo: `again 1 ok`; once
+ * to the server's old address, from a socket bound first to the client's own address
+ * of start-up, as MPI libraries do), sends a line and checks the echo: `again 1 ok`; once
  * `again2` exists, another: `again 2 ok`. */
 #include "util.h"
 #include <arpa/inet.h>
@@ -23,6 +24,7 @@
 #define REC 32
 
 static int fd, l2 = -1, c2 = -1;
+static struct sockaddr_in mine; /* the client's own address, as at start-up */
 static unsigned long long sent, got;
 static char buf[1 << 16];
 static size_t have;
@@ -106,6 +108,9 @@ int main(int argc, char **argv) {
             if (i > 500) die("connect");
             sleep_ms(20);
         }
+        socklen_t ml = sizeof mine;
+        if (getsockname(fd, (struct sockaddr *)&mine, &ml)) die("getsockname");
+        mine.sin_port = 0;
     } else {
         out("FAIL usage\n");
         return 2;
@@ -131,6 +136,12 @@ int main(int argc, char **argv) {
             a.sin_port = htons(atoi(argv[3]) + 1);
             inet_pton(AF_INET, argv[2], &a.sin_addr);
             int s2 = socket(AF_INET, SOCK_STREAM, 0);
+            /* As MPI libraries do: bound to its own address first (the one it had at
+             * start-up: after a restart onto another node, an old one). */
+            if (bind(s2, (struct sockaddr *)&mine, sizeof mine)) {
+                out("FAIL binding a new socket to its own address: %s\n", strerror(errno));
+                return 1;
+            }
             if (connect(s2, (struct sockaddr *)&a, sizeof a)) {
                 out("FAIL a new connection to %s:%d: %s\n", argv[2], atoi(argv[3]) + 1, strerror(errno));
                 return 1;

@@ -5,14 +5,15 @@
 //! peer uses the peer's old address. When a part is restarted through a rendezvous
 //! directory (see `remote`), each of its processes gets, at the end of its rebuild
 //! (while it still has the restorer's capabilities in the job's user namespace), a
-//! seccomp filter that sends `connect(2)` (and only it) to us as a user notification
-//! ([`install`]). [`serve`] answers them in a thread of the restoring init: a connect to
-//! an address that a node of the job had at checkpoint time is made by us on the
-//! process's own socket (taken with pidfd_getfd: the same open file description, so a
-//! non-blocking socket gets EINPROGRESS as it would) to that node's new address, read
-//! from the rendezvous directory; any other connect goes on untouched
-//! (SECCOMP_USER_NOTIF_FLAG_CONTINUE). Every other system call costs nothing more than
-//! a filter of five instructions. A checkpoint of the job allows that one filter
+//! seccomp filter that sends `connect(2)` and `bind(2)` (and only them) to us as user
+//! notifications ([`install`]). [`serve`] answers them in a thread of the restoring
+//! init: a connect to, or a bind on, an address that a node of the job had at
+//! checkpoint time is made by us on the process's own socket (taken with pidfd_getfd:
+//! the same open file description, so a non-blocking socket gets EINPROGRESS as it
+//! would) with that node's new address, read from the rendezvous directory (an MPI
+//! library binds its new sockets to its node's address before connecting); any other
+//! goes on untouched (SECCOMP_USER_NOTIF_FLAG_CONTINUE). Every other system call costs
+//! nothing more than a filter of seven instructions. A checkpoint of the job allows that one filter
 //! ([`installed`]).
 
 use crate::error::{Result, SysContext};
@@ -53,7 +54,7 @@ pub fn installed() -> bool {
     INSTALLED.load(Ordering::Relaxed)
 }
 
-/// The filter: connect(2) to us, everything else allowed.
+/// The filter: connect(2) and bind(2) to us, everything else allowed.
 fn program() -> Vec<u8> {
     let insn = |code: u16, jt: u8, jf: u8, k: u32| {
         let mut v = code.to_le_bytes().to_vec();
@@ -66,9 +67,10 @@ fn program() -> Vec<u8> {
     const RET_K: u16 = 0x06;
     [
         insn(LD_W_ABS, 0, 0, 4), // arch
-        insn(JEQ_K, 0, 3, AUDIT_ARCH_X86_64),
+        insn(JEQ_K, 0, 4, AUDIT_ARCH_X86_64),
         insn(LD_W_ABS, 0, 0, 0), // nr
-        insn(JEQ_K, 0, 1, libc::SYS_connect as u32),
+        insn(JEQ_K, 1, 0, libc::SYS_connect as u32),
+        insn(JEQ_K, 0, 1, libc::SYS_bind as u32),
         insn(RET_K, 0, 0, SECCOMP_RET_USER_NOTIF),
         insn(RET_K, 0, 0, SECCOMP_RET_ALLOW),
     ]
@@ -220,6 +222,7 @@ fn handle(listener: i32, dir: Option<&PathBuf>) {
         return;
     }
     let (pid, fd, id) = (n.pid as i32, n.args[0] as i32, n.id);
+    let bind = n.nr == libc::SYS_bind as i32;
     // A blocking connect would hold up every other notification: in a thread.
     let listener_dup = match dup(listener) {
         Some(l) => l,
@@ -229,10 +232,13 @@ fn handle(listener: i32, dir: Option<&PathBuf>) {
         .name("connect".into())
         .spawn(move || {
             let error = match crate::proc::borrow_fd(pid, fd) {
+                Ok(sock) if bind => bind_to(&sock, new),
                 Ok(sock) => connect_to(&sock, new),
                 Err(_) => -libc::EBADF,
             };
-            tracing::debug!("process {pid}: connect of fd {fd} redirected to {new}: {error}");
+            tracing::debug!(
+                "process {pid}: bind or connect of fd {fd} redirected to {new}: {error}"
+            );
             reply(listener_dup.as_raw_fd(), id, error, 0);
         });
     if spawned.is_err() {
@@ -260,7 +266,20 @@ fn connect_to(sock: &OwnedFd, to: SocketAddr) -> i32 {
     }
 }
 
-/// The IP address a connect of process `pid` aims at (`addr`, `len` in its memory).
+/// Binds our descriptor of the process's socket to `at`; 0 or a negative errno.
+fn bind_to(sock: &OwnedFd, at: SocketAddr) -> i32 {
+    let family = match crate::sockets::sockopt(sock.as_raw_fd(), libc::SO_DOMAIN) {
+        0 => libc::AF_INET,
+        f => f,
+    };
+    let at = super::net::addr_for(family, at);
+    match super::net::bind(sock, at) {
+        Ok(()) => 0,
+        Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+    }
+}
+
+/// The IP address a connect or bind of process `pid` names (`addr`, `len` in its memory).
 fn sockaddr_of(pid: i32, addr: u64, len: u64) -> Option<SocketAddr> {
     if addr == 0 || !(16..=128).contains(&len) {
         return None;
@@ -302,7 +321,7 @@ fn moved(dir: &std::path::Path, to: SocketAddr) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn program_is_six_instructions() {
-        assert_eq!(super::program().len(), 6 * 8);
+    fn program_is_seven_instructions() {
+        assert_eq!(super::program().len(), 7 * 8);
     }
 }
