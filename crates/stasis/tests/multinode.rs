@@ -155,24 +155,28 @@ impl Drop for Bed {
     }
 }
 
-/// progs/mpiring.c built with OpenMPI's compiler wrapper.
+/// progs/mpiring.c built with OpenMPI's compiler wrapper, once per test binary (tests
+/// running at once must not run it while another writes it).
 fn mpiring() -> PathBuf {
-    let name = "mpiring";
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("stasis-progs");
-    std::fs::create_dir_all(&dir).unwrap();
-    let exe = dir.join(format!("{name}-multinode-{}", std::process::id()));
-    let out = Command::new("mpicc.openmpi")
-        .args(["-O1", "-o"])
-        .arg(&exe)
-        .arg(progs_src_dir().join(format!("{name}.c")))
-        .output()
-        .expect("no mpicc.openmpi (scripts/test.sh installs openmpi-bin libopenmpi-dev)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    exe
+    static EXE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    EXE.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("stasis-progs");
+        std::fs::create_dir_all(&dir).unwrap();
+        let exe = dir.join(format!("mpiring-multinode-{}", std::process::id()));
+        let out = Command::new("mpicc.openmpi")
+            .args(["-O1", "-o"])
+            .arg(&exe)
+            .arg(progs_src_dir().join("mpiring.c"))
+            .output()
+            .expect("no mpicc.openmpi (scripts/test.sh installs openmpi-bin libopenmpi-dev)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        exe
+    })
+    .clone()
 }
 
 const STEPS: &str = "40";
