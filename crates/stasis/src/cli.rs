@@ -355,15 +355,16 @@ pub enum Command {
     /// checkpoint (which must not be under /tmp or /dev/shm with `--tmp private`: the
     /// job sees its own there), waits until every part is written, then runs on or is
     /// killed. --simulate simulates the part instead (a short file written per
-    /// checkpoint). Without CMD and without --simulate the agent only offers its node,
-    /// and takes no part in checkpoints.
+    /// checkpoint). Without CMD and without --simulate the agent only offers its node
+    /// (a spare), and takes no part in checkpoints until a part runs on it.
     ///
-    /// Not yet done: TCP connections between nodes (an MPI job across nodes) are
-    /// refused at checkpoint time like any connection to outside the job, and a
-    /// global checkpoint cannot be restarted by one command yet: each node's part
-    /// (DIR/checkpoint-N/node-K) restarts with `stasis restart`.
+    /// TCP connections between the nodes' parts are saved at both ends (once every byte
+    /// sent is acknowledged) and made again at restart between the nodes' new
+    /// addresses. Without CMD the agent is a spare: `stasis ssh` (a launcher's remote
+    /// shell) starts a part on it, and `stasis restart --coordinator --nodes` restarts
+    /// one there.
     #[command(
-        after_help = "EXAMPLES\n    stasis coordinator --listen 0.0.0.0:7070 --dir $SCRATCH/ckpt &\n    srun stasis agent --coordinator head:7070 -- ./solver   # one part per node\n    stasis checkpoint --coordinator head:7070 --kill\n    stasis restart $SCRATCH/ckpt/checkpoint-000001/node-0   # on the node of your choice"
+        after_help = "EXAMPLES\n    stasis coordinator --listen 0.0.0.0:7070 --dir $SCRATCH/ckpt &\n    stasis agent --coordinator head:7070 &          # on every other node (spare)\n    stasis agent --coordinator head:7070 -- mpirun --mca plm_rsh_agent \"stasis ssh\" ./app\n    stasis checkpoint --coordinator head:7070 --kill\n    stasis restart --coordinator head:7070 --nodes n7,n8 $SCRATCH/ckpt   # on n7"
     )]
     Agent {
         /// The coordinator's address.
