@@ -15,7 +15,7 @@
  * `go`, for A, B, C and the inner set in turn: one byte written (the eventfd
  * incremented), epoll_wait on `ep` reports exactly that item's data and events
  * (the inner set's event reports DI through `in`); the byte is read back through
- * KA, KB, and by the child for C. Then: epoll_ctl DEL of NA fails with ENOENT
+ * KA, KB, and for C by the child, told to only once the parent saw the event. Then: epoll_ctl DEL of NA fails with ENOENT
  * (NA holds the unregistered eventfd), of NB with EBADF; MOD of `in` works (it is
  * registered under its own number). Output `OK ticks=N` / `FAIL ...`. */
 #include "util.h"
@@ -52,8 +52,8 @@ static void expect(uint64_t want, const char *what) {
 
 int main(void) {
     setup();
-    int a[2], b[2], c[2], rep[2];
-    if (pipe(a) || pipe(b) || pipe(c) || pipe(rep)) die("pipe");
+    int a[2], b[2], c[2], rep[2], tell[2];
+    if (pipe(a) || pipe(b) || pipe(c) || pipe(rep) || pipe(tell)) die("pipe");
     ep = epoll_create1(EPOLL_CLOEXEC);
     int in = epoll_create1(0);
     int ev = eventfd(0, EFD_NONBLOCK);
@@ -67,10 +67,13 @@ int main(void) {
     pid_t k = fork();
     if (k < 0) die("fork");
     if (k == 0) {
-        /* Keeps C's read end; at `go` reads the byte and reports it. */
+        /* Keeps C's read end; once told (after the parent saw C's event) reads the
+         * byte and reports it. */
         close(rep[0]);
         close(c[1]);
-        while (!go_exists()) sleep_ms(10);
+        close(tell[1]);
+        char t;
+        if (read(tell[0], &t, 1) != 1) _exit(1);
         char x = 0;
         ssize_t r = read(nc, &x, 1);
         char msg = r == 1 ? x : '?';
@@ -78,6 +81,7 @@ int main(void) {
         _exit(0);
     }
     close(rep[1]);
+    close(tell[0]);
     int ka = dup(a[0]), kb = dup(b[0]);
     if (ka < 0 || kb < 0) die("dup");
     close(a[0]);
@@ -110,6 +114,7 @@ int main(void) {
     CHECK(read(kb, &x, 1) == 1 && x == 'b', "pipe B: byte not read back through its dup");
     write_all(c[1], "c", 1);
     expect(DC, "pipe C (held by the child only)");
+    write_all(tell[1], "t", 1);
     CHECK(read(rep[0], &x, 1) == 1 && x == 'c', "pipe C: the child did not read the byte");
     uint64_t one = 1;
     CHECK(write(ev, &one, 8) == 8, "eventfd write");
