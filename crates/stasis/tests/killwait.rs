@@ -6,32 +6,12 @@
 //! continues. A thread that cannot be stopped (a vfork parent) fails the checkpoint
 //! after a bounded wait, and the job runs on. As root and as an unprivileged user.
 mod common;
+use common::cycles::*;
 use common::*;
 use serde_json::Value;
 use std::collections::BTreeSet;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
-
-/// A work dir for `user`: None runs as we are; Some runs every stasis command and
-/// the program as the unprivileged test user (stasis and the program copied into
-/// the work dir, which the user owns). Returns the work dir and the program's path.
-fn work_for(name: &str, program: &str, as_user: bool) -> (Work, PathBuf) {
-    if !as_user {
-        return (Work::new(name), prog(program));
-    }
-    let (uid, gid, prefix) = unprivileged_user();
-    let mut w = Work::new(name);
-    let bin = w.path("bin");
-    std::fs::create_dir(&bin).unwrap();
-    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    w.stasis = install(Path::new(STASIS), &bin, "stasis");
-    let exe = install(&prog(program), &bin, program);
-    w.give_to(uid, gid);
-    w.prefix = prefix;
-    (w, exe)
-}
 
 /// The thread ids of process `pid` in `stasis inspect --json` output.
 fn image_tids(meta: &Value, pid: i32) -> BTreeSet<i32> {
@@ -128,30 +108,12 @@ fn kill_job_with_threaded_child_as_unprivileged_user() {
     threaded_child_cycles("killwait_child_user", 2, true);
 }
 
-/// Whether a plain user may ptrace their own processes that are not their
-/// descendants (what `checkpoint --pid` of a user's process needs).
-fn user_may_ptrace() -> bool {
-    std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
-        .map(|s| s.trim() == "0")
-        .unwrap_or(true)
-}
-
 /// `stasis checkpoint --pid P --dir D --kill` of a process started outside stasis.
 /// Returns once the application is dead (by SIGKILL).
 fn checkpoint_pid_kill(w: &Work, app: &mut Proc) {
     let pid = app.pid().to_string();
     let t = Instant::now();
-    let r = w.stasis(
-        "ckpt-pid-kill",
-        &[
-            "checkpoint".as_ref(),
-            "--pid".as_ref(),
-            pid.as_ref(),
-            "--dir".as_ref(),
-            w.ck.as_os_str(),
-            "--kill".as_ref(),
-        ],
-    );
+    let r = checkpoint_pid(w, app.pid(), true);
     assert!(r.status.success(), "{r}\n{}", app.diag());
     eprintln!(
         "checkpoint --pid {pid} --kill in {:.2} s",
@@ -164,22 +126,6 @@ fn checkpoint_pid_kill(w: &Work, app: &mut Proc) {
         "the application should have been killed by checkpoint --kill, got {}",
         status_str(&st)
     );
-}
-
-/// Starts `exe ARGS` directly (not under stasis; as the test user when `w` has a
-/// prefix), with the work dir as cwd.
-fn spawn_direct(w: &Work, exe: &Path, args: &[&str]) -> Proc {
-    let mut cmd = if w.prefix.is_empty() {
-        Command::new(exe)
-    } else {
-        let mut c = Command::new(&w.prefix[0]);
-        c.args(&w.prefix[1..]).arg(exe);
-        c
-    };
-    cmd.args(args).current_dir(&w.dir).process_group(0);
-    let mut app = w.spawn_io("direct", cmd, Stdio::null(), true);
-    app.wait_ready();
-    app
 }
 
 /// churn.c (threads created and joined every millisecond or two) started outside

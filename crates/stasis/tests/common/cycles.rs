@@ -58,6 +58,11 @@ pub fn spawn_direct(w: &Work, exe: &Path, args: &[&str]) -> Proc {
 
 /// `stasis checkpoint --pid PID --dir ck [--kill]`.
 pub fn checkpoint_pid(w: &Work, pid: i32, kill: bool) -> CmdOut {
+    checkpoint_pid_with(w, pid, kill, &[])
+}
+
+/// `stasis checkpoint --pid PID --dir ck [--kill] EXTRA...`.
+pub fn checkpoint_pid_with(w: &Work, pid: i32, kill: bool, extra: &[&str]) -> CmdOut {
     let pid = pid.to_string();
     let mut args: Vec<&OsStr> = vec![
         "checkpoint".as_ref(),
@@ -69,6 +74,7 @@ pub fn checkpoint_pid(w: &Work, pid: i32, kill: bool) -> CmdOut {
     if kill {
         args.push("--kill".as_ref());
     }
+    args.extend(extra.iter().map(OsStr::new));
     w.stasis(if kill { "ckpt-pid-kill" } else { "ckpt-pid" }, &args)
 }
 
