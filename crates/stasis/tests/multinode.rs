@@ -415,6 +415,30 @@ fn coordinator_on(w: &Work, bed: &Bed, addr: &str, timeout: &str) -> Proc {
     w.spawn("coordinator", bed.on(1, &argv), Stdio::null())
 }
 
+/// A spare agent (`stasis agent --coordinator ADDR`, no command) on node `k`, run in
+/// `dir`, once it joined.
+fn spare_on(w: &Work, bed: &Bed, k: usize, dir: &Path, addr: &str, label: &str) -> Proc {
+    let argv = [STASIS, "agent", "--coordinator", addr];
+    let mut p = w.spawn_io(label, on_in(bed, k, dir, &argv), Stdio::null(), true);
+    wait_joined(&mut p);
+    p
+}
+
+/// `stasis restart --coordinator ADDR --nodes NODES ck` on node `k`, run in `dir`.
+fn restart_cmd(w: &Work, bed: &Bed, k: usize, dir: &Path, addr: &str, nodes: &str) -> Command {
+    let ck = w.ck.to_str().unwrap();
+    let argv = [
+        STASIS,
+        "restart",
+        "--coordinator",
+        addr,
+        "--nodes",
+        nodes,
+        ck,
+    ];
+    on_in(bed, k, dir, &argv)
+}
+
 /// Waits for an agent to say it joined its coordinator.
 fn wait_joined(a: &mut Proc) {
     let t0 = Instant::now();
@@ -452,7 +476,6 @@ fn real_parts_checkpointed_together_and_restarted_on_other_nodes() {
     let w = Work::new("multinode_parts");
     let mut bed = Bed::up("mp", 3);
     let addr = format!("{}:7071", bed.addr(1));
-    let ck = w.ck.to_str().unwrap().to_string();
     let mut coord = coordinator_on(&w, &bed, &addr, "30s");
     let counter = prog("counter");
     let counter = counter.to_str().unwrap();
@@ -508,36 +531,12 @@ fn real_parts_checkpointed_together_and_restarted_on_other_nodes() {
     }
     // The parts go elsewhere: part 0 to node 3 (restarted by `stasis restart
     // --coordinator` itself, run there), part 1 to node 1 (by the spare agent there).
-    let mut spare = w.spawn_io(
-        "spare-1",
-        on_in(
-            &bed,
-            1,
-            &w.path("elsewhere"),
-            &[STASIS, "agent", "--coordinator", &addr],
-        ),
-        Stdio::null(),
-        true,
-    );
-    wait_joined(&mut spare);
+    let mut spare = spare_on(&w, &bed, 1, &w.path("elsewhere"), &addr, "spare-1");
     // A node without a spare agent: a clear error, nothing restarted.
     let nodes_bad = format!("{},{}-9", bed.node(3), bed.name);
-    let out = on_in(
-        &bed,
-        3,
-        &w.path("elsewhere"),
-        &[
-            STASIS,
-            "restart",
-            "--coordinator",
-            &addr,
-            "--nodes",
-            &nodes_bad,
-            &ck,
-        ],
-    )
-    .output()
-    .unwrap();
+    let out = restart_cmd(&w, &bed, 3, &w.path("elsewhere"), &addr, &nodes_bad)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),
@@ -545,22 +544,9 @@ fn real_parts_checkpointed_together_and_restarted_on_other_nodes() {
     );
     assert!(err.contains("no spare agent on node"), "{err}");
     // The right count of nodes is asked for.
-    let out = on_in(
-        &bed,
-        3,
-        &w.path("elsewhere"),
-        &[
-            STASIS,
-            "restart",
-            "--coordinator",
-            &addr,
-            "--nodes",
-            &bed.node(3),
-            &ck,
-        ],
-    )
-    .output()
-    .unwrap();
+    let out = restart_cmd(&w, &bed, 3, &w.path("elsewhere"), &addr, &bed.node(3))
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("2 node part(s)"),
@@ -569,20 +555,7 @@ fn real_parts_checkpointed_together_and_restarted_on_other_nodes() {
     let nodes = format!("{},{}", bed.node(3), bed.node(1));
     let mut first = w.spawn_io(
         "restart-coordinated",
-        on_in(
-            &bed,
-            3,
-            &w.path("elsewhere"),
-            &[
-                STASIS,
-                "restart",
-                "--coordinator",
-                &addr,
-                "--nodes",
-                &nodes,
-                &ck,
-            ],
-        ),
+        restart_cmd(&w, &bed, 3, &w.path("elsewhere"), &addr, &nodes),
         Stdio::null(),
         true,
     );
@@ -835,35 +808,11 @@ fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
             conns[0]
         );
     }
-    let mut spare = w.spawn_io(
-        "spare-1",
-        on_in(
-            &bed,
-            1,
-            &w.path("elsewhere"),
-            &[STASIS, "agent", "--coordinator", &addr],
-        ),
-        Stdio::null(),
-        true,
-    );
-    wait_joined(&mut spare);
+    let mut spare = spare_on(&w, &bed, 1, &w.path("elsewhere"), &addr, "spare-1");
     let nodes = format!("{},{}", bed.node(3), bed.node(1));
     let mut first = w.spawn_io(
         "restart-server-on-3",
-        on_in(
-            &bed,
-            3,
-            &w.path("elsewhere"),
-            &[
-                STASIS,
-                "restart",
-                "--coordinator",
-                &addr,
-                "--nodes",
-                &nodes,
-                &ck,
-            ],
-        ),
+        restart_cmd(&w, &bed, 3, &w.path("elsewhere"), &addr, &nodes),
         Stdio::null(),
         true,
     );
@@ -901,35 +850,11 @@ fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
         vec![bed.node(3), bed.node(1)],
         "parts keep their order"
     );
-    let mut spare3 = w.spawn_io(
-        "spare-3",
-        on_in(
-            &bed,
-            3,
-            &w.path("elsewhere"),
-            &[STASIS, "agent", "--coordinator", &addr],
-        ),
-        Stdio::null(),
-        true,
-    );
-    wait_joined(&mut spare3);
+    let mut spare3 = spare_on(&w, &bed, 3, &w.path("elsewhere"), &addr, "spare-3");
     let nodes = format!("{},{}", bed.node(2), bed.node(3));
     let mut second = w.spawn_io(
         "restart-server-on-2",
-        on_in(
-            &bed,
-            2,
-            &w.path("elsewhere"),
-            &[
-                STASIS,
-                "restart",
-                "--coordinator",
-                &addr,
-                "--nodes",
-                &nodes,
-                &ck,
-            ],
-        ),
+        restart_cmd(&w, &bed, 2, &w.path("elsewhere"), &addr, &nodes),
         Stdio::null(),
         true,
     );
@@ -1011,23 +936,10 @@ fn openmpi_across_nodes(name: &str, rotate: bool) {
 
     let mut bed = Bed::up(if rotate { "mo" } else { "mm" }, 3);
     let addr = format!("{}:7074", bed.addr(1));
-    let ck = w.ck.to_str().unwrap().to_string();
     let mut coord = coordinator_on(&w, &bed, &addr, "60s");
-    let spares = |label: &str| -> Vec<Proc> {
-        (2..=3)
-            .map(|k| {
-                let mut p = w.spawn_io(
-                    &format!("{label}-{k}"),
-                    on_in(&bed, k, &w.dir, &[STASIS, "agent", "--coordinator", &addr]),
-                    Stdio::null(),
-                    true,
-                );
-                wait_joined(&mut p);
-                p
-            })
-            .collect()
-    };
-    let _first_spares = spares("spare");
+    let _first_spares: Vec<Proc> = (2..=3)
+        .map(|k| spare_on(&w, &bed, k, &w.dir, &addr, &format!("spare-{k}")))
+        .collect();
     let hostfile = w.path("hosts");
     std::fs::write(
         &hostfile,
@@ -1111,16 +1023,7 @@ fn openmpi_across_nodes(name: &str, rotate: bool) {
         .collect();
     let _second_spares: Vec<Proc> = targets[1..]
         .iter()
-        .map(|&k| {
-            let mut p = w.spawn_io(
-                &format!("spare-again-{k}"),
-                on_in(&bed, k, &w.dir, &[STASIS, "agent", "--coordinator", &addr]),
-                Stdio::null(),
-                true,
-            );
-            wait_joined(&mut p);
-            p
-        })
+        .map(|&k| spare_on(&w, &bed, k, &w.dir, &addr, &format!("spare-again-{k}")))
         .collect();
     let nodes_in_order = targets
         .iter()
@@ -1129,20 +1032,7 @@ fn openmpi_across_nodes(name: &str, rotate: bool) {
         .join(",");
     let mut restarted = w.spawn_io(
         "restart",
-        on_in(
-            &bed,
-            targets[0],
-            &w.dir,
-            &[
-                STASIS,
-                "restart",
-                "--coordinator",
-                &addr,
-                "--nodes",
-                &nodes_in_order,
-                &ck,
-            ],
-        ),
+        restart_cmd(&w, &bed, targets[0], &w.dir, &addr, &nodes_in_order),
         Stdio::null(),
         true,
     );
