@@ -474,12 +474,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             cmd,
         } => {
             if let Some(addr) = coordinator {
-                let sim = coord::Simulation {
-                    enabled: false,
-                    delays: Vec::new(),
-                    fail: None,
-                    state_file: None,
-                };
+                let sim = coord::Simulation::off();
                 let launch = coord::Launch::Run {
                     cmd,
                     dir: Some(dir),

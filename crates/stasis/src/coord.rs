@@ -44,6 +44,18 @@ pub struct Simulation {
     pub state_file: Option<PathBuf>,
 }
 
+impl Simulation {
+    /// No simulation: the part is real.
+    pub fn off() -> Simulation {
+        Simulation {
+            enabled: false,
+            delays: Vec::new(),
+            fail: None,
+            state_file: None,
+        }
+    }
+}
+
 /// Parses "300ms", "2s", "1.5" (seconds).
 fn parse_short_duration(s: &str) -> Result<Duration> {
     let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
@@ -390,11 +402,7 @@ pub fn agent(
         .collect();
     // Restarting node part K of a global checkpoint: K-th in the next ones.
     if let Some(Launch::Restart { dir, .. }) = &launch {
-        opts.part = dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_prefix("node-"))
-            .and_then(|k| k.parse().ok());
+        opts.part = stasis_coord::coordinator::part_number(&dir.to_string_lossy());
     }
     if let Some(v) = protocol_version {
         opts.versions = (v, v);
@@ -629,12 +637,7 @@ pub fn restart(
         }
     }
     drop(client);
-    let sim = Simulation {
-        enabled: false,
-        delays: Vec::new(),
-        fail: None,
-        state_file: None,
-    };
+    let sim = Simulation::off();
     agent(
         coordinator,
         Some(nodes[0].clone()),

@@ -14,7 +14,7 @@ mod net;
 mod publish;
 mod state;
 
-pub use publish::{checkpoint_name, published};
+pub use publish::{checkpoint_name, part_number, published};
 
 use anyhow::{Context, Result};
 use std::fs;

@@ -7,6 +7,16 @@ use anyhow::{Context, Result};
 use std::fs;
 use std::path::{Path, PathBuf};
 
+/// K of a node part's directory `.../node-K` (None for any other name).
+pub fn part_number(dir: &str) -> Option<u32> {
+    dir.trim_end_matches('/')
+        .rsplit('/')
+        .next()?
+        .strip_prefix("node-")?
+        .parse()
+        .ok()
+}
+
 /// The name of checkpoint `n` in the checkpoint directory.
 pub fn checkpoint_name(n: u64) -> String {
     format!("checkpoint-{n:06}")

@@ -281,11 +281,7 @@ impl State {
                     p.name = p.name.replacen("spare agent", "agent", 1);
                     // After the agents already in the job, unless it restarted part K
                     // of a checkpoint: then K-th.
-                    let part = dir
-                        .rsplit('/')
-                        .next()
-                        .and_then(|n| n.strip_prefix("node-"))
-                        .and_then(|k| k.parse().ok());
+                    let part = super::part_number(dir);
                     p.order = (part.unwrap_or(u32::MAX), self.next_index);
                     self.next_index += 1;
                     info!("coordinator: {} runs the part of {dir} now", p.name);

@@ -232,8 +232,7 @@ fn handle(listener: i32, dir: Option<&PathBuf>) {
         .name("connect".into())
         .spawn(move || {
             let error = match crate::proc::borrow_fd(pid, fd) {
-                Ok(sock) if bind => bind_to(&sock, new),
-                Ok(sock) => connect_to(&sock, new),
+                Ok(sock) => on_behalf(&sock, new, bind),
                 Err(_) => -libc::EBADF,
             };
             tracing::debug!(
@@ -253,27 +252,20 @@ fn dup(fd: i32) -> Option<OwnedFd> {
     (d >= 0).then(|| unsafe { OwnedFd::from_raw_fd(d) })
 }
 
-/// Connects our descriptor of the process's socket to `to`; 0 or a negative errno.
-fn connect_to(sock: &OwnedFd, to: SocketAddr) -> i32 {
+/// Connects (or with `bind`, binds) our descriptor of the process's socket to `to`;
+/// 0 or a negative errno.
+fn on_behalf(sock: &OwnedFd, to: SocketAddr, bind: bool) -> i32 {
     let family = match crate::sockets::sockopt(sock.as_raw_fd(), libc::SO_DOMAIN) {
         0 => libc::AF_INET,
         f => f,
     };
     let to = super::net::addr_for(family, to);
-    match super::net::connect(sock, to) {
-        Ok(()) => 0,
-        Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
-    }
-}
-
-/// Binds our descriptor of the process's socket to `at`; 0 or a negative errno.
-fn bind_to(sock: &OwnedFd, at: SocketAddr) -> i32 {
-    let family = match crate::sockets::sockopt(sock.as_raw_fd(), libc::SO_DOMAIN) {
-        0 => libc::AF_INET,
-        f => f,
+    let r = if bind {
+        super::net::bind(sock, to)
+    } else {
+        super::net::connect(sock, to)
     };
-    let at = super::net::addr_for(family, at);
-    match super::net::bind(sock, at) {
+    match r {
         Ok(()) => 0,
         Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
     }
@@ -310,11 +302,8 @@ fn moved(dir: &std::path::Path, to: SocketAddr) -> Option<SocketAddr> {
         .trim()
         .parse()
         .ok()?;
-    let plain = |a: IpAddr| match a {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
-    (plain(new) != plain(old)).then(|| SocketAddr::new(new, to.port()))
+    (super::remote::plain_ip(new) != super::remote::plain_ip(old))
+        .then(|| SocketAddr::new(new, to.port()))
 }
 
 /// A unit test of the filter's shape.

@@ -103,11 +103,15 @@ pub fn settle_external(pids: &[i32], nodes: &[IpAddr], timeout: Duration) -> Res
 
 /// Whether `ip` (an IPv4 address also when IPv4-mapped) is one of `nodes`.
 pub fn is_node(nodes: &[IpAddr], ip: IpAddr) -> bool {
-    let plain = |a: IpAddr| match a {
+    nodes.iter().any(|n| plain_ip(*n) == plain_ip(ip))
+}
+
+/// `ip`, an IPv4 address when it is IPv4-mapped (the form compared).
+pub(super) fn plain_ip(ip: IpAddr) -> IpAddr {
+    match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
-    };
-    nodes.iter().any(|n| plain(*n) == plain(ip))
+    }
 }
 
 /// Old addresses to new ones (see the module documentation).
