@@ -6,10 +6,13 @@
 //!
 //! Dump: the socket is put in repair mode, read, and taken out again without a window
 //! probe (the job does not notice). Restore: each end is created in repair mode, bound
-//! and "connected" without a handshake at its saved sequence numbers, its queues are
-//! filled (the bytes it had sent but not had acknowledged go back as sent: the kernel
-//! retransmits them), then, once every end exists, repair mode is left and the bytes
-//! that had not been sent yet are sent.
+//! and "connected" without a handshake at its saved sequence numbers with its receive
+//! queue filled; once every end exists, repair mode is left and its send queue is sent
+//! as new data. Bytes its peer had received but not yet acknowledged are dropped from
+//! the send queue first ([`settled`]): nothing is in flight after a restore, so no
+//! retransmission timer has to fire (one that fires while the job is still being
+//! rebuilt backs off to many seconds: a connection silent for longer than a test
+//! waits).
 
 use super::net::*;
 use crate::error::{Result, SysContext};
@@ -221,7 +224,6 @@ pub(super) fn restore(
             e,
         )
     })?;
-    let sent = r.outq_len.saturating_sub(r.unsent_len) as usize;
     let inq = r.inq_len as usize;
     if data.len() != inq + r.outq_len as usize {
         return Err(format!(
@@ -274,39 +276,61 @@ pub(super) fn restore(
     }
     tcp_set(f, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE).map_err(|e| err("receive queue", e))?;
     fill(f, &data[..inq]).map_err(|e| err("filling the receive queue", e))?;
-    // The sent, unacknowledged bytes go into the send queue only in `finish`, just
-    // before repair mode ends: they arm the retransmission timer, which, firing while
-    // the rest of the job is being restored (seconds on a loaded machine), backed off
-    // so far that they were not sent again for longer than a test waits.
-    let _ = sent;
+    // The send queue stays empty here: see `finish`.
     tcp_set(f, TCP_REPAIR_QUEUE, TCP_NO_QUEUE).map_err(|e| err("queues", e))?;
     let w: Vec<u8> = r.window.iter().flat_map(|v| v.to_ne_bytes()).collect();
     tcp_set_bytes(f, TCP_REPAIR_WINDOW, &w).map_err(|e| err("window", e))?;
     Ok(fd)
 }
 
-/// Takes a restored end out of repair mode (every end of its connection exists now)
-/// and sends the bytes it had not sent yet.
-pub(super) fn finish(
+/// The state and queued bytes (`data`: receive queue then send queue) of an end to
+/// restore, given its peer's saved state: the bytes of the send queue the peer had
+/// already received (up to its `rcv_seq`) are dropped, and the send window shrunk by as
+/// many so that its right edge stays where the peer put it. The rest of the send queue
+/// is then exactly what the peer has not seen. An inconsistent pair is left as saved.
+pub(super) fn settled(
+    r: &TcpRepair,
+    data: &[u8],
+    peer: Option<&TcpRepair>,
+) -> (TcpRepair, Vec<u8>) {
+    let mut r = r.clone();
+    let Some(p) = peer else {
+        return (r, data.to_vec());
+    };
+    let una = r.snd_seq.wrapping_sub(r.outq_len);
+    let received = p.rcv_seq.wrapping_sub(una);
+    let sent = r.outq_len.saturating_sub(r.unsent_len);
+    if received == 0 || received > sent || data.len() != (r.inq_len + r.outq_len) as usize {
+        return (r, data.to_vec());
+    }
+    let inq = r.inq_len as usize;
+    let mut out = data[..inq].to_vec();
+    out.extend_from_slice(&data[inq + received as usize..]);
+    r.outq_len -= received;
+    r.window[1] = r.window[1].saturating_sub(received);
+    (r, out)
+}
+
+/// Takes a restored end out of repair mode (every end of its connection exists now):
+/// the window probe this sends gets the peer's window back.
+pub(super) fn out_of_repair(s: &InetSocket, fd: &OwnedFd) -> std::result::Result<(), String> {
+    tcp_set(fd.as_raw_fd(), TCP_REPAIR, 0).map_err(|e| {
+        format!(
+            "TCP connection {} -> {}: leaving repair mode: {e}",
+            s.local, s.remote
+        )
+    })
+}
+
+/// Sends the send queue of a restored end, out of repair mode (as does its peer), as
+/// new data from its first unacknowledged byte (see [`settled`]).
+pub(super) fn send_queue(
     s: &InetSocket,
     r: &TcpRepair,
     data: &[u8],
     fd: &OwnedFd,
 ) -> std::result::Result<(), String> {
-    let fail = |step: &str, e: std::io::Error| {
-        format!("TCP connection {} -> {}: {step}: {e}", s.local, s.remote)
-    };
-    let (inq, sent) = (
-        r.inq_len as usize,
-        r.outq_len.saturating_sub(r.unsent_len) as usize,
-    );
-    let f0 = fd.as_raw_fd();
-    tcp_set(f0, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE).map_err(|e| fail("send queue", e))?;
-    fill(f0, &data[inq..inq + sent]).map_err(|e| fail("filling the send queue", e))?;
-    tcp_set(f0, TCP_REPAIR_QUEUE, TCP_NO_QUEUE).map_err(|e| fail("queues", e))?;
-    tcp_set(f0, TCP_REPAIR, 0).map_err(|e| fail("leaving repair mode", e))?;
-    let unsent_from = r.inq_len as usize + r.outq_len.saturating_sub(r.unsent_len) as usize;
-    let unsent = &data[unsent_from.min(data.len())..];
+    let unsent = &data[(r.inq_len as usize).min(data.len())..];
     let f = fd.as_raw_fd();
     // The peer's window may be closed: the bytes wait in our send buffer, which the
     // kernel accounts a little differently than when they were written. Without room

@@ -328,8 +328,9 @@ pub fn create_all(
             continue;
         }
         if let Some(r) = &s.repair {
-            let data = files.of(image, s)?;
-            let fd = repair::restore(s, r, &data, |fd| apply_options(fd, s, true))?;
+            let peer = by_id.get(&s.peer).and_then(|p| p.repair.as_ref());
+            let (r, data) = repair::settled(r, &files.of(image, s)?, peer);
+            let fd = repair::restore(s, &r, &data, |fd| apply_options(fd, s, true))?;
             out.insert(s.id, fd);
             repaired.push((s, r, data));
             continue;
@@ -356,10 +357,16 @@ pub fn create_all(
         out.insert(server.id, sfd);
         out.insert(client.id, cfd);
     }
-    // Every repaired end exists: out of repair mode, unsent bytes sent.
+    // Every repaired end exists: all out of repair mode (an end in repair mode would
+    // drop what its peer sends), then the send queues sent.
+    for (s, _, _) in &repaired {
+        if let Some(fd) = out.get(&s.id) {
+            repair::out_of_repair(s, fd)?;
+        }
+    }
     for (s, r, data) in &repaired {
         if let Some(fd) = out.get(&s.id) {
-            repair::finish(s, r, data, fd)?;
+            repair::send_queue(s, r, data, fd)?;
         }
     }
     // 3. Connections whose peer closed, or to be reset: a temporary peer.
