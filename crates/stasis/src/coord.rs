@@ -362,18 +362,26 @@ fn dir_bytes(dir: &Path) -> u64 {
 }
 
 /// A fresh local directory for the supervisor of the node's part (its control
-/// socket is named after it; its checkpoints go to the coordinator's directory).
+/// socket is named after it; its checkpoints go to the coordinator's directory). One
+/// left by an agent that was killed (and had the same pid) is not reused.
 fn run_dir(node: &str) -> Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     let base = std::env::var_os("STASIS_AGENT_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/tmp"));
-    let d = base.join(format!("stasis-agent.{node}.{}", std::process::id()));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&d)
-        .with_context(|| format!("creating {}", d.display()))?;
-    Ok(d)
+    let name = format!("stasis-agent.{node}.{}", std::process::id());
+    let mut n = 0;
+    loop {
+        let d = match n {
+            0 => base.join(&name),
+            _ => base.join(format!("{name}-{n}")),
+        };
+        match std::fs::DirBuilder::new().mode(0o700).create(&d) {
+            Ok(()) => return Ok(d),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
+            Err(e) => return Err(e).with_context(|| format!("creating {}", d.display())),
+        }
+    }
 }
 
 /// `stasis agent` (and the local part of `stasis restart --coordinator`).

@@ -156,6 +156,7 @@ pub fn restore(
     // before it waits for anyone's (see `sockets::inet::remote`).
     crate::sockets::inet::publish_addresses(&meta.node_addresses, &meta.address_map)
         .map_err(restore_err)?;
+    crate::sockets::inet::redirect::set_original(&meta.address_map);
     let (mut socket_fds, unix_pending) = crate::sockets::create_all(image).map_err(restore_err)?;
     // A slave of each pseudo-terminal stays open here until the processes are forked
     // (session leaders take their controlling terminal from it).

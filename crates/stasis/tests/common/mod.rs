@@ -15,6 +15,7 @@
 #![allow(dead_code)]
 
 pub mod cycles;
+pub mod nodes;
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};

@@ -12,7 +12,12 @@
  * address it was given at start, a new connection: after a restart onto other nodes,
  * to the server's old address, from a socket bound first to the client's own address
  * of start-up, as MPI libraries do), sends a line and checks the echo: `again 1 ok`; once
- * `again2` exists, another: `again 2 ok`. */
+ * `again2` exists, another: `again 2 ok`. Both ends check the names the kernel gives
+ * (after a restart onto other nodes, stasis reports the old addresses): the server
+ * accepts such a connection (its listener blocking, polled first) from the client's
+ * address of start-up, and the names of the first connection stay as they were; the
+ * client's new connection is from its own address of start-up to the address it
+ * connected to. */
 #include "util.h"
 #include <arpa/inet.h>
 #include <netdb.h>
@@ -25,6 +30,34 @@
 
 static int fd, l2 = -1, c2 = -1;
 static struct sockaddr_in mine; /* the client's own address, as at start-up */
+static struct sockaddr_in at0[2]; /* names of the first connection at start-up */
+
+/* FAIL unless `a` has the address (and, with `port`, the port) of `want`. */
+static void same(const char *what, const struct sockaddr_in *a, const struct sockaddr_in *want, int port) {
+    if (a->sin_family != AF_INET || a->sin_addr.s_addr != want->sin_addr.s_addr ||
+        (port && a->sin_port != want->sin_port)) {
+        char x[32], y[32];
+        inet_ntop(AF_INET, &a->sin_addr, x, sizeof x);
+        inet_ntop(AF_INET, &want->sin_addr, y, sizeof y);
+        out("FAIL %s: %s:%d, want %s:%d\n", what, x, ntohs(a->sin_port), y, ntohs(want->sin_port));
+        exit(1);
+    }
+}
+
+/* FAIL unless the names of socket `s` are `local` and `peer`. */
+static void names_are(const char *what, int s, const struct sockaddr_in *local, int local_port,
+                      const struct sockaddr_in *peer) {
+    struct sockaddr_in a;
+    socklen_t l = sizeof a;
+    char w[64];
+    if (getsockname(s, (struct sockaddr *)&a, &l)) die("getsockname");
+    snprintf(w, sizeof w, "%s: getsockname", what);
+    same(w, &a, local, local_port);
+    l = sizeof a;
+    if (getpeername(s, (struct sockaddr *)&a, &l)) die("getpeername");
+    snprintf(w, sizeof w, "%s: getpeername", what);
+    same(w, &a, peer, 1);
+}
 static unsigned long long sent, got;
 static char buf[1 << 16];
 static size_t have;
@@ -90,7 +123,7 @@ int main(int argc, char **argv) {
         a.sin_family = AF_INET;
         a.sin_port = htons(atoi(argv[2]));
         if (bind(l, (struct sockaddr *)&a, sizeof a) || listen(l, 4)) die("listen");
-        l2 = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+        l2 = socket(AF_INET, SOCK_STREAM, 0);
         setsockopt(l2, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
         a.sin_port = htons(atoi(argv[2]) + 1);
         if (bind(l2, (struct sockaddr *)&a, sizeof a) || listen(l2, 4)) die("listen 2");
@@ -115,6 +148,10 @@ int main(int argc, char **argv) {
         out("FAIL usage\n");
         return 2;
     }
+    socklen_t nl = sizeof at0[0];
+    if (getsockname(fd, (struct sockaddr *)&at0[0], &nl)) die("getsockname");
+    nl = sizeof at0[1];
+    if (getpeername(fd, (struct sockaddr *)&at0[1], &nl)) die("getpeername");
     out("ready\n");
     unsigned long long end = 0, tick = 0;
     int ended = 0, again = 0;
@@ -122,7 +159,19 @@ int main(int argc, char **argv) {
         for (int i = 0; i < 3; i++) send_rec('R', sent++);
         ended |= take(0, &end);
         if (l2 >= 0) { /* server: echo on connections to PORT+1 */
-            if (c2 < 0) c2 = accept4(l2, NULL, NULL, SOCK_NONBLOCK);
+            struct pollfd lp = {l2, POLLIN, 0};
+            if (c2 < 0 && poll(&lp, 1, 0) == 1) {
+                struct sockaddr_in from;
+                socklen_t fl = sizeof from;
+                c2 = accept4(l2, (struct sockaddr *)&from, &fl, SOCK_NONBLOCK);
+                if (c2 < 0) die("accept4");
+                if (fl != sizeof from) {
+                    out("FAIL accept4 gave an address of %u bytes\n", (unsigned)fl);
+                    return 1;
+                }
+                same("accept4: the new connection's peer", &from, &at0[1], 0);
+                names_are("the first connection", fd, &at0[0], 1, &at0[1]);
+            }
             if (c2 >= 0) {
                 char b[64];
                 ssize_t n = recv(c2, b, sizeof b, 0);
@@ -146,6 +195,8 @@ int main(int argc, char **argv) {
                 out("FAIL a new connection to %s:%d: %s\n", argv[2], atoi(argv[3]) + 1, strerror(errno));
                 return 1;
             }
+            names_are("the new connection", s2, &mine, 0, &a);
+            names_are("the first connection", fd, &at0[0], 1, &at0[1]);
             const char *msg = "again\n";
             char b[16] = {0};
             struct pollfd p = {s2, POLLIN, 0};

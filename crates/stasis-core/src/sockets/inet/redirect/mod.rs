@@ -1,25 +1,37 @@
-//! Connections opened after a restart onto other nodes to a peer's old address.
+//! Connections opened, and addresses seen, after a restart onto other nodes.
 //!
-//! MPI libraries learn their peers' addresses at start-up and connect lazily: after a
-//! restart onto nodes with other addresses, a rank opening its first connection to a
-//! peer uses the peer's old address. When a part is restarted through a rendezvous
-//! directory (see `remote`), each of its processes gets, at the end of its rebuild
-//! (while it still has the restorer's capabilities in the job's user namespace), a
-//! seccomp filter that sends `connect(2)` and `bind(2)` (and only them) to us as user
+//! MPI libraries learn their peers' addresses at start-up, connect lazily, and check
+//! who connected to them by the address accept(2) gives: after a restart onto nodes
+//! with other addresses, a rank opening its first connection to a peer uses the peer's
+//! old address, and the peer accepting it must see the rank's old address (OpenMPI
+//! drops a connection from an address it does not know). When a part is restarted
+//! through a rendezvous directory (see `remote`), each of its processes gets, at the
+//! end of its rebuild (while it still has the restorer's capabilities in the job's
+//! user namespace), a seccomp filter that sends `connect`, `bind`, `accept`,
+//! `accept4`, `getpeername` and `getsockname` (and only them) to us as user
 //! notifications ([`install`]). [`serve`] answers them in a thread of the restoring
-//! init: a connect to, or a bind on, an address that a node of the job had at
-//! checkpoint time is made by us on the process's own socket (taken with pidfd_getfd:
-//! the same open file description, so a non-blocking socket gets EINPROGRESS as it
-//! would) with that node's new address, read from the rendezvous directory (an MPI
-//! library binds its new sockets to its node's address before connecting); any other
-//! goes on untouched (SECCOMP_USER_NOTIF_FLAG_CONTINUE). Every other system call costs
-//! nothing more than a filter of seven instructions. A checkpoint of the job allows that one filter
-//! ([`installed`]).
+//! init:
+//!
+//! * `connect`/`bind` ([`connect`]): to or on an address a node of the job had at
+//!   checkpoint time, made by us on the process's own socket with that node's new
+//!   address;
+//! * `accept`/`accept4`, `getpeername`, `getsockname` ([`names`]): a new address of a
+//!   node of the job is reported as the node's old one (an accepted connection is
+//!   accepted by us and handed to the process with SECCOMP_IOCTL_NOTIF_ADDFD).
+//!
+//! Anything else goes on untouched (SECCOMP_USER_NOTIF_FLAG_CONTINUE). Every other
+//! system call costs nothing more than a filter of eleven instructions. A checkpoint of
+//! the job allows that one filter ([`installed`]). The address map is read from the
+//! rendezvous directory: `addr-OLD` holds the new address of OLD.
+
+mod connect;
+mod names;
+
+pub use names::set_original;
 
 use crate::error::{Result, SysContext};
 use crate::inject::{Injector, Scratch};
-use stasis_sys::inet_diag::canonical;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,7 +66,17 @@ pub fn installed() -> bool {
     INSTALLED.load(Ordering::Relaxed)
 }
 
-/// The filter: connect(2) and bind(2) to us, everything else allowed.
+/// The system calls sent to us.
+const NOTIFIED: [i64; 6] = [
+    libc::SYS_connect,
+    libc::SYS_bind,
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    libc::SYS_getpeername,
+    libc::SYS_getsockname,
+];
+
+/// The filter: the calls of [`NOTIFIED`] to us, everything else allowed.
 fn program() -> Vec<u8> {
     let insn = |code: u16, jt: u8, jf: u8, k: u32| {
         let mut v = code.to_le_bytes().to_vec();
@@ -65,16 +87,20 @@ fn program() -> Vec<u8> {
     const LD_W_ABS: u16 = 0x20;
     const JEQ_K: u16 = 0x15;
     const RET_K: u16 = 0x06;
-    [
+    let n = NOTIFIED.len() as u8;
+    let mut p = vec![
         insn(LD_W_ABS, 0, 0, 4), // arch
-        insn(JEQ_K, 0, 4, AUDIT_ARCH_X86_64),
+        insn(JEQ_K, 0, n + 2, AUDIT_ARCH_X86_64),
         insn(LD_W_ABS, 0, 0, 0), // nr
-        insn(JEQ_K, 1, 0, libc::SYS_connect as u32),
-        insn(JEQ_K, 0, 1, libc::SYS_bind as u32),
-        insn(RET_K, 0, 0, SECCOMP_RET_USER_NOTIF),
-        insn(RET_K, 0, 0, SECCOMP_RET_ALLOW),
-    ]
-    .concat()
+    ];
+    for (i, nr) in NOTIFIED.iter().enumerate() {
+        let left = n - 1 - i as u8; // comparisons after this one
+        let jf = if left == 0 { 1 } else { 0 };
+        p.push(insn(JEQ_K, left, jf, *nr as u32));
+    }
+    p.push(insn(RET_K, 0, 0, SECCOMP_RET_USER_NOTIF));
+    p.push(insn(RET_K, 0, 0, SECCOMP_RET_ALLOW));
+    p.concat()
 }
 
 /// Gives process `pid` (stopped, `inj` injecting into it, `scratch` a page of its
@@ -156,14 +182,14 @@ fn serve_loop(mut listeners: Vec<OwnedFd>, dir: Option<PathBuf>) {
 /// instruction_pointer, args[6]).
 #[repr(C)]
 #[derive(Default)]
-struct Notif {
-    id: u64,
-    pid: u32,
-    flags: u32,
-    nr: i32,
-    arch: u32,
-    ip: u64,
-    args: [u64; 6],
+pub(super) struct Notif {
+    pub id: u64,
+    pub pid: u32,
+    pub flags: u32,
+    pub nr: i32,
+    pub arch: u32,
+    pub ip: u64,
+    pub args: [u64; 6],
 }
 
 /// struct seccomp_notif_resp.
@@ -175,7 +201,7 @@ struct Resp {
     flags: u32,
 }
 
-fn reply(listener: i32, id: u64, error: i32, flags: u32) {
+pub(super) fn reply(listener: i32, id: u64, error: i32, flags: u32) {
     let mut r = Resp {
         id,
         val: 0,
@@ -186,7 +212,7 @@ fn reply(listener: i32, id: u64, error: i32, flags: u32) {
     unsafe { libc::ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND as _, &mut r as *mut Resp) };
 }
 
-/// One notification of `listener`: a connect, redirected or let through.
+/// One notification of `listener`, answered (or handed to a thread that answers it).
 fn handle(listener: i32, dir: Option<&PathBuf>) {
     let mut n = Notif::default();
     // SAFETY: the ioctl writes one struct seccomp_notif into `n`.
@@ -200,85 +226,49 @@ fn handle(listener: i32, dir: Option<&PathBuf>) {
     {
         return;
     }
-    let target = sockaddr_of(n.pid as i32, n.args[1], n.args[2]);
-    let new = match (target, dir) {
-        (Some(t), Some(d)) => moved(d, t),
-        _ => None,
+    let Some(dir) = dir else {
+        return reply(listener, n.id, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE);
     };
-    let Some(new) = new else {
-        reply(listener, n.id, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE);
-        return;
-    };
-    let mut id = n.id;
+    let nr = i64::from(n.nr);
+    if nr == libc::SYS_connect || nr == libc::SYS_bind {
+        connect::handle(listener, &n, dir)
+    } else if nr == libc::SYS_accept || nr == libc::SYS_accept4 {
+        names::accept(listener, &n, dir)
+    } else {
+        names::name(listener, &n, dir)
+    }
+}
+
+/// Whether notification `id` of `listener` still waits for its answer (its process
+/// was not interrupted, nor killed).
+fn still_valid(listener: i32, id: u64) -> bool {
+    let mut id = id;
     // SAFETY: the ioctl reads one u64, the notification's id.
-    if unsafe {
+    let r = unsafe {
         libc::ioctl(
             listener,
             SECCOMP_IOCTL_NOTIF_ID_VALID as _,
             &mut id as *mut u64,
         )
-    } != 0
-    {
-        return;
-    }
-    let (pid, fd, id) = (n.pid as i32, n.args[0] as i32, n.id);
-    let bind = n.nr == libc::SYS_bind as i32;
-    // A blocking connect would hold up every other notification: in a thread.
-    let listener_dup = match dup(listener) {
-        Some(l) => l,
-        None => return reply(listener, id, -libc::ENOMEM, 0),
     };
-    let spawned = std::thread::Builder::new()
-        .name("connect".into())
-        .spawn(move || {
-            let error = match crate::proc::borrow_fd(pid, fd) {
-                Ok(sock) => on_behalf(&sock, new, bind),
-                Err(_) => -libc::EBADF,
-            };
-            tracing::debug!(
-                "process {pid}: bind or connect of fd {fd} redirected to {new}: {error}"
-            );
-            reply(listener_dup.as_raw_fd(), id, error, 0);
-        });
-    if spawned.is_err() {
-        reply(listener, id, -libc::EAGAIN, 0);
-    }
+    r == 0
 }
 
-fn dup(fd: i32) -> Option<OwnedFd> {
+pub(super) fn dup(fd: i32) -> Option<OwnedFd> {
     // SAFETY: F_DUPFD_CLOEXEC of a descriptor of ours.
     let d = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
     // SAFETY: `d` was just created and is ours alone.
     (d >= 0).then(|| unsafe { OwnedFd::from_raw_fd(d) })
 }
 
-/// Connects (or with `bind`, binds) our descriptor of the process's socket to `to`;
-/// 0 or a negative errno.
-fn on_behalf(sock: &OwnedFd, to: SocketAddr, bind: bool) -> i32 {
-    let family = match crate::sockets::sockopt(sock.as_raw_fd(), libc::SO_DOMAIN) {
-        0 => libc::AF_INET,
-        f => f,
-    };
-    let to = super::net::addr_for(family, to);
-    let r = if bind {
-        super::net::bind(sock, to)
-    } else {
-        super::net::connect(sock, to)
-    };
-    match r {
-        Ok(()) => 0,
-        Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
-    }
-}
-
-/// The IP address a connect or bind of process `pid` names (`addr`, `len` in its memory).
-fn sockaddr_of(pid: i32, addr: u64, len: u64) -> Option<SocketAddr> {
+/// The IP address at `addr` (`len` bytes) in the memory of process `pid`.
+pub(super) fn sockaddr_of(pid: i32, addr: u64, len: u64) -> Option<SocketAddr> {
     if addr == 0 || !(16..=128).contains(&len) {
         return None;
     }
     let mut buf = vec![0u8; len as usize];
     stasis_sys::vm::read(pid, addr, &mut buf)
-        .ctx(pid, || "reading a connect's address".into())
+        .ctx(pid, || "reading a socket address".into())
         .ok()?;
     let mut ss: libc::sockaddr_storage =
         // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
@@ -294,23 +284,11 @@ fn sockaddr_of(pid: i32, addr: u64, len: u64) -> Option<SocketAddr> {
     super::net::from_sockaddr(&ss)
 }
 
-/// Where a node's old address `to` is now (None: not a node of the job, or unmoved).
-fn moved(dir: &std::path::Path, to: SocketAddr) -> Option<SocketAddr> {
-    let old = canonical(to).ip();
-    let new: IpAddr = std::fs::read_to_string(dir.join(format!("addr-{old}")))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    (super::remote::plain_ip(new) != super::remote::plain_ip(old))
-        .then(|| SocketAddr::new(new, to.port()))
-}
-
 /// A unit test of the filter's shape.
 #[cfg(test)]
 mod tests {
     #[test]
-    fn program_is_seven_instructions() {
-        assert_eq!(super::program().len(), 7 * 8);
+    fn program_is_eleven_instructions() {
+        assert_eq!(super::program().len(), 11 * 8);
     }
 }
