@@ -346,10 +346,26 @@ fn connections_of(bed: &Bed, k: usize, comm: &str) -> Vec<(String, String)> {
 /// reports the old one); the result is an uninterrupted run's.
 #[test]
 fn openmpi_ranks_connect_lazily_after_a_restart_on_other_nodes() {
+    openmpi_lazy("multinode_mpi_lazy", "ml", 4, |k| k % 4 + 1);
+}
+
+/// The same job restarted on two new nodes, two parts on each (two spare agents on
+/// each node): parts that share a node share its address, and the ranks two apart,
+/// now on one node, connect through it; each accepting rank still sees the old
+/// address of the part that connected (the connecting side notes it in the
+/// rendezvous).
+#[test]
+fn openmpi_job_restarted_on_fewer_nodes() {
+    openmpi_lazy("multinode_mpi_fewer", "mf", 6, |k| [5, 6][(k - 1) % 2]);
+}
+
+/// The lazy-connection job on nodes 1-4 of a bed of `bed_nodes`, checkpointed, killed
+/// and restarted with the part of node k on node `target(k)`.
+fn openmpi_lazy(name: &str, tag: &str, bed_nodes: usize, target: fn(usize) -> usize) {
     const S1: &str = "30";
     const S2: &str = "30";
     let exe = mpi_prog("mpilazy");
-    let w = Work::new("multinode_mpi_lazy");
+    let w = Work::new(name);
     std::fs::write(w.path("cross"), b"").unwrap();
     std::fs::write(w.path("go"), b"").unwrap();
     let out = Command::new("mpirun.openmpi")
@@ -363,7 +379,7 @@ fn openmpi_ranks_connect_lazily_after_a_restart_on_other_nodes() {
     std::fs::remove_file(w.path("cross")).unwrap();
     std::fs::remove_file(w.path("go")).unwrap();
 
-    let mut bed = Bed::up("ml", 4);
+    let mut bed = Bed::up(tag, bed_nodes);
     let addr = format!("{}:7075", bed.addr(1));
     let mut coord = coordinator_on(&w, &bed, &addr, "60s");
     let _first_spares: Vec<Proc> = (2..=4)
@@ -460,7 +476,7 @@ fn openmpi_ranks_connect_lazily_after_a_restart_on_other_nodes() {
     let parts = parts_of(&w.ck, 2);
     assert_eq!(parts[0], bed.node(1), "{parts:?}");
     let k_of = |n: &str| (1..=4).find(|&k| bed.node(k) == n).unwrap();
-    let targets: Vec<usize> = parts.iter().map(|n| k_of(n) % 4 + 1).collect();
+    let targets: Vec<usize> = parts.iter().map(|n| target(k_of(n))).collect();
     let _second_spares: Vec<Proc> = targets[1..]
         .iter()
         .map(|&k| spare_on(&w, &bed, k, &w.dir, &addr, &format!("spare-again-{k}")))

@@ -428,6 +428,11 @@ fn checkpoint_locked(
         } else {
             Vec::new()
         },
+        port_map: if hold {
+            crate::sockets::inet::current_port_map()
+        } else {
+            Vec::new()
+        },
         private_dirs,
         ptys,
         sysv,

@@ -154,8 +154,12 @@ pub fn restore(
     let shm_objs = crate::shm::create_objects(image).map_err(restore_err)?;
     // A node's part restarted onto another node says where its addresses are now
     // before it waits for anyone's (see `sockets::inet::remote`).
-    crate::sockets::inet::publish_addresses(&meta.node_addresses, &meta.address_map)
-        .map_err(restore_err)?;
+    crate::sockets::inet::publish_addresses(
+        &meta.node_addresses,
+        &meta.address_map,
+        &meta.port_map,
+    )
+    .map_err(restore_err)?;
     crate::sockets::inet::redirect::set_original(&meta.address_map);
     let (mut socket_fds, unix_pending) = crate::sockets::create_all(image).map_err(restore_err)?;
     // A slave of each pseudo-terminal stays open here until the processes are forked

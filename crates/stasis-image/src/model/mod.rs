@@ -78,6 +78,11 @@ pub struct Checkpoint {
     pub node_addresses: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub address_map: Vec<[String; 2]>,
+    /// Listener ports the job's processes may know that moved at an earlier restart
+    /// (several parts on one node): where each is now on the node its address stands
+    /// for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_map: Vec<PortMove>,
     /// The job's private /tmp and /dev/shm (`stasis run --tmp private`, the default),
     /// their whole content; restart mounts new ones and recreates it. Empty: the job
     /// used the host's.

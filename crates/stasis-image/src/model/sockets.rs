@@ -165,3 +165,13 @@ pub struct SocketOption {
     pub name: String,
     pub value: i64,
 }
+
+/// A listener port of a node's part that moved at a restart onto a node shared with
+/// another part: the job's processes know `address`:`port`, which is at port `now` of
+/// the node `address` stands for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortMove {
+    pub address: String,
+    pub port: u16,
+    pub now: u16,
+}

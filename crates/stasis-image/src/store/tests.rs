@@ -21,6 +21,7 @@ fn meta(seq: u64) -> Checkpoint {
         private_network: false,
         node_addresses: Vec::new(),
         address_map: Vec::new(),
+        port_map: Vec::new(),
         private_dirs: Vec::new(),
         ptys: vec![],
         sysv: Default::default(),

@@ -61,8 +61,10 @@ pub enum TcpExternal {
     Peer,
 }
 
+mod ports;
 pub mod redirect;
 mod remote;
+pub use ports::current_port_map;
 pub use remote::{
     current_address_map, node_addresses, publish_addresses, settle_external, SETTLE_TIMEOUT,
 };

@@ -200,7 +200,11 @@ impl AddressMap {
 /// (`node`, its node's addresses at checkpoint time) is now, and, for the addresses its
 /// processes may still know from before earlier restarts (`map`: old, what it became),
 /// where those are now.
-pub fn publish_addresses(node: &[String], map: &[[String; 2]]) -> std::result::Result<(), String> {
+pub fn publish_addresses(
+    node: &[String],
+    map: &[[String; 2]],
+    ports: &[stasis_image::PortMove],
+) -> std::result::Result<(), String> {
     if std::env::var_os("STASIS_RENDEZVOUS").is_none() {
         return Ok(());
     }
@@ -213,6 +217,7 @@ pub fn publish_addresses(node: &[String], map: &[[String; 2]]) -> std::result::R
             m.own(old)?;
         }
     }
+    let mut originals = Vec::new();
     for [old, became] in map {
         let (Ok(old), Ok(became)) = (old.parse::<IpAddr>(), became.parse::<IpAddr>()) else {
             continue;
@@ -220,9 +225,13 @@ pub fn publish_addresses(node: &[String], map: &[[String; 2]]) -> std::result::R
         let became = canonical(SocketAddr::new(became, 0)).ip();
         if mine.contains(&became) {
             let now = m.own(became)?;
-            m.publish(canonical(SocketAddr::new(old, 0)).ip(), now)?;
+            let old = canonical(SocketAddr::new(old, 0)).ip();
+            m.publish(old, now)?;
+            originals.push(old);
         }
     }
+    originals.extend(mine);
+    super::ports::set_own(originals, ports);
     Ok(())
 }
 
@@ -246,6 +255,12 @@ pub fn current_address_map() -> Vec<[String; 2]> {
         .collect();
     out.sort();
     out
+}
+
+/// This node's address (`STASIS_NODE_ADDRESS`, else its first non-loopback IPv4
+/// address).
+pub(super) fn here() -> Option<IpAddr> {
+    AddressMap::from_env().here
 }
 
 /// The first non-loopback IPv4 address of this node.
@@ -460,6 +475,18 @@ pub(super) fn remake(
         let family = family_of(s);
         let new_l = SocketAddr::new(map.own(canonical(l).ip())?, l.port());
         let new_r = SocketAddr::new(map.peer(canonical(r).ip())?, r.port());
+        // Ports moved where parts share a node now (see `ports`).
+        let (new_l, new_r) = match &map.dir {
+            Some(dir) => (
+                SocketAddr::new(new_l.ip(), super::ports::own_port(l.port())),
+                SocketAddr::new(
+                    new_r.ip(),
+                    super::ports::peer_port(dir, canonical(r).ip(), r.port())
+                        .map_err(|e| format!("{what}: {e}"))?,
+                ),
+            ),
+            None => (new_l, new_r),
+        };
         let fd = if accepts(l, r) {
             let lfd = match listeners.iter().find(|(a, _)| {
                 a.port() == new_l.port()
@@ -533,6 +560,7 @@ pub(super) fn remake(
             send_all(fd.as_raw_fd(), &hello(l, r), deadline).map_err(|e| format!("{what}: {e}"))?;
             fd
         };
+        super::ports::note_here(local_of(fd.as_raw_fd()));
         let saved = data(s)?;
         exchange(&fd, &saved, deadline).map_err(|e| format!("{what}: {e}"))?;
         out.insert(s.id, fd);

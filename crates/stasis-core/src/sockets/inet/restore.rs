@@ -272,7 +272,23 @@ pub fn create_all(
                     }
                     None => s,
                 };
-                let fd = socket_like(s, false)?;
+                // Restarted through a rendezvous, several parts may share this node
+                // now: a port another part holds moves (see `ports`).
+                let shared = std::env::var_os("STASIS_RENDEZVOUS").is_some();
+                let fd = socket_like(s, shared)?;
+                if let (Some(saved), Some(now)) = (parse_addr(&s.local), local_of(fd.as_raw_fd())) {
+                    super::ports::note_here(Some(now));
+                    if shared && saved.port() != 0 && saved.port() != now.port() {
+                        tracing::info!(
+                            "listener {}: port {} is taken on this node; it listens on {} (the job's processes still see {})",
+                            s.id,
+                            saved.port(),
+                            now.port(),
+                            saved.port()
+                        );
+                        super::ports::record(saved.port(), now.port());
+                    }
+                }
                 // SAFETY: listen on our socket.
                 if unsafe { libc::listen(fd.as_raw_fd(), s.backlog as i32) } != 0 {
                     return Err(format!(
@@ -292,6 +308,8 @@ pub fn create_all(
             _ => {}
         }
     }
+    // Where the ports of this part's listeners are now, before waiting for anyone.
+    super::ports::publish()?;
     let listeners: Vec<(SocketAddr, i32)> = socks
         .iter()
         .filter(|l| l.state == "listening")

@@ -37,7 +37,6 @@ struct AddFd {
 /// The addresses the job's processes knew before earlier restarts (the checkpoint's
 /// `address_map`): when a node's new address stands for several old ones, these win.
 static ORIGINAL: Mutex<Vec<IpAddr>> = Mutex::new(Vec::new());
-
 /// Records the old addresses of the checkpoint's address map (see [`ORIGINAL`]).
 pub fn set_original(map: &[[String; 2]]) {
     if let Ok(mut o) = ORIGINAL.lock() {
@@ -48,9 +47,27 @@ pub fn set_original(map: &[[String; 2]]) {
     }
 }
 
-/// The old address that the new address `a` of a node of the job stands for (None:
-/// not a moved node's).
-fn old_of(dir: &Path, a: SocketAddr) -> Option<SocketAddr> {
+/// The name the job's processes know for `a` (None: the same). `own`: `a` is a local
+/// name of this part's (getsockname), else a peer's.
+fn old_of(dir: &Path, a: SocketAddr, own: bool) -> Option<SocketAddr> {
+    let ip = plain_ip(canonical(a).ip());
+    let old = old_ip(dir, a, own).unwrap_or(ip);
+    let port = if own {
+        super::super::ports::own_old_port(a.port())
+    } else {
+        super::super::ports::old_port(dir, old, a.port())
+    }
+    .unwrap_or(a.port());
+    let shown = SocketAddr::new(old, port);
+    (shown != SocketAddr::new(ip, a.port())).then_some(shown)
+}
+
+/// The old address that the address `a` of a node of the job stands for (None: not a
+/// node's). Several parts restarted on one node share its address: then the
+/// connecting side's note in the rendezvous ([`note_source`]) says which part `a`
+/// (with its port) is, `own` prefers this part's own old address (a local name), and
+/// an address of the first checkpoint wins over later ones.
+fn old_ip(dir: &Path, a: SocketAddr, own: bool) -> Option<IpAddr> {
     let ip = plain_ip(canonical(a).ip());
     let mut olds: Vec<IpAddr> = std::fs::read_dir(dir)
         .ok()?
@@ -67,14 +84,37 @@ fn old_of(dir: &Path, a: SocketAddr) -> Option<SocketAddr> {
                 .trim()
                 .parse()
                 .ok()?;
-            (plain_ip(new) == ip && plain_ip(old) != ip).then_some(plain_ip(old))
+            (plain_ip(new) == ip).then_some(plain_ip(old))
         })
         .collect();
     if olds.len() > 1 {
-        let original = ORIGINAL.lock().map(|o| o.clone()).unwrap_or_default();
-        olds.sort_by_key(|o| !original.contains(o));
+        if let Some(n) = super::super::ports::noted(dir, ip, a.port()) {
+            olds = vec![plain_ip(n)];
+        } else {
+            let original = ORIGINAL.lock().map(|o| o.clone()).unwrap_or_default();
+            let mine = super::super::ports::own_olds();
+            olds.sort_by_key(|o| (!(own && mine.contains(o)), !original.contains(o)));
+        }
     }
-    olds.first().map(|o| SocketAddr::new(*o, a.port()))
+    olds.first().copied()
+}
+
+/// Before a process of this part connects (redirected) from its socket `sock`: notes
+/// in the rendezvous which old address the socket's (new address, port) stands for
+/// (see `ports::note_local`). An unbound socket is bound first (to port 0 of any
+/// address, as connect would).
+pub(super) fn note_source(dir: &Path, sock: &OwnedFd, family: i32) {
+    let fd = sock.as_raw_fd();
+    if super::super::net::local_of(fd).is_none() {
+        let any = match family {
+            libc::AF_INET6 => IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
+            _ => IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED),
+        };
+        let _ = super::super::net::bind(sock, SocketAddr::new(any, 0));
+    }
+    if let Some(local) = super::super::net::local_of(fd) {
+        super::super::ports::note_local(dir, local);
+    }
 }
 
 /// The socket's family when it is an IP socket.
@@ -113,7 +153,7 @@ pub(super) fn name(listener: i32, n: &Notif, dir: &Path) {
         }
         let sock = crate::proc::borrow_fd(pid, fd).ok()?;
         let family = inet_family(&sock)?;
-        let old = old_of(dir, name_of(sock.as_raw_fd(), peer)?)?;
+        let old = old_of(dir, name_of(sock.as_raw_fd(), peer)?, !peer)?;
         write_name(pid, addr, lenp, family, old)
     })();
     match done {
@@ -207,7 +247,7 @@ impl Accept {
         let Some(peer) = from_sockaddr(&ss) else {
             return reply(listener, self.id, -libc::EINVAL, 0);
         };
-        let shown = old_of(&self.dir, peer).unwrap_or(peer);
+        let shown = old_of(&self.dir, peer, false).unwrap_or(peer);
         if write_name(self.pid, self.addr, self.lenp, self.family, shown).is_none() {
             return reply(listener, self.id, -libc::EFAULT, 0);
         }
