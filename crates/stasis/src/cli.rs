@@ -263,7 +263,10 @@ pub enum Command {
         #[arg(long, value_name = "ADDR:PORT", requires = "nodes")]
         coordinator: Option<String>,
         /// The nodes of a multi-node restart, comma-separated, one per node part of
-        /// the checkpoint, in part order (see --coordinator).
+        /// the checkpoint, in part order (see --coordinator). A node may be named
+        /// several times (fewer nodes than parts), with as many spare agents started
+        /// on it: the parts there share its address, and a listening port two of them
+        /// held moves for one (the job's processes still see the old one).
         #[arg(
             long,
             value_name = "HOST,HOST,...",
