@@ -8,10 +8,12 @@
 //!   `stasis ssh` as parts of the job), checkpointed globally while the ranks talk,
 //!   killed, restarted on the same nodes or on other ones, with the same result;
 //! * `progs/mpilazy.c` (4 ranks): ranks that first talk to each other after a restart
-//!   onto other nodes connect to each other's old addresses, and accept each other.
+//!   onto other nodes connect to each other's old addresses, and accept each other;
+//!   also after a restart onto 2 nodes, two parts on each;
+//! * MPICH (Hydra, ch4:ucx over TCP) across 3 nodes, restarted on other nodes.
 //!
-//! Needs root (network namespaces; CI runs as root), iproute2, util-linux and OpenMPI
-//! (scripts/test.sh installs them); never skipped.
+//! Needs root (network namespaces; CI runs as root), iproute2, util-linux, OpenMPI and
+//! MPICH (scripts/test.sh installs them); never skipped.
 mod common;
 use common::nodes::*;
 use common::*;
@@ -510,6 +512,171 @@ fn openmpi_lazy(name: &str, tag: &str, bed_nodes: usize, target: fn(usize) -> us
         want,
         "the result after lazy connections across moved nodes differs from an uninterrupted run's"
     );
+    assert!(coord.running(), "{}", coord.diag());
+    coord.kill();
+    bed.down();
+}
+
+/// An MPICH job across three nodes (`progs/mpiring.c`, Hydra's `mpiexec.mpich` under
+/// the agent of node 1, its proxies started on nodes 2 and 3 through `stasis ssh` as
+/// `-launcher-exec`, ch4:ucx over TCP between the nodes' addresses), checkpointed
+/// while it runs, then with --kill, restarted with every part on the next node, and
+/// its result compared with an uninterrupted run's on one node. MPICH 4.0's ch4:ucx
+/// over TCP hangs in MPI_Finalize across these namespace nodes in most runs even
+/// without stasis (probed here: the ranks print their result, then one spins in
+/// MPI_Finalize), so the test compares the result line and then stops the job.
+#[test]
+fn mpich_job_across_nodes_restarted_on_other_nodes() {
+    const STEPS_LONG: &str = "400";
+    let exe = mpich_prog("mpiring");
+    let w = Work::new("multinode_mpich");
+    std::fs::write(w.path("go"), b"").unwrap();
+    let mut reference = w.spawn_io(
+        "reference",
+        {
+            let mut c = Command::new("mpiexec.mpich");
+            c.args(["-launcher", "fork", "-rmk", "user", "-n", "3"])
+                .arg(&exe)
+                .arg(STEPS_LONG)
+                .env("UCX_TLS", "tcp,self")
+                .current_dir(&w.dir);
+            c
+        },
+        Stdio::null(),
+        true,
+    );
+    let t0 = std::time::Instant::now();
+    while !reference.stdout().contains("OK ") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "{}",
+            reference.diag()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let want = ok_line(&reference.stdout());
+    reference.kill();
+    std::fs::remove_file(w.path("go")).unwrap();
+
+    let mut bed = Bed::up("mh", 3);
+    let addr = format!("{}:7076", bed.addr(1));
+    let mut coord = coordinator_on(&w, &bed, &addr, "60s");
+    let _first_spares: Vec<Proc> = (2..=3)
+        .map(|k| spare_on(&w, &bed, k, &w.dir, &addr, &format!("spare-{k}")))
+        .collect();
+    let hostfile = w.path("hosts");
+    std::fs::write(
+        &hostfile,
+        (1..=3)
+            .map(|k| format!("{}\n", bed.node(k)))
+            .collect::<String>(),
+    )
+    .unwrap();
+    // Hydra runs its launcher as one program: a two-line wrapper around `stasis ssh`.
+    let launcher = w.path("stasis-ssh");
+    std::fs::write(&launcher, format!("#!/bin/sh\nexec {STASIS} ssh \"$@\"\n")).unwrap();
+    std::fs::set_permissions(
+        &launcher,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut cmd = on_in(
+        &bed,
+        1,
+        &w.dir,
+        &[
+            STASIS,
+            "agent",
+            "--coordinator",
+            &addr,
+            "--",
+            "mpiexec.mpich",
+            "-launcher",
+            "ssh",
+            "-launcher-exec",
+            launcher.to_str().unwrap(),
+            "-f",
+            hostfile.to_str().unwrap(),
+            "-n",
+            "3",
+            "-ppn",
+            "1",
+            exe.to_str().unwrap(),
+            STEPS_LONG,
+        ],
+    );
+    cmd.env("UCX_TLS", "tcp,self");
+    let mut job = w.spawn_io("agent-mpiexec", cmd, Stdio::null(), true);
+    job.wait_tick(20, Duration::from_secs(90));
+    let checkpoint = |kill: bool| {
+        let mut args = vec![STASIS, "checkpoint", "--coordinator", addr.as_str()];
+        if kill {
+            args.push("--kill");
+        }
+        let r = bed.on(2, &args).output().unwrap();
+        assert!(
+            r.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&r.stderr),
+            coord.stderr()
+        );
+    };
+    checkpoint(false);
+    let t = job.last_tick().unwrap();
+    job.wait_tick(t + 20, T_CMD);
+    checkpoint(true);
+    job.expect_exit(EXIT_CHECKPOINTED, T_CMD);
+    let parts = parts_of(&w.ck, 2);
+    assert_eq!(parts[0], bed.node(1), "{parts:?}");
+    let k_of = |n: &str| (1..=3).find(|&k| bed.node(k) == n).unwrap();
+    let targets: Vec<usize> = parts.iter().map(|n| k_of(n) % 3 + 1).collect();
+    let _second_spares: Vec<Proc> = targets[1..]
+        .iter()
+        .map(|&k| spare_on(&w, &bed, k, &w.dir, &addr, &format!("spare-again-{k}")))
+        .collect();
+    let nodes_in_order = targets
+        .iter()
+        .map(|&k| bed.node(k))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut restarted = w.spawn_io(
+        "restart",
+        restart_cmd(&w, &bed, targets[0], &w.dir, &addr, &nodes_in_order),
+        Stdio::null(),
+        true,
+    );
+    let before = job.last_tick().unwrap();
+    restarted.wait_tick(before + 20, Duration::from_secs(90));
+    w.go();
+    let t0 = std::time::Instant::now();
+    while !restarted.stdout().contains("OK ") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(90) && !restarted.stdout().contains("FAIL"),
+            "{}",
+            restarted.diag()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_ticks_consecutive(
+        &[
+            ("before".into(), job.stdout()),
+            ("restarted".into(), restarted.stdout()),
+        ],
+        Some(0),
+    );
+    assert_eq!(
+        ok_line(&restarted.stdout()),
+        want,
+        "the checkpointed and restarted 3-node MPICH result differs from an uninterrupted run's"
+    );
+    // Stopped (see above): the job is killed through its coordinator.
+    let r = bed
+        .on(2, &[STASIS, "checkpoint", "--coordinator", &addr, "--kill"])
+        .output()
+        .unwrap();
+    if !r.status.success() {
+        restarted.kill();
+    }
     assert!(coord.running(), "{}", coord.diag());
     coord.kill();
     bed.down();

@@ -147,26 +147,40 @@ impl Drop for Bed {
 /// `progs/NAME.c` built with OpenMPI's compiler wrapper, once per test binary (tests
 /// running at once must not run it while another writes it).
 pub fn mpi_prog(name: &str) -> PathBuf {
+    mpi_prog_with(name, "mpicc.openmpi")
+}
+
+/// `progs/NAME.c` built with MPICH's compiler wrapper (see [`mpi_prog`]).
+pub fn mpich_prog(name: &str) -> PathBuf {
+    mpi_prog_with(name, "mpicc.mpich")
+}
+
+fn mpi_prog_with(name: &str, cc: &str) -> PathBuf {
     static EXES: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let key = format!("{name}-{cc}");
     let mut exes = EXES.lock().unwrap();
-    if let Some((_, p)) = exes.iter().find(|(n, _)| n == name) {
+    if let Some((_, p)) = exes.iter().find(|(n, _)| *n == key) {
         return p.clone();
     }
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("stasis-progs");
     std::fs::create_dir_all(&dir).unwrap();
-    let exe = dir.join(format!("{name}-mpi-{}", std::process::id()));
-    let out = Command::new("mpicc.openmpi")
+    let exe = dir.join(format!(
+        "{name}-{}-{}",
+        cc.rsplit('.').next().unwrap_or(cc),
+        std::process::id()
+    ));
+    let out = Command::new(cc)
         .args(["-O1", "-o"])
         .arg(&exe)
         .arg(progs_src_dir().join(format!("{name}.c")))
         .output()
-        .expect("no mpicc.openmpi (scripts/test.sh installs openmpi-bin libopenmpi-dev)");
+        .unwrap_or_else(|e| panic!("no {cc} (scripts/test.sh installs openmpi and mpich): {e}"));
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    exes.push((name.to_string(), exe.clone()));
+    exes.push((key, exe.clone()));
     exe
 }
 
