@@ -72,7 +72,7 @@ pub(super) fn note_local(dir: &Path, local: std::net::SocketAddr) {
         ip => ip,
     };
     let at = note_file(dir, ip, local.port());
-    let tmp = dir.join(format!(".src-{ip}-{}.{}", local.port(), std::process::id()));
+    let tmp = super::remote::unique_tmp(dir, &format!("src-{ip}-{}", local.port()));
     if std::fs::write(&tmp, own.to_string()).is_ok() && std::fs::rename(&tmp, &at).is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -134,7 +134,7 @@ pub(super) fn publish() -> std::result::Result<(), String> {
         }
         let text: String = lines.iter().map(|(o, n)| format!("{o} {n}\n")).collect();
         let at = file(dir, *ip);
-        let tmp = dir.join(format!(".ports-{}.{}", plain_ip(*ip), std::process::id()));
+        let tmp = super::remote::unique_tmp(dir, &format!("ports-{}", plain_ip(*ip)));
         std::fs::write(&tmp, text)
             .and_then(|()| std::fs::rename(&tmp, &at))
             .map_err(|e| format!("{}: {e}", at.display()))?;

@@ -151,7 +151,7 @@ impl AddressMap {
     fn publish(&mut self, old: IpAddr, new: IpAddr) -> std::result::Result<(), String> {
         if let Some(dir) = &self.dir {
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            let tmp = dir.join(format!(".addr-{old}.{}", std::process::id()));
+            let tmp = unique_tmp(dir, &format!("addr-{old}"));
             let mut f =
                 std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
             f.write_all(new.to_string().as_bytes())
@@ -255,6 +255,23 @@ pub fn current_address_map() -> Vec<[String; 2]> {
         .collect();
     out.sort();
     out
+}
+
+/// A temporary name in the rendezvous `dir` for a file to be renamed to `name`,
+/// unique across the parts writing there: restorers of parts on one node run in
+/// PID namespaces of their own, so their pids alone may be equal.
+pub(super) fn unique_tmp(dir: &std::path::Path, name: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let mut r = [0u8; 8];
+    // SAFETY: getrandom writes at most 8 bytes into `r`.
+    unsafe { libc::getrandom(r.as_mut_ptr().cast(), r.len(), 0) };
+    dir.join(format!(
+        ".{name}.{}.{:x}.{}",
+        std::process::id(),
+        u64::from_ne_bytes(r),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
 }
 
 /// This node's address (`STASIS_NODE_ADDRESS`, else its first non-loopback IPv4
