@@ -51,7 +51,10 @@ static void names_are(const char *what, int s, const struct sockaddr_in *local, 
     socklen_t l = sizeof a;
     char w[64];
     if (getsockname(s, (struct sockaddr *)&a, &l)) die("getsockname");
-    snprintf(w, sizeof w, "%s: getsockname", what);
+    struct tcp_info ti;
+    socklen_t tl = sizeof ti;
+    int state = getsockopt(s, IPPROTO_TCP, TCP_INFO, &ti, &tl) ? -1 : ti.tcpi_state;
+    snprintf(w, sizeof w, "%s (tcp state %d): getsockname", what, state);
     same(w, &a, local, local_port);
     l = sizeof a;
     if (getpeername(s, (struct sockaddr *)&a, &l)) die("getpeername");
