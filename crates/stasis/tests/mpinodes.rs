@@ -18,6 +18,7 @@ mod common;
 use common::nodes::*;
 use common::*;
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -26,6 +27,85 @@ fn mpiring() -> std::path::PathBuf {
 }
 
 const STEPS: &str = "40";
+
+/// The restarted job's ticks continue those of its first run (`job`) and its result
+/// is `want`, an uninterrupted run's.
+fn assert_continued(job: &Proc, restarted: &Proc, want: &str, what: &str) {
+    assert_ticks_consecutive(
+        &[
+            ("before".into(), job.stdout()),
+            ("restarted".into(), restarted.stdout()),
+        ],
+        Some(0),
+    );
+    assert_eq!(ok_line(&restarted.stdout()), want, "{what}");
+}
+
+/// OpenMPI's options for TCP between the nodes' addresses only.
+const OMPI_TCP: [&str; 9] = [
+    "--mca",
+    "btl",
+    "tcp,self",
+    "--mca",
+    "btl_tcp_if_include",
+    "198.18.0.0/24",
+    "--mca",
+    "oob_tcp_if_include",
+    "198.18.0.0/24",
+];
+
+/// A hostfile naming nodes 1..=n (with `slots=1` for OpenMPI).
+fn hostfile(w: &Work, bed: &Bed, n: usize, slots: bool) -> std::path::PathBuf {
+    let f = w.path("hosts");
+    let line = |k: usize| match slots {
+        true => format!("{} slots=1\n", bed.node(k)),
+        false => format!("{}\n", bed.node(k)),
+    };
+    std::fs::write(&f, (1..=n).map(line).collect::<String>()).unwrap();
+    f
+}
+
+/// `mpirun` of `np` ranks of `exe ARGS`, one per node, under the agent of node 1, its
+/// daemons started through `stasis ssh`, TCP between the nodes' addresses.
+fn openmpi_under_agent(
+    w: &Work,
+    bed: &Bed,
+    addr: &str,
+    np: usize,
+    exe: &Path,
+    args: &[&str],
+) -> Proc {
+    let hosts = hostfile(w, bed, np, true);
+    let rsh = format!("{STASIS} ssh");
+    let n = np.to_string();
+    let mut argv = vec![
+        STASIS,
+        "agent",
+        "--coordinator",
+        addr,
+        "--",
+        "mpirun.openmpi",
+        "--allow-run-as-root",
+        "--map-by",
+        "node",
+        "--hostfile",
+        hosts.to_str().unwrap(),
+        "-np",
+        &n,
+        "--mca",
+        "plm_rsh_agent",
+        &rsh,
+    ];
+    argv.extend_from_slice(&OMPI_TCP);
+    argv.push(exe.to_str().unwrap());
+    argv.extend_from_slice(args);
+    w.spawn_io(
+        "agent-mpirun",
+        on_in(bed, 1, &w.dir, &argv),
+        Stdio::null(),
+        true,
+    )
+}
 
 #[test]
 fn openmpi_job_across_three_nodes_through_the_launch_agent() {
@@ -67,18 +147,11 @@ fn openmpi_job_across_three_nodes_through_the_launch_agent() {
             "--mca",
             "plm_rsh_agent",
             rsh.to_str().unwrap(),
-            "--mca",
-            "btl",
-            "tcp,self",
-            "--mca",
-            "btl_tcp_if_include",
-            "198.18.0.0/24",
-            "--mca",
-            "oob_tcp_if_include",
-            "198.18.0.0/24",
-            exe.to_str().unwrap(),
-            STEPS,
-        ],
+        ]
+        .into_iter()
+        .chain(OMPI_TCP)
+        .chain([exe.to_str().unwrap(), STEPS])
+        .collect::<Vec<_>>(),
     );
     cmd.current_dir(&w.dir).env("STASIS_NODES", &bed.name);
     let mut job = w.spawn("mpirun", cmd, Stdio::null());
@@ -195,68 +268,9 @@ fn openmpi_across_nodes(name: &str, rotate: bool) {
     let _first_spares: Vec<Proc> = (2..=3)
         .map(|k| spare_on(&w, &bed, k, &w.dir, &addr, &format!("spare-{k}")))
         .collect();
-    let hostfile = w.path("hosts");
-    std::fs::write(
-        &hostfile,
-        (1..=3)
-            .map(|k| format!("{} slots=1\n", bed.node(k)))
-            .collect::<String>(),
-    )
-    .unwrap();
-    let rsh = format!("{STASIS} ssh");
-    let mut job = w.spawn_io(
-        "agent-mpirun",
-        on_in(
-            &bed,
-            1,
-            &w.dir,
-            &[
-                STASIS,
-                "agent",
-                "--coordinator",
-                &addr,
-                "--",
-                "mpirun.openmpi",
-                "--allow-run-as-root",
-                "--map-by",
-                "node",
-                "--hostfile",
-                hostfile.to_str().unwrap(),
-                "-np",
-                "3",
-                "--mca",
-                "plm_rsh_agent",
-                &rsh,
-                "--mca",
-                "btl",
-                "tcp,self",
-                "--mca",
-                "btl_tcp_if_include",
-                "198.18.0.0/24",
-                "--mca",
-                "oob_tcp_if_include",
-                "198.18.0.0/24",
-                exe.to_str().unwrap(),
-                STEPS_LONG,
-            ],
-        ),
-        Stdio::null(),
-        true,
-    );
+    let mut job = openmpi_under_agent(&w, &bed, &addr, 3, &exe, &[STEPS_LONG]);
     job.wait_tick(20, Duration::from_secs(90));
-    let checkpoint = |kill: bool| {
-        let mut args = vec![STASIS, "checkpoint", "--coordinator", addr.as_str()];
-        if kill {
-            args.push("--kill");
-        }
-        let r = bed.on(2, &args).output().unwrap();
-        assert!(
-            r.status.success(),
-            "{}\n{}",
-            String::from_utf8_lossy(&r.stderr),
-            coord.stderr()
-        );
-    };
+    let checkpoint = |kill: bool| global_checkpoint(&bed, 2, &addr, kill, &coord);
     checkpoint(false);
     assert_eq!(parts_of(&w.ck, 1).len(), 3, "a part per node");
     let t = job.last_tick().unwrap();
@@ -276,36 +290,16 @@ fn openmpi_across_nodes(name: &str, rotate: bool) {
         .iter()
         .map(|n| if rotate { k_of(n) % 3 + 1 } else { k_of(n) })
         .collect();
-    let _second_spares: Vec<Proc> = targets[1..]
-        .iter()
-        .map(|&k| spare_on(&w, &bed, k, &w.dir, &addr, &format!("spare-again-{k}")))
-        .collect();
-    let nodes_in_order = targets
-        .iter()
-        .map(|&k| bed.node(k))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut restarted = w.spawn_io(
-        "restart",
-        restart_cmd(&w, &bed, targets[0], &w.dir, &addr, &nodes_in_order),
-        Stdio::null(),
-        true,
-    );
+    let (_second_spares, mut restarted) = restart_onto(&w, &bed, &addr, &targets);
     let before = job.last_tick().unwrap();
     restarted.wait_tick(before + 20, Duration::from_secs(90));
     w.go();
     restarted.expect_exit(0, Duration::from_secs(60));
-    assert_ticks_consecutive(
-        &[
-            ("before".into(), job.stdout()),
-            ("restarted".into(), restarted.stdout()),
-        ],
-        Some(0),
-    );
-    assert_eq!(
-        ok_line(&restarted.stdout()),
-        want,
-        "the checkpointed and restarted 3-node result differs from an uninterrupted run's"
+    assert_continued(
+        &job,
+        &restarted,
+        &want,
+        "the checkpointed and restarted 3-node result differs from an uninterrupted run's",
     );
     assert!(coord.running(), "{}", coord.diag());
     coord.kill();
@@ -387,69 +381,9 @@ fn openmpi_lazy(name: &str, tag: &str, bed_nodes: usize, target: fn(usize) -> us
     let _first_spares: Vec<Proc> = (2..=4)
         .map(|k| spare_on(&w, &bed, k, &w.dir, &addr, &format!("spare-{k}")))
         .collect();
-    let hostfile = w.path("hosts");
-    std::fs::write(
-        &hostfile,
-        (1..=4)
-            .map(|k| format!("{} slots=1\n", bed.node(k)))
-            .collect::<String>(),
-    )
-    .unwrap();
-    let rsh = format!("{STASIS} ssh");
-    let mut job = w.spawn_io(
-        "agent-mpirun",
-        on_in(
-            &bed,
-            1,
-            &w.dir,
-            &[
-                STASIS,
-                "agent",
-                "--coordinator",
-                &addr,
-                "--",
-                "mpirun.openmpi",
-                "--allow-run-as-root",
-                "--map-by",
-                "node",
-                "--hostfile",
-                hostfile.to_str().unwrap(),
-                "-np",
-                "4",
-                "--mca",
-                "plm_rsh_agent",
-                &rsh,
-                "--mca",
-                "btl",
-                "tcp,self",
-                "--mca",
-                "btl_tcp_if_include",
-                "198.18.0.0/24",
-                "--mca",
-                "oob_tcp_if_include",
-                "198.18.0.0/24",
-                exe.to_str().unwrap(),
-                S1,
-                S2,
-            ],
-        ),
-        Stdio::null(),
-        true,
-    );
+    let mut job = openmpi_under_agent(&w, &bed, &addr, 4, &exe, &[S1, S2]);
     job.wait_tick(10, Duration::from_secs(90));
-    let checkpoint = |kill: bool| {
-        let mut args = vec![STASIS, "checkpoint", "--coordinator", addr.as_str()];
-        if kill {
-            args.push("--kill");
-        }
-        let r = bed.on(2, &args).output().unwrap();
-        assert!(
-            r.status.success(),
-            "{}\n{}",
-            String::from_utf8_lossy(&r.stderr),
-            coord.stderr()
-        );
-    };
+    let checkpoint = |kill: bool| global_checkpoint(&bed, 2, &addr, kill, &coord);
     checkpoint(false);
     let t0 = std::time::Instant::now();
     while !job.stdout().contains("parked") {
@@ -479,38 +413,18 @@ fn openmpi_lazy(name: &str, tag: &str, bed_nodes: usize, target: fn(usize) -> us
     assert_eq!(parts[0], bed.node(1), "{parts:?}");
     let k_of = |n: &str| (1..=4).find(|&k| bed.node(k) == n).unwrap();
     let targets: Vec<usize> = parts.iter().map(|n| target(k_of(n))).collect();
-    let _second_spares: Vec<Proc> = targets[1..]
-        .iter()
-        .map(|&k| spare_on(&w, &bed, k, &w.dir, &addr, &format!("spare-again-{k}")))
-        .collect();
-    let nodes_in_order = targets
-        .iter()
-        .map(|&k| bed.node(k))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut restarted = w.spawn_io(
-        "restart",
-        restart_cmd(&w, &bed, targets[0], &w.dir, &addr, &nodes_in_order),
-        Stdio::null(),
-        true,
-    );
+    let (_second_spares, mut restarted) = restart_onto(&w, &bed, &addr, &targets);
     // Once restored (it prints nothing until then), the ranks two apart meet.
     std::fs::write(w.path("cross"), b"").unwrap();
     let last: u64 = S1.parse::<u64>().unwrap() + S2.parse::<u64>().unwrap() - 1;
     restarted.wait_tick(last, Duration::from_secs(90));
     w.go();
     restarted.expect_exit(0, Duration::from_secs(60));
-    assert_ticks_consecutive(
-        &[
-            ("before".into(), job.stdout()),
-            ("restarted".into(), restarted.stdout()),
-        ],
-        Some(0),
-    );
-    assert_eq!(
-        ok_line(&restarted.stdout()),
-        want,
-        "the result after lazy connections across moved nodes differs from an uninterrupted run's"
+    assert_continued(
+        &job,
+        &restarted,
+        &want,
+        "the result after lazy connections across moved nodes differs from an uninterrupted run's",
     );
     assert!(coord.running(), "{}", coord.diag());
     coord.kill();
@@ -564,14 +478,7 @@ fn mpich_job_across_nodes_restarted_on_other_nodes() {
     let _first_spares: Vec<Proc> = (2..=3)
         .map(|k| spare_on(&w, &bed, k, &w.dir, &addr, &format!("spare-{k}")))
         .collect();
-    let hostfile = w.path("hosts");
-    std::fs::write(
-        &hostfile,
-        (1..=3)
-            .map(|k| format!("{}\n", bed.node(k)))
-            .collect::<String>(),
-    )
-    .unwrap();
+    let hostfile = hostfile(&w, &bed, 3, false);
     // Hydra runs its launcher as one program: a two-line wrapper around `stasis ssh`.
     let launcher = w.path("stasis-ssh");
     std::fs::write(&launcher, format!("#!/bin/sh\nexec {STASIS} ssh \"$@\"\n")).unwrap();
@@ -608,19 +515,7 @@ fn mpich_job_across_nodes_restarted_on_other_nodes() {
     cmd.env("UCX_TLS", "tcp,self");
     let mut job = w.spawn_io("agent-mpiexec", cmd, Stdio::null(), true);
     job.wait_tick(20, Duration::from_secs(90));
-    let checkpoint = |kill: bool| {
-        let mut args = vec![STASIS, "checkpoint", "--coordinator", addr.as_str()];
-        if kill {
-            args.push("--kill");
-        }
-        let r = bed.on(2, &args).output().unwrap();
-        assert!(
-            r.status.success(),
-            "{}\n{}",
-            String::from_utf8_lossy(&r.stderr),
-            coord.stderr()
-        );
-    };
+    let checkpoint = |kill: bool| global_checkpoint(&bed, 2, &addr, kill, &coord);
     checkpoint(false);
     let t = job.last_tick().unwrap();
     job.wait_tick(t + 20, T_CMD);
@@ -630,21 +525,7 @@ fn mpich_job_across_nodes_restarted_on_other_nodes() {
     assert_eq!(parts[0], bed.node(1), "{parts:?}");
     let k_of = |n: &str| (1..=3).find(|&k| bed.node(k) == n).unwrap();
     let targets: Vec<usize> = parts.iter().map(|n| k_of(n) % 3 + 1).collect();
-    let _second_spares: Vec<Proc> = targets[1..]
-        .iter()
-        .map(|&k| spare_on(&w, &bed, k, &w.dir, &addr, &format!("spare-again-{k}")))
-        .collect();
-    let nodes_in_order = targets
-        .iter()
-        .map(|&k| bed.node(k))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut restarted = w.spawn_io(
-        "restart",
-        restart_cmd(&w, &bed, targets[0], &w.dir, &addr, &nodes_in_order),
-        Stdio::null(),
-        true,
-    );
+    let (_second_spares, mut restarted) = restart_onto(&w, &bed, &addr, &targets);
     let before = job.last_tick().unwrap();
     restarted.wait_tick(before + 20, Duration::from_secs(90));
     w.go();
@@ -657,17 +538,11 @@ fn mpich_job_across_nodes_restarted_on_other_nodes() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_ticks_consecutive(
-        &[
-            ("before".into(), job.stdout()),
-            ("restarted".into(), restarted.stdout()),
-        ],
-        Some(0),
-    );
-    assert_eq!(
-        ok_line(&restarted.stdout()),
-        want,
-        "the checkpointed and restarted 3-node MPICH result differs from an uninterrupted run's"
+    assert_continued(
+        &job,
+        &restarted,
+        &want,
+        "the checkpointed and restarted 3-node MPICH result differs from an uninterrupted run's",
     );
     // Stopped (see above): the job is killed through its coordinator.
     let r = bed

@@ -261,3 +261,41 @@ pub fn parts_of(ck: &Path, n: u32) -> Vec<String> {
         .map(|p| p["node"].as_str().unwrap().to_string())
         .collect()
 }
+
+/// `stasis checkpoint --coordinator ADDR [--kill]` run on node `k`; it must succeed
+/// (the coordinator's messages are shown otherwise).
+pub fn global_checkpoint(bed: &Bed, k: usize, addr: &str, kill: bool, coord: &Proc) {
+    let mut args = vec![STASIS, "checkpoint", "--coordinator", addr];
+    if kill {
+        args.push("--kill");
+    }
+    let r = bed.on(k, &args).output().unwrap();
+    assert!(
+        r.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&r.stderr),
+        coord.stderr()
+    );
+}
+
+/// Restarts the newest global checkpoint (run in the work dir) with part K on node
+/// `targets[K]`: a spare agent on each node of `targets[1..]`, then `stasis restart
+/// --coordinator --nodes` on `targets[0]`. Returns the spares and the restart.
+pub fn restart_onto(w: &Work, bed: &Bed, addr: &str, targets: &[usize]) -> (Vec<Proc>, Proc) {
+    let spares = targets[1..]
+        .iter()
+        .map(|&k| spare_on(w, bed, k, &w.dir, addr, &format!("spare-again-{k}")))
+        .collect();
+    let nodes = targets
+        .iter()
+        .map(|&k| bed.node(k))
+        .collect::<Vec<_>>()
+        .join(",");
+    let restarted = w.spawn_io(
+        "restart",
+        restart_cmd(w, bed, targets[0], &w.dir, addr, &nodes),
+        Stdio::null(),
+        true,
+    );
+    (spares, restarted)
+}
