@@ -274,6 +274,13 @@ pub enum Command {
             requires = "coordinator"
         )]
         nodes: Vec<String>,
+        /// With --coordinator: wait up to SECS for the spare agent of a node of
+        /// --nodes to join the coordinator (agents started by srun at the same time
+        /// as this command may join a moment later); without, a node with no spare
+        /// agent is an error at once. Default: $STASIS_WAIT_AGENTS, else 0. `stasis
+        /// ssh` waits as long as $STASIS_WAIT_AGENTS says.
+        #[arg(long, value_name = "SECS", requires = "coordinator")]
+        wait_agents: Option<u64>,
     },
     /// Show what the newest checkpoint in DIR holds.
     ///
@@ -556,8 +563,16 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             from,
             coordinator: Some(addr),
             nodes,
+            wait_agents,
             ..
-        } => coord::restart(&addr, &nodes, &dir, from.as_deref(), cli.quiet),
+        } => coord::restart(
+            &addr,
+            &nodes,
+            &dir,
+            from.as_deref(),
+            coord::agents_wait(wait_agents),
+            cli.quiet,
+        ),
         Command::Restart {
             dir,
             from,

@@ -1,6 +1,7 @@
-//! Jobs that span several nodes (issue #13, first phase): `stasis coordinator`,
-//! `stasis agent`, `stasis checkpoint --coordinator` and the hidden benchmark
-//! `stasis coord-bench`, on top of the stasis-coord crate.
+//! Jobs that span several nodes: `stasis coordinator`, `stasis agent`, `stasis
+//! checkpoint --coordinator` and the hidden benchmark `stasis coord-bench`, on top of
+//! the stasis-coord crate; `stasis restart --coordinator` and `stasis ssh` are in
+//! [`place`].
 //!
 //! An agent with a command runs it under `stasis run` (its own init, in a fresh local
 //! directory) and speaks for it to the coordinator: each phase of a global checkpoint
@@ -8,7 +9,10 @@
 //! ([`EnginePart`], `control::Coordinated`). An agent's part can also be simulated
 //! (`--simulate`).
 
+pub mod place;
+
 use anyhow::{bail, Context, Result};
+pub use place::{agents_wait, restart, ssh};
 use stasis_coord::agent::{self, LocalPart, Outcome};
 use stasis_coord::client::Client;
 use stasis_coord::coordinator::{Config, Coordinator};
@@ -538,180 +542,6 @@ pub fn agent(
     }
 }
 
-/// The global checkpoint `dir` names (one checkpoint-NNNNNN, or the newest in a
-/// coordinator's directory, or the one `from` names there).
-fn global_checkpoint(dir: &Path, from: Option<&str>) -> Result<PathBuf> {
-    if dir.join("global.json").is_file() {
-        if from.is_some() {
-            bail!("--from picks a checkpoint in a coordinator's directory; {} is one checkpoint already", dir.display());
-        }
-        return Ok(dir.to_path_buf());
-    }
-    let n = match from {
-        Some(f) => f
-            .trim_start_matches("checkpoint-")
-            .parse::<u64>()
-            .with_context(|| format!("--from {f}: not a checkpoint number"))?,
-        None => *stasis_coord::coordinator::published(dir)?
-            .last()
-            .with_context(|| format!("{} holds no global checkpoint", dir.display()))?,
-    };
-    let g = dir.join(stasis_coord::coordinator::checkpoint_name(n));
-    if !g.join("global.json").is_file() {
-        bail!("{} is not a published global checkpoint", g.display());
-    }
-    Ok(g)
-}
-
-/// `stasis restart --coordinator ADDR --nodes H0,H1,... DIR`: node part K of the global
-/// checkpoint goes to node HK; part 0 is restarted here.
-pub fn restart(
-    coordinator: &str,
-    nodes: &[String],
-    dir: &Path,
-    from: Option<&str>,
-    quiet: bool,
-) -> Result<ExitCode> {
-    let g = global_checkpoint(dir, from)?;
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(g.join("global.json"))
-            .with_context(|| format!("reading {}/global.json", g.display()))?,
-    )
-    .with_context(|| format!("{}/global.json is damaged", g.display()))?;
-    let old: Vec<String> = manifest["parts"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|p| p["node"].as_str().unwrap_or("?").to_string())
-                .collect()
-        })
-        .unwrap_or_default();
-    if old.len() != nodes.len() {
-        bail!(
-            "{} holds {} node part(s) (taken on {}), but --nodes names {}: give one node per part, in order",
-            g.display(),
-            old.len(),
-            old.join(", "),
-            nodes.len()
-        );
-    }
-    let parts: Vec<PathBuf> = (0..old.len())
-        .map(|k| g.join(format!("node-{k}")))
-        .collect();
-    if let Some(missing) = parts.iter().find(|p| !p.is_dir()) {
-        bail!("{} is missing", missing.display());
-    }
-    let here = agent::hostname();
-    let short = |h: &str| h.split('.').next().unwrap_or(h).to_string();
-    if short(&here) != short(&nodes[0]) {
-        bail!(
-            "run this command on {}, the first node of --nodes (its part's output comes out here); this is {here}",
-            nodes[0]
-        );
-    }
-    // Where the restarted parts learn each other's new addresses: fresh for this
-    // restart, next to the checkpoints, removed when this command ends.
-    let rendezvous = g.parent().unwrap_or(Path::new(".")).join(format!(
-        ".rendezvous-{}.{}",
-        g.file_name()
-            .map_or("x".into(), |n| n.to_string_lossy().into_owned()),
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&rendezvous)
-        .with_context(|| format!("creating {}", rendezvous.display()))?;
-    let _remove = RemoveOnDrop(rendezvous.clone());
-    let rv = rendezvous.display().to_string();
-    let mut client = Client::connect(coordinator)?;
-    for k in 1..parts.len() {
-        client
-            .place(&nodes[k], &parts[k].display().to_string(), &rv)
-            .with_context(|| {
-                format!(
-                    "restarting part {k} (from node {}) on node {}{}",
-                    old[k],
-                    nodes[k],
-                    if k > 1 {
-                        "; the parts restarted before it run on: stop them with `stasis checkpoint --coordinator ADDR --kill`"
-                    } else {
-                        ""
-                    }
-                )
-            })?;
-        if !quiet {
-            eprintln!(
-                "stasis: part {k} (from node {}) restarted on node {}",
-                old[k], nodes[k]
-            );
-        }
-    }
-    drop(client);
-    let sim = Simulation::off();
-    agent(
-        coordinator,
-        Some(nodes[0].clone()),
-        true,
-        sim,
-        None,
-        Some(Launch::Restart {
-            dir: parts[0].clone(),
-            rendezvous: Some(rendezvous.clone()),
-        }),
-        quiet,
-    )
-}
-
-/// ssh's options that take an argument (skipped with it by `stasis ssh`).
-const SSH_OPTS_WITH_ARG: &str = "bBcDeEFIiJlLmoOpQRSwW";
-
-/// `stasis ssh [SSH-OPTIONS] NODE COMMAND...` (see its --help).
-pub fn ssh(coordinator: Option<String>, args: &[String], quiet: bool) -> Result<ExitCode> {
-    let coordinator = coordinator
-        .or_else(|| std::env::var("STASIS_COORDINATOR").ok())
-        .context("no coordinator: give --coordinator ADDR:PORT or set STASIS_COORDINATOR (every part of a multi-node job has it)")?;
-    let mut rest = args.iter();
-    let node = loop {
-        let Some(a) = rest.next() else {
-            bail!("usage: stasis ssh [SSH-OPTIONS] NODE COMMAND...");
-        };
-        if a == "--" {
-            break rest
-                .next()
-                .context("usage: stasis ssh [SSH-OPTIONS] NODE COMMAND...")?;
-        }
-        match a.strip_prefix('-') {
-            // `-p 22`, but not `-p22`
-            Some(o) if o.len() == 1 && SSH_OPTS_WITH_ARG.contains(o) => {
-                rest.next();
-            }
-            Some(_) => {}
-            None => break a,
-        }
-    };
-    // user@host: the user is ours anyway.
-    let node = node.rsplit('@').next().unwrap_or(node);
-    let cmd: Vec<&str> = rest.map(String::as_str).collect();
-    if cmd.is_empty() {
-        bail!("stasis ssh {node}: no command (an interactive shell is not offered)");
-    }
-    let line = cmd.join(" ");
-    Client::connect(&coordinator)?
-        .start_on(node, &line)
-        .with_context(|| format!("starting {line:?} on node {node}"))?;
-    if !quiet {
-        tracing::info!("started {line:?} on node {node}");
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Removes a directory when dropped.
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// `stasis checkpoint --coordinator ADDR [--kill]`.
 pub fn checkpoint(coordinator: &str, kill: bool, quiet: bool) -> Result<ExitCode> {
     let report = Client::connect(coordinator)?.checkpoint(kill)?;
@@ -764,4 +594,13 @@ pub fn bench(
     }
     std::fs::remove_dir_all(&base).with_context(|| format!("cannot remove {}", base.display()))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Removes a directory when dropped.
+pub(crate) struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
