@@ -53,6 +53,27 @@ impl Client {
         Client::connect_with(addr, (protocol::MIN_VERSION, protocol::VERSION))
     }
 
+    /// Connects, retrying while the connection is refused (the coordinator not
+    /// listening yet: started in the background by the same job script) for up to
+    /// `wait`.
+    pub fn connect_waiting(addr: &str, wait: Duration) -> Result<Client> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match Client::connect(addr) {
+                Err(e)
+                    if std::time::Instant::now() < deadline
+                        && e.chain().any(|c| {
+                            c.downcast_ref::<std::io::Error>()
+                                .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+                        }) =>
+                {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// Connects offering the protocol versions `versions` (min, max).
     pub fn connect_with(addr: &str, versions: (u32, u32)) -> Result<Client> {
         let peer = format!("the coordinator at {addr}");

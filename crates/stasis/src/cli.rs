@@ -274,10 +274,10 @@ pub enum Command {
             requires = "coordinator"
         )]
         nodes: Vec<String>,
-        /// With --coordinator: wait up to SECS for the spare agent of a node of
-        /// --nodes to join the coordinator (agents started by srun at the same time
-        /// as this command may join a moment later); without, a node with no spare
-        /// agent is an error at once. Default: $STASIS_WAIT_AGENTS, else 0. `stasis
+        /// With --coordinator: wait up to SECS for the coordinator to listen and for
+        /// the spare agent of each node of --nodes to join it (started by the same
+        /// job script, they may come a moment later); without, either missing is an
+        /// error at once. Default: $STASIS_WAIT_AGENTS, else 0. `stasis
         /// ssh` waits as long as $STASIS_WAIT_AGENTS says.
         #[arg(long, value_name = "SECS", requires = "coordinator")]
         wait_agents: Option<u64>,

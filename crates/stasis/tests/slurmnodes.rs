@@ -138,7 +138,7 @@ else
             --mca oob_tcp_if_include 198.18.0.0/24 {program}
 fi
 rc=$?
-kill $coordinator
+kill $coordinator; wait $coordinator     # it answers a checkpoint in progress first
 exit $rc
 "#
     );

@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 use std::fs;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
-use std::sync::mpsc::channel;
+use std::sync::mpsc::{channel, Receiver};
 use std::time::Duration;
 use tracing::warn;
 
@@ -90,7 +90,23 @@ impl Coordinator {
 
     /// Serves until the process ends (or the listener fails).
     pub fn serve(self) -> Result<()> {
+        self.serve_until(None)
+    }
+
+    /// Serves until `stop` receives (or is dropped): then once the checkpoint in
+    /// progress, and those asked for, are done (their clients answered).
+    pub fn serve_until(self, stop: Option<Receiver<()>>) -> Result<()> {
         let (tx, rx) = channel();
+        if let Some(stop) = stop {
+            let tx = tx.clone();
+            std::thread::Builder::new()
+                .name("coord-stop".into())
+                .spawn(move || {
+                    let _ = stop.recv();
+                    let _ = tx.send(net::Event::Stop);
+                })
+                .context("cannot start the coordinator's stopping thread")?;
+        }
         let listener = self.listener;
         let hello_timeout = self.config.hello_timeout;
         std::thread::Builder::new()

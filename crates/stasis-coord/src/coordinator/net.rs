@@ -28,6 +28,8 @@ pub(super) enum Event {
         conn: u64,
         why: String,
     },
+    /// Asked to stop (SIGTERM): once the checkpoints asked for are done.
+    Stop,
 }
 
 pub(super) fn accept_loop(listener: TcpListener, tx: Sender<Event>, hello_timeout: Duration) {

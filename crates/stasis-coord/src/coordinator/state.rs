@@ -80,6 +80,8 @@ pub(super) struct State {
     round: Option<Round>,
     /// Spare agents restarting a node part, and the client that asked for it.
     placing: BTreeMap<u64, u64>,
+    /// Asked to stop: exits once no checkpoint is in progress or asked for.
+    stopping: bool,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -95,6 +97,7 @@ impl State {
             queue: VecDeque::new(),
             round: None,
             placing: BTreeMap::new(),
+            stopping: false,
         }
     }
 
@@ -104,6 +107,10 @@ impl State {
                 if let Some((client, kill)) = self.queue.pop_front() {
                     self.start(client, kill);
                     continue;
+                }
+                if self.stopping {
+                    info!("coordinator: stopping (no checkpoint in progress)");
+                    return;
                 }
             }
             let wait = self
@@ -191,6 +198,7 @@ impl State {
             }
             Event::Msg { conn, msg } => self.message(conn, msg),
             Event::Closed { conn, why } => self.closed(conn, why),
+            Event::Stop => self.stopping = true,
         }
     }
 

@@ -36,7 +36,34 @@ pub fn coordinator(listen: &str, dir: &Path, timeout: Duration, quiet: bool) -> 
             dir.display()
         );
     }
-    c.serve()?;
+    // SIGTERM, SIGINT or SIGHUP (a job script ending, Slurm cancelling the job): the
+    // checkpoint in progress is finished and its client answered first; a second one
+    // stops at once.
+    let signals = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+    let set = crate::supervise::sigset(&signals);
+    // SAFETY: blocking signals in this thread before any other starts (they inherit it).
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    let mut sfd = crate::supervise::signalfd(&set)?;
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut asked = false;
+            while let Some(sig) = crate::supervise::read_signal(&mut sfd) {
+                if asked {
+                    std::process::exit(128 + sig);
+                }
+                asked = true;
+                if !quiet {
+                    eprintln!(
+                        "stasis coordinator: stopping once no checkpoint is in progress (again to stop now)"
+                    );
+                }
+                let _ = stop_tx.send(());
+            }
+        })
+        .context("cannot start the coordinator's signal thread")?;
+    c.serve_until(Some(stop_rx))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -94,7 +94,7 @@ pub fn restart(
         .with_context(|| format!("creating {}", rendezvous.display()))?;
     let _remove = RemoveOnDrop(rendezvous.clone());
     let rv = rendezvous.display().to_string();
-    let mut client = Client::connect(coordinator)?;
+    let mut client = Client::connect_waiting(coordinator, wait)?;
     for k in 1..parts.len() {
         let part = parts[k].display().to_string();
         placing(&nodes[k], wait, quiet, || client.place(&nodes[k], &part, &rv))
@@ -208,7 +208,7 @@ pub fn ssh(coordinator: Option<String>, args: &[String], quiet: bool) -> Result<
         bail!("stasis ssh {node}: no command (an interactive shell is not offered)");
     }
     let line = cmd.join(" ");
-    let mut client = Client::connect(&coordinator)?;
+    let mut client = Client::connect_waiting(&coordinator, agents_wait(None))?;
     placing(node, agents_wait(None), quiet, || {
         client.start_on(node, &line)
     })

@@ -197,7 +197,7 @@ pub fn init_resume(args: &str) -> ExitCode {
     ExitCode::from(init::resume(args) as u8)
 }
 
-fn sigset(signals: &[i32]) -> libc::sigset_t {
+pub(crate) fn sigset(signals: &[i32]) -> libc::sigset_t {
     // SAFETY: sigemptyset initializes the set; sigaddset with valid signal numbers.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -224,7 +224,7 @@ fn pipe() -> Result<(std::fs::File, std::fs::File)> {
     })
 }
 
-fn signalfd(set: &libc::sigset_t) -> Result<std::fs::File> {
+pub(crate) fn signalfd(set: &libc::sigset_t) -> Result<std::fs::File> {
     // SAFETY: creating a signalfd for an initialized set.
     let fd = unsafe { libc::signalfd(-1, set, libc::SFD_CLOEXEC) };
     if fd < 0 {
@@ -234,7 +234,7 @@ fn signalfd(set: &libc::sigset_t) -> Result<std::fs::File> {
     Ok(unsafe { std::fs::File::from_raw_fd(fd) })
 }
 
-fn read_signal(f: &mut std::fs::File) -> Option<i32> {
+pub(crate) fn read_signal(f: &mut std::fs::File) -> Option<i32> {
     let mut buf = [0u8; 128];
     f.read_exact(&mut buf).ok()?;
     Some(i32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]))
