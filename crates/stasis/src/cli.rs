@@ -338,7 +338,9 @@ pub enum Command {
     /// published (one rename) and the job resumed (or killed with --kill). If an agent
     /// fails, is lost or does not answer within --timeout in any phase, the checkpoint
     /// is abandoned: every part runs on and nothing is published. The protocol is
-    /// docs/PROTOCOL.md. It serves until killed.
+    /// docs/PROTOCOL.md. It serves until SIGTERM, SIGINT or SIGHUP, after which it
+    /// finishes the checkpoint in progress (and answers its client) before it exits; a
+    /// second signal stops it at once.
     #[command(
         after_help = "EXAMPLES\n    stasis coordinator --listen 0.0.0.0:7070 --dir $SCRATCH/ckpt &\n    stasis agent --coordinator head:7070 --simulate &      # on each node\n    stasis checkpoint --coordinator head:7070"
     )]
