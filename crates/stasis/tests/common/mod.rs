@@ -277,6 +277,8 @@ pub struct Proc {
     pub out: PathBuf,
     pub err: PathBuf,
     status: Option<ExitStatus>,
+    /// With a piped stdout: says when everything the pipe held is in `out`.
+    copied: Option<std::sync::mpsc::Receiver<()>>,
 }
 
 impl Proc {
@@ -296,6 +298,13 @@ impl Proc {
     pub fn try_status(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {
             self.status = self.child.try_wait().expect("try_wait");
+            // Its last output may still be on its way from the pipe into `out` (a
+            // process that inherited the pipe may hold it open: not forever).
+            if self.status.is_some() {
+                if let Some(rx) = self.copied.take() {
+                    let _ = rx.recv_timeout(Duration::from_secs(2));
+                }
+            }
         }
         self.status
     }
@@ -616,9 +625,12 @@ impl Work {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn {label} ({cmd:?}): {e}"));
+        let mut copied = None;
         if pipe_stdout {
             let mut from = child.stdout.take().unwrap();
             let mut to = out_file;
+            let (done, rx) = std::sync::mpsc::channel();
+            copied = Some(rx);
             std::thread::spawn(move || {
                 use std::io::{Read, Write};
                 let mut buf = [0u8; 4096];
@@ -627,6 +639,7 @@ impl Work {
                         break;
                     }
                 }
+                let _ = done.send(());
             });
         }
         Proc {
@@ -635,6 +648,7 @@ impl Work {
             out,
             err,
             status: None,
+            copied,
         }
     }
 
