@@ -356,3 +356,50 @@ pub(super) fn send_queue(
         )
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::settled;
+    use stasis_image::TcpRepair;
+
+    /// An end with 3 bytes queued to read, then 10 in its send queue (the last 4
+    /// unsent), its window 100 from `snd_una` 1000.
+    fn end() -> (TcpRepair, Vec<u8>) {
+        let r = TcpRepair {
+            snd_seq: 1010,
+            inq_len: 3,
+            outq_len: 10,
+            unsent_len: 4,
+            window: [0, 100, 100, 0, 0],
+            ..TcpRepair::default()
+        };
+        (r, b"abc0123456789".to_vec())
+    }
+
+    #[test]
+    fn bytes_the_peer_received_leave_the_send_queue() {
+        let (r, data) = end();
+        let peer = TcpRepair {
+            rcv_seq: 1004,
+            ..TcpRepair::default()
+        };
+        let (s, d) = settled(&r, &data, Some(&peer));
+        assert_eq!(d, b"abc456789");
+        assert_eq!((s.outq_len, s.unsent_len, s.snd_seq), (6, 4, 1010));
+        assert_eq!(s.window[1], 96, "the window's right edge stays");
+    }
+
+    #[test]
+    fn an_inconsistent_pair_is_left_as_saved() {
+        let (r, data) = end();
+        for rcv_seq in [1000, 1007, 999, 2000] {
+            let peer = TcpRepair {
+                rcv_seq,
+                ..TcpRepair::default()
+            };
+            let (s, d) = settled(&r, &data, Some(&peer));
+            assert_eq!((s, d), (r.clone(), data.clone()), "rcv_seq {rcv_seq}");
+        }
+        assert_eq!(settled(&r, &data, None), (r, data));
+    }
+}
