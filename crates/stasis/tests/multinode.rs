@@ -326,8 +326,10 @@ fn a_part_that_cannot_be_saved_abandons_the_global_checkpoint() {
 /// bytes back in its queue, and both ends then check that every record of the other
 /// came exactly once, in order. After the restart the client also opens a new
 /// connection to the server's old address, which reaches the server at its new one;
-/// then the job is checkpointed, killed and restarted with both parts on one node, and
-/// a new connection to the server's first address still reaches it. Both ends check
+/// then the job is checkpointed, killed and restarted on the same nodes in another
+/// order (the client's address of the first restart is the server's first one), and
+/// once more with both parts on one node, and each time a new connection to the
+/// server's first address still reaches it. Both ends check
 /// every name the kernel gives them (accept, getpeername, getsockname): always the
 /// addresses of the job's start.
 #[test]
@@ -467,14 +469,18 @@ fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
         }
     };
     again(&mut spare, "again", "again 1 ok");
-    // Once more, both parts onto node 2 this time (fewer nodes than parts): a new
-    // connection to the server's first address still reaches it, and each end still
-    // sees the other's first address (the two parts share one address now).
-    let r = bed
-        .on(1, &[STASIS, "checkpoint", "--coordinator", &addr, "--kill"])
-        .output()
-        .unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    // Once more, the server's part onto node 2 and the client's onto node 3: the same
+    // nodes again in another order, so the client's address of this run (node 1's) is
+    // the server's first one; a new connection to the server's first address still
+    // reaches the server.
+    let kill_all = || {
+        let r = bed
+            .on(1, &[STASIS, "checkpoint", "--coordinator", &addr, "--kill"])
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    };
+    kill_all();
     first.expect_exit(EXIT_CHECKPOINTED, T_CMD);
     spare.expect_exit(EXIT_CHECKPOINTED, T_CMD);
     let parts = parts_of(&w.ck, 3);
@@ -483,8 +489,8 @@ fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
         vec![bed.node(3), bed.node(1)],
         "parts keep their order"
     );
-    let mut spare3 = spare_on(&w, &bed, 2, &w.path("elsewhere"), &addr, "spare-3");
-    let nodes = format!("{},{}", bed.node(2), bed.node(2));
+    let mut spare3 = spare_on(&w, &bed, 3, &w.path("elsewhere"), &addr, "spare-3");
+    let nodes = format!("{},{}", bed.node(2), bed.node(3));
     let mut second = w.spawn_io(
         "restart-server-on-2",
         restart_cmd(&w, &bed, 2, &w.path("elsewhere"), &addr, &nodes),
@@ -496,10 +502,28 @@ fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
     second.wait_tick(ts1 + 10, T_READY);
     spare3.wait_tick(tc1 + 10, T_READY);
     again(&mut spare3, "again2", "again 2 ok");
+    // And both parts onto node 1 (fewer nodes than parts): each end still sees the
+    // other's first address (the two parts share one address now).
+    kill_all();
+    second.expect_exit(EXIT_CHECKPOINTED, T_CMD);
+    spare3.expect_exit(EXIT_CHECKPOINTED, T_CMD);
+    let mut spare4 = spare_on(&w, &bed, 1, &w.path("elsewhere"), &addr, "spare-4");
+    let nodes = format!("{},{}", bed.node(1), bed.node(1));
+    let mut third = w.spawn_io(
+        "restart-both-on-1",
+        restart_cmd(&w, &bed, 1, &w.path("elsewhere"), &addr, &nodes),
+        Stdio::null(),
+        true,
+    );
+    let ts2 = second.last_tick().unwrap();
+    let tc2 = spare3.last_tick().unwrap();
+    third.wait_tick(ts2 + 10, T_READY);
+    spare4.wait_tick(tc2 + 10, T_READY);
+    again(&mut spare4, "again3", "again 3 ok");
     w.go();
     for (label, before, p) in [
-        ("server", vec![&server, &first], &mut second),
-        ("client", vec![&client, &spare], &mut spare3),
+        ("server", vec![&server, &first, &second], &mut third),
+        ("client", vec![&client, &spare, &spare3], &mut spare4),
     ] {
         p.expect_exit(0, T_CMD);
         let mut outs: Vec<(String, String)> = before
@@ -507,7 +531,7 @@ fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
             .enumerate()
             .map(|(i, b)| (format!("{label} run {i}"), b.stdout()))
             .collect();
-        outs.push((format!("{label} restarted twice"), p.stdout()));
+        outs.push((format!("{label} restarted three times"), p.stdout()));
         assert_ticks_consecutive(&outs, Some(0));
         let ok = p
             .lines()
@@ -517,7 +541,7 @@ fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
         assert!(ok.starts_with("OK"), "{label}: {ok:?}\n{}", p.diag());
     }
     // The records went on flowing after the restarts (not only before them).
-    let after: u64 = second
+    let after: u64 = third
         .lines()
         .iter()
         .find_map(|l| l.strip_prefix("OK sent="))

@@ -71,8 +71,8 @@ pub struct Checkpoint {
     #[serde(default)]
     pub private_network: bool,
     /// A node's part of a multi-node job: the node's addresses at checkpoint time, and
-    /// the addresses the job's processes may still know from before earlier restarts,
-    /// with the node address each stands for now (`[old, current]`). A restart onto
+    /// the addresses of the job's first start (what its processes know), with the node
+    /// address each stands for at this checkpoint (`[first, current]`). A restart onto
     /// other nodes publishes where each is now (see docs/PROTOCOL.md).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub node_addresses: Vec<String>,

@@ -12,7 +12,7 @@
  * address it was given at start, a new connection: after a restart onto other nodes,
  * to the server's old address, from a socket bound first to the client's own address
  * of start-up, as MPI libraries do), sends a line and checks the echo: `again 1 ok`; once
- * `again2` exists, another: `again 2 ok`. Both ends check the names the kernel gives
+ * `again2` exists, another: `again 2 ok`; then `again3`: `again 3 ok`. Both ends check the names the kernel gives
  * (after a restart onto other nodes, stasis reports the old addresses): the server
  * accepts such a connection (its listener blocking, polled first) from the client's
  * address of start-up, and the names of the first connection stay as they were; the
@@ -31,6 +31,7 @@
 static int fd, l2 = -1, c2 = -1;
 static struct sockaddr_in mine; /* the client's own address, as at start-up */
 static struct sockaddr_in at0[2]; /* names of the first connection at start-up */
+static const char *again_files[] = {"again", "again2", "again3"};
 
 /* FAIL unless `a` has the address (and, with `port`, the port) of `want`. */
 static void same(const char *what, const struct sockaddr_in *a, const struct sockaddr_in *want, int port) {
@@ -181,8 +182,7 @@ int main(int argc, char **argv) {
                 if (n > 0 && send(c2, b, (size_t)n, MSG_NOSIGNAL) != n) die("echo");
                 if (n == 0) { close(c2); c2 = -1; }
             }
-        } else if ((again == 0 && access("again", F_OK) == 0) ||
-                   (again == 1 && access("again2", F_OK) == 0)) { /* client: a new connection */
+        } else if (again < 3 && access(again_files[again], F_OK) == 0) { /* client: a new connection */
             struct sockaddr_in a = {0};
             a.sin_family = AF_INET;
             a.sin_port = htons(atoi(argv[3]) + 1);

@@ -3,12 +3,14 @@
 //! Parts that ran on different nodes may listen on the same port (OpenMPI's TCP
 //! transport takes the first free port from 1024 on every node). Restarted on one
 //! node, the second part's listener cannot have its port back: it listens on a free
-//! one instead ([`record`]), and every address of the part's old node says so in the
-//! rendezvous: `ports-OLDIP` holds one line `OLDPORT NEWPORT` per moved port, written
-//! once the part's listeners exist and before it waits for anyone ([`publish`]; an
-//! empty file when nothing moved). Whoever then connects to OLDIP:OLDPORT (the
-//! re-making of connections between nodes, a redirected connect of the job) reads
-//! the file of that address, waiting for it ([`peer_port`]); the names the processes
+//! one instead ([`record`]), and every old address of the part says so in the
+//! rendezvous: `ports-FIRSTIP` (the job's first addresses, which the processes know)
+//! and `nports-NODEIP` (its node's at checkpoint time, which the restore knows) hold
+//! one line `OLDPORT NEWPORT` per moved port, written once the part's listeners exist
+//! and before it waits for anyone ([`publish`]; empty when nothing moved). Whoever
+//! then connects to OLDIP:OLDPORT (the re-making of connections between nodes, a
+//! redirected connect of the job) reads the file of that address, waiting for it
+//! ([`peer_port`]); the names the processes
 //! see go the other way ([`old_port`], [`own_old_port`]). Processes keep the ports
 //! they learnt at the job's start through any number of restarts: a checkpoint
 //! carries the moves it was restarted with (`port_map`), and a restart publishes
@@ -26,15 +28,28 @@ const WAIT: Duration = Duration::from_secs(120);
 
 /// This restore's moves: (old port, new port).
 static MOVES: Mutex<Vec<(u16, u16)>> = Mutex::new(Vec::new());
-/// The old addresses this part stands for (those of the job's first checkpoint
-/// first), and the moves its checkpoint carried (set by `publish_addresses`,
-/// published by [`publish`]).
-static OWN: Mutex<(Vec<IpAddr>, Vec<PortMove>)> = Mutex::new((Vec::new(), Vec::new()));
+/// What this part stands for: the addresses of the job's first start, its node's
+/// addresses at checkpoint time, and the moves its checkpoint carried (set by
+/// `publish_addresses`, published by [`publish`]).
+struct Own {
+    originals: Vec<IpAddr>,
+    node: Vec<IpAddr>,
+    carried: Vec<PortMove>,
+}
+static OWN: Mutex<Own> = Mutex::new(Own {
+    originals: Vec::new(),
+    node: Vec::new(),
+    carried: Vec::new(),
+});
 
 /// Sets what [`publish`] publishes besides this restore's moves.
-pub(super) fn set_own(own: Vec<IpAddr>, carried: &[PortMove]) {
+pub(super) fn set_own(originals: Vec<IpAddr>, node: Vec<IpAddr>, carried: &[PortMove]) {
     if let Ok(mut o) = OWN.lock() {
-        *o = (own, carried.to_vec());
+        *o = Own {
+            originals,
+            node,
+            carried: carried.to_vec(),
+        };
     }
 }
 
@@ -45,9 +60,9 @@ pub(super) fn record(old: u16, new: u16) {
     }
 }
 
-/// The old addresses this part stands for, the job's first ones first.
+/// The addresses of the job's first start this part stands for.
 pub(super) fn own_olds() -> Vec<IpAddr> {
-    OWN.lock().map(|o| o.0.clone()).unwrap_or_default()
+    OWN.lock().map(|o| o.originals.clone()).unwrap_or_default()
 }
 
 /// The rendezvous file naming the old address of whatever is at `ip`, `port`.
@@ -111,39 +126,64 @@ pub(super) fn own_old_port(port: u16) -> Option<u16> {
     moves().iter().find(|(_, n)| *n == port).map(|(o, _)| *o)
 }
 
-fn file(dir: &Path, ip: IpAddr) -> std::path::PathBuf {
-    dir.join(format!("ports-{}", plain_ip(ip)))
+/// Which addresses a ports file is keyed by: those of the job's first start (what
+/// the processes know) or the nodes' at checkpoint time (what the restore knows).
+#[derive(Clone, Copy)]
+pub(super) enum Keyed {
+    Original,
+    Node,
 }
 
-/// Writes `ports-OLDIP` for each old address this part stands for (none without a
-/// rendezvous): this restore's moves, and the ports known from before earlier
-/// restarts where they are now.
+fn file(dir: &Path, keyed: Keyed, ip: IpAddr) -> std::path::PathBuf {
+    dir.join(format!("{}-{}", prefix(keyed), plain_ip(ip)))
+}
+
+fn prefix(keyed: Keyed) -> &'static str {
+    match keyed {
+        Keyed::Original => "ports",
+        Keyed::Node => "nports",
+    }
+}
+
+/// Writes `ports-OLDIP` for each address of the job's first start this part stands
+/// for (this restore's moves, and the ports known from before earlier restarts where
+/// they are now) and `nports-NODEIP` for each of its node's addresses at checkpoint
+/// time (this restore's moves); nothing without a rendezvous.
 pub(super) fn publish() -> std::result::Result<(), String> {
     let Some(dir) = std::env::var_os("STASIS_RENDEZVOUS").map(std::path::PathBuf::from) else {
         return Ok(());
     };
     let dir = dir.as_path();
-    let (own, carried) = OWN.lock().map(|o| o.clone()).unwrap_or_default();
+    let (originals, node, carried) = OWN
+        .lock()
+        .map(|o| (o.originals.clone(), o.node.clone(), o.carried.clone()))
+        .unwrap_or_default();
     let moves = moves();
-    for ip in &own {
+    let write = |keyed: Keyed, ip: IpAddr, lines: &[(u16, u16)]| {
+        let text: String = lines.iter().map(|(o, n)| format!("{o} {n}\n")).collect();
+        let at = file(dir, keyed, ip);
+        let tmp = super::remote::unique_tmp(dir, &format!("{}-{}", prefix(keyed), plain_ip(ip)));
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &at))
+            .map_err(|e| format!("{}: {e}", at.display()))
+    };
+    for ip in &originals {
         let mut lines: Vec<(u16, u16)> = moves.clone();
         for c in &carried {
             if c.address.parse::<IpAddr>().map(plain_ip) == Ok(plain_ip(*ip)) {
                 lines.push((c.port, own_port(c.now)));
             }
         }
-        let text: String = lines.iter().map(|(o, n)| format!("{o} {n}\n")).collect();
-        let at = file(dir, *ip);
-        let tmp = super::remote::unique_tmp(dir, &format!("ports-{}", plain_ip(*ip)));
-        std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::rename(&tmp, &at))
-            .map_err(|e| format!("{}: {e}", at.display()))?;
+        write(Keyed::Original, *ip, &lines)?;
+    }
+    for ip in &node {
+        write(Keyed::Node, *ip, &moves)?;
     }
     Ok(())
 }
 
-fn read(dir: &Path, ip: IpAddr) -> Option<Vec<(u16, u16)>> {
-    let text = std::fs::read_to_string(file(dir, ip)).ok()?;
+fn read(dir: &Path, keyed: Keyed, ip: IpAddr) -> Option<Vec<(u16, u16)>> {
+    let text = std::fs::read_to_string(file(dir, keyed, ip)).ok()?;
     Some(
         text.lines()
             .filter_map(|l| {
@@ -156,10 +196,15 @@ fn read(dir: &Path, ip: IpAddr) -> Option<Vec<(u16, u16)>> {
 
 /// Where port `port` of the node that had address `old` is now, waiting for that
 /// node's part to say (its file names every moved port).
-pub(super) fn peer_port(dir: &Path, old: IpAddr, port: u16) -> std::result::Result<u16, String> {
+pub(super) fn peer_port(
+    dir: &Path,
+    keyed: Keyed,
+    old: IpAddr,
+    port: u16,
+) -> std::result::Result<u16, String> {
     let deadline = Instant::now() + WAIT;
     loop {
-        if let Some(lines) = read(dir, old) {
+        if let Some(lines) = read(dir, keyed, old) {
             return Ok(lines
                 .iter()
                 .find(|(o, _)| *o == port)
@@ -180,7 +225,7 @@ pub(super) fn peer_port(dir: &Path, old: IpAddr, port: u16) -> std::result::Resu
 /// part has not said yet).
 pub(super) fn known_port(dir: &Path, old: IpAddr, port: u16) -> Option<u16> {
     Some(
-        read(dir, old)?
+        read(dir, Keyed::Original, old)?
             .iter()
             .find(|(o, _)| *o == port)
             .map_or(port, |(_, n)| *n),
@@ -190,7 +235,7 @@ pub(super) fn known_port(dir: &Path, old: IpAddr, port: u16) -> Option<u16> {
 /// The port the job's processes know for port `now` of the node that had address
 /// `old` (None: unmoved, or not known yet).
 pub(super) fn old_port(dir: &Path, old: IpAddr, now: u16) -> Option<u16> {
-    read(dir, old)?
+    read(dir, Keyed::Original, old)?
         .iter()
         .find(|(_, n)| *n == now)
         .map(|(o, _)| *o)
@@ -214,7 +259,7 @@ pub fn current_port_map() -> Vec<PortMove> {
                 .strip_prefix("ports-")?
                 .parse()
                 .ok()?;
-            Some((ip, read(&dir, ip)?))
+            Some((ip, read(&dir, Keyed::Original, ip)?))
         })
         .flat_map(|(ip, lines)| {
             lines

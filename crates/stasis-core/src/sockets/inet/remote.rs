@@ -10,9 +10,11 @@
 //! Restore ([`remake`]): the connection is made again between the nodes' new
 //! addresses, found through a rendezvous directory that the restarts of one global
 //! checkpoint share (`STASIS_RENDEZVOUS`, set by `stasis agent`): each node part
-//! publishes, for every address it had, the address it has now (`addr-OLDIP`, holding
-//! `NEWIP`; `STASIS_NODE_ADDRESS` or the first non-loopback IPv4 address of the node),
-//! and reads its peers'. Without one, addresses stay as they were. Of the two ends,
+//! publishes, for every address its node had at checkpoint time, the address it has
+//! now (`node-OLDIP`, holding `NEWIP`; `STASIS_NODE_ADDRESS` or the first non-loopback
+//! IPv4 address of the node), and reads its peers'; and, for every address of the
+//! job's first start it stands for, the same (`addr-FIRSTIP`, what the processes know
+//! and `redirect` reads). Without a rendezvous, addresses stay as they were. Of the two ends,
 //! the one with the lower (port, address) accepts (through the job's listener there,
 //! else a listener of its own) and the other connects; both go through their
 //! connections in one global order (by the pair of old addresses), so no two nodes wait
@@ -36,6 +38,13 @@ use std::time::{Duration, Instant};
 pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a restart waits for the other nodes (their addresses, their ends).
 const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(120);
+/// The rendezvous files of the nodes' addresses at checkpoint time (what the restore
+/// reads, re-making connections), and of the addresses of the job's first start (what
+/// the processes know, through any number of restarts: what redirection reads). The
+/// two differ after a restart onto other nodes, and may name one address differently
+/// when a later restart permutes the same nodes again.
+const NODE: &str = "node";
+const ORIGINAL: &str = "addr";
 /// Names a re-made connection (sent first by the connecting end).
 const MAGIC: &[u8; 8] = b"STASISX1";
 
@@ -134,7 +143,8 @@ impl AddressMap {
         }
     }
 
-    /// This node's new address for its old address `old`, published for the others.
+    /// This node's new address for its address `old` at checkpoint time, published
+    /// for the other parts (`node-OLD`).
     fn own(&mut self, old: IpAddr) -> std::result::Result<IpAddr, String> {
         if let Some(n) = self.known.get(&old) {
             return Ok(*n);
@@ -143,24 +153,24 @@ impl AddressMap {
             (Some(_), Some(here)) if !old.is_loopback() && !old.is_unspecified() => here,
             _ => old,
         };
-        self.publish(old, new)?;
+        self.publish(NODE, old, new)?;
+        self.known.insert(old, new);
         Ok(new)
     }
 
-    /// Publishes that `old` is `new` now.
-    fn publish(&mut self, old: IpAddr, new: IpAddr) -> std::result::Result<(), String> {
+    /// Publishes that `old` is `new` now, as `KIND-OLD`.
+    fn publish(&self, kind: &str, old: IpAddr, new: IpAddr) -> std::result::Result<(), String> {
         if let Some(dir) = &self.dir {
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            let tmp = unique_tmp(dir, &format!("addr-{old}"));
+            let tmp = unique_tmp(dir, &format!("{kind}-{old}"));
             let mut f =
                 std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
             f.write_all(new.to_string().as_bytes())
                 .and_then(|()| f.sync_all())
                 .map_err(|e| format!("{}: {e}", tmp.display()))?;
-            let at = dir.join(format!("addr-{old}"));
+            let at = dir.join(format!("{kind}-{old}"));
             std::fs::rename(&tmp, &at).map_err(|e| format!("{}: {e}", at.display()))?;
         }
-        self.known.insert(old, new);
         Ok(())
     }
 
@@ -173,7 +183,7 @@ impl AddressMap {
         let Some(dir) = &self.dir else {
             return Ok(old);
         };
-        let at = dir.join(format!("addr-{old}"));
+        let at = dir.join(format!("{NODE}-{old}"));
         let deadline = Instant::now() + RENDEZVOUS_TIMEOUT;
         loop {
             if let Ok(s) = std::fs::read_to_string(&at) {
@@ -217,7 +227,10 @@ pub fn publish_addresses(
             m.own(old)?;
         }
     }
+    // The addresses of the job's first start that this part's node addresses stand for
+    // (the checkpoint's address map), else the node addresses themselves.
     let mut originals = Vec::new();
+    let mut covered = Vec::new();
     for [old, became] in map {
         let (Ok(old), Ok(became)) = (old.parse::<IpAddr>(), became.parse::<IpAddr>()) else {
             continue;
@@ -226,18 +239,23 @@ pub fn publish_addresses(
         if mine.contains(&became) {
             let now = m.own(became)?;
             let old = canonical(SocketAddr::new(old, 0)).ip();
-            m.publish(old, now)?;
+            m.publish(ORIGINAL, old, now)?;
             originals.push(old);
+            covered.push(became);
         }
     }
-    originals.extend(mine);
-    super::ports::set_own(originals, ports);
+    for old in mine.iter().filter(|a| !covered.contains(a)) {
+        let now = m.own(*old)?;
+        m.publish(ORIGINAL, *old, now)?;
+        originals.push(*old);
+    }
+    super::ports::set_own(originals, mine, ports);
     Ok(())
 }
 
-/// The addresses this job's processes may know and where they are now: every
-/// `addr-OLD` of the rendezvous this part was restarted through, and those it carried
-/// over from earlier restarts (what a checkpoint saves as `address_map`).
+/// The addresses this job's processes may know (those of its first start) and where
+/// they are now: every `addr-OLD` of the rendezvous this part was restarted through,
+/// unchanged ones included (what a checkpoint saves as `address_map`).
 pub fn current_address_map() -> Vec<[String; 2]> {
     let Some(dir) = std::env::var_os("STASIS_RENDEZVOUS").map(PathBuf::from) else {
         return Vec::new();
@@ -250,7 +268,7 @@ pub fn current_address_map() -> Vec<[String; 2]> {
         .filter_map(|e| {
             let name = e.file_name().to_str()?.strip_prefix("addr-")?.to_string();
             let new = std::fs::read_to_string(e.path()).ok()?.trim().to_string();
-            (name != new).then_some([name, new])
+            Some([name, new])
         })
         .collect();
     out.sort();
@@ -498,8 +516,13 @@ pub(super) fn remake(
                 SocketAddr::new(new_l.ip(), super::ports::own_port(l.port())),
                 SocketAddr::new(
                     new_r.ip(),
-                    super::ports::peer_port(dir, canonical(r).ip(), r.port())
-                        .map_err(|e| format!("{what}: {e}"))?,
+                    super::ports::peer_port(
+                        dir,
+                        super::ports::Keyed::Node,
+                        canonical(r).ip(),
+                        r.port(),
+                    )
+                    .map_err(|e| format!("{what}: {e}"))?,
                 ),
             ),
             None => (new_l, new_r),

@@ -51,7 +51,12 @@ pub(super) fn handle(listener: i32, n: &Notif, dir: &Path) {
         .spawn(move || {
             let port = match port {
                 Some(p) => Ok(p),
-                None => super::super::ports::peer_port(&dir, old_ip, target.port()),
+                None => super::super::ports::peer_port(
+                    &dir,
+                    super::super::ports::Keyed::Original,
+                    old_ip,
+                    target.port(),
+                ),
             };
             let new = SocketAddr::new(moved.ip(), port.as_ref().map_or(target.port(), |p| *p));
             let error = match (port, crate::proc::borrow_fd(pid, fd)) {
