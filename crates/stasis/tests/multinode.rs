@@ -329,7 +329,8 @@ fn a_part_that_cannot_be_saved_abandons_the_global_checkpoint() {
 /// then the job is checkpointed, killed and restarted on the same nodes in another
 /// order (the client's address of the first restart is the server's first one), and
 /// once more with both parts on one node, and each time a new connection to the
-/// server's first address still reaches it. Both ends check
+/// server's first address still reaches it. A checkpoint of the merged parts cannot be
+/// restarted with them on two nodes: refused, naming both. Both ends check
 /// every name the kernel gives them (accept, getpeername, getsockname): always the
 /// addresses of the job's start.
 #[test]
@@ -520,6 +521,23 @@ fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
     third.wait_tick(ts2 + 10, T_READY);
     spare4.wait_tick(tc2 + 10, T_READY);
     again(&mut spare4, "again3", "again 3 ok");
+    // A checkpoint of the merged parts (the job runs on): restarting it with the
+    // parts on different nodes again is refused, naming both parts.
+    let r = bed
+        .on(2, &[STASIS, "checkpoint", "--coordinator", &addr])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let split = format!("{},{}", bed.node(2), bed.node(3));
+    let out = restart_cmd(&w, &bed, 2, &w.path("elsewhere"), &addr, &split)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("parts 0 and 1 ran on one node"),
+        "{err}"
+    );
+    third.wait_more_ticks(3, T_READY);
     w.go();
     for (label, before, p) in [
         ("server", vec![&server, &first, &second], &mut third),

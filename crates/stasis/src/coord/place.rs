@@ -68,6 +68,22 @@ pub fn restart(
             nodes.len()
         );
     }
+    // Parts that shared a node at checkpoint time share its addresses in their images:
+    // which of them a connection saved with one was to cannot be told apart once they
+    // are on different nodes.
+    let short = |h: &str| h.split('.').next().unwrap_or(h).to_string();
+    for k in 0..old.len() {
+        for l in k + 1..old.len() {
+            if short(&old[k]) == short(&old[l]) && short(&nodes[k]) != short(&nodes[l]) {
+                bail!(
+                    "parts {k} and {l} ran on one node ({}) at checkpoint time, and --nodes puts them on {} and {}: restart them on one node again (name the same node for both), or restart an earlier checkpoint taken before they shared one",
+                    old[k],
+                    nodes[k],
+                    nodes[l]
+                );
+            }
+        }
+    }
     let parts: Vec<PathBuf> = (0..old.len())
         .map(|k| g.join(format!("node-{k}")))
         .collect();
@@ -75,7 +91,6 @@ pub fn restart(
         bail!("{} is missing", missing.display());
     }
     let here = stasis_coord::agent::hostname();
-    let short = |h: &str| h.split('.').next().unwrap_or(h).to_string();
     if short(&here) != short(&nodes[0]) {
         bail!(
             "run this command on {}, the first node of --nodes (its part's output comes out here); this is {here}",

@@ -27,7 +27,7 @@ use super::net::*;
 use crate::error::{Error, Result};
 use stasis_image::InetSocket;
 use stasis_sys::inet_diag::{self, canonical, state};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::io::{AsRawFd, OwnedFd};
@@ -80,16 +80,21 @@ pub fn settle_external(pids: &[i32], nodes: &[IpAddr], timeout: Duration) -> Res
             context: "listing TCP sockets (inet_diag)".into(),
             source: std::io::Error::other(e.to_string()),
         })?;
-        let tuples: HashSet<(SocketAddr, SocketAddr)> = socks
+        // The end of each connection in this network namespace, by its addresses: a
+        // peer held by this part is no other node's (one held by another part that
+        // shares this node is).
+        let ends: HashMap<(SocketAddr, SocketAddr), u64> = socks
             .iter()
-            .map(|s| (canonical(s.local), canonical(s.remote)))
+            .map(|s| ((canonical(s.local), canonical(s.remote)), s.ino))
             .collect();
         let waiting = socks.iter().find(|s| {
             ours.contains_key(&s.ino)
                 && s.state == state::ESTABLISHED
                 && s.wqueue > 0
                 && is_node(nodes, s.remote.ip())
-                && !tuples.contains(&(canonical(s.remote), canonical(s.local)))
+                && !ends
+                    .get(&(canonical(s.remote), canonical(s.local)))
+                    .is_some_and(|peer| ours.contains_key(peer))
         });
         let Some(w) = waiting else {
             return Ok(());
