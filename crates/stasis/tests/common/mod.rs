@@ -973,9 +973,14 @@ impl<'a> Session<'a> {
         st
     }
 
-    /// The value of `key=` in the first line the program printed (`ready ...`).
+    /// The value of `key=` in the program's `ready ...` line (the first such: a child
+    /// may print before it).
     pub fn ready_field(&self, key: &str) -> String {
-        let ready = self.phases[0].lines().first().cloned().unwrap_or_default();
+        let ready = self.phases[0]
+            .lines()
+            .into_iter()
+            .find(|l| l.starts_with("ready"))
+            .unwrap_or_default();
         fields(&ready)
             .remove(key)
             .unwrap_or_else(|| panic!("no {key}= in the ready line {ready:?}"))
