@@ -80,3 +80,36 @@ nodename="${node#NodeName=}"
 nodename="${nodename%% *}"
 # The node's hardware alone (CPUs=... RealMemory=...), for other node names.
 hardware="${node#NodeName=* }"
+
+# The slurm.conf settings both test clusters share (every path under DIR): what the
+# daemons run as, munge, the controller's files, and the tuning for fast tests.
+conf_settings() {
+    cat <<CONF
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$sock,cred_expire=10
+StateSaveLocation=$dir/state
+SlurmctldPidFile=$dir/slurmctld.pid
+SlurmctldLogFile=$dir/log/slurmctld.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SwitchType=switch/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=1,bf_interval=1
+JobRequeue=1
+ReturnToService=2
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+KillWait=5
+MinJobAge=300
+InactiveLimit=0
+CONF
+}

@@ -43,44 +43,21 @@ free_port() {
 host="$(hostname -s)"
 
 write_conf() {
-    cat >"$conf" <<CONF
+    {
+        cat <<CONF
 # One-node test cluster written by scripts/slurm/start.sh; every path under $dir.
 ClusterName=stasistest
 SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$1
 SlurmdPort=$2
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket=$sock,cred_expire=10
-StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool
-SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd.pid
-SlurmctldLogFile=$dir/log/slurmctld.log
 SlurmdLogFile=$dir/log/slurmd.log
-SlurmctldDebug=info
-SlurmdDebug=info
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SwitchType=switch/none
-MpiDefault=none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=1,bf_interval=1
-JobRequeue=1
-ReturnToService=2
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-KillWait=5
-MinJobAge=300
-InactiveLimit=0
-$node NodeAddr=127.0.0.1 State=UNKNOWN
-PartitionName=test Nodes=$nodename Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 CONF
+        conf_settings
+        echo "$node NodeAddr=127.0.0.1 State=UNKNOWN"
+        echo "PartitionName=test Nodes=$nodename Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4"
+    } >"$conf"
 }
 
 # slurmctld and slurmd on free ports; a port taken between the choice and the bind

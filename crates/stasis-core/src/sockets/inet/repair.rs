@@ -199,8 +199,8 @@ fn fill(fd: i32, data: &[u8]) -> std::io::Result<()> {
 }
 
 /// Creates the end `s` of an established connection in repair mode, at its saved
-/// sequence numbers, with its queues filled. [`finish`] takes it out of repair mode
-/// once every end exists.
+/// sequence numbers, with its receive queue filled. Once every end exists,
+/// [`out_of_repair`] and then [`send_queue`] finish it.
 pub(super) fn restore(
     s: &InetSocket,
     r: &TcpRepair,
@@ -276,7 +276,7 @@ pub(super) fn restore(
     }
     tcp_set(f, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE).map_err(|e| err("receive queue", e))?;
     fill(f, &data[..inq]).map_err(|e| err("filling the receive queue", e))?;
-    // The send queue stays empty here: see `finish`.
+    // The send queue stays empty here: see `send_queue`.
     tcp_set(f, TCP_REPAIR_QUEUE, TCP_NO_QUEUE).map_err(|e| err("queues", e))?;
     let w: Vec<u8> = r.window.iter().flat_map(|v| v.to_ne_bytes()).collect();
     tcp_set_bytes(f, TCP_REPAIR_WINDOW, &w).map_err(|e| err("window", e))?;
