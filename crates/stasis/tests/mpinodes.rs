@@ -79,11 +79,6 @@ fn openmpi_under_agent(
     let rsh = format!("{STASIS} ssh");
     let n = np.to_string();
     let mut argv = vec![
-        STASIS,
-        "agent",
-        "--coordinator",
-        addr,
-        "--",
         "mpirun.openmpi",
         "--allow-run-as-root",
         "--map-by",
@@ -101,7 +96,7 @@ fn openmpi_under_agent(
     argv.extend_from_slice(args);
     w.spawn_io(
         "agent-mpirun",
-        on_in(bed, 1, &w.dir, &argv),
+        agent_on(bed, 1, &w.dir, addr, &argv),
         Stdio::null(),
         true,
     )
@@ -112,16 +107,7 @@ fn openmpi_job_across_three_nodes_through_the_launch_agent() {
     let exe = mpiring();
     let w = Work::new("multinode_mpi");
     // The reference: an uninterrupted run on one node.
-    std::fs::write(w.path("go"), b"").unwrap();
-    let out = Command::new("mpirun.openmpi")
-        .args(["--allow-run-as-root", "--oversubscribe", "-np", "3"])
-        .arg(&exe)
-        .arg(STEPS)
-        .current_dir(&w.dir)
-        .output()
-        .expect("cannot run mpirun.openmpi");
-    let want = ok_line(&String::from_utf8_lossy(&out.stdout));
-    std::fs::remove_file(w.path("go")).unwrap();
+    let want = openmpi_reference(&w, 3, &exe, &[STEPS], &["go"]);
 
     let mut bed = Bed::up("mn", 3);
     let hostfile = w.path("hosts");
@@ -251,16 +237,7 @@ fn openmpi_across_nodes(name: &str, rotate: bool) {
     const STEPS_LONG: &str = "400";
     let exe = mpiring();
     let w = Work::new(name);
-    std::fs::write(w.path("go"), b"").unwrap();
-    let out = Command::new("mpirun.openmpi")
-        .args(["--allow-run-as-root", "--oversubscribe", "-np", "3"])
-        .arg(&exe)
-        .arg(STEPS_LONG)
-        .current_dir(&w.dir)
-        .output()
-        .expect("cannot run mpirun.openmpi");
-    let want = ok_line(&String::from_utf8_lossy(&out.stdout));
-    std::fs::remove_file(w.path("go")).unwrap();
+    let want = openmpi_reference(&w, 3, &exe, &[STEPS_LONG], &["go"]);
 
     let mut bed = Bed::up(if rotate { "mo" } else { "mm" }, 3);
     let addr = format!("{}:7074", bed.addr(1));
@@ -362,18 +339,7 @@ fn openmpi_lazy(name: &str, tag: &str, bed_nodes: usize, target: fn(usize) -> us
     const S2: &str = "30";
     let exe = mpi_prog("mpilazy");
     let w = Work::new(name);
-    std::fs::write(w.path("cross"), b"").unwrap();
-    std::fs::write(w.path("go"), b"").unwrap();
-    let out = Command::new("mpirun.openmpi")
-        .args(["--allow-run-as-root", "--oversubscribe", "-np", "4"])
-        .arg(&exe)
-        .args([S1, S2])
-        .current_dir(&w.dir)
-        .output()
-        .expect("cannot run mpirun.openmpi");
-    let want = ok_line(&String::from_utf8_lossy(&out.stdout));
-    std::fs::remove_file(w.path("cross")).unwrap();
-    std::fs::remove_file(w.path("go")).unwrap();
+    let want = openmpi_reference(&w, 4, &exe, &[S1, S2], &["cross", "go"]);
 
     let mut bed = Bed::up(tag, bed_nodes);
     let addr = format!("{}:7075", bed.addr(1));
@@ -487,16 +453,12 @@ fn mpich_job_across_nodes_restarted_on_other_nodes() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let mut cmd = on_in(
+    let mut cmd = agent_on(
         &bed,
         1,
         &w.dir,
+        &addr,
         &[
-            STASIS,
-            "agent",
-            "--coordinator",
-            &addr,
-            "--",
             "mpiexec.mpich",
             "-launcher",
             "ssh",

@@ -113,12 +113,7 @@ fn real_parts_checkpointed_together_and_restarted_on_other_nodes() {
         .map(|k| {
             w.spawn_io(
                 &format!("agent-{k}"),
-                on_in(
-                    &bed,
-                    k,
-                    &w.dir,
-                    &[STASIS, "agent", "--coordinator", &addr, "--", counter],
-                ),
+                agent_on(&bed, k, &w.dir, &addr, &[counter]),
                 Stdio::null(),
                 true,
             )
@@ -272,19 +267,12 @@ fn a_part_that_cannot_be_saved_abandons_the_global_checkpoint() {
     );
     let mut bad = w.spawn_io(
         "agent-2",
-        on_in(
+        agent_on(
             &bed,
             2,
             &w.dir,
-            &[
-                STASIS,
-                "agent",
-                "--coordinator",
-                &addr,
-                "--",
-                unsupported.to_str().unwrap(),
-                "seccomp",
-            ],
+            &addr,
+            &[unsupported.to_str().unwrap(), "seccomp"],
         ),
         Stdio::null(),
         true,
@@ -318,6 +306,31 @@ fn a_part_that_cannot_be_saved_abandons_the_global_checkpoint() {
     bed.down();
 }
 
+/// Restarts the tcpnode pair's newest global checkpoint with the server's part on
+/// node `at.0` (where the restart runs) and the client's on node `at.1` (through a
+/// spare agent there), both in the work dir's `elsewhere`; returns (server, client)
+/// once each ran 10 ticks past its previous run (`before`).
+fn restart_pair(
+    w: &Work,
+    bed: &Bed,
+    addr: &str,
+    at: (usize, usize),
+    before: (&Proc, &Proc),
+) -> (Proc, Proc) {
+    let elsewhere = w.path("elsewhere");
+    let mut client = spare_on(w, bed, at.1, &elsewhere, addr, &format!("spare-{}", at.1));
+    let nodes = format!("{},{}", bed.node(at.0), bed.node(at.1));
+    let mut server = w.spawn_io(
+        &format!("restart-server-on-{}", at.0),
+        restart_cmd(w, bed, at.0, &elsewhere, addr, &nodes),
+        Stdio::null(),
+        true,
+    );
+    server.wait_tick(before.0.last_tick().unwrap() + 10, T_READY);
+    client.wait_tick(before.1.last_tick().unwrap() + 10, T_READY);
+    (server, client)
+}
+
 /// A TCP connection between two nodes' parts (tcpnode.c: numbered records both ways,
 /// some always on their way or unread): a global checkpoint settles it and saves both
 /// ends (the job runs on), a second with --kill stops both; the parts are restarted on
@@ -345,42 +358,19 @@ fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
     let server_at = bed.addr(1);
     let mut server = w.spawn_io(
         "agent-server",
-        on_in(
-            &bed,
-            1,
-            &w.dir,
-            &[
-                STASIS,
-                "agent",
-                "--coordinator",
-                &addr,
-                "--",
-                tcpnode,
-                "server",
-                "7500",
-            ],
-        ),
+        agent_on(&bed, 1, &w.dir, &addr, &[tcpnode, "server", "7500"]),
         Stdio::null(),
         true,
     );
     wait_joined(&mut server);
     let mut client = w.spawn_io(
         "agent-client",
-        on_in(
+        agent_on(
             &bed,
             2,
             &w.dir,
-            &[
-                STASIS,
-                "agent",
-                "--coordinator",
-                &addr,
-                "--",
-                tcpnode,
-                "client",
-                &server_at,
-                "7500",
-            ],
+            &addr,
+            &[tcpnode, "client", &server_at, "7500"],
         ),
         Stdio::null(),
         true,
@@ -389,20 +379,12 @@ fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
     for p in [&mut server, &mut client] {
         p.wait_tick(5, T_READY);
     }
-    let r = bed
-        .on(2, &[STASIS, "checkpoint", "--coordinator", &addr])
-        .output()
-        .unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    global_checkpoint(&bed, 2, &addr, false, &coord);
     for p in [&mut server, &mut client] {
         let t = p.last_tick().unwrap();
         p.wait_tick(t + 5, T_CMD);
     }
-    let r = bed
-        .on(2, &[STASIS, "checkpoint", "--coordinator", &addr, "--kill"])
-        .output()
-        .unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    global_checkpoint(&bed, 2, &addr, true, &coord);
     for p in [&mut server, &mut client] {
         p.expect_exit(EXIT_CHECKPOINTED, T_CMD);
     }
@@ -443,18 +425,8 @@ fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
             conns[0]
         );
     }
-    let mut spare = spare_on(&w, &bed, 1, &w.path("elsewhere"), &addr, "spare-1");
-    let nodes = format!("{},{}", bed.node(3), bed.node(1));
-    let mut first = w.spawn_io(
-        "restart-server-on-3",
-        restart_cmd(&w, &bed, 3, &w.path("elsewhere"), &addr, &nodes),
-        Stdio::null(),
-        true,
-    );
     let ts = server.last_tick().unwrap();
-    let tc = client.last_tick().unwrap();
-    first.wait_tick(ts + 10, T_READY);
-    spare.wait_tick(tc + 10, T_READY);
+    let (mut first, mut spare) = restart_pair(&w, &bed, &addr, (3, 1), (&server, &client));
     // A connection the client never had: to the server's old address, which stasis
     // redirects to its new one.
     let again = |p: &mut Proc, file: &str, line: &str| {
@@ -474,14 +446,7 @@ fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
     // nodes again in another order, so the client's address of this run (node 1's) is
     // the server's first one; a new connection to the server's first address still
     // reaches the server.
-    let kill_all = || {
-        let r = bed
-            .on(1, &[STASIS, "checkpoint", "--coordinator", &addr, "--kill"])
-            .output()
-            .unwrap();
-        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    };
-    kill_all();
+    global_checkpoint(&bed, 1, &addr, true, &coord);
     first.expect_exit(EXIT_CHECKPOINTED, T_CMD);
     spare.expect_exit(EXIT_CHECKPOINTED, T_CMD);
     let parts = parts_of(&w.ck, 3);
@@ -490,44 +455,18 @@ fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
         vec![bed.node(3), bed.node(1)],
         "parts keep their order"
     );
-    let mut spare3 = spare_on(&w, &bed, 3, &w.path("elsewhere"), &addr, "spare-3");
-    let nodes = format!("{},{}", bed.node(2), bed.node(3));
-    let mut second = w.spawn_io(
-        "restart-server-on-2",
-        restart_cmd(&w, &bed, 2, &w.path("elsewhere"), &addr, &nodes),
-        Stdio::null(),
-        true,
-    );
-    let ts1 = first.last_tick().unwrap();
-    let tc1 = spare.last_tick().unwrap();
-    second.wait_tick(ts1 + 10, T_READY);
-    spare3.wait_tick(tc1 + 10, T_READY);
+    let (mut second, mut spare3) = restart_pair(&w, &bed, &addr, (2, 3), (&first, &spare));
     again(&mut spare3, "again2", "again 2 ok");
     // And both parts onto node 1 (fewer nodes than parts): each end still sees the
     // other's first address (the two parts share one address now).
-    kill_all();
+    global_checkpoint(&bed, 1, &addr, true, &coord);
     second.expect_exit(EXIT_CHECKPOINTED, T_CMD);
     spare3.expect_exit(EXIT_CHECKPOINTED, T_CMD);
-    let mut spare4 = spare_on(&w, &bed, 1, &w.path("elsewhere"), &addr, "spare-4");
-    let nodes = format!("{},{}", bed.node(1), bed.node(1));
-    let mut third = w.spawn_io(
-        "restart-both-on-1",
-        restart_cmd(&w, &bed, 1, &w.path("elsewhere"), &addr, &nodes),
-        Stdio::null(),
-        true,
-    );
-    let ts2 = second.last_tick().unwrap();
-    let tc2 = spare3.last_tick().unwrap();
-    third.wait_tick(ts2 + 10, T_READY);
-    spare4.wait_tick(tc2 + 10, T_READY);
+    let (mut third, mut spare4) = restart_pair(&w, &bed, &addr, (1, 1), (&second, &spare3));
     again(&mut spare4, "again3", "again 3 ok");
     // A checkpoint of the merged parts (the job runs on): restarting it with the
     // parts on different nodes again is refused, naming both parts.
-    let r = bed
-        .on(2, &[STASIS, "checkpoint", "--coordinator", &addr])
-        .output()
-        .unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    global_checkpoint(&bed, 2, &addr, false, &coord);
     let split = format!("{},{}", bed.node(2), bed.node(3));
     let out = restart_cmd(&w, &bed, 2, &w.path("elsewhere"), &addr, &split)
         .output()

@@ -217,16 +217,7 @@ fn openmpi_job_across_a_slurm_allocation_restarted_by_another_job_on_other_nodes
     let exe = mpi_prog("mpiring");
     let w = Work::new("slurm_nodes");
     // The reference: an uninterrupted run on one node.
-    std::fs::write(w.path("go"), b"").unwrap();
-    let out = Command::new("mpirun.openmpi")
-        .args(["--allow-run-as-root", "--oversubscribe", "-np", "3"])
-        .arg(&exe)
-        .arg(STEPS)
-        .current_dir(&w.dir)
-        .output()
-        .expect("cannot run mpirun.openmpi");
-    let want = ok_line(&String::from_utf8_lossy(&out.stdout));
-    std::fs::remove_file(w.path("go")).unwrap();
+    let want = openmpi_reference(&w, 3, &exe, &[STEPS], &["go"]);
 
     let mut bed = Bed::up("sn", 4);
     let cluster = Cluster::start(&bed);

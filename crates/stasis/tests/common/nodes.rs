@@ -299,3 +299,35 @@ pub fn restart_onto(w: &Work, bed: &Bed, addr: &str, targets: &[usize]) -> (Vec<
     );
     (spares, restarted)
 }
+
+/// `stasis agent --coordinator ADDR -- CMD...` on node `k`, run in `dir`.
+pub fn agent_on(bed: &Bed, k: usize, dir: &Path, addr: &str, cmd: &[&str]) -> Command {
+    let mut argv = vec![STASIS, "agent", "--coordinator", addr, "--"];
+    argv.extend_from_slice(cmd);
+    on_in(bed, k, dir, &argv)
+}
+
+/// The result line (`OK ...`) of an uninterrupted OpenMPI run of `exe ARGS` with `np`
+/// ranks on this node, in the work dir, with the files `gates` (such as `go`) there
+/// from the start and removed afterwards.
+pub fn openmpi_reference(w: &Work, np: usize, exe: &Path, args: &[&str], gates: &[&str]) -> String {
+    for g in gates {
+        std::fs::write(w.path(g), b"").unwrap();
+    }
+    let out = Command::new("mpirun.openmpi")
+        .args([
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            &np.to_string(),
+        ])
+        .arg(exe)
+        .args(args)
+        .current_dir(&w.dir)
+        .output()
+        .expect("cannot run mpirun.openmpi");
+    for g in gates {
+        std::fs::remove_file(w.path(g)).unwrap();
+    }
+    ok_line(&String::from_utf8_lossy(&out.stdout))
+}
