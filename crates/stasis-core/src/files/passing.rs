@@ -68,38 +68,8 @@ fn send_with_fds(sock: i32, payload: &[u8], fds: &[i32]) -> std::result::Result<
     } else {
         payload
     };
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE((fds.len() * 4) as u32) } as usize;
-    let mut cbuf = vec![0u64; space.div_ceil(8).max(1)];
-    // SAFETY: msghdr is plain data; zeroed is a valid empty value.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if !fds.is_empty() {
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = space;
-        // SAFETY: the control buffer is CMSG_SPACE(len) bytes, aligned, and holds one
-        // header followed by the fds.
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN((fds.len() * 4) as u32) as usize;
-            std::ptr::copy_nonoverlapping(
-                fds.as_ptr(),
-                libc::CMSG_DATA(c).cast::<i32>(),
-                fds.len(),
-            );
-        }
-    }
-    // SAFETY: msg points to live buffers for the duration of the call.
-    if unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) } < 0 {
-        return Err(format!("passing fds: {}", std::io::Error::last_os_error()));
-    }
+    crate::sockets::send_with_fds(sock, data, fds, None, libc::MSG_NOSIGNAL)
+        .map_err(|e| format!("passing fds: {e}"))?;
     Ok(())
 }
 

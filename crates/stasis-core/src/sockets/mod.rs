@@ -75,6 +75,56 @@ pub(crate) fn shutdown(fd: &OwnedFd, bits: u8) {
     unsafe { libc::shutdown(fd.as_raw_fd(), how) };
 }
 
+/// sendmsg(2) of `data` on our socket `fd` (to the UNIX address `to`, else to its
+/// peer) with the descriptors `fds` in flight (SCM_RIGHTS) if any; the bytes sent.
+pub(crate) fn send_with_fds(
+    fd: i32,
+    data: &[u8],
+    fds: &[i32],
+    to: Option<&(libc::sockaddr_un, libc::socklen_t)>,
+    flags: i32,
+) -> std::io::Result<usize> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr is plain data; zeroed is a valid empty value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if let Some((a, alen)) = to {
+        msg.msg_name = (a as *const libc::sockaddr_un as *mut libc::sockaddr_un).cast();
+        msg.msg_namelen = *alen;
+    }
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of_val(fds) as u32) } as usize;
+    let mut cbuf = vec![0u64; space.div_ceil(8).max(1)];
+    if !fds.is_empty() {
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: the control buffer is CMSG_SPACE(len) bytes, aligned, and has room
+        // for one header followed by the descriptors.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(fds) as u32) as usize;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr(),
+                libc::CMSG_DATA(c).cast::<i32>(),
+                fds.len(),
+            );
+        }
+    }
+    // SAFETY: msg points to live buffers for the duration of the call: the data (only
+    // read), the address, the control buffer.
+    let n = unsafe { libc::sendmsg(fd, &msg, flags) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 /// accept4(2) on our listener `lfd`, close-on-exec.
 pub(crate) fn accept(lfd: i32) -> std::io::Result<OwnedFd> {
     // SAFETY: accept on a listener we own; returns a new descriptor or -1.

@@ -19,44 +19,8 @@ fn send_one(
     wait: bool,
 ) -> std::io::Result<()> {
     let flags = libc::MSG_NOSIGNAL | if wait { 0 } else { libc::MSG_DONTWAIT };
-    let mut iov = libc::iovec {
-        iov_base: chunk.as_ptr() as *mut libc::c_void,
-        iov_len: chunk.len(),
-    };
-    // SAFETY: msghdr is plain data; zeroed is a valid empty value.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if let Some((a, alen)) = to {
-        msg.msg_name = (a as *const libc::sockaddr_un as *mut libc::sockaddr_un).cast();
-        msg.msg_namelen = *alen;
-    }
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of_val(fds) as u32) } as usize;
-    let mut cbuf = vec![0u64; space.div_ceil(8)];
-    if !fds.is_empty() {
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = space;
-        // SAFETY: the control buffer has room for one header and the descriptors.
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(fds) as u32) as usize;
-            std::ptr::copy_nonoverlapping(
-                fds.as_ptr(),
-                libc::CMSG_DATA(c).cast::<i32>(),
-                fds.len(),
-            );
-        }
-    }
-    // SAFETY: msg points to live buffers: the chunk (only read), the address, the
-    // control buffer.
-    let n = unsafe { libc::sendmsg(fd, &msg, flags) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if n as usize != chunk.len() {
+    let n = crate::sockets::send_with_fds(fd, chunk, fds, to, flags)?;
+    if n != chunk.len() {
         return Err(std::io::Error::other(format!(
             "sent {n} of {} bytes",
             chunk.len()
