@@ -1519,19 +1519,8 @@ fn raw_and_packet_sockets_are_refused() {
         } else {
             let fd = field_num(&first, "fd") as i64;
             app.wait_tick(3, T_READY);
-            let pid = app.pid().to_string();
             for kill in [false, true] {
-                let mut a: Vec<&OsStr> = vec![
-                    "checkpoint".as_ref(),
-                    "--pid".as_ref(),
-                    pid.as_ref(),
-                    "--dir".as_ref(),
-                    w.ck.as_os_str(),
-                ];
-                if kill {
-                    a.push("--kill".as_ref());
-                }
-                let r = w.stasis("ckpt-pid", &a);
+                let r = common::cycles::checkpoint_pid(&w, app.pid(), kill);
                 assert_refused_fd(&w, &mut app, r, fd, &format!("{kind} --pid (kill={kill})"));
             }
             w.go();
