@@ -160,7 +160,6 @@ pub fn restore(
         &meta.port_map,
     )
     .map_err(restore_err)?;
-    crate::sockets::inet::redirect::set_original(&meta.address_map);
     let (mut socket_fds, unix_pending) = crate::sockets::create_all(image).map_err(restore_err)?;
     // A slave of each pseudo-terminal stays open here until the processes are forked
     // (session leaders take their controlling terminal from it).

@@ -258,23 +258,40 @@ pub fn publish_addresses(
     Ok(())
 }
 
+/// The addresses of the job's first start and the address each stands for now, as
+/// published in the rendezvous `dir` (`addr-FIRST`, see [`publish_addresses`]).
+pub(super) fn first_addresses(dir: &std::path::Path) -> Vec<(IpAddr, IpAddr)> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let first = e
+                .file_name()
+                .to_str()?
+                .strip_prefix(&format!("{ORIGINAL}-"))?
+                .parse()
+                .ok()?;
+            let now = std::fs::read_to_string(e.path())
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?;
+            Some((first, now))
+        })
+        .collect()
+}
+
 /// The addresses this job's processes may know (those of its first start) and where
-/// they are now: every `addr-OLD` of the rendezvous this part was restarted through,
-/// unchanged ones included (what a checkpoint saves as `address_map`).
+/// they are now: every `addr-FIRST` of the rendezvous this part was restarted
+/// through, unchanged ones included (what a checkpoint saves as `address_map`).
 pub fn current_address_map() -> Vec<[String; 2]> {
     let Some(dir) = std::env::var_os("STASIS_RENDEZVOUS").map(PathBuf::from) else {
         return Vec::new();
     };
-    let Ok(rd) = std::fs::read_dir(&dir) else {
-        return Vec::new();
-    };
-    let mut out: Vec<[String; 2]> = rd
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_str()?.strip_prefix("addr-")?.to_string();
-            let new = std::fs::read_to_string(e.path()).ok()?.trim().to_string();
-            Some([name, new])
-        })
+    let mut out: Vec<[String; 2]> = first_addresses(&dir)
+        .into_iter()
+        .map(|(first, now)| [first.to_string(), now.to_string()])
         .collect();
     out.sort();
     out

@@ -27,8 +27,6 @@
 mod connect;
 mod names;
 
-pub use names::set_original;
-
 use crate::error::{Result, SysContext};
 use crate::inject::{Injector, Scratch};
 use std::net::SocketAddr;

@@ -17,7 +17,6 @@ use stasis_sys::inet_diag::canonical;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 // _IOW('!', 3, struct seccomp_notif_addfd)
 const SECCOMP_IOCTL_NOTIF_ADDFD: u64 = 0x4018_2103;
@@ -32,19 +31,6 @@ struct AddFd {
     srcfd: u32,
     newfd: u32,
     newfd_flags: u32,
-}
-
-/// The addresses the job's processes knew before earlier restarts (the checkpoint's
-/// `address_map`): when a node's new address stands for several old ones, these win.
-static ORIGINAL: Mutex<Vec<IpAddr>> = Mutex::new(Vec::new());
-/// Records the old addresses of the checkpoint's address map (see [`ORIGINAL`]).
-pub fn set_original(map: &[[String; 2]]) {
-    if let Ok(mut o) = ORIGINAL.lock() {
-        *o = map
-            .iter()
-            .filter_map(|[old, _]| old.parse::<IpAddr>().ok().map(plain_ip))
-            .collect();
-    }
 }
 
 /// The name the job's processes know for `a` (None: the same). `own`: `a` is a local
@@ -62,38 +48,24 @@ fn old_of(dir: &Path, a: SocketAddr, own: bool) -> Option<SocketAddr> {
     (shown != SocketAddr::new(ip, a.port())).then_some(shown)
 }
 
-/// The old address that the address `a` of a node of the job stands for (None: not a
-/// node's). Several parts restarted on one node share its address: then the
-/// connecting side's note in the rendezvous ([`note_source`]) says which part `a`
-/// (with its port) is, `own` prefers this part's own old address (a local name), and
-/// an address of the first checkpoint wins over later ones.
+/// The address of the job's first start that the address `a` of a node of the job
+/// stands for (None: not a node's). Several parts restarted on one node share its
+/// address: then the connecting side's note in the rendezvous ([`note_source`]) says
+/// which part `a` (with its port) is, and `own` prefers this part's own first address
+/// (a local name).
 fn old_ip(dir: &Path, a: SocketAddr, own: bool) -> Option<IpAddr> {
     let ip = plain_ip(canonical(a).ip());
-    let mut olds: Vec<IpAddr> = std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .filter_map(|e| {
-            let old: IpAddr = e
-                .file_name()
-                .to_str()?
-                .strip_prefix("addr-")?
-                .parse()
-                .ok()?;
-            let new: IpAddr = std::fs::read_to_string(e.path())
-                .ok()?
-                .trim()
-                .parse()
-                .ok()?;
-            (plain_ip(new) == ip).then_some(plain_ip(old))
-        })
+    let mut olds: Vec<IpAddr> = super::super::remote::first_addresses(dir)
+        .into_iter()
+        .filter(|(_, now)| plain_ip(*now) == ip)
+        .map(|(first, _)| plain_ip(first))
         .collect();
     if olds.len() > 1 {
         if let Some(n) = super::super::ports::noted(dir, ip, a.port()) {
             olds = vec![plain_ip(n)];
         } else {
-            let original = ORIGINAL.lock().map(|o| o.clone()).unwrap_or_default();
             let mine = super::super::ports::own_olds();
-            olds.sort_by_key(|o| (!(own && mine.contains(o)), !original.contains(o)));
+            olds.sort_by_key(|o| !(own && mine.contains(o)));
         }
     }
     olds.first().copied()
