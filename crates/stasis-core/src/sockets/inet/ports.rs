@@ -104,8 +104,8 @@ pub(super) fn noted(dir: &Path, ip: IpAddr, port: u16) -> Option<IpAddr> {
 
 /// Notes `local` in the rendezvous of this restart, if any (see [`note_local`]).
 pub(super) fn note_here(local: Option<std::net::SocketAddr>) {
-    if let (Some(dir), Some(l)) = (std::env::var_os("STASIS_RENDEZVOUS"), local) {
-        note_local(Path::new(&dir), l);
+    if let (Some(dir), Some(l)) = (super::remote::rendezvous(), local) {
+        note_local(&dir, l);
     }
 }
 
@@ -115,7 +115,12 @@ fn moves() -> Vec<(u16, u16)> {
 
 /// Where this part's port `port` is now.
 pub(super) fn own_port(port: u16) -> u16 {
-    moves()
+    now_of(&moves(), port)
+}
+
+/// Where `port` is now, by the moves `lines` (old port, new port).
+fn now_of(lines: &[(u16, u16)], port: u16) -> u16 {
+    lines
         .iter()
         .find(|(o, _)| *o == port)
         .map_or(port, |(_, n)| *n)
@@ -150,7 +155,7 @@ fn prefix(keyed: Keyed) -> &'static str {
 /// they are now) and `nports-NODEIP` for each of its node's addresses at checkpoint
 /// time (this restore's moves); nothing without a rendezvous.
 pub(super) fn publish() -> std::result::Result<(), String> {
-    let Some(dir) = std::env::var_os("STASIS_RENDEZVOUS").map(std::path::PathBuf::from) else {
+    let Some(dir) = super::remote::rendezvous() else {
         return Ok(());
     };
     let dir = dir.as_path();
@@ -204,11 +209,8 @@ pub(super) fn peer_port(
 ) -> std::result::Result<u16, String> {
     let deadline = Instant::now() + WAIT;
     loop {
-        if let Some(lines) = read(dir, keyed, old) {
-            return Ok(lines
-                .iter()
-                .find(|(o, _)| *o == port)
-                .map_or(port, |(_, n)| *n));
+        if let Some(now) = known_port(dir, keyed, old, port) {
+            return Ok(now);
         }
         if Instant::now() > deadline {
             return Err(format!(
@@ -223,13 +225,8 @@ pub(super) fn peer_port(
 
 /// Where port `port` of the node that had address `old` is now (None: that node's
 /// part has not said yet).
-pub(super) fn known_port(dir: &Path, old: IpAddr, port: u16) -> Option<u16> {
-    Some(
-        read(dir, Keyed::Original, old)?
-            .iter()
-            .find(|(o, _)| *o == port)
-            .map_or(port, |(_, n)| *n),
-    )
+pub(super) fn known_port(dir: &Path, keyed: Keyed, old: IpAddr, port: u16) -> Option<u16> {
+    Some(now_of(&read(dir, keyed, old)?, port))
 }
 
 /// The port the job's processes know for port `now` of the node that had address
@@ -244,7 +241,7 @@ pub(super) fn old_port(dir: &Path, old: IpAddr, now: u16) -> Option<u16> {
 /// The ports the job's processes may know that are elsewhere now, from the rendezvous
 /// this part was restarted through (what a checkpoint saves as `port_map`).
 pub fn current_port_map() -> Vec<PortMove> {
-    let Some(dir) = std::env::var_os("STASIS_RENDEZVOUS").map(std::path::PathBuf::from) else {
+    let Some(dir) = super::remote::rendezvous() else {
         return Vec::new();
     };
     let Ok(rd) = std::fs::read_dir(&dir) else {

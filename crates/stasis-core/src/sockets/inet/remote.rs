@@ -142,7 +142,7 @@ impl AddressMap {
             .and_then(|a| a.parse().ok())
             .or_else(first_address);
         AddressMap {
-            dir: std::env::var_os("STASIS_RENDEZVOUS").map(PathBuf::from),
+            dir: rendezvous(),
             here,
             known: HashMap::new(),
         }
@@ -220,7 +220,7 @@ pub fn publish_addresses(
     map: &[[String; 2]],
     ports: &[stasis_image::PortMove],
 ) -> std::result::Result<(), String> {
-    if std::env::var_os("STASIS_RENDEZVOUS").is_none() {
+    if rendezvous().is_none() {
         return Ok(());
     }
     let mut m = AddressMap::from_env();
@@ -286,7 +286,7 @@ pub(super) fn first_addresses(dir: &std::path::Path) -> Vec<(IpAddr, IpAddr)> {
 /// they are now: every `addr-FIRST` of the rendezvous this part was restarted
 /// through, unchanged ones included (what a checkpoint saves as `address_map`).
 pub fn current_address_map() -> Vec<[String; 2]> {
-    let Some(dir) = std::env::var_os("STASIS_RENDEZVOUS").map(PathBuf::from) else {
+    let Some(dir) = rendezvous() else {
         return Vec::new();
     };
     let mut out: Vec<[String; 2]> = first_addresses(&dir)
@@ -295,6 +295,12 @@ pub fn current_address_map() -> Vec<[String; 2]> {
         .collect();
     out.sort();
     out
+}
+
+/// The rendezvous directory this part is being restarted through
+/// (`STASIS_RENDEZVOUS`), if any.
+pub(super) fn rendezvous() -> Option<PathBuf> {
+    std::env::var_os("STASIS_RENDEZVOUS").map(PathBuf::from)
 }
 
 /// A temporary name in the rendezvous `dir` for a file to be renamed to `name`,
@@ -366,7 +372,7 @@ pub fn node_addresses() -> Vec<IpAddr> {
 /// Maps the address of a listener of the job bound to one of this node's old
 /// addresses to its new one (None: unchanged).
 pub(super) fn listener_address(local: &str) -> std::result::Result<Option<String>, String> {
-    if std::env::var_os("STASIS_RENDEZVOUS").is_none() {
+    if rendezvous().is_none() {
         return Ok(None);
     }
     let Some(a) = parse_addr(local) else {

@@ -274,7 +274,7 @@ pub fn create_all(
                 };
                 // Restarted through a rendezvous, several parts may share this node
                 // now: a port another part holds moves (see `ports`).
-                let shared = std::env::var_os("STASIS_RENDEZVOUS").is_some();
+                let shared = super::remote::rendezvous().is_some();
                 let fd = socket_like(s, shared)?;
                 if let (Some(saved), Some(now)) = (parse_addr(&s.local), local_of(fd.as_raw_fd())) {
                     super::ports::note_here(Some(now));

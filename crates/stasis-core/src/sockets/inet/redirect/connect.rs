@@ -26,7 +26,12 @@ pub(super) fn handle(listener: i32, n: &Notif, dir: &Path) {
     let port = if bind {
         Some(target.port())
     } else {
-        super::super::ports::known_port(dir, old_ip, target.port())
+        super::super::ports::known_port(
+            dir,
+            super::super::ports::Keyed::Original,
+            old_ip,
+            target.port(),
+        )
     };
     if port.map(|p| SocketAddr::new(moved.ip(), p)) == Some(target) {
         // A node that did not move: the connect goes on as it is, once noted.

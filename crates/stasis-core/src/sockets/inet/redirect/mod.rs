@@ -56,7 +56,7 @@ static LISTENERS: Mutex<Vec<OwnedFd>> = Mutex::new(Vec::new());
 
 /// Whether processes restored here get the filter (a restart through a rendezvous).
 pub fn wanted() -> bool {
-    std::env::var_os("STASIS_RENDEZVOUS").is_some()
+    super::remote::rendezvous().is_some()
 }
 
 /// Whether the processes of this job carry our filter.
@@ -138,7 +138,7 @@ pub fn serve() {
     if listeners.is_empty() {
         return;
     }
-    let dir = std::env::var_os("STASIS_RENDEZVOUS").map(PathBuf::from);
+    let dir = super::remote::rendezvous();
     let spawned = std::thread::Builder::new()
         .name("connect-redirect".into())
         .spawn(move || serve_loop(listeners, dir));
