@@ -271,3 +271,72 @@ fn advice_given_between_checkpoints_is_seen() {
     let ok = s.finish();
     assert_eq!(ok, "OK areas=3");
 }
+
+/// The image's mappings of `shared.dat` (sharedmap.c), one per process: (pid, its
+/// saved content file).
+fn shared_dat_mappings(meta: &Value) -> Vec<(i64, Option<String>)> {
+    let mut out = Vec::new();
+    for p in meta["processes"].as_array().expect("no processes") {
+        for m in p["mappings"].as_array().into_iter().flatten() {
+            let path = m["kind"]["file"]["path"].as_str().unwrap_or("");
+            if m["kind"]["type"] == "file" && path.ends_with("/shared.dat") {
+                out.push((
+                    p["pid"].as_i64().unwrap_or(-1),
+                    m["content_file"].as_str().map(str::to_string),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// sharedmap.c: four processes each map one file MAP_SHARED (as MPI ranks map each
+/// other's segments). The checkpoint holds the file's content once, and a restart
+/// with the file gone recreates it: one file again, shared by all four (a token each
+/// child writes is seen through the parent's mapping), every page holding what its
+/// process last wrote, ticks continuing.
+#[test]
+fn shared_file_of_a_tree_is_saved_once_and_recreated() {
+    let w = Work::new("sharedmap");
+    let mut s = Session::start(&w, &[prog("sharedmap")]);
+    s.cur().wait_tick(3, T_READY);
+    s.checkpoint_kill();
+    let maps = shared_dat_mappings(&w.inspect_json());
+    assert_eq!(
+        maps.len(),
+        4,
+        "one mapping of shared.dat per process: {maps:?}"
+    );
+    let files: std::collections::BTreeSet<_> = maps.iter().map(|m| m.1.clone()).collect();
+    assert_eq!(files.len(), 1, "one saved copy for all processes: {maps:?}");
+    let saved = files
+        .into_iter()
+        .next()
+        .flatten()
+        .expect("no saved content");
+    assert!(
+        w.newest_checkpoint().join(&saved).exists(),
+        "{saved} is not in the checkpoint"
+    );
+    let copies = std::fs::read_dir(w.newest_checkpoint())
+        .unwrap()
+        .filter(|e| {
+            let n = e.as_ref().unwrap().file_name();
+            n.to_string_lossy().starts_with("shared-")
+        })
+        .count();
+    assert_eq!(
+        copies, 1,
+        "the checkpoint holds {copies} saved shared files"
+    );
+    std::fs::remove_file(w.path("shared.dat")).unwrap();
+    s.restart(Probe::Ticks);
+    assert!(
+        w.path("shared.dat").exists(),
+        "shared.dat was not recreated"
+    );
+    s.cur().wait_more_ticks(3, T_READY);
+    let ok = s.finish();
+    assert!(ok.contains("processes=4"), "{ok}");
+    assert_ticks_consecutive(&s.outputs(), Some(1));
+}

@@ -93,6 +93,7 @@ pub(super) fn frozen_memory(
     snapshot_ok: bool,
     steps: &mut Steps,
     shm: &mut crate::shm::Collector,
+    shared_files: &mut memory::SharedFiles,
     writer: &mut CheckpointWriter,
 ) -> Result<FrozenMemory> {
     let pid = proc.pid;
@@ -110,7 +111,7 @@ pub(super) fn frozen_memory(
         && tracking.keeps_tracking
         && crate::dirty::arm(proc, layout, inj, tracking.seq, tracked)?;
     steps.done("dirty arm");
-    memory::save_shared_files(pid, layout, writer)?;
+    memory::save_shared_files(pid, layout, shared_files, writer)?;
     shm.save_mappings(proc, layout, inj, scratch, writer)?;
     let mut hidden_buf = vec![0u8; hidden_plan.bytes as usize];
     memory::copy_pages(
@@ -139,6 +140,7 @@ pub(super) fn dump_frozen(
     proc: &ProcDir,
     frozen: &mut Frozen,
     shm: &mut crate::shm::Collector,
+    shared_files: &mut memory::SharedFiles,
     writer: &mut CheckpointWriter,
 ) -> Result<Begun> {
     let pid = proc.pid;
@@ -218,6 +220,7 @@ pub(super) fn dump_frozen(
             snapshot_ok,
             &mut steps,
             shm,
+            shared_files,
             writer,
         )?)
     };
@@ -264,6 +267,7 @@ impl Begun {
         stdio: &files::StdioIds,
         registry: &mut files::Registry,
         shm: &mut crate::shm::Collector,
+        shared_files: &mut memory::SharedFiles,
         writer: &mut CheckpointWriter,
     ) -> Result<Part> {
         let pid = self.pid;
@@ -292,6 +296,7 @@ impl Begun {
                     self.snapshot_ok,
                     &mut self.steps,
                     shm,
+                    shared_files,
                     writer,
                 )?
             }

@@ -247,6 +247,15 @@ fn checkpoint_locked(
         .set_unix_reconnect(opts.unix_external_reconnect);
     registry.sockets.set_peer_nodes(opts.peer_nodes.clone());
     let mut shm = crate::shm::Collector::new();
+    // Files in the job's private /tmp and /dev/shm are saved (and recreated) with them.
+    let mut shared_files = memory::SharedFiles::new(if opts.private_tmp {
+        crate::tmpdirs::DIRS
+            .iter()
+            .map(std::path::PathBuf::from)
+            .collect()
+    } else {
+        Vec::new()
+    });
     // Under stasis init (whose death ends the job, so no snapshot outlives a dying
     // tracer), every process gets a snapshot child (CLONE_PARENT: the process's
     // parent's; see `Snapshot::take` for the ones whose parent is in the job), and the
@@ -284,7 +293,15 @@ fn checkpoint_locked(
     for (proc, frozen) in tree.iter_mut() {
         stasis_sys::fault::step("reading a frozen process")?;
         let allow = !below_subreaper.contains(&proc.pid);
-        let b = dump_frozen(&tracking, allow, proc, frozen, &mut shm, &mut writer)?;
+        let b = dump_frozen(
+            &tracking,
+            allow,
+            proc,
+            frozen,
+            &mut shm,
+            &mut shared_files,
+            &mut writer,
+        )?;
         if b.ts.settings.child_subreaper || !allow {
             below_subreaper.extend(job_children(proc)?);
         }
@@ -297,6 +314,7 @@ fn checkpoint_locked(
             &stdio,
             &mut registry,
             &mut shm,
+            &mut shared_files,
             &mut writer,
         )?);
     }

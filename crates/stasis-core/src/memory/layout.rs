@@ -467,14 +467,37 @@ fn unsupported(pid: i32, what: String) -> Error {
 /// recreate the file if it is missing at restore.
 pub const SHARED_CONTENT_LIMIT: u64 = 64 << 20;
 
-/// Saves the content of the files behind small shared file mappings into the image
-/// (once per file) and records it in the mappings.
+/// The content of the files a checkpoint's processes map shared (see
+/// [`save_shared_files`]): each file is saved once per checkpoint, however many
+/// processes map it (an MPI job's shared-memory segments are mapped by every rank).
+#[derive(Debug, Default)]
+pub struct SharedFiles {
+    /// Saved so far: path, data file.
+    saved: HashMap<String, String>,
+    /// Files under these directories are not saved: their content is saved and
+    /// recreated, before any process, with the job's private /tmp and /dev/shm.
+    skip_under: Vec<std::path::PathBuf>,
+}
+
+impl SharedFiles {
+    /// For one checkpoint; files under `skip_under` are left out.
+    pub fn new(skip_under: Vec<std::path::PathBuf>) -> SharedFiles {
+        SharedFiles {
+            saved: HashMap::new(),
+            skip_under,
+        }
+    }
+}
+
+/// Saves the content of the files (up to [`SHARED_CONTENT_LIMIT`]) that process `pid`
+/// maps shared, read while the job is frozen, so that a restart can recreate a file
+/// that is gone; each mapping records its data file.
 pub fn save_shared_files(
     pid: i32,
     vmas: &mut [Vma],
+    files: &mut SharedFiles,
     writer: &mut stasis_image::CheckpointWriter,
 ) -> Result<()> {
-    let mut saved: HashMap<String, String> = HashMap::new();
     for v in vmas.iter_mut() {
         let MappingKind::File { file, .. } = &v.map.kind else {
             continue;
@@ -482,17 +505,24 @@ pub fn save_shared_files(
         if !v.map.shared || file.size > SHARED_CONTENT_LIMIT {
             continue;
         }
-        if let Some(name) = saved.get(&file.path) {
+        if files
+            .skip_under
+            .iter()
+            .any(|d| std::path::Path::new(&file.path).starts_with(d))
+        {
+            continue;
+        }
+        if let Some(name) = files.saved.get(&file.path) {
             v.map.content_file = Some(name.clone());
             continue;
         }
-        let name = format!("shared-{pid}-{}.img", saved.len());
+        let name = format!("shared-{pid}-{}.img", files.saved.len());
         let data = std::fs::read(&file.path)
             .ctx(pid, || format!("reading shared mapped file {}", file.path))?;
         let mut w = writer.data_file(&name)?;
         w.write_all(&data)?;
         writer.finish_data(w)?;
-        saved.insert(file.path.clone(), name.clone());
+        files.saved.insert(file.path.clone(), name.clone());
         v.map.content_file = Some(name);
     }
     Ok(())
