@@ -39,6 +39,13 @@ pub(super) struct Tracking {
     pub(super) job_stopped: Vec<i32>,
 }
 
+/// What the processes of a checkpoint share, saved once: objects with no name left
+/// (shared anonymous memory, memfds, deleted files) and the files they map shared.
+pub(super) struct Shared {
+    pub(super) objects: crate::shm::Collector,
+    pub(super) files: memory::SharedFiles,
+}
+
 /// A process's dump up to the start of its snapshot fork ([`dump_frozen`]); the rest
 /// is done by [`Begun::end`] once the forks of the whole tree are under way, so that
 /// the kernel copies their page tables at once, on every core (the tree's pause is
@@ -92,8 +99,7 @@ pub(super) fn frozen_memory(
     tracked: bool,
     snapshot_ok: bool,
     steps: &mut Steps,
-    shm: &mut crate::shm::Collector,
-    shared_files: &mut memory::SharedFiles,
+    shared: &mut Shared,
     writer: &mut CheckpointWriter,
 ) -> Result<FrozenMemory> {
     let pid = proc.pid;
@@ -111,8 +117,10 @@ pub(super) fn frozen_memory(
         && tracking.keeps_tracking
         && crate::dirty::arm(proc, layout, inj, tracking.seq, tracked)?;
     steps.done("dirty arm");
-    memory::save_shared_files(pid, layout, shared_files, writer)?;
-    shm.save_mappings(proc, layout, inj, scratch, writer)?;
+    memory::save_shared_files(pid, layout, &mut shared.files, writer)?;
+    shared
+        .objects
+        .save_mappings(proc, layout, inj, scratch, writer)?;
     let mut hidden_buf = vec![0u8; hidden_plan.bytes as usize];
     memory::copy_pages(
         pid,
@@ -139,8 +147,7 @@ pub(super) fn dump_frozen(
     allow_snapshot: bool,
     proc: &ProcDir,
     frozen: &mut Frozen,
-    shm: &mut crate::shm::Collector,
-    shared_files: &mut memory::SharedFiles,
+    shared: &mut Shared,
     writer: &mut CheckpointWriter,
 ) -> Result<Begun> {
     let pid = proc.pid;
@@ -219,8 +226,7 @@ pub(super) fn dump_frozen(
             tracked,
             snapshot_ok,
             &mut steps,
-            shm,
-            shared_files,
+            shared,
             writer,
         )?)
     };
@@ -266,8 +272,7 @@ impl Begun {
         proc: &ProcDir,
         stdio: &files::StdioIds,
         registry: &mut files::Registry,
-        shm: &mut crate::shm::Collector,
-        shared_files: &mut memory::SharedFiles,
+        shared: &mut Shared,
         writer: &mut CheckpointWriter,
     ) -> Result<Part> {
         let pid = self.pid;
@@ -295,8 +300,7 @@ impl Begun {
                     self.tracked,
                     self.snapshot_ok,
                     &mut self.steps,
-                    shm,
-                    shared_files,
+                    shared,
                     writer,
                 )?
             }
@@ -304,7 +308,7 @@ impl Begun {
         if snapshot.is_some() {
             crate::snapshot::note_fork(pid, self.rss, snapshot_us * 1000);
         }
-        let fds = registry.dump_fds(proc, stdio, shm, writer)?;
+        let fds = registry.dump_fds(proc, stdio, &mut shared.objects, writer)?;
         self.steps.done("fds");
         // Its /proc files are not read any more (pages of a process without a snapshot
         // are copied with process_vm_readv).

@@ -15,7 +15,7 @@
 mod frozen;
 mod tree;
 
-use frozen::{dump_frozen, Tracking};
+use frozen::{dump_frozen, Shared, Tracking};
 use memory::part::Part;
 use tree::{freeze_tree, job_children, read_stat, Job};
 
@@ -246,16 +246,19 @@ fn checkpoint_locked(
         .sockets
         .set_unix_reconnect(opts.unix_external_reconnect);
     registry.sockets.set_peer_nodes(opts.peer_nodes.clone());
-    let mut shm = crate::shm::Collector::new();
-    // Files in the job's private /tmp and /dev/shm are saved (and recreated) with them.
-    let mut shared_files = memory::SharedFiles::new(if opts.private_tmp {
-        crate::tmpdirs::DIRS
-            .iter()
-            .map(std::path::PathBuf::from)
-            .collect()
-    } else {
-        Vec::new()
-    });
+    let mut shared = Shared {
+        objects: crate::shm::Collector::new(),
+        // Files in the job's private /tmp and /dev/shm are saved (and recreated) with
+        // them.
+        files: memory::SharedFiles::new(if opts.private_tmp {
+            crate::tmpdirs::DIRS
+                .iter()
+                .map(std::path::PathBuf::from)
+                .collect()
+        } else {
+            Vec::new()
+        }),
+    };
     // Under stasis init (whose death ends the job, so no snapshot outlives a dying
     // tracer), every process gets a snapshot child (CLONE_PARENT: the process's
     // parent's; see `Snapshot::take` for the ones whose parent is in the job), and the
@@ -293,15 +296,7 @@ fn checkpoint_locked(
     for (proc, frozen) in tree.iter_mut() {
         stasis_sys::fault::step("reading a frozen process")?;
         let allow = !below_subreaper.contains(&proc.pid);
-        let b = dump_frozen(
-            &tracking,
-            allow,
-            proc,
-            frozen,
-            &mut shm,
-            &mut shared_files,
-            &mut writer,
-        )?;
+        let b = dump_frozen(&tracking, allow, proc, frozen, &mut shared, &mut writer)?;
         if b.ts.settings.child_subreaper || !allow {
             below_subreaper.extend(job_children(proc)?);
         }
@@ -313,8 +308,7 @@ fn checkpoint_locked(
             proc,
             &stdio,
             &mut registry,
-            &mut shm,
-            &mut shared_files,
+            &mut shared,
             &mut writer,
         )?);
     }
@@ -411,7 +405,7 @@ fn checkpoint_locked(
 
     let t2 = Instant::now();
     stasis_sys::fault::step("writing the metadata")?;
-    let shared_memory = shm.finish(&mut writer)?;
+    let shared_memory = shared.objects.finish(&mut writer)?;
     let files::Found {
         pipes,
         unix: sockets,
