@@ -312,6 +312,7 @@ fn checkpoint_locked(
             &mut writer,
         )?);
     }
+    let t_ended = Instant::now();
     files::mark_shared_tables(parts.iter_mut().map(|p| &mut p.process))?;
     let waited: HashMap<i32, bool> = parts
         .iter()
@@ -337,6 +338,11 @@ fn checkpoint_locked(
     } else {
         Vec::new()
     };
+    tracing::debug!(
+        "every process read after {:.1} ms; tables, locks, System V and private dirs {:.1} ms",
+        (t_ended - t0).as_secs_f64() * 1e3,
+        t_ended.elapsed().as_secs_f64() * 1e3
+    );
     // The job runs on before its pages are copied only when every process has its
     // snapshot; one copied from the process itself keeps the tree frozen.
     let snapshotted = parts.iter().all(|p| p.snapshot.is_some());
