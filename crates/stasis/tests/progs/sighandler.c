@@ -9,6 +9,7 @@
  *   SIGHUP blocked (no handler, default disposition)
  *   (the disposition of every signal is compared, not just these)
  *   SIGPIPE: SIG_IGN;  SIGTERM: SA_ONSTACK handler; sigaltstack installed
+ *   SIGCHLD: default action with SA_NOCLDSTOP (which acts even so)
  *   ITIMER_REAL: 3600 s value / 3600 s interval (never fires during the test)
  * After `go` everything is compared; then SIGUSR1 is raised (handler must run
  * once), the blocked signals are unblocked and must be delivered with their
@@ -74,6 +75,9 @@ int main(void) {
     sa.sa_handler = h_term;
     sa.sa_flags = SA_ONSTACK;
     if (sigaction(SIGTERM, &sa, NULL)) die("sigaction term");
+    sa.sa_handler = SIG_DFL;
+    sa.sa_flags = SA_NOCLDSTOP;
+    if (sigaction(SIGCHLD, &sa, NULL)) die("sigaction chld");
     stack_t ss = {.ss_sp = altstack, .ss_size = sizeof altstack, .ss_flags = 0};
     if (sigaltstack(&ss, NULL)) die("sigaltstack");
 
@@ -116,6 +120,9 @@ int main(void) {
     CHECK(sigismember(&q.sa_mask, SIGINT) == 1, "SIGUSR1 sa_mask lost SIGINT");
     sigaction(SIGUSR2, NULL, &q);
     CHECK(q.sa_sigaction == h_usr2 && (q.sa_flags & SA_SIGINFO), "SIGUSR2 handler changed");
+    sigaction(SIGCHLD, NULL, &q);
+    CHECK(q.sa_handler == SIG_DFL && (q.sa_flags & SA_NOCLDSTOP), "SIGCHLD lost SA_NOCLDSTOP (flags %#x)",
+          q.sa_flags);
     sigaction(SIGTERM, NULL, &q);
     CHECK(q.sa_handler == h_term && (q.sa_flags & SA_ONSTACK), "SIGTERM handler/SA_ONSTACK changed");
     for (int s = 1; s < NSIG; s++) {
