@@ -187,8 +187,8 @@ fn checkpoint_locked(
     // Without dirty tracking the flags are read from the snapshot, exactly, and not
     // at all before the freeze.
     let late_flags = !opts.incremental && !crate::dirty::is_tracked(pid);
-    let early_flags = if parent_is_us && roots.len() == 1 && !late_flags {
-        flags_before_freeze(&root, opts)?
+    let early_flags = if parent_is_us && !late_flags {
+        flags_before_freeze(&root, &roots, opts)?
     } else {
         None
     };
@@ -272,7 +272,7 @@ fn checkpoint_locked(
     let mut parts = Vec::with_capacity(tree.len());
     let tracking = Tracking {
         snapshot_ok,
-        early_flags: early_flags.filter(|_| snapshot_ok),
+        early_flags: early_flags.filter(|_| snapshot_ok).map(|f| (root.pid, f)),
         late_flags: snapshot_ok && late_flags,
         incremental: opts.incremental,
         keeps_tracking: opts.origin != Origin::Attached,
@@ -538,16 +538,30 @@ fn checkpoint_locked(
     })
 }
 
-/// The mapping flags of a process that will be snapshotted with dirty tracking
-/// (whose registrations a fork does not show): remembered from its last checkpoint
-/// while its mappings keep their bounds, else read from smaps now, before the freeze
-/// (slow); they are checked on the snapshot. Arms the tracking first for a first
-/// `--incremental` checkpoint (not for a process about to be killed).
-fn flags_before_freeze(root: &ProcDir, opts: &DumpOptions) -> Result<Option<memory::FlagCache>> {
+/// The mapping flags of the job's root when it will be snapshotted with dirty
+/// tracking (whose registrations a fork does not show): remembered from its last
+/// checkpoint while its mappings keep their bounds, else, for a job of one process,
+/// read from smaps now, before the freeze (slow); they are checked on the snapshot.
+/// (The other processes of a tree use the flags remembered from their last
+/// checkpoint, or read smaps while frozen.) Arms the tracking first, while the job
+/// runs, for every process of a first `--incremental` checkpoint (not for a job
+/// about to be killed): write-protecting a process's whole memory while it is frozen
+/// would cost 15-20 ms per GiB of pause.
+fn flags_before_freeze(
+    root: &ProcDir,
+    roots: &[i32],
+    opts: &DumpOptions,
+) -> Result<Option<memory::FlagCache>> {
     if opts.incremental && !opts.kill {
-        crate::dirty::prearm(root)?;
+        for pid in tree::running_tree(roots) {
+            crate::dirty::prearm(&ProcDir::new(pid))?;
+        }
     }
-    Ok(memory::remembered_flags(root).or_else(|| memory::read_flags(root).ok()))
+    let remembered = memory::remembered_flags(root);
+    if remembered.is_some() || roots.len() > 1 {
+        return Ok(remembered);
+    }
+    Ok(memory::read_flags(root).ok())
 }
 
 /// System V objects of the job's own IPC namespace; outside one, a process

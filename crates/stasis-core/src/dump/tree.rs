@@ -117,6 +117,21 @@ pub(super) fn freeze_tree(
     }
 }
 
+/// The processes of the job below `roots` as they are now, while it runs (best
+/// effort: processes come and go; the checkpoint itself finds them frozen).
+pub(super) fn running_tree(roots: &[i32]) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut queue: std::collections::VecDeque<i32> = roots.iter().copied().collect();
+    while let Some(p) = queue.pop_front() {
+        if out.contains(&p) {
+            continue;
+        }
+        out.push(p);
+        queue.extend(job_children(&ProcDir::new(p)).unwrap_or_default());
+    }
+    out
+}
+
 /// The children of a process of the job, not counting our snapshots (alive, or
 /// zombies left to it).
 pub(super) fn job_children(proc: &ProcDir) -> Result<Vec<i32>> {

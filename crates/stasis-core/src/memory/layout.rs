@@ -253,7 +253,9 @@ pub fn fill_flags(proc: &ProcDir, flags: &FlagCache, layout: &mut [Vma]) -> Resu
 /// Reads the memory layout of a process and refuses what cannot be saved yet. With
 /// `cache` (see [`read_flags`]), reads the cheap /proc/PID/maps and takes the flags
 /// from the cache, unless a mapping is not there (then smaps is read after all).
-pub fn read_layout(proc: &ProcDir, cache: Option<&FlagCache>) -> Result<Vec<Vma>> {
+/// Says whether the flags came from the cache (to be checked later) or from smaps
+/// (exact, read now).
+pub fn read_layout(proc: &ProcDir, cache: Option<&FlagCache>) -> Result<(Vec<Vma>, bool)> {
     let pid = proc.pid;
     if let Some(cache) = cache {
         let mut all = read_maps(proc)?;
@@ -265,7 +267,7 @@ pub fn read_layout(proc: &ProcDir, cache: Option<&FlagCache>) -> Result<Vec<Vma>
             None => false,
         });
         if complete && !all.is_empty() {
-            return layout_of(proc, all);
+            return Ok((layout_of(proc, all)?, true));
         }
     }
     let maps = proc
@@ -275,7 +277,7 @@ pub fn read_layout(proc: &ProcDir, cache: Option<&FlagCache>) -> Result<Vec<Vma>
         .ctx(pid, || "reading /proc/PID/smaps".into())?
         .into_iter()
         .collect();
-    layout_of(proc, maps)
+    Ok((layout_of(proc, maps)?, false))
 }
 
 /// The mappings of `/proc/PID/maps` (cheap; no flags).

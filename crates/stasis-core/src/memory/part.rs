@@ -33,6 +33,8 @@ pub(crate) struct Part {
     pub(crate) early_flags: bool,
     /// The layout has no flags yet: they come from the snapshot's smaps.
     pub(crate) late_flags: bool,
+    /// The layout's flags were read from smaps while the process was frozen.
+    pub(crate) exact_flags: bool,
     /// The process's flags, read while its pages are copied while frozen.
     pub(crate) frozen_flags: Option<FlagsJob>,
     /// A snapshot could have been taken, but the pages written since the previous
@@ -136,10 +138,18 @@ impl Part {
             }
         };
         steps.done("checked and completed");
-        if let Some(job) = flags_job {
-            if let Some(flags) = join_flag_check(job, pid)? {
-                memory::fill_flags(&ProcDir::new(pid), &flags, &mut self.layout)?;
+        let checked = match flags_job {
+            Some(job) => {
+                if let Some(flags) = join_flag_check(job, pid)? {
+                    memory::fill_flags(&ProcDir::new(pid), &flags, &mut self.layout)?;
+                }
+                true
             }
+            None => self.exact_flags,
+        };
+        // Exact flags serve the next checkpoint (see memory::remembered_flags), unless
+        // they lack the registrations dirty tracking made since they were read.
+        if checked {
             if self.fresh_registrations {
                 memory::forget_flags(pid);
             } else {
