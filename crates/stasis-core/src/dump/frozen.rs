@@ -1,6 +1,10 @@
-//! One frozen process's state: read up to the start of its snapshot fork
-//! ([`dump_frozen`]), then, once every fork of the tree is under way, the rest
-//! ([`Begun::end`]): the memory a fork cannot see and the fds.
+//! One frozen process's state, in four steps so that the processes of a tree are
+//! read at once where they can be: what needs the tracer's own thread (ptrace,
+//! injected syscalls) up to the threads ([`read_frozen`], one process after the
+//! other); its memory's page tables (dirty pages, pagemap), in a thread of its own
+//! per process ([`scan_frozen`]); what the tree shares, then the start of its snapshot
+//! fork ([`begin_frozen`], one after the other); and, once every fork of the tree is
+//! under way, the rest ([`Begun::end`]): the memory a fork cannot see and the fds.
 
 use crate::error::{Result, SysContext};
 use crate::files::{self};
@@ -88,10 +92,34 @@ pub(super) struct FrozenMemory {
     pub(super) fresh_registrations: bool,
 }
 
-/// Plans the process's pages (all of them, or with a snapshot only what a fork does
+/// Plans the process's pages: all of them, or with a snapshot only what a fork does
 /// not copy, the rest being planned from the snapshot's own pagemap once the process
-/// runs again: see Part::write_pages), arms dirty tracking, saves its shared
-/// mappings and copies the pages a fork does not.
+/// runs again (see Part::write_pages). Reads /proc alone: any thread may run it.
+pub(super) struct Plans {
+    pub(super) plan: Option<memory::Plan>,
+    pub(super) hidden_plan: memory::Plan,
+}
+
+pub(super) fn plan_frozen(
+    proc: &ProcDir,
+    layout: &[memory::Vma],
+    written: Option<&[(u64, u64)]>,
+    snapshot_ok: bool,
+) -> Result<Plans> {
+    Ok(if snapshot_ok {
+        Plans {
+            plan: None,
+            hidden_plan: memory::plan(proc, layout, written, memory::invisible_to_fork)?,
+        }
+    } else {
+        Plans {
+            plan: Some(memory::plan(proc, layout, written, |_| true)?),
+            hidden_plan: memory::Plan::default(),
+        }
+    })
+}
+
+/// Plans the process's pages ([`plan_frozen`]), then the rest of [`save_frozen`].
 #[allow(clippy::too_many_arguments)]
 pub(super) fn frozen_memory(
     tracking: &Tracking,
@@ -105,16 +133,30 @@ pub(super) fn frozen_memory(
     shared: &mut Shared,
     writer: &mut CheckpointWriter,
 ) -> Result<FrozenMemory> {
+    let plans = plan_frozen(proc, layout, written, snapshot_ok)?;
+    steps.done("pagemap");
+    save_frozen(
+        tracking, proc, layout, injection, tracked, plans, steps, shared, writer,
+    )
+}
+
+/// With the pages planned: arms dirty tracking, saves the process's shared mappings
+/// and copies the pages a fork does not.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn save_frozen(
+    tracking: &Tracking,
+    proc: &ProcDir,
+    layout: &mut [memory::Vma],
+    injection: &Injection,
+    tracked: bool,
+    plans: Plans,
+    steps: &mut Steps,
+    shared: &mut Shared,
+    writer: &mut CheckpointWriter,
+) -> Result<FrozenMemory> {
     let pid = proc.pid;
     let (inj, scratch) = injection.leader();
-    let (plan, hidden_plan) = if snapshot_ok {
-        let hidden = memory::plan(proc, layout, written, memory::invisible_to_fork)?;
-        (None, hidden)
-    } else {
-        let all = memory::plan(proc, layout, written, |_| true)?;
-        (Some(all), memory::Plan::default())
-    };
-    steps.done("pagemap");
+    let Plans { plan, hidden_plan } = plans;
     // Only a tracer that lives on (stasis init) keeps the tracking it arms.
     let fresh_registrations = tracking.incremental
         && tracking.keeps_tracking
@@ -141,33 +183,52 @@ pub(super) fn frozen_memory(
     })
 }
 
-/// Reads a frozen process's state up to the start of its snapshot fork (see
-/// [`Begun`]). `allow_snapshot`: false for a process whose snapshot could be reaped
-/// by the job (see the caller).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn dump_frozen(
+/// What [`read_frozen`] read of a frozen process through ptrace and injected
+/// syscalls, which only the tracer's own thread may do.
+pub(super) struct Reading {
+    pid: i32,
+    steps: Steps,
+    /// A snapshot may be taken (the tracking's, for this process).
+    snapshot_ok: bool,
+    late_flags: bool,
+    /// The layout's flags were known before the freeze (see [`read_frozen`]).
+    early_flags: bool,
+    layout: Vec<memory::Vma>,
+    insn: u64,
+    injection: Injection,
+    dumpable: u32,
+    pub(super) ts: task::TaskState,
+    sigs: stasis_image::Signals,
+    posix_timers: Vec<stasis_image::PosixTimer>,
+    child_waits: Vec<(i32, bool)>,
+    threads: Vec<stasis_image::Thread>,
+    job_stop: Option<i32>,
+}
+
+/// Reads a frozen process's layout, task, signals, timers and threads.
+/// `allow_snapshot`: false for a process whose snapshot could be reaped by the job
+/// (see the caller).
+pub(super) fn read_frozen(
     tracking: &Tracking,
     allow_snapshot: bool,
     proc: &ProcDir,
     frozen: &mut Frozen,
-    shared: &mut Shared,
-    writer: &mut CheckpointWriter,
-) -> Result<Begun> {
+) -> Result<Reading> {
     let pid = proc.pid;
     let mut steps = Steps::new();
-    let tracking_snapshot_ok = tracking.snapshot_ok && allow_snapshot;
-    let tracking_late_flags = tracking.late_flags && allow_snapshot;
+    let snapshot_ok = tracking.snapshot_ok && allow_snapshot;
+    let late_flags = tracking.late_flags && allow_snapshot;
     task::check_supported(proc)?;
     // Flags known before the freeze (read then, or remembered from the last
     // checkpoint) spare reading smaps while frozen (10-15 ms per GiB); they are
     // checked against the snapshot's, or read again while a frozen copy runs, so only
     // where one of the two will be.
-    let (mut layout, early_flags) = if tracking_late_flags {
+    let (mut layout, early_flags) = if late_flags {
         (memory::read_layout_unflagged(proc)?, false)
-    } else if tracking_snapshot_ok {
+    } else if snapshot_ok {
         let known = match &tracking.early_flags {
             Some((root, flags)) if *root == pid => Some(std::borrow::Cow::Borrowed(flags)),
-            _ => memory::remembered_flags(proc).map(std::borrow::Cow::Owned),
+            _ => memory::remembered(pid).map(std::borrow::Cow::Owned),
         };
         memory::read_layout(proc, known.as_deref())?
     } else {
@@ -192,56 +253,165 @@ pub(super) fn dump_frozen(
     let child_waits = crate::jobctl::probe_waited(inj, scratch, &stopped_children)?;
     let threads = thread::dump_all(proc, &frozen.threads, &injection.slots(thread::DUMP_SLOT))?;
     steps.done("threads and task");
+    Ok(Reading {
+        pid,
+        steps,
+        snapshot_ok,
+        late_flags,
+        early_flags,
+        layout,
+        insn,
+        injection,
+        dumpable,
+        ts,
+        sigs,
+        posix_timers,
+        child_waits,
+        threads,
+        job_stop: frozen.job_stop,
+    })
+}
+
+impl Reading {
+    /// What [`scan_frozen`] needs, to run in a thread of its own.
+    pub(super) fn scan_input(&self) -> ScanInput {
+        ScanInput {
+            layout: self.layout.clone(),
+            snapshot_ok: self.snapshot_ok,
+            late_flags: self.late_flags,
+        }
+    }
+}
+
+pub(super) struct ScanInput {
+    layout: Vec<memory::Vma>,
+    snapshot_ok: bool,
+    late_flags: bool,
+}
+
+/// What [`scan_frozen`] found in a frozen process's page tables.
+pub(super) struct Scan {
+    written: Option<Vec<(u64, u64)>>,
+    rss: u64,
+    frozen_copy: bool,
+    snapshot_ok: bool,
+    /// None where the snapshot is forked first (see Tracking::late_flags).
+    plans: Option<Plans>,
+    took: [(&'static str, std::time::Duration); 2],
+}
+
+/// The pages written since the last checkpoint (dirty tracking), whether to copy
+/// them while frozen or fork a snapshot, and the plan of the pages to copy while
+/// frozen. /proc reads alone (no ptrace): the processes of a tree are scanned at
+/// once, each in a thread.
+pub(super) fn scan_frozen(tracking: &Tracking, proc: &ProcDir, input: ScanInput) -> Result<Scan> {
+    let pid = proc.pid;
+    let t0 = Instant::now();
     // With tracking armed at the previous checkpoint, pages not written since are
     // not even read; then (re)arm it for the next one.
     // Only where the previous checkpoint's page runs could be read: pages not
     // written since are referred to there, not read again.
     let written = match (tracking.incremental, tracking.prev_seq) {
         (true, Some(prev)) if tracking.prev_runs.contains(&pid) => {
-            crate::dirty::written(proc, &layout, prev)
+            crate::dirty::written(proc, &input.layout, prev)
         }
         _ => None,
     };
-    let tracked = written.is_some();
     // When few pages were written since the last checkpoint, copying them while the
     // process stays frozen pauses it no longer than forking a snapshot would, and
     // the checkpoint is done sooner (no fork, no writer threads, nothing read back).
-    let rss = if tracking_snapshot_ok {
+    let rss = if input.snapshot_ok {
         resident_bytes(proc)
     } else {
         0
     };
-    let frozen_copy = tracking_snapshot_ok
+    let frozen_copy = input.snapshot_ok
         && written.as_deref().is_some_and(|w| {
             let dirty = w.iter().map(|(a, b)| b - a).sum();
             !crate::snapshot::worth_taking(pid, rss, dirty)
         });
-    let snapshot_ok = tracking_snapshot_ok && !frozen_copy;
+    let snapshot_ok = input.snapshot_ok && !frozen_copy;
+    let t1 = Instant::now();
+    // Without flags (see Tracking::late_flags), the snapshot is forked first: what a
+    // fork does not copy is seen on it (in `Begun::end`).
+    let plans = if snapshot_ok && input.late_flags {
+        None
+    } else {
+        Some(plan_frozen(
+            proc,
+            &input.layout,
+            written.as_deref(),
+            snapshot_ok,
+        )?)
+    };
+    Ok(Scan {
+        written,
+        rss,
+        frozen_copy,
+        snapshot_ok,
+        plans,
+        took: [("dirty scan", t1 - t0), ("pagemap", t1.elapsed())],
+    })
+}
+
+/// Saves what the process shares with others and copies what its snapshot will not
+/// show, then starts the snapshot fork (see [`Begun`]).
+pub(super) fn begin_frozen(
+    r: Reading,
+    scan: Scan,
+    tracking: &Tracking,
+    proc: &ProcDir,
+    shared: &mut Shared,
+    writer: &mut CheckpointWriter,
+) -> Result<Begun> {
+    let Reading {
+        pid,
+        mut steps,
+        late_flags,
+        early_flags,
+        mut layout,
+        insn,
+        injection,
+        dumpable,
+        ts,
+        sigs,
+        posix_timers,
+        child_waits,
+        threads,
+        job_stop,
+        ..
+    } = r;
+    let Scan {
+        written,
+        rss,
+        frozen_copy,
+        snapshot_ok,
+        plans,
+        took,
+    } = scan;
+    steps.steps.extend(took);
+    // Its own steps from here (the time since its reading went to the others').
+    steps.last = Instant::now();
+    let tracked = written.is_some();
     // A frozen copy reads the exact flags while it copies (the layout's were read
     // before the freeze or remembered, and there is no snapshot to check them on).
     let frozen_flags = (frozen_copy && early_flags).then(|| {
         let proc = proc.clone();
         std::thread::spawn(move || memory::read_flags(&proc).map(Some))
     });
-    steps.done("dirty scan");
-    // Without flags (see Tracking::late_flags), the snapshot is forked first: what a
-    // fork does not copy is seen on it (in `Begun::end`).
-    let late = snapshot_ok && tracking_late_flags;
-    let memory = if late {
-        None
-    } else {
-        Some(frozen_memory(
+    let memory = match plans {
+        None => None,
+        Some(plans) => Some(save_frozen(
             tracking,
             proc,
             &mut layout,
             &injection,
-            written.as_deref(),
             tracked,
-            snapshot_ok,
+            plans,
             &mut steps,
             shared,
             writer,
-        )?)
+        )?),
     };
     let forking = if snapshot_ok {
         stasis_sys::fault::step("taking the snapshot")?;
@@ -253,7 +423,7 @@ pub(super) fn dump_frozen(
     Ok(Begun {
         pid,
         steps,
-        late_flags: tracking_late_flags,
+        late_flags,
         layout,
         insn,
         injection,
@@ -263,7 +433,7 @@ pub(super) fn dump_frozen(
         posix_timers,
         child_waits,
         threads,
-        job_stop: frozen.job_stop,
+        job_stop,
         written,
         tracked,
         rss,

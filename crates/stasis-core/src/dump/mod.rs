@@ -15,7 +15,14 @@
 mod frozen;
 mod tree;
 
-use frozen::{dump_frozen, Shared, Tracking};
+use frozen::{begin_frozen, read_frozen, scan_frozen, Scan, Shared, Tracking};
+
+/// A process's page-table scan (see `frozen::scan_frozen`): in a thread of its own,
+/// or done.
+enum Scanning<'s> {
+    Thread(std::thread::ScopedJoinHandle<'s, Result<Scan>>),
+    Done(Result<Scan>),
+}
 use memory::part::Part;
 use tree::{freeze_tree, job_children, read_stat, Job};
 
@@ -291,17 +298,51 @@ fn checkpoint_locked(
     // frozen (and so is the whole tree: see `all_snapshotted`).
     let mut below_subreaper: std::collections::HashSet<i32> = Default::default();
     // Each process is read up to the start of its snapshot fork, then (once every
-    // fork is under way) the rest: the forks run at once (see `Begun`).
+    // fork is under way) the rest: the forks run at once (see `Begun`). Its page
+    // tables are scanned in a thread while the next ones are read (see `frozen`).
     let mut begun = Vec::with_capacity(tree.len());
-    for (proc, frozen) in tree.iter_mut() {
-        stasis_sys::fault::step("reading a frozen process")?;
-        let allow = !below_subreaper.contains(&proc.pid);
-        let b = dump_frozen(&tracking, allow, proc, frozen, &mut shared, &mut writer)?;
-        if b.ts.settings.child_subreaper || !allow {
-            below_subreaper.extend(job_children(proc)?);
+    // (At most two per core at once; a single process is scanned in place.)
+    let max_threads = std::thread::available_parallelism().map_or(4, |n| 2 * n.get());
+    let scan_threads = tree.len() > 1;
+    std::thread::scope(|sc| -> Result<()> {
+        let mut read = Vec::with_capacity(tree.len());
+        for (i, (proc, frozen)) in tree.iter_mut().enumerate() {
+            stasis_sys::fault::step("reading a frozen process")?;
+            let proc: &ProcDir = proc;
+            let allow = !below_subreaper.contains(&proc.pid);
+            let r = read_frozen(&tracking, allow, proc, frozen)?;
+            if r.ts.settings.child_subreaper || !allow {
+                below_subreaper.extend(job_children(proc)?);
+            }
+            let (input, tracking) = (r.scan_input(), &tracking);
+            let scan = if scan_threads && i < max_threads {
+                Scanning::Thread(sc.spawn(move || scan_frozen(tracking, proc, input)))
+            } else {
+                Scanning::Done(scan_frozen(tracking, proc, input))
+            };
+            read.push((r, proc, scan));
         }
-        begun.push(b);
-    }
+        for (r, proc, scan) in read {
+            let scan = match scan {
+                Scanning::Done(s) => s,
+                Scanning::Thread(h) => h.join().map_err(|_| Error::Abandoned {
+                    why: format!(
+                        "internal: the page-table scan of process {} panicked",
+                        proc.pid
+                    ),
+                })?,
+            }?;
+            begun.push(begin_frozen(
+                r,
+                scan,
+                &tracking,
+                proc,
+                &mut shared,
+                &mut writer,
+            )?);
+        }
+        Ok(())
+    })?;
     for (b, (proc, _)) in begun.into_iter().zip(tree.iter()) {
         parts.push(b.end(
             &tracking,

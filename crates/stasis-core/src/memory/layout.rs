@@ -104,6 +104,12 @@ pub fn forget_flags(pid: i32) {
     }
 }
 
+/// The flags remembered for `pid`, whatever its mappings are now: [`read_layout`]
+/// takes them only if every mapping has its remembered bounds (no /proc read here).
+pub fn remembered(pid: i32) -> Option<FlagCache> {
+    REMEMBERED.lock().ok()?.get(&pid).cloned()
+}
+
 /// The remembered flags of `pid`, if its mappings (from the cheap /proc/PID/maps)
 /// still have the same bounds.
 pub fn remembered_flags(proc: &ProcDir) -> Option<FlagCache> {
