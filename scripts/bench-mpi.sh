@@ -9,22 +9,30 @@
 #   ./scripts/bench-mpi.sh                  # 4 x 1024 MiB and 4 x 16 MiB, 8 rounds
 #   N=2 SIZES="256" ROUNDS=4 ./scripts/bench-mpi.sh
 #   STASIS_BIN=/path/to/stasis ./scripts/bench-mpi.sh    # another build
+#   CKFLAGS=--incremental ./scripts/bench-mpi.sh         # flags of every checkpoint
+#   BINS=DIR ./scripts/bench-mpi.sh     # memload and mpimem built already (no compilers)
+#   LOGS=DIR STASIS_LOG=debug ./scripts/bench-mpi.sh     # keep each run's log there
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-4}
 SIZES=${SIZES:-"1024 16"}
 ROUNDS=${ROUNDS:-8}
-command -v mpicc.openmpi >/dev/null || { echo "needs OpenMPI (openmpi-bin, libopenmpi-dev)" >&2; exit 1; }
+CKFLAGS=${CKFLAGS:-}
+command -v mpirun.openmpi >/dev/null || { echo "needs OpenMPI (openmpi-bin, libopenmpi-dev)" >&2; exit 1; }
 B=$(mktemp -d /var/tmp/stasis-bench-mpi.XXXXXX)
-trap 'pkill -KILL -f "$B" 2>/dev/null; rm -rf "$B" /dev/shm/stasis-bench-mpi-ck.*; true' EXIT
+trap 'pkill -KILL -f "$B" 2>/dev/null || true; rm -rf "$B" /dev/shm/stasis-bench-mpi-ck.*; true' EXIT
 if [ -n "${STASIS_BIN:-}" ]; then
     S=$STASIS_BIN
 else
     cargo build --release -q -p stasis
     S=$PWD/target/release/stasis
 fi
-cc -O2 -o "$B/memload" bench/memload.c
-mpicc.openmpi -O2 -o "$B/mpimem" bench/mpimem.c
+if [ -n "${BINS:-}" ]; then
+    cp "$BINS/memload" "$BINS/mpimem" "$B/"
+else
+    cc -O2 -o "$B/memload" bench/memload.c
+    mpicc.openmpi -O2 -o "$B/mpimem" bench/mpimem.c
+fi
 
 wait_ready() { # file
     local end=$(( $(date +%s) + 300 ))
@@ -40,14 +48,15 @@ checkpoints() {
     local p="" r
     for r in $(seq "$ROUNDS"); do
         sleep 1.5
-        "$S" checkpoint --keep 1 "$1" 2>"$B/ck.err" || { cat "$B/ck.err" >&2; exit 1; }
+        # shellcheck disable=SC2086 # CKFLAGS: words
+        "$S" checkpoint $CKFLAGS --keep 1 "$1" 2>"$B/ck.err" || { cat "$B/ck.err" >&2; exit 1; }
         p="$p $(pause_of "$B/ck.err")"
     done
     "$S" checkpoint --kill --keep 1 "$1" >/dev/null 2>&1 || true
     echo "$p"
 }
 
-echo "$(nproc) cores, $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "$(nproc) cores, $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg), checkpoint flags: ${CKFLAGS:-none}"
 for size in $SIZES; do
     D=$(mktemp -d /dev/shm/stasis-bench-mpi-ck.XXXXXX)
     (cd "$B" && exec "$S" run --dir "$D/one" -- "$B/memload" "$size" random >"$B/one.out" 2>/dev/null) &
@@ -57,6 +66,7 @@ for size in $SIZES; do
         -np "$N" "$B/mpimem" "$size" >"$B/mpi.out" 2>"$B/mpi.err") &
     wait_ready "$B/mpi.out"
     mpi=$(checkpoints "$D/mpi"); wait || true
+    [ -z "${LOGS:-}" ] || { mkdir -p "$LOGS"; cp "$B/mpi.err" "$LOGS/mpi-$size${CKFLAGS// /}.log"; }
     rm -rf "$D"
     echo "$size MiB per process, paused (ms): 1 process $(echo "$one" | stats) | mpirun + $N ranks $(echo "$mpi" | stats)"
     echo "  samples: 1 process:$one | MPI:$mpi"

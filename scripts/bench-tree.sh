@@ -14,7 +14,7 @@ N=${N:-4}
 SIZE=${SIZE:-1024}
 ROUNDS=${ROUNDS:-3}
 B=$(mktemp -d /dev/shm/stasis-bench-tree.XXXXXX)
-trap 'rm -rf "$B"; pkill -f "$B" 2>/dev/null; true' EXIT
+trap 'rm -rf "$B"; pkill -f "$B" 2>/dev/null || true' EXIT
 cargo build --release -q -p stasis
 S=$PWD/target/release/stasis
 cc -O2 -o "$B/memload" bench/memload.c

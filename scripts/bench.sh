@@ -15,7 +15,7 @@ THREADS=${THREADS-"512"}
 COMPRESS=${COMPRESS-"zstd lz4"}
 
 B=$(mktemp -d /dev/shm/stasis-bench.XXXXXX)
-trap 'rm -rf "$B"; pkill -f "$B" 2>/dev/null; true' EXIT
+trap 'rm -rf "$B"; pkill -f "$B" 2>/dev/null || true' EXIT
 if [ -n "${STASIS_BIN:-}" ]; then
     # Prebuilt binaries (e.g. carried to another machine): STASIS_BIN and
     # BENCH_BIN_DIR holding membw, memload and threads.
