@@ -22,9 +22,9 @@ use std::time::Instant;
 pub(super) struct Tracking {
     /// Take a copy-on-write snapshot (single process under stasis init, no --kill).
     pub(super) snapshot_ok: bool,
-    /// The mapping flags of the job's root (its pid, them), read before it was frozen
-    /// (the other processes' are remembered from their last checkpoint, if any).
-    pub(super) early_flags: Option<(i32, memory::FlagCache)>,
+    /// The mapping flags of the job's processes, by pid, read before they were frozen
+    /// or remembered from their last checkpoint.
+    pub(super) early_flags: std::collections::HashMap<i32, memory::FlagCache>,
     /// The flags are read from the snapshot's smaps once the process runs again
     /// (snapshot without dirty tracking, whose registrations a fork does not show).
     pub(super) late_flags: bool,
@@ -226,9 +226,9 @@ pub(super) fn read_frozen(
     let (mut layout, early_flags) = if late_flags {
         (memory::read_layout_unflagged(proc)?, false)
     } else if snapshot_ok {
-        let known = match &tracking.early_flags {
-            Some((root, flags)) if *root == pid => Some(std::borrow::Cow::Borrowed(flags)),
-            _ => memory::remembered(pid).map(std::borrow::Cow::Owned),
+        let known = match tracking.early_flags.get(&pid) {
+            Some(flags) => Some(std::borrow::Cow::Borrowed(flags)),
+            None => memory::remembered(pid).map(std::borrow::Cow::Owned),
         };
         memory::read_layout(proc, known.as_deref())?
     } else {
