@@ -51,7 +51,7 @@ pub(super) struct Shared {
     pub(super) files: memory::SharedFiles,
 }
 
-/// A process's dump up to the start of its snapshot fork ([`dump_frozen`]); the rest
+/// A process's dump up to the start of its snapshot fork ([`begin_frozen`]); the rest
 /// is done by [`Begun::end`] once the forks of the whole tree are under way, so that
 /// the kernel copies their page tables at once, on every core (the tree's pause is
 /// about the longest fork, not their sum).
@@ -79,7 +79,7 @@ pub(super) struct Begun {
     /// after it when the fork has to show what it does not copy).
     pub(super) memory: Option<FrozenMemory>,
     pub(super) forking: Option<crate::snapshot::Forking>,
-    /// The layout's flags were known before the freeze (see `dump_frozen`): they are
+    /// The layout's flags were known before the freeze (see `read_frozen`): they are
     /// checked later.
     pub(super) early_flags: bool,
 }

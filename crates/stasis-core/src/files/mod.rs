@@ -178,12 +178,36 @@ impl Registry {
             .collect();
         nums.sort();
         let mut out = Vec::new();
+        // The slowest fds, for the debug log (a launcher's fds are much of a pause).
+        let mut took: Vec<(std::time::Duration, i32)> = Vec::with_capacity(nums.len());
+        let t0 = std::time::Instant::now();
         for fd in nums {
             stasis_sys::fault::step("saving an fd")?;
+            let t = std::time::Instant::now();
             if let Some(f) = self.dump_one(proc, fd, stdio, shm, writer, false)? {
                 out.push(f);
             }
             self.dump_in_flight(stdio, shm, writer)?;
+            took.push((t.elapsed(), fd));
+        }
+        if tracing::enabled!(tracing::Level::DEBUG) && !took.is_empty() {
+            took.sort_unstable_by(|a, b| b.cmp(a));
+            let slowest: Vec<String> = took
+                .iter()
+                .take(4)
+                .map(|(d, fd)| {
+                    let target = std::fs::read_link(proc.file(&format!("fd/{fd}")))
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default();
+                    format!("fd {fd} ({target}) {:.2} ms", d.as_secs_f64() * 1e3)
+                })
+                .collect();
+            tracing::debug!(
+                "process {pid}: {} fds in {:.1} ms; slowest: {}",
+                took.len(),
+                t0.elapsed().as_secs_f64() * 1e3,
+                slowest.join(", ")
+            );
         }
         Ok(out)
     }

@@ -58,6 +58,33 @@ impl Diag {
     }
 }
 
+/// Every socket inode the processes `job` hold, with a first holder (pid, fd).
+fn read_holders(job: &[i32]) -> HashMap<u64, (i32, i32)> {
+    let mut m = HashMap::new();
+    for &pid in job {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for e in dir.flatten() {
+            let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(t) = std::fs::read_link(e.path()) else {
+                continue;
+            };
+            let t = t.to_string_lossy();
+            if let Some(ino) = t
+                .strip_prefix("socket:[")
+                .and_then(|r| r.strip_suffix(']'))
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                m.entry(ino).or_insert((pid, fd));
+            }
+        }
+    }
+    m
+}
+
 /// Collects the TCP and UDP sockets of a checkpoint.
 #[derive(Default)]
 pub struct Collector {
@@ -83,7 +110,15 @@ pub struct Collector {
     drain: bool,
     /// With `TcpExternal::Peer`: the addresses of the job's nodes.
     peer_nodes: Vec<std::net::IpAddr>,
+    /// The holders and the kernel's view read in a thread from the start (see `new`).
+    early: Option<std::thread::JoinHandle<Early>>,
 }
+
+/// What a collector's thread reads as soon as it is made: the job's sockets and, if
+/// it holds any, the kernel's list of TCP and UDP sockets (inet_diag walks the
+/// whole connection hash table, 7-12 ms with a few GiB of memory, whatever the
+/// namespace holds: too long to wait for while the job is frozen).
+type Early = (HashMap<u64, (i32, i32)>, Option<Result<Diag>>);
 
 impl Collector {
     /// A collector for one checkpoint of the processes `job`. `drain`: a connection
@@ -91,14 +126,39 @@ impl Collector {
     /// draining the receiver through our memory and sending everything back (see
     /// `settle`). Only where our death ends the job anyway (stasis init): killed in
     /// between, we would take the drained bytes with us.
+    /// The job is frozen: what the collector will need is read at once, in a thread.
     pub fn new(job: Vec<i32>, external: TcpExternal, repair: bool, drain: bool) -> Collector {
+        let pids = job.clone();
+        let early = std::thread::spawn(move || {
+            let holders = read_holders(&pids);
+            let diag =
+                (!holders.is_empty()).then(|| Diag::read(pids.first().copied().unwrap_or(0)));
+            (holders, diag)
+        });
         Collector {
             job,
             external,
             repair,
             drain,
+            early: Some(early),
             ..Collector::default()
         }
+    }
+
+    /// Takes what the thread of `new` read (once).
+    fn take_early(&mut self) -> Result<()> {
+        let Some(h) = self.early.take() else {
+            return Ok(());
+        };
+        let (holders, diag) = h.join().map_err(|_| Error::Abandoned {
+            why: "internal: the thread listing the job's sockets panicked".into(),
+        })?;
+        self.holders
+            .get_or_insert_with(|| std::rc::Rc::new(holders));
+        if let (None, Some(d)) = (&self.diag, diag) {
+            self.diag = Some(d?);
+        }
+        Ok(())
     }
 
     /// See [`crate::sockets::Collector::set_peer_nodes`].
@@ -139,33 +199,11 @@ impl Collector {
 
     /// Every socket the job holds (read once per checkpoint; shared, not copied).
     fn holders(&mut self) -> std::rc::Rc<HashMap<u64, (i32, i32)>> {
+        let _ = self.take_early();
         let job = &self.job;
-        let h = self.holders.get_or_insert_with(|| {
-            let mut m = HashMap::new();
-            for &pid in job {
-                let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-                    continue;
-                };
-                for e in dir.flatten() {
-                    let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok())
-                    else {
-                        continue;
-                    };
-                    let Ok(t) = std::fs::read_link(e.path()) else {
-                        continue;
-                    };
-                    let t = t.to_string_lossy();
-                    if let Some(ino) = t
-                        .strip_prefix("socket:[")
-                        .and_then(|r| r.strip_suffix(']'))
-                        .and_then(|n| n.parse::<u64>().ok())
-                    {
-                        m.entry(ino).or_insert((pid, fd));
-                    }
-                }
-            }
-            std::rc::Rc::new(m)
-        });
+        let h = self
+            .holders
+            .get_or_insert_with(|| std::rc::Rc::new(read_holders(job)));
         h.clone()
     }
 
@@ -212,6 +250,7 @@ impl Collector {
                 )))
             }
         }
+        self.take_early()?;
         if self.diag.is_none() {
             self.diag = Some(Diag::read(pid)?);
         }
