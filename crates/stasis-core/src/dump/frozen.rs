@@ -56,32 +56,19 @@ pub(super) struct Shared {
 /// the kernel copies their page tables at once, on every core (the tree's pause is
 /// about the longest fork, not their sum).
 pub(super) struct Begun {
-    pub(super) pid: i32,
-    pub(super) steps: Steps,
-    pub(super) late_flags: bool,
-    pub(super) layout: Vec<memory::Vma>,
-    pub(super) insn: u64,
-    pub(super) injection: Injection,
-    pub(super) dumpable: u32,
-    pub(super) ts: task::TaskState,
-    pub(super) sigs: stasis_image::Signals,
-    pub(super) posix_timers: Vec<stasis_image::PosixTimer>,
-    pub(super) child_waits: Vec<(i32, bool)>,
-    pub(super) threads: Vec<stasis_image::Thread>,
-    pub(super) job_stop: Option<i32>,
-    pub(super) written: Option<Vec<(u64, u64)>>,
-    pub(super) tracked: bool,
-    pub(super) rss: u64,
-    pub(super) frozen_copy: bool,
-    pub(super) snapshot_ok: bool,
-    pub(super) frozen_flags: Option<FlagsJob>,
+    /// What was read through ptrace (its layout completed since).
+    r: Reading,
+    written: Option<Vec<(u64, u64)>>,
+    tracked: bool,
+    rss: u64,
+    frozen_copy: bool,
+    /// A snapshot is being forked.
+    snapshot_ok: bool,
+    frozen_flags: Option<FlagsJob>,
     /// The memory planned and copied while frozen, once done (before the fork, or
     /// after it when the fork has to show what it does not copy).
-    pub(super) memory: Option<FrozenMemory>,
-    pub(super) forking: Option<crate::snapshot::Forking>,
-    /// The layout's flags were known before the freeze (see `read_frozen`): they are
-    /// checked later.
-    pub(super) early_flags: bool,
+    memory: Option<FrozenMemory>,
+    forking: Option<crate::snapshot::Forking>,
 }
 
 /// What of a process's memory is planned and copied while it is frozen.
@@ -357,30 +344,13 @@ pub(super) fn scan_frozen(tracking: &Tracking, proc: &ProcDir, input: ScanInput)
 /// Saves what the process shares with others and copies what its snapshot will not
 /// show, then starts the snapshot fork (see [`Begun`]).
 pub(super) fn begin_frozen(
-    r: Reading,
+    mut r: Reading,
     scan: Scan,
     tracking: &Tracking,
     proc: &ProcDir,
     shared: &mut Shared,
     writer: &mut CheckpointWriter,
 ) -> Result<Begun> {
-    let Reading {
-        pid,
-        mut steps,
-        late_flags,
-        early_flags,
-        mut layout,
-        insn,
-        injection,
-        dumpable,
-        ts,
-        sigs,
-        posix_timers,
-        child_waits,
-        threads,
-        job_stop,
-        ..
-    } = r;
     let Scan {
         written,
         rss,
@@ -389,13 +359,13 @@ pub(super) fn begin_frozen(
         plans,
         took,
     } = scan;
-    steps.steps.extend(took);
+    r.steps.steps.extend(took);
     // Its own steps from here (the time since its reading went to the others').
-    steps.last = Instant::now();
+    r.steps.last = Instant::now();
     let tracked = written.is_some();
     // A frozen copy reads the exact flags while it copies (the layout's were read
     // before the freeze or remembered, and there is no snapshot to check them on).
-    let frozen_flags = (frozen_copy && early_flags).then(|| {
+    let frozen_flags = (frozen_copy && r.early_flags).then(|| {
         let proc = proc.clone();
         std::thread::spawn(move || memory::read_flags(&proc).map(Some))
     });
@@ -404,36 +374,24 @@ pub(super) fn begin_frozen(
         Some(plans) => Some(save_frozen(
             tracking,
             proc,
-            &mut layout,
-            &injection,
+            &mut r.layout,
+            &r.injection,
             tracked,
             plans,
-            &mut steps,
+            &mut r.steps,
             shared,
             writer,
         )?),
     };
     let forking = if snapshot_ok {
         stasis_sys::fault::step("taking the snapshot")?;
-        let (inj, scratch) = injection.leader();
+        let (inj, scratch) = r.injection.leader();
         Some(Snapshot::start(inj, scratch)?)
     } else {
         None
     };
     Ok(Begun {
-        pid,
-        steps,
-        late_flags,
-        layout,
-        insn,
-        injection,
-        dumpable,
-        ts,
-        sigs,
-        posix_timers,
-        child_waits,
-        threads,
-        job_stop,
+        r,
         written,
         tracked,
         rss,
@@ -442,7 +400,6 @@ pub(super) fn begin_frozen(
         frozen_flags,
         memory,
         forking,
-        early_flags,
     })
 }
 
@@ -458,7 +415,7 @@ impl Begun {
         shared: &mut Shared,
         writer: &mut CheckpointWriter,
     ) -> Result<Part> {
-        let pid = self.pid;
+        let pid = self.r.pid;
         let mut snapshot = None;
         let mut snapshot_us = 0;
         if let Some(forking) = self.forking.take() {
@@ -466,23 +423,23 @@ impl Begun {
             let took = forking.elapsed();
             snapshot = Some(forking.finish()?);
             snapshot_us = (took + t_wait.elapsed()).as_micros() as u64;
-            self.steps.done("snapshot");
+            self.r.steps.done("snapshot");
         }
         let memory = match self.memory.take() {
             Some(m) => m,
             None => {
                 if let Some(snap) = &snapshot {
-                    memory::mark_invisible(proc, &ProcDir::new(snap.pid), &mut self.layout)?;
+                    memory::mark_invisible(proc, &ProcDir::new(snap.pid), &mut self.r.layout)?;
                 }
                 frozen_memory(
                     tracking,
                     proc,
-                    &mut self.layout,
-                    &self.injection,
+                    &mut self.r.layout,
+                    &self.r.injection,
                     self.written.as_deref(),
                     self.tracked,
                     self.snapshot_ok,
-                    &mut self.steps,
+                    &mut self.r.steps,
                     shared,
                     writer,
                 )?
@@ -492,10 +449,10 @@ impl Begun {
             crate::snapshot::note_fork(pid, self.rss, snapshot_us * 1000);
         }
         let fds = registry.dump_fds(proc, stdio, &mut shared.objects, writer)?;
-        self.steps.done("fds");
+        self.r.steps.done("fds");
         // Its /proc files are not read any more (pages of a process without a snapshot
         // are copied with process_vm_readv).
-        let mem = if self.dumpable == 0 && snapshot.is_none() {
+        let mem = if self.r.dumpable == 0 && snapshot.is_none() {
             Some(
                 std::fs::File::open(proc.file("mem"))
                     .ctx(pid, || "opening /proc/PID/mem".into())?,
@@ -503,11 +460,11 @@ impl Begun {
         } else {
             None
         };
-        let (inj, _) = self.injection.leader();
-        task::restore_readable(inj, self.dumpable)?;
-        self.injection.finish()?;
-        tracing::debug!("process {pid} frozen: {}", self.steps.report());
-        let ts = self.ts;
+        let (inj, _) = self.r.injection.leader();
+        task::restore_readable(inj, self.r.dumpable)?;
+        self.r.injection.finish()?;
+        tracing::debug!("process {pid} frozen: {}", self.r.steps.report());
+        let ts = self.r.ts;
         Ok(Part {
             process: Process {
                 pid,
@@ -529,19 +486,19 @@ impl Begun {
                 runs_file: None,
                 fds,
                 fd_table_of: None,
-                signals: self.sigs,
+                signals: self.r.sigs,
                 itimers: ts.itimers,
-                posix_timers: self.posix_timers,
+                posix_timers: self.r.posix_timers,
                 settings: ts.settings,
-                job_stop: self.job_stop.map(|signal| stasis_image::JobStop {
+                job_stop: self.r.job_stop.map(|signal| stasis_image::JobStop {
                     signal,
                     waited: true,
                 }),
-                threads: self.threads,
+                threads: self.r.threads,
                 locks: registry.locks.take(pid),
                 creds: Some(crate::creds::dump(pid)?),
             },
-            layout: self.layout,
+            layout: self.r.layout,
             plan: memory.plan.unwrap_or_default(),
             plan_later: self.snapshot_ok,
             written: self.written,
@@ -551,15 +508,15 @@ impl Begun {
             snapshot,
             snapshot_us,
             tracked: self.tracked,
-            early_flags: self.early_flags,
-            late_flags: self.late_flags && self.snapshot_ok,
-            exact_flags: !self.early_flags && !self.late_flags,
+            early_flags: self.r.early_flags,
+            late_flags: self.r.late_flags && self.snapshot_ok,
+            exact_flags: !self.r.early_flags && !self.r.late_flags,
             frozen_copy: self.frozen_copy,
             mem,
             frozen_flags: self.frozen_flags,
             fresh_registrations: memory.fresh_registrations,
-            insn: self.insn,
-            child_waits: self.child_waits,
+            insn: self.r.insn,
+            child_waits: self.r.child_waits,
         })
     }
 }
