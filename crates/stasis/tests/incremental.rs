@@ -170,8 +170,8 @@ fn small_changes_are_copied_while_frozen() {
 /// The same in a tree: dirtyset.c is a child of a shell. Every process of a tree is
 /// armed for dirty tracking before the freeze and its remembered mapping flags are
 /// used, so the small changes are still copied while frozen, and the `MADV_DONTFORK`
-/// of step 3 (a change of flags the remembered ones miss) is caught by the check of
-/// the flags made once the tree runs again.
+/// of step 3 (a change of flags the remembered ones miss) is caught by the flags read
+/// while the pages are copied.
 #[test]
 fn small_changes_of_a_tree_are_copied_while_frozen() {
     let script = format!("{} & wait", prog("dirtyset").display());

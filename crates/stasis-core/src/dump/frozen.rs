@@ -79,14 +79,17 @@ pub(super) struct FrozenMemory {
     pub(super) fresh_registrations: bool,
 }
 
-/// Plans the process's pages: all of them, or with a snapshot only what a fork does
-/// not copy, the rest being planned from the snapshot's own pagemap once the process
-/// runs again (see Part::write_pages). Reads /proc alone: any thread may run it.
+/// The pages of a process to copy while it is frozen ([`plan_frozen`]).
 pub(super) struct Plans {
+    /// Every page (no snapshot).
     pub(super) plan: Option<memory::Plan>,
+    /// With a snapshot: the pages it will not show.
     pub(super) hidden_plan: memory::Plan,
 }
 
+/// Plans the process's pages: all of them, or with a snapshot only what a fork does
+/// not copy, the rest being planned from the snapshot's own pagemap once the process
+/// runs again (see Part::write_pages). Reads /proc alone: any thread may run it.
 pub(super) fn plan_frozen(
     proc: &ProcDir,
     layout: &[memory::Vma],

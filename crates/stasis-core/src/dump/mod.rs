@@ -16,6 +16,8 @@ mod frozen;
 mod tree;
 
 use frozen::{begin_frozen, read_frozen, scan_frozen, Scan, Shared, Tracking};
+use memory::part::Part;
+use tree::{freeze_tree, job_children, read_stat, Job};
 
 /// A process's page-table scan (see `frozen::scan_frozen`): in a thread of its own,
 /// or done.
@@ -23,8 +25,6 @@ enum Scanning<'s> {
     Thread(std::thread::ScopedJoinHandle<'s, Result<Scan>>),
     Done(Result<Scan>),
 }
-use memory::part::Part;
-use tree::{freeze_tree, job_children, read_stat, Job};
 
 use crate::error::{Error, Result};
 use crate::files::{self, StdioIds};
@@ -305,7 +305,8 @@ fn checkpoint_locked(
     // fork is under way) the rest: the forks run at once (see `Begun`). Its page
     // tables are scanned in a thread while the next ones are read (see `frozen`).
     let mut begun = Vec::with_capacity(tree.len());
-    // (At most two per core at once; a single process is scanned in place.)
+    // (Threads for the first two processes per core; the rest, and a process alone,
+    // are scanned in place.)
     let max_threads = std::thread::available_parallelism().map_or(4, |n| 2 * n.get());
     let scan_threads = tree.len() > 1;
     std::thread::scope(|sc| -> Result<()> {

@@ -179,7 +179,8 @@ impl Registry {
         nums.sort();
         let mut out = Vec::new();
         // The slowest fds, for the debug log (a launcher's fds are much of a pause).
-        let mut took: Vec<(std::time::Duration, i32)> = Vec::with_capacity(nums.len());
+        let timed = tracing::enabled!(tracing::Level::DEBUG);
+        let mut took: Vec<(std::time::Duration, i32)> = Vec::new();
         let t0 = std::time::Instant::now();
         for fd in nums {
             stasis_sys::fault::step("saving an fd")?;
@@ -188,9 +189,11 @@ impl Registry {
                 out.push(f);
             }
             self.dump_in_flight(stdio, shm, writer)?;
-            took.push((t.elapsed(), fd));
+            if timed {
+                took.push((t.elapsed(), fd));
+            }
         }
-        if tracing::enabled!(tracing::Level::DEBUG) && !took.is_empty() {
+        if !took.is_empty() {
             took.sort_unstable_by(|a, b| b.cmp(a));
             let slowest: Vec<String> = took
                 .iter()

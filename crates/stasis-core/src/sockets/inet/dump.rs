@@ -59,7 +59,7 @@ impl Diag {
 }
 
 /// Every socket inode the processes `job` hold, with a first holder (pid, fd).
-fn read_holders(job: &[i32]) -> HashMap<u64, (i32, i32)> {
+pub(super) fn read_holders(job: &[i32]) -> HashMap<u64, (i32, i32)> {
     let mut m = HashMap::new();
     for &pid in job {
         let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
@@ -126,6 +126,7 @@ impl Collector {
     /// draining the receiver through our memory and sending everything back (see
     /// `settle`). Only where our death ends the job anyway (stasis init): killed in
     /// between, we would take the drained bytes with us.
+    ///
     /// The job is frozen: what the collector will need is read at once, in a thread.
     pub fn new(job: Vec<i32>, external: TcpExternal, repair: bool, drain: bool) -> Collector {
         let pids = job.clone();
@@ -145,20 +146,17 @@ impl Collector {
         }
     }
 
-    /// Takes what the thread of `new` read (once).
-    fn take_early(&mut self) -> Result<()> {
-        let Some(h) = self.early.take() else {
-            return Ok(());
+    /// Takes what the thread of `new` read (once). What it could not read is read
+    /// again where needed, and fails there with the process that needed it.
+    fn take_early(&mut self) {
+        let Some(Ok((holders, diag))) = self.early.take().map(|h| h.join()) else {
+            return;
         };
-        let (holders, diag) = h.join().map_err(|_| Error::Abandoned {
-            why: "internal: the thread listing the job's sockets panicked".into(),
-        })?;
         self.holders
             .get_or_insert_with(|| std::rc::Rc::new(holders));
-        if let (None, Some(d)) = (&self.diag, diag) {
-            self.diag = Some(d?);
+        if let (None, Some(Ok(d))) = (&self.diag, diag) {
+            self.diag = Some(d);
         }
-        Ok(())
     }
 
     /// See [`crate::sockets::Collector::set_peer_nodes`].
@@ -199,7 +197,7 @@ impl Collector {
 
     /// Every socket the job holds (read once per checkpoint; shared, not copied).
     fn holders(&mut self) -> std::rc::Rc<HashMap<u64, (i32, i32)>> {
-        let _ = self.take_early();
+        self.take_early();
         let job = &self.job;
         let h = self
             .holders
@@ -250,7 +248,7 @@ impl Collector {
                 )))
             }
         }
-        self.take_early()?;
+        self.take_early();
         if self.diag.is_none() {
             self.diag = Some(Diag::read(pid)?);
         }

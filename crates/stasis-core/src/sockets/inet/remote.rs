@@ -52,24 +52,7 @@ const MAGIC: &[u8; 8] = b"STASISX1";
 /// address of `nodes`, not in this network namespace) has bytes sent and not
 /// acknowledged (at most `timeout`); an error names the connection otherwise.
 pub fn settle_external(pids: &[i32], nodes: &[IpAddr], timeout: Duration) -> Result<()> {
-    let mut ours: HashMap<u64, i32> = HashMap::new();
-    for &pid in pids {
-        let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            if let Ok(t) = std::fs::read_link(e.path()) {
-                if let Some(ino) = t
-                    .to_str()
-                    .and_then(|t| t.strip_prefix("socket:["))
-                    .and_then(|t| t.strip_suffix(']'))
-                    .and_then(|t| t.parse().ok())
-                {
-                    ours.insert(ino, pid);
-                }
-            }
-        }
-    }
+    let ours = super::dump::read_holders(pids);
     if ours.is_empty() {
         return Ok(());
     }
@@ -101,7 +84,7 @@ pub fn settle_external(pids: &[i32], nodes: &[IpAddr], timeout: Duration) -> Res
         };
         if Instant::now() > deadline {
             return Err(Error::Unsupported {
-                pid: ours[&w.ino],
+                pid: ours[&w.ino].0,
                 what: format!(
                     "a TCP connection from {} to {} (another node) whose {} bytes sent were not acknowledged within {} s (is the peer's receive buffer full?); it",
                     w.local,
