@@ -35,9 +35,9 @@ fn coordinator(w: &Work, timeout: &str) -> Coord {
     let mut proc = w.spawn("coordinator", cmd, Stdio::null());
     let t0 = Instant::now();
     let addr = loop {
-        if let Some(a) = proc
-            .stderr()
-            .lines()
+        // Complete lines only: the address is known once its line has ended.
+        if let Some(a) = complete_lines(&proc.stderr())
+            .iter()
             .find_map(|l| l.split("listening on ").nth(1))
             .and_then(|rest| rest.split(',').next())
         {

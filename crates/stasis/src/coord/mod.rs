@@ -31,10 +31,13 @@ pub fn coordinator(listen: &str, dir: &Path, timeout: Duration, quiet: bool) -> 
     let c = Coordinator::bind(listen, cfg)?;
     let addr = c.local_addr()?;
     if !quiet {
-        eprintln!(
-            "stasis coordinator: listening on {addr}, checkpoints in {}",
+        // One write: stderr is unbuffered, and `eprintln!` writes each piece of its
+        // format apart, so a script reading the address could see half a line.
+        let line = format!(
+            "stasis coordinator: listening on {addr}, checkpoints in {}\n",
             dir.display()
         );
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
     }
     // SIGTERM, SIGINT or SIGHUP (a job script ending, Slurm cancelling the job): the
     // checkpoint in progress is finished and its client answered first; a second one
