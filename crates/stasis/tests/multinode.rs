@@ -342,7 +342,9 @@ fn restart_pair(
 /// then the job is checkpointed, killed and restarted on the same nodes in another
 /// order (the client's address of the first restart is the server's first one), and
 /// once more with both parts on one node, and each time a new connection to the
-/// server's first address still reaches it. A checkpoint of the merged parts cannot be
+/// server's first address still reaches it. Before the last of these restarts, the
+/// client opens a connection, sends a line and closes it, the server leaving it
+/// unread: it comes back on the server's end alone, closed by its peer. A checkpoint of the merged parts cannot be
 /// restarted with them on two nodes: refused, naming both. Both ends check
 /// every name the kernel gives them (accept, getpeername, getsockname): always the
 /// addresses of the job's start.
@@ -429,8 +431,7 @@ fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
     let (mut first, mut spare) = restart_pair(&w, &bed, &addr, (3, 1), (&server, &client));
     // A connection the client never had: to the server's old address, which stasis
     // redirects to its new one.
-    let again = |p: &mut Proc, file: &str, line: &str| {
-        std::fs::write(w.path(file), b"").unwrap();
+    let says = |p: &mut Proc, line: &str| {
         let t0 = Instant::now();
         while !p.stdout().contains(line) {
             assert!(
@@ -440,6 +441,10 @@ fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    };
+    let again = |p: &mut Proc, file: &str, line: &str| {
+        std::fs::write(w.path(file), b"").unwrap();
+        says(p, line);
     };
     again(&mut spare, "again", "again 1 ok");
     // Once more, the server's part onto node 2 and the client's onto node 3: the same
@@ -457,12 +462,21 @@ fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
     );
     let (mut second, mut spare3) = restart_pair(&w, &bed, &addr, (2, 3), (&first, &spare));
     again(&mut spare3, "again2", "again 2 ok");
+    // A connection the client closed at once after sending a line the server has not
+    // read yet: when the checkpoint is taken only the server's part holds an end of
+    // it, which no part could make again with it; it comes back closed by its peer
+    // (the line, then end of file), and nothing waits for it.
+    std::fs::write(w.path("hold"), b"").unwrap();
+    again(&mut spare3, "parting", "parted");
+    says(&mut second, "holding");
     // And both parts onto node 1 (fewer nodes than parts): each end still sees the
     // other's first address (the two parts share one address now).
     global_checkpoint(&bed, 1, &addr, true, &coord);
     second.expect_exit(EXIT_CHECKPOINTED, T_CMD);
     spare3.expect_exit(EXIT_CHECKPOINTED, T_CMD);
     let (mut third, mut spare4) = restart_pair(&w, &bed, &addr, (1, 1), (&second, &spare3));
+    std::fs::remove_file(w.path("hold")).unwrap();
+    says(&mut third, "parting ok");
     again(&mut spare4, "again3", "again 3 ok");
     // A checkpoint of the merged parts (the job runs on): restarting it with the
     // parts on different nodes again is refused, naming both parts.

@@ -25,7 +25,7 @@ pub use dir::{checkpoint_path, depends_on, ensure_dir, list_checkpoints, prune, 
 pub use read::CheckpointReader;
 pub use write::{file_chunk_hashes, workers, CheckpointWriter, DataWriter, PositionedFile};
 
-use crate::model::Checkpoint;
+use crate::model::{Checkpoint, InetSocket};
 use crate::{CHUNK_SIZE, FORMAT_NAME, FORMAT_VERSION};
 use serde::{Deserialize, Serialize};
 use std::fs;

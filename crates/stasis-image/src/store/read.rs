@@ -83,6 +83,23 @@ impl CheckpointReader {
         fs::read(&fpath).map_err(io_err(&fpath))
     }
 
+    /// The TCP and UDP sockets of the checkpoint at `path`, from its verified metadata
+    /// (without reading the rest: what a restore of another part of a global checkpoint
+    /// needs to know of this one).
+    pub fn read_inet_sockets(path: &Path) -> ImageResult<Vec<InetSocket>> {
+        #[derive(serde::Deserialize)]
+        struct Sockets {
+            #[serde(default)]
+            inet_sockets: Vec<InetSocket>,
+        }
+        let bytes = Self::read_verified(path, METADATA)?;
+        let s: Sockets = serde_json::from_slice(&bytes).map_err(|e| ImageError::Corrupt {
+            path: path.join(METADATA),
+            msg: e.to_string(),
+        })?;
+        Ok(s.inet_sockets)
+    }
+
     fn read_manifest(path: &Path) -> ImageResult<Manifest> {
         let mpath = path.join(MANIFEST);
         check_trusted(&mpath, false)?;

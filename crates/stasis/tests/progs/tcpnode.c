@@ -12,7 +12,12 @@
  * address it was given at start, a new connection: after a restart onto other nodes,
  * to the server's old address, from a socket bound first to the client's own address
  * of start-up, as MPI libraries do), sends a line and checks the echo: `again 1 ok`; once
- * `again2` exists, another: `again 2 ok`; then `again3`: `again 3 ok`. Both ends check the names the kernel gives
+ * `again2` exists, another: `again 2 ok`; then `again3`: `again 3 ok`. Once the file
+ * `parting` exists, the client opens one more such connection, sends `parting\n` and
+ * closes it at once (`parted`); the server leaves a connection there that it accepted
+ * while the file `hold` exists unread while `hold` exists (`holding` once the line and the end of file have
+ * arrived), and once `hold` is gone reads it: `parting ok` if it is exactly that line
+ * followed by end of file. Both ends check the names the kernel gives
  * (after a restart onto other nodes, stasis reports the old addresses): the server
  * accepts such a connection (its listener blocking, polled first) from the client's
  * address of start-up, and the names of the first connection stay as they were; the
@@ -158,7 +163,7 @@ int main(int argc, char **argv) {
     if (getpeername(fd, (struct sockaddr *)&at0[1], &nl)) die("getpeername");
     out("ready\n");
     unsigned long long end = 0, tick = 0;
-    int ended = 0, again = 0;
+    int ended = 0, again = 0, parted = 0, held = 0, holding = 0;
     while (!go_exists()) {
         for (int i = 0; i < 3; i++) send_rec('R', sent++);
         ended |= take(0, &end);
@@ -174,9 +179,33 @@ int main(int argc, char **argv) {
                     return 1;
                 }
                 same("accept4: the new connection's peer", &from, &at0[1], 0);
+                held = access("hold", F_OK) == 0;
                 names_are("the first connection", fd, &at0[0], 1, &at0[1]);
             }
-            if (c2 >= 0) {
+            if (c2 >= 0 && held && access("hold", F_OK) == 0) { /* left unread */
+                struct pollfd hp = {c2, POLLRDHUP, 0};
+                char pk[16];
+                if (!holding && poll(&hp, 1, 0) == 1 && (hp.revents & POLLRDHUP) &&
+                    recv(c2, pk, sizeof pk, MSG_PEEK) == 8) {
+                    holding = 1;
+                    out("holding\n");
+                }
+            } else if (c2 >= 0 && held) { /* the line the client sent, then end of file */
+                char b[32];
+                size_t n2 = 0;
+                ssize_t n = -1;
+                struct pollfd hp = {c2, POLLIN, 0};
+                while (n2 < sizeof b && poll(&hp, 1, 10000) == 1 && (n = recv(c2, b + n2, sizeof b - n2, 0)) > 0)
+                    n2 += (size_t)n;
+                if (n != 0 || n2 != 8 || memcmp(b, "parting\n", 8)) {
+                    out("FAIL the parting connection gave %zu bytes, then %zd (%s)\n", n2, n, strerror(errno));
+                    return 1;
+                }
+                close(c2);
+                c2 = -1;
+                held = holding = 0;
+                out("parting ok\n");
+            } else if (c2 >= 0) {
                 char b[64];
                 ssize_t n = recv(c2, b, sizeof b, 0);
                 if (n > 0 && send(c2, b, (size_t)n, MSG_NOSIGNAL) != n) die("echo");
@@ -211,6 +240,20 @@ int main(int argc, char **argv) {
             close(s2);
             again++;
             out("again %d ok\n", again);
+        } else if (l2 < 0 && !parted && access("parting", F_OK) == 0) { /* client: sent, closed */
+            struct sockaddr_in a = {0};
+            a.sin_family = AF_INET;
+            a.sin_port = htons(atoi(argv[3]) + 1);
+            inet_pton(AF_INET, argv[2], &a.sin_addr);
+            int s3 = socket(AF_INET, SOCK_STREAM, 0);
+            if (bind(s3, (struct sockaddr *)&mine, sizeof mine) || connect(s3, (struct sockaddr *)&a, sizeof a) ||
+                send(s3, "parting\n", 8, MSG_NOSIGNAL) != 8) {
+                out("FAIL the parting connection: %s\n", strerror(errno));
+                return 1;
+            }
+            close(s3);
+            parted = 1;
+            out("parted\n");
         }
         out("tick %llu\n", tick++);
         sleep_ms(20);

@@ -15,8 +15,6 @@ use std::time::{Duration, Instant};
 
 /// The data file holding every IP socket's queued bytes.
 const DATA_FILE: &str = "inet.img";
-const RCV_SHUTDOWN: u8 = 1;
-const SEND_SHUTDOWN: u8 = 2;
 const MAX_DATAGRAMS: usize = 1 << 16;
 /// How long settling one connection may take.
 const SETTLE_LIMIT: Duration = Duration::from_secs(2);

@@ -8,6 +8,9 @@ use std::time::Instant;
 
 pub(super) const SIOCINQ: libc::c_ulong = 0x541B;
 pub(super) const SIOCOUTQ: libc::c_ulong = 0x5411;
+/// The bits of a socket's saved `shutdown` (as inet_diag reports them).
+pub(super) const RCV_SHUTDOWN: u8 = 1;
+pub(super) const SEND_SHUTDOWN: u8 = 2;
 
 pub(super) fn family_name(family: i32) -> &'static str {
     if family == libc::AF_INET6 {

@@ -22,6 +22,12 @@
 //! old addresses); then each end sends its saved receive queue to the other and sends
 //! back what it gets: each receive queue ends up holding exactly its saved bytes, in
 //! order, before any process runs.
+//!
+//! An end whose other end no part holds (its process closed it just before the
+//! checkpoint: the end saved here had not read the FIN yet) would wait for a peer that
+//! never comes. Before anything waits, [`unheld`] reads the other parts' socket lists
+//! from the global checkpoint, and such an end comes back on its own, closed by its
+//! peer: its unread bytes, then end of file.
 
 use super::net::*;
 use crate::error::{Error, Result};
@@ -485,6 +491,91 @@ fn listen_at(family: i32, at: SocketAddr) -> std::result::Result<OwnedFd, String
     Ok(fd)
 }
 
+/// The ids of the connections among `socks` (state `remote`, of the part restored
+/// from the checkpoint at `image`) whose other end no other part of the global
+/// checkpoint holds: that end's process had closed it when the checkpoint was taken
+/// (its FIN came, or was on its way). No part would make such a connection again;
+/// it comes back as one whose peer closed ([`as_peer_closed`]).
+///
+/// The other parts are read from the global checkpoint the image lies in
+/// (`GLOBAL/node-K/checkpoint-N`, `GLOBAL/global.json`), their metadata only. A part
+/// restored from anywhere else, or whose siblings cannot be read (a warning says so),
+/// keeps every connection: each waits for its peer.
+pub(super) fn unheld(socks: &[InetSocket], image: &std::path::Path) -> Vec<u64> {
+    let key = |s: &InetSocket| {
+        Some((
+            canonical(parse_addr(&s.local)?),
+            canonical(parse_addr(&s.remote)?),
+        ))
+    };
+    let ours: Vec<(u64, (SocketAddr, SocketAddr))> = socks
+        .iter()
+        .filter(|s| is_tcp(s) && s.state == "remote")
+        .filter_map(|s| Some((s.id, key(s)?)))
+        .collect();
+    if ours.is_empty() {
+        return Vec::new();
+    }
+    let Some(part) = image.parent() else {
+        return Vec::new();
+    };
+    let Some(global) = part.parent().filter(|g| g.join("global.json").is_file()) else {
+        return Vec::new();
+    };
+    let mut held = std::collections::HashSet::new();
+    let siblings = match std::fs::read_dir(global) {
+        Ok(rd) => rd.flatten().map(|e| e.path()),
+        Err(e) => {
+            tracing::warn!("cannot list the parts of {}: {e}; every connection to another node waits for its peer", global.display());
+            return Vec::new();
+        }
+    };
+    for other in siblings {
+        let is_part = other
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("node-"));
+        if !is_part || other == part {
+            continue;
+        }
+        let socks = stasis_image::store::list_checkpoints(&other)
+            .ok()
+            .and_then(|all| all.last().map(|(_, p)| p.clone()))
+            .ok_or_else(|| "no checkpoint in it".to_string())
+            .and_then(|p| {
+                stasis_image::CheckpointReader::read_inet_sockets(&p).map_err(|e| e.to_string())
+            });
+        match socks {
+            Ok(socks) => held.extend(
+                socks
+                    .iter()
+                    .filter(|s| is_tcp(s) && s.state == "remote")
+                    .filter_map(key),
+            ),
+            Err(e) => {
+                tracing::warn!("the part {} cannot be read ({e}); every connection to another node waits for its peer", other.display());
+                return Vec::new();
+            }
+        }
+    }
+    ours.into_iter()
+        .filter(|(_, (l, r))| !held.contains(&(*r, *l)))
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// Connection `s` (state `remote`) as one whose peer closed: it comes back on this
+/// node alone, its unread bytes followed by end of file from a temporary peer.
+pub(super) fn as_peer_closed(s: &InetSocket) -> InetSocket {
+    InetSocket {
+        state: "connected".into(),
+        peer: 0,
+        peer_closed: true,
+        shutdown: s.shutdown & !RCV_SHUTDOWN,
+        ..s.clone()
+    }
+}
+
 /// Makes every connection in `socks` (state `remote`) again, its receive queue
 /// refilled (`data` gives a socket's saved bytes); `listeners` are the job's
 /// listeners already made (address as bound, fd). Returns the restorer's descriptor of
@@ -538,6 +629,14 @@ pub(super) fn remake(
             ),
             None => (new_l, new_r),
         };
+        tracing::debug!(
+            "{what}: now {new_l} to {new_r}, {}",
+            if accepts(l, r) {
+                "accepting"
+            } else {
+                "connecting"
+            }
+        );
         let fd = if accepts(l, r) {
             let lfd = match listeners.iter().find(|(a, _)| {
                 a.port() == new_l.port()
@@ -576,6 +675,9 @@ pub(super) fn remake(
                 if named == want {
                     break fd;
                 }
+                tracing::debug!(
+                    "{what}: accepted {named:?} before its turn (waiting for {want:?})"
+                );
                 early.insert(named, fd);
             }
         } else {
@@ -613,7 +715,12 @@ pub(super) fn remake(
         };
         super::ports::note_here(local_of(fd.as_raw_fd()));
         let saved = data(s)?;
+        tracing::debug!(
+            "{what}: made; exchanging receive queues ({} bytes here)",
+            saved.len()
+        );
         exchange(&fd, &saved, deadline).map_err(|e| format!("{what}: {e}"))?;
+        tracing::debug!("{what}: remade");
         out.insert(s.id, fd);
     }
     if let Some((k, _)) = early.into_iter().next() {

@@ -253,6 +253,29 @@ pub fn create_all(
     socks: &[InetSocket],
     image: &CheckpointReader,
 ) -> std::result::Result<HashMap<u64, OwnedFd>, String> {
+    // Connections to another node whose other end no part of the job holds any more
+    // (its process closed it): their peer closed.
+    let unheld = super::remote::unheld(socks, image.path());
+    let adjusted: Vec<InetSocket>;
+    let socks = if unheld.is_empty() {
+        socks
+    } else {
+        adjusted = socks
+            .iter()
+            .map(|s| {
+                if unheld.contains(&s.id) {
+                    tracing::debug!(
+                        "TCP socket {} ({} to {}): no part holds its other end; it comes back closed by its peer",
+                        s.id, s.local, s.remote
+                    );
+                    super::remote::as_peer_closed(s)
+                } else {
+                    s.clone()
+                }
+            })
+            .collect();
+        &adjusted
+    };
     let by_id: HashMap<u64, &InetSocket> = socks.iter().map(|s| (s.id, s)).collect();
     let mut out: HashMap<u64, OwnedFd> = HashMap::new();
     let mut files = DataFiles::default();
