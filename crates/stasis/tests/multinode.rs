@@ -342,7 +342,9 @@ fn restart_pair(
 /// then the job is checkpointed, killed and restarted on the same nodes in another
 /// order (the client's address of the first restart is the server's first one), and
 /// once more with both parts on one node, and each time a new connection to the
-/// server's first address still reaches it. Before the last of these restarts, the
+/// server's first address still reaches it. Before the first checkpoint, one is
+/// refused while a connection of the client waits in the server's accept queue (the
+/// job runs on). Before the last of these restarts, the
 /// client opens a connection, sends a line and closes it, the server leaving it
 /// unread: it comes back on the server's end alone, closed by its peer. A checkpoint of the merged parts cannot be
 /// restarted with them on two nodes: refused, naming both. Both ends check
@@ -381,6 +383,42 @@ fn tcp_connection_between_nodes_survives_a_restart_on_other_nodes() {
     for p in [&mut server, &mut client] {
         p.wait_tick(5, T_READY);
     }
+    // A connection from the client that the server has not accepted yet: neither end
+    // could be saved (no fd holds the server's, the client's has no peer in any part),
+    // so the global checkpoint is refused, naming it, and the job runs on; once the
+    // server has let it in (and closed it), checkpoints work again.
+    std::fs::write(w.path("deaf"), b"").unwrap();
+    std::fs::write(w.path("knock"), b"").unwrap();
+    client.wait_line("knocked", T_CMD, |l| l == "knocked");
+    let r = bed
+        .on(2, &[STASIS, "checkpoint", "--coordinator", &addr])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success()
+            && err.contains("abandoned")
+            && err.contains(&format!(
+                "the TCP listener on 0.0.0.0:7502, has a connection from {}",
+                bed.addr(2)
+            ))
+            && err.contains("has not accepted yet"),
+        "{err}"
+    );
+    let left: Vec<String> = std::fs::read_dir(&w.ck)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "a refused global checkpoint left {left:?} (its part written while it was abandoned included)"
+    );
+    for p in [&mut server, &mut client] {
+        p.wait_more_ticks(5, T_CMD);
+    }
+    std::fs::remove_file(w.path("deaf")).unwrap();
+    client.wait_line("answered", T_CMD, |l| l == "answered");
+    server.wait_line("let in", T_CMD, |l| l == "let in");
     global_checkpoint(&bed, 2, &addr, false, &coord);
     for p in [&mut server, &mut client] {
         let t = p.last_tick().unwrap();

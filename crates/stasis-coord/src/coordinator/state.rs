@@ -664,6 +664,13 @@ impl State {
                 }
             }
             (reason, _) => {
+                // Removed again: a member that was still writing its part when the
+                // round was abandoned has finished by the time it confirmed the abort.
+                if let Err(e) = fs::remove_dir_all(&r.staging) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        warn!("coordinator: cannot remove {}: {e}", r.staging.display());
+                    }
+                }
                 let mut reason = format!(
                     "checkpoint {} abandoned, nothing published, the job runs on: {}",
                     r.ckpt,

@@ -17,7 +17,10 @@
  * closes it at once (`parted`); the server leaves a connection there that it accepted
  * while the file `hold` exists unread while `hold` exists (`holding` once the line and the end of file have
  * arrived), and once `hold` is gone reads it: `parting ok` if it is exactly that line
- * followed by end of file. Both ends check the names the kernel gives
+ * followed by end of file. The server also listens on PORT+2 and, unless the file
+ * `deaf` exists, accepts what comes there and closes it at once (`let in`); once the
+ * file `knock` exists the client connects there (`knocked`) and, when the server has
+ * closed that connection, closes it too (`answered`). Both ends check the names the kernel gives
  * (after a restart onto other nodes, stasis reports the old addresses): the server
  * accepts such a connection (its listener blocking, polled first) from the client's
  * address of start-up, and the names of the first connection stay as they were; the
@@ -33,7 +36,7 @@
 
 #define REC 32
 
-static int fd, l2 = -1, c2 = -1;
+static int fd, l2 = -1, c2 = -1, l3 = -1, s4 = -1;
 static struct sockaddr_in mine; /* the client's own address, as at start-up */
 static struct sockaddr_in at0[2]; /* names of the first connection at start-up */
 static const char *again_files[] = {"again", "again2", "again3"};
@@ -136,6 +139,10 @@ int main(int argc, char **argv) {
         setsockopt(l2, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
         a.sin_port = htons(atoi(argv[2]) + 1);
         if (bind(l2, (struct sockaddr *)&a, sizeof a) || listen(l2, 4)) die("listen 2");
+        l3 = socket(AF_INET, SOCK_STREAM, 0);
+        setsockopt(l3, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        a.sin_port = htons(atoi(argv[2]) + 2);
+        if (bind(l3, (struct sockaddr *)&a, sizeof a) || listen(l3, 4)) die("listen 3");
         fd = accept(l, NULL, NULL);
         if (fd < 0) die("accept");
     } else if (argc >= 4 && strcmp(argv[1], "client") == 0) {
@@ -163,10 +170,32 @@ int main(int argc, char **argv) {
     if (getpeername(fd, (struct sockaddr *)&at0[1], &nl)) die("getpeername");
     out("ready\n");
     unsigned long long end = 0, tick = 0;
-    int ended = 0, again = 0, parted = 0, held = 0, holding = 0;
+    int ended = 0, again = 0, parted = 0, held = 0, holding = 0, knocked = 0;
     while (!go_exists()) {
         for (int i = 0; i < 3; i++) send_rec('R', sent++);
         ended |= take(0, &end);
+        if (l3 >= 0 && access("deaf", F_OK) != 0) { /* server: let in, close */
+            struct pollfd lp = {l3, POLLIN, 0};
+            if (poll(&lp, 1, 0) == 1) {
+                int c3 = accept(l3, NULL, NULL);
+                if (c3 < 0) die("accept 3");
+                close(c3);
+                out("let in\n");
+            }
+        }
+        if (s4 >= 0) { /* client: closed once the server closed */
+            struct pollfd kp = {s4, POLLIN, 0};
+            char b[8];
+            if (poll(&kp, 1, 0) == 1) {
+                if (recv(s4, b, sizeof b, MSG_DONTWAIT) != 0) {
+                    out("FAIL the knocking connection gave something else than end of file\n");
+                    return 1;
+                }
+                close(s4);
+                s4 = -1;
+                out("answered\n");
+            }
+        }
         if (l2 >= 0) { /* server: echo on connections to PORT+1 */
             struct pollfd lp = {l2, POLLIN, 0};
             if (c2 < 0 && poll(&lp, 1, 0) == 1) {
@@ -240,6 +269,18 @@ int main(int argc, char **argv) {
             close(s2);
             again++;
             out("again %d ok\n", again);
+        } else if (l2 < 0 && !knocked && access("knock", F_OK) == 0) { /* client: waits to be let in */
+            struct sockaddr_in a = {0};
+            a.sin_family = AF_INET;
+            a.sin_port = htons(atoi(argv[3]) + 2);
+            inet_pton(AF_INET, argv[2], &a.sin_addr);
+            s4 = socket(AF_INET, SOCK_STREAM, 0);
+            if (connect(s4, (struct sockaddr *)&a, sizeof a)) {
+                out("FAIL knocking: %s\n", strerror(errno));
+                return 1;
+            }
+            knocked = 1;
+            out("knocked\n");
         } else if (l2 < 0 && !parted && access("parting", F_OK) == 0) { /* client: sent, closed */
             struct sockaddr_in a = {0};
             a.sin_family = AF_INET;

@@ -328,6 +328,42 @@ impl Collector {
         Ok(ino)
     }
 
+    /// In a node's part of a multi-node job: refuses (for now: the checkpoint is tried
+    /// again later) a connection from another node's part waiting in the accept queue
+    /// of listener `e`. Neither end could be saved: no fd holds this one, so its bytes
+    /// cannot be read, and the other node saves its end as a connection this part does
+    /// not hold. One from this part itself is saved on the client's side (pending).
+    fn refuse_unaccepted_from_nodes(&mut self, pid: i32, fd: i32, e: &InetSocket) -> Result<()> {
+        let Some(at) = parse_addr(&e.local) else {
+            return Ok(());
+        };
+        let holders = self.holders();
+        let Some(d) = self.diag.as_ref() else {
+            return Ok(());
+        };
+        let waiting = d.tcp_by_tuple.values().find(|c| {
+            c.ino == 0
+                && matches!(c.state, state::ESTABLISHED | state::CLOSE_WAIT)
+                && c.local.port() == at.port()
+                && (at.ip().is_unspecified() || canonical(c.local).ip() == canonical(at).ip())
+                && super::remote::is_node(&self.peer_nodes, c.remote.ip())
+                && !d
+                    .tcp_by_tuple
+                    .get(&(canonical(c.remote), canonical(c.local)))
+                    .is_some_and(|client| holders.contains_key(&client.ino))
+        });
+        match waiting {
+            Some(c) => Err(Error::Transient {
+                pid,
+                what: format!(
+                    "fd {fd}, the TCP listener on {}, has a connection from {} (another node of the job) it has not accepted yet; it cannot be saved",
+                    e.local, c.remote
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Fills in a TCP socket's state and returns the bytes on their way to it.
     fn dump_tcp(&mut self, pid: i32, fd: i32, s: i32, e: &mut InetSocket) -> Result<Vec<u8>> {
         let st = tcp_state(s);
@@ -340,6 +376,9 @@ impl Collector {
             state::LISTEN => {
                 e.state = "listening".into();
                 e.backlog = diag.map_or(libc::SOMAXCONN as u32, |d| d.wqueue);
+                if self.external == TcpExternal::Peer {
+                    self.refuse_unaccepted_from_nodes(pid, fd, e)?;
+                }
                 return Ok(Vec::new());
             }
             state::CLOSE => {

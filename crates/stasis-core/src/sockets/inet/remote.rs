@@ -6,6 +6,9 @@
 //! in the receive queue the peer's node saves); only then does the node report frozen.
 //! Every node does so before any node reads a socket, so once all are frozen nothing
 //! is on its way anywhere: each end's state is its receive queue, read with MSG_PEEK.
+//! A connection from another node still in the accept queue of one of the part's
+//! listeners cannot be saved (no fd holds it, so its bytes cannot be read): the dump
+//! refuses it, naming the listener, and the job runs on (`dump`).
 //!
 //! Restore ([`remake`]): the connection is made again between the nodes' new
 //! addresses, found through a rendezvous directory that the restarts of one global
