@@ -53,6 +53,30 @@ pub trait LocalPart {
     }
 }
 
+/// The error of a [`LocalPart`] step that met a passing state of the part (one that
+/// cannot be saved now but may be a moment later): the coordinator tries the
+/// checkpoint again.
+#[derive(Debug)]
+pub struct Passing(pub String);
+
+impl std::fmt::Display for Passing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Passing {}
+
+/// `failed` for a step of checkpoint `ckpt` that failed with `e` (passing when `e` is
+/// a [`Passing`]).
+fn failed(ckpt: u64, error: String, e: &anyhow::Error) -> Msg {
+    Msg::Failed {
+        ckpt,
+        error,
+        passing: e.downcast_ref::<Passing>().is_some(),
+    }
+}
+
 /// A part that refuses to be checkpointed (an agent without an engine).
 pub struct Unplugged(pub String);
 
@@ -270,6 +294,7 @@ impl Connection {
                         Msg::Failed {
                             ckpt,
                             error: format!("{me} is still in another checkpoint ({local:?})"),
+                            passing: false,
                         }
                     } else {
                         info!("{me}: freezing for checkpoint {ckpt}");
@@ -280,10 +305,7 @@ impl Connection {
                             }
                             Err(e) => {
                                 let _ = part.abort(ckpt);
-                                Msg::Failed {
-                                    ckpt,
-                                    error: format!("{me}: {e:#}"),
-                                }
+                                failed(ckpt, format!("{me}: {e:#}"), &e)
                             }
                         }
                     }
@@ -298,6 +320,7 @@ impl Connection {
                         Msg::Failed {
                             ckpt,
                             error: format!("{me} {why}"),
+                            passing: false,
                         }
                     } else {
                         info!("{me}: dumping checkpoint {ckpt} into {dir}");
@@ -309,10 +332,7 @@ impl Connection {
                             Err(e) => {
                                 let _ = part.abort(ckpt);
                                 local = Local::Running;
-                                Msg::Failed {
-                                    ckpt,
-                                    error: format!("{me}: writing {dir}: {e:#}"),
-                                }
+                                failed(ckpt, format!("{me}: writing {dir}: {e:#}"), &e)
                             }
                         }
                     }
@@ -329,6 +349,7 @@ impl Connection {
                         Err(e) => Msg::Failed {
                             ckpt,
                             error: format!("{me}: resuming: {e:#}"),
+                            passing: false,
                         },
                     }
                 }
@@ -337,6 +358,7 @@ impl Connection {
                         Msg::Failed {
                             ckpt,
                             error: format!("{me} was told to kill but is not dumped ({local:?})"),
+                            passing: false,
                         }
                     } else {
                         match part.kill(ckpt) {
@@ -350,6 +372,7 @@ impl Connection {
                                 Msg::Failed {
                                     ckpt,
                                     error: format!("{me}: killing: {e:#}"),
+                                    passing: false,
                                 }
                             }
                         }

@@ -89,7 +89,15 @@ pub enum Msg {
     /// Agent to coordinator: running again after `abort` (or after abandoning it itself).
     Aborted { ckpt: u64 },
     /// Agent to coordinator: the current step of `ckpt` failed; the local part runs on.
-    Failed { ckpt: u64, error: String },
+    /// `passing` (version 2, absent when false): the part was in a passing state that
+    /// cannot be saved (a connection not accepted yet...): the same checkpoint may
+    /// succeed a moment later, and the coordinator tries again.
+    Failed {
+        ckpt: u64,
+        error: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        passing: bool,
+    },
 
     /// Client to coordinator: take a global checkpoint (and then kill the job).
     Checkpoint { kill: bool },
@@ -274,6 +282,36 @@ mod tests {
         let mut r = std::io::BufReader::new(&buf[..]);
         assert_eq!(recv(&mut r, "x").unwrap(), Some(m));
         assert_eq!(recv(&mut r, "x").unwrap(), None);
+    }
+
+    #[test]
+    fn passing_is_optional_on_the_wire() {
+        let plain = Msg::Failed {
+            ckpt: 2,
+            error: "e".into(),
+            passing: false,
+        };
+        let mut buf = Vec::new();
+        send(&mut buf, &plain).unwrap();
+        // As an agent that does not know `passing` sends it, and reads it.
+        assert_eq!(
+            String::from_utf8(buf.clone()).unwrap(),
+            "{\"type\":\"failed\",\"ckpt\":2,\"error\":\"e\"}\n"
+        );
+        let mut r = std::io::BufReader::new(&buf[..]);
+        assert_eq!(recv(&mut r, "x").unwrap(), Some(plain));
+        let mut buf = Vec::new();
+        let passing = Msg::Failed {
+            ckpt: 2,
+            error: "e".into(),
+            passing: true,
+        };
+        send(&mut buf, &passing).unwrap();
+        assert!(String::from_utf8(buf.clone())
+            .unwrap()
+            .contains("\"passing\":true"));
+        let mut r = std::io::BufReader::new(&buf[..]);
+        assert_eq!(recv(&mut r, "x").unwrap(), Some(passing));
     }
 
     #[test]

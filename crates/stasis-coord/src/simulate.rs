@@ -45,6 +45,8 @@ pub struct Simulated {
     pub node: String,
     pub delays: BTreeMap<Phase, Duration>,
     pub fail: Option<Phase>,
+    /// The first this many dumps fail on a passing state ([`crate::agent::Passing`]).
+    pub passing_dumps: u32,
     /// Where the state is written ("running", "freezing N", "frozen N", "dumping N",
     /// "dumped N", "killed N"), replaced atomically at every change.
     pub state_file: Option<PathBuf>,
@@ -100,6 +102,14 @@ impl LocalPart for Simulated {
     fn dump(&mut self, ckpt: u64, dir: &Path) -> Result<u64> {
         self.state(&format!("dumping {ckpt}"))?;
         self.step(Phase::Dump, ckpt)?;
+        if self.passing_dumps > 0 {
+            self.passing_dumps -= 1;
+            return Err(crate::agent::Passing(format!(
+                "the simulated part on {} meets a passing state at checkpoint {ckpt} (as told)",
+                self.node
+            ))
+            .into());
+        }
         fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let path = dir.join("part.json");
         let head = serde_json::json!({

@@ -337,8 +337,10 @@ pub enum Command {
     /// DIR/checkpoint-NNNNNN/node-K and syncs it, and only then is the checkpoint
     /// published (one rename) and the job resumed (or killed with --kill). If an agent
     /// fails, is lost or does not answer within --timeout in any phase, the checkpoint
-    /// is abandoned: every part runs on and nothing is published. The protocol is
-    /// docs/PROTOCOL.md. It serves until SIGTERM, SIGINT or SIGHUP, after which it
+    /// is abandoned: every part runs on and nothing is published. A part in a passing
+    /// state that cannot be saved yet (a connection from another node not accepted
+    /// yet) is tried again while the job runs: after 50 ms, then waits doubling up to
+    /// 2 s, 8 tries in all. The protocol is docs/PROTOCOL.md. It serves until SIGTERM, SIGINT or SIGHUP, after which it
     /// finishes the checkpoint in progress (and answers its client) before it exits; a
     /// second signal stops it at once.
     #[command(
@@ -394,6 +396,10 @@ pub enum Command {
         /// (tests) Make a simulated phase fail.
         #[arg(long, hide = true, value_name = "PHASE")]
         simulate_fail: Option<String>,
+        /// (tests) Make the first N simulated dumps meet a passing state (the
+        /// coordinator tries again).
+        #[arg(long, hide = true, value_name = "N", default_value_t = 0)]
+        simulate_passing: u32,
         /// (tests) Write the simulated part's state to this file.
         #[arg(long, hide = true, value_name = "FILE")]
         simulate_state: Option<PathBuf>,
@@ -605,6 +611,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             simulate,
             simulate_delay,
             simulate_fail,
+            simulate_passing,
             simulate_state,
             protocol_version,
             tmp,
@@ -617,6 +624,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 enabled: simulate,
                 delays: simulate_delay,
                 fail: simulate_fail,
+                passing: simulate_passing,
                 state_file: simulate_state,
             },
             protocol_version,

@@ -179,7 +179,7 @@ impl Coordinated {
         match c.hear()? {
             Heard::Step(Step::Frozen) => Ok(c),
             Heard::Step(s) => bail!("unexpected {s:?} from the job's init while freezing"),
-            Heard::Reply(r) => bail!("{}", r.error),
+            Heard::Reply(r) => Err(r.into_error()),
         }
     }
 
@@ -237,10 +237,26 @@ pub struct Reply {
     pub ok: bool,
     #[serde(default)]
     pub error: String,
+    /// The checkpoint failed on a passing state of the job (see
+    /// `stasis_core::Error::Transient`): it may succeed a moment later.
+    #[serde(default)]
+    pub passing: bool,
     #[serde(default)]
     pub path: String,
     #[serde(default)]
     pub summary: String,
+}
+
+impl Reply {
+    /// The failure this reply reports, as an agent passes it on (a passing one as
+    /// [`stasis_coord::agent::Passing`], which the coordinator tries again).
+    pub fn into_error(self) -> anyhow::Error {
+        if self.passing {
+            stasis_coord::agent::Passing(self.error).into()
+        } else {
+            anyhow!(self.error)
+        }
+    }
 }
 
 /// Canonical form of a checkpoint directory (it must exist).
@@ -359,6 +375,7 @@ pub fn serve_one(stream: UnixStream, handle: impl FnOnce(Request, &UnixStream) -
             &Reply {
                 ok: false,
                 error: "permission denied: not the owner of this job".into(),
+                passing: false,
                 path: String::new(),
                 summary: String::new(),
             },
@@ -388,6 +405,7 @@ pub fn serve_one(stream: UnixStream, handle: impl FnOnce(Request, &UnixStream) -
         Err(e) => Reply {
             ok: false,
             error: format!("bad request: {e}"),
+            passing: false,
             path: String::new(),
             summary: String::new(),
         },

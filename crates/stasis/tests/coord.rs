@@ -429,3 +429,53 @@ fn real_part_runs_on_when_its_agent_dies_mid_checkpoint() {
     assert_ticks_consecutive(&[("real part".into(), real.stdout())], Some(0));
     drop(c);
 }
+
+/// A part that meets a passing state (a connection not accepted yet...) fails its dump
+/// as `passing`: the coordinator abandons that try, lets the job run a moment and
+/// tries again (50 ms, doubling), so the client's one request is published; a state
+/// that does not pass is given up after the last try, naming it, with nothing
+/// published and every part running.
+#[test]
+fn a_passing_state_is_tried_again() {
+    let w = Work::new("coord_passing");
+    let c = coordinator(&w, "10s");
+    let mut a = agent(&w, &c, "a", &[]);
+    let mut b = agent(&w, &c, "b", &["--simulate-passing", "2"]);
+    let mut r = request(&w, &c, false);
+    r.expect_exit(0, T_CMD);
+    assert!(
+        r.stderr().contains("checkpoint 1 of 2 nodes published"),
+        "{}",
+        r.diag()
+    );
+    assert_eq!(entries(&w.ck), ["checkpoint-000001"], "no partial left");
+    assert_parts(&w, "checkpoint-000001", &["a", "b"]);
+    let log = c.proc.stderr();
+    assert_eq!(
+        log.matches("met a passing state of the job; trying again")
+            .count(),
+        2,
+        "{log}"
+    );
+    // Never given up: 8 tries in all, then the error names the state.
+    let mut stuck = agent(&w, &c, "stuck", &["--simulate-passing", "100"]);
+    let t0 = Instant::now();
+    let mut r = request(&w, &c, false);
+    let status = r.wait(Duration::from_secs(60));
+    let err = r.stderr();
+    assert_eq!(status.code(), Some(1), "{}", r.diag());
+    assert!(
+        err.contains("abandoned, nothing published")
+            && err.contains("node stuck")
+            && err.contains("meets a passing state")
+            && err.contains("tried 8 times"),
+        "{err}"
+    );
+    // The waits between tries (50 ms doubling up to 2 s: 5.15 s) were waited.
+    assert!(t0.elapsed() >= Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert_eq!(entries(&w.ck), ["checkpoint-000001"]);
+    for x in [&mut a, &mut b, &mut stuck] {
+        assert_eq!(x.state(), "running", "agent {}", x.node);
+        assert!(x.proc.running(), "{}", x.proc.diag());
+    }
+}

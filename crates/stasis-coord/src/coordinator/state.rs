@@ -69,7 +69,31 @@ pub(super) struct Round {
     pub(super) bytes: BTreeMap<u64, u64>,
     /// Why it is being abandoned.
     reason: Option<String>,
+    /// Abandoned because a part met a passing state (it is tried again).
+    passing: bool,
+    /// 1 for the first try of a client's checkpoint, then one more per retry.
+    attempt: u32,
+    /// When its first try started.
+    first_started: Instant,
     warnings: Vec<String>,
+}
+
+/// How many times a checkpoint abandoned on a passing state of the job (a part
+/// answered `failed` with `passing`) is tried in all, and the wait before the n-th
+/// retry: 50 ms, doubling up to 2 s (about 5 s in all, the job running meanwhile).
+pub(super) const PASSING_ATTEMPTS: u32 = 8;
+
+fn retry_delay(retry: u32) -> Duration {
+    Duration::from_millis((50u64 << retry.saturating_sub(1).min(6)).min(2000))
+}
+
+/// A client's checkpoint to be tried again at `at` (see [`PASSING_ATTEMPTS`]).
+struct Retry {
+    client: u64,
+    kill: bool,
+    attempt: u32,
+    first_started: Instant,
+    at: Instant,
 }
 
 pub(super) struct State {
@@ -78,6 +102,9 @@ pub(super) struct State {
     next_index: u32,
     queue: VecDeque<(u64, bool)>,
     round: Option<Round>,
+    /// A checkpoint abandoned on a passing state, waiting to be tried again (before
+    /// anything queued).
+    retry: Option<Retry>,
     /// Spare agents restarting a node part, and the client that asked for it.
     placing: BTreeMap<u64, u64>,
     /// Asked to stop: exits once no checkpoint is in progress or asked for.
@@ -96,6 +123,7 @@ impl State {
             next_index: 0,
             queue: VecDeque::new(),
             round: None,
+            retry: None,
             placing: BTreeMap::new(),
             stopping: false,
         }
@@ -104,20 +132,34 @@ impl State {
     pub(super) fn run(mut self, rx: Receiver<Event>) {
         loop {
             if self.round.is_none() {
-                if let Some((client, kill)) = self.queue.pop_front() {
-                    self.start(client, kill);
+                if let Some(Retry {
+                    client,
+                    kill,
+                    attempt,
+                    first_started,
+                    ..
+                }) = self.retry.take_if(|r| r.at <= Instant::now())
+                {
+                    self.start(client, kill, attempt, first_started);
                     continue;
                 }
-                if self.stopping {
-                    info!("coordinator: stopping (no checkpoint in progress)");
-                    return;
+                if self.retry.is_none() {
+                    if let Some((client, kill)) = self.queue.pop_front() {
+                        self.start(client, kill, 1, Instant::now());
+                        continue;
+                    }
+                    if self.stopping {
+                        info!("coordinator: stopping (no checkpoint in progress)");
+                        return;
+                    }
                 }
             }
-            let wait = self
-                .round
-                .as_ref()
-                .map(|r| r.deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or(Duration::from_secs(3600));
+            let now = Instant::now();
+            let wait = match (&self.round, &self.retry) {
+                (Some(r), _) => r.deadline.saturating_duration_since(now),
+                (None, Some(retry)) => retry.at.saturating_duration_since(now),
+                (None, None) => Duration::from_secs(3600),
+            };
             match rx.recv_timeout(wait) {
                 Ok(ev) => self.event(ev),
                 Err(RecvTimeoutError::Timeout) => self.check_deadline(),
@@ -212,6 +254,9 @@ impl State {
         }
         // A client that went away before its turn asked for nothing.
         self.queue.retain(|(c, _)| *c != conn);
+        if self.retry.as_ref().is_some_and(|r| r.client == conn) {
+            self.retry = None;
+        }
         if let Some(client) = self.placing.remove(&conn) {
             self.reply(
                 client,
@@ -323,7 +368,8 @@ impl State {
                 r.bytes.insert(conn, *bytes);
                 r.waiting.remove(&conn);
             }
-            (Phase::Freezing | Phase::Dumping, Msg::Failed { error, .. }) => {
+            (Phase::Freezing | Phase::Dumping, Msg::Failed { error, passing, .. }) => {
+                r.passing = *passing;
                 let verb = r.phase.verb();
                 let ckpt = r.ckpt;
                 self.abort(format!(
@@ -350,7 +396,7 @@ impl State {
     /// A client asks for the node part in `dir` to be restarted on `node`, by the
     /// spare agent there.
     fn place(&mut self, client: u64, node: String, dir: String, cmd: String, rendezvous: String) {
-        if self.round.is_some() || !self.queue.is_empty() {
+        if self.round.is_some() || self.retry.is_some() || !self.queue.is_empty() {
             self.reply(
                 client,
                 &Msg::Error {
@@ -420,7 +466,9 @@ impl State {
         Ok(n + 1)
     }
 
-    fn start(&mut self, client: u64, kill: bool) {
+    /// Starts try `attempt` (from 1; the first started at `first_started`) of the
+    /// checkpoint `client` asked for.
+    fn start(&mut self, client: u64, kill: bool, attempt: u32, first_started: Instant) {
         let mut members: Vec<((u32, u32), u64)> = self
             .peers
             .iter()
@@ -480,6 +528,9 @@ impl State {
             published: None,
             bytes: BTreeMap::new(),
             reason: None,
+            passing: false,
+            attempt,
+            first_started,
             warnings: Vec::new(),
         });
         let mut nodes_addrs: Vec<String> = members
@@ -671,11 +722,38 @@ impl State {
                         warn!("coordinator: cannot remove {}: {e}", r.staging.display());
                     }
                 }
+                if r.passing && r.attempt < PASSING_ATTEMPTS && self.peers.contains_key(&r.client) {
+                    let delay = retry_delay(r.attempt);
+                    for w in &r.warnings {
+                        warn!("coordinator: checkpoint {}: {w}", r.ckpt);
+                    }
+                    warn!(
+                        "coordinator: checkpoint {} met a passing state of the job; trying again in {} ms (try {} of {PASSING_ATTEMPTS})",
+                        r.ckpt,
+                        delay.as_millis(),
+                        r.attempt + 1
+                    );
+                    self.retry = Some(Retry {
+                        client: r.client,
+                        kill: r.kill,
+                        attempt: r.attempt + 1,
+                        first_started: r.first_started,
+                        at: Instant::now() + delay,
+                    });
+                    return;
+                }
                 let mut reason = format!(
                     "checkpoint {} abandoned, nothing published, the job runs on: {}",
                     r.ckpt,
                     reason.as_deref().unwrap_or("unknown reason")
                 );
+                if r.passing && r.attempt > 1 {
+                    reason.push_str(&format!(
+                        " (tried {} times over {:.1} s, each meeting a passing state of the job)",
+                        r.attempt,
+                        r.first_started.elapsed().as_secs_f64()
+                    ));
+                }
                 for w in &r.warnings {
                     reason.push_str(&format!("; {w}"));
                 }

@@ -75,6 +75,8 @@ pub struct Simulation {
     pub enabled: bool,
     pub delays: Vec<String>,
     pub fail: Option<String>,
+    /// The first this many dumps meet a passing state.
+    pub passing: u32,
     pub state_file: Option<PathBuf>,
 }
 
@@ -85,6 +87,7 @@ impl Simulation {
             enabled: false,
             delays: Vec::new(),
             fail: None,
+            passing: 0,
             state_file: None,
         }
     }
@@ -119,6 +122,7 @@ fn simulated(node: &str, sim: &Simulation) -> Result<Simulated> {
     if let Some(f) = &sim.fail {
         part.fail = Some(f.parse().map_err(anyhow::Error::msg)?);
     }
+    part.passing_dumps = sim.passing;
     part.state_file = sim.state_file.clone();
     part.start()?;
     Ok(part)
@@ -336,7 +340,7 @@ impl LocalPart for EnginePart {
             Heard::Step(s) => bail!("unexpected {s:?} from the job's init"),
             Heard::Reply(r) => {
                 self.current = None;
-                bail!("{}", r.error)
+                Err(r.into_error())
             }
         }
     }
@@ -450,8 +454,17 @@ pub fn agent(
         opts.versions = (v, v);
     }
     let node = opts.node.clone();
+    // A new job's launcher joins before it starts its command: the command may place
+    // parts on other nodes at once (`stasis ssh`), and those come after it (part order
+    // is join order). A coordinator's message meanwhile waits in the connection until
+    // the part runs. A restarted part joins once it runs again (its place is its part
+    // number).
+    let mut early = None;
+    if !sim.enabled && matches!(launch, Some(Launch::Run { .. })) {
+        early = Some(agent::connect(coordinator, &opts)?);
+    }
     let (tx, rx) = mpsc::channel();
-    // The part's process: under stasis (waited for before joining), or a plain
+    // The part's process: under stasis (waited for before serving), or a plain
     // command beside a simulated part.
     let mut child = None;
     let mut supervised = false;
@@ -488,7 +501,7 @@ pub fn agent(
         })
     };
     let pid = child.as_ref().map(|c| c.id());
-    let conn = match agent::connect(coordinator, &opts) {
+    let conn = match early.map_or_else(|| agent::connect(coordinator, &opts), Ok) {
         Ok(c) => c,
         Err(e) => {
             if let Some(mut c) = child {

@@ -599,6 +599,7 @@ fn init_inner(
                                 return Reply {
                                     ok: false,
                                     error: format!("control socket: {e}"),
+                                    passing: false,
                                     path: String::new(),
                                     summary: String::new(),
                                 }
@@ -616,12 +617,14 @@ fn init_inner(
                             Reply {
                                 ok: true,
                                 error: String::new(),
+                                passing: false,
                                 path: r.path.display().to_string(),
                                 summary,
                             }
                         }
                         (Err(e), _) => Reply {
                             ok: false,
+                            passing: matches!(e, stasis_core::Error::Transient { .. }),
                             error: format!(
                                 "checkpoint failed: {}; the application keeps running",
                                 view.shown_text(&e.to_string())
