@@ -341,14 +341,16 @@ fn family(fam: u32) -> &'static str {
 /// checkpoint --kill / restart cycles, each at a random moment.
 /// `before(s, i)` runs just before checkpoint i, `check(meta, i, kill)`
 /// inspects each image, `after_restart` runs once the restored program ticks
-/// again; every restored phase must advance tick field `key`.
+/// again; every restored phase must advance tick fields `keys` (each is waited for
+/// before the next checkpoint: a sender may be blocked for a while after a restore,
+/// until its peer has read the queues that came back full).
 #[allow(clippy::too_many_arguments)]
 fn schedule(
     s: &mut Session,
     rng: &mut Rng,
     plain: usize,
     kills: usize,
-    key: &str,
+    keys: &[&str],
     mut before: impl FnMut(&mut Session, usize),
     mut check: impl FnMut(&Value, usize, bool),
     mut after_restart: impl FnMut(&mut Session),
@@ -369,7 +371,9 @@ fn schedule(
         check(&meta, i, kill);
         if kill {
             s.restart(Probe::Ticks);
-            wait_field_advance(s.cur(), key, "after the restore");
+            for key in keys {
+                wait_field_advance(s.cur(), key, "after the restore");
+            }
             after_restart(s);
         } else {
             s.cur().wait_more_ticks(3, T_READY);
@@ -531,7 +535,7 @@ fn tcp_stream_cycles_on(name: &str, fam: u32, as_user: bool, private: bool) {
         &mut rng,
         3,
         2,
-        "rcvd",
+        &["sent", "rcvd"],
         |s, i| {
             let (inq, outq) = last_queues(s.cur()).unwrap();
             queues.push(format!("#{i}: inq {inq} outq {outq}"));
@@ -620,7 +624,7 @@ fn tcp_echo_cycles(name: &str, fam: u32, as_user: bool) {
         &mut rng,
         2,
         2,
-        "msgs",
+        &["msgs", "bytes"],
         |_, _| {},
         |meta, i, kill| {
             check_tcppair_image(meta, &ready, &format!("checkpoint #{i} (kill={kill})"))
@@ -754,7 +758,7 @@ fn tcp_state_cycles_on(name: &str, as_user: bool, private: bool) {
         &mut rng,
         2,
         2,
-        "recs",
+        &["recs"],
         |_, _| {},
         |meta, i, kill| {
             let what = format!("checkpoint #{i} (kill={kill})");
@@ -983,7 +987,7 @@ fn udp_cycles(name: &str, as_user: bool) {
         &mut rng,
         2,
         2,
-        "pp",
+        &["pp", "msgs"],
         |_, _| {},
         |meta, i, kill| check_udp_image(meta, &ready, &format!("checkpoint #{i} (kill={kill})")),
         |s| assert_user(s.w, uid),
@@ -1670,7 +1674,7 @@ fn redis_cycles(name: &str, as_user: bool) {
         &mut rng,
         2,
         2,
-        "acked",
+        &["acked"],
         |_, _| {},
         |meta, i, kill| {
             let what = format!("checkpoint #{i} (kill={kill})");
@@ -1789,7 +1793,7 @@ fn asyncio_cycles(name: &str, as_user: bool) {
         &mut rng,
         2,
         2,
-        "served",
+        &["served"],
         |_, _| {},
         |meta, i, kill| {
             let what = format!("checkpoint #{i} (kill={kill})");
