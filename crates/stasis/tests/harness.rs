@@ -41,6 +41,29 @@ fn verifier_accepts_exact_continuity() {
     assert_eq!(t.len(), 25);
 }
 
+/// A line begun before a checkpoint and ended after the restart (Python's print writes
+/// the text, then the newline) counts once; a run killed mid-line and followed by a
+/// run that starts a tick line of its own is not joined to it.
+#[test]
+fn a_line_split_across_runs_counts_once() {
+    let t = assert_ticks_consecutive(
+        &runs(&[
+            "tick 0 a\ntick 1 b\ntick 2 c".into(),
+            "\ntick 3 d\ntick 4 e\n".into(),
+        ]),
+        Some(0),
+    );
+    assert_eq!(t, [0, 1, 2, 3, 4]);
+    let t = assert_ticks_consecutive(
+        &runs(&[
+            "tick 0 a\ntick 1 b\ntick 2".into(),
+            "tick 2 c\ntick 3 d\n".into(),
+        ]),
+        Some(0),
+    );
+    assert_eq!(t, [0, 1, 2, 3]);
+}
+
 #[test]
 #[should_panic(expected = "gap")]
 fn verifier_rejects_gap() {

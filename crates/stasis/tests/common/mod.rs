@@ -464,11 +464,24 @@ pub fn ticks(text: &str) -> Vec<u64> {
 /// Check that the ticks of consecutive runs (outputs in order) are exactly
 /// consecutive: `first` (if given) is the first tick, each next tick is the
 /// previous + 1, also across run boundaries. Returns all ticks.
+///
+/// A line a run had begun when it was checkpointed ends in the next run (a program
+/// may write a line in pieces, as Python's print does: the text, then the newline):
+/// when a run's output ends without a newline and the next one's first line is not
+/// a tick of its own, the two pieces are read as one line.
 pub fn assert_ticks_consecutive(outputs: &[(String, String)], first: Option<u64>) -> Vec<u64> {
     let mut all: Vec<u64> = vec![];
     let mut report = String::new();
+    let mut carry = String::new();
     for (label, text) in outputs {
-        let t = ticks(text);
+        let first_line = text.split('\n').next().unwrap_or("");
+        let joined = if !carry.is_empty() && parse_tick(first_line).is_none() {
+            format!("{carry}{text}")
+        } else {
+            text.clone()
+        };
+        carry = joined[joined.rfind('\n').map_or(0, |i| i + 1)..].to_string();
+        let t = ticks(&joined);
         report.push_str(&format!(
             "  {label}: {} ticks, first {:?}, last {:?}\n",
             t.len(),
