@@ -287,7 +287,14 @@ pub(super) fn restore(
 /// restore, given its peer's saved state: the bytes of the send queue the peer had
 /// already received (up to its `rcv_seq`) are dropped, and the send window shrunk by as
 /// many so that its right edge stays where the peer put it. The rest of the send queue
-/// is then exactly what the peer has not seen. An inconsistent pair is left as saved.
+/// is then exactly what the peer has not seen. The peer may have received more than
+/// this end's state says was sent (an end in repair mode still transmits: read one
+/// after the other, the pair need not agree): the peer's `rcv_seq` is what arrived,
+/// and those bytes are dropped too. Left as saved, the send queue would start below
+/// what the peer acknowledges, the peer's acknowledgements would name bytes this end
+/// has not sent yet and be ignored, and the connection would stall on backed-off
+/// retransmissions. An inconsistent pair (the peer received bytes this end no longer
+/// holds) is left as saved.
 pub(super) fn settled(
     r: &TcpRepair,
     data: &[u8],
@@ -299,14 +306,23 @@ pub(super) fn settled(
     };
     let una = r.snd_seq.wrapping_sub(r.outq_len);
     let received = p.rcv_seq.wrapping_sub(una);
-    let sent = r.outq_len.saturating_sub(r.unsent_len);
-    if received == 0 || received > sent || data.len() != (r.inq_len + r.outq_len) as usize {
+    if received == 0 || received > r.outq_len || data.len() != (r.inq_len + r.outq_len) as usize {
         return (r, data.to_vec());
     }
     let inq = r.inq_len as usize;
     let mut out = data[..inq].to_vec();
     out.extend_from_slice(&data[inq + received as usize..]);
+    let sent = r.outq_len.saturating_sub(r.unsent_len);
     r.outq_len -= received;
+    // Of what is left, the part the peer has not been sent (all of it, when the peer
+    // got more than this end knew it had sent).
+    r.unsent_len = r.unsent_len.min(r.outq_len);
+    if received > sent {
+        tracing::debug!(
+            "TCP repair: the peer received {} bytes more than its sender had sent when it was read",
+            received - sent
+        );
+    }
     r.window[1] = r.window[1].saturating_sub(received);
     (r, out)
 }
@@ -389,10 +405,24 @@ mod tests {
         assert_eq!(s.window[1], 96, "the window's right edge stays");
     }
 
+    /// The peer got 8 bytes though this end was read with only 6 sent: all 8 leave.
+    #[test]
+    fn bytes_the_peer_received_beyond_what_was_sent_leave_too() {
+        let (r, data) = end();
+        let peer = TcpRepair {
+            rcv_seq: 1008,
+            ..TcpRepair::default()
+        };
+        let (s, d) = settled(&r, &data, Some(&peer));
+        assert_eq!(d, b"abc89");
+        assert_eq!((s.outq_len, s.unsent_len, s.snd_seq), (2, 2, 1010));
+        assert_eq!(s.window[1], 92);
+    }
+
     #[test]
     fn an_inconsistent_pair_is_left_as_saved() {
         let (r, data) = end();
-        for rcv_seq in [1000, 1007, 999, 2000] {
+        for rcv_seq in [1000, 1011, 999, 2000] {
             let peer = TcpRepair {
                 rcv_seq,
                 ..TcpRepair::default()
