@@ -1,13 +1,14 @@
 //! Dump side: the TCP and UDP sockets of the job, their state and the bytes on their way
 //! to them (see the module comment of `inet`).
 
+use super::diag::{read_holders, Diag};
 use super::net::*;
 use super::options::{read_option, OPTIONS};
 use super::TcpExternal;
 use crate::error::{Error, Result, SysContext};
 use crate::sockets::{getsockopt_int, setsockopt_int, sockopt};
 use stasis_image::{CheckpointWriter, InetSocket, SocketOption};
-use stasis_sys::inet_diag::{self, canonical, state, InetSock};
+use stasis_sys::inet_diag::{canonical, state, InetSock};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
@@ -18,70 +19,6 @@ const DATA_FILE: &str = "inet.img";
 const MAX_DATAGRAMS: usize = 1 << 16;
 /// How long settling one connection may take.
 const SETTLE_LIMIT: Duration = Duration::from_secs(2);
-
-/// The kernel's view of the namespace's sockets, read once per checkpoint.
-struct Diag {
-    by_ino: HashMap<u64, InetSock>,
-    /// TCP sockets by (local, remote), addresses in canonical form.
-    tcp_by_tuple: HashMap<(SocketAddr, SocketAddr), InetSock>,
-    listeners: Vec<InetSock>,
-}
-
-impl Diag {
-    fn read(pid: i32) -> Result<Diag> {
-        let tcp = inet_diag::dump(libc::IPPROTO_TCP)
-            .ctx(pid, || "listing TCP sockets (inet_diag)".into())?;
-        let udp = inet_diag::dump(libc::IPPROTO_UDP)
-            .ctx(pid, || "listing UDP sockets (inet_diag)".into())?;
-        let mut d = Diag {
-            by_ino: HashMap::new(),
-            tcp_by_tuple: HashMap::new(),
-            listeners: Vec::new(),
-        };
-        for s in tcp {
-            if s.state == state::LISTEN {
-                d.listeners.push(s.clone());
-            } else {
-                d.tcp_by_tuple
-                    .insert((canonical(s.local), canonical(s.remote)), s.clone());
-            }
-            if s.ino != 0 {
-                d.by_ino.insert(s.ino, s);
-            }
-        }
-        for s in udp.into_iter().filter(|s| s.ino != 0) {
-            d.by_ino.insert(s.ino, s);
-        }
-        Ok(d)
-    }
-}
-
-/// Every socket inode the processes `job` hold, with a first holder (pid, fd).
-pub(super) fn read_holders(job: &[i32]) -> HashMap<u64, (i32, i32)> {
-    let mut m = HashMap::new();
-    for &pid in job {
-        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-            continue;
-        };
-        for e in dir.flatten() {
-            let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-                continue;
-            };
-            let Ok(t) = std::fs::read_link(e.path()) else {
-                continue;
-            };
-            let t = t.to_string_lossy();
-            if let Some(ino) = t
-                .strip_prefix("socket:[")
-                .and_then(|r| r.strip_suffix(']'))
-                .and_then(|n| n.parse::<u64>().ok())
-            {
-                m.entry(ino).or_insert((pid, fd));
-            }
-        }
-    }
-    m
-}
 
 /// Collects the TCP and UDP sockets of a checkpoint.
 #[derive(Default)]
@@ -344,8 +281,7 @@ impl Collector {
         let waiting = d.tcp_by_tuple.values().find(|c| {
             c.ino == 0
                 && matches!(c.state, state::ESTABLISHED | state::CLOSE_WAIT)
-                && c.local.port() == at.port()
-                && (at.ip().is_unspecified() || canonical(c.local).ip() == canonical(at).ip())
+                && binds(at, c.local)
                 && super::remote::is_node(&self.peer_nodes, c.remote.ip())
                 && !d
                     .tcp_by_tuple
@@ -424,12 +360,7 @@ impl Collector {
         let listener_of = |p: &InetSock| {
             d.listeners
                 .iter()
-                .find(|l| {
-                    l.ino != 0
-                        && l.local.port() == p.local.port()
-                        && (l.local.ip().is_unspecified()
-                            || canonical(l.local).ip() == canonical(p.local).ip())
-                })
+                .find(|l| l.ino != 0 && binds(l.local, p.local))
                 .map(|l| l.ino)
         };
         match peer {

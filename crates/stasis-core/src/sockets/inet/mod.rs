@@ -35,6 +35,7 @@
 //! through it, as TCP autotuning does), datagrams are sent again from their senders'
 //! addresses, then shutdowns and options are applied.
 
+mod diag;
 mod dump;
 mod net;
 mod options;

@@ -1,7 +1,7 @@
 //! Small helpers over socket addresses and socket syscalls shared by dump and restore.
 
 use stasis_image::InetSocket;
-use stasis_sys::inet_diag::state;
+use stasis_sys::inet_diag::{canonical, state};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Instant;
@@ -11,6 +11,22 @@ pub(super) const SIOCOUTQ: libc::c_ulong = 0x5411;
 /// The bits of a socket's saved `shutdown` (as inet_diag reports them).
 pub(super) const RCV_SHUTDOWN: u8 = 1;
 pub(super) const SEND_SHUTDOWN: u8 = 2;
+
+/// Whether a socket bound to `bound` (a listener, or a socket a datagram may come
+/// from) is the one at `at`: the same port, and the same address unless it is bound
+/// to all of them.
+pub(super) fn binds(bound: SocketAddr, at: SocketAddr) -> bool {
+    bound.port() == at.port()
+        && (bound.ip().is_unspecified() || canonical(bound).ip() == canonical(at).ip())
+}
+
+/// The restored listener (descriptor) a connection to `at` arrives on, among
+/// `listeners` (address, descriptor).
+pub(super) fn listener_for(listeners: &[(SocketAddr, i32)], at: SocketAddr) -> Option<i32> {
+    listeners
+        .iter()
+        .find_map(|(a, fd)| binds(*a, at).then_some(*fd))
+}
 
 pub(super) fn family_name(family: i32) -> &'static str {
     if family == libc::AF_INET6 {

@@ -61,7 +61,7 @@ const MAGIC: &[u8; 8] = b"STASISX1";
 /// address of `nodes`, not in this network namespace) has bytes sent and not
 /// acknowledged (at most `timeout`); an error names the connection otherwise.
 pub fn settle_external(pids: &[i32], nodes: &[IpAddr], timeout: Duration) -> Result<()> {
-    let ours = super::dump::read_holders(pids);
+    let ours = super::diag::read_holders(pids);
     if ours.is_empty() {
         return Ok(());
     }
@@ -641,11 +641,8 @@ pub(super) fn remake(
             }
         );
         let fd = if accepts(l, r) {
-            let lfd = match listeners.iter().find(|(a, _)| {
-                a.port() == new_l.port()
-                    && (a.ip().is_unspecified() || canonical(*a).ip() == canonical(new_l).ip())
-            }) {
-                Some((_, fd)) => *fd,
+            let lfd = match listener_for(listeners, new_l) {
+                Some(fd) => fd,
                 None => {
                     if let std::collections::hash_map::Entry::Vacant(slot) =
                         own_listeners.entry(new_l)

@@ -6,7 +6,6 @@ use super::options::{option, write_option};
 use super::repair;
 use crate::sockets::{setsockopt_int, sockopt};
 use stasis_image::{CheckpointReader, InetSocket};
-use stasis_sys::inet_diag::canonical;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::unix::io::{AsRawFd, OwnedFd};
@@ -158,16 +157,6 @@ fn connect_pair(
     }
     let s = accept_within(lfd, &what)?;
     Ok((s, c))
-}
-
-/// The restored listener (descriptor) a connection to `at` arrives on, among
-/// `listeners` (address, descriptor).
-fn listener_for(listeners: &[(SocketAddr, i32)], at: SocketAddr) -> Option<i32> {
-    listeners.iter().find_map(|(a, fd)| {
-        (a.port() == at.port()
-            && (a.ip().is_unspecified() || canonical(*a).ip() == canonical(at).ip()))
-        .then_some(*fd)
-    })
 }
 
 /// Grows a new connection's buffers (as autotuning would have for the application)
@@ -562,12 +551,9 @@ fn refill_datagrams(
         let own = from.and_then(|f| {
             socks.iter().find_map(|o| {
                 let a = parse_addr(&o.local)?;
-                (!is_tcp(o)
-                    && o.remote.is_empty()
-                    && a.port() == f.port()
-                    && (a.ip().is_unspecified() || canonical(a).ip() == canonical(f).ip()))
-                .then(|| out.get(&o.id).map(|x| x.as_raw_fd()))
-                .flatten()
+                (!is_tcp(o) && o.remote.is_empty() && binds(a, f))
+                    .then(|| out.get(&o.id).map(|x| x.as_raw_fd()))
+                    .flatten()
             })
         });
         let sender = match own {
