@@ -232,7 +232,7 @@ impl Request {
 }
 
 /// The reply.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Reply {
     pub ok: bool,
     #[serde(default)]
@@ -248,6 +248,14 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// A failure that is not a passing state.
+    pub fn failure(error: String) -> Reply {
+        Reply {
+            error,
+            ..Reply::default()
+        }
+    }
+
     /// The failure this reply reports, as an agent passes it on (a passing one as
     /// [`stasis_coord::agent::Passing`], which the coordinator tries again).
     pub fn into_error(self) -> anyhow::Error {
@@ -372,13 +380,7 @@ pub fn serve_one(stream: UnixStream, handle: impl FnOnce(Request, &UnixStream) -
     if peer_uid(&stream) != Some(my_uid) {
         let _ = reply(
             &stream,
-            &Reply {
-                ok: false,
-                error: "permission denied: not the owner of this job".into(),
-                passing: false,
-                path: String::new(),
-                summary: String::new(),
-            },
+            &Reply::failure("permission denied: not the owner of this job".into()),
         );
         return;
     }
@@ -402,13 +404,7 @@ pub fn serve_one(stream: UnixStream, handle: impl FnOnce(Request, &UnixStream) -
             }
             r
         }
-        Err(e) => Reply {
-            ok: false,
-            error: format!("bad request: {e}"),
-            passing: false,
-            path: String::new(),
-            summary: String::new(),
-        },
+        Err(e) => Reply::failure(format!("bad request: {e}")),
     };
     let _ = reply(&stream, &r);
 }

@@ -275,7 +275,7 @@ fn checkpoint_locked(
     // while frozen.
     // A part of a multi-node job stays frozen until every part is written: no
     // snapshot would shorten its pause.
-    let snapshot_ok = parent_is_us && (tree.len() == 1 || !opts.kill) && !hold;
+    let snapshot_ok = parent_is_us && snapshots_wanted(opts, tree.len());
     let mut parts = Vec::with_capacity(tree.len());
     let tracking = Tracking {
         snapshot_ok,
@@ -584,6 +584,13 @@ fn checkpoint_locked(
     })
 }
 
+/// Whether a job of `processes` processes under stasis init is snapshotted (see
+/// `snapshot_ok` in `checkpoint_locked`): not a tree to be killed, nor a part of a
+/// multi-node job (it stays frozen until every part is written anyway).
+fn snapshots_wanted(opts: &DumpOptions, processes: usize) -> bool {
+    (processes == 1 || !opts.kill) && opts.barrier.is_none()
+}
+
 /// The mapping flags of the job's processes when they will be snapshotted with
 /// dirty tracking (whose registrations a fork does not show), by pid: remembered
 /// from a process's last checkpoint while its mappings keep their bounds, else read
@@ -602,8 +609,8 @@ fn flags_before_freeze(
             crate::dirty::prearm(&ProcDir::new(pid))?;
         }
     }
-    // No snapshot, no early flags (see `snapshot_ok` in `checkpoint_locked`).
-    if opts.barrier.is_some() || (opts.kill && pids.len() > 1) {
+    // No snapshot, no early flags.
+    if !snapshots_wanted(opts, pids.len()) {
         return Ok(HashMap::new());
     }
     // Best effort: a process that exits or cannot be read is read while frozen.

@@ -459,10 +459,11 @@ pub fn agent(
     // is join order). A coordinator's message meanwhile waits in the connection until
     // the part runs. A restarted part joins once it runs again (its place is its part
     // number).
-    let mut early = None;
-    if !sim.enabled && matches!(launch, Some(Launch::Run { .. })) {
-        early = Some(agent::connect(coordinator, &opts)?);
-    }
+    let early = if !sim.enabled && matches!(launch, Some(Launch::Run { .. })) {
+        Some(agent::connect(coordinator, &opts)?)
+    } else {
+        None
+    };
     let (tx, rx) = mpsc::channel();
     // The part's process: under stasis (waited for before serving), or a plain
     // command beside a simulated part.

@@ -595,15 +595,7 @@ fn init_inner(
                         o.peer_nodes = req.peers.iter().filter_map(|a| a.parse().ok()).collect();
                         match control::StreamBarrier::new(stream) {
                             Ok(b) => o.barrier = Some(std::sync::Arc::new(b)),
-                            Err(e) => {
-                                return Reply {
-                                    ok: false,
-                                    error: format!("control socket: {e}"),
-                                    passing: false,
-                                    path: String::new(),
-                                    summary: String::new(),
-                                }
-                            }
+                            Err(e) => return Reply::failure(format!("control socket: {e}")),
                         }
                     }
                     match take(&mut api, &view, dir, app, o) {
@@ -616,21 +608,17 @@ fn init_inner(
                             summary.push_str(&control::summarize(&r));
                             Reply {
                                 ok: true,
-                                error: String::new(),
-                                passing: false,
                                 path: r.path.display().to_string(),
                                 summary,
+                                ..Reply::default()
                             }
                         }
                         (Err(e), _) => Reply {
-                            ok: false,
                             passing: matches!(e, stasis_core::Error::Transient { .. }),
-                            error: format!(
+                            ..Reply::failure(format!(
                                 "checkpoint failed: {}; the application keeps running",
                                 view.shown_text(&e.to_string())
-                            ),
-                            path: String::new(),
-                            summary: String::new(),
+                            ))
                         },
                     }
                 });

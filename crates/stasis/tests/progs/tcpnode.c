@@ -41,6 +41,15 @@ static struct sockaddr_in mine; /* the client's own address, as at start-up */
 static struct sockaddr_in at0[2]; /* names of the first connection at start-up */
 static const char *again_files[] = {"again", "again2", "again3"};
 
+/* HOST:PORT as an IPv4 socket address. */
+static struct sockaddr_in addr_of(const char *host, int port) {
+    struct sockaddr_in a = {0};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    inet_pton(AF_INET, host, &a.sin_addr);
+    return a;
+}
+
 /* FAIL unless `a` has the address (and, with `port`, the port) of `want`. */
 static void same(const char *what, const struct sockaddr_in *a, const struct sockaddr_in *want, int port) {
     if (a->sin_family != AF_INET || a->sin_addr.s_addr != want->sin_addr.s_addr ||
@@ -241,10 +250,7 @@ int main(int argc, char **argv) {
                 if (n == 0) { close(c2); c2 = -1; }
             }
         } else if (again < 3 && access(again_files[again], F_OK) == 0) { /* client: a new connection */
-            struct sockaddr_in a = {0};
-            a.sin_family = AF_INET;
-            a.sin_port = htons(atoi(argv[3]) + 1);
-            inet_pton(AF_INET, argv[2], &a.sin_addr);
+            struct sockaddr_in a = addr_of(argv[2], atoi(argv[3]) + 1);
             int s2 = socket(AF_INET, SOCK_STREAM, 0);
             /* As MPI libraries do: bound to its own address first (the one it had at
              * start-up: after a restart onto another node, an old one). */
@@ -270,10 +276,7 @@ int main(int argc, char **argv) {
             again++;
             out("again %d ok\n", again);
         } else if (l2 < 0 && !knocked && access("knock", F_OK) == 0) { /* client: waits to be let in */
-            struct sockaddr_in a = {0};
-            a.sin_family = AF_INET;
-            a.sin_port = htons(atoi(argv[3]) + 2);
-            inet_pton(AF_INET, argv[2], &a.sin_addr);
+            struct sockaddr_in a = addr_of(argv[2], atoi(argv[3]) + 2);
             s4 = socket(AF_INET, SOCK_STREAM, 0);
             if (connect(s4, (struct sockaddr *)&a, sizeof a)) {
                 out("FAIL knocking: %s\n", strerror(errno));
@@ -282,10 +285,7 @@ int main(int argc, char **argv) {
             knocked = 1;
             out("knocked\n");
         } else if (l2 < 0 && !parted && access("parting", F_OK) == 0) { /* client: sent, closed */
-            struct sockaddr_in a = {0};
-            a.sin_family = AF_INET;
-            a.sin_port = htons(atoi(argv[3]) + 1);
-            inet_pton(AF_INET, argv[2], &a.sin_addr);
+            struct sockaddr_in a = addr_of(argv[2], atoi(argv[3]) + 1);
             int s3 = socket(AF_INET, SOCK_STREAM, 0);
             if (bind(s3, (struct sockaddr *)&mine, sizeof mine) || connect(s3, (struct sockaddr *)&a, sizeof a) ||
                 send(s3, "parting\n", 8, MSG_NOSIGNAL) != 8) {
